@@ -1,0 +1,1 @@
+//! capsync client library.

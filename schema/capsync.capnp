@@ -1,0 +1,343 @@
+# capsync wire contract.
+#
+# This file is the only place interfaces are defined. The Rust code in
+# shared/src/generated/ is generated from it and checked in; after editing this
+# file run `REGEN=1 cargo test -p capsync-shared --test schema_drift` (needs the
+# `capnp` compiler) and commit both.
+#
+# Conventions:
+# - Application errors travel in results (a `Failure` with an `ErrorCode`), not
+#   as exceptions. An exception (failed / overloaded / disconnected /
+#   unimplemented) means a transport-level problem; callers branch on its kind
+#   only.
+# - Times are Unix milliseconds (Int64); 0 means "none" (no expiry, not set).
+# - Ids are text. Share ids are server-chosen; op, message, part and session
+#   ids are the agent's own.
+# - Ordinals are never reused; new fields and methods are only appended.
+
+@0xa5984990ece29bfb;
+
+# ---------------------------------------------------------------------------
+# Errors
+
+enum ErrorCode {
+  internal @0;          # something failed inside the server; details are in its log only
+  revoked @1;           # the capability's epoch was bumped (or its token revoked); mint or redeem a new one
+  permissionDenied @2;  # unknown token, wrong secret, expired, or not allowed; deliberately vague
+  notFound @3;          # the share (or token) does not exist (any more)
+  invalidArgument @4;   # the request is malformed; `message` says what
+  tooLarge @5;          # a limit was exceeded; `message` names the limit
+  cursorConflict @6;    # `expectedCursor` did not match; `cursor` holds the current one
+  rateLimited @7;       # too many failed attempts from this address; retry later
+  overloaded @8;        # the server is shutting down or at capacity; retry with backoff
+}
+
+struct Failure {
+  code @0 :ErrorCode;
+  message @1 :Text;     # for people; never contains internal details or secrets
+  cursor @2 :UInt64;    # the share's current cursor, set with `cursorConflict`
+}
+
+# The result of a call that returns nothing but may fail.
+struct Outcome {
+  union {
+    ok @0 :Void;
+    failure @1 :Failure;
+  }
+}
+
+# ---------------------------------------------------------------------------
+# Shares and tokens
+
+# Which capabilities of a share a revocation applies to.
+enum Scope {
+  writers @0;
+  viewers @1;
+  all @2;
+}
+
+# The live state of a share. The cursor counts applied ops: it starts at 0 and
+# advances by exactly one per applied op, without gaps.
+struct ShareState {
+  shareId @0 :Text;
+  cursor @1 :UInt64;
+  writerEpoch @2 :UInt32;
+  viewerEpoch @3 :UInt32;
+}
+
+struct ShareInfo {
+  state @0 :ShareState;
+  sessionId @1 :Text;        # the agent's session this share mirrors
+  projectId @2 :Text;
+  parentSessionId @3 :Text;  # "" for a root session
+  title @4 :Text;
+  createdAt @5 :Int64;
+  updatedAt @6 :Int64;       # time of the last applied op (createdAt before any)
+  ownerTokenId @7 :Text;     # id of the agent token that created the share
+}
+
+struct ShareList {
+  shares @0 :List(ShareInfo);
+  nextAfter @1 :Text;        # pass as `after` for the next page; "" when there is none
+}
+
+struct ShareListResult {
+  union {
+    ok @0 :ShareList;
+    failure @1 :Failure;
+  }
+}
+
+struct ShareStateResult {
+  union {
+    ok @0 :ShareState;
+    failure @1 :Failure;
+  }
+}
+
+# A freshly minted sturdy ref. `token` is the whole secret string, shown once:
+# the server keeps only an argon2id hash of its secret part.
+struct MintedToken {
+  token @0 :Text;
+  tokenId @1 :Text;
+  expiresAt @2 :Int64;
+}
+
+struct MintResult {
+  union {
+    ok @0 :MintedToken;
+    failure @1 :Failure;
+  }
+}
+
+# ---------------------------------------------------------------------------
+# Bootstrap
+
+# The bootstrap capability of every connection. It carries no authority:
+# everything starts by redeeming a sturdy ref.
+interface Gateway {
+  # Turns a sturdy ref (admin, agent, writer or viewer token) into its live
+  # capability. Unknown id, wrong secret, expired and revoked tokens all give
+  # `permissionDenied`; repeated failures from one address give `rateLimited`.
+  redeem @0 (token :Text) -> (result :RedeemResult);
+}
+
+struct RedeemResult {
+  union {
+    ok @0 :Redeemed;
+    failure @1 :Failure;
+  }
+}
+
+struct Redeemed {
+  capability :union {
+    admin @0 :Admin;
+    agent @1 :Agent;
+    writer @2 :ShareWriter;
+    viewer @3 :ShareViewer;
+  }
+  tokenId @4 :Text;
+  expiresAt @5 :Int64;
+  # Set for writer and viewer capabilities: the share's state at redeem time.
+  state @6 :ShareState;
+}
+
+# ---------------------------------------------------------------------------
+# Admin
+
+interface Admin {
+  # Mints an agent token (may create shares). `label` is free text for people.
+  mintAgent @0 (label :Text, expiresAt :Int64) -> (result :MintResult);
+
+  # Bumps the epoch of the given scope: every older token and every live
+  # capability of that scope fails with `revoked` from its next call on.
+  revokeShare @1 (shareId :Text, scope :Scope) -> (result :ShareStateResult);
+
+  # Revokes one token; live capabilities redeemed from it fail with `revoked`.
+  revokeToken @2 (tokenId :Text) -> (result :Outcome);
+
+  # All shares, ordered by share id, paged.
+  listShares @3 (after :Text, limit :UInt32) -> (result :ShareListResult);
+
+  # Deletes a share with its records, ledger and tokens.
+  deleteShare @4 (shareId :Text) -> (result :Outcome);
+}
+
+# ---------------------------------------------------------------------------
+# Agent
+
+interface Agent {
+  # Creates a share for one agent session. The writer capability is live at
+  # once; the two tokens are its sturdy refs (writer, and a read-only viewer).
+  createShare @0 (sessionId :Text, projectId :Text, parentSessionId :Text,
+                  title :Text, viewerExpiresAt :Int64) -> (result :CreateShareResult);
+
+  # The shares this agent token created, ordered by share id, paged.
+  listShares @1 (after :Text, limit :UInt32) -> (result :ShareListResult);
+
+  # Revokes a share this agent created, without needing the share's own token.
+  revokeShare @2 (shareId :Text, scope :Scope) -> (result :ShareStateResult);
+}
+
+struct CreateShareResult {
+  union {
+    ok @0 :CreatedShare;
+    failure @1 :Failure;
+  }
+}
+
+struct CreatedShare {
+  writer @0 :ShareWriter;
+  writerToken @1 :MintedToken;
+  viewerToken @2 :MintedToken;
+  info @3 :ShareInfo;
+}
+
+# ---------------------------------------------------------------------------
+# Ops
+
+enum OpKind {
+  sessionUpsert @0;  # "session.upsert": the session record (its id must be the share's session)
+  messageUpsert @1;  # "message.upsert": a message record; terminal messages do not move back
+  messageRemove @2;  # "message.remove": {"id"} or {"messageID"}; removes the message and its parts
+  partUpsert @3;     # "part.upsert": a part record; its message must exist
+  partRemove @4;     # "part.remove": {"id"} or {"partID"}
+  partDelta @5;      # "part.delta": {"partID", "delta", "field"?}: appends text to a part's field (default "text")
+  diffSet @6;        # "diff.set": {"diffs": [...]}, or a bare array: replaces the session's file diffs
+  modelUpsert @7;    # "model.upsert": a model record with an "id"
+}
+
+struct Op {
+  opId @0 :Text;              # client-chosen, unique within the share forever; at most 128 bytes
+  kind @1 :OpKind;
+  payload @2 :Text;           # a JSON document as the agent produces it
+  dependsOn @3 :List(Text);   # op ids that must already be applied in this share
+}
+
+struct Batch {
+  batchId @0 :Text;           # client-chosen; logged and audited, for tracing retries
+  ops @1 :List(Op);           # applied in this order, in one transaction
+  # When `hasExpectedCursor` is set and the share's cursor differs from
+  # `expectedCursor`, the whole batch is refused with `cursorConflict`.
+  expectedCursor @2 :UInt64;
+  hasExpectedCursor @3 :Bool;
+}
+
+enum RejectReason {
+  missingDependency @0;  # a `dependsOn` op is not applied yet: retry after it is
+  invalid @1;            # the op can never apply as sent: `detail` says why
+  staleTransition @2;    # would move a completed or errored message back
+}
+
+struct OpResult {
+  opId @0 :Text;
+  union {
+    applied @1 :UInt64;     # applied now, at this cursor
+    duplicate @2 :UInt64;   # already in the ledger, applied at this cursor; nothing changed
+    rejected @3 :Rejection;
+  }
+}
+
+struct Rejection {
+  reason @0 :RejectReason;
+  detail @1 :Text;
+}
+
+# Sent only after the batch's transaction is durable.
+struct Ack {
+  cursor @0 :UInt64;           # the share's cursor after this batch
+  results @1 :List(OpResult);  # one per op, in batch order
+}
+
+struct AppendResult {
+  union {
+    ack @0 :Ack;
+    failure @1 :Failure;
+  }
+}
+
+# ---------------------------------------------------------------------------
+# Writers and viewers
+
+interface ShareWriter {
+  # Applies a batch exactly once per op id; see `Ack`.
+  appendOps @0 (batch :Batch) -> (result :AppendResult);
+
+  # Mints a read-only viewer token for this share (at the current viewer epoch).
+  mintViewer @1 (expiresAt :Int64) -> (result :MintResult);
+
+  # A sturdy ref to this capability: a new writer token at the same epoch and
+  # with the same expiry, to redeem after a reconnect or a restart.
+  save @2 () -> (result :MintResult);
+
+  state @3 () -> (result :ShareStateResult);
+
+  # A read-only view of the same share (attenuation: writer -> viewer).
+  viewer @4 () -> (viewer :ShareViewer);
+}
+
+# A stored record of the session, as the agent last wrote it.
+enum RecordKind {
+  session @0;
+  model @1;
+  diffs @2;     # the whole diff list, as one JSON array
+  message @3;
+  part @4;
+}
+
+struct Record {
+  kind @0 :RecordKind;
+  id @1 :Text;          # record id ("" for session and diffs)
+  messageId @2 :Text;   # set for parts
+  json @3 :Text;
+}
+
+# One page of a snapshot: records in a fixed order (session, models, diffs,
+# then each message followed by its parts, by id). Pages are bounded in bytes.
+struct SnapshotPage {
+  cursor @0 :UInt64;          # the share's cursor when this page was read
+  records @1 :List(Record);
+  nextPage @2 :Text;          # pass as `page` for the next one; "" at the end
+}
+
+struct SnapshotResult {
+  union {
+    ok @0 :SnapshotPage;
+    failure @1 :Failure;
+  }
+}
+
+# One applied op, as the ledger keeps it.
+struct LoggedOp {
+  cursor @0 :UInt64;
+  opId @1 :Text;
+  kind @2 :OpKind;
+  payload @3 :Text;
+  appliedAt @4 :Int64;
+}
+
+struct OpsPage {
+  ops @0 :List(LoggedOp);     # cursor order, starting right after the requested cursor
+  cursor @1 :UInt64;          # the share's cursor when read; more ops exist while the last op's cursor is below it
+}
+
+struct OpsResult {
+  union {
+    ok @0 :OpsPage;
+    failure @1 :Failure;
+  }
+}
+
+interface ShareViewer {
+  # A page of the share's current state. Start with page = ""; if a later page
+  # reports a different cursor than the first, the share changed in between:
+  # start again (or use `opsSince` from the first page's cursor).
+  snapshot @0 (page :Text, maxBytes :UInt32) -> (result :SnapshotResult);
+
+  # Applied ops with cursor > `after`, at most `limit` (0 = server default).
+  opsSince @1 (after :UInt64, limit :UInt32) -> (result :OpsResult);
+
+  state @2 () -> (result :ShareStateResult);
+
+  # Ordinal 3 is kept for `subscribe` (live ops from a cursor).
+}

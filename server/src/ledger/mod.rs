@@ -1,0 +1,360 @@
+//! The storage seam: a small, typed, `Send + Clone` handle the RPC layer calls.
+//!
+//! The RPC layer never touches SQL. Every call carries the caller's
+//! [`Authority`] (the token it redeemed), and the backend checks it in the same
+//! transaction as the work: a revocation that commits before an append makes
+//! that append fail, on every connection, with no in-memory cache to go stale.
+//!
+//! [`sqlite`] is the embedded backend (one writer thread with group commit,
+//! plus read connections). A PostgreSQL backend implements [`Backend`] later.
+
+pub mod sqlite;
+
+use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+pub use sqlite::{Durability, SqliteOptions};
+
+/// Why a ledger call did not do its work. Maps onto the wire `ErrorCode`; the
+/// `Storage` text is for the server log only, never for callers.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    /// The share (or token, for `revoke_token`) does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The authority's epoch is no longer current, or its token was revoked.
+    #[error("revoked")]
+    Revoked,
+    /// The authority's token expired, or its kind may not do this.
+    #[error("permission denied")]
+    PermissionDenied,
+    /// `expected_cursor` did not match; carries the share's current cursor.
+    #[error("cursor conflict: share is at {0}")]
+    CursorConflict(Cursor),
+    /// SQLite stayed busy past its timeout (another process holds the database).
+    #[error("database busy")]
+    Busy,
+    /// The ledger is shutting down and takes no more work.
+    #[error("ledger closed")]
+    Closed,
+    /// Anything else from the storage engine. Logged, never sent.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+pub type LedgerResult<T> = Result<T, LedgerError>;
+
+/// Who is calling, as proven by a redeemed token. Checked by the backend on every call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authority {
+    /// The token this capability was redeemed from (or created with).
+    pub token_id: TokenId,
+    /// What the capability may do. A viewer derived from a writer capability
+    /// has kind `Viewer` and the writer's token id.
+    pub kind: TokenKind,
+    /// For writers and viewers: the share, and the epoch of the kind's scope
+    /// the capability was issued at.
+    pub share: Option<(ShareId, Epoch)>,
+}
+
+/// The live state of a share (mirrors `ShareState` in the schema).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareState {
+    pub share_id: ShareId,
+    pub cursor: Cursor,
+    pub writer_epoch: Epoch,
+    pub viewer_epoch: Epoch,
+}
+
+/// Everything listings show about a share (mirrors `ShareInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareInfo {
+    pub state: ShareState,
+    pub session_id: String,
+    pub project_id: String,
+    /// Empty for a root session.
+    pub parent_session_id: String,
+    pub title: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub owner_token_id: TokenId,
+}
+
+/// A token row as stored. `secret_hash` is an argon2id PHC string.
+#[derive(Clone, Debug)]
+pub struct StoredToken {
+    pub id: TokenId,
+    pub kind: TokenKind,
+    /// Set for writer and viewer tokens.
+    pub share_id: Option<ShareId>,
+    /// The epoch of its scope the token was minted at (0 for admin/agent).
+    pub epoch: Epoch,
+    pub secret_hash: String,
+    /// Unix ms; `None` never expires.
+    pub expires_at: Option<i64>,
+    pub revoked: bool,
+    /// For share tokens: the share's current state, `None` if the share is gone.
+    pub share: Option<ShareState>,
+}
+
+/// A token to store. The caller generated the secret and hashed it off the RPC thread.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    pub id: TokenId,
+    pub secret_hash: String,
+    pub expires_at: Option<i64>,
+    /// Free text for people (agent tokens); empty otherwise.
+    pub label: String,
+}
+
+/// What `mint_token` stored: the epoch the backend gave a share token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Minted {
+    pub kind: TokenKind,
+    pub share_id: Option<ShareId>,
+    pub epoch: Epoch,
+}
+
+/// The agent's description of a new share.
+#[derive(Clone, Debug)]
+pub struct NewShare {
+    pub share_id: ShareId,
+    pub session_id: String,
+    pub project_id: String,
+    pub parent_session_id: String,
+    pub title: String,
+}
+
+/// One op as received (validated for size by the RPC layer, not yet for content).
+#[derive(Clone, Debug)]
+pub struct OpIn {
+    pub op_id: OpId,
+    pub kind: OpKind,
+    /// JSON text as the agent sent it.
+    pub payload: String,
+    pub depends_on: Vec<OpId>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BatchIn {
+    pub batch_id: String,
+    pub ops: Vec<OpIn>,
+    pub expected_cursor: Option<Cursor>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    MissingDependency,
+    Invalid,
+    StaleTransition,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpOutcome {
+    /// Applied by this batch at this cursor.
+    Applied(Cursor),
+    /// Already in the ledger, applied at this cursor; nothing changed.
+    Duplicate(Cursor),
+    Rejected {
+        reason: RejectReason,
+        detail: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpResult {
+    pub op_id: OpId,
+    pub outcome: OpOutcome,
+}
+
+/// The answer to an append, sent only once its transaction is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// The share's cursor after this batch.
+    pub cursor: Cursor,
+    /// One per op, in batch order.
+    pub results: Vec<OpResult>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Session,
+    Model,
+    Diffs,
+    Message,
+    Part,
+}
+
+/// One stored record of a share's session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    /// Empty for session and diffs.
+    pub id: String,
+    /// Set for parts.
+    pub message_id: String,
+    pub json: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPage {
+    /// The share's cursor when this page was read.
+    pub cursor: Cursor,
+    pub records: Vec<Record>,
+    /// Opaque position of the next page; empty at the end.
+    pub next_page: String,
+}
+
+/// One applied op as the ledger keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedOp {
+    pub cursor: Cursor,
+    pub op_id: OpId,
+    pub kind: OpKind,
+    pub payload: String,
+    pub applied_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpsPage {
+    pub ops: Vec<LoggedOp>,
+    /// The share's cursor when read.
+    pub cursor: Cursor,
+}
+
+/// Which epochs a revocation bumps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeScope {
+    Writers,
+    Viewers,
+    All,
+}
+
+/// A line for the audit log. Written asynchronously, batched with other writes.
+#[derive(Clone, Debug)]
+pub struct AuditEvent {
+    /// e.g. "redeem", "append", "mint", "revoke_share", "revoke_token", "delete_share", "create_share".
+    pub action: &'static str,
+    pub token_id: Option<TokenId>,
+    pub share_id: Option<ShareId>,
+    /// e.g. "ok", "unknown_token", "bad_secret", "revoked", "expired", "rate_limited".
+    pub outcome: String,
+    /// Peer address or other context; never a secret.
+    pub detail: String,
+}
+
+/// What a storage engine implements. Each method does its whole work in one
+/// transaction, with the authority checked inside it.
+pub trait Backend: Send + Sync + 'static {
+    /// The token row with this id, with its share's current state. No authority:
+    /// this is how a redeem starts.
+    fn find_token(&self, id: TokenId) -> BoxFuture<'static, LedgerResult<Option<StoredToken>>>;
+
+    /// Stores a token of `kind` issued by `issuer`. Admin may mint agents;
+    /// a writer may mint writers (its own epoch) and viewers (current viewer epoch)
+    /// of its share. Anything else is `PermissionDenied`.
+    fn mint_token(
+        &self,
+        issuer: Authority,
+        kind: TokenKind,
+        token: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<Minted>>;
+
+    /// Revokes every admin token and stores `token` as the only one.
+    fn replace_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<()>>;
+
+    /// Whether an unrevoked, unexpired admin token exists.
+    fn has_admin_token(&self) -> BoxFuture<'static, LedgerResult<bool>>;
+
+    /// Creates a share owned by the agent `issuer`, with its first writer and viewer tokens.
+    fn create_share(
+        &self,
+        issuer: Authority,
+        share: NewShare,
+        writer: NewToken,
+        viewer: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<ShareInfo>>;
+
+    /// Applies a batch (see ARCHITECTURE.md, "appendOps"). Durable before it resolves.
+    fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>>;
+
+    /// The share's state; any writer or viewer authority of the share.
+    fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>>;
+
+    /// Shares ordered by id after `after`: all of them for admin, its own for an agent.
+    fn list_shares(
+        &self,
+        who: Authority,
+        after: String,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>>;
+
+    /// Bumps epochs. Admin: any share; agent: shares it owns (others are `NotFound`).
+    fn revoke_share(
+        &self,
+        who: Authority,
+        share_id: ShareId,
+        scope: RevokeScope,
+    ) -> BoxFuture<'static, LedgerResult<ShareState>>;
+
+    /// Admin only. `NotFound` for an unknown id.
+    fn revoke_token(
+        &self,
+        who: Authority,
+        token_id: TokenId,
+    ) -> BoxFuture<'static, LedgerResult<()>>;
+
+    /// Admin only: the share, its records, ledger rows and tokens.
+    fn delete_share(
+        &self,
+        who: Authority,
+        share_id: ShareId,
+    ) -> BoxFuture<'static, LedgerResult<()>>;
+
+    /// A page of records, at most about `max_bytes` of JSON (always at least one record).
+    fn snapshot_page(
+        &self,
+        who: Authority,
+        page: String,
+        max_bytes: u32,
+    ) -> BoxFuture<'static, LedgerResult<SnapshotPage>>;
+
+    /// Applied ops with cursor > `after`, at most `limit`.
+    fn ops_since(
+        &self,
+        who: Authority,
+        after: Cursor,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<OpsPage>>;
+
+    /// Queues an audit line; written with the next transaction. Never fails the caller.
+    fn audit(&self, event: AuditEvent);
+
+    /// Finishes queued work, then stops taking new work. Resolves when the
+    /// writer has committed everything it accepted.
+    fn close(&self) -> BoxFuture<'static, ()>;
+}
+
+/// The handle the RPC layer holds: cheap to clone, `Send`, backend-agnostic.
+#[derive(Clone)]
+pub struct Ledger(Arc<dyn Backend>);
+
+impl Ledger {
+    pub fn new(backend: impl Backend) -> Self {
+        Self(Arc::new(backend))
+    }
+}
+
+impl std::ops::Deref for Ledger {
+    type Target = dyn Backend;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}

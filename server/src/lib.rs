@@ -1,0 +1,2 @@
+//! capsync server library.
+pub mod ledger;
