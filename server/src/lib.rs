@@ -1,2 +1,42 @@
-//! capsync server library.
+//! capsync server: a capability-based Cap'n Proto RPC sync server for AI
+//! coding-agent sessions, over a SQLite ledger.
+//!
+//! A tour of the crate:
+//! - [`server`]: [`run`] / [`run_blocking`] / [`spawn`] — the accept loop, one `RpcSystem`
+//!   per connection on a `LocalSet`, and graceful shutdown (drain, disconnect, flush).
+//! - [`rpc`]: the capability objects (`Gateway`, `Admin`, `Agent`, `ShareWriter`,
+//!   `ShareViewer`), thin: they read requests, call the ledger, fill results.
+//! - [`ledger`]: the storage seam (`Ledger`, a `Send + Clone` handle) and its
+//!   SQLite backend (one writer thread with group commit, read connections).
+//! - [`auth`]: argon2id hashing of token secrets, off the RPC thread;
+//!   [`rate_limit`]: failed redeems per address; [`admin_token`]: first-start bootstrap.
+//! - [`config`]: every setting, as flags and environment variables; [`error`]:
+//!   what callers are told when something fails.
+
+pub mod admin_token;
+pub mod auth;
+pub mod config;
+pub mod data_dir;
+pub mod error;
 pub mod ledger;
+pub mod rate_limit;
+pub mod rpc;
+pub mod server;
+
+pub use config::Config;
+pub use server::{ServerHandle, run, run_blocking, spawn};
+
+use std::path::PathBuf;
+
+/// Why the server could not start (or a maintenance command could not run).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("database: {0}")]
+    Ledger(ledger::LedgerError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("data directory {} is in use by another capsync-server (stop it first)", .0.display())]
+    DataDirInUse(PathBuf),
+}

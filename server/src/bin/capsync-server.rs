@@ -1,1 +1,137 @@
-fn main() {}
+//! `capsync-server`: runs the sync server, or does maintenance on its data directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capsync_server::config::DEFAULT_DATA_DIR;
+use capsync_server::{Config, StartError, admin_token, data_dir::DataDirLock, server};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "capsync-server",
+    version,
+    about = "capsync: a capability-based sync server for AI coding-agent sessions",
+    long_about = "capsync: a capability-based sync server for AI coding-agent sessions.\n\n\
+        Agents push every change of a session as batches of ops over Cap'n Proto RPC; \
+        the server applies each op exactly once to a SQLite ledger and acks with a cursor. \
+        Share links are sturdy refs (tokens) that redeem into live capabilities.\n\n\
+        Quick start:\n  capsync-server serve            # 127.0.0.1:7420, data in ./capsync-data\n  \
+        cat capsync-data/admin.token    # the admin token created on first start"
+)]
+struct Cli {
+    /// Log format on stderr. The level is set with RUST_LOG (default: info).
+    #[arg(long, global = true, env = "CAPSYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server until SIGINT or SIGTERM; then drain batches in flight and exit.
+    Serve(Box<Config>),
+    /// Manage the admin token (the server must be stopped).
+    AdminToken {
+        /// Revoke every admin token and write a new one to <data-dir>/admin.token.
+        #[arg(long)]
+        rotate: bool,
+        /// The server's data directory.
+        #[arg(long, env = "CAPSYNC_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(config) => serve(*config),
+        Command::AdminToken { rotate, data_dir } => admin_token_command(rotate, data_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("capsync-server: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(config: Config) -> Result<(), StartError> {
+    let listener = std::net::TcpListener::bind(config.listen).map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot listen on {}: {err}", config.listen),
+        )
+    })?;
+    server::run_blocking(listener, config, shutdown_signal())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received");
+}
+
+fn admin_token_command(rotate: bool, data_dir: PathBuf) -> Result<(), StartError> {
+    let config = Config {
+        data_dir,
+        ..Config::default()
+    };
+    let path = config.admin_token_path();
+    if !rotate {
+        println!(
+            "The admin token is in {} (see --help; --rotate replaces it).",
+            path.display()
+        );
+        return Ok(());
+    }
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let ledger = server::open_ledger(&config)?;
+        let hasher = server::hasher(&config)?;
+        admin_token::rotate(&ledger, &hasher, &path).await?;
+        ledger.close().await;
+        println!(
+            "Rotated: every earlier admin token is revoked; the new one is in {}",
+            path.display()
+        );
+        Ok(())
+    })
+}

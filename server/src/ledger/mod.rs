@@ -32,6 +32,9 @@ pub enum LedgerError {
     /// `expected_cursor` did not match; carries the share's current cursor.
     #[error("cursor conflict: share is at {0}")]
     CursorConflict(Cursor),
+    /// The request cannot be read (e.g. a malformed snapshot page token); the text is for the caller.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// SQLite stayed busy past its timeout (another process holds the database).
     #[error("database busy")]
     Busy,

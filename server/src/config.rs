@@ -1,0 +1,168 @@
+//! Server settings: every one is a `capsync-server serve` flag and a `CAPSYNC_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::ledger::Durability;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+pub const DEFAULT_DATA_DIR: &str = "capsync-data";
+pub const DEFAULT_MAX_OPS_PER_BATCH: usize = 1000;
+pub const DEFAULT_MAX_OP_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_REDEEM_FAILURES: u32 = 10;
+pub const DEFAULT_REDEEM_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// argon2id cost, OWASP's minimum recommendation (19 MiB, 2 passes, 1 lane).
+pub const DEFAULT_ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+pub const DEFAULT_ARGON2_ITERATIONS: u32 = 2;
+
+/// Settings of one server. `Config::default()` equals running `serve` with no flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address to listen on for Cap'n Proto RPC.
+    #[arg(long, env = "CAPSYNC_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Directory for the database and the admin token file; created if missing.
+    #[arg(long, env = "CAPSYNC_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// When an ack may be sent. `full`: after the commit is on disk (survives power
+    /// loss). `normal`: survives a crash of capsync, but the last commits can be
+    /// lost if the machine loses power or the OS crashes.
+    #[arg(long, env = "CAPSYNC_DURABILITY", value_enum, default_value_t = DurabilityArg::Full)]
+    pub durability: DurabilityArg,
+
+    /// Most ops in one appendOps batch; larger batches are refused with `tooLarge`.
+    #[arg(long, env = "CAPSYNC_MAX_OPS_PER_BATCH", default_value_t = DEFAULT_MAX_OPS_PER_BATCH)]
+    pub max_ops_per_batch: usize,
+
+    /// Largest op payload in bytes; larger ops are refused with `tooLarge`.
+    #[arg(long, env = "CAPSYNC_MAX_OP_BYTES", default_value_t = DEFAULT_MAX_OP_BYTES)]
+    pub max_op_bytes: usize,
+
+    /// Largest Cap'n Proto message the server reads, in bytes; a connection that
+    /// sends a larger one is closed.
+    #[arg(long, env = "CAPSYNC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Most simultaneous connections; further ones are closed at once.
+    #[arg(long, env = "CAPSYNC_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Failed redeems one address may make per window before it gets `rateLimited`.
+    #[arg(long, env = "CAPSYNC_REDEEM_FAILURES", default_value_t = DEFAULT_REDEEM_FAILURES)]
+    pub redeem_failures: u32,
+
+    /// Length of the failed-redeem window, e.g. `60s`, `5m`.
+    #[arg(long, env = "CAPSYNC_REDEEM_WINDOW", value_parser = humantime::parse_duration,
+          default_value = "60s")]
+    pub redeem_window: Duration,
+
+    /// How long shutdown waits for batches in flight before closing connections.
+    #[arg(long, env = "CAPSYNC_DRAIN_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    pub drain_timeout: Duration,
+
+    /// argon2id memory cost in KiB for token hashes. Lower it only for tests.
+    #[arg(long, env = "CAPSYNC_ARGON2_MEMORY_KIB", default_value_t = DEFAULT_ARGON2_MEMORY_KIB)]
+    pub argon2_memory_kib: u32,
+
+    /// argon2id passes for token hashes. Lower it only for tests.
+    #[arg(long, env = "CAPSYNC_ARGON2_ITERATIONS", default_value_t = DEFAULT_ARGON2_ITERATIONS)]
+    pub argon2_iterations: u32,
+
+    /// Read connections to SQLite (snapshots, catch-up, token lookups).
+    #[arg(long, env = "CAPSYNC_READ_CONNECTIONS", default_value_t = 4)]
+    pub read_connections: usize,
+
+    /// Most queued writes one group-commit transaction takes.
+    #[arg(long, env = "CAPSYNC_MAX_GROUP_COMMIT", default_value_t = 256)]
+    pub max_group_commit: usize,
+}
+
+/// `--durability` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    Full,
+    Normal,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(arg: DurabilityArg) -> Self {
+        match arg {
+            DurabilityArg::Full => Durability::Full,
+            DurabilityArg::Normal => Durability::Normal,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            durability: DurabilityArg::Full,
+            max_ops_per_batch: DEFAULT_MAX_OPS_PER_BATCH,
+            max_op_bytes: DEFAULT_MAX_OP_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            redeem_failures: DEFAULT_REDEEM_FAILURES,
+            redeem_window: DEFAULT_REDEEM_WINDOW,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            argon2_memory_kib: DEFAULT_ARGON2_MEMORY_KIB,
+            argon2_iterations: DEFAULT_ARGON2_ITERATIONS,
+            read_connections: 4,
+            max_group_commit: 256,
+        }
+    }
+}
+
+impl Config {
+    /// A config for tests and examples: data in `data_dir`, cheap argon2 (hashes
+    /// still verify; they are just fast to brute-force, so never in production).
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            argon2_memory_kib: 256,
+            argon2_iterations: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Where the database lives.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("capsync.db")
+    }
+
+    /// Where the first start writes the admin token.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn default_matches_no_flags() {
+        let parsed = Cli::try_parse_from(["capsync-server"]).unwrap().config;
+        let default = Config::default();
+        // Env vars could override parsing; compare only when none are set.
+        if std::env::vars().any(|(k, _)| k.starts_with("CAPSYNC_")) {
+            return;
+        }
+        assert_eq!(format!("{parsed:?}"), format!("{default:?}"));
+    }
+}

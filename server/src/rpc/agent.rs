@@ -1,0 +1,184 @@
+//! `Agent`: creates shares, and lists and revokes the ones it created.
+
+use std::rc::Rc;
+
+use capsync_shared::capsync_capnp::agent;
+use capsync_shared::limits::MAX_RECORD_ID_BYTES;
+use capsync_shared::{ShareId, TokenKind};
+
+use super::admin::{list_limit, outcome};
+use super::context::Context;
+use super::wire;
+use super::writer::WriterImpl;
+use crate::error::ServerError;
+use crate::ledger::{AuditEvent, Authority, NewShare};
+
+/// Longest share title accepted, in bytes.
+const MAX_TITLE_BYTES: usize = 1024;
+
+pub struct AgentImpl {
+    ctx: Rc<Context>,
+    auth: Authority,
+}
+
+impl AgentImpl {
+    pub fn new(ctx: Rc<Context>, auth: Authority) -> Self {
+        Self { ctx, auth }
+    }
+}
+
+fn read_new_share(
+    params: &agent::CreateShareParams,
+) -> Result<(NewShare, Option<i64>), ServerError> {
+    let p = params.get()?;
+    let share = NewShare {
+        share_id: ShareId::random(),
+        session_id: wire::text(p.get_session_id())?,
+        project_id: wire::text(p.get_project_id())?,
+        parent_session_id: wire::text(p.get_parent_session_id())?,
+        title: wire::text(p.get_title())?,
+    };
+    if share.session_id.is_empty() {
+        return Err(ServerError::invalid("sessionId is required"));
+    }
+    for (name, value) in [
+        ("sessionId", &share.session_id),
+        ("projectId", &share.project_id),
+        ("parentSessionId", &share.parent_session_id),
+    ] {
+        if value.len() > MAX_RECORD_ID_BYTES {
+            return Err(ServerError::too_large(format!(
+                "{name} is longer than {MAX_RECORD_ID_BYTES} bytes"
+            )));
+        }
+    }
+    if share.title.len() > MAX_TITLE_BYTES {
+        return Err(ServerError::too_large(format!(
+            "title is longer than {MAX_TITLE_BYTES} bytes"
+        )));
+    }
+    let viewer_expires_at = wire::optional_time(p.get_viewer_expires_at(), "viewerExpiresAt")?;
+    Ok((share, viewer_expires_at))
+}
+
+impl agent::Server for AgentImpl {
+    async fn create_share(
+        self: Rc<Self>,
+        params: agent::CreateShareParams,
+        mut results: agent::CreateShareResults,
+    ) -> Result<(), capnp::Error> {
+        let created = async {
+            let (share, viewer_expires_at) = read_new_share(&params)?;
+            let hasher = &self.ctx.hasher;
+            let (writer_token, writer_row) =
+                hasher.mint(TokenKind::Writer, None, String::new()).await?;
+            let (viewer_token, viewer_row) = hasher
+                .mint(TokenKind::Viewer, viewer_expires_at, String::new())
+                .await?;
+            let info = self
+                .ctx
+                .ledger
+                .create_share(self.auth.clone(), share, writer_row, viewer_row)
+                .await?;
+            Ok::<_, ServerError>((info, writer_token, viewer_token, viewer_expires_at))
+        }
+        .await;
+        self.ctx.audit(AuditEvent {
+            action: "create_share",
+            token_id: Some(self.auth.token_id.clone()),
+            share_id: created.as_ref().ok().map(|c| c.0.state.share_id.clone()),
+            outcome: outcome(&created).to_owned(),
+            detail: String::new(),
+        });
+        let result = results.get().init_result();
+        match created {
+            Ok((info, writer_token, viewer_token, viewer_expires_at)) => {
+                let mut ok = result.init_ok();
+                let writer_auth = Authority {
+                    token_id: writer_token.id.clone(),
+                    kind: TokenKind::Writer,
+                    share: Some((info.state.share_id.clone(), info.state.writer_epoch)),
+                };
+                ok.set_writer(capnp_rpc::new_client(WriterImpl::new(
+                    self.ctx.clone(),
+                    writer_auth,
+                    None,
+                )));
+                wire::fill_minted(
+                    &writer_token.expose(),
+                    writer_token.id.as_str(),
+                    None,
+                    ok.reborrow().init_writer_token(),
+                );
+                wire::fill_minted(
+                    &viewer_token.expose(),
+                    viewer_token.id.as_str(),
+                    viewer_expires_at,
+                    ok.reborrow().init_viewer_token(),
+                );
+                wire::fill_info(&info, ok.init_info());
+            }
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn list_shares(
+        self: Rc<Self>,
+        params: agent::ListSharesParams,
+        mut results: agent::ListSharesResults,
+    ) -> Result<(), capnp::Error> {
+        let listed = async {
+            let p = params.get()?;
+            let limit = list_limit(p.get_limit());
+            let after = wire::text(p.get_after())?;
+            let shares = self
+                .ctx
+                .ledger
+                .list_shares(self.auth.clone(), after, limit)
+                .await?;
+            Ok::<_, ServerError>((shares, limit))
+        }
+        .await;
+        let result = results.get().init_result();
+        match listed {
+            Ok((shares, limit)) => wire::fill_list(&shares, limit, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn revoke_share(
+        self: Rc<Self>,
+        params: agent::RevokeShareParams,
+        mut results: agent::RevokeShareResults,
+    ) -> Result<(), capnp::Error> {
+        let mut share = None;
+        let revoked = async {
+            let p = params.get()?;
+            let share_id = ShareId(wire::text(p.get_share_id())?);
+            let scope = wire::scope(p.get_scope())?;
+            share = Some(share_id.clone());
+            Ok::<_, ServerError>(
+                self.ctx
+                    .ledger
+                    .revoke_share(self.auth.clone(), share_id, scope)
+                    .await?,
+            )
+        }
+        .await;
+        self.ctx.audit(AuditEvent {
+            action: "revoke_share",
+            token_id: Some(self.auth.token_id.clone()),
+            share_id: share,
+            outcome: outcome(&revoked).to_owned(),
+            detail: String::new(),
+        });
+        let result = results.get().init_result();
+        match revoked {
+            Ok(state) => wire::fill_state(&state, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+//! `ShareViewer`: read-only access to one share (paged snapshot, ops since a cursor).
+
+use std::rc::Rc;
+
+use capsync_shared::Cursor;
+use capsync_shared::capsync_capnp::share_viewer;
+use capsync_shared::limits::{
+    DEFAULT_OPS_PAGE, DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_OPS_PAGE, MAX_SNAPSHOT_PAGE_BYTES,
+};
+
+use super::context::Context;
+use super::wire;
+use crate::error::ServerError;
+use crate::ledger::Authority;
+
+pub struct ViewerImpl {
+    ctx: Rc<Context>,
+    auth: Authority,
+}
+
+impl ViewerImpl {
+    pub fn new(ctx: Rc<Context>, auth: Authority) -> Self {
+        Self { ctx, auth }
+    }
+}
+
+/// 0 means the default; anything above the cap is capped.
+fn clamp(requested: u32, default: u32, max: u32) -> u32 {
+    match requested {
+        0 => default,
+        n => n.min(max),
+    }
+}
+
+impl share_viewer::Server for ViewerImpl {
+    async fn snapshot(
+        self: Rc<Self>,
+        params: share_viewer::SnapshotParams,
+        mut results: share_viewer::SnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let page = async {
+            let p = params.get()?;
+            let page = wire::text(p.get_page())?;
+            let max_bytes = clamp(
+                p.get_max_bytes(),
+                DEFAULT_SNAPSHOT_PAGE_BYTES,
+                MAX_SNAPSHOT_PAGE_BYTES,
+            );
+            Ok::<_, ServerError>(
+                self.ctx
+                    .ledger
+                    .snapshot_page(self.auth.clone(), page, max_bytes)
+                    .await?,
+            )
+        }
+        .await;
+        let result = results.get().init_result();
+        match page {
+            Ok(page) => wire::fill_snapshot(&page, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn ops_since(
+        self: Rc<Self>,
+        params: share_viewer::OpsSinceParams,
+        mut results: share_viewer::OpsSinceResults,
+    ) -> Result<(), capnp::Error> {
+        let page = async {
+            let p = params.get()?;
+            let limit = clamp(p.get_limit(), DEFAULT_OPS_PAGE, MAX_OPS_PAGE);
+            Ok::<_, ServerError>(
+                self.ctx
+                    .ledger
+                    .ops_since(self.auth.clone(), Cursor(p.get_after()), limit)
+                    .await?,
+            )
+        }
+        .await;
+        let result = results.get().init_result();
+        match page {
+            Ok(page) => wire::fill_ops(&page, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn state(
+        self: Rc<Self>,
+        _params: share_viewer::StateParams,
+        mut results: share_viewer::StateResults,
+    ) -> Result<(), capnp::Error> {
+        let state = self.ctx.ledger.share_state(self.auth.clone()).await;
+        let result = results.get().init_result();
+        match state {
+            Ok(state) => wire::fill_state(&state, result.init_ok()),
+            Err(err) => ServerError::from(err).fill(result.init_failure()),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! Conversions between the ledger's Rust types and the schema's builders and readers.
+
+use capsync_shared::capsync_capnp::{
+    self as wire, ack, logged_op, minted_token, ops_page, record, share_info, share_list,
+    share_state, snapshot_page,
+};
+use capsync_shared::{Cursor, OpId};
+
+use crate::error::ServerError;
+use crate::ledger::{
+    Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, Record, RecordKind, RejectReason,
+    RevokeScope, ShareInfo, ShareState, SnapshotPage,
+};
+use capsync_shared::limits::{MAX_BATCH_ID_BYTES, MAX_DEPENDS_ON, MAX_OP_ID_BYTES};
+
+/// A text field as an owned string; bad UTF-8 is the caller's mistake.
+pub fn text(field: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, ServerError> {
+    field?
+        .to_string()
+        .map_err(|_| ServerError::invalid("text field is not valid UTF-8"))
+}
+
+/// `0` on the wire means "no expiry"; negative times are refused.
+pub fn optional_time(millis: i64, what: &str) -> Result<Option<i64>, ServerError> {
+    match millis {
+        0 => Ok(None),
+        t if t < 0 => Err(ServerError::invalid(format!("{what} must not be negative"))),
+        t => Ok(Some(t)),
+    }
+}
+
+pub fn scope(scope: Result<wire::Scope, capnp::NotInSchema>) -> Result<RevokeScope, ServerError> {
+    Ok(match scope? {
+        wire::Scope::Writers => RevokeScope::Writers,
+        wire::Scope::Viewers => RevokeScope::Viewers,
+        wire::Scope::All => RevokeScope::All,
+    })
+}
+
+/// Limits that shape a batch; checked before anything reaches the ledger.
+pub struct BatchLimits {
+    pub max_ops: usize,
+    pub max_op_bytes: usize,
+}
+
+/// Reads and size-checks a batch. Content (JSON, ids, references) is the ledger's to judge.
+pub fn batch(
+    reader: wire::batch::Reader<'_>,
+    limits: &BatchLimits,
+) -> Result<BatchIn, ServerError> {
+    let batch_id = text(reader.get_batch_id())?;
+    if batch_id.len() > MAX_BATCH_ID_BYTES {
+        return Err(ServerError::too_large(format!(
+            "batchId is longer than {MAX_BATCH_ID_BYTES} bytes"
+        )));
+    }
+    let ops_reader = reader.get_ops()?;
+    if ops_reader.len() as usize > limits.max_ops {
+        return Err(ServerError::too_large(format!(
+            "batch has {} ops; the limit is {} per batch",
+            ops_reader.len(),
+            limits.max_ops
+        )));
+    }
+    let mut ops = Vec::with_capacity(ops_reader.len() as usize);
+    for op in ops_reader.iter() {
+        let op_id = text(op.get_op_id())?;
+        if op_id.is_empty() || op_id.len() > MAX_OP_ID_BYTES {
+            return Err(ServerError::invalid(format!(
+                "opId must be 1 to {MAX_OP_ID_BYTES} bytes (got {})",
+                op_id.len()
+            )));
+        }
+        let payload = text(op.get_payload())?;
+        if payload.len() > limits.max_op_bytes {
+            return Err(ServerError::too_large(format!(
+                "op {op_id} has a {}-byte payload; the limit is {} bytes",
+                payload.len(),
+                limits.max_op_bytes
+            )));
+        }
+        let deps = op.get_depends_on()?;
+        if deps.len() as usize > MAX_DEPENDS_ON {
+            return Err(ServerError::too_large(format!(
+                "op {op_id} depends on {} ops; the limit is {MAX_DEPENDS_ON}",
+                deps.len()
+            )));
+        }
+        let depends_on = deps
+            .iter()
+            .map(|dep| text(dep).map(OpId))
+            .collect::<Result<Vec<_>, _>>()?;
+        ops.push(OpIn {
+            kind: op.get_kind()?.into(),
+            op_id: OpId(op_id),
+            payload,
+            depends_on,
+        });
+    }
+    Ok(BatchIn {
+        batch_id,
+        ops,
+        expected_cursor: reader
+            .get_has_expected_cursor()
+            .then(|| Cursor(reader.get_expected_cursor())),
+    })
+}
+
+pub fn fill_state(state: &ShareState, mut out: share_state::Builder<'_>) {
+    out.set_share_id(state.share_id.as_str());
+    out.set_cursor(state.cursor.0);
+    out.set_writer_epoch(state.writer_epoch.0);
+    out.set_viewer_epoch(state.viewer_epoch.0);
+}
+
+pub fn fill_info(info: &ShareInfo, mut out: share_info::Builder<'_>) {
+    fill_state(&info.state, out.reborrow().init_state());
+    out.set_session_id(&info.session_id);
+    out.set_project_id(&info.project_id);
+    out.set_parent_session_id(&info.parent_session_id);
+    out.set_title(&info.title);
+    out.set_created_at(info.created_at);
+    out.set_updated_at(info.updated_at);
+    out.set_owner_token_id(info.owner_token_id.as_str());
+}
+
+pub fn fill_list(shares: &[ShareInfo], limit: u32, mut out: share_list::Builder<'_>) {
+    let mut list = out.reborrow().init_shares(shares.len() as u32);
+    for (i, info) in shares.iter().enumerate() {
+        fill_info(info, list.reborrow().get(i as u32));
+    }
+    // A full page may have more behind it; a short one is the last.
+    if shares.len() as u32 == limit {
+        if let Some(last) = shares.last() {
+            out.set_next_after(last.state.share_id.as_str());
+        }
+    }
+}
+
+pub fn fill_minted(
+    token: &str,
+    token_id: &str,
+    expires_at: Option<i64>,
+    mut out: minted_token::Builder<'_>,
+) {
+    out.set_token(token);
+    out.set_token_id(token_id);
+    out.set_expires_at(expires_at.unwrap_or(0));
+}
+
+pub fn fill_ack(ack: &Ack, mut out: ack::Builder<'_>) {
+    out.set_cursor(ack.cursor.0);
+    let mut results = out.init_results(ack.results.len() as u32);
+    for (i, result) in ack.results.iter().enumerate() {
+        let mut entry = results.reborrow().get(i as u32);
+        entry.set_op_id(result.op_id.as_str());
+        match &result.outcome {
+            OpOutcome::Applied(cursor) => entry.set_applied(cursor.0),
+            OpOutcome::Duplicate(cursor) => entry.set_duplicate(cursor.0),
+            OpOutcome::Rejected { reason, detail } => {
+                let mut rejection = entry.init_rejected();
+                rejection.set_reason(match reason {
+                    RejectReason::MissingDependency => wire::RejectReason::MissingDependency,
+                    RejectReason::Invalid => wire::RejectReason::Invalid,
+                    RejectReason::StaleTransition => wire::RejectReason::StaleTransition,
+                });
+                rejection.set_detail(detail);
+            }
+        }
+    }
+}
+
+fn fill_record(rec: &Record, mut out: record::Builder<'_>) {
+    out.set_kind(match rec.kind {
+        RecordKind::Session => wire::RecordKind::Session,
+        RecordKind::Model => wire::RecordKind::Model,
+        RecordKind::Diffs => wire::RecordKind::Diffs,
+        RecordKind::Message => wire::RecordKind::Message,
+        RecordKind::Part => wire::RecordKind::Part,
+    });
+    out.set_id(&rec.id);
+    out.set_message_id(&rec.message_id);
+    out.set_json(&rec.json);
+}
+
+pub fn fill_snapshot(page: &SnapshotPage, mut out: snapshot_page::Builder<'_>) {
+    out.set_cursor(page.cursor.0);
+    out.set_next_page(&page.next_page);
+    let mut records = out.init_records(page.records.len() as u32);
+    for (i, rec) in page.records.iter().enumerate() {
+        fill_record(rec, records.reborrow().get(i as u32));
+    }
+}
+
+fn fill_logged(op: &LoggedOp, mut out: logged_op::Builder<'_>) {
+    out.set_cursor(op.cursor.0);
+    out.set_op_id(op.op_id.as_str());
+    out.set_kind(op.kind.into());
+    out.set_payload(&op.payload);
+    out.set_applied_at(op.applied_at);
+}
+
+pub fn fill_ops(page: &OpsPage, mut out: ops_page::Builder<'_>) {
+    out.set_cursor(page.cursor.0);
+    let mut ops = out.init_ops(page.ops.len() as u32);
+    for (i, op) in page.ops.iter().enumerate() {
+        fill_logged(op, ops.reborrow().get(i as u32));
+    }
+}

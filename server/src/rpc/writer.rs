@@ -1,0 +1,202 @@
+//! `ShareWriter`: appends ops to one share, mints viewers and sturdy refs to itself.
+
+use std::rc::Rc;
+
+use capsync_shared::TokenKind;
+use capsync_shared::capsync_capnp::share_writer;
+
+use super::admin::outcome;
+use super::context::Context;
+use super::viewer::ViewerImpl;
+use super::wire::{self, BatchLimits};
+use crate::error::ServerError;
+use crate::ledger::{Ack, AuditEvent, Authority, OpOutcome};
+
+pub struct WriterImpl {
+    ctx: Rc<Context>,
+    auth: Authority,
+    /// Expiry of the token this capability came from; `save()` gives the same.
+    expires_at: Option<i64>,
+}
+
+impl WriterImpl {
+    pub fn new(ctx: Rc<Context>, auth: Authority, expires_at: Option<i64>) -> Self {
+        Self {
+            ctx,
+            auth,
+            expires_at,
+        }
+    }
+
+    fn audit(&self, action: &'static str, outcome: &str, detail: String) {
+        self.ctx.audit(AuditEvent {
+            action,
+            token_id: Some(self.auth.token_id.clone()),
+            share_id: self.auth.share.as_ref().map(|(id, _)| id.clone()),
+            outcome: outcome.to_owned(),
+            detail,
+        });
+    }
+
+    async fn append(&self, params: &share_writer::AppendOpsParams) -> Result<Ack, ServerError> {
+        let _in_flight = self.ctx.begin_batch()?;
+        let limits = BatchLimits {
+            max_ops: self.ctx.max_ops_per_batch,
+            max_op_bytes: self.ctx.max_op_bytes,
+        };
+        let batch = wire::batch(params.get()?.get_batch()?, &limits)?;
+        Ok(self.ctx.ledger.append(self.auth.clone(), batch).await?)
+    }
+
+    /// Mints a share token of `kind` with this capability's authority.
+    async fn mint(
+        &self,
+        kind: TokenKind,
+        expires_at: Option<i64>,
+    ) -> Result<(String, String), ServerError> {
+        let (token, row) = self
+            .ctx
+            .hasher
+            .mint(kind, expires_at, String::new())
+            .await?;
+        self.ctx
+            .ledger
+            .mint_token(self.auth.clone(), kind, row)
+            .await?;
+        Ok((token.expose(), token.id.to_string()))
+    }
+}
+
+fn summary(ack: &Ack) -> String {
+    let (mut applied, mut duplicate, mut rejected) = (0, 0, 0);
+    for result in &ack.results {
+        match result.outcome {
+            OpOutcome::Applied(_) => applied += 1,
+            OpOutcome::Duplicate(_) => duplicate += 1,
+            OpOutcome::Rejected { .. } => rejected += 1,
+        }
+    }
+    format!(
+        "cursor={} applied={applied} duplicate={duplicate} rejected={rejected}",
+        ack.cursor
+    )
+}
+
+impl share_writer::Server for WriterImpl {
+    async fn append_ops(
+        self: Rc<Self>,
+        params: share_writer::AppendOpsParams,
+        mut results: share_writer::AppendOpsResults,
+    ) -> Result<(), capnp::Error> {
+        let appended = self.append(&params).await;
+        let batch_id = params
+            .get()
+            .and_then(|p| p.get_batch())
+            .and_then(|b| b.get_batch_id())
+            .ok()
+            .and_then(|t| t.to_str().ok().map(str::to_owned))
+            .unwrap_or_default();
+        let detail = match &appended {
+            Ok(ack) => format!("batch={batch_id} {}", summary(ack)),
+            Err(err) => format!("batch={batch_id} {err}"),
+        };
+        self.audit("append", outcome(&appended), detail);
+        let result = results.get().init_result();
+        match appended {
+            Ok(ack) => wire::fill_ack(&ack, result.init_ack()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn mint_viewer(
+        self: Rc<Self>,
+        params: share_writer::MintViewerParams,
+        mut results: share_writer::MintViewerResults,
+    ) -> Result<(), capnp::Error> {
+        let minted = async {
+            let expires_at = wire::optional_time(params.get()?.get_expires_at(), "expiresAt")?;
+            let (token, id) = self.mint(TokenKind::Viewer, expires_at).await?;
+            Ok::<_, ServerError>((token, id, expires_at))
+        }
+        .await;
+        let detail = minted
+            .as_ref()
+            .map(|m| format!("new_viewer={}", m.1))
+            .unwrap_or_default();
+        self.audit("mint", outcome(&minted), detail);
+        let result = results.get().init_result();
+        match minted {
+            Ok((token, id, expires_at)) => {
+                wire::fill_minted(&token, &id, expires_at, result.init_ok())
+            }
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn save(
+        self: Rc<Self>,
+        _params: share_writer::SaveParams,
+        mut results: share_writer::SaveResults,
+    ) -> Result<(), capnp::Error> {
+        let minted = self.mint(TokenKind::Writer, self.expires_at).await;
+        let detail = minted
+            .as_ref()
+            .map(|m| format!("new_writer={}", m.1))
+            .unwrap_or_default();
+        self.audit("mint", outcome(&minted), detail);
+        let result = results.get().init_result();
+        match minted {
+            Ok((token, id)) => wire::fill_minted(&token, &id, self.expires_at, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn state(
+        self: Rc<Self>,
+        _params: share_writer::StateParams,
+        mut results: share_writer::StateResults,
+    ) -> Result<(), capnp::Error> {
+        let state = self.ctx.ledger.share_state(self.auth.clone()).await;
+        let result = results.get().init_result();
+        match state {
+            Ok(state) => wire::fill_state(&state, result.init_ok()),
+            Err(err) => ServerError::from(err).fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn viewer(
+        self: Rc<Self>,
+        _params: share_writer::ViewerParams,
+        mut results: share_writer::ViewerResults,
+    ) -> Result<(), capnp::Error> {
+        // The viewer is bound to the share's current viewer epoch, so revoking
+        // viewers also stops viewers derived from writers.
+        let state = self
+            .ctx
+            .ledger
+            .share_state(self.auth.clone())
+            .await
+            .map_err(|err| {
+                let err = ServerError::from(err);
+                // This method returns a capability, not a result struct: the
+                // failure can only travel as an exception, with the code in front.
+                capnp::Error::failed(format!("{}: {}", err.code, err.message))
+            })?;
+        let auth = Authority {
+            token_id: self.auth.token_id.clone(),
+            kind: TokenKind::Viewer,
+            share: Some((state.share_id.clone(), state.viewer_epoch)),
+        };
+        results
+            .get()
+            .set_viewer(capnp_rpc::new_client(ViewerImpl::new(
+                self.ctx.clone(),
+                auth,
+            )));
+        Ok(())
+    }
+}

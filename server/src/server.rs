@@ -1,0 +1,324 @@
+//! The accept loop, one `RpcSystem` per connection, and graceful shutdown.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use capsync_shared::capsync_capnp::gateway;
+use futures::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use tracing::{debug, info, warn};
+
+use crate::auth::SecretHasher;
+use crate::config::Config;
+use crate::data_dir::DataDirLock;
+use crate::ledger::{self, Ledger, SqliteOptions};
+use crate::rpc::{Context, GatewayImpl};
+use crate::{StartError, admin_token};
+
+/// How long shutdown waits for each connection to close cleanly.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens the embedded ledger in `config.data_dir`.
+pub fn open_ledger(config: &Config) -> Result<Ledger, StartError> {
+    ledger::sqlite::open(SqliteOptions {
+        path: config.database_path(),
+        durability: config.durability.into(),
+        read_connections: config.read_connections.max(1),
+        max_group_commit: config.max_group_commit.max(1),
+    })
+    .map_err(StartError::Ledger)
+}
+
+pub fn hasher(config: &Config) -> Result<SecretHasher, StartError> {
+    SecretHasher::new(config.argon2_memory_kib, config.argon2_iterations)
+        .map_err(|err| StartError::Config(format!("argon2 parameters: {err}")))
+}
+
+/// Serves RPC on `listener` until `shutdown` resolves, then drains in-flight
+/// batches, closes connections and flushes the ledger.
+///
+/// Must run inside a tokio `LocalSet` (capnp-rpc objects are `!Send`); see
+/// [`run_blocking`] and [`spawn`] for a ready-made runtime.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    prepare(config).await?.serve(listener, shutdown).await
+}
+
+/// A server whose data directory is locked, database open and migrated, and
+/// admin token in place: everything that can fail at start has been done.
+pub struct Prepared {
+    config: Config,
+    ledger: Ledger,
+    ctx: Rc<Context>,
+    /// Held until the server stops, so no second server opens the same data.
+    _lock: DataDirLock,
+}
+
+/// Does everything `run` does before accepting connections.
+pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    let ledger = open_ledger(&config)?;
+    let hasher = hasher(&config)?;
+    let admin_path = config.admin_token_path();
+    if admin_token::ensure(&ledger, &hasher, &admin_path).await? {
+        info!(path = %admin_path.display(), "created the admin token; it is in this file (owner-only)");
+    }
+    let ctx = Rc::new(Context::new(ledger.clone(), hasher, &config));
+    Ok(Prepared {
+        config,
+        ledger,
+        ctx,
+        _lock: lock,
+    })
+}
+
+impl Prepared {
+    /// The accept loop, then graceful shutdown once `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let Self {
+            config,
+            ledger,
+            ctx,
+            ..
+        } = self;
+        let connections = Connections::default();
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        let mut reader_options = capnp::message::ReaderOptions::new();
+        reader_options.traversal_limit_in_words(Some(config.max_message_bytes / 8));
+
+        info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "capsync listening");
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Usually EMFILE or a connection reset before accept: keep serving.
+                        warn!(%err, "accept failed");
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
+                continue;
+            };
+            let rpc = match connection(stream, peer, &ctx, reader_options) {
+                Ok(rpc) => rpc,
+                Err(err) => {
+                    warn!(%peer, %err, "could not set up connection");
+                    continue;
+                }
+            };
+            let id = connections.add(rpc.get_disconnector());
+            let connections = connections.clone();
+            tokio::task::spawn_local(async move {
+                debug!(%peer, "connection open");
+                // Resolves Ok even on a reset; an Err is a protocol error from the peer
+                // (garbage bytes, an oversized message): only this connection ends.
+                if let Err(err) = rpc.await {
+                    info!(%peer, %err, "connection closed with an error");
+                } else {
+                    debug!(%peer, "connection closed");
+                }
+                connections.remove(id);
+                drop(permit);
+            });
+        }
+        drop(listener);
+
+        info!("shutting down: draining batches in flight");
+        if tokio::time::timeout(config.drain_timeout, ctx.drain())
+            .await
+            .is_err()
+        {
+            warn!(timeout = ?config.drain_timeout, "batches still in flight after the drain timeout");
+        }
+        connections.disconnect_all().await;
+        ledger.close().await;
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Builds the RPC system for one accepted connection.
+fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &Rc<Context>,
+    reader_options: capnp::message::ReaderOptions,
+) -> std::io::Result<RpcSystem<rpc_twoparty_capnp::Side>> {
+    stream.set_nodelay(true)?;
+    let (reader, writer) = stream.compat().split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader),
+        futures::io::BufWriter::new(writer),
+        rpc_twoparty_capnp::Side::Server,
+        reader_options,
+    );
+    let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(ctx.clone(), peer));
+    Ok(RpcSystem::new(Box::new(network), Some(gateway.client)))
+}
+
+/// Open connections, so shutdown can close them cleanly.
+#[derive(Clone, Default)]
+struct Connections(Rc<RefCell<ConnectionsInner>>);
+
+#[derive(Default)]
+struct ConnectionsInner {
+    next_id: u64,
+    open: HashMap<u64, capnp_rpc::Disconnector<rpc_twoparty_capnp::Side>>,
+}
+
+impl Connections {
+    fn add(&self, disconnector: capnp_rpc::Disconnector<rpc_twoparty_capnp::Side>) -> u64 {
+        let mut inner = self.0.borrow_mut();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.open.insert(id, disconnector);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.0.borrow_mut().open.remove(&id);
+    }
+
+    async fn disconnect_all(&self) {
+        let open: Vec<_> = self.0.borrow_mut().open.drain().map(|(_, d)| d).collect();
+        if open.is_empty() {
+            return;
+        }
+        debug!(count = open.len(), "closing connections");
+        let all = futures::future::join_all(open);
+        if tokio::time::timeout(DISCONNECT_TIMEOUT, all).await.is_err() {
+            warn!("some connections did not close in time");
+        }
+    }
+}
+
+/// Runs the server on its own current-thread runtime and `LocalSet` until
+/// `shutdown` resolves. What the binary uses.
+pub fn run_blocking(
+    listener: std::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + 'static,
+) -> Result<(), StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = tokio_listener(listener)?;
+        run(listener, config, shutdown).await
+    })
+}
+
+fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// A server running on a thread of its own, for tests and for embedding.
+/// Dropping the handle shuts the server down and waits for it.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), StartError>>>,
+}
+
+/// Starts a server on `listener` in a new thread and returns once it is ready:
+/// its data directory locked, its database migrated and its admin token written.
+/// Startup errors are returned here, not logged away.
+pub fn spawn(listener: std::net::TcpListener, config: Config) -> Result<ServerHandle, StartError> {
+    let addr = listener.local_addr()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("capsync-server-{addr}"))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                let started = async {
+                    Ok::<_, StartError>((tokio_listener(listener)?, prepare(config).await?))
+                };
+                match started.await {
+                    Ok((listener, prepared)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let shutdown = async {
+                            // A dropped sender also means "stop".
+                            let _ = shutdown_rx.await;
+                        };
+                        prepared.serve(listener, shutdown).await
+                    }
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                        Ok(())
+                    }
+                }
+            })
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(ServerHandle {
+            addr,
+            shutdown: Some(shutdown_tx),
+            thread: Some(thread),
+        }),
+        Ok(Err(err)) => {
+            let _ = thread.join();
+            Err(err)
+        }
+        Err(_) => Err(StartError::Io(std::io::Error::other(
+            "server thread ended before it was ready",
+        ))),
+    }
+}
+
+impl ServerHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shuts down gracefully (drain, disconnect, flush) and waits for it.
+    pub fn shutdown(mut self) -> Result<(), StartError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), StartError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| StartError::Io(std::io::Error::other("server thread panicked")))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
