@@ -1,1 +1,56 @@
-//! capsync client library.
+//! capsync client library: connect to a capsync server, redeem sturdy refs, and drive the
+//! capabilities they give; plus the `capsync` command line built on it.
+//!
+//! A tour:
+//! - [`connection`]: [`connect`] (must run on a tokio `LocalSet`), [`Connection::redeem`],
+//!   [`Redeemed`].
+//! - [`admin`], [`agent`], [`writer`], [`viewer`]: one wrapper per capability
+//!   ([`AdminClient`], [`AgentClient`], [`WriterClient`], [`ViewerClient`]).
+//! - [`types`]: plain, serializable mirrors of the schema's structs.
+//! - [`error`]: [`ClientError`], with the wire `ErrorCode` for remote failures.
+//! - [`document`]: a snapshot as one structured JSON document.
+//! - [`export`]: an opencode-style session export as ops with content-addressed ids.
+//! - [`ops_file`]: reading ops files (JSON array or JSON Lines) and detecting exports.
+//! - [`push`]: sending ops in deterministic batches and summing up the acks.
+//! - [`expiry`]: `--expires 30d` style arguments.
+//! - [`cli`]: the `capsync` command (the binary in `src/bin/capsync.rs` only calls it).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), capsync_client::ClientError> {
+//! // Inside a tokio LocalSet:
+//! let conn = capsync_client::connect("127.0.0.1:7420").await?;
+//! let viewer = conn.redeem("csviewer_...").await?.into_viewer()?;
+//! let snapshot = viewer.snapshot().await?;
+//! println!("{}", snapshot.to_document().to_json());
+//! conn.disconnect().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod connection;
+pub mod document;
+pub mod error;
+pub mod expiry;
+pub mod export;
+pub mod ops_file;
+pub mod push;
+pub mod types;
+pub mod viewer;
+mod wire;
+pub mod writer;
+
+pub use admin::AdminClient;
+pub use agent::{AgentClient, CreatedShare, NewShare};
+pub use capsync_shared::ops::{OpKind, OpSpec};
+pub use capsync_shared::{ErrorCode, TokenKind};
+pub use connection::{ClientOptions, Connection, Redeemed, connect, connect_with};
+pub use document::{MessageDocument, SessionDocument};
+pub use error::ClientError;
+pub use export::{SessionExport, ops_from_export};
+pub use ops_file::{InputFormat, parse_ops, read_push_input};
+pub use push::{PushReport, push_ops};
+pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
+pub use viewer::{LoggedOp, OpsPage, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient};
+pub use writer::{Ack, Batch, OpOutcome, OpResult, RejectReason, WriterClient};

@@ -1,0 +1,157 @@
+//! `capsync admin ...`: the operator's commands (admin token).
+
+use capsync_shared::TokenKind;
+use clap::Subcommand;
+
+use super::output::Output;
+use super::{Global, ScopeArg, finish};
+use crate::admin::AdminClient;
+use crate::error::ClientError;
+use crate::expiry::{Expiry, format_expiry};
+use crate::types::ShareList;
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Mint an agent token, which may create shares
+    ///
+    /// Prints the new token alone on stdout (details on stderr), so it can be captured:
+    ///   AGENT_TOKEN=$(capsync admin mint-agent --label ci --expires 30d)
+    #[command(verbatim_doc_comment)]
+    MintAgent {
+        /// Free text for people, shown in listings and audit logs
+        #[arg(long, default_value = "")]
+        label: String,
+        /// When the token expires: a duration (30d, 12h), a time (2030-01-31T12:00:00Z), or never
+        #[arg(long, value_name = "WHEN", default_value = "never")]
+        expires: Expiry,
+    },
+
+    /// Revoke a share's tokens: every older token and live capability of the scope stops working
+    ///
+    /// Revocation bumps the share's epoch for the scope, so tokens minted afterwards work.
+    ///   capsync admin revoke sh_0123abcd --scope viewers
+    #[command(verbatim_doc_comment)]
+    Revoke {
+        /// The share's id (see `capsync admin list`)
+        share_id: String,
+        /// Which tokens to revoke
+        #[arg(long, value_enum, default_value_t = ScopeArg::All)]
+        scope: ScopeArg,
+    },
+
+    /// Revoke one token by its id (the middle part of the token, shown when it was minted)
+    ///
+    ///   capsync admin revoke-token 3f9a0c2e7b1d4a5c
+    #[command(verbatim_doc_comment)]
+    RevokeToken {
+        /// The token's id (16 hex digits)
+        token_id: String,
+    },
+
+    /// List all shares, ordered by share id
+    ///
+    ///   capsync admin list --limit 50
+    ///   capsync admin list --all --json
+    #[command(verbatim_doc_comment)]
+    List(ListArgs),
+
+    /// Delete a share with its records, ledger and tokens (cannot be undone)
+    ///
+    ///   capsync admin delete-share sh_0123abcd
+    #[command(verbatim_doc_comment)]
+    DeleteShare {
+        /// The share's id
+        share_id: String,
+    },
+}
+
+/// Paging flags of the list commands.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Start after this share id (the `next` value a previous page printed)
+    #[arg(long, default_value = "", value_name = "SHARE_ID")]
+    pub after: String,
+    /// Shares per page (0: the server's default)
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+    /// Follow every page to the end
+    #[arg(long)]
+    pub all: bool,
+}
+
+pub async fn run(global: &Global, out: &Output, command: &AdminCommand) -> Result<u8, ClientError> {
+    let (conn, redeemed) = global.redeem(&[TokenKind::Admin]).await?;
+    let admin = redeemed.into_admin()?;
+    let result = run_with(&admin, out, command).await;
+    finish(conn).await;
+    result.map(|()| super::EXIT_OK)
+}
+
+async fn run_with(
+    admin: &AdminClient,
+    out: &Output,
+    command: &AdminCommand,
+) -> Result<(), ClientError> {
+    match command {
+        AdminCommand::MintAgent { label, expires } => {
+            let expires_at = expires.expires_at(capsync_shared::now_millis());
+            let minted = admin.mint_agent(label, expires_at).await?;
+            out.note(format!(
+                "minted agent token {} (expires {})",
+                minted.token_id,
+                format_expiry(minted.expires_at)
+            ));
+            out.result(&minted, || minted.token.clone());
+        }
+        AdminCommand::Revoke { share_id, scope } => {
+            let state = admin.revoke_share(share_id, (*scope).into()).await?;
+            out.result(&state, || {
+                super::share::revoked_text(&state, (*scope).into())
+            });
+        }
+        AdminCommand::RevokeToken { token_id } => {
+            admin.revoke_token(token_id).await?;
+            out.result(&serde_json::json!({"revoked": token_id}), || {
+                format!("revoked token {token_id}")
+            });
+        }
+        AdminCommand::List(args) => {
+            let list = list_pages(args, |after, limit| async move {
+                admin.list_shares(&after, limit).await
+            })
+            .await?;
+            out.result(&list, || super::share::list_text(&list));
+        }
+        AdminCommand::DeleteShare { share_id } => {
+            admin.delete_share(share_id).await?;
+            out.result(&serde_json::json!({"deleted": share_id}), || {
+                format!("deleted share {share_id}")
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One page, or with `--all` every page joined into one list.
+pub async fn list_pages<F, Fut>(args: &ListArgs, mut fetch: F) -> Result<ShareList, ClientError>
+where
+    F: FnMut(String, u32) -> Fut,
+    Fut: std::future::Future<Output = Result<ShareList, ClientError>>,
+{
+    let mut list = fetch(args.after.clone(), args.limit).await?;
+    if !args.all {
+        return Ok(list);
+    }
+    while let Some(after) = list.next_after.take() {
+        let mut page = fetch(after.clone(), args.limit).await?;
+        if page.next_after.as_deref() == Some(after.as_str()) {
+            // A server bug would otherwise make this loop forever.
+            return Err(ClientError::Rpc(capnp::Error::failed(
+                "the server returned the same share page twice".into(),
+            )));
+        }
+        list.shares.append(&mut page.shares);
+        list.next_after = page.next_after;
+    }
+    Ok(list)
+}

@@ -1,0 +1,55 @@
+//! `capsync mint-viewer` and `capsync save`: new sturdy refs from a writer token.
+
+use capsync_shared::TokenKind;
+
+use super::output::Output;
+use super::{Global, finish};
+use crate::error::ClientError;
+use crate::expiry::{Expiry, format_expiry};
+use crate::types::MintedToken;
+
+/// Mint a read-only viewer token for the share (writer token)
+///
+/// Prints the new token alone on stdout (details on stderr), so it can be captured:
+///   VIEWER_TOKEN=$(capsync mint-viewer --expires 7d)
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct MintViewerArgs {
+    /// When the token expires: a duration (7d, 12h), a time (2030-01-31T12:00:00Z), or never
+    #[arg(long, value_name = "WHEN", default_value = "never")]
+    pub expires: Expiry,
+}
+
+pub async fn mint_viewer(
+    global: &Global,
+    out: &Output,
+    args: &MintViewerArgs,
+) -> Result<u8, ClientError> {
+    let (conn, redeemed) = global.redeem(&[TokenKind::Writer]).await?;
+    let writer = redeemed.into_writer()?;
+    let result = writer
+        .mint_viewer(args.expires.expires_at(capsync_shared::now_millis()))
+        .await;
+    finish(conn).await;
+    print_minted(out, "viewer", writer.share_id(), &result?);
+    Ok(super::EXIT_OK)
+}
+
+pub async fn save(global: &Global, out: &Output) -> Result<u8, ClientError> {
+    let (conn, redeemed) = global.redeem(&[TokenKind::Writer]).await?;
+    let writer = redeemed.into_writer()?;
+    let result = writer.save().await;
+    finish(conn).await;
+    print_minted(out, "writer", writer.share_id(), &result?);
+    Ok(super::EXIT_OK)
+}
+
+/// The token alone on stdout; what it is on stderr.
+fn print_minted(out: &Output, kind: &str, share_id: &str, minted: &MintedToken) {
+    out.note(format!(
+        "minted {kind} token {} for share {share_id} (expires {})",
+        minted.token_id,
+        format_expiry(minted.expires_at)
+    ));
+    out.result(minted, || minted.token.clone());
+}

@@ -1,0 +1,404 @@
+//! The `capsync` command line: argument definitions, dispatch, and the runtime it runs on.
+//!
+//! Each command lives in its own module; they share [`Global`] (server, output mode, token)
+//! and [`Output`]. Exit codes: 0 success, 1 error, 2 bad usage (clap), 3 `push`
+//! had ops rejected as invalid or still missing a dependency.
+
+mod admin;
+mod inspect;
+mod mint;
+mod output;
+mod push;
+mod render;
+mod share;
+mod snapshot;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capsync_shared::{SturdyRef, TokenKind};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::connection::{Connection, Redeemed, connect};
+use crate::error::ClientError;
+use crate::types::Scope;
+pub use output::{Captured, Output};
+
+/// Exit code of success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code of any error (remote, transport, input).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit code for a push whose file had ops the server refused.
+pub const EXIT_REJECTED: u8 = 3;
+
+/// Default server address.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7420";
+
+const ABOUT: &str = "Share AI coding-agent sessions through a capsync server";
+
+const LONG_ABOUT: &str = "\
+Share AI coding-agent sessions through a capsync server.
+
+Every command talks to one server (--server, or CAPSYNC_SERVER) and acts with one token
+(--token, CAPSYNC_TOKEN, or --token-file). What a token may do depends on its kind:
+  admin   mint agent tokens; revoke, list and delete any share
+  agent   create shares; list and revoke the shares it created
+  writer  push ops into one share; mint viewer links; read it
+  viewer  read one share (snapshot, state, ops)
+
+Tokens are secrets: prefer CAPSYNC_TOKEN or --token-file over --token, which other users
+of the machine can see in the process list. capsync never prints a token except the new
+ones a mint or create command exists to print.";
+
+const EXAMPLES: &str = "\
+Examples:
+  # an operator gives an agent its token
+  export CAPSYNC_TOKEN=$ADMIN_TOKEN
+  capsync admin mint-agent --label laptop --expires 30d
+
+  # the agent shares a session and pushes it
+  CAPSYNC_TOKEN=$AGENT_TOKEN capsync share create --from-export session.json
+  CAPSYNC_TOKEN=$WRITER_TOKEN capsync push session.json
+
+  # anyone with the viewer token reads it
+  CAPSYNC_TOKEN=$VIEWER_TOKEN capsync snapshot
+
+Exit codes: 0 success, 1 error, 2 bad usage, 3 push had ops rejected.";
+
+/// The `capsync` command line.
+#[derive(Debug, Parser)]
+#[command(name = "capsync", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Address of the capsync server
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CAPSYNC_SERVER",
+        default_value = DEFAULT_SERVER,
+        value_name = "HOST:PORT"
+    )]
+    pub server: String,
+
+    /// Print machine-readable JSON on stdout (errors too, as {"error": {"code", "message"}})
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub json: bool,
+
+    /// The token to act with (prefer the environment variable: flags show up in `ps`)
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CAPSYNC_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// Read the token from this file instead (first line; wins over --token)
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CAPSYNC_TOKEN_FILE",
+        value_name = "PATH"
+    )]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Operator commands: mint agent tokens, revoke, list and delete shares (admin token)
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+
+    /// Create shares, list and revoke the ones you created (agent token)
+    #[command(subcommand)]
+    Share(share::ShareCommand),
+
+    // About and long help come from the args struct's doc comment.
+    Push(push::PushArgs),
+
+    // About and long help come from the args struct's doc comment.
+    Snapshot(snapshot::SnapshotArgs),
+
+    /// Print a share's id, cursor and epochs (viewer or writer token)
+    State,
+
+    // About and long help come from the args struct's doc comment.
+    Ops(inspect::OpsArgs),
+
+    // About and long help come from the args struct's doc comment.
+    MintViewer(mint::MintViewerArgs),
+
+    /// Mint a fresh writer token for the share, same epoch and expiry (writer token)
+    Save,
+}
+
+/// `--scope` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// Writer tokens and capabilities only
+    Writers,
+    /// Viewer tokens and capabilities only
+    Viewers,
+    /// Both
+    All,
+}
+
+impl From<ScopeArg> for Scope {
+    fn from(scope: ScopeArg) -> Self {
+        match scope {
+            ScopeArg::Writers => Scope::Writers,
+            ScopeArg::Viewers => Scope::Viewers,
+            ScopeArg::All => Scope::All,
+        }
+    }
+}
+
+/// Entry point of the `capsync` binary: parses arguments, runs the command on a
+/// current-thread runtime with a `LocalSet` (capnp-rpc is single-threaded), and turns
+/// errors into one line on stderr (plus JSON on stdout with `--json`).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = Output::new(cli.global.json);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            out.error(&ClientError::Io(e));
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    ExitCode::from(local.block_on(&runtime, run_reporting(&cli, &out)))
+}
+
+/// Runs one parsed command line and returns its exit code; an error is reported on
+/// `out` first. Must run on a tokio `LocalSet`.
+pub async fn run_reporting(cli: &Cli, out: &Output) -> u8 {
+    match run(cli, out).await {
+        Ok(code) => code,
+        Err(e) => {
+            out.error(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+/// Runs one parsed command line: `Ok(exit code)` (0, or 3 for a push with rejected ops),
+/// or the error. Must run on a tokio `LocalSet`.
+pub async fn run(cli: &Cli, out: &Output) -> Result<u8, ClientError> {
+    let global = &cli.global;
+    match &cli.command {
+        Command::Admin(command) => admin::run(global, out, command).await,
+        Command::Share(command) => share::run(global, out, command).await,
+        Command::Push(args) => push::run(global, out, args).await,
+        Command::Snapshot(args) => snapshot::run(global, out, args).await,
+        Command::State => inspect::state(global, out).await,
+        Command::Ops(args) => inspect::ops(global, out, args).await,
+        Command::MintViewer(args) => mint::mint_viewer(global, out, args).await,
+        Command::Save => mint::save(global, out).await,
+    }
+}
+
+/// What an in-process run of the command line did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliRun {
+    /// The exit code the binary would have returned.
+    pub code: u8,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `capsync` in-process with these arguments (the first is the program name) and
+/// captures its output, for tests and embedding. Must run on a tokio `LocalSet`.
+/// Environment variables (`CAPSYNC_SERVER`, `CAPSYNC_TOKEN`, ...) apply as for the binary,
+/// so tests should pass `--server` and `--token` explicitly. Usage errors give code 2 and
+/// clap's message, like the binary.
+pub async fn run_args<I, T>(args: I) -> CliRun
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let text = e.render().to_string();
+            let code = u8::try_from(e.exit_code()).unwrap_or(2);
+            return if e.use_stderr() {
+                CliRun {
+                    code,
+                    stdout: String::new(),
+                    stderr: text,
+                }
+            } else {
+                CliRun {
+                    code,
+                    stdout: text,
+                    stderr: String::new(),
+                }
+            };
+        }
+    };
+    let (out, captured) = Output::captured(cli.global.json);
+    let code = run_reporting(&cli, &out).await;
+    let captured = captured.take();
+    CliRun {
+        code,
+        stdout: captured.stdout,
+        stderr: captured.stderr,
+    }
+}
+
+impl Global {
+    /// The token from `--token-file`, `--token` or `CAPSYNC_TOKEN`, checked for form and
+    /// kind before anything is sent. Errors never include the token.
+    fn token(&self, accepted: &[TokenKind]) -> Result<String, ClientError> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::invalid(format!("cannot read token file {}: {e}", path.display()))
+                })?;
+                text.lines().next().unwrap_or("").trim().to_owned()
+            }
+            (None, Some(token)) => token.trim().to_owned(),
+            (None, None) => {
+                return Err(ClientError::invalid(format!(
+                    "this command needs {} token: set CAPSYNC_TOKEN, or pass --token or --token-file",
+                    describe_kinds(accepted)
+                )));
+            }
+        };
+        let parsed: SturdyRef =
+            token
+                .parse()
+                .map_err(|e: capsync_shared::token::MalformedToken| {
+                    ClientError::invalid(e.to_string())
+                })?;
+        if !accepted.contains(&parsed.kind) {
+            return Err(ClientError::WrongKind {
+                expected: accepted[0],
+                got: parsed.kind,
+            });
+        }
+        Ok(token)
+    }
+
+    /// Connects and redeems the token, which must be one of `accepted`.
+    async fn redeem(&self, accepted: &[TokenKind]) -> Result<(Connection, Redeemed), ClientError> {
+        let token = self.token(accepted)?;
+        let conn = connect(self.server.as_str()).await?;
+        let redeemed = conn.redeem(&token).await?;
+        Ok((conn, redeemed))
+    }
+}
+
+/// "an admin", "a viewer or writer", for messages.
+fn describe_kinds(kinds: &[TokenKind]) -> String {
+    let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    let article = match kinds.first() {
+        Some(TokenKind::Admin | TokenKind::Agent) => "an",
+        _ => "a",
+    };
+    format!("{article} {}", names.join(" or "))
+}
+
+/// Closes the connection at the end of a command; a failure to close cleanly changes
+/// nothing for the user once the command's work is done.
+async fn finish(conn: Connection) {
+    let _ = conn.disconnect().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere_and_have_defaults() {
+        let cli = Cli::try_parse_from(["capsync", "state", "--json"]).unwrap();
+        assert!(cli.global.json);
+        assert!(matches!(cli.command, Command::State));
+        let cli = Cli::try_parse_from([
+            "capsync",
+            "--server",
+            "example:1",
+            "admin",
+            "revoke",
+            "sh_1",
+            "--scope",
+            "viewers",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.server, "example:1");
+        match cli.command {
+            Command::Admin(admin::AdminCommand::Revoke { share_id, scope }) => {
+                assert_eq!(share_id, "sh_1");
+                assert_eq!(scope, ScopeArg::Viewers);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn expiry_flags_parse_durations() {
+        let cli =
+            Cli::try_parse_from(["capsync", "admin", "mint-agent", "--expires", "30d"]).unwrap();
+        match cli.command {
+            Command::Admin(admin::AdminCommand::MintAgent { expires, .. }) => {
+                assert_eq!(
+                    expires,
+                    crate::expiry::Expiry::In(std::time::Duration::from_secs(30 * 86_400))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["capsync", "mint-viewer", "--expires", "soon"]).is_err());
+    }
+
+    #[test]
+    fn tokens_are_checked_without_being_echoed() {
+        let mut global = Global {
+            server: DEFAULT_SERVER.into(),
+            json: false,
+            token: Some("csviewer_nothex_secret-value".into()),
+            token_file: None,
+        };
+        let err = global.token(&[TokenKind::Viewer]).unwrap_err().to_string();
+        assert!(!err.contains("secret-value"), "{err}");
+
+        let token = SturdyRef::generate(TokenKind::Viewer).expose();
+        global.token = Some(token.clone());
+        assert_eq!(
+            global
+                .token(&[TokenKind::Viewer, TokenKind::Writer])
+                .unwrap(),
+            token
+        );
+        let err = global.token(&[TokenKind::Admin]).unwrap_err();
+        assert!(matches!(err, ClientError::WrongKind { .. }));
+        assert!(!err.to_string().contains(&token));
+
+        global.token = None;
+        let err = global.token(&[TokenKind::Agent]).unwrap_err().to_string();
+        assert!(err.contains("needs an agent token"), "{err}");
+    }
+}

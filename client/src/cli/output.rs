@@ -1,0 +1,147 @@
+//! Where the CLI's results go: readable text, or JSON on stdout with `--json`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use serde::Serialize;
+
+use crate::error::ClientError;
+
+/// Text a run printed, when its output is captured instead of written to the terminal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The output mode of one run.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `--json`: results and errors as JSON documents on stdout.
+    json: bool,
+    /// `Some` to collect the text instead of printing it (in-process CLI tests).
+    capture: Option<Rc<RefCell<Captured>>>,
+}
+
+impl Output {
+    /// Output to the process's stdout and stderr.
+    pub fn new(json: bool) -> Self {
+        Self {
+            json,
+            capture: None,
+        }
+    }
+
+    /// Output collected in memory; read it from the returned handle after the run.
+    pub fn captured(json: bool) -> (Self, Rc<RefCell<Captured>>) {
+        let capture = Rc::new(RefCell::new(Captured::default()));
+        (
+            Self {
+                json,
+                capture: Some(capture.clone()),
+            },
+            capture,
+        )
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// Prints `value` as JSON, or the text `human` renders, on stdout.
+    pub fn result<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            self.stdout_line(&to_json(value));
+        } else {
+            self.stdout_line(human().trim_end_matches('\n'));
+        }
+    }
+
+    /// A remark for people (stderr), silent with `--json` so stdout stays one document.
+    pub fn note(&self, text: impl AsRef<str>) {
+        if !self.json {
+            self.stderr_line(text.as_ref());
+        }
+    }
+
+    /// Reports an error: one line on stderr, and with `--json` also
+    /// `{"error": {"code": ..., "message": ...}}` on stdout.
+    pub fn error(&self, error: &ClientError) {
+        self.stderr_line(&format!("error: {error}"));
+        if self.json {
+            self.stdout_line(&to_json(&error_json(error)));
+        }
+    }
+
+    fn stdout_line(&self, line: &str) {
+        match &self.capture {
+            Some(capture) => {
+                let mut capture = capture.borrow_mut();
+                capture.stdout.push_str(line);
+                capture.stdout.push('\n');
+            }
+            None => println!("{line}"),
+        }
+    }
+
+    fn stderr_line(&self, line: &str) {
+        match &self.capture {
+            Some(capture) => {
+                let mut capture = capture.borrow_mut();
+                capture.stderr.push_str(line);
+                capture.stderr.push('\n');
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+/// The JSON form of an error.
+pub fn error_json(error: &ClientError) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "code": error.code_str(),
+        "message": error.to_string(),
+    });
+    if let ClientError::Remote {
+        code: capsync_shared::ErrorCode::CursorConflict,
+        cursor,
+        ..
+    } = error
+    {
+        body["cursor"] = (*cursor).into();
+    }
+    serde_json::json!({ "error": body })
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| {
+        format!("{{\"error\": {{\"code\": \"internal\", \"message\": \"{e}\"}}}}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsync_shared::ErrorCode;
+
+    #[test]
+    fn errors_have_a_stable_json_form() {
+        let e = ClientError::Remote {
+            code: ErrorCode::Revoked,
+            message: "share revoked".into(),
+            cursor: 0,
+        };
+        assert_eq!(
+            error_json(&e),
+            serde_json::json!({"error": {"code": "revoked", "message": "revoked: share revoked"}})
+        );
+        let e = ClientError::Remote {
+            code: ErrorCode::CursorConflict,
+            message: String::new(),
+            cursor: 4,
+        };
+        assert_eq!(error_json(&e)["error"]["cursor"], 4);
+        let e = ClientError::invalid("line 3: bad");
+        assert_eq!(error_json(&e)["error"]["code"], "invalidInput");
+    }
+}

@@ -1,0 +1,96 @@
+//! Decoding of the schema's result structs into the client's plain types.
+//!
+//! Every method's result is a union of `ok` and `failure`; [`ok_or_fail!`] unpacks it so
+//! the capability wrappers stay one screen each.
+
+use capsync_shared::capsync_capnp::{failure, minted_token, outcome, share_info, share_state};
+
+use crate::error::ClientError;
+use crate::types::{MintedToken, ShareInfo, ShareState, nonempty, nonzero_time};
+
+/// Unpacks a `union { ok @0 :T; failure @1 :Failure; }` reader: the `ok` reader, or an early
+/// `return Err(ClientError::Remote{..})`. The first argument is the union's generated module.
+macro_rules! ok_or_fail {
+    ($module:path, $reader:expr) => {{
+        use $module as m;
+        match $reader.which()? {
+            m::Which::Ok(ok) => ok?,
+            m::Which::Failure(f) => return Err($crate::wire::failure(f?)),
+        }
+    }};
+}
+pub(crate) use ok_or_fail;
+
+/// Owned text of a text field.
+pub(crate) fn text(reader: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, ClientError> {
+    Ok(reader?.to_str()?.to_owned())
+}
+
+/// A `Failure` from results, as the client's error.
+pub(crate) fn failure(f: failure::Reader<'_>) -> ClientError {
+    let decode = || -> Result<ClientError, ClientError> {
+        Ok(ClientError::Remote {
+            // A code this build does not know is treated as internal rather than as a decoding error,
+            // so the caller still sees the server's message.
+            code: f
+                .get_code()
+                .map(Into::into)
+                .unwrap_or(capsync_shared::ErrorCode::Internal),
+            message: text(f.get_message())?,
+            cursor: f.get_cursor(),
+        })
+    };
+    decode().unwrap_or_else(|e| e)
+}
+
+/// An `Outcome`: `Ok(())` or the failure.
+pub(crate) fn outcome(r: outcome::Reader<'_>) -> Result<(), ClientError> {
+    match r.which()? {
+        outcome::Which::Ok(()) => Ok(()),
+        outcome::Which::Failure(f) => Err(failure(f?)),
+    }
+}
+
+pub(crate) fn share_state(r: share_state::Reader<'_>) -> Result<ShareState, ClientError> {
+    Ok(ShareState {
+        share_id: text(r.get_share_id())?,
+        cursor: r.get_cursor(),
+        writer_epoch: r.get_writer_epoch(),
+        viewer_epoch: r.get_viewer_epoch(),
+    })
+}
+
+pub(crate) fn share_info(r: share_info::Reader<'_>) -> Result<ShareInfo, ClientError> {
+    Ok(ShareInfo {
+        state: share_state(r.get_state()?)?,
+        session_id: text(r.get_session_id())?,
+        project_id: text(r.get_project_id())?,
+        parent_session_id: nonempty(text(r.get_parent_session_id())?),
+        title: text(r.get_title())?,
+        created_at: r.get_created_at(),
+        updated_at: r.get_updated_at(),
+        owner_token_id: text(r.get_owner_token_id())?,
+    })
+}
+
+pub(crate) fn minted_token(r: minted_token::Reader<'_>) -> Result<MintedToken, ClientError> {
+    Ok(MintedToken {
+        token: text(r.get_token())?,
+        token_id: text(r.get_token_id())?,
+        expires_at: nonzero_time(r.get_expires_at()),
+    })
+}
+
+pub(crate) fn share_list(
+    r: capsync_shared::capsync_capnp::share_list::Reader<'_>,
+) -> Result<crate::types::ShareList, ClientError> {
+    let shares = r
+        .get_shares()?
+        .iter()
+        .map(share_info)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::types::ShareList {
+        shares,
+        next_after: nonempty(text(r.get_next_after())?),
+    })
+}

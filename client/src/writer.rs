@@ -1,0 +1,292 @@
+//! `WriterClient`: append batches of ops to one share, mint viewer links, save a sturdy ref.
+
+use capsync_shared::capsync_capnp::{
+    RejectReason as WireReason, append_result, mint_result, op_result, share_state_result,
+    share_writer,
+};
+use capsync_shared::ops::OpSpec;
+use serde::Serialize;
+
+use crate::error::ClientError;
+use crate::types::{MintedToken, ShareState, wire_time};
+use crate::viewer::ViewerClient;
+use crate::wire::{self, ok_or_fail};
+
+/// A live `ShareWriter` capability. Cheap to clone: clones share the capability.
+#[derive(Clone)]
+pub struct WriterClient {
+    /// The capability itself.
+    cap: share_writer::Client,
+    /// Id of the writer token it stands for, so a caller can revoke or audit it.
+    token_id: String,
+    /// When that token expires, if ever.
+    expires_at: Option<i64>,
+    /// The share's state when the capability was obtained (redeem or create).
+    state: ShareState,
+}
+
+impl std::fmt::Debug for WriterClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterClient")
+            .field("token_id", &self.token_id)
+            .field("share_id", &self.state.share_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A batch of ops, applied by the server in order, in one transaction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch {
+    /// Client-chosen, for tracing retries in the server's log (at most 128 bytes).
+    pub batch_id: String,
+    pub ops: Vec<OpSpec>,
+    /// When set and the share's cursor differs, the whole batch is refused with
+    /// `cursorConflict` (the error carries the current cursor). Fences a stale writer.
+    pub expected_cursor: Option<u64>,
+}
+
+impl Batch {
+    pub fn new(batch_id: impl Into<String>, ops: Vec<OpSpec>) -> Self {
+        Self {
+            batch_id: batch_id.into(),
+            ops,
+            expected_cursor: None,
+        }
+    }
+}
+
+/// Why the server refused one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RejectReason {
+    /// A `dependsOn` op (or the record it needs) is not there yet: retry after it is.
+    MissingDependency,
+    /// The op can never apply as sent.
+    Invalid,
+    /// It would move a completed or errored message back.
+    StaleTransition,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingDependency => "missingDependency",
+            Self::Invalid => "invalid",
+            Self::StaleTransition => "staleTransition",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<WireReason> for RejectReason {
+    fn from(reason: WireReason) -> Self {
+        match reason {
+            WireReason::MissingDependency => Self::MissingDependency,
+            WireReason::Invalid => Self::Invalid,
+            WireReason::StaleTransition => Self::StaleTransition,
+        }
+    }
+}
+
+/// What happened to one op.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OpOutcome {
+    /// Applied now, at this cursor.
+    Applied(u64),
+    /// Already in the ledger, applied at this cursor; nothing changed.
+    Duplicate(u64),
+    Rejected {
+        reason: RejectReason,
+        detail: String,
+    },
+}
+
+/// One op's result, in batch order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpResult {
+    pub op_id: String,
+    pub outcome: OpOutcome,
+}
+
+/// The server's answer to a batch, sent only once the batch is durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    /// The share's cursor after this batch.
+    pub cursor: u64,
+    /// One per op, in batch order.
+    pub results: Vec<OpResult>,
+}
+
+impl Ack {
+    pub fn applied(&self) -> usize {
+        self.count(|o| matches!(o, OpOutcome::Applied(_)))
+    }
+
+    pub fn duplicates(&self) -> usize {
+        self.count(|o| matches!(o, OpOutcome::Duplicate(_)))
+    }
+
+    pub fn rejected(&self) -> usize {
+        self.count(|o| matches!(o, OpOutcome::Rejected { .. }))
+    }
+
+    /// The rejected ops with their reason and detail.
+    pub fn rejections(&self) -> impl Iterator<Item = (&str, RejectReason, &str)> {
+        self.results.iter().filter_map(|r| match &r.outcome {
+            OpOutcome::Rejected { reason, detail } => {
+                Some((r.op_id.as_str(), *reason, detail.as_str()))
+            }
+            _ => None,
+        })
+    }
+
+    fn count(&self, pred: impl Fn(&OpOutcome) -> bool) -> usize {
+        self.results.iter().filter(|r| pred(&r.outcome)).count()
+    }
+}
+
+impl WriterClient {
+    pub(crate) fn new(
+        cap: share_writer::Client,
+        token_id: String,
+        expires_at: Option<i64>,
+        state: ShareState,
+    ) -> Self {
+        Self {
+            cap,
+            token_id,
+            expires_at,
+            state,
+        }
+    }
+
+    /// The raw capability, for calls this library does not wrap.
+    pub fn capability(&self) -> share_writer::Client {
+        self.cap.clone()
+    }
+
+    /// Id of the writer token this capability stands for.
+    pub fn token_id(&self) -> &str {
+        &self.token_id
+    }
+
+    pub fn expires_at(&self) -> Option<i64> {
+        self.expires_at
+    }
+
+    /// The share's state when this capability was redeemed or created (not refreshed;
+    /// call [`WriterClient::state`] for the current one).
+    pub fn state_at_redeem(&self) -> &ShareState {
+        &self.state
+    }
+
+    pub fn share_id(&self) -> &str {
+        &self.state.share_id
+    }
+
+    /// Appends a batch. Each op's payload goes on the wire as JSON text.
+    ///
+    /// Per-op outcomes (applied, duplicate, rejected) are in the `Ack`; a whole-batch
+    /// refusal (revoked, cursor conflict, too large, ...) is `Err(Remote)`.
+    pub async fn append(&self, batch: &Batch) -> Result<Ack, ClientError> {
+        let op_count = u32::try_from(batch.ops.len())
+            .map_err(|_| ClientError::invalid("too many ops in one batch"))?;
+        let mut request = self.cap.append_ops_request();
+        {
+            let mut wire_batch = request.get().init_batch();
+            wire_batch.set_batch_id(batch.batch_id.as_str());
+            if let Some(cursor) = batch.expected_cursor {
+                wire_batch.set_expected_cursor(cursor);
+                wire_batch.set_has_expected_cursor(true);
+            }
+            let mut ops = wire_batch.init_ops(op_count);
+            for (i, op) in batch.ops.iter().enumerate() {
+                let mut wire_op = ops.reborrow().get(i as u32);
+                wire_op.set_op_id(op.op_id.as_str());
+                wire_op.set_kind(op.kind.into());
+                let payload = serde_json::to_string(&op.payload)
+                    .map_err(|e| ClientError::invalid(format!("op {}: payload: {e}", op.op_id)))?;
+                wire_op.set_payload(payload.as_str());
+                let dep_count = u32::try_from(op.depends_on.len())
+                    .map_err(|_| ClientError::invalid("too many dependsOn entries"))?;
+                let mut deps = wire_op.init_depends_on(dep_count);
+                for (j, dep) in op.depends_on.iter().enumerate() {
+                    deps.set(j as u32, dep.as_str());
+                }
+            }
+        }
+        let response = request.send().promise.await?;
+        let ack = match response.get()?.get_result()?.which()? {
+            append_result::Which::Ack(ack) => ack?,
+            append_result::Which::Failure(f) => return Err(wire::failure(f?)),
+        };
+        let results = ack
+            .get_results()?
+            .iter()
+            .map(|r| {
+                let outcome = match r.which()? {
+                    op_result::Which::Applied(cursor) => OpOutcome::Applied(cursor),
+                    op_result::Which::Duplicate(cursor) => OpOutcome::Duplicate(cursor),
+                    op_result::Which::Rejected(rejection) => {
+                        let rejection = rejection?;
+                        OpOutcome::Rejected {
+                            reason: rejection.get_reason()?.into(),
+                            detail: wire::text(rejection.get_detail())?,
+                        }
+                    }
+                };
+                Ok(OpResult {
+                    op_id: wire::text(r.get_op_id())?,
+                    outcome,
+                })
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        Ok(Ack {
+            cursor: ack.get_cursor(),
+            results,
+        })
+    }
+
+    /// Mints a read-only viewer token for this share (Unix ms expiry, `None` for never).
+    pub async fn mint_viewer(&self, expires_at: Option<i64>) -> Result<MintedToken, ClientError> {
+        let mut request = self.cap.mint_viewer_request();
+        request.get().set_expires_at(wire_time(expires_at));
+        let response = request.send().promise.await?;
+        wire::minted_token(ok_or_fail!(mint_result, response.get()?.get_result()?))
+    }
+
+    /// A new writer token for this capability (same epoch and expiry), to redeem after a
+    /// reconnect or a server restart.
+    pub async fn save(&self) -> Result<MintedToken, ClientError> {
+        let request = self.cap.save_request();
+        let response = request.send().promise.await?;
+        wire::minted_token(ok_or_fail!(mint_result, response.get()?.get_result()?))
+    }
+
+    /// The share's current state.
+    pub async fn state(&self) -> Result<ShareState, ClientError> {
+        let request = self.cap.state_request();
+        let response = request.send().promise.await?;
+        wire::share_state(ok_or_fail!(
+            share_state_result,
+            response.get()?.get_result()?
+        ))
+    }
+
+    /// A read-only view of the same share. Pipelined: no round trip now; if the writer was
+    /// revoked, the viewer's first call fails instead.
+    pub fn viewer(&self) -> ViewerClient {
+        let pipeline = self.cap.viewer_request().send().pipeline;
+        // Not redeemed from a token: no token id, no expiry of its own to report.
+        ViewerClient::new(pipeline.get_viewer(), None, None, self.state.clone())
+    }
+}
