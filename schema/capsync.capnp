@@ -177,6 +177,14 @@ interface Agent {
 
   # Revokes a share this agent created, without needing the share's own token.
   revokeShare @2 (shareId :Text, scope :Scope) -> (result :ShareStateResult);
+
+  # Mints a writer token for a share this agent created, at the current writer
+  # epoch: how the owner gets a writer again after revoking writers.
+  mintWriter @3 (shareId :Text, expiresAt :Int64) -> (result :MintResult);
+
+  # Mints a viewer token (a share link) for a share this agent created, at the
+  # current viewer epoch.
+  mintViewer @4 (shareId :Text, expiresAt :Int64) -> (result :MintResult);
 }
 
 struct CreateShareResult {

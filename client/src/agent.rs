@@ -1,7 +1,7 @@
-//! `AgentClient`: an agent's capability (create shares, list and revoke the ones it made).
+//! `AgentClient`: an agent's capability (create shares; list, revoke and mint tokens for the ones it made).
 
 use capsync_shared::capsync_capnp::{
-    agent, create_share_result, share_list_result, share_state_result,
+    agent, create_share_result, mint_result, share_list_result, share_state_result,
 };
 
 use crate::error::ClientError;
@@ -133,5 +133,33 @@ impl AgentClient {
             share_state_result,
             response.get()?.get_result()?
         ))
+    }
+
+    /// Mints a writer token for a share this agent created, at the share's current
+    /// writer epoch: how the owner writes again after revoking writers.
+    pub async fn mint_writer(
+        &self,
+        share_id: &str,
+        expires_at: Option<i64>,
+    ) -> Result<MintedToken, ClientError> {
+        let mut request = self.cap.mint_writer_request();
+        request.get().set_share_id(share_id);
+        request.get().set_expires_at(wire_time(expires_at));
+        let response = request.send().promise.await?;
+        wire::minted_token(ok_or_fail!(mint_result, response.get()?.get_result()?))
+    }
+
+    /// Mints a viewer token (a new share link) for a share this agent created, at the
+    /// share's current viewer epoch.
+    pub async fn mint_viewer(
+        &self,
+        share_id: &str,
+        expires_at: Option<i64>,
+    ) -> Result<MintedToken, ClientError> {
+        let mut request = self.cap.mint_viewer_request();
+        request.get().set_share_id(share_id);
+        request.get().set_expires_at(wire_time(expires_at));
+        let response = request.send().promise.await?;
+        wire::minted_token(ok_or_fail!(mint_result, response.get()?.get_result()?))
     }
 }

@@ -264,6 +264,17 @@ pub trait Backend: Send + Sync + 'static {
         token: NewToken,
     ) -> BoxFuture<'static, LedgerResult<Minted>>;
 
+    /// Stores a writer or viewer token for `share_id` at the share's current epoch
+    /// of that scope, issued by the agent that owns the share (other shares are
+    /// `NotFound`) or by an admin. How an owner gets a new writer after revoking writers.
+    fn mint_for_share(
+        &self,
+        issuer: Authority,
+        share_id: ShareId,
+        kind: TokenKind,
+        token: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<Minted>>;
+
     /// Revokes every admin token and stores `token` as the only one.
     fn replace_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<()>>;
 

@@ -3,10 +3,10 @@
 use std::rc::Rc;
 
 use capsync_shared::capsync_capnp::admin;
-use capsync_shared::limits::{DEFAULT_LIST_PAGE, MAX_LIST_PAGE};
 use capsync_shared::{ShareId, TokenId, TokenKind};
 
 use super::context::Context;
+use super::shares::{self, outcome};
 use super::wire;
 use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Authority};
@@ -35,22 +35,6 @@ impl AdminImpl {
             outcome: outcome.to_owned(),
             detail,
         });
-    }
-}
-
-/// The page size a listing uses: 0 means the default, anything above the cap is capped.
-pub fn list_limit(requested: u32) -> u32 {
-    match requested {
-        0 => DEFAULT_LIST_PAGE,
-        n => n.min(MAX_LIST_PAGE),
-    }
-}
-
-/// The audit outcome of a result: "ok" or the error code.
-pub fn outcome<T>(result: &Result<T, ServerError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(err) => err.code.as_str(),
     }
 }
 
@@ -104,26 +88,9 @@ impl admin::Server for AdminImpl {
         params: admin::RevokeShareParams,
         mut results: admin::RevokeShareResults,
     ) -> Result<(), capnp::Error> {
-        let mut share = None;
-        let revoked = async {
-            let p = params.get()?;
-            let share_id = ShareId(wire::text(p.get_share_id())?);
-            let scope = wire::scope(p.get_scope())?;
-            share = Some(share_id.clone());
-            Ok::<_, ServerError>(
-                self.ctx
-                    .ledger
-                    .revoke_share(self.auth.clone(), share_id, scope)
-                    .await?,
-            )
-        }
-        .await;
-        self.audit("revoke_share", share, outcome(&revoked), String::new());
-        let result = results.get().init_result();
-        match revoked {
-            Ok(state) => wire::fill_state(&state, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        let p = params.get()?;
+        let out = results.get().init_result();
+        shares::revoke(&self.ctx, &self.auth, p.get_share_id(), p.get_scope(), out).await;
         Ok(())
     }
 
@@ -162,23 +129,9 @@ impl admin::Server for AdminImpl {
         params: admin::ListSharesParams,
         mut results: admin::ListSharesResults,
     ) -> Result<(), capnp::Error> {
-        let listed = async {
-            let p = params.get()?;
-            let limit = list_limit(p.get_limit());
-            let after = wire::text(p.get_after())?;
-            let shares = self
-                .ctx
-                .ledger
-                .list_shares(self.auth.clone(), after, limit)
-                .await?;
-            Ok::<_, ServerError>((shares, limit))
-        }
-        .await;
-        let result = results.get().init_result();
-        match listed {
-            Ok((shares, limit)) => wire::fill_list(&shares, limit, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        let p = params.get()?;
+        let out = results.get().init_result();
+        shares::list(&self.ctx, &self.auth, p.get_after(), p.get_limit(), out).await;
         Ok(())
     }
 

@@ -6,8 +6,8 @@ use capsync_shared::capsync_capnp::agent;
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use capsync_shared::{ShareId, TokenKind};
 
-use super::admin::{list_limit, outcome};
 use super::context::Context;
+use super::shares::{self, outcome};
 use super::wire;
 use super::writer::WriterImpl;
 use crate::error::ServerError;
@@ -128,23 +128,9 @@ impl agent::Server for AgentImpl {
         params: agent::ListSharesParams,
         mut results: agent::ListSharesResults,
     ) -> Result<(), capnp::Error> {
-        let listed = async {
-            let p = params.get()?;
-            let limit = list_limit(p.get_limit());
-            let after = wire::text(p.get_after())?;
-            let shares = self
-                .ctx
-                .ledger
-                .list_shares(self.auth.clone(), after, limit)
-                .await?;
-            Ok::<_, ServerError>((shares, limit))
-        }
-        .await;
-        let result = results.get().init_result();
-        match listed {
-            Ok((shares, limit)) => wire::fill_list(&shares, limit, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        let p = params.get()?;
+        let out = results.get().init_result();
+        shares::list(&self.ctx, &self.auth, p.get_after(), p.get_limit(), out).await;
         Ok(())
     }
 
@@ -153,32 +139,49 @@ impl agent::Server for AgentImpl {
         params: agent::RevokeShareParams,
         mut results: agent::RevokeShareResults,
     ) -> Result<(), capnp::Error> {
-        let mut share = None;
-        let revoked = async {
-            let p = params.get()?;
-            let share_id = ShareId(wire::text(p.get_share_id())?);
-            let scope = wire::scope(p.get_scope())?;
-            share = Some(share_id.clone());
-            Ok::<_, ServerError>(
-                self.ctx
-                    .ledger
-                    .revoke_share(self.auth.clone(), share_id, scope)
-                    .await?,
-            )
-        }
+        let p = params.get()?;
+        let out = results.get().init_result();
+        shares::revoke(&self.ctx, &self.auth, p.get_share_id(), p.get_scope(), out).await;
+        Ok(())
+    }
+
+    async fn mint_writer(
+        self: Rc<Self>,
+        params: agent::MintWriterParams,
+        mut results: agent::MintWriterResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let out = results.get().init_result();
+        let (share_id, expires_at) = (p.get_share_id(), p.get_expires_at());
+        shares::mint(
+            &self.ctx,
+            &self.auth,
+            share_id,
+            expires_at,
+            TokenKind::Writer,
+            out,
+        )
         .await;
-        self.ctx.audit(AuditEvent {
-            action: "revoke_share",
-            token_id: Some(self.auth.token_id.clone()),
-            share_id: share,
-            outcome: outcome(&revoked).to_owned(),
-            detail: String::new(),
-        });
-        let result = results.get().init_result();
-        match revoked {
-            Ok(state) => wire::fill_state(&state, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        Ok(())
+    }
+
+    async fn mint_viewer(
+        self: Rc<Self>,
+        params: agent::MintViewerParams,
+        mut results: agent::MintViewerResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let out = results.get().init_result();
+        let (share_id, expires_at) = (p.get_share_id(), p.get_expires_at());
+        shares::mint(
+            &self.ctx,
+            &self.auth,
+            share_id,
+            expires_at,
+            TokenKind::Viewer,
+            out,
+        )
+        .await;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ mod admin;
 mod agent;
 mod context;
 mod gateway;
+mod shares;
 mod viewer;
 mod wire;
 mod writer;

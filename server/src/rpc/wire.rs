@@ -130,10 +130,8 @@ pub fn fill_list(shares: &[ShareInfo], limit: u32, mut out: share_list::Builder<
         fill_info(info, list.reborrow().get(i as u32));
     }
     // A full page may have more behind it; a short one is the last.
-    if shares.len() as u32 == limit {
-        if let Some(last) = shares.last() {
-            out.set_next_after(last.state.share_id.as_str());
-        }
+    if let Some(last) = shares.last().filter(|_| shares.len() as u32 == limit) {
+        out.set_next_after(last.state.share_id.as_str());
     }
 }
 

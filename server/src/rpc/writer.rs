@@ -5,8 +5,8 @@ use std::rc::Rc;
 use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::share_writer;
 
-use super::admin::outcome;
 use super::context::Context;
+use super::shares::outcome;
 use super::viewer::ViewerImpl;
 use super::wire::{self, BatchLimits};
 use crate::error::ServerError;

@@ -1,8 +1,44 @@
 //! Embedded SQLite backend of the ledger: one writer thread with group commit, plus read connections.
+//!
+//! - [`schema`]: connection pragmas and versioned migrations.
+//! - [`writer`]: the writer thread and its group-commit loop.
+//! - [`pool`]: read-only connections lent to blocking tasks.
+//! - [`authority`]: token, share and epoch checks, run inside each call's transaction.
+//! - [`apply`], [`payload`], [`records`]: append semantics, payload validation, materialized records.
+//! - [`tokens`], [`shares`], [`audit`]: the other writes.
+//! - [`reads`], [`snapshot`]: the other reads, and snapshot paging.
+
+mod apply;
+mod audit;
+mod authority;
+mod convert;
+mod errors;
+mod payload;
+mod pool;
+mod reads;
+mod records;
+mod schema;
+mod shares;
+mod snapshot;
+mod tokens;
+mod writer;
+
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::{Ledger, LedgerError};
+use capsync_shared::{Cursor, ShareId, TokenId, TokenKind, now_millis};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use self::pool::ReadPool;
+use self::writer::Writer;
+use super::{
+    Ack, AuditEvent, Authority, Backend, BatchIn, Ledger, LedgerError, LedgerResult, Minted,
+    NewShare, NewToken, OpsPage, RevokeScope, ShareInfo, ShareState, SnapshotPage, StoredToken,
+};
 
 /// How hard a commit waits for the disk before the ack is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -28,10 +64,184 @@ pub struct SqliteOptions {
     pub max_group_commit: usize,
 }
 
+impl SqliteOptions {
+    /// Defaults for a database at `path`: full durability, 4 readers, groups of up to 256.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            durability: Durability::Full,
+            read_connections: 4,
+            max_group_commit: 256,
+        }
+    }
+}
+
 /// Opens (creating and migrating if needed) the database and starts the writer thread.
 pub fn open(options: SqliteOptions) -> Result<Ledger, LedgerError> {
-    let _ = options;
-    Err(LedgerError::Storage(
-        "the SQLite backend is being written".into(),
-    ))
+    SqliteBackend::open(&options).map(Ledger::new)
+}
+
+/// The [`Backend`] over one SQLite file. Writes go to the writer thread, reads
+/// to the pool; both check the caller's authority in their own transaction.
+struct SqliteBackend {
+    /// All writes, in call order, group-committed.
+    writer: Writer,
+    /// All reads, concurrent with each other and with the writer (WAL).
+    reads: Arc<ReadPool>,
+}
+
+impl SqliteBackend {
+    fn open(options: &SqliteOptions) -> LedgerResult<Self> {
+        let conn = schema::open_writer(&options.path, options.durability)?;
+        // Readers open after the writer has created and migrated the file.
+        let reads = ReadPool::open(&options.path, options.read_connections)?;
+        let writer = Writer::start(conn, options.max_group_commit)?;
+        Ok(Self { writer, reads })
+    }
+
+    /// Runs `write` on the writer thread in the next group transaction.
+    fn write<T, F>(&self, write: F) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
+    {
+        // The clock is read when the command runs, so expiry is judged at the
+        // moment the work happens, not when it was queued.
+        self.writer
+            .submit(move |conn| write(conn, now_millis()))
+            .boxed()
+    }
+
+    /// Runs `read` in one read transaction on a pooled connection.
+    fn read<T, F>(&self, read: F) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
+    {
+        if self.writer.is_closing() {
+            return futures::future::ready(Err(LedgerError::Closed)).boxed();
+        }
+        self.reads
+            .read(move |conn| read(conn, now_millis()))
+            .boxed()
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn find_token(&self, id: TokenId) -> BoxFuture<'static, LedgerResult<Option<StoredToken>>> {
+        self.read(move |conn, _| reads::find_token(conn, &id))
+    }
+
+    fn mint_token(
+        &self,
+        issuer: Authority,
+        kind: TokenKind,
+        token: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<Minted>> {
+        self.write(move |conn, now| tokens::mint(conn, &issuer, kind, &token, now))
+    }
+
+    fn mint_for_share(
+        &self,
+        issuer: Authority,
+        share_id: ShareId,
+        kind: TokenKind,
+        token: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<Minted>> {
+        self.write(move |conn, now| {
+            tokens::mint_for_share(conn, &issuer, &share_id, kind, &token, now)
+        })
+    }
+
+    fn replace_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<()>> {
+        self.write(move |conn, now| tokens::replace_admin(conn, &token, now))
+    }
+
+    fn has_admin_token(&self) -> BoxFuture<'static, LedgerResult<bool>> {
+        self.read(reads::has_admin_token)
+    }
+
+    fn create_share(
+        &self,
+        issuer: Authority,
+        share: NewShare,
+        writer: NewToken,
+        viewer: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
+        self.write(move |conn, now| shares::create(conn, &issuer, &share, &writer, &viewer, now))
+    }
+
+    fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>> {
+        self.write(move |conn, now| apply::append(conn, &writer, &batch, now))
+    }
+
+    fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>> {
+        self.read(move |conn, now| reads::share_state(conn, &who, now))
+    }
+
+    fn list_shares(
+        &self,
+        who: Authority,
+        after: String,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
+        self.read(move |conn, now| reads::list_shares(conn, &who, &after, limit, now))
+    }
+
+    fn revoke_share(
+        &self,
+        who: Authority,
+        share_id: ShareId,
+        scope: RevokeScope,
+    ) -> BoxFuture<'static, LedgerResult<ShareState>> {
+        self.write(move |conn, now| shares::revoke(conn, &who, &share_id, scope, now))
+    }
+
+    fn revoke_token(
+        &self,
+        who: Authority,
+        token_id: TokenId,
+    ) -> BoxFuture<'static, LedgerResult<()>> {
+        self.write(move |conn, now| tokens::revoke(conn, &who, &token_id, now))
+    }
+
+    fn delete_share(
+        &self,
+        who: Authority,
+        share_id: ShareId,
+    ) -> BoxFuture<'static, LedgerResult<()>> {
+        self.write(move |conn, now| shares::delete(conn, &who, &share_id, now))
+    }
+
+    fn snapshot_page(
+        &self,
+        who: Authority,
+        page: String,
+        max_bytes: u32,
+    ) -> BoxFuture<'static, LedgerResult<SnapshotPage>> {
+        self.read(move |conn, now| snapshot::page(conn, &who, &page, max_bytes, now))
+    }
+
+    fn ops_since(
+        &self,
+        who: Authority,
+        after: Cursor,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<OpsPage>> {
+        self.read(move |conn, now| reads::ops_since(conn, &who, after, limit, now))
+    }
+
+    fn audit(&self, event: AuditEvent) {
+        self.writer.audit(event);
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        let stopped = self.writer.close();
+        let reads = Arc::clone(&self.reads);
+        async move {
+            stopped.await;
+            reads.close();
+        }
+        .boxed()
+    }
 }

@@ -1,0 +1,136 @@
+//! Append semantics: authority, cursor fence, then per op dedupe, dependencies, validation and application.
+
+use std::collections::HashMap;
+
+use capsync_shared::{Cursor, OpId};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::authority::{self, Access, ShareRow};
+use super::convert::{cursor_column, cursor_param};
+use super::{payload, records};
+use crate::ledger::{
+    Ack, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult, RejectReason,
+};
+
+/// Applies `batch` inside the caller's transaction (see ARCHITECTURE.md, "appendOps").
+pub(super) fn append(
+    conn: &Connection,
+    writer: &Authority,
+    batch: &BatchIn,
+    now: i64,
+) -> LedgerResult<Ack> {
+    let share = authority::check_share(conn, writer, Access::Write, now)?;
+    if let Some(expected) = batch.expected_cursor
+        && expected != share.cursor
+    {
+        return Err(LedgerError::CursorConflict(share.cursor));
+    }
+    let mut run = BatchRun {
+        conn,
+        share: &share,
+        writer,
+        batch_id: &batch.batch_id,
+        now,
+        cursor: share.cursor,
+        applied_here: HashMap::new(),
+    };
+    let results = batch
+        .ops
+        .iter()
+        .map(|op| {
+            Ok(OpResult {
+                op_id: op.op_id.clone(),
+                outcome: run.op(op)?,
+            })
+        })
+        .collect::<LedgerResult<Vec<_>>>()?;
+    let cursor = run.cursor;
+    if cursor != share.cursor {
+        conn.prepare_cached("UPDATE shares SET cursor = ?2, updated_at = ?3 WHERE id = ?1")?
+            .execute(params![share.id.as_str(), cursor_param(cursor)?, now])?;
+    }
+    Ok(Ack { cursor, results })
+}
+
+/// One batch being applied.
+struct BatchRun<'a> {
+    conn: &'a Connection,
+    share: &'a ShareRow,
+    /// Recorded on every ledger row it applies.
+    writer: &'a Authority,
+    batch_id: &'a str,
+    now: i64,
+    /// The share's cursor after the ops applied so far.
+    cursor: Cursor,
+    /// Ops applied earlier in this batch: they count for dedupe and
+    /// dependencies exactly like ledger rows (they are ledger rows already;
+    /// this just saves the lookups).
+    applied_here: HashMap<&'a str, Cursor>,
+}
+
+impl<'a> BatchRun<'a> {
+    fn op(&mut self, op: &'a OpIn) -> LedgerResult<OpOutcome> {
+        if let Some(at) = self.applied_at(&op.op_id)? {
+            return Ok(OpOutcome::Duplicate(at));
+        }
+        if op.depends_on.contains(&op.op_id) {
+            return Ok(rejected(
+                RejectReason::Invalid,
+                "op depends on itself".to_owned(),
+            ));
+        }
+        for dependency in &op.depends_on {
+            if self.applied_at(dependency)?.is_none() {
+                return Ok(rejected(
+                    RejectReason::MissingDependency,
+                    format!("depends on op {dependency}, which is not applied in this share"),
+                ));
+            }
+        }
+        let effect = match payload::parse(op.kind, &op.payload, &self.share.session_id) {
+            Ok(effect) => effect,
+            Err(reason) => return Ok(rejected(RejectReason::Invalid, reason)),
+        };
+        if let Err(refusal) = records::apply(self.conn, self.share.id.as_str(), &effect)? {
+            return Ok(rejected(refusal.reason, refusal.detail));
+        }
+        let cursor = Cursor(self.cursor.0 + 1);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                self.share.id.as_str(),
+                cursor_param(cursor)?,
+                op.op_id.as_str(),
+                op.kind.as_str(),
+                op.payload,
+                self.writer.token_id.as_str(),
+                self.batch_id,
+                self.now,
+            ])?;
+        self.cursor = cursor;
+        self.applied_here.insert(op.op_id.as_str(), cursor);
+        Ok(OpOutcome::Applied(cursor))
+    }
+
+    /// The cursor `op_id` was applied at in this share, if it was.
+    fn applied_at(&self, op_id: &OpId) -> LedgerResult<Option<Cursor>> {
+        if let Some(cursor) = self.applied_here.get(op_id.as_str()) {
+            return Ok(Some(*cursor));
+        }
+        let cursor = self
+            .conn
+            .prepare_cached("SELECT cursor FROM ops WHERE share_id = ?1 AND op_id = ?2")?
+            .query_row(params![self.share.id.as_str(), op_id.as_str()], |r| {
+                cursor_column(r, 0)
+            })
+            .optional()?;
+        Ok(cursor)
+    }
+}
+
+fn rejected(reason: RejectReason, detail: String) -> OpOutcome {
+    OpOutcome::Rejected { reason, detail }
+}

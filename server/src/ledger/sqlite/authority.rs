@@ -1,0 +1,196 @@
+//! Checks an [`Authority`] against the token and share rows, inside the caller's transaction.
+
+use capsync_shared::{Cursor, Epoch, ShareId, TokenId, TokenKind};
+use rusqlite::{Connection, OptionalExtension, Row};
+
+use super::convert::cursor_column;
+use super::errors::corrupt;
+use crate::ledger::{Authority, LedgerError, LedgerResult, ShareInfo, ShareState};
+
+/// A share row as stored.
+#[derive(Clone, Debug)]
+pub(super) struct ShareRow {
+    pub id: ShareId,
+    /// Session-scoped payloads must name this session.
+    pub session_id: String,
+    pub project_id: String,
+    pub parent_session_id: String,
+    pub title: String,
+    /// The agent token that created the share: only it (or an admin) may revoke it.
+    pub owner_token_id: TokenId,
+    pub cursor: Cursor,
+    pub writer_epoch: Epoch,
+    pub viewer_epoch: Epoch,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Columns of `shares` in the order [`ShareRow::from_row`] reads them.
+pub(super) const SHARE_COLUMNS: &str = "id, session_id, project_id, parent_session_id, title, \
+     owner_token_id, cursor, writer_epoch, viewer_epoch, created_at, updated_at";
+
+impl ShareRow {
+    pub fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: ShareId(row.get(0)?),
+            session_id: row.get(1)?,
+            project_id: row.get(2)?,
+            parent_session_id: row.get(3)?,
+            title: row.get(4)?,
+            owner_token_id: TokenId(row.get(5)?),
+            cursor: cursor_column(row, 6)?,
+            writer_epoch: Epoch(row.get(7)?),
+            viewer_epoch: Epoch(row.get(8)?),
+            created_at: row.get(9)?,
+            updated_at: row.get(10)?,
+        })
+    }
+
+    pub fn state(&self) -> ShareState {
+        ShareState {
+            share_id: self.id.clone(),
+            cursor: self.cursor,
+            writer_epoch: self.writer_epoch,
+            viewer_epoch: self.viewer_epoch,
+        }
+    }
+
+    pub fn info(&self) -> ShareInfo {
+        ShareInfo {
+            state: self.state(),
+            session_id: self.session_id.clone(),
+            project_id: self.project_id.clone(),
+            parent_session_id: self.parent_session_id.clone(),
+            title: self.title.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            owner_token_id: self.owner_token_id.clone(),
+        }
+    }
+}
+
+pub(super) fn load_share(conn: &Connection, id: &ShareId) -> LedgerResult<Option<ShareRow>> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {SHARE_COLUMNS} FROM shares WHERE id = ?1"))?;
+    Ok(stmt
+        .query_row([id.as_str()], ShareRow::from_row)
+        .optional()?)
+}
+
+/// What a share-scoped call needs from its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Access {
+    /// Appending and minting: writers only.
+    Write,
+    /// State, snapshots and catch-up: writers and viewers.
+    Read,
+}
+
+/// The parts of a token row that decide whether it still grants anything.
+struct TokenRow {
+    kind: TokenKind,
+    share_id: Option<ShareId>,
+    expires_at: Option<i64>,
+    revoked: bool,
+}
+
+/// Checks that `who`'s token is live and may act as `who.kind`.
+///
+/// A missing row means the token was deleted with its share (the share-scoped
+/// callers check the share first and answer `NotFound` for that), so it reads
+/// as revoked.
+fn check_token(conn: &Connection, who: &Authority, now: i64) -> LedgerResult<TokenRow> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT kind, share_id, expires_at, revoked_at IS NOT NULL FROM tokens WHERE id = ?1",
+    )?;
+    let row = stmt
+        .query_row([who.token_id.as_str()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((kind, share_id, expires_at, revoked)) = row else {
+        return Err(LedgerError::Revoked);
+    };
+    let token = TokenRow {
+        kind: TokenKind::parse(&kind).ok_or_else(|| corrupt(format!("token kind {kind:?}")))?,
+        share_id: share_id.map(ShareId),
+        expires_at,
+        revoked,
+    };
+    if token.revoked {
+        return Err(LedgerError::Revoked);
+    }
+    if token.expires_at.is_some_and(|at| at < now) {
+        return Err(LedgerError::PermissionDenied);
+    }
+    // A viewer derived from a writer capability carries the writer's token id;
+    // nothing else may claim more (or other) authority than its token grants.
+    let compatible = token.kind == who.kind
+        || (who.kind == TokenKind::Viewer && token.kind == TokenKind::Writer);
+    if !compatible {
+        return Err(LedgerError::PermissionDenied);
+    }
+    Ok(token)
+}
+
+/// Checks an admin or agent authority of exactly `kind`.
+pub(super) fn check_global(
+    conn: &Connection,
+    who: &Authority,
+    kind: TokenKind,
+    now: i64,
+) -> LedgerResult<()> {
+    if who.kind != kind {
+        return Err(LedgerError::PermissionDenied);
+    }
+    check_token(conn, who, now).map(|_| ())
+}
+
+/// Checks an admin or agent authority, whichever it claims to be.
+pub(super) fn check_admin_or_agent(
+    conn: &Connection,
+    who: &Authority,
+    now: i64,
+) -> LedgerResult<()> {
+    match who.kind {
+        TokenKind::Admin | TokenKind::Agent => check_token(conn, who, now).map(|_| ()),
+        TokenKind::Writer | TokenKind::Viewer => Err(LedgerError::PermissionDenied),
+    }
+}
+
+/// Checks a writer or viewer authority and returns its share as of this transaction.
+pub(super) fn check_share(
+    conn: &Connection,
+    who: &Authority,
+    access: Access,
+    now: i64,
+) -> LedgerResult<ShareRow> {
+    let allowed = match access {
+        Access::Write => who.kind == TokenKind::Writer,
+        Access::Read => matches!(who.kind, TokenKind::Writer | TokenKind::Viewer),
+    };
+    if !allowed {
+        return Err(LedgerError::PermissionDenied);
+    }
+    let Some((share_id, epoch)) = &who.share else {
+        return Err(LedgerError::PermissionDenied);
+    };
+    let share = load_share(conn, share_id)?.ok_or(LedgerError::NotFound)?;
+    let token = check_token(conn, who, now)?;
+    if token.share_id.as_ref() != Some(share_id) {
+        return Err(LedgerError::PermissionDenied);
+    }
+    let current = match who.kind {
+        TokenKind::Writer => share.writer_epoch,
+        _ => share.viewer_epoch,
+    };
+    if *epoch != current {
+        return Err(LedgerError::Revoked);
+    }
+    Ok(share)
+}

@@ -1,0 +1,366 @@
+//! Op payloads: parses an op's JSON and checks everything that does not depend on stored records.
+//!
+//! Reasons returned here go to the agent as `rejected(invalid, reason)`: short
+//! sentences about its payload, never anything about the server.
+
+use capsync_shared::OpKind;
+use capsync_shared::limits::MAX_RECORD_ID_BYTES;
+use serde_json::{Map, Value};
+
+/// What an op will do to the records, once the stored records agree (see `records`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Effect {
+    /// Replaces the session record.
+    Session {
+        json: String,
+    },
+    /// Replaces a message; a terminal message only accepts terminal replacements.
+    MessageUpsert {
+        id: String,
+        terminal: bool,
+        json: String,
+    },
+    /// Removes a message and its parts.
+    MessageRemove {
+        id: String,
+    },
+    /// Replaces a part; its message must exist.
+    PartUpsert {
+        id: String,
+        message_id: String,
+        json: String,
+    },
+    PartRemove {
+        id: String,
+    },
+    /// Appends `delta` to the string `field` of a stored part.
+    PartDelta {
+        id: String,
+        field: String,
+        delta: String,
+    },
+    /// Replaces the whole diff list with this JSON array.
+    DiffSet {
+        json: String,
+    },
+    ModelUpsert {
+        id: String,
+        json: String,
+    },
+}
+
+/// Fields a delta may not touch: they are the part's identity, mirrored in its row.
+const PROTECTED_PART_FIELDS: [&str; 4] = ["id", "messageID", "sessionID", "type"];
+
+/// Parses `payload` for an op of `kind` in a share mirroring `session_id`.
+///
+/// Upserts keep the agent's JSON text as it was sent, so viewers see exactly
+/// what the agent wrote.
+pub(super) fn parse(kind: OpKind, payload: &str, session_id: &str) -> Result<Effect, String> {
+    let value: Value =
+        serde_json::from_str(payload).map_err(|_| "payload is not valid JSON".to_owned())?;
+    match kind {
+        OpKind::SessionUpsert => {
+            let id = string_id(object(&value)?, "id")?;
+            if id != session_id {
+                return Err(format!(
+                    "session id {id} is not this share's session {session_id}"
+                ));
+            }
+            Ok(Effect::Session {
+                json: payload.to_owned(),
+            })
+        }
+        OpKind::MessageUpsert => {
+            let obj = object(&value)?;
+            let id = string_id(obj, "id")?;
+            if !matches!(obj.get("role"), Some(Value::String(_))) {
+                return Err("message needs a string \"role\"".to_owned());
+            }
+            same_session(obj, session_id)?;
+            Ok(Effect::MessageUpsert {
+                id,
+                terminal: is_terminal(obj),
+                json: payload.to_owned(),
+            })
+        }
+        OpKind::MessageRemove => Ok(Effect::MessageRemove {
+            id: either_id(object(&value)?, "id", "messageID")?,
+        }),
+        OpKind::PartUpsert => {
+            let obj = object(&value)?;
+            let id = string_id(obj, "id")?;
+            let message_id = string_id(obj, "messageID")?;
+            if !matches!(obj.get("type"), Some(Value::String(_))) {
+                return Err("part needs a string \"type\"".to_owned());
+            }
+            same_session(obj, session_id)?;
+            Ok(Effect::PartUpsert {
+                id,
+                message_id,
+                json: payload.to_owned(),
+            })
+        }
+        OpKind::PartRemove => Ok(Effect::PartRemove {
+            id: either_id(object(&value)?, "partID", "id")?,
+        }),
+        OpKind::PartDelta => part_delta(object(&value)?),
+        OpKind::DiffSet => diff_set(value),
+        OpKind::ModelUpsert => Ok(Effect::ModelUpsert {
+            id: string_id(object(&value)?, "id")?,
+            json: payload.to_owned(),
+        }),
+    }
+}
+
+fn object(value: &Value) -> Result<&Map<String, Value>, String> {
+    value
+        .as_object()
+        .ok_or_else(|| "payload is not a JSON object".to_owned())
+}
+
+/// opencode marks a finished message with `time.completed`, a failed one with `error`.
+fn is_terminal(message: &Map<String, Value>) -> bool {
+    let completed = message
+        .get("time")
+        .and_then(|time| time.get("completed"))
+        .is_some_and(Value::is_number);
+    let errored = message.get("error").is_some_and(|e| !e.is_null());
+    completed || errored
+}
+
+fn part_delta(obj: &Map<String, Value>) -> Result<Effect, String> {
+    let id = either_id(obj, "partID", "id")?;
+    let Some(Value::String(delta)) = obj.get("delta") else {
+        return Err("part.delta needs a string \"delta\"".to_owned());
+    };
+    let field = match obj.get("field") {
+        None | Some(Value::Null) => "text".to_owned(),
+        Some(Value::String(field)) if !field.is_empty() => field.clone(),
+        Some(_) => return Err("part.delta's \"field\" must be a non-empty string".to_owned()),
+    };
+    if PROTECTED_PART_FIELDS.contains(&field.as_str()) {
+        return Err(format!("part.delta cannot change a part's \"{field}\""));
+    }
+    Ok(Effect::PartDelta {
+        id,
+        field,
+        delta: delta.clone(),
+    })
+}
+
+fn diff_set(value: Value) -> Result<Effect, String> {
+    let diffs = match value {
+        Value::Array(diffs) => diffs,
+        Value::Object(mut obj) => match obj.remove("diffs") {
+            Some(Value::Array(diffs)) => diffs,
+            _ => return Err("diff.set needs {\"diffs\": [...]} or an array".to_owned()),
+        },
+        _ => return Err("diff.set needs {\"diffs\": [...]} or an array".to_owned()),
+    };
+    if let Some(i) = diffs.iter().position(|d| !d.is_object()) {
+        return Err(format!("diff {i} is not a JSON object"));
+    }
+    let json = serde_json::to_string(&diffs)
+        .map_err(|_| "diff list cannot be stored as JSON".to_owned())?;
+    Ok(Effect::DiffSet { json })
+}
+
+/// A required record id in `field`.
+fn string_id(obj: &Map<String, Value>, field: &str) -> Result<String, String> {
+    match obj.get(field) {
+        Some(Value::String(id)) => check_id(field, id),
+        _ => Err(format!("payload needs a string \"{field}\"")),
+    }
+}
+
+/// A record id in `first`, or else in `second` (removes accept both spellings).
+fn either_id(obj: &Map<String, Value>, first: &str, second: &str) -> Result<String, String> {
+    match (obj.get(first), obj.get(second)) {
+        (Some(Value::String(id)), _) => check_id(first, id),
+        (None, Some(Value::String(id))) => check_id(second, id),
+        _ => Err(format!(
+            "payload needs a string \"{first}\" or \"{second}\""
+        )),
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<String, String> {
+    if id.is_empty() {
+        return Err(format!("\"{field}\" is empty"));
+    }
+    if id.len() > MAX_RECORD_ID_BYTES {
+        return Err(format!(
+            "\"{field}\" is longer than {MAX_RECORD_ID_BYTES} bytes"
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// A `sessionID`, when present, must name the share's session.
+fn same_session(obj: &Map<String, Value>, session_id: &str) -> Result<(), String> {
+    match obj.get("sessionID") {
+        None => Ok(()),
+        Some(Value::String(id)) if id == session_id => Ok(()),
+        Some(Value::String(id)) => Err(format!(
+            "sessionID {id} is not this share's session {session_id}"
+        )),
+        Some(_) => Err("\"sessionID\" is not a string".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SES: &str = "ses_1";
+
+    fn invalid(kind: OpKind, payload: &str) -> String {
+        match parse(kind, payload, SES) {
+            Err(reason) => reason,
+            Ok(effect) => panic!("{kind} {payload} parsed as {effect:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_non_json_and_non_objects() {
+        assert_eq!(
+            invalid(OpKind::ModelUpsert, "{not json"),
+            "payload is not valid JSON"
+        );
+        for kind in OpKind::ALL {
+            if kind != OpKind::DiffSet {
+                assert_eq!(invalid(kind, "[1]"), "payload is not a JSON object");
+                assert_eq!(invalid(kind, "\"x\""), "payload is not a JSON object");
+            }
+        }
+    }
+
+    #[test]
+    fn session_upsert_must_name_the_shares_session() {
+        assert_eq!(
+            invalid(OpKind::SessionUpsert, r#"{"id":"ses_2"}"#),
+            "session id ses_2 is not this share's session ses_1"
+        );
+        assert_eq!(
+            invalid(OpKind::SessionUpsert, r#"{"id":7}"#),
+            "payload needs a string \"id\""
+        );
+        let text = r#"{"id": "ses_1", "title": "t"}"#;
+        assert_eq!(
+            parse(OpKind::SessionUpsert, text, SES),
+            Ok(Effect::Session { json: text.into() })
+        );
+    }
+
+    #[test]
+    fn message_upsert_needs_id_and_role_and_knows_terminal_states() {
+        assert!(invalid(OpKind::MessageUpsert, r#"{"id":"m"}"#).contains("role"));
+        assert!(invalid(OpKind::MessageUpsert, r#"{"role":"user"}"#).contains("\"id\""));
+        assert!(
+            invalid(
+                OpKind::MessageUpsert,
+                r#"{"id":"m","role":"user","sessionID":"other"}"#
+            )
+            .contains("sessionID other")
+        );
+        let terminal = |text: &str| match parse(OpKind::MessageUpsert, text, SES) {
+            Ok(Effect::MessageUpsert { terminal, .. }) => terminal,
+            other => panic!("{other:?}"),
+        };
+        assert!(!terminal(r#"{"id":"m","role":"a","time":{"created":1}}"#));
+        assert!(!terminal(
+            r#"{"id":"m","role":"a","time":{"completed":null},"error":null}"#
+        ));
+        assert!(terminal(r#"{"id":"m","role":"a","time":{"completed":5}}"#));
+        assert!(terminal(
+            r#"{"id":"m","role":"a","sessionID":"ses_1","error":{"name":"x"}}"#
+        ));
+    }
+
+    #[test]
+    fn ids_are_bounded_and_not_empty() {
+        assert_eq!(
+            invalid(OpKind::ModelUpsert, r#"{"id":""}"#),
+            "\"id\" is empty"
+        );
+        let long = format!(r#"{{"id":"{}"}}"#, "x".repeat(MAX_RECORD_ID_BYTES + 1));
+        assert!(invalid(OpKind::ModelUpsert, &long).contains("longer than"));
+        let fits = format!(r#"{{"id":"{}"}}"#, "x".repeat(MAX_RECORD_ID_BYTES));
+        assert!(parse(OpKind::ModelUpsert, &fits, SES).is_ok());
+    }
+
+    #[test]
+    fn removes_accept_both_spellings() {
+        assert_eq!(
+            parse(OpKind::MessageRemove, r#"{"messageID":"m"}"#, SES),
+            Ok(Effect::MessageRemove { id: "m".into() })
+        );
+        assert_eq!(
+            parse(OpKind::PartRemove, r#"{"id":"p"}"#, SES),
+            Ok(Effect::PartRemove { id: "p".into() })
+        );
+        assert_eq!(
+            parse(OpKind::PartRemove, r#"{"partID":"p","messageID":"m"}"#, SES),
+            Ok(Effect::PartRemove { id: "p".into() })
+        );
+        assert!(invalid(OpKind::PartRemove, r#"{"messageID":"m"}"#).contains("partID"));
+    }
+
+    #[test]
+    fn part_upsert_needs_id_message_and_type() {
+        assert!(invalid(OpKind::PartUpsert, r#"{"id":"p","type":"text"}"#).contains("messageID"));
+        assert!(invalid(OpKind::PartUpsert, r#"{"id":"p","messageID":"m"}"#).contains("type"));
+        assert!(
+            invalid(
+                OpKind::PartUpsert,
+                r#"{"id":"p","messageID":"m","type":"text","sessionID":3}"#
+            )
+            .contains("sessionID")
+        );
+    }
+
+    #[test]
+    fn part_delta_defaults_to_text_and_protects_identity_fields() {
+        assert_eq!(
+            parse(OpKind::PartDelta, r#"{"partID":"p","delta":"hi"}"#, SES),
+            Ok(Effect::PartDelta {
+                id: "p".into(),
+                field: "text".into(),
+                delta: "hi".into()
+            })
+        );
+        assert!(invalid(OpKind::PartDelta, r#"{"partID":"p"}"#).contains("delta"));
+        assert!(
+            invalid(OpKind::PartDelta, r#"{"partID":"p","delta":"x","field":1}"#).contains("field")
+        );
+        assert!(
+            invalid(
+                OpKind::PartDelta,
+                r#"{"partID":"p","delta":"x","field":"messageID"}"#
+            )
+            .contains("cannot change")
+        );
+    }
+
+    #[test]
+    fn diff_set_takes_an_object_with_diffs_or_a_bare_array_of_objects() {
+        let expected = Ok(Effect::DiffSet {
+            json: r#"[{"file":"a"}]"#.into(),
+        });
+        assert_eq!(
+            parse(OpKind::DiffSet, r#"{"diffs":[{"file":"a"}]}"#, SES),
+            expected
+        );
+        assert_eq!(
+            parse(OpKind::DiffSet, r#"[ {"file": "a"} ]"#, SES),
+            expected
+        );
+        assert_eq!(
+            invalid(OpKind::DiffSet, r#"[{"file":"a"}, 3]"#),
+            "diff 1 is not a JSON object"
+        );
+        assert!(invalid(OpKind::DiffSet, r#"{"files":[]}"#).contains("diff.set needs"));
+        assert!(invalid(OpKind::DiffSet, "7").contains("diff.set needs"));
+    }
+}

@@ -1,0 +1,147 @@
+//! Read queries: token lookup, share state and listings, and catch-up from the ledger.
+
+use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::authority::{self, Access, SHARE_COLUMNS, ShareRow};
+use super::convert::{cursor_column, cursor_param};
+use super::errors::corrupt;
+use crate::ledger::{
+    Authority, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, StoredToken,
+};
+
+/// The token row with its share's current state; no authority needed.
+pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option<StoredToken>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT t.kind, t.share_id, t.epoch, t.secret_hash, t.expires_at,
+                    t.revoked_at IS NOT NULL, s.id, s.cursor, s.writer_epoch, s.viewer_epoch
+             FROM tokens t LEFT JOIN shares s ON s.id = t.share_id
+             WHERE t.id = ?1",
+        )?
+        .query_row([id.as_str()], |r| {
+            let share = match r.get::<_, Option<String>>(6)? {
+                Some(share_id) => Some(ShareState {
+                    share_id: ShareId(share_id),
+                    cursor: cursor_column(r, 7)?,
+                    writer_epoch: Epoch(r.get(8)?),
+                    viewer_epoch: Epoch(r.get(9)?),
+                }),
+                None => None,
+            };
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, bool>(5)?,
+                share,
+            ))
+        })
+        .optional()?;
+    let Some((kind, share_id, epoch, secret_hash, expires_at, revoked, share)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(StoredToken {
+        id: id.clone(),
+        kind: TokenKind::parse(&kind).ok_or_else(|| corrupt(format!("token kind {kind:?}")))?,
+        share_id: share_id.map(ShareId),
+        epoch: Epoch(epoch),
+        secret_hash,
+        expires_at,
+        revoked,
+        share,
+    }))
+}
+
+pub(super) fn has_admin_token(conn: &Connection, now: i64) -> LedgerResult<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM tokens
+             WHERE kind = 'admin' AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at >= ?1)",
+        )?
+        .exists([now])?)
+}
+
+pub(super) fn share_state(
+    conn: &Connection,
+    who: &Authority,
+    now: i64,
+) -> LedgerResult<ShareState> {
+    Ok(authority::check_share(conn, who, Access::Read, now)?.state())
+}
+
+/// Shares with id > `after` in id order: all for an admin, its own for an agent.
+pub(super) fn list_shares(
+    conn: &Connection,
+    who: &Authority,
+    after: &str,
+    limit: u32,
+    now: i64,
+) -> LedgerResult<Vec<ShareInfo>> {
+    authority::check_admin_or_agent(conn, who, now)?;
+    let rows = if who.kind == TokenKind::Admin {
+        conn.prepare_cached(&format!(
+            "SELECT {SHARE_COLUMNS} FROM shares WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?
+        .query_map(params![after, limit], ShareRow::from_row)?
+        .collect::<Result<Vec<_>, _>>()?
+    } else {
+        conn.prepare_cached(&format!(
+            "SELECT {SHARE_COLUMNS} FROM shares WHERE owner_token_id = ?1 AND id > ?2
+             ORDER BY id LIMIT ?3"
+        ))?
+        .query_map(
+            params![who.token_id.as_str(), after, limit],
+            ShareRow::from_row,
+        )?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    Ok(rows.iter().map(ShareRow::info).collect())
+}
+
+/// Applied ops with cursor > `after`, at most `limit`, with the cursor they were read at.
+pub(super) fn ops_since(
+    conn: &Connection,
+    who: &Authority,
+    after: Cursor,
+    limit: u32,
+    now: i64,
+) -> LedgerResult<OpsPage> {
+    let share = authority::check_share(conn, who, Access::Read, now)?;
+    let ops = conn
+        .prepare_cached(
+            "SELECT cursor, op_id, kind, payload, applied_at FROM ops
+             WHERE share_id = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+        )?
+        .query_map(
+            params![share.id.as_str(), cursor_param(after)?, limit],
+            |r| {
+                Ok((
+                    cursor_column(r, 0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            },
+        )?
+        .map(|row| {
+            let (cursor, op_id, kind, payload, applied_at) = row?;
+            Ok(LoggedOp {
+                cursor,
+                op_id: OpId(op_id),
+                kind: kind
+                    .parse::<OpKind>()
+                    .map_err(|_| corrupt(format!("op kind {kind:?}")))?,
+                payload,
+                applied_at,
+            })
+        })
+        .collect::<LedgerResult<Vec<_>>>()?;
+    Ok(OpsPage {
+        ops,
+        cursor: share.cursor,
+    })
+}

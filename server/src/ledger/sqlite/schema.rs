@@ -1,0 +1,194 @@
+//! Opens connections with the pragmas the ledger relies on, and brings the schema up to date.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::Durability;
+use crate::ledger::{LedgerError, LedgerResult};
+
+/// How long a statement waits for a lock held by another connection before giving up with `Busy`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema versions, in order: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
+/// Append only; never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[V1_INITIAL];
+
+/// The schema version this build writes.
+pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+const V1_INITIAL: &str = r#"
+CREATE TABLE shares (
+    id                TEXT PRIMARY KEY,
+    session_id        TEXT NOT NULL,
+    project_id        TEXT NOT NULL,
+    parent_session_id TEXT NOT NULL,
+    title             TEXT NOT NULL,
+    owner_token_id    TEXT NOT NULL,
+    cursor            INTEGER NOT NULL DEFAULT 0 CHECK (cursor >= 0),
+    writer_epoch      INTEGER NOT NULL DEFAULT 0 CHECK (writer_epoch >= 0),
+    viewer_epoch      INTEGER NOT NULL DEFAULT 0 CHECK (viewer_epoch >= 0),
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL
+) STRICT;
+-- An agent lists the shares it owns, in id order.
+CREATE INDEX shares_by_owner ON shares (owner_token_id, id);
+
+CREATE TABLE tokens (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('admin', 'agent', 'writer', 'viewer')),
+    share_id    TEXT REFERENCES shares (id) ON DELETE CASCADE,
+    epoch       INTEGER NOT NULL DEFAULT 0 CHECK (epoch >= 0),
+    secret_hash TEXT NOT NULL,
+    label       TEXT NOT NULL DEFAULT '',
+    expires_at  INTEGER,
+    revoked_at  INTEGER,
+    issued_by   TEXT,
+    created_at  INTEGER NOT NULL,
+    CHECK ((share_id IS NOT NULL) = (kind IN ('writer', 'viewer')))
+) STRICT;
+-- Deleting a share cascades to its tokens: without this index every delete scans all tokens.
+CREATE INDEX tokens_by_share ON tokens (share_id);
+-- `has_admin_token` and `replace_admin_token` look only at admin tokens.
+CREATE INDEX admin_tokens ON tokens (revoked_at) WHERE kind = 'admin';
+
+-- The ledger. UNIQUE (share_id, op_id) is what makes dedupe permanent.
+CREATE TABLE ops (
+    share_id   TEXT NOT NULL REFERENCES shares (id) ON DELETE CASCADE,
+    cursor     INTEGER NOT NULL CHECK (cursor > 0),
+    op_id      TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    token_id   TEXT NOT NULL,
+    batch_id   TEXT NOT NULL,
+    applied_at INTEGER NOT NULL,
+    PRIMARY KEY (share_id, cursor),
+    UNIQUE (share_id, op_id)
+) STRICT;
+
+-- Materialized records: the session as the agent last wrote it.
+CREATE TABLE sessions (
+    share_id TEXT PRIMARY KEY REFERENCES shares (id) ON DELETE CASCADE,
+    json     TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE messages (
+    share_id TEXT NOT NULL REFERENCES shares (id) ON DELETE CASCADE,
+    id       TEXT NOT NULL,
+    -- Completed or errored: a non-terminal upsert may no longer replace it.
+    terminal INTEGER NOT NULL CHECK (terminal IN (0, 1)),
+    json     TEXT NOT NULL,
+    PRIMARY KEY (share_id, id)
+) STRICT;
+
+-- A part belongs to a message of the same share; removing the message (or,
+-- through it, the share) removes its parts.
+CREATE TABLE parts (
+    share_id   TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    json       TEXT NOT NULL,
+    PRIMARY KEY (share_id, id),
+    FOREIGN KEY (share_id, message_id) REFERENCES messages (share_id, id) ON DELETE CASCADE
+) STRICT;
+-- Snapshots read each message's parts in id order; the cascade from messages uses it too.
+CREATE INDEX parts_by_message ON parts (share_id, message_id, id);
+
+-- The session's file diffs, one JSON array per share.
+CREATE TABLE diffs (
+    share_id TEXT PRIMARY KEY REFERENCES shares (id) ON DELETE CASCADE,
+    json     TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE models (
+    share_id TEXT NOT NULL REFERENCES shares (id) ON DELETE CASCADE,
+    id       TEXT NOT NULL,
+    json     TEXT NOT NULL,
+    PRIMARY KEY (share_id, id)
+) STRICT;
+
+-- Deliberately without foreign keys: the audit trail outlives deleted shares and tokens.
+CREATE TABLE audit (
+    id       INTEGER PRIMARY KEY,
+    at       INTEGER NOT NULL,
+    action   TEXT NOT NULL,
+    token_id TEXT,
+    share_id TEXT,
+    outcome  TEXT NOT NULL,
+    detail   TEXT NOT NULL
+) STRICT;
+"#;
+
+/// Opens the write connection, creating the database (and its directory) if
+/// needed, and applies pending migrations.
+pub(super) fn open_writer(path: &Path, durability: Durability) -> LedgerResult<Connection> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            LedgerError::Storage(format!("cannot create directory {}: {e}", parent.display()))
+        })?;
+    }
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+
+    // auto_vacuum only takes effect if set before the first table exists; later
+    // it would need a full VACUUM. Switching to WAL below does not create a table.
+    let fresh: bool = conn.query_row("SELECT count(*) = 0 FROM sqlite_schema", [], |r| r.get(0))?;
+    if fresh {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(LedgerError::Storage(format!(
+            "the database cannot use WAL (journal_mode is {mode})"
+        )));
+    }
+    let synchronous = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection to a database `open_writer` has already set up.
+pub(super) fn open_reader(path: &Path) -> LedgerResult<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// Applies each pending migration in its own transaction.
+fn migrate(conn: &mut Connection) -> LedgerResult<()> {
+    loop {
+        // The version is read inside the write transaction, so two processes
+        // opening the same new file cannot both run the same migration.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let applied = usize::try_from(current)
+            .map_err(|_| LedgerError::Storage(format!("invalid schema version {current}")))?;
+        if applied > SCHEMA_VERSION {
+            return Err(LedgerError::Storage(format!(
+                "the database has schema version {current}, newer than this build's {SCHEMA_VERSION}"
+            )));
+        }
+        let Some(sql) = MIGRATIONS.get(applied) else {
+            return Ok(());
+        };
+        let next = current + 1;
+        tx.execute_batch(sql)
+            .and_then(|()| tx.pragma_update(None, "user_version", next))
+            .and_then(|()| tx.commit())
+            .map_err(|e| {
+                LedgerError::Storage(format!("migration to version {next} failed: {e}"))
+            })?;
+        tracing::info!(version = next, "ledger schema migrated");
+    }
+}

@@ -1,0 +1,299 @@
+//! The one writer: a thread owning the write connection, running queued commands in group-commit transactions.
+//!
+//! The thread blocks for a first command, then takes whatever else is already
+//! queued (up to `max_group`), and runs them all in one `BEGIN IMMEDIATE`
+//! transaction, each inside its own savepoint. Replies go out only after
+//! `COMMIT` returns, so an ack always means durable. While one group's commit
+//! waits for the disk, new commands queue up and form the next group: the
+//! slower the disk, the larger the groups.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::audit;
+use crate::ledger::{AuditEvent, LedgerError, LedgerResult};
+
+/// The caller-facing half of the writer thread. Dropping it lets the thread
+/// finish what is queued and stop.
+pub(super) struct Writer {
+    /// Commands to the thread. Unbounded because `audit` may neither block nor
+    /// fail; the RPC layer bounds the calls in flight, and so the queue.
+    commands: mpsc::UnboundedSender<Command>,
+    /// Set by `close`, so later calls fail at once instead of racing the shutdown.
+    closing: AtomicBool,
+    /// Turns true once the thread has committed its last group and closed the
+    /// connection; `close` waits on it.
+    stopped: watch::Receiver<bool>,
+    /// What the thread has committed, so tests can see how commands were grouped.
+    #[cfg(test)]
+    stats: Arc<WriterStats>,
+}
+
+/// Counters kept by the writer thread.
+#[derive(Debug, Default)]
+pub(super) struct WriterStats {
+    /// Transactions committed.
+    transactions: AtomicU64,
+    /// Commands (not counting audit lines) whose work was committed.
+    commands: AtomicU64,
+}
+
+#[cfg(test)]
+impl WriterStats {
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::SeqCst)
+    }
+
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::SeqCst)
+    }
+}
+
+enum Command {
+    Job(Box<dyn Job>),
+    /// An audit line and the time it happened.
+    Audit(AuditEvent, i64),
+    /// Take nothing new; finish what is queued and stop.
+    Close,
+}
+
+/// A queued piece of work with its reply channel, type-erased for the queue.
+trait Job: Send {
+    /// Runs the work inside the job's savepoint and keeps its result. Returns
+    /// false when the savepoint must be rolled back.
+    fn run(&mut self, conn: &Connection) -> bool;
+
+    /// Sends the kept result, or the commit's error if the group did not commit.
+    fn finish(self: Box<Self>, commit: &Result<(), LedgerError>);
+}
+
+struct Pending<T, F> {
+    /// Taken when run.
+    work: Option<F>,
+    /// The work's result, held back until the commit is known.
+    result: Option<LedgerResult<T>>,
+    reply: oneshot::Sender<LedgerResult<T>>,
+}
+
+impl<T, F> Job for Pending<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> LedgerResult<T> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let result = work(conn);
+        let keep = result.is_ok();
+        self.result = Some(result);
+        keep
+    }
+
+    fn finish(self: Box<Self>, commit: &Result<(), LedgerError>) {
+        let result = match (commit, self.result) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), Some(result)) => result,
+            (Ok(()), None) => Err(LedgerError::Storage("command was not run".into())),
+        };
+        // The caller may have given up waiting; nothing to do then.
+        let _ = self.reply.send(result);
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`.
+    pub fn start(conn: Connection, max_group: usize) -> LedgerResult<Self> {
+        let (commands, queue) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = watch::channel(false);
+        let stats = Arc::new(WriterStats::default());
+        let thread_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("capsync-ledger-writer".into())
+            .spawn(move || {
+                run(conn, queue, max_group.max(1), &thread_stats);
+                stopped_tx.send_replace(true);
+            })
+            .map_err(|e| LedgerError::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            commands,
+            closing: AtomicBool::new(false),
+            stopped,
+            #[cfg(test)]
+            stats,
+        })
+    }
+
+    /// Queues `work` to run in the next group transaction. Resolves once that
+    /// transaction has committed (or failed). The command is queued before
+    /// this returns, so calls are applied in the order they were made.
+    pub fn submit<T, F>(&self, work: F) -> impl Future<Output = LedgerResult<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Pending {
+            work: Some(work),
+            result: None,
+            reply,
+        };
+        let queued = !self.closing.load(Ordering::Acquire)
+            && self.commands.send(Command::Job(Box::new(job))).is_ok();
+        async move {
+            if !queued {
+                return Err(LedgerError::Closed);
+            }
+            // A dropped reply means the thread is gone (it stopped or panicked).
+            answer.await.unwrap_or(Err(LedgerError::Closed))
+        }
+    }
+
+    pub fn audit(&self, event: AuditEvent) {
+        let at = capsync_shared::now_millis();
+        if self.closing.load(Ordering::Acquire)
+            || self.commands.send(Command::Audit(event, at)).is_err()
+        {
+            tracing::warn!("audit line dropped: the ledger is closed");
+        }
+    }
+
+    /// Refuses new work at once; resolves when everything accepted before has
+    /// been committed and the thread has stopped.
+    pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.closing.store(true, Ordering::Release);
+        // Fails only if the thread is already gone, which is what we wait for anyway.
+        let _ = self.commands.send(Command::Close);
+        let mut stopped = self.stopped.clone();
+        async move {
+            // An error means the thread dropped its sender: it has stopped too.
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub fn stats(&self) -> &Arc<WriterStats> {
+        &self.stats
+    }
+
+    #[cfg(test)]
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stopped.clone()
+    }
+}
+
+/// The thread's body: one group per loop, until the queue is closed and drained.
+fn run(
+    conn: Connection,
+    mut queue: mpsc::UnboundedReceiver<Command>,
+    max_group: usize,
+    stats: &WriterStats,
+) {
+    let mut group = Vec::with_capacity(max_group);
+    while let Some(first) = queue.blocking_recv() {
+        group.push(first);
+        while group.len() < max_group {
+            match queue.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
+        let mut jobs = Vec::with_capacity(group.len());
+        let mut audits = Vec::new();
+        for command in group.drain(..) {
+            match command {
+                Command::Job(job) => jobs.push(job),
+                Command::Audit(event, at) => audits.push((event, at)),
+                // Buffered commands are still received after this; new sends fail.
+                Command::Close => queue.close(),
+            }
+        }
+        if jobs.is_empty() && audits.is_empty() {
+            continue;
+        }
+        let outcome = commit_group(&conn, &mut jobs, &audits);
+        match &outcome {
+            Ok(()) => {
+                stats.transactions.fetch_add(1, Ordering::SeqCst);
+                stats
+                    .commands
+                    .fetch_add(jobs.len() as u64, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, commands = jobs.len(), "ledger group commit failed")
+            }
+        }
+        for job in jobs {
+            job.finish(&outcome);
+        }
+    }
+    tracing::debug!(
+        transactions = stats.transactions.load(Ordering::Relaxed),
+        commands = stats.commands.load(Ordering::Relaxed),
+        "ledger writer stopped"
+    );
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the ledger's write connection failed");
+    }
+}
+
+/// Runs one group in one transaction. On error nothing of the group is committed.
+fn commit_group(
+    conn: &Connection,
+    jobs: &mut [Box<dyn Job>],
+    audits: &[(AuditEvent, i64)],
+) -> Result<(), LedgerError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        for job in jobs.iter_mut() {
+            in_savepoint(conn, |conn| job.run(conn))?;
+        }
+        for (event, at) in audits {
+            in_savepoint(conn, |conn| match audit::insert(conn, event, *at) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, action = event.action, "audit line not written");
+                    false
+                }
+            })?;
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    })();
+    if result.is_err()
+        && !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %e, "rolling back a failed group failed");
+    }
+    result
+}
+
+/// Runs `work` so that, when it reports failure, only its own changes are undone.
+fn in_savepoint(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> bool,
+) -> Result<(), LedgerError> {
+    conn.execute_batch("SAVEPOINT command")?;
+    if work(conn) {
+        conn.execute_batch("RELEASE command")?;
+    } else {
+        conn.execute_batch("ROLLBACK TO command; RELEASE command")?;
+    }
+    // Some engine errors (disk full, I/O) roll back the whole transaction; the
+    // rest of the group would then run in autocommit mode, outside any group.
+    if conn.is_autocommit() {
+        return Err(LedgerError::Storage(
+            "the engine rolled back the group transaction".into(),
+        ));
+    }
+    Ok(())
+}

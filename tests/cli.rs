@@ -1,0 +1,110 @@
+//! The README walkthrough, run through the `capsync` command line against a
+//! real server: mint an agent, create a share, push the sample session, read
+//! the snapshot, revoke the viewers, and see the viewer fail while the writer works.
+
+use capsync_client::cli::{CliRun, run_args};
+use capsync_tests::{TestServer, run_local, sample_session_path};
+use serde_json::Value;
+
+async fn capsync(server: &TestServer, token: &str, args: &[&str]) -> CliRun {
+    let addr = server.addr().to_string();
+    let mut argv = vec!["capsync", "--server", &addr, "--token", token];
+    argv.extend_from_slice(args);
+    run_args(argv).await
+}
+
+fn json_of(run: &CliRun) -> Value {
+    assert_eq!(
+        run.code, 0,
+        "stderr: {}\nstdout: {}",
+        run.stderr, run.stdout
+    );
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
+}
+
+#[test]
+fn readme_walkthrough() {
+    let server = TestServer::start();
+    run_local(async {
+        let admin = server.admin_token();
+        let minted = json_of(
+            &capsync(
+                &server,
+                &admin,
+                &["--json", "admin", "mint-agent", "--label", "laptop"],
+            )
+            .await,
+        );
+        let agent = minted["token"].as_str().unwrap().to_owned();
+
+        let sample = sample_session_path();
+        let sample = sample.to_str().unwrap();
+        let created = json_of(
+            &capsync(
+                &server,
+                &agent,
+                &["--json", "share", "create", "--from-export", sample],
+            )
+            .await,
+        );
+        let share_id = created["shareId"].as_str().unwrap().to_owned();
+        let writer = created["writerToken"]["token"].as_str().unwrap().to_owned();
+        let viewer = created["viewerToken"]["token"].as_str().unwrap().to_owned();
+
+        let pushed = json_of(&capsync(&server, &writer, &["--json", "push", sample]).await);
+        let applied = pushed["applied"].as_u64().unwrap();
+        assert!(
+            applied > 15,
+            "the sample has a session, messages and parts: {pushed}"
+        );
+        assert_eq!(pushed["rejected"].as_array().unwrap().len(), 0, "{pushed}");
+        assert_eq!(pushed["cursor"].as_u64().unwrap(), applied);
+
+        // Pushing again is harmless.
+        let again = json_of(&capsync(&server, &writer, &["--json", "push", sample]).await);
+        assert_eq!(again["applied"], 0);
+        assert_eq!(again["duplicates"].as_u64().unwrap(), applied);
+
+        let human = capsync(&server, &viewer, &["snapshot"]).await;
+        assert_eq!(human.code, 0, "{}", human.stderr);
+        assert!(
+            human
+                .stdout
+                .contains("Fix 500 on login with uppercase email"),
+            "{}",
+            human.stdout
+        );
+        let snapshot = json_of(&capsync(&server, &viewer, &["--json", "snapshot"]).await);
+        assert_eq!(snapshot["messages"].as_array().unwrap().len(), 4);
+        assert_eq!(snapshot["cursor"].as_u64().unwrap(), applied);
+
+        let revoked = json_of(
+            &capsync(
+                &server,
+                &admin,
+                &["--json", "admin", "revoke", &share_id, "--scope", "viewers"],
+            )
+            .await,
+        );
+        assert_eq!(revoked["viewerEpoch"], 1);
+
+        let denied = capsync(&server, &viewer, &["snapshot"]).await;
+        assert_ne!(denied.code, 0);
+        assert!(
+            denied.stderr.contains("permission denied"),
+            "{}",
+            denied.stderr
+        );
+        assert!(
+            !denied.stderr.contains(&viewer),
+            "the token is never echoed"
+        );
+
+        let state = json_of(&capsync(&server, &writer, &["--json", "state"]).await);
+        assert_eq!(
+            state["cursor"].as_u64().unwrap(),
+            applied,
+            "the writer keeps working"
+        );
+    });
+}

@@ -1,0 +1,191 @@
+//! Test fixtures: a real capsync server on `127.0.0.1:0` in a temporary data
+//! directory, and helpers to talk to it through the public client API.
+//!
+//! The listener is bound before the server thread starts and `spawn` returns
+//! only once the server is ready, so no test waits or sleeps for readiness.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+
+use capsync_server::{Config, ServerHandle};
+
+/// A running server plus the data directory it owns. Dropping it shuts the
+/// server down, then deletes the directory (database, `-wal`, `-shm`, token file).
+pub struct TestServer {
+    handle: Option<ServerHandle>,
+    /// Kept across restarts; deleted when the fixture drops.
+    dir: tempfile::TempDir,
+    config: Config,
+}
+
+impl TestServer {
+    /// A server with test defaults (cheap argon2, generous rate limit).
+    pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// A server whose config `adjust` may change (limits, durability, …).
+    pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::for_tests(dir.path().join("data"));
+        adjust(&mut config);
+        let handle = Some(spawn(&config));
+        Self {
+            handle,
+            dir,
+            config,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.as_ref().expect("server running").addr()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.config.database_path()
+    }
+
+    /// The admin token the server wrote to its data directory on first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.config.admin_token_path())
+            .expect("admin token file")
+            .trim()
+            .to_owned()
+    }
+
+    /// Graceful shutdown (drain, disconnect, flush), keeping the data directory.
+    pub fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown().expect("clean shutdown");
+        }
+    }
+
+    /// Stops the server and starts a new one on the same data (on a new port).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.handle = Some(spawn(&self.config));
+    }
+
+    /// The temporary directory holding the data dir, for scratch files.
+    pub fn scratch_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn(config: &Config) -> ServerHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    capsync_server::spawn(listener, config.clone()).expect("server starts")
+}
+
+/// Runs an async test body on a current-thread runtime inside a `LocalSet`,
+/// as the capnp-rpc client requires.
+pub fn run_local<F: std::future::Future>(body: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&runtime, body)
+}
+
+/// The repository's sample session export.
+pub fn sample_session_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .join("examples/sessions/fix-login-bug.json")
+}
+
+pub use capsync_client as client;
+use capsync_client::{
+    AdminClient, AgentClient, Batch, Connection, CreatedShare, NewShare, OpKind, OpSpec,
+};
+use serde_json::json;
+
+/// Connects to the server and redeems its admin token.
+pub async fn admin(server: &TestServer) -> (Connection, AdminClient) {
+    let conn = capsync_client::connect(server.addr())
+        .await
+        .expect("connect");
+    let admin = conn
+        .redeem(&server.admin_token())
+        .await
+        .expect("redeem admin")
+        .into_admin()
+        .expect("admin capability");
+    (conn, admin)
+}
+
+/// Mints an agent token with the admin and redeems it on `conn`.
+pub async fn agent(conn: &Connection, admin: &AdminClient) -> (AgentClient, String) {
+    let minted = admin
+        .mint_agent("test agent", None)
+        .await
+        .expect("mint agent");
+    let agent = conn
+        .redeem(&minted.token)
+        .await
+        .expect("redeem agent")
+        .into_agent()
+        .expect("agent capability");
+    (agent, minted.token)
+}
+
+/// Creates a share for session `session_id`.
+pub async fn share(agent: &AgentClient, session_id: &str) -> CreatedShare {
+    agent
+        .create_share(NewShare {
+            session_id: session_id.to_owned(),
+            project_id: "prj_test".into(),
+            parent_session_id: None,
+            title: format!("test session {session_id}"),
+            viewer_expires_at: None,
+        })
+        .await
+        .expect("create share")
+}
+
+/// Ops that build a small session: the session, one message, and `parts` text parts.
+pub fn session_ops(session_id: &str, message_id: &str, parts: usize) -> Vec<OpSpec> {
+    let mut ops = vec![
+        OpSpec::new(
+            format!("{session_id}:session"),
+            OpKind::SessionUpsert,
+            json!({"id": session_id, "title": "t", "projectID": "prj_test"}),
+        ),
+        message_op(session_id, message_id, "assistant"),
+    ];
+    ops.extend(
+        (0..parts).map(|i| text_part_op(session_id, message_id, &format!("{message_id}_p{i:04}"))),
+    );
+    ops
+}
+
+pub fn message_op(session_id: &str, message_id: &str, role: &str) -> OpSpec {
+    OpSpec::new(
+        format!("msg:{message_id}"),
+        OpKind::MessageUpsert,
+        json!({"id": message_id, "sessionID": session_id, "role": role, "time": {"created": 1}}),
+    )
+}
+
+pub fn text_part_op(session_id: &str, message_id: &str, part_id: &str) -> OpSpec {
+    OpSpec::new(
+        format!("part:{part_id}"),
+        OpKind::PartUpsert,
+        json!({"id": part_id, "messageID": message_id, "sessionID": session_id, "type": "text", "text": format!("text of {part_id}")}),
+    )
+}
+
+pub fn batch(id: &str, ops: Vec<OpSpec>) -> Batch {
+    Batch::new(id, ops)
+}
