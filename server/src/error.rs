@@ -39,7 +39,10 @@ impl ServerError {
 
     /// The one answer for every failed authentication, whatever the reason.
     pub fn denied() -> Self {
-        Self::new(ErrorCode::PermissionDenied, "permission denied")
+        Self::new(
+            ErrorCode::PermissionDenied,
+            "token not accepted (unknown, wrong, expired or revoked)",
+        )
     }
 
     pub fn internal() -> Self {

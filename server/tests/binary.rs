@@ -1,0 +1,331 @@
+//! The `capsync-server` binary as an operator runs it: structured logs, SIGTERM
+//! draining batches in flight, restart on the same data, admin token rotation.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+use capsync_client::{Batch, ErrorCode, NewShare, OpKind, OpSpec};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_capsync-server");
+
+/// A `capsync-server serve` child process with JSON logs read line by line.
+struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+    logs: Receiver<Value>,
+}
+
+impl ServerProcess {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            // Cheap hashing: these tests measure behaviour, not argon2.
+            .args(["--argon2-memory-kib", "256", "--argon2-iterations", "1"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start capsync-server");
+        let (tx, logs) = channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or(json!({"raw": line}));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Self {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            logs,
+        };
+        // Readiness is the log line that carries the bound address.
+        let listening = server.wait_for_log("capsync listening");
+        server.addr = listening["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        server
+    }
+
+    fn wait_for_log(&mut self, message: &str) -> Value {
+        loop {
+            let line = self
+                .logs
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no log line {message:?}"));
+            if line["fields"]["message"] == message {
+                return line;
+            }
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        self.child.wait().expect("wait for server")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_local<F: std::future::Future>(body: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime, body)
+}
+
+fn admin_token(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn part(i: usize, batch: usize) -> OpSpec {
+    OpSpec::new(
+        format!("op-{batch}-{i}"),
+        OpKind::PartUpsert,
+        json!({"id": format!("prt_{batch}_{i}"), "messageID": "msg_1", "type": "text", "text": "x"}),
+    )
+}
+
+#[test]
+fn sigterm_drains_batches_in_flight_and_every_acked_op_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut server = ServerProcess::start(&data_dir);
+    let (writer_token, acked) = run_local(async {
+        let conn = capsync_client::connect(server.addr).await.unwrap();
+        let admin = conn
+            .redeem(&admin_token(&data_dir))
+            .await
+            .unwrap()
+            .into_admin()
+            .unwrap();
+        let agent_token = admin.mint_agent("drain test", None).await.unwrap().token;
+        let agent = conn
+            .redeem(&agent_token)
+            .await
+            .unwrap()
+            .into_agent()
+            .unwrap();
+        let created = agent
+            .create_share(NewShare {
+                session_id: "ses_drain".into(),
+                project_id: String::new(),
+                parent_session_id: None,
+                title: String::new(),
+                viewer_expires_at: None,
+            })
+            .await
+            .unwrap();
+        let setup = vec![
+            OpSpec::new("session", OpKind::SessionUpsert, json!({"id": "ses_drain"})),
+            OpSpec::new(
+                "message",
+                OpKind::MessageUpsert,
+                json!({"id": "msg_1", "role": "assistant"}),
+            ),
+        ];
+        created
+            .writer
+            .append(&Batch::new("setup", setup))
+            .await
+            .unwrap();
+
+        // Four writers append continuously; SIGTERM arrives while they do.
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let conn = capsync_client::connect(server.addr).await.unwrap();
+            let writer = conn
+                .redeem(&created.writer_token.token)
+                .await
+                .unwrap()
+                .into_writer()
+                .unwrap();
+            tasks.push(tokio::task::spawn_local(async move {
+                let _conn = conn;
+                let mut acked = Vec::new();
+                for b in 0.. {
+                    let id = w * 1_000_000 + b;
+                    let ops: Vec<_> = (0..10).map(|i| part(i, id)).collect();
+                    match writer
+                        .append(&Batch::new(format!("b{id}"), ops.clone()))
+                        .await
+                    {
+                        Ok(ack) => {
+                            assert_eq!(ack.applied(), 10);
+                            acked.extend(ops.into_iter().map(|op| op.op_id));
+                        }
+                        Err(err) => {
+                            // Refused while draining, or cut when the server closed:
+                            // both are retryable, neither may be anything else.
+                            assert!(
+                                err.code() == Some(ErrorCode::Overloaded) || err.is_disconnected(),
+                                "unexpected error during shutdown: {err}"
+                            );
+                            return acked;
+                        }
+                    }
+                }
+                unreachable!()
+            }));
+        }
+        // Let some batches through, then stop the server under load.
+        while created.writer.state().await.map(|s| s.cursor).unwrap_or(0) < 200 {
+            tokio::task::yield_now().await;
+        }
+        let pid = server.child.id().to_string();
+        tokio::task::spawn_blocking(move || Command::new("kill").args(["-TERM", &pid]).status())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut acked = Vec::new();
+        for task in tasks {
+            acked.extend(task.await.unwrap());
+        }
+        (created.writer_token.token, acked)
+    });
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+    server.wait_for_log("shutdown complete");
+    assert!(
+        acked.len() >= 190,
+        "some batches were acked before the signal"
+    );
+    drop(server);
+
+    let server = ServerProcess::start(&data_dir);
+    run_local(async {
+        let conn = capsync_client::connect(server.addr).await.unwrap();
+        let viewer = conn
+            .redeem(&writer_token)
+            .await
+            .unwrap()
+            .into_writer()
+            .unwrap()
+            .viewer();
+        let mut logged = std::collections::HashSet::new();
+        let mut after = 0;
+        loop {
+            let page = viewer.ops_since(after, 5000).await.unwrap();
+            for op in &page.ops {
+                after = op.cursor;
+                logged.insert(op.op_id.clone());
+            }
+            if !page.has_more() {
+                break;
+            }
+        }
+        for op_id in &acked {
+            assert!(
+                logged.contains(op_id),
+                "acked op {op_id} is missing after restart"
+            );
+        }
+    });
+}
+
+#[test]
+fn admin_token_rotation_needs_the_server_stopped_and_replaces_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut server = ServerProcess::start(&data_dir);
+    let old = admin_token(&data_dir);
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data_dir.join("admin.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the admin token file is owner-only");
+    }
+
+    let refused = Command::new(BIN)
+        .args(["admin-token", "--rotate", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use"));
+    assert_eq!(
+        admin_token(&data_dir),
+        old,
+        "nothing changed while the server ran"
+    );
+
+    assert!(server.terminate().success());
+    drop(server);
+    let rotated = Command::new(BIN)
+        .args(["admin-token", "--rotate", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let new = admin_token(&data_dir);
+    assert_ne!(new, old);
+    assert!(
+        !String::from_utf8_lossy(&rotated.stdout).contains(&new),
+        "the token is not printed"
+    );
+
+    let server = ServerProcess::start(&data_dir);
+    run_local(async {
+        let conn = capsync_client::connect(server.addr).await.unwrap();
+        let err = conn.redeem(&old).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::PermissionDenied));
+        let admin = conn.redeem(&new).await.unwrap().into_admin().unwrap();
+        assert!(admin.list_shares("", 0).await.unwrap().shares.is_empty());
+    });
+}
+
+#[test]
+fn help_documents_every_setting_with_its_environment_variable() {
+    let help = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--durability",
+        "--max-ops-per-batch",
+        "--max-op-bytes",
+        "--max-message-bytes",
+        "--max-connections",
+        "--redeem-failures",
+        "--drain-timeout",
+    ] {
+        assert!(text.contains(flag), "serve --help lacks {flag}");
+    }
+    assert!(text.contains("CAPSYNC_LISTEN") && text.contains("CAPSYNC_DATA_DIR"));
+    assert!(text.contains("127.0.0.1:7420") && text.contains("capsync-data"));
+}
