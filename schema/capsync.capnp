@@ -11,6 +11,7 @@
 #   unimplemented) means a transport-level problem; callers branch on its kind
 #   only.
 # - Times are Unix milliseconds (Int64); 0 means "none" (no expiry, not set).
+#   An expiry must lie in the future.
 # - Ids are text. Share ids are server-chosen; op, message, part and session
 #   ids are the agent's own.
 # - Ordinals are never reused; new fields and methods are only appended.
@@ -207,9 +208,9 @@ struct CreatedShare {
 enum OpKind {
   sessionUpsert @0;  # "session.upsert": the session record (its id must be the share's session)
   messageUpsert @1;  # "message.upsert": a message record; terminal messages do not move back
-  messageRemove @2;  # "message.remove": {"id"} or {"messageID"}; removes the message and its parts
+  messageRemove @2;  # "message.remove": {"id"} or {"messageID"}; removes the message and its parts (applied even if absent)
   partUpsert @3;     # "part.upsert": a part record; its message must exist
-  partRemove @4;     # "part.remove": {"id"} or {"partID"}
+  partRemove @4;     # "part.remove": {"id"} or {"partID"} (applied even if absent)
   partDelta @5;      # "part.delta": {"partID", "delta", "field"?}: appends text to a part's field (default "text")
   diffSet @6;        # "diff.set": {"diffs": [...]}, or a bare array: replaces the session's file diffs
   modelUpsert @7;    # "model.upsert": a model record with an "id"
@@ -280,7 +281,9 @@ interface ShareWriter {
 
   state @3 () -> (result :ShareStateResult);
 
-  # A read-only view of the same share (attenuation: writer -> viewer).
+  # A read-only view of the same share (attenuation: writer -> viewer), bound
+  # to the current viewer epoch. Returns a capability, not a result: on a
+  # revoked writer it fails with an exception whose text starts with the code.
   viewer @4 () -> (viewer :ShareViewer);
 }
 

@@ -381,3 +381,54 @@ fn record_semantics_delta_diffs_and_terminal_messages() {
         assert_eq!(doc.messages[0].info["time"]["completed"], 2);
     });
 }
+
+#[test]
+fn a_large_session_snapshots_in_bounded_pages_that_add_up_to_the_whole() {
+    let server = TestServer::start();
+    run_local(async {
+        let (conn, admin) = admin(&server).await;
+        let (agent, _) = agent(&conn, &admin).await;
+        let writer = share(&agent, "ses_big").await.writer;
+        let mut ops = session_ops("ses_big", "msg_1", 0);
+        ops.push(message_op("ses_big", "msg_2", "user"));
+        for m in ["msg_1", "msg_2"] {
+            for i in 0..150 {
+                let mut part = text_part_op("ses_big", m, &format!("{m}_prt_{i:03}"));
+                part.payload["text"] = json!("y".repeat(500));
+                ops.push(part);
+            }
+        }
+        for chunk in ops.chunks(100) {
+            writer
+                .append(&batch(&format!("b{}", chunk[0].op_id), chunk.to_vec()))
+                .await
+                .unwrap();
+        }
+        let viewer = writer.viewer();
+        let mut page_token = String::new();
+        let mut pages = 0;
+        let mut records = Vec::new();
+        loop {
+            let page = viewer.snapshot_page(&page_token, 16 * 1024).await.unwrap();
+            pages += 1;
+            let bytes: usize = page.records.iter().map(|r| r.json.len()).sum();
+            assert!(
+                bytes <= 16 * 1024 + 1024,
+                "a page stays near its byte budget ({bytes})"
+            );
+            records.extend(page.records);
+            match page.next_page {
+                Some(next) => page_token = next,
+                None => break,
+            }
+        }
+        assert!(pages > 5, "{pages} pages");
+        // session + 2 messages + 300 parts, each exactly once, messages before their parts.
+        assert_eq!(records.len(), 303);
+        let ids: HashSet<_> = records.iter().map(|r| (r.kind, r.id.clone())).collect();
+        assert_eq!(ids.len(), 303);
+        let doc = viewer.snapshot().await.unwrap().to_document();
+        assert_eq!(doc.messages.len(), 2);
+        assert!(doc.messages.iter().all(|m| m.parts.len() == 150));
+    });
+}

@@ -3,9 +3,15 @@
 //! Batch ids are derived from the op ids they carry (`push-<16 hex of sha256>`), so pushing
 //! the same file twice sends the same batches under the same ids; the server answers
 //! `duplicate` for every op the second time. A batch the server refuses as `tooLarge` is
-//! split in half and retried. Ops rejected for a missing dependency are sent again after
-//! the rest, for as long as that makes progress (an ops file may list an op before the one
-//! it depends on).
+//! split in half and retried.
+//!
+//! Ops rejected as `missingDependency` (an op id in their `dependsOn` is not applied yet)
+//! are sent again after the rest, for as long as that makes progress: an ops file may list
+//! an op before one it declares in `dependsOn`. Only `dependsOn` works that way. The server
+//! checks record references when an op applies and refuses a `part.upsert` whose message
+//! does not exist (yet) as `invalid`, which is final: such an op is reported, not resent.
+//! So a part listed before its message needs the message's op id in its `dependsOn`
+//! (exports always list a message before its parts).
 
 use capsync_shared::ErrorCode;
 use capsync_shared::ops::{OpKind, OpSpec};
@@ -18,7 +24,8 @@ use crate::writer::{Batch, OpOutcome, RejectReason, WriterClient};
 /// Default number of ops per batch.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
 
-/// Rounds of resending ops rejected for a missing dependency.
+/// Most rounds of sending: the first sends every op, each later one only the ops rejected
+/// for a missing `dependsOn` op.
 const MAX_DEPENDENCY_ROUNDS: usize = 4;
 
 /// One op the server did not apply.

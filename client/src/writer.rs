@@ -60,9 +60,12 @@ impl Batch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum RejectReason {
-    /// A `dependsOn` op (or the record it needs) is not there yet: retry after it is.
+    /// An op id in the op's `dependsOn` is not applied yet: send it again after that op.
+    /// (Only `dependsOn`: a record the op refers to, such as a part's message, that does
+    /// not exist makes the op `Invalid`.)
     MissingDependency,
-    /// The op can never apply as sent.
+    /// The op can never apply as sent; the detail says why (malformed payload, another
+    /// session's record, a part whose message does not exist, ...).
     Invalid,
     /// It would move a completed or errored message back.
     StaleTransition,

@@ -1,15 +1,20 @@
-//! The `capsync` binary against an in-memory fake server: output, exit codes, errors.
+//! The `capsync` binary against the real server (started on 127.0.0.1:0 by
+//! `support::TestServer`): output, exit codes, errors.
 
-#[path = "support/fake_server.rs"]
-mod fake_server;
+mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
+use support::TestServer;
 
 /// Runs `capsync` with a clean environment apart from the server and token given.
-fn capsync(server: &str, token: Option<&str>, args: &[&str]) -> Output {
+fn capsync(server: &TestServer, token: Option<&str>, args: &[&str]) -> Output {
+    capsync_at(&server.addr().to_string(), token, args)
+}
+
+fn capsync_at(server: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_capsync"));
     command
         .args(args)
@@ -45,7 +50,15 @@ fn assert_ok(output: &Output) {
     );
 }
 
-fn write_export(dir: &Path) -> std::path::PathBuf {
+/// Asserts exit code 1 with exactly one line on stderr starting with `prefix`.
+fn assert_error(output: &Output, prefix: &str) {
+    let text = stderr(output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.starts_with(prefix), "{text}");
+    assert_eq!(text.lines().count(), 1, "{text}");
+}
+
+fn write_export(dir: &Path) -> PathBuf {
     let path = dir.join("session.json");
     let export = json!({
         "info": {"id": "ses_cli", "projectID": "prj", "title": "CLI session"},
@@ -62,10 +75,32 @@ fn write_export(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Mints an agent token with the admin token, through the CLI.
+fn mint_agent(server: &TestServer) -> String {
+    let out = capsync(
+        server,
+        Some(&server.admin_token()),
+        &["admin", "mint-agent"],
+    );
+    assert_ok(&out);
+    stdout(&out).trim().to_owned()
+}
+
+/// Creates a share through the CLI; its `--json` output.
+fn create_share(server: &TestServer, agent: &str, session_id: &str) -> Value {
+    let out = capsync(
+        server,
+        Some(agent),
+        &["share", "create", "--session-id", session_id, "--json"],
+    );
+    assert_ok(&out);
+    json_out(&out)
+}
+
 #[test]
 fn the_whole_flow_from_admin_to_viewer() {
-    let (addr, admin_token) = fake_server::start_thread();
-    let server = addr.to_string();
+    let server = TestServer::start();
+    let admin_token = server.admin_token();
     let dir = tempfile::tempdir().unwrap();
     let export = write_export(dir.path());
     let export = export.to_str().unwrap();
@@ -79,7 +114,13 @@ fn the_whole_flow_from_admin_to_viewer() {
     assert_ok(&out);
     let agent_token = stdout(&out).trim().to_owned();
     assert!(agent_token.starts_with("csagent_"), "{agent_token}");
-    assert!(stderr(&out).contains("minted agent token"));
+    assert_eq!(stdout(&out).lines().count(), 1);
+    assert!(
+        stderr(&out).starts_with("minted agent token"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(&agent_token));
 
     // share create takes its details from the export.
     let out = capsync(
@@ -98,8 +139,10 @@ fn the_whole_flow_from_admin_to_viewer() {
     assert_ok(&out);
     let created = json_out(&out);
     assert_eq!(created["info"]["sessionId"], "ses_cli");
+    assert_eq!(created["info"]["projectId"], "prj");
     assert_eq!(created["info"]["title"], "CLI session");
     assert!(created["viewerToken"]["expiresAt"].as_i64().unwrap() > 0);
+    assert_eq!(created["writerToken"]["expiresAt"], Value::Null);
     let share_id = created["shareId"].as_str().unwrap().to_owned();
     let writer_token = created["writerToken"]["token"].as_str().unwrap().to_owned();
     let viewer_token = created["viewerToken"]["token"].as_str().unwrap().to_owned();
@@ -108,9 +151,11 @@ fn the_whole_flow_from_admin_to_viewer() {
     let out = capsync(&server, Some(&writer_token), &["push", export, "--json"]);
     assert_ok(&out);
     let first = json_out(&out);
+    assert_eq!(first["shareId"], share_id.as_str());
     assert_eq!(first["format"], "export");
     assert_eq!(first["applied"], 7);
     assert_eq!(first["cursor"], 7);
+    assert_eq!(first["rejected"], json!([]));
     let out = capsync(&server, Some(&writer_token), &["push", export]);
     assert_ok(&out);
     assert_eq!(
@@ -123,6 +168,10 @@ fn the_whole_flow_from_admin_to_viewer() {
     assert_ok(&out);
     let text = stdout(&out);
     assert!(text.starts_with("CLI session\n"), "{text}");
+    assert!(
+        text.contains(&format!("session ses_cli · share {share_id} · cursor 7")),
+        "{text}"
+    );
     assert!(text.contains("── assistant · msg_2 · model-a"), "{text}");
     assert!(
         text.contains("  [tool bash: completed] cargo bench"),
@@ -152,45 +201,86 @@ fn the_whole_flow_from_admin_to_viewer() {
     // state, ops, mint-viewer, save.
     let out = capsync(&server, Some(&writer_token), &["state", "--json"]);
     assert_ok(&out);
-    assert_eq!(json_out(&out)["shareId"], share_id.as_str());
+    assert_eq!(
+        json_out(&out),
+        json!({"shareId": share_id, "cursor": 7, "writerEpoch": 0, "viewerEpoch": 0})
+    );
+    let out = capsync(&server, Some(&viewer_token), &["state"]);
+    assert_ok(&out);
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("share {share_id}: cursor 7, writer epoch 0, viewer epoch 0")
+    );
     let out = capsync(
         &server,
         Some(&viewer_token),
         &["ops", "--all", "--limit", "4", "--json"],
     );
     assert_ok(&out);
-    assert_eq!(json_out(&out)["ops"].as_array().unwrap().len(), 7);
+    let ops = json_out(&out);
+    let cursors: Vec<i64> = ops["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["cursor"].as_i64().unwrap())
+        .collect();
+    assert_eq!(cursors, vec![1, 2, 3, 4, 5, 6, 7]);
+    let out = capsync(&server, Some(&viewer_token), &["ops", "--limit", "4"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out)
+            .trim_end()
+            .ends_with("pass --after 4 (or --all)"),
+        "{}",
+        stdout(&out)
+    );
     let out = capsync(
         &server,
         Some(&writer_token),
         &["mint-viewer", "--expires", "1h"],
     );
     assert_ok(&out);
-    assert!(stdout(&out).trim().starts_with("csviewer_"));
+    let link = stdout(&out).trim().to_owned();
+    assert!(link.starts_with("csviewer_"));
+    assert!(
+        stderr(&out).contains(&format!("for share {share_id}")),
+        "{}",
+        stderr(&out)
+    );
+    let out = capsync(&server, Some(&link), &["state"]);
+    assert_ok(&out);
     let out = capsync(&server, Some(&writer_token), &["save"]);
     assert_ok(&out);
-    assert!(stdout(&out).trim().starts_with("cswriter_"));
+    let saved = stdout(&out).trim().to_owned();
+    assert!(saved.starts_with("cswriter_"));
+    let out = capsync(&server, Some(&saved), &["push", export]);
+    assert_ok(&out);
 
     // Listing and unsharing.
     let out = capsync(&server, Some(&agent_token), &["share", "list"]);
     assert_ok(&out);
     assert!(stdout(&out).contains(&share_id));
+    assert!(stdout(&out).contains("CLI session"));
     let out = capsync(
         &server,
         Some(&agent_token),
         &["share", "revoke", &share_id, "--scope", "viewers"],
     );
     assert_ok(&out);
-    assert!(stdout(&out).contains("revoked viewers"), "{}", stdout(&out));
-
-    // The revoked viewer link fails with one clear line and exit 1.
-    let out = capsync(&server, Some(&viewer_token), &["snapshot"]);
-    assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        stderr(&out),
-        "error: permission denied: token not accepted\n"
+        stdout(&out).trim(),
+        format!("revoked viewers of share {share_id} (writer epoch 0, viewer epoch 1)")
     );
-    assert!(stdout(&out).is_empty());
+
+    // The revoked viewer links fail with one clear line and exit 1.
+    for link in [&viewer_token, &link] {
+        let out = capsync(&server, Some(link), &["snapshot"]);
+        assert_error(&out, "error: permission denied: ");
+        assert!(stdout(&out).is_empty());
+    }
+    // The writer still reads.
+    let out = capsync(&server, Some(&writer_token), &["snapshot", "--json"]);
+    assert_ok(&out);
 
     let out = capsync(
         &server,
@@ -202,21 +292,147 @@ fn the_whole_flow_from_admin_to_viewer() {
 }
 
 #[test]
-fn rejected_ops_make_push_exit_3() {
-    let (addr, admin_token) = fake_server::start_thread();
-    let server = addr.to_string();
-    let agent = stdout(&capsync(
-        &server,
-        Some(&admin_token),
-        &["admin", "mint-agent"],
-    ))
-    .trim()
-    .to_owned();
-    let created = json_out(&capsync(
+fn the_owner_mints_new_writer_and_viewer_tokens_after_revoking() {
+    let server = TestServer::start();
+    let agent = mint_agent(&server);
+    let created = create_share(&server, &agent, "ses_m");
+    let share_id = created["shareId"].as_str().unwrap();
+    let old_writer = created["writerToken"]["token"].as_str().unwrap();
+    let old_viewer = created["viewerToken"]["token"].as_str().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ops = dir.path().join("ops.jsonl");
+    std::fs::write(
+        &ops,
+        "{\"opId\": \"s\", \"kind\": \"session.upsert\", \"payload\": {\"id\": \"ses_m\"}}\n",
+    )
+    .unwrap();
+    let ops = ops.to_str().unwrap();
+    let out = capsync(&server, Some(old_writer), &["push", ops]);
+    assert_ok(&out);
+
+    let out = capsync(
         &server,
         Some(&agent),
-        &["share", "create", "--session-id", "ses_x", "--json"],
-    ));
+        &["share", "revoke", share_id, "--scope", "writers"],
+    );
+    assert_ok(&out);
+    assert!(stdout(&out).contains("writer epoch 1"), "{}", stdout(&out));
+
+    // The old writer token is refused.
+    let out = capsync(&server, Some(old_writer), &["push", ops]);
+    assert_error(&out, "error: permission denied: ");
+    assert!(stdout(&out).is_empty());
+
+    // A freshly minted one pushes: the token alone on stdout, details on stderr.
+    let out = capsync(
+        &server,
+        Some(&agent),
+        &["share", "mint-writer", share_id, "--expires", "30d"],
+    );
+    assert_ok(&out);
+    let new_writer = stdout(&out).trim().to_owned();
+    assert!(new_writer.starts_with("cswriter_"), "{new_writer}");
+    assert_eq!(stdout(&out).lines().count(), 1);
+    let note = stderr(&out);
+    assert!(
+        note.starts_with("minted writer token ") && note.contains(&format!("for share {share_id}")),
+        "{note}"
+    );
+    assert!(!note.contains("never"), "30d is not never: {note}");
+    assert!(!note.contains(&new_writer));
+    std::fs::write(
+        dir.path().join("more.jsonl"),
+        "{\"opId\": \"d\", \"kind\": \"diff.set\", \"payload\": {\"diffs\": []}}\n",
+    )
+    .unwrap();
+    let more = dir.path().join("more.jsonl");
+    let out = capsync(
+        &server,
+        Some(&new_writer),
+        &["push", more.to_str().unwrap()],
+    );
+    assert_ok(&out);
+    assert_eq!(
+        stdout(&out).trim(),
+        "1 ops in 1 batch: 1 applied, 0 duplicate, 0 rejected; cursor 2"
+    );
+    let out = capsync(&server, Some(&new_writer), &["state", "--json"]);
+    assert_ok(&out);
+    assert_eq!(json_out(&out)["writerEpoch"], 1);
+
+    // The old viewer still works (only writers were revoked); after revoking viewers a
+    // fresh link does, as JSON with its expiry.
+    let out = capsync(&server, Some(old_viewer), &["state"]);
+    assert_ok(&out);
+    let out = capsync(
+        &server,
+        Some(&agent),
+        &["share", "revoke", share_id, "--scope", "viewers"],
+    );
+    assert_ok(&out);
+    let out = capsync(&server, Some(old_viewer), &["state"]);
+    assert_error(&out, "error: permission denied: ");
+    let out = capsync(
+        &server,
+        Some(&agent),
+        &[
+            "share",
+            "mint-viewer",
+            share_id,
+            "--expires",
+            "7d",
+            "--json",
+        ],
+    );
+    assert_ok(&out);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    let minted = json_out(&out);
+    let new_viewer = minted["token"].as_str().unwrap();
+    assert!(new_viewer.starts_with("csviewer_"), "{new_viewer}");
+    assert!(new_viewer.contains(minted["tokenId"].as_str().unwrap()));
+    let in_7d = capsync_shared::now_millis() + 7 * 86_400_000;
+    let expires_at = minted["expiresAt"].as_i64().unwrap();
+    assert!((in_7d - 60_000..=in_7d).contains(&expires_at), "{minted}");
+    let out = capsync(&server, Some(new_viewer), &["state", "--json"]);
+    assert_ok(&out);
+    assert_eq!(
+        json_out(&out),
+        json!({"shareId": share_id, "cursor": 2, "writerEpoch": 1, "viewerEpoch": 1})
+    );
+
+    // Only for the agent's own shares, and only with an agent token.
+    let other_agent = mint_agent(&server);
+    let out = capsync(
+        &server,
+        Some(&other_agent),
+        &["share", "mint-writer", share_id, "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json_out(&out)["error"]["code"], "notFound");
+    let out = capsync(
+        &server,
+        Some(&agent),
+        &["share", "mint-viewer", "sh_does_not_exist"],
+    );
+    assert_error(&out, "error: not found");
+    let out = capsync(
+        &server,
+        Some(&new_writer),
+        &["share", "mint-viewer", share_id],
+    );
+    assert_eq!(
+        stderr(&out),
+        "error: this is a writer token, but this needs an agent token\n"
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn rejected_ops_make_push_exit_3() {
+    let server = TestServer::start();
+    let agent = mint_agent(&server);
+    let created = create_share(&server, &agent, "ses_x");
     let writer = created["writerToken"]["token"].as_str().unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -235,8 +451,51 @@ fn rejected_ops_make_push_exit_3() {
         "{text}"
     );
     assert!(
-        text.contains("rejected w (session.upsert): invalid: not this share's session"),
+        text.contains(
+            "rejected w (session.upsert): invalid: session id wrong is not this share's session ses_x"
+        ),
         "{text}"
+    );
+    // Again, as JSON: still exit 3, the rejection in the document.
+    let out = capsync(
+        &server,
+        Some(writer),
+        &["push", ops.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let report = json_out(&out);
+    assert_eq!(report["duplicates"], 1);
+    assert_eq!(report["rejected"][0]["opId"], "w");
+    assert_eq!(report["rejected"][0]["reason"], "invalid");
+
+    // A part before its message, with dependsOn: resent after it, so nothing is rejected.
+    std::fs::write(
+        &ops,
+        "{\"opId\": \"p\", \"kind\": \"part.upsert\", \"payload\": {\"id\": \"p\", \"messageID\": \"m\", \"type\": \"text\"}, \"dependsOn\": [\"m\"]}\n\
+         {\"opId\": \"m\", \"kind\": \"message.upsert\", \"payload\": {\"id\": \"m\", \"role\": \"user\"}}\n",
+    )
+    .unwrap();
+    let out = capsync(&server, Some(writer), &["push", ops.to_str().unwrap()]);
+    assert_ok(&out);
+    assert_eq!(
+        stdout(&out).trim(),
+        "2 ops in 2 batches: 2 applied, 0 duplicate, 0 rejected; cursor 3"
+    );
+
+    // A stale transition (replaying an older state of a finished message) is reported
+    // but is not an error.
+    std::fs::write(
+        &ops,
+        "{\"opId\": \"m-done\", \"kind\": \"message.upsert\", \"payload\": {\"id\": \"m\", \"role\": \"user\", \"time\": {\"completed\": 9}}}\n\
+         {\"opId\": \"m-old\", \"kind\": \"message.upsert\", \"payload\": {\"id\": \"m\", \"role\": \"user\"}}\n",
+    )
+    .unwrap();
+    let out = capsync(&server, Some(writer), &["push", ops.to_str().unwrap()]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("rejected m-old (message.upsert): staleTransition"),
+        "{}",
+        stdout(&out)
     );
 
     // A malformed file fails before connecting, naming the line.
@@ -265,15 +524,13 @@ fn rejected_ops_make_push_exit_3() {
 
 #[test]
 fn token_problems_are_clear_and_never_echo_the_token() {
-    let (addr, admin_token) = fake_server::start_thread();
-    let server = addr.to_string();
+    let server = TestServer::start();
+    let admin_token = server.admin_token();
 
     let out = capsync(&server, None, &["state"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("needs a writer or viewer token"),
-        "{}",
-        stderr(&out)
+    assert_error(
+        &out,
+        "error: invalid input: this command needs a writer or viewer token",
     );
 
     let secret = "csviewer_zz_not-a-real-secret";
@@ -283,15 +540,10 @@ fn token_problems_are_clear_and_never_echo_the_token() {
     assert!(!stdout(&out).contains("not-a-real-secret"));
     assert_eq!(json_out(&out)["error"]["code"], "invalidInput");
 
-    // The admin token is well-formed but the wrong kind for `push`: refused before sending.
+    // The file is read before the token is even looked at.
     let out = capsync(&server, Some(&admin_token), &["push", "nonexistent.json"]);
-    assert_eq!(out.status.code(), Some(1));
-    // (the file is read first)
-    assert!(
-        stderr(&out).contains("cannot read nonexistent.json"),
-        "{}",
-        stderr(&out)
-    );
+    assert_error(&out, "error: invalid input: cannot read nonexistent.json");
+    // The admin token is well-formed but the wrong kind: refused before sending.
     let out = capsync(&server, Some(&admin_token), &["snapshot"]);
     assert_eq!(
         stderr(&out),
@@ -299,12 +551,43 @@ fn token_problems_are_clear_and_never_echo_the_token() {
     );
     assert!(!stderr(&out).contains(&admin_token));
 
-    // A well-formed token the server does not know.
+    // A well-formed token the server does not know: its answer, without the token.
     let unknown = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Admin).expose();
     let out = capsync(&server, Some(&unknown), &["admin", "list", "--json"]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(json_out(&out)["error"]["code"], "permissionDenied");
+    let error = json_out(&out);
+    assert_eq!(error["error"]["code"], "permissionDenied");
     assert!(!stdout(&out).contains(&unknown) && !stderr(&out).contains(&unknown));
+    assert_eq!(
+        stderr(&out),
+        format!("error: {}\n", error["error"]["message"].as_str().unwrap())
+    );
+
+    // From a token file too: its first line, and a missing file is named.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{admin_token}\nignored\n")).unwrap();
+    let out = capsync(
+        &server,
+        None,
+        &[
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "admin",
+            "list",
+        ],
+    );
+    assert_ok(&out);
+    assert_eq!(stdout(&out).trim(), "no shares");
+    let out = capsync(
+        &server,
+        None,
+        &["--token-file", "/nonexistent/token", "admin", "list"],
+    );
+    assert_error(
+        &out,
+        "error: invalid input: cannot read token file /nonexistent/token",
+    );
 
     // Nothing listening.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -312,31 +595,26 @@ fn token_problems_are_clear_and_never_echo_the_token() {
         .local_addr()
         .unwrap()
         .port();
-    let out = capsync(
+    let out = capsync_at(
         &format!("127.0.0.1:{port}"),
         Some(&admin_token),
         &["admin", "list"],
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).starts_with(&format!("error: could not connect to 127.0.0.1:{port}")),
-        "{}",
-        stderr(&out)
+    assert_error(
+        &out,
+        &format!("error: could not connect to 127.0.0.1:{port}"),
     );
+    assert!(!stderr(&out).contains(&admin_token));
 }
 
 #[test]
 fn the_command_line_runs_in_process_with_captured_output() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&runtime, async {
-        let (addr, world) = fake_server::start_local().await;
-        let server = addr.to_string();
-        let admin = world.borrow().admin_token.clone();
+    let server = TestServer::start();
+    let addr = server.addr().to_string();
+    let admin = server.admin_token();
+    support::run_local(async {
         let run = |args: Vec<&str>| {
-            let mut full = vec!["capsync", "--server", &server];
+            let mut full = vec!["capsync", "--server", &addr];
             full.extend(args);
             let full: Vec<String> = full.into_iter().map(str::to_owned).collect();
             capsync_client::cli::run_args(full)
@@ -346,19 +624,61 @@ fn the_command_line_runs_in_process_with_captured_output() {
         assert_eq!(minted.code, 0, "{minted:?}");
         assert!(minted.stdout.starts_with("csagent_"));
         assert!(minted.stderr.starts_with("minted agent token"));
+        let agent = minted.stdout.trim().to_owned();
 
         let listed = run(vec!["--token", &admin, "admin", "list", "--json"]).await;
         assert_eq!(listed.code, 0);
         let list: Value = serde_json::from_str(&listed.stdout).unwrap();
         assert_eq!(list, json!({"shares": [], "nextAfter": null}));
 
+        let created = run(vec![
+            "--token",
+            &agent,
+            "share",
+            "create",
+            "--session-id",
+            "ses_in",
+            "--json",
+        ])
+        .await;
+        assert_eq!(created.code, 0, "{created:?}");
+        let created: Value = serde_json::from_str(&created.stdout).unwrap();
+        let share_id = created["shareId"].as_str().unwrap();
+        let minted = run(vec!["--token", &agent, "share", "mint-writer", share_id]).await;
+        assert_eq!(minted.code, 0, "{minted:?}");
+        assert!(minted.stdout.starts_with("cswriter_"), "{minted:?}");
+        assert_eq!(
+            minted.stderr,
+            format!(
+                "minted writer token {} for share {share_id} (expires never)\n",
+                &minted.stdout.trim()["cswriter_".len()..][..16]
+            )
+        );
+
+        // Usage errors: exit 2 and clap's message.
         let usage = run(vec!["admin", "frobnicate"]).await;
         assert_eq!(usage.code, 2);
         assert!(usage.stderr.contains("frobnicate"), "{usage:?}");
+        let usage = run(vec!["--token", &agent, "share", "mint-writer"]).await;
+        assert_eq!(usage.code, 2, "{usage:?}");
+        assert!(usage.stderr.contains("<SHARE_ID>"), "{usage:?}");
+        let usage = run(vec!["share", "mint-viewer", "sh_1", "--expires", "soon"]).await;
+        assert_eq!(usage.code, 2, "{usage:?}");
+        assert!(usage.stderr.contains("soon"), "{usage:?}");
 
         let help = run(vec!["push", "--help"]).await;
         assert_eq!(help.code, 0);
         assert!(help.stdout.contains("Examples:"), "{help:?}");
+        for command in ["mint-writer", "mint-viewer"] {
+            let help = run(vec!["share", command, "--help"]).await;
+            assert_eq!(help.code, 0, "{help:?}");
+            assert!(
+                help.stdout
+                    .contains(&format!("$(capsync share {command} sh_0123abcd --expires")),
+                "{help:?}"
+            );
+            assert!(help.stdout.contains("--scope"), "{help:?}");
+        }
 
         let wrong = run(vec!["--token", &admin, "--json", "state"]).await;
         assert_eq!(wrong.code, 1);

@@ -75,12 +75,12 @@ impl From<LedgerError> for ServerError {
             LedgerError::NotFound => Self::new(ErrorCode::NotFound, "share not found"),
             LedgerError::Revoked => Self::new(
                 ErrorCode::Revoked,
-                "this capability was revoked; redeem a newer token",
+                "this capability was revoked; the share's owner can mint a new token",
             ),
             LedgerError::PermissionDenied => Self::denied(),
             LedgerError::CursorConflict(cursor) => Self {
                 code: ErrorCode::CursorConflict,
-                message: format!("expectedCursor does not match; the share is at {cursor}"),
+                message: "expectedCursor does not match the share's cursor".into(),
                 cursor,
             },
             LedgerError::InvalidArgument(why) => Self::invalid(why),

@@ -9,7 +9,8 @@
 //! - [`limits`]: protocol limits both sides must agree on.
 
 // The generated code refers to itself as `crate::capsync_capnp::…`, so it must sit
-// exactly at this path.
+// exactly at this path. It stays as capnpc wrote it (rustfmt would make it drift).
+#[rustfmt::skip]
 #[allow(clippy::all, unused, missing_docs)]
 #[path = "generated/capsync_capnp.rs"]
 pub mod capsync_capnp;

@@ -19,7 +19,7 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// A server with test defaults (cheap argon2, generous rate limit).
+    /// A server with test defaults (`Config::for_tests`: cheap argon2, otherwise the defaults).
     pub fn start() -> Self {
         Self::start_with(|_| {})
     }

@@ -44,8 +44,8 @@ pub async fn save(global: &Global, out: &Output) -> Result<u8, ClientError> {
     Ok(super::EXIT_OK)
 }
 
-/// The token alone on stdout; what it is on stderr.
-fn print_minted(out: &Output, kind: &str, share_id: &str, minted: &MintedToken) {
+/// The token alone on stdout; what it is on stderr. With `--json`, the `MintedToken`.
+pub(super) fn print_minted(out: &Output, kind: &str, share_id: &str, minted: &MintedToken) {
     out.note(format!(
         "minted {kind} token {} for share {share_id} (expires {})",
         minted.token_id,

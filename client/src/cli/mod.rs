@@ -43,7 +43,7 @@ Share AI coding-agent sessions through a capsync server.
 Every command talks to one server (--server, or CAPSYNC_SERVER) and acts with one token
 (--token, CAPSYNC_TOKEN, or --token-file). What a token may do depends on its kind:
   admin   mint agent tokens; revoke, list and delete any share
-  agent   create shares; list and revoke the shares it created
+  agent   create shares; list and revoke the shares it created, mint new tokens for them
   writer  push ops into one share; mint viewer links; read it
   viewer  read one share (snapshot, state, ops)
 
@@ -63,6 +63,12 @@ Examples:
 
   # anyone with the viewer token reads it
   CAPSYNC_TOKEN=$VIEWER_TOKEN capsync snapshot
+
+  # the agent unshares, then mints itself a fresh writer token (and a new link)
+  export CAPSYNC_TOKEN=$AGENT_TOKEN
+  capsync share revoke $SHARE_ID
+  WRITER_TOKEN=$(capsync share mint-writer $SHARE_ID)
+  VIEWER_TOKEN=$(capsync share mint-viewer $SHARE_ID --expires 7d)
 
 Exit codes: 0 success, 1 error, 2 bad usage, 3 push had ops rejected.";
 
@@ -122,7 +128,7 @@ pub enum Command {
     #[command(subcommand)]
     Admin(admin::AdminCommand),
 
-    /// Create shares, list and revoke the ones you created (agent token)
+    /// Create shares; list, revoke and mint new tokens for the ones you created (agent token)
     #[command(subcommand)]
     Share(share::ShareCommand),
 
@@ -372,6 +378,38 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["capsync", "mint-viewer", "--expires", "soon"]).is_err());
+    }
+
+    #[test]
+    fn share_mint_commands_take_a_share_id_and_an_expiry() {
+        let cli = Cli::try_parse_from([
+            "capsync",
+            "share",
+            "mint-writer",
+            "sh_1",
+            "--expires",
+            "30d",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Share(share::ShareCommand::MintWriter(args)) => {
+                assert_eq!(args.share_id, "sh_1");
+                assert_eq!(
+                    args.expires,
+                    crate::expiry::Expiry::In(std::time::Duration::from_secs(30 * 86_400))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["capsync", "share", "mint-viewer", "sh_2"]).unwrap();
+        match cli.command {
+            Command::Share(share::ShareCommand::MintViewer(args)) => {
+                assert_eq!(args.share_id, "sh_2");
+                assert_eq!(args.expires, crate::expiry::Expiry::Never);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["capsync", "share", "mint-writer"]).is_err());
     }
 
     #[test]

@@ -29,6 +29,10 @@ use crate::push::{DEFAULT_BATCH_SIZE, PushReport, push_ops};
 /// duplicate. Prints applied/duplicate/rejected counts and the share's cursor, and lists
 /// rejected ops with the server's reason.
 ///
+/// Ops apply in file order. An op whose "dependsOn" ids are not applied yet is sent again
+/// after the rest; an op that refers to a record not there yet (a part before its
+/// message) is rejected as invalid, unless it names that record's op in "dependsOn".
+///
 /// Exit code 3 when an op was rejected as invalid or still misses a dependency
 /// (rejections as stale transitions, from replaying an older export, do not count).
 ///

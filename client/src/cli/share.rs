@@ -1,4 +1,5 @@
-//! `capsync share ...`: an agent creates, lists and revokes its shares (agent token).
+//! `capsync share ...`: an agent creates, lists and revokes its shares, and mints new
+//! writer and viewer tokens for them (agent token).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -47,6 +48,38 @@ pub enum ShareCommand {
         #[arg(long, value_enum, default_value_t = ScopeArg::All)]
         scope: ScopeArg,
     },
+
+    /// Mint a new writer token for one of your shares
+    ///
+    /// The token is minted at the share's current writer epoch, so it works after
+    /// `capsync share revoke <id> --scope writers` stopped the old ones: how the owner
+    /// writes again after unsharing, or replaces a writer token that leaked.
+    /// Prints the new token alone on stdout (details on stderr), so it can be captured:
+    ///   WRITER_TOKEN=$(capsync share mint-writer sh_0123abcd --expires 30d)
+    ///   capsync share mint-writer sh_0123abcd --json
+    #[command(verbatim_doc_comment)]
+    MintWriter(MintArgs),
+
+    /// Mint a new viewer token (a read-only link) for one of your shares
+    ///
+    /// The token is minted at the share's current viewer epoch, so it works after
+    /// `capsync share revoke <id> --scope viewers` stopped the old links: how the owner
+    /// hands out a fresh link, or one that expires sooner.
+    /// Prints the new token alone on stdout (details on stderr), so it can be captured:
+    ///   VIEWER_TOKEN=$(capsync share mint-viewer sh_0123abcd --expires 7d)
+    ///   capsync share mint-viewer sh_0123abcd --json
+    #[command(verbatim_doc_comment)]
+    MintViewer(MintArgs),
+}
+
+/// Arguments of `share mint-writer` and `share mint-viewer`.
+#[derive(Debug, clap::Args)]
+pub struct MintArgs {
+    /// The share's id (see `capsync share list`); it must be one this agent token created
+    pub share_id: String,
+    /// When the token expires: a duration (30d, 12h), a time (2030-01-31T12:00:00Z), or never
+    #[arg(long, value_name = "WHEN", default_value = "never")]
+    pub expires: Expiry,
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,6 +164,16 @@ async fn run_with(
         ShareCommand::Revoke { share_id, scope } => {
             let state = agent.revoke_share(share_id, (*scope).into()).await?;
             out.result(&state, || revoked_text(&state, (*scope).into()));
+        }
+        ShareCommand::MintWriter(args) => {
+            let expires_at = args.expires.expires_at(capsync_shared::now_millis());
+            let minted = agent.mint_writer(&args.share_id, expires_at).await?;
+            super::mint::print_minted(out, "writer", &args.share_id, &minted);
+        }
+        ShareCommand::MintViewer(args) => {
+            let expires_at = args.expires.expires_at(capsync_shared::now_millis());
+            let minted = agent.mint_viewer(&args.share_id, expires_at).await?;
+            super::mint::print_minted(out, "viewer", &args.share_id, &minted);
         }
     }
     Ok(())

@@ -32,11 +32,18 @@ pub async fn list(
     };
     let listed = async {
         let after = wire::text(after)?;
-        Ok::<_, ServerError>(ctx.ledger.list_shares(auth.clone(), after, limit).await?)
+        // One more than the page, to know whether another page follows.
+        let mut shares = ctx
+            .ledger
+            .list_shares(auth.clone(), after, limit + 1)
+            .await?;
+        let more = shares.len() > limit as usize;
+        shares.truncate(limit as usize);
+        Ok::<_, ServerError>((shares, more))
     }
     .await;
     match listed {
-        Ok(shares) => wire::fill_list(&shares, limit, out.init_ok()),
+        Ok((shares, more)) => wire::fill_list(&shares, more, out.init_ok()),
         Err(err) => err.fill(out.init_failure()),
     }
 }

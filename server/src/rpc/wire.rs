@@ -20,11 +20,14 @@ pub fn text(field: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, Ser
         .map_err(|_| ServerError::invalid("text field is not valid UTF-8"))
 }
 
-/// `0` on the wire means "no expiry"; negative times are refused.
+/// An expiry: `0` on the wire means "never"; a time not in the future is refused,
+/// since a token that is dead on arrival is always a mistake.
 pub fn optional_time(millis: i64, what: &str) -> Result<Option<i64>, ServerError> {
     match millis {
         0 => Ok(None),
-        t if t < 0 => Err(ServerError::invalid(format!("{what} must not be negative"))),
+        t if t <= capsync_shared::now_millis() => Err(ServerError::invalid(format!(
+            "{what} must be in the future (Unix milliseconds), or 0 for never"
+        ))),
         t => Ok(Some(t)),
     }
 }
@@ -124,13 +127,13 @@ pub fn fill_info(info: &ShareInfo, mut out: share_info::Builder<'_>) {
     out.set_owner_token_id(info.owner_token_id.as_str());
 }
 
-pub fn fill_list(shares: &[ShareInfo], limit: u32, mut out: share_list::Builder<'_>) {
+/// `more`: whether shares follow this page (then `nextAfter` is the last id).
+pub fn fill_list(shares: &[ShareInfo], more: bool, mut out: share_list::Builder<'_>) {
     let mut list = out.reborrow().init_shares(shares.len() as u32);
     for (i, info) in shares.iter().enumerate() {
         fill_info(info, list.reborrow().get(i as u32));
     }
-    // A full page may have more behind it; a short one is the last.
-    if let Some(last) = shares.last().filter(|_| shares.len() as u32 == limit) {
+    if let Some(last) = shares.last().filter(|_| more) {
         out.set_next_after(last.state.share_id.as_str());
     }
 }
