@@ -10,7 +10,7 @@ use super::shares::outcome;
 use super::viewer::ViewerImpl;
 use super::wire::{self, BatchLimits};
 use crate::error::ServerError;
-use crate::ledger::{Ack, AuditEvent, Authority, OpOutcome};
+use crate::ledger::{Ack, AuditEvent, Authority};
 
 pub struct WriterImpl {
     ctx: Rc<Context>,
@@ -67,21 +67,6 @@ impl WriterImpl {
     }
 }
 
-fn summary(ack: &Ack) -> String {
-    let (mut applied, mut duplicate, mut rejected) = (0, 0, 0);
-    for result in &ack.results {
-        match result.outcome {
-            OpOutcome::Applied(_) => applied += 1,
-            OpOutcome::Duplicate(_) => duplicate += 1,
-            OpOutcome::Rejected { .. } => rejected += 1,
-        }
-    }
-    format!(
-        "cursor={} applied={applied} duplicate={duplicate} rejected={rejected}",
-        ack.cursor
-    )
-}
-
 impl share_writer::Server for WriterImpl {
     async fn append_ops(
         self: Rc<Self>,
@@ -89,18 +74,18 @@ impl share_writer::Server for WriterImpl {
         mut results: share_writer::AppendOpsResults,
     ) -> Result<(), capnp::Error> {
         let appended = self.append(&params).await;
-        let batch_id = params
-            .get()
-            .and_then(|p| p.get_batch())
-            .and_then(|b| b.get_batch_id())
-            .ok()
-            .and_then(|t| t.to_str().ok().map(str::to_owned))
-            .unwrap_or_default();
-        let detail = match &appended {
-            Ok(ack) => format!("batch={batch_id} {}", summary(ack)),
-            Err(err) => format!("batch={batch_id} {err}"),
-        };
-        self.audit("append", outcome(&appended), detail);
+        // A successful append's audit line is written by the ledger, in the
+        // batch's own transaction; failures are audited here.
+        if let Err(err) = &appended {
+            let batch_id = params
+                .get()
+                .and_then(|p| p.get_batch())
+                .and_then(|b| b.get_batch_id())
+                .ok()
+                .and_then(|t| t.to_str().ok().map(str::to_owned))
+                .unwrap_or_default();
+            self.audit("append", err.code.as_str(), format!("batch={batch_id} {err}"));
+        }
         let result = results.get().init_result();
         match appended {
             Ok(ack) => wire::fill_ack(&ack, result.init_ack()),

@@ -7,9 +7,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::authority::{self, Access, ShareRow};
 use super::convert::{cursor_column, cursor_param};
-use super::{payload, records};
+use super::{audit, payload, records};
 use crate::ledger::{
-    Ack, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult, RejectReason,
+    Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
+    RejectReason,
 };
 
 /// Applies `batch` inside the caller's transaction (see ARCHITECTURE.md, "appendOps").
@@ -49,7 +50,32 @@ pub(super) fn append(
         conn.prepare_cached("UPDATE shares SET cursor = ?2, updated_at = ?3 WHERE id = ?1")?
             .execute(params![share.id.as_str(), cursor_param(cursor)?, now])?;
     }
-    Ok(Ack { cursor, results })
+    let ack = Ack { cursor, results };
+    // The audit line commits with the batch: atomic with it, and no second
+    // transaction (and fsync) per append.
+    audit::insert(conn, &append_audit(writer, batch, &ack), now)?;
+    Ok(ack)
+}
+
+fn append_audit(writer: &Authority, batch: &BatchIn, ack: &Ack) -> AuditEvent {
+    let (mut applied, mut duplicate, mut rejected) = (0, 0, 0);
+    for result in &ack.results {
+        match result.outcome {
+            OpOutcome::Applied(_) => applied += 1,
+            OpOutcome::Duplicate(_) => duplicate += 1,
+            OpOutcome::Rejected { .. } => rejected += 1,
+        }
+    }
+    AuditEvent {
+        action: "append",
+        token_id: Some(writer.token_id.clone()),
+        share_id: writer.share.as_ref().map(|(id, _)| id.clone()),
+        outcome: "ok".into(),
+        detail: format!(
+            "batch={} cursor={} applied={applied} duplicate={duplicate} rejected={rejected}",
+            batch.batch_id, ack.cursor
+        ),
+    }
 }
 
 /// One batch being applied.
