@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::authority::{self, Access, ShareRow};
 use super::convert::{cursor_column, cursor_param};
+use super::records::KnownMessages;
 use super::{audit, payload, records};
 use crate::ledger::{
     Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
@@ -34,6 +35,7 @@ pub(super) fn append(
         now,
         cursor: share.cursor,
         applied_here: HashMap::new(),
+        known_messages: KnownMessages::default(),
     };
     let results = batch
         .ops
@@ -92,12 +94,14 @@ struct BatchRun<'a> {
     /// dependencies exactly like ledger rows (they are ledger rows already;
     /// this just saves the lookups).
     applied_here: HashMap<&'a str, Cursor>,
+    /// Messages seen to exist during this batch.
+    known_messages: KnownMessages,
 }
 
 impl<'a> BatchRun<'a> {
     fn op(&mut self, op: &'a OpIn) -> LedgerResult<OpOutcome> {
-        if let Some(at) = self.applied_at(&op.op_id)? {
-            return Ok(OpOutcome::Duplicate(at));
+        if let Some(at) = self.applied_here.get(op.op_id.as_str()) {
+            return Ok(OpOutcome::Duplicate(*at));
         }
         if op.depends_on.contains(&op.op_id) {
             return Ok(rejected(
@@ -105,26 +109,16 @@ impl<'a> BatchRun<'a> {
                 "op depends on itself".to_owned(),
             ));
         }
-        for dependency in &op.depends_on {
-            if self.applied_at(dependency)?.is_none() {
-                return Ok(rejected(
-                    RejectReason::MissingDependency,
-                    format!("depends on op {dependency}, which is not applied in this share"),
-                ));
-            }
-        }
-        let effect = match payload::parse(op.kind, &op.payload, &self.share.session_id) {
-            Ok(effect) => effect,
-            Err(reason) => return Ok(rejected(RejectReason::Invalid, reason)),
-        };
-        if let Err(refusal) = records::apply(self.conn, self.share.id.as_str(), &effect)? {
-            return Ok(rejected(refusal.reason, refusal.detail));
-        }
+        // Claim the op id first: the unique index answers "duplicate?" in the
+        // same probe that records the op, instead of a lookup before it. An op
+        // refused below gives its claim back.
         let cursor = Cursor(self.cursor.0 + 1);
-        self.conn
+        let claimed = self
+            .conn
             .prepare_cached(
                 "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (share_id, op_id) DO NOTHING",
             )?
             .execute(params![
                 self.share.id.as_str(),
@@ -135,10 +129,53 @@ impl<'a> BatchRun<'a> {
                 self.writer.token_id.as_str(),
                 self.batch_id,
                 self.now,
-            ])?;
-        self.cursor = cursor;
-        self.applied_here.insert(op.op_id.as_str(), cursor);
-        Ok(OpOutcome::Applied(cursor))
+            ])?
+            == 1;
+        if !claimed {
+            let at = self.applied_at(&op.op_id)?.ok_or_else(|| {
+                LedgerError::Storage(format!(
+                    "op {} conflicted but is not in the ledger",
+                    op.op_id
+                ))
+            })?;
+            return Ok(OpOutcome::Duplicate(at));
+        }
+        match self.check_and_apply(op)? {
+            Ok(()) => {
+                self.cursor = cursor;
+                self.applied_here.insert(op.op_id.as_str(), cursor);
+                Ok(OpOutcome::Applied(cursor))
+            }
+            Err(outcome) => {
+                self.conn
+                    .prepare_cached("DELETE FROM ops WHERE share_id = ?1 AND cursor = ?2")?
+                    .execute(params![self.share.id.as_str(), cursor_param(cursor)?])?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// Dependencies, payload and stored state, then the record write; or the rejection.
+    fn check_and_apply(&mut self, op: &OpIn) -> LedgerResult<Result<(), OpOutcome>> {
+        for dependency in &op.depends_on {
+            if self.applied_at(dependency)?.is_none() {
+                return Ok(Err(rejected(
+                    RejectReason::MissingDependency,
+                    format!("depends on op {dependency}, which is not applied in this share"),
+                )));
+            }
+        }
+        let effect = match payload::parse(op.kind, &op.payload, &self.share.session_id) {
+            Ok(effect) => effect,
+            Err(reason) => return Ok(Err(rejected(RejectReason::Invalid, reason))),
+        };
+        let refused = records::apply(
+            self.conn,
+            self.share.id.as_str(),
+            &effect,
+            &mut self.known_messages,
+        )?;
+        Ok(refused.map_err(|refusal| rejected(refusal.reason, refusal.detail)))
     }
 
     /// The cursor `op_id` was applied at in this share, if it was.

@@ -3,6 +3,8 @@
 //! Each effect first checks what it needs from the stored records and only
 //! then writes, so a rejected op leaves nothing behind.
 
+use std::collections::HashSet;
+
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
@@ -27,11 +29,17 @@ impl Refusal {
     }
 }
 
+/// Messages known to exist in the share while one batch is applied, so a batch
+/// of parts looks its message up once instead of once per part.
+#[derive(Debug, Default)]
+pub(super) struct KnownMessages(HashSet<String>);
+
 /// Applies `effect` to the records of `share_id`, or says why the stored state refuses it.
 pub(super) fn apply(
     conn: &Connection,
     share_id: &str,
     effect: &Effect,
+    known: &mut KnownMessages,
 ) -> LedgerResult<Result<(), Refusal>> {
     match effect {
         Effect::Session { json } => {
@@ -60,21 +68,26 @@ pub(super) fn apply(
                  SET terminal = excluded.terminal, json = excluded.json",
             )?
             .execute(params![share_id, id, terminal, json])?;
+            known.0.insert(id.clone());
         }
         Effect::MessageRemove { id } => {
             // Its parts go with it (ON DELETE CASCADE).
             conn.prepare_cached("DELETE FROM messages WHERE share_id = ?1 AND id = ?2")?
                 .execute(params![share_id, id])?;
+            known.0.remove(id.as_str());
         }
         Effect::PartUpsert {
             id,
             message_id,
             json,
         } => {
-            let message_exists = conn
-                .prepare_cached("SELECT 1 FROM messages WHERE share_id = ?1 AND id = ?2")?
-                .exists(params![share_id, message_id])?;
-            if !message_exists {
+            let message_exists = known.0.contains(message_id.as_str())
+                || conn
+                    .prepare_cached("SELECT 1 FROM messages WHERE share_id = ?1 AND id = ?2")?
+                    .exists(params![share_id, message_id])?;
+            if message_exists {
+                known.0.insert(message_id.clone());
+            } else {
                 return Ok(Err(Refusal::invalid(format!(
                     "part's message {message_id} does not exist in this share"
                 ))));
