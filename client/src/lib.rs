@@ -12,6 +12,11 @@
 //! - [`export`]: an opencode-style session export as ops with content-addressed ids.
 //! - [`ops_file`]: reading ops files (JSON array or JSON Lines) and detecting exports.
 //! - [`push`]: sending ops in deterministic batches and summing up the acks.
+//! - [`outbox`]: the agent's durable outbox ([`Outbox`]), a SQLite file of its own: ops wait
+//!   there until acked; batches are persisted, so a retry (even after a crash) carries the
+//!   same ops in the same order.
+//! - [`syncer`]: [`spawn_syncer`], the background task that drains an outbox, with backoff,
+//!   reconnect and re-redeem, stopping for good on a revoked or refused token ([`Syncer`]).
 //! - [`expiry`]: `--expires 30d` style arguments.
 //! - [`cli`]: the `capsync` command (the binary in `src/bin/capsync.rs` only calls it).
 //!
@@ -35,7 +40,9 @@ pub mod error;
 pub mod expiry;
 pub mod export;
 pub mod ops_file;
+pub mod outbox;
 pub mod push;
+pub mod syncer;
 pub mod types;
 pub mod viewer;
 mod wire;
@@ -50,7 +57,11 @@ pub use document::{MessageDocument, SessionDocument};
 pub use error::ClientError;
 pub use export::{SessionExport, ops_from_export};
 pub use ops_file::{InputFormat, parse_ops, read_push_input};
+pub use outbox::{
+    AckSummary, Enqueued, Outbox, OutboxBatch, OutboxError, OutboxStatus, Refusal, RejectedEntry,
+};
 pub use push::{PushReport, push_ops};
+pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
 pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
 pub use viewer::{LoggedOp, OpsPage, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient};
 pub use writer::{Ack, Batch, OpOutcome, OpResult, RejectReason, WriterClient};

@@ -1,105 +1,13 @@
 //! The `capsync-server` binary as an operator runs it: structured logs, SIGTERM
 //! draining batches in flight, restart on the same data, admin token rotation.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::time::Duration;
+mod support;
+
+use std::process::Command;
 
 use capsync_client::{Batch, ErrorCode, NewShare, OpKind, OpSpec};
-use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_capsync-server");
-
-/// A `capsync-server serve` child process with JSON logs read line by line.
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-    logs: Receiver<Value>,
-}
-
-impl ServerProcess {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            // Cheap hashing: these tests measure behaviour, not argon2.
-            .args(["--argon2-memory-kib", "256", "--argon2-iterations", "1"])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start capsync-server");
-        let (tx, logs) = channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line).unwrap_or(json!({"raw": line}));
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = Self {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            logs,
-        };
-        // Readiness is the log line that carries the bound address.
-        let listening = server.wait_for_log("capsync listening");
-        server.addr = listening["fields"]["addr"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        server
-    }
-
-    fn wait_for_log(&mut self, message: &str) -> Value {
-        loop {
-            let line = self
-                .logs
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no log line {message:?}"));
-            if line["fields"]["message"] == message {
-                return line;
-            }
-        }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        self.child.wait().expect("wait for server")
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run_local<F: std::future::Future>(body: F) -> F::Output {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&runtime, body)
-}
-
-fn admin_token(data_dir: &Path) -> String {
-    std::fs::read_to_string(data_dir.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned()
-}
+use serde_json::json;
+use support::{BIN, ServerProcess, admin_token, run_local};
 
 fn part(i: usize, batch: usize) -> OpSpec {
     OpSpec::new(

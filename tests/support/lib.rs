@@ -189,3 +189,7 @@ pub fn text_part_op(session_id: &str, message_id: &str, part_id: &str) -> OpSpec
 pub fn batch(id: &str, ops: Vec<OpSpec>) -> Batch {
     Batch::new(id, ops)
 }
+
+pub mod model;
+pub mod proxy;
+pub mod workload;

@@ -1,17 +1,21 @@
 //! The `capsync` command line: argument definitions, dispatch, and the runtime it runs on.
 //!
 //! Each command lives in its own module; they share [`Global`] (server, output mode, token)
-//! and [`Output`]. Exit codes: 0 success, 1 error, 2 bad usage (clap), 3 `push`
-//! had ops rejected as invalid or still missing a dependency.
+//! and [`Output`]. Exit codes: 0 success, 1 error, 2 bad usage (clap), 3 `push` (or
+//! `sync --once`) had ops rejected as invalid or still missing a dependency.
 
 mod admin;
 mod inspect;
 mod mint;
+mod outbox_cmd;
 mod output;
+mod progress;
 mod push;
 mod render;
 mod share;
 mod snapshot;
+mod sync;
+mod sync_source;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -29,7 +33,7 @@ pub use output::{Captured, Output};
 pub const EXIT_OK: u8 = 0;
 /// Exit code of any error (remote, transport, input).
 pub const EXIT_ERROR: u8 = 1;
-/// Exit code for a push whose file had ops the server refused.
+/// Exit code for a push (or `sync --once`) whose file had ops the server refused.
 pub const EXIT_REJECTED: u8 = 3;
 
 /// Default server address.
@@ -61,6 +65,10 @@ Examples:
   CAPSYNC_TOKEN=$AGENT_TOKEN capsync share create --from-export session.json
   CAPSYNC_TOKEN=$WRITER_TOKEN capsync push session.json
 
+  # or the agent keeps the share in step with a log it appends to, until Ctrl-C
+  CAPSYNC_TOKEN=$WRITER_TOKEN capsync sync agent-ops.jsonl
+  capsync outbox status agent-ops.jsonl
+
   # anyone with the viewer token reads it
   CAPSYNC_TOKEN=$VIEWER_TOKEN capsync snapshot
 
@@ -70,7 +78,7 @@ Examples:
   WRITER_TOKEN=$(capsync share mint-writer $SHARE_ID)
   VIEWER_TOKEN=$(capsync share mint-viewer $SHARE_ID --expires 7d)
 
-Exit codes: 0 success, 1 error, 2 bad usage, 3 push had ops rejected.";
+Exit codes: 0 success, 1 error, 2 bad usage, 3 push (or sync --once) had ops rejected.";
 
 /// The `capsync` command line.
 #[derive(Debug, Parser)]
@@ -134,6 +142,13 @@ pub enum Command {
 
     // About and long help come from the args struct's doc comment.
     Push(push::PushArgs),
+
+    // About and long help come from the args struct's doc comment.
+    Sync(sync::SyncArgs),
+
+    /// Inspect the local outbox of `capsync sync`: queued, acked and rejected ops (no token)
+    #[command(subcommand)]
+    Outbox(outbox_cmd::OutboxCommand),
 
     // About and long help come from the args struct's doc comment.
     Snapshot(snapshot::SnapshotArgs),
@@ -204,7 +219,7 @@ pub async fn run_reporting(cli: &Cli, out: &Output) -> u8 {
     }
 }
 
-/// Runs one parsed command line: `Ok(exit code)` (0, or 3 for a push with rejected ops),
+/// Runs one parsed command line: `Ok(exit code)` (0, or 3 for rejected ops),
 /// or the error. Must run on a tokio `LocalSet`.
 pub async fn run(cli: &Cli, out: &Output) -> Result<u8, ClientError> {
     let global = &cli.global;
@@ -212,6 +227,8 @@ pub async fn run(cli: &Cli, out: &Output) -> Result<u8, ClientError> {
         Command::Admin(command) => admin::run(global, out, command).await,
         Command::Share(command) => share::run(global, out, command).await,
         Command::Push(args) => push::run(global, out, args).await,
+        Command::Sync(args) => sync::run(global, out, args).await,
+        Command::Outbox(command) => outbox_cmd::run(out, command).await,
         Command::Snapshot(args) => snapshot::run(global, out, args).await,
         Command::State => inspect::state(global, out).await,
         Command::Ops(args) => inspect::ops(global, out, args).await,

@@ -48,6 +48,13 @@ impl Output {
         self.json
     }
 
+    /// Whether live progress may be drawn: readable output (not `--json`), not captured,
+    /// and stderr is a terminal. Scripts and pipes get only the final result.
+    pub fn shows_progress(&self) -> bool {
+        use std::io::IsTerminal as _;
+        !self.json && self.capture.is_none() && std::io::stderr().is_terminal()
+    }
+
     /// Prints `value` as JSON, or the text `human` renders, on stdout.
     pub fn result<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
         if self.json {

@@ -10,6 +10,7 @@ use clap::builder::TypedValueParser as _;
 use serde::Serialize;
 
 use super::output::Output;
+use super::progress::Progress;
 use super::{EXIT_REJECTED, Global, finish};
 use crate::error::ClientError;
 use crate::ops_file::{DetectedFormat, InputFormat, read_push_input};
@@ -35,6 +36,9 @@ use crate::push::{DEFAULT_BATCH_SIZE, PushReport, push_ops};
 ///
 /// Exit code 3 when an op was rejected as invalid or still misses a dependency
 /// (rejections as stale transitions, from replaying an older export, do not count).
+///
+/// A push of more than one batch shows a progress bar on stderr when it is a terminal;
+/// scripts and pipes (and --json) get only the summary.
 ///
 /// Examples:
 ///   capsync push session.json
@@ -97,7 +101,22 @@ pub async fn run(global: &Global, out: &Output, args: &PushArgs) -> Result<u8, C
         input.format.describe(),
         writer.share_id()
     ));
-    let result = push_ops(&writer, &input.ops, args.batch_size, |_| {}).await;
+    // A bar only for pushes of more than one batch, and only on a terminal.
+    let progress = if input.ops.len() > args.batch_size {
+        Progress::ops(out, "push")
+    } else {
+        Progress::hidden()
+    };
+    let total = input.ops.len() as u64;
+    let result = push_ops(&writer, &input.ops, args.batch_size, |report| {
+        progress.update(
+            (report.applied + report.duplicates + report.rejected.len()) as u64,
+            total,
+            format!("cursor {}", report.cursor),
+        );
+    })
+    .await;
+    progress.finish();
     finish(conn).await;
     let report = result?;
     let pushed = Pushed {

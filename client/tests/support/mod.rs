@@ -17,6 +17,9 @@ use capsync_server::{Config, ServerHandle};
 pub struct TestServer {
     handle: Option<ServerHandle>,
     config: Config,
+    /// Kept across [`TestServer::restart`], so clients that know only the address (a
+    /// syncer) find the server again.
+    addr: SocketAddr,
     /// Deleted when the fixture drops (after the server stopped: field order).
     _dir: tempfile::TempDir,
 }
@@ -33,16 +36,44 @@ impl TestServer {
         let mut config = Config::for_tests(dir.path().join("data"));
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
         let handle = capsync_server::spawn(listener, config.clone()).expect("server starts");
         Self {
             handle: Some(handle),
             config,
+            addr,
             _dir: dir,
         }
     }
 
+    /// The address; the same after a restart.
     pub fn addr(&self) -> SocketAddr {
-        self.handle.as_ref().expect("server running").addr()
+        self.addr
+    }
+
+    /// Graceful shutdown (drain, disconnect, flush), keeping the data directory. Blocks
+    /// until the server is down: call it from `spawn_blocking` while clients of this
+    /// thread's `LocalSet` must keep running.
+    pub fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown().expect("clean shutdown");
+        }
+    }
+
+    /// Starts a stopped server again on the same data and the same address (the listener
+    /// is bound before the server thread starts, so clients can connect at once).
+    pub fn start_again(&mut self) {
+        assert!(self.handle.is_none(), "the server is still running");
+        // std sets SO_REUSEADDR, so the old connections' TIME_WAIT does not block the port.
+        let listener = TcpListener::bind(self.addr).expect("bind the same address again");
+        self.handle =
+            Some(capsync_server::spawn(listener, self.config.clone()).expect("server restarts"));
+    }
+
+    /// [`TestServer::stop`], then [`TestServer::start_again`].
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
     }
 
     /// The admin token the server wrote to its data directory on first start.
@@ -96,4 +127,103 @@ pub async fn agent(conn: &Connection, admin: &AdminClient) -> AgentClient {
         .expect("redeem agent token")
         .into_agent()
         .expect("agent capability")
+}
+
+// ---- helpers for the `capsync sync` tests (sync_cli.rs, client_kill.rs) ----
+
+/// A share for `session_id`, created by a fresh agent: (share id, writer token, agent token).
+pub async fn writer_share(server: &TestServer, session_id: &str) -> (String, String, String) {
+    let (conn, admin) = admin(server).await;
+    let minted = admin
+        .mint_agent("sync-test", None)
+        .await
+        .expect("mint agent");
+    let agent = conn
+        .redeem(&minted.token)
+        .await
+        .expect("redeem agent token")
+        .into_agent()
+        .expect("agent capability");
+    let created = agent
+        .create_share(capsync_client::NewShare {
+            session_id: session_id.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("create share");
+    conn.disconnect().await.expect("disconnect");
+    (
+        created.info.state.share_id,
+        created.writer_token.token,
+        minted.token,
+    )
+}
+
+/// Every op applied to the share `token` (writer or viewer) reads, in cursor order.
+pub async fn share_log(server: &TestServer, token: &str) -> Vec<capsync_client::LoggedOp> {
+    let conn = connect(server.addr()).await.expect("connect");
+    let reader = conn
+        .redeem(token)
+        .await
+        .expect("redeem")
+        .into_reader()
+        .expect("reader");
+    let mut ops = Vec::new();
+    loop {
+        let after = ops
+            .last()
+            .map_or(0, |op: &capsync_client::LoggedOp| op.cursor);
+        let page = reader.ops_since(after, 0).await.expect("opsSince");
+        let more = page.has_more();
+        ops.extend(page.ops);
+        if !more {
+            break;
+        }
+    }
+    conn.disconnect().await.expect("disconnect");
+    ops
+}
+
+/// JSON Lines ops for session `session_id`: its `session.upsert`, then `messages` messages,
+/// each a `message.upsert`, a text `part.upsert` and `deltas` `part.delta`s appending
+/// "<m>.<d> " to the part's text. Also the text each part `prt_<m>` ends with.
+pub fn session_op_lines(
+    session_id: &str,
+    messages: usize,
+    deltas: usize,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let line = |op_id: String, kind: &str, payload: serde_json::Value| {
+        serde_json::json!({"opId": op_id, "kind": kind, "payload": payload}).to_string()
+    };
+    let mut lines = vec![line(
+        format!("{session_id}-session"),
+        "session.upsert",
+        serde_json::json!({"id": session_id, "title": "sync test"}),
+    )];
+    let mut texts = Vec::new();
+    for m in 0..messages {
+        let (message, part) = (format!("msg_{m}"), format!("prt_{m}"));
+        lines.push(line(
+            format!("{session_id}-m{m}"),
+            "message.upsert",
+            serde_json::json!({"id": message, "role": "assistant"}),
+        ));
+        lines.push(line(
+            format!("{session_id}-p{m}"),
+            "part.upsert",
+            serde_json::json!({"id": part, "messageID": message, "type": "text", "text": ""}),
+        ));
+        let mut text = String::new();
+        for d in 0..deltas {
+            let delta = format!("{m}.{d} ");
+            text.push_str(&delta);
+            lines.push(line(
+                format!("{session_id}-p{m}-d{d}"),
+                "part.delta",
+                serde_json::json!({"partID": part, "delta": delta}),
+            ));
+        }
+        texts.push((part, text));
+    }
+    (lines, texts)
 }

@@ -84,7 +84,11 @@ impl share_writer::Server for WriterImpl {
                 .ok()
                 .and_then(|t| t.to_str().ok().map(str::to_owned))
                 .unwrap_or_default();
-            self.audit("append", err.code.as_str(), format!("batch={batch_id} {err}"));
+            self.audit(
+                "append",
+                err.code.as_str(),
+                format!("batch={batch_id} {err}"),
+            );
         }
         let result = results.get().init_result();
         match appended {

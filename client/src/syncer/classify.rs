@@ -1,0 +1,197 @@
+//! What a failed call means for the syncer: retry later, give up for good, or (for a batch
+//! refused whole) change the batch.
+
+use capsync_shared::ErrorCode;
+
+use super::SyncError;
+use crate::error::ClientError;
+
+/// What to tell the user when a writer token stops working.
+const REVOKED: &str = "the share's writer token was revoked; mint a new one (capsync share mint-writer) and sync again";
+
+/// After a failed connect or redeem.
+#[derive(Debug)]
+pub(super) enum ConnectFailure {
+    /// The token will never work again (or is not a writer token): stop.
+    Fatal(SyncError),
+    /// Network, timeouts, a server that is shutting down or rate limiting: back off, retry.
+    Retry(String),
+}
+
+/// After a failed `appendOps`.
+#[derive(Debug)]
+pub(super) enum AppendFailure {
+    /// The capability is dead (revoked, refused) or the share is gone: stop.
+    Fatal(SyncError),
+    /// The server refused the batch whole and will refuse it again as it is: split it or,
+    /// for a single op, reject that op. The reason as the outbox records it.
+    Refused(&'static str),
+    /// `expectedCursor` did not match; carries the share's current cursor.
+    CursorConflict(u64),
+    /// Transport errors, timeouts, `overloaded`, `rateLimited`, `internal`: back off, then
+    /// send the same batch again on a new connection.
+    Retry,
+}
+
+pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
+    match error {
+        ClientError::Remote { code, .. } => match code {
+            ErrorCode::Revoked => ConnectFailure::Fatal(SyncError::Revoked(REVOKED.into())),
+            // The server gives this one answer for unknown, wrong, expired and revoked
+            // tokens alike; none of them gets better by retrying.
+            ErrorCode::PermissionDenied => ConnectFailure::Fatal(SyncError::PermissionDenied(
+                "the writer token was not accepted (unknown, wrong, expired or revoked); mint a new one (capsync share mint-writer)".into(),
+            )),
+            ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal => {
+                ConnectFailure::Retry(error.to_string())
+            }
+            _ => ConnectFailure::Fatal(SyncError::Stopped(format!(
+                "redeeming the writer token failed: {error}"
+            ))),
+        },
+        ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Unimplemented => {
+            ConnectFailure::Fatal(SyncError::Stopped(format!(
+                "the server does not speak this protocol: {error}"
+            )))
+        }
+        ClientError::Rpc(_) | ClientError::Connect { .. } | ClientError::Io(_) => {
+            ConnectFailure::Retry(error.to_string())
+        }
+        ClientError::WrongKind { .. } => ConnectFailure::Fatal(SyncError::Stopped(format!(
+            "{error}: the syncer needs the share's writer token"
+        ))),
+        ClientError::InvalidInput(_) | ClientError::SnapshotUnstable { .. } => {
+            ConnectFailure::Fatal(SyncError::Stopped(error.to_string()))
+        }
+    }
+}
+
+pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
+    match error {
+        ClientError::Remote { code, cursor, .. } => match code {
+            ErrorCode::Revoked => AppendFailure::Fatal(SyncError::Revoked(REVOKED.into())),
+            ErrorCode::PermissionDenied => {
+                AppendFailure::Fatal(SyncError::PermissionDenied(format!(
+                    "the server refused to append with this writer token ({error}); mint a new one (capsync share mint-writer)"
+                )))
+            }
+            ErrorCode::NotFound => AppendFailure::Fatal(SyncError::Stopped(format!(
+                "the share no longer exists on the server ({error})"
+            ))),
+            ErrorCode::TooLarge => AppendFailure::Refused("tooLarge"),
+            ErrorCode::InvalidArgument => AppendFailure::Refused("invalid"),
+            ErrorCode::CursorConflict => AppendFailure::CursorConflict(*cursor),
+            ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal => {
+                AppendFailure::Retry
+            }
+        },
+        ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Unimplemented => AppendFailure::Fatal(
+            SyncError::Stopped(format!("the server does not speak this protocol: {error}")),
+        ),
+        ClientError::Rpc(_) | ClientError::Connect { .. } | ClientError::Io(_) => {
+            AppendFailure::Retry
+        }
+        // The outbox checks ops when they are enqueued, so the client refusing to encode
+        // one means the outbox file was edited by hand: nothing a retry can fix.
+        ClientError::InvalidInput(_)
+        | ClientError::WrongKind { .. }
+        | ClientError::SnapshotUnstable { .. } => {
+            AppendFailure::Fatal(SyncError::Stopped(error.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(code: ErrorCode) -> ClientError {
+        ClientError::Remote {
+            code,
+            message: "the server's words".into(),
+            cursor: 7,
+        }
+    }
+
+    #[test]
+    fn dead_capabilities_stop_the_syncer_with_a_clear_message() {
+        let AppendFailure::Fatal(SyncError::Revoked(msg)) =
+            append_failure(&remote(ErrorCode::Revoked))
+        else {
+            panic!("revoked must be fatal");
+        };
+        assert!(
+            msg.contains("revoked") && msg.contains("mint a new one"),
+            "{msg}"
+        );
+        assert!(matches!(
+            append_failure(&remote(ErrorCode::PermissionDenied)),
+            AppendFailure::Fatal(SyncError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            append_failure(&remote(ErrorCode::NotFound)),
+            AppendFailure::Fatal(SyncError::Stopped(_))
+        ));
+        assert!(matches!(
+            connect_failure(&remote(ErrorCode::PermissionDenied)),
+            ConnectFailure::Fatal(SyncError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            connect_failure(&remote(ErrorCode::Revoked)),
+            ConnectFailure::Fatal(SyncError::Revoked(_))
+        ));
+        let wrong = ClientError::WrongKind {
+            expected: capsync_shared::TokenKind::Writer,
+            got: capsync_shared::TokenKind::Viewer,
+        };
+        let ConnectFailure::Fatal(SyncError::Stopped(msg)) = connect_failure(&wrong) else {
+            panic!("a viewer token must be fatal");
+        };
+        assert!(msg.contains("writer token"), "{msg}");
+    }
+
+    #[test]
+    fn transient_failures_are_retried() {
+        for code in [
+            ErrorCode::Overloaded,
+            ErrorCode::RateLimited,
+            ErrorCode::Internal,
+        ] {
+            assert!(matches!(
+                append_failure(&remote(code)),
+                AppendFailure::Retry
+            ));
+            assert!(matches!(
+                connect_failure(&remote(code)),
+                ConnectFailure::Retry(_)
+            ));
+        }
+        let gone = ClientError::from(capnp::Error::disconnected("reset".into()));
+        assert!(matches!(append_failure(&gone), AppendFailure::Retry));
+        assert!(matches!(connect_failure(&gone), ConnectFailure::Retry(_)));
+        let refused = ClientError::Connect {
+            addr: "127.0.0.1:1".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        assert!(matches!(
+            connect_failure(&refused),
+            ConnectFailure::Retry(_)
+        ));
+    }
+
+    #[test]
+    fn whole_batch_refusals_change_the_batch() {
+        assert!(matches!(
+            append_failure(&remote(ErrorCode::TooLarge)),
+            AppendFailure::Refused("tooLarge")
+        ));
+        assert!(matches!(
+            append_failure(&remote(ErrorCode::InvalidArgument)),
+            AppendFailure::Refused("invalid")
+        ));
+        assert!(matches!(
+            append_failure(&remote(ErrorCode::CursorConflict)),
+            AppendFailure::CursorConflict(7)
+        ));
+    }
+}

@@ -1,0 +1,405 @@
+//! The syncer's loop: connect and redeem, send the next batch, record the answer, back off.
+
+use std::convert::Infallible;
+use std::fs::{File, TryLockError};
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+use capsync_shared::now_millis;
+use tokio::sync::futures::Notified;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::backoff::Backoff;
+use super::classify::{AppendFailure, ConnectFailure, append_failure, connect_failure};
+use super::{Control, SyncError, SyncOptions, SyncState, SyncStatus};
+use crate::connection::Connection;
+use crate::outbox::{Outbox, OutboxBatch, OutboxStatus, Refusal};
+use crate::writer::WriterClient;
+
+/// How long closing a dropped connection may take before it is abandoned.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counting the outbox's rows by state is an index scan that grows with the acked rows
+/// kept (about 30 ms for a million); while batches stream, counts are refreshed at most
+/// this often. Every other state change refreshes them.
+const RECOUNT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Which counts a status update carries.
+enum Counts {
+    /// Just read by the caller.
+    Given(OutboxStatus),
+    /// Read them now.
+    Read,
+    /// Read them if the last read is older than [`RECOUNT_INTERVAL`], else keep them.
+    IfStale,
+}
+
+/// A connection with the writer redeemed on it.
+struct Live {
+    /// Kept to close the connection cleanly when it is dropped after a failure.
+    conn: Connection,
+    /// The share's `ShareWriter`, redeemed from the token on this connection.
+    writer: WriterClient,
+}
+
+/// The syncer task's state; lives on the `LocalSet` (the writer capability is `!Send`).
+pub(super) struct Worker {
+    /// What it drains.
+    outbox: Outbox,
+    /// Where to and how fast; holds the token, in memory only.
+    options: SyncOptions,
+    /// The public status ([`super::Syncer::watch`]).
+    status: watch::Sender<SyncStatus>,
+    /// Idle generation and fatal error, for [`super::Syncer::wait_idle`].
+    control: watch::Sender<Control>,
+    /// `None` after a failure: the next step reconnects and redeems again.
+    live: Option<Live>,
+    /// Delays between failed attempts; reset by an ack.
+    backoff: Backoff,
+    /// Failed attempts so far, for the status.
+    retries: u64,
+    /// The latest failure, until an ack succeeds.
+    last_error: Option<String>,
+    /// When the published counts were read.
+    counted_at: Option<tokio::time::Instant>,
+    /// Held while this syncer runs, so no second one sends from the same outbox.
+    lock: Option<File>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        outbox: Outbox,
+        options: SyncOptions,
+        status: watch::Sender<SyncStatus>,
+        control: watch::Sender<Control>,
+    ) -> Self {
+        let backoff = Backoff::new(options.backoff_initial, options.backoff_max);
+        Self {
+            outbox,
+            options,
+            status,
+            control,
+            live: None,
+            backoff,
+            retries: 0,
+            last_error: None,
+            counted_at: None,
+            lock: None,
+        }
+    }
+
+    /// Runs until `stop` fires (or its sender is dropped) or a fatal error.
+    pub(super) async fn run_until_stopped(mut self, mut stop: oneshot::Receiver<()>) {
+        let ended = {
+            let run = self.run();
+            tokio::pin!(run);
+            tokio::select! {
+                biased;
+                _ = &mut stop => None,
+                fatal = &mut run => Some(fatal),
+            }
+        };
+        // Whatever step was cut short, the outbox holds what is needed to resume it.
+        self.close_connection();
+        match ended {
+            None => {
+                debug!("syncer stopped");
+                let state = self.status.borrow().state.clone();
+                self.publish(state, Counts::Read).await;
+            }
+            Some(Err(fatal)) => self.stop_on(fatal).await,
+            Some(Ok(never)) => match never {},
+        }
+    }
+
+    async fn run(&mut self) -> Result<Infallible, SyncError> {
+        self.lock = Some(lock_outbox(self.outbox.path())?);
+        loop {
+            let Some(writer) = self.writer().await? else {
+                continue;
+            };
+            // Register for wake-ups before looking, so an enqueue between the look and the
+            // wait is not missed (and read the generation before the look, for wait_idle).
+            let changed = self.outbox.changed();
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let generation = self.outbox.generation();
+            match self
+                .outbox
+                .next_batch(self.options.batch_size, now_millis())
+                .await?
+            {
+                Some(batch) => self.send(&writer, batch).await?,
+                None => self.wait_for_work(notified, generation).await?,
+            }
+        }
+    }
+
+    /// The live writer, connecting and redeeming first if needed. `None` after a failed
+    /// attempt (already backed off).
+    async fn writer(&mut self) -> Result<Option<WriterClient>, SyncError> {
+        if let Some(live) = &self.live {
+            return Ok(Some(live.writer.clone()));
+        }
+        self.publish(SyncState::Connecting, Counts::Read).await;
+        match self.connect().await {
+            Ok(live) => {
+                let writer = live.writer.clone();
+                let state = writer.state_at_redeem().clone();
+                // Kept before binding, so a wrong share still closes the connection.
+                self.live = Some(live);
+                self.outbox
+                    .bind(&state.share_id, &self.options.server)
+                    .await?;
+                self.outbox.record_cursor(state.cursor).await?;
+                info!(share = %state.share_id, cursor = state.cursor, server = %self.options.server, "syncer connected");
+                Ok(Some(writer))
+            }
+            Err(ConnectFailure::Fatal(fatal)) => Err(fatal),
+            Err(ConnectFailure::Retry(message)) => {
+                self.back_off(message, None).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Live, ConnectFailure> {
+        let limit = self.options.call_timeout;
+        let server = self.options.server.as_str();
+        let conn = match tokio::time::timeout(limit, crate::connect(server)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(connect_failure(&e)),
+            Err(_) => {
+                return Err(ConnectFailure::Retry(format!(
+                    "connecting to {server} timed out after {}",
+                    humantime::format_duration(limit)
+                )));
+            }
+        };
+        let redeemed = match tokio::time::timeout(limit, conn.redeem(&self.options.token)).await {
+            Ok(Ok(redeemed)) => redeemed.into_writer().map_err(|e| connect_failure(&e)),
+            Ok(Err(e)) => Err(connect_failure(&e)),
+            Err(_) => Err(ConnectFailure::Retry(format!(
+                "redeeming the writer token timed out after {}",
+                humantime::format_duration(limit)
+            ))),
+        };
+        match redeemed {
+            Ok(writer) => Ok(Live { conn, writer }),
+            Err(failure) => {
+                close(conn);
+                Err(failure)
+            }
+        }
+    }
+
+    /// Sends one batch and records what came of it.
+    async fn send(&mut self, writer: &WriterClient, batch: OutboxBatch) -> Result<(), SyncError> {
+        if self.status.borrow().state != SyncState::Syncing {
+            self.publish(SyncState::Syncing, Counts::Read).await;
+        }
+        let limit = self.options.call_timeout;
+        let error = match tokio::time::timeout(limit, writer.append(&batch.to_batch())).await {
+            Ok(Ok(ack)) => {
+                let summary = self.outbox.record_ack(&batch, &ack).await?;
+                debug!(batch = %batch.batch_id, applied = summary.applied, duplicates = summary.duplicates,
+                    rejected = summary.rejected, waiting = summary.waiting, cursor = summary.cursor, "batch acked");
+                self.backoff.reset();
+                self.last_error = None;
+                self.publish(SyncState::Syncing, Counts::IfStale).await;
+                return Ok(());
+            }
+            Ok(Err(error)) => error,
+            Err(_) => {
+                let message = format!(
+                    "no answer to batch {} within {}",
+                    batch.batch_id,
+                    humantime::format_duration(limit)
+                );
+                return self.back_off(message, Some(&batch)).await;
+            }
+        };
+        match append_failure(&error) {
+            AppendFailure::Retry => self.back_off(error.to_string(), Some(&batch)).await,
+            AppendFailure::Fatal(fatal) => {
+                // On the batch too, so the outbox's status explains why it is stuck.
+                let _ = self
+                    .outbox
+                    .record_failure(&batch, &fatal.to_string(), now_millis())
+                    .await;
+                Err(fatal)
+            }
+            AppendFailure::Refused(reason) => {
+                let detail = match &error {
+                    crate::ClientError::Remote { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                match self.outbox.record_refusal(&batch, reason, &detail).await? {
+                    Refusal::Split { first, second } => {
+                        info!(batch = %batch.batch_id, %first, %second, %detail, "batch refused whole; split in two");
+                    }
+                    Refusal::Rejected { op_id } => {
+                        warn!(%op_id, %reason, %detail, "op refused by the server; rejected for good");
+                    }
+                }
+                Ok(())
+            }
+            AppendFailure::CursorConflict(cursor) => {
+                // The outbox never fences, so this needs a server that disagrees with us
+                // about the batch. Take its cursor and retry after a pause, never in a spin.
+                self.outbox.record_cursor(cursor).await?;
+                self.back_off(error.to_string(), Some(&batch)).await
+            }
+        }
+    }
+
+    /// Nothing to send now: wait for the next retry time, or for ops.
+    async fn wait_for_work(
+        &mut self,
+        notified: Pin<&mut Notified<'_>>,
+        generation: u64,
+    ) -> Result<(), SyncError> {
+        let status = self.outbox.status().await?;
+        if status.in_flight > 0 {
+            // The oldest batch waits for a retry time set before (by an earlier run, or
+            // another process). Capped, in case the clock jumped back since.
+            let wait = status
+                .next_retry_at
+                .map_or(0, |at| at.saturating_sub(now_millis()))
+                .clamp(1, self.options.backoff_max.as_millis().max(1) as i64)
+                as u64;
+            self.publish(
+                SyncState::Backoff { retry_in_ms: wait },
+                Counts::Given(status),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            return Ok(());
+        }
+        self.publish(SyncState::Idle, Counts::Given(status)).await;
+        self.control.send_modify(|control| {
+            control.idle_at = Some(control.idle_at.map_or(generation, |g| g.max(generation)));
+        });
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(self.options.poll_interval) => {}
+        }
+        Ok(())
+    }
+
+    /// A failed attempt: record it, drop the connection, wait.
+    async fn back_off(
+        &mut self,
+        message: String,
+        batch: Option<&OutboxBatch>,
+    ) -> Result<(), SyncError> {
+        self.retries += 1;
+        self.close_connection();
+        let delay = self.backoff.next_delay();
+        warn!(error = %message, retry_in = ?delay, "sync attempt failed");
+        let retry_at = now_millis().saturating_add(delay.as_millis() as i64);
+        match batch {
+            Some(batch) => {
+                self.outbox
+                    .record_failure(batch, &message, retry_at)
+                    .await?
+            }
+            None => self.outbox.record_error(&message).await?,
+        }
+        self.last_error = Some(message);
+        let retry_in_ms = delay.as_millis() as u64;
+        self.publish(SyncState::Backoff { retry_in_ms }, Counts::Read)
+            .await;
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    async fn stop_on(&mut self, fatal: SyncError) {
+        let message = fatal.to_string();
+        warn!(error = %message, "syncer stopped");
+        // For a later `status` of the outbox, from any process (best effort: the outbox
+        // itself may be what failed).
+        let _ = self.outbox.record_error(&message).await;
+        self.last_error = Some(message.clone());
+        self.publish(SyncState::Stopped { error: message }, Counts::Read)
+            .await;
+        // After the status, so a `wait_idle` that wakes on this sees the final status.
+        self.control
+            .send_modify(|control| control.fatal = Some(fatal));
+    }
+
+    /// Publishes `state`, with the counts `counts` asks for.
+    async fn publish(&mut self, state: SyncState, counts: Counts) {
+        let counts = match counts {
+            Counts::Given(counts) => Some(counts),
+            Counts::IfStale
+                if self
+                    .counted_at
+                    .is_some_and(|at| at.elapsed() < RECOUNT_INTERVAL) =>
+            {
+                None
+            }
+            // If the outbox cannot be read, the next step fails on it and says so.
+            Counts::Read | Counts::IfStale => self.outbox.status().await.ok(),
+        };
+        if counts.is_some() {
+            self.counted_at = Some(tokio::time::Instant::now());
+        }
+        let (retries, last_error) = (self.retries, self.last_error.clone());
+        self.status.send_modify(|status| {
+            status.state = state;
+            if let Some(counts) = counts {
+                status.pending = counts.pending;
+                status.in_flight = counts.in_flight;
+                status.waiting = counts.waiting;
+                status.acked = counts.acked;
+                status.rejected = counts.rejected;
+                status.last_acked_cursor = counts.last_cursor;
+            }
+            status.retries = retries;
+            status.last_error = last_error;
+        });
+    }
+
+    fn close_connection(&mut self) {
+        if let Some(live) = self.live.take() {
+            drop(live.writer);
+            close(live.conn);
+        }
+    }
+}
+
+/// Takes the lock that makes a syncer the only one sending from `outbox_path` (in this
+/// process or any other). Two would both send the oldest in-flight batch, and the slower
+/// one's ack would then be refused locally; harmless to the share (the server dedupes),
+/// but a needless stop. The OS releases the lock when the process dies.
+fn lock_outbox(outbox_path: &Path) -> Result<File, SyncError> {
+    let mut path = outbox_path.as_os_str().to_owned();
+    path.push(".sync-lock");
+    let io = |e: std::io::Error| SyncError::Outbox(e.into());
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(SyncError::Stopped(format!(
+            "another syncer is already sending from the outbox {}; run one at a time",
+            outbox_path.display()
+        ))),
+        Err(TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+/// Closes a connection in the background: its `RpcSystem` would otherwise keep the socket
+/// open for as long as the `LocalSet` runs.
+fn close(conn: Connection) {
+    tokio::task::spawn_local(async move {
+        let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, conn.disconnect()).await;
+    });
+}
