@@ -1,6 +1,12 @@
-//! The client's error type: remote failures with their wire code, transport errors, bad input.
+//! The client's error type: remote failures with their wire code, transport errors, bad input,
+//! and the outbox's and syncer's failures.
+
+use std::path::PathBuf;
 
 use capsync_shared::{ErrorCode, TokenKind};
+
+use crate::outbox::OutboxError;
+use crate::syncer::SyncError;
 
 /// Everything a client call can fail with.
 ///
@@ -44,6 +50,25 @@ pub enum ClientError {
         "the share kept changing while its snapshot was read ({attempts} attempts); try again, or follow it with opsSince"
     )]
     SnapshotUnstable { attempts: u32 },
+    /// The local outbox failed (its database or disk), or refused what it was given (an op id
+    /// queued again with other content, a token for another share than the one it feeds).
+    /// `From<OutboxError>` leaves `path` unset; the CLI names the file.
+    #[error("{}", outbox_text(path.as_ref(), error))]
+    Outbox {
+        /// The outbox file, when the caller knows it.
+        path: Option<PathBuf>,
+        #[source]
+        error: OutboxError,
+    },
+    /// A syncer stopped for good ([`crate::Syncer::wait_idle`], [`crate::Syncer::fatal`]).
+    #[error("{}", sync_text(.0))]
+    Sync(#[from] SyncError),
+}
+
+impl From<OutboxError> for ClientError {
+    fn from(error: OutboxError) -> Self {
+        Self::Outbox { path: None, error }
+    }
 }
 
 impl From<capnp::NotInSchema> for ClientError {
@@ -77,9 +102,15 @@ impl ClientError {
         }
     }
 
-    /// Whether the connection is gone (the caller must reconnect and redeem again).
+    /// Whether the connection is gone (the caller must reconnect and redeem again): the
+    /// connection closed between messages (`Disconnected`) or part-way through one, such as
+    /// a reply cut off (`PrematureEndOfFile`; or `Failed` with capnp's premature end-of-file
+    /// text, when the server aborted the connection because its read was cut off).
     pub fn is_disconnected(&self) -> bool {
-        matches!(self.rpc_kind(), Some(capnp::ErrorKind::Disconnected))
+        match self {
+            Self::Rpc(e) => is_disconnect(e),
+            _ => false,
+        }
     }
 
     /// A short stable name for machine-readable output (`{"error": {"code": ...}}`):
@@ -88,7 +119,7 @@ impl ClientError {
         match self {
             Self::Remote { code, .. } => code.as_str(),
             Self::Rpc(e) => match e.kind {
-                capnp::ErrorKind::Disconnected => "disconnected",
+                _ if is_disconnect(e) => "disconnected",
                 capnp::ErrorKind::Overloaded => "transportOverloaded",
                 capnp::ErrorKind::Unimplemented => "unimplemented",
                 _ => "transport",
@@ -98,6 +129,14 @@ impl ClientError {
             Self::WrongKind { .. } => "wrongKind",
             Self::InvalidInput(_) => "invalidInput",
             Self::SnapshotUnstable { .. } => "snapshotUnstable",
+            Self::Outbox { error, .. } => outbox_code(error),
+            Self::Sync(e) => match e {
+                SyncError::Revoked(_) => ErrorCode::Revoked.as_str(),
+                SyncError::PermissionDenied(_) => ErrorCode::PermissionDenied.as_str(),
+                SyncError::Outbox(error) => outbox_code(error),
+                SyncError::Busy(_) => "busy",
+                SyncError::Stopped(_) => "syncStopped",
+            },
         }
     }
 
@@ -134,9 +173,22 @@ fn remote_text(code: ErrorCode, message: &str, cursor: u64) -> String {
     text
 }
 
+/// What capnp's `PrematureEndOfFile` displays as. A peer that aborts the connection because
+/// its read ended part-way through a message sends this text (in a `Failed` exception).
+const PREMATURE_EOF_TEXT: &str = "Premature end of file";
+
+/// See [`ClientError::is_disconnected`].
+fn is_disconnect(e: &capnp::Error) -> bool {
+    match e.kind {
+        capnp::ErrorKind::Disconnected | capnp::ErrorKind::PrematureEndOfFile => true,
+        capnp::ErrorKind::Failed => e.extra.contains(PREMATURE_EOF_TEXT),
+        _ => false,
+    }
+}
+
 fn rpc_text(e: &capnp::Error) -> String {
     let what = match e.kind {
-        capnp::ErrorKind::Disconnected => "disconnected from the server",
+        _ if is_disconnect(e) => "disconnected from the server",
         capnp::ErrorKind::Overloaded => "the server is overloaded",
         capnp::ErrorKind::Unimplemented => "the server does not implement this call",
         _ => "rpc failed",
@@ -145,6 +197,31 @@ fn rpc_text(e: &capnp::Error) -> String {
         what.to_owned()
     } else {
         format!("{what}: {}", e.extra)
+    }
+}
+
+fn outbox_text(path: Option<&PathBuf>, error: &OutboxError) -> String {
+    match path {
+        Some(path) => format!("outbox {}: {error}", path.display()),
+        None => error.to_string(),
+    }
+}
+
+fn outbox_code(error: &OutboxError) -> &'static str {
+    match error {
+        OutboxError::WrongShare { .. } => "wrongShare",
+        _ => "outbox",
+    }
+}
+
+/// Like a remote failure for a refused token (`permission denied: ...`), else the syncer's words.
+fn sync_text(e: &SyncError) -> String {
+    match e {
+        SyncError::Revoked(message) => remote_text(ErrorCode::Revoked, message, 0),
+        SyncError::PermissionDenied(message) => {
+            remote_text(ErrorCode::PermissionDenied, message, 0)
+        }
+        other => other.to_string(),
     }
 }
 
@@ -203,5 +280,98 @@ mod tests {
             e.to_string(),
             "disconnected from the server: peer went away"
         );
+    }
+
+    #[test]
+    fn a_connection_closed_inside_a_reply_is_a_disconnect() {
+        // What capnp-rpc fails pending calls with when the stream ends part-way through a
+        // message: the `std::io::ErrorKind::UnexpectedEof` of the read, converted.
+        let cut = capnp::Error::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert_eq!(cut.kind, capnp::ErrorKind::PrematureEndOfFile);
+        let e = ClientError::from(cut);
+        assert!(e.is_disconnected(), "{e:?}");
+        assert_eq!(e.code_str(), "disconnected");
+        assert_eq!(
+            e.to_string(),
+            "disconnected from the server: unexpected end of file"
+        );
+
+        // The server's read was cut and it aborted the connection: its reason arrives in a
+        // `Failed` exception, in capnp's words.
+        assert_eq!(
+            capnp::ErrorKind::PrematureEndOfFile.to_string(),
+            PREMATURE_EOF_TEXT
+        );
+        let aborted = ClientError::from(capnp::Error::failed(
+            "remote exception: Premature end of file: unexpected end of file".into(),
+        ));
+        assert!(aborted.is_disconnected(), "{aborted:?}");
+
+        // Other failures are not disconnects.
+        for other in [
+            capnp::Error::failed("remote exception: something else".into()),
+            capnp::Error::overloaded("busy".into()),
+            capnp::Error::unimplemented("no such method".into()),
+        ] {
+            assert!(!ClientError::from(other).is_disconnected());
+        }
+        assert!(!ClientError::invalid("unexpected end of file").is_disconnected());
+    }
+
+    #[test]
+    fn outbox_and_sync_failures_have_their_own_codes() {
+        let wrong = OutboxError::WrongShare {
+            bound: "sh_a".into(),
+            requested: "sh_b".into(),
+        };
+        let e = ClientError::Outbox {
+            path: Some(PathBuf::from("ops.outbox")),
+            error: wrong.clone(),
+        };
+        assert_eq!(e.code_str(), "wrongShare");
+        assert!(
+            e.to_string()
+                .starts_with("outbox ops.outbox: this outbox feeds share sh_a"),
+            "{e}"
+        );
+        let e = ClientError::from(OutboxError::Invalid("damaged".into()));
+        assert_eq!(
+            (e.code_str(), e.to_string().as_str()),
+            ("outbox", "damaged")
+        );
+
+        let cases = [
+            (
+                SyncError::Revoked("mint a new one".into()),
+                "revoked",
+                "revoked: mint a new one",
+            ),
+            (
+                SyncError::PermissionDenied("not accepted".into()),
+                "permissionDenied",
+                "permission denied: not accepted",
+            ),
+            (
+                SyncError::Outbox(wrong),
+                "wrongShare",
+                "this outbox feeds share sh_a",
+            ),
+            (
+                SyncError::Busy("another syncer".into()),
+                "busy",
+                "another syncer",
+            ),
+            (
+                SyncError::Stopped("share gone".into()),
+                "syncStopped",
+                "share gone",
+            ),
+        ];
+        for (sync, code, text) in cases {
+            let e = ClientError::from(sync);
+            assert_eq!(e.code_str(), code);
+            assert!(e.to_string().starts_with(text), "{e}");
+            assert_eq!(e.code(), None);
+        }
     }
 }

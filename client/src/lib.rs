@@ -7,7 +7,8 @@
 //! - [`admin`], [`agent`], [`writer`], [`viewer`]: one wrapper per capability
 //!   ([`AdminClient`], [`AgentClient`], [`WriterClient`], [`ViewerClient`]).
 //! - [`types`]: plain, serializable mirrors of the schema's structs.
-//! - [`error`]: [`ClientError`], with the wire `ErrorCode` for remote failures.
+//! - [`error`]: [`ClientError`], with the wire `ErrorCode` for remote failures, and the
+//!   outbox's and syncer's errors (`From<OutboxError>`, `From<SyncError>`).
 //! - [`document`]: a snapshot as one structured JSON document.
 //! - [`export`]: an opencode-style session export as ops with content-addressed ids.
 //! - [`ops_file`]: reading ops files (JSON array or JSON Lines) and detecting exports.
@@ -16,7 +17,8 @@
 //!   there until acked; batches are persisted, so a retry (even after a crash) carries the
 //!   same ops in the same order.
 //! - [`syncer`]: [`spawn_syncer`], the background task that drains an outbox, with backoff,
-//!   reconnect and re-redeem, stopping for good on a revoked or refused token ([`Syncer`]).
+//!   reconnect and re-redeem, stopping for good on a revoked or refused token ([`Syncer`];
+//!   [`Syncer::fatal`] says why, as a [`SyncError`]).
 //! - [`expiry`]: `--expires 30d` style arguments.
 //! - [`cli`]: the `capsync` command (the binary in `src/bin/capsync.rs` only calls it).
 //!
@@ -59,6 +61,7 @@ pub use export::{SessionExport, ops_from_export};
 pub use ops_file::{InputFormat, parse_ops, read_push_input};
 pub use outbox::{
     AckSummary, Enqueued, Outbox, OutboxBatch, OutboxError, OutboxStatus, Refusal, RejectedEntry,
+    RejectedReason,
 };
 pub use push::{PushReport, push_ops};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};

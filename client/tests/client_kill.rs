@@ -3,7 +3,7 @@
 //!
 //! Invariant: no op lost, no op applied twice, the share's cursor without gaps, and the
 //! outbox's record of acks the same as the server's log. The kill moments are random (the
-//! seed is printed; `CAPSYNC_TEST_SEED=<seed>` repeats a run) and aimed right after the
+//! seed is printed; `CAPSYNC_FAULT_SEED=<seed>` repeats a run) and aimed right after the
 //! server's cursor moves, when an ack is on its way back and may not be marked yet.
 
 mod support;
@@ -50,8 +50,8 @@ impl Rng {
 }
 
 fn seed() -> u64 {
-    match std::env::var("CAPSYNC_TEST_SEED") {
-        Ok(seed) => seed.parse().expect("CAPSYNC_TEST_SEED is a number"),
+    match std::env::var("CAPSYNC_FAULT_SEED") {
+        Ok(seed) => seed.parse().expect("CAPSYNC_FAULT_SEED is a number"),
         Err(_) => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
@@ -102,7 +102,7 @@ async fn wait_for_cursor(writer: &WriterClient, child: &mut Child, target: u64, 
 #[test]
 fn kill_9_between_sending_and_marking_the_ack_loses_nothing_and_applies_nothing_twice() {
     let seed = seed();
-    eprintln!("kill test seed {seed} (CAPSYNC_TEST_SEED={seed} repeats it)");
+    eprintln!("kill test seed {seed} (CAPSYNC_FAULT_SEED={seed} repeats it)");
     let mut rng = Rng(seed);
 
     let server = TestServer::start();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use capsync_client::outbox::MAX_BATCH_BYTES;
 use capsync_client::{
     Ack, Enqueued, OpKind, OpOutcome, OpResult, OpSpec, Outbox, OutboxBatch, OutboxError, Refusal,
-    RejectReason,
+    RejectReason, RejectedReason,
 };
 use serde_json::json;
 
@@ -395,7 +395,7 @@ async fn an_ack_settles_every_op_and_the_cursor_in_one_transaction() {
         vec![("seen".to_string(), 3), ("new".to_string(), 12)],
         "in cursor order"
     );
-    let rejections: Vec<(String, String)> = outbox
+    let rejections: Vec<(String, RejectedReason)> = outbox
         .rejected()
         .await
         .unwrap()
@@ -405,8 +405,8 @@ async fn an_ack_settles_every_op_and_the_cursor_in_one_transaction() {
     assert_eq!(
         rejections,
         [
-            ("bad".to_string(), "invalid".to_string()),
-            ("old".to_string(), "staleTransition".to_string())
+            ("bad".to_string(), RejectedReason::Invalid),
+            ("old".to_string(), RejectedReason::StaleTransition)
         ]
     );
     // The batch is done: a second ack of it is refused, and nothing is left to send
@@ -565,7 +565,7 @@ async fn a_batch_refused_whole_is_split_and_a_single_op_rejected() {
     let refusal = outbox
         .record_refusal(
             &batch,
-            "tooLarge",
+            RejectedReason::TooLarge,
             "batch has 5 ops; the limit is 2 per batch",
         )
         .await
@@ -592,7 +592,7 @@ async fn a_batch_refused_whole_is_split_and_a_single_op_rejected() {
 
     // Split down to one op that is still too large: that op is rejected for good.
     let Refusal::Split { .. } = outbox
-        .record_refusal(&rest, "tooLarge", "too big")
+        .record_refusal(&rest, RejectedReason::TooLarge, "too big")
         .await
         .unwrap()
     else {
@@ -602,7 +602,11 @@ async fn a_batch_refused_whole_is_split_and_a_single_op_rejected() {
     assert_eq!(ids(&one), ["op2"]);
     assert_eq!(
         outbox
-            .record_refusal(&one, "tooLarge", "op op2 has a 2000000-byte payload")
+            .record_refusal(
+                &one,
+                RejectedReason::TooLarge,
+                "op op2 has a 2000000-byte payload"
+            )
             .await
             .unwrap(),
         Refusal::Rejected {
@@ -612,8 +616,11 @@ async fn a_batch_refused_whole_is_split_and_a_single_op_rejected() {
     let rejected = outbox.rejected().await.unwrap();
     assert_eq!(rejected.len(), 1);
     assert_eq!(
-        (rejected[0].reason.as_str(), rejected[0].detail.as_str()),
-        ("tooLarge", "op op2 has a 2000000-byte payload")
+        (rejected[0].reason, rejected[0].detail.as_str()),
+        (
+            RejectedReason::TooLarge,
+            "op op2 has a 2000000-byte payload"
+        )
     );
     let last = outbox.next_batch(5, 0).await.unwrap().unwrap();
     assert_eq!(ids(&last), ["op3", "op4"]);

@@ -506,6 +506,40 @@ fn a_revoked_token_stops_sync_with_exit_1_and_keeps_the_queue() {
 }
 
 #[test]
+fn an_outbox_bound_to_another_share_fails_with_its_own_code() {
+    let server = TestServer::start();
+    let (first_id, first, _) = run_local(writer_share(&server, "ses_first"));
+    let (second_id, second, _) = run_local(writer_share(&server, "ses_second"));
+    let dir = tempfile::tempdir().unwrap();
+    let ops = dir.path().join("ops.jsonl");
+    let (lines, _) = session_op_lines("ses_first", 1, 1);
+    append(&ops, &lines_text(&lines));
+    assert_ok(&capsync(
+        &server,
+        Some(&first),
+        &["sync", path_str(&ops), "--once"],
+    ));
+
+    // The same outbox with the other share's writer token: refused before anything is sent.
+    let out = capsync(
+        &server,
+        Some(&second),
+        &["sync", path_str(&ops), "--once", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let error = json_out(&out);
+    assert_eq!(error["error"]["code"], "wrongShare");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "outbox {}.capsync-outbox: this outbox feeds share {first_id}, not {second_id}",
+            ops.display()
+        )),
+        "{message}"
+    );
+}
+
+#[test]
 fn the_new_commands_explain_themselves() {
     let server = TestServer::start();
     let out = capsync(&server, None, &["sync", "--help"]);

@@ -172,6 +172,8 @@ fn drains_1500_ops_exactly_once_and_in_order() {
         }
         let status = idle(&syncer).await;
         assert_eq!(status.state, SyncState::Idle);
+        assert_eq!(status.share_id.as_deref(), Some(share.id.as_str()));
+        assert!(syncer.fatal().is_none());
         assert_eq!(
             (
                 status.acked,
@@ -311,6 +313,19 @@ fn a_revoked_writer_stops_the_syncer_for_good_with_a_clear_error() {
 
         let mut progress = syncer.watch();
         outbox.enqueue_all(ops[6..].to_vec()).await.unwrap();
+        // Whoever sees the `Stopped` status finds the error in `fatal` at once.
+        let stopped = within(
+            60,
+            "the stop",
+            progress.wait_for(|s| matches!(s.state, SyncState::Stopped { .. })),
+        )
+        .await;
+        drop(stopped.expect("the syncer stops with a status"));
+        assert!(
+            matches!(syncer.fatal(), Some(SyncError::Revoked(_))),
+            "{:?}",
+            syncer.fatal()
+        );
         let err = within(60, "wait_idle", syncer.wait_idle())
             .await
             .expect_err("a revoked token is fatal");
@@ -334,6 +349,7 @@ fn a_revoked_writer_stops_the_syncer_for_good_with_a_clear_error() {
         // The task is gone: no further status, hence no further attempt, can ever come.
         while progress.changed().await.is_ok() {}
         assert_eq!(syncer.status().retries, 0);
+        assert!(matches!(syncer.fatal(), Some(SyncError::Revoked(_))));
         // A later `capsync outbox status` sees why the ops are stuck.
         let outbox_status = outbox.status().await.unwrap();
         assert!(
@@ -552,6 +568,12 @@ fn an_outbox_never_feeds_a_second_share() {
             other => panic!("expected WrongShare, got {other:?}"),
         }
         assert!(matches!(wrong.status().state, SyncState::Stopped { .. }));
+        assert!(matches!(
+            wrong.fatal(),
+            Some(SyncError::Outbox(OutboxError::WrongShare { .. }))
+        ));
+        // The outbox was never bound to the token's share, so the syncer has none.
+        assert_eq!(wrong.status().share_id, None);
         wrong.stop().await;
         assert_eq!(
             outbox.status().await.unwrap().pending,
@@ -580,7 +602,9 @@ fn one_syncer_at_a_time_per_outbox() {
         let err = within(60, "wait_idle", second.wait_idle())
             .await
             .unwrap_err();
+        assert!(matches!(err, SyncError::Busy(_)), "{err:?}");
         assert!(err.to_string().contains("another syncer"), "{err}");
+        assert!(matches!(second.fatal(), Some(SyncError::Busy(_))));
         second.stop().await;
 
         // Once the first stops, its lock is gone.

@@ -11,7 +11,7 @@ use super::output::Output;
 use super::sync::default_outbox_path;
 use crate::error::ClientError;
 use crate::expiry::format_time;
-use crate::{Outbox, OutboxError, OutboxStatus};
+use crate::{Outbox, OutboxError, OutboxStatus, RejectedEntry};
 
 const OUTBOX_EXAMPLES: &str = "\
 Examples:
@@ -77,15 +77,6 @@ struct StatusReport<'a> {
     status: &'a OutboxStatus,
 }
 
-/// One rejected op, as `outbox rejected --json` lists it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RejectedReport {
-    op_id: String,
-    reason: String,
-    detail: String,
-}
-
 pub async fn run(out: &Output, command: &OutboxCommand) -> Result<u8, ClientError> {
     match command {
         OutboxCommand::Status(args) => {
@@ -101,17 +92,10 @@ pub async fn run(out: &Output, command: &OutboxCommand) -> Result<u8, ClientErro
         OutboxCommand::Rejected(args) => {
             let path = args.path()?;
             let outbox = open_outbox(&path, false).await?;
-            let rejected: Vec<RejectedReport> = outbox
+            let rejected = outbox
                 .rejected()
                 .await
-                .map_err(|e| outbox_error(&path, e))?
-                .into_iter()
-                .map(|entry| RejectedReport {
-                    op_id: entry.op_id,
-                    reason: entry.reason,
-                    detail: entry.detail,
-                })
-                .collect();
+                .map_err(|e| outbox_error(&path, e))?;
             out.result(&rejected, || rejected_text(&rejected));
         }
     }
@@ -135,17 +119,10 @@ pub async fn open_outbox(path: &Path, create: bool) -> Result<Outbox, ClientErro
 }
 
 /// An outbox failure in the CLI's error type, naming the outbox.
-pub fn outbox_error(path: &Path, e: OutboxError) -> ClientError {
-    match e {
-        e @ (OutboxError::WrongShare { .. }
-        | OutboxError::Conflict { .. }
-        | OutboxError::Invalid(_)) => {
-            ClientError::invalid(format!("outbox {}: {e}", path.display()))
-        }
-        e => ClientError::Io(std::io::Error::other(format!(
-            "outbox {}: {e}",
-            path.display()
-        ))),
+pub fn outbox_error(path: &Path, error: OutboxError) -> ClientError {
+    ClientError::Outbox {
+        path: Some(path.to_owned()),
+        error,
     }
 }
 
@@ -186,7 +163,7 @@ fn status_text(path: &Path, status: &OutboxStatus) -> String {
     text
 }
 
-fn rejected_text(rejected: &[RejectedReport]) -> String {
+fn rejected_text(rejected: &[RejectedEntry]) -> String {
     if rejected.is_empty() {
         return "no rejected ops".to_owned();
     }

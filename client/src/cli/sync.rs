@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use capsync_shared::{ErrorCode, TokenKind};
+use capsync_shared::TokenKind;
 use serde::Serialize;
 
 use super::outbox_cmd::{open_outbox, outbox_error};
@@ -21,7 +21,9 @@ use super::sync_source::Source;
 use super::{EXIT_OK, EXIT_REJECTED, Global};
 use crate::error::ClientError;
 use crate::ops_file::DetectedFormat;
-use crate::{Outbox, SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
+use crate::{
+    Outbox, RejectedReason, SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer,
+};
 
 /// What the default outbox path appends to SOURCE.
 pub const OUTBOX_SUFFIX: &str = ".capsync-outbox";
@@ -49,10 +51,11 @@ pub const OUTBOX_SUFFIX: &str = ".capsync-outbox";
 /// is queued.
 ///
 /// Runs until stopped (exit 0), or with --once until everything queued is acked. Exits 1
-/// when the server refuses the token for good (revoked, permission denied), and with
-/// --once 3 when ops were rejected as invalid or too large, or still wait for a dependsOn
-/// op that never came. On a terminal a live progress line shows on stderr; otherwise only
-/// problems and a final summary print.
+/// when the server refuses the token for good, another sync is using the outbox, or the
+/// outbox feeds another share (with --json the error's code says which: revoked,
+/// permissionDenied, busy, wrongShare, ...), and with --once 3 when ops were rejected as
+/// invalid or too large, or still wait for a dependsOn op that never came. On a terminal a
+/// live progress line shows on stderr; otherwise only problems and a final summary print.
 ///
 /// Examples:
 ///   export CAPSYNC_TOKEN=$WRITER_TOKEN
@@ -106,12 +109,12 @@ enum Ended {
 struct Summary<'a> {
     source: &'a Path,
     outbox: &'a Path,
-    /// `None` while the server was never reached with this outbox.
-    share_id: Option<&'a str>,
     format: Option<DetectedFormat>,
     ended: Ended,
     /// Ops this run found new in SOURCE and queued.
     queued: u64,
+    /// Its `shareId` is the outbox's share, bound by this run or an earlier one: `None`
+    /// while the server was never reached with this outbox.
     #[serde(flatten)]
     status: &'a SyncStatus,
 }
@@ -186,19 +189,17 @@ pub async fn run(global: &Global, out: &Output, args: &SyncArgs) -> Result<u8, C
             ended
         })
     };
-    let status = syncer.stop().await;
+    let mut status = syncer.stop().await;
     progress.finish();
     let ended = ended?;
-    // Bound by the syncer once it reached the server.
-    let share_id = match bound {
-        Some(share) => Some(share),
-        None => outbox.status().await.ok().and_then(|s| s.share_id),
-    };
+    // Bound by an earlier run if this one never reached the server.
+    if status.share_id.is_none() {
+        status.share_id = bound;
+    }
 
     let summary = Summary {
         source: &args.source,
         outbox: &outbox_path,
-        share_id: share_id.as_deref(),
         format: source.format(),
         ended: ended.0,
         queued,
@@ -239,7 +240,7 @@ pub async fn run(global: &Global, out: &Output, args: &SyncArgs) -> Result<u8, C
     let has_errors = status.waiting > 0
         || rejected
             .iter()
-            .any(|r| matches!(r.reason.as_str(), "invalid" | "tooLarge"));
+            .any(|r| matches!(r.reason, RejectedReason::Invalid | RejectedReason::TooLarge));
     Ok(if args.once && has_errors {
         EXIT_REJECTED
     } else {
@@ -355,15 +356,13 @@ async fn follow(
             changed = updates.changed() => {
                 let status = updates.borrow_and_update().clone();
                 view.show(&status);
-                // The syncer ended on its own: only a fatal error does that, and
-                // wait_idle hands it over with its kind.
-                if changed.is_err() || matches!(status.state, SyncState::Stopped { .. }) {
-                    let error = match syncer.wait_idle().await {
-                        Err(e) => sync_error(e, outbox.path()),
-                        Ok(status) => fatal_from_status(&status),
-                    };
+                // The syncer ends by itself only on a fatal error, recorded before its
+                // status turns `Stopped` (or its channel closes, as `changed` then says).
+                if let Some(fatal) = syncer.fatal() {
+                    let error = sync_error(fatal, outbox.path());
                     return Ok(((Ended::Fatal, Some(error)), queued));
                 }
+                debug_assert!(changed.is_ok(), "a syncer that ended has an error");
             }
         }
     }
@@ -453,7 +452,7 @@ fn summary_text(summary: &Summary<'_>) -> String {
         Ended::Fatal => "failed syncing",
     };
     let unsent = status.pending + status.in_flight + status.waiting;
-    let share = summary.share_id.map_or_else(
+    let share = status.share_id.as_deref().map_or_else(
         || "the token's share (not reached yet)".to_owned(),
         |share| format!("share {share}"),
     );
@@ -479,36 +478,13 @@ fn summary_text(summary: &Summary<'_>) -> String {
     text
 }
 
-/// The error a fatal sync stop exits with, in the CLI's error type (so `--json` gets
-/// the wire code, `revoked` or `permissionDenied`).
+/// The error a fatal sync stop exits with (`--json` codes: `revoked`, `permissionDenied`,
+/// `busy`, `wrongShare`, `outbox`, `syncStopped`), naming the outbox if that failed.
 fn sync_error(e: SyncError, outbox_path: &Path) -> ClientError {
     match e {
-        SyncError::Revoked(message) => ClientError::Remote {
-            code: ErrorCode::Revoked,
-            message,
-            cursor: 0,
-        },
-        SyncError::PermissionDenied(message) => ClientError::Remote {
-            code: ErrorCode::PermissionDenied,
-            message,
-            cursor: 0,
-        },
         SyncError::Outbox(e) => outbox_error(outbox_path, e),
-        SyncError::Stopped(message) => fatal_from_text(&message),
+        e => e.into(),
     }
-}
-
-fn fatal_from_status(status: &SyncStatus) -> ClientError {
-    match &status.state {
-        SyncState::Stopped { error } => fatal_from_text(error),
-        _ => fatal_from_text(status.last_error.as_deref().unwrap_or("the syncer stopped")),
-    }
-}
-
-/// A stop that is neither a refused token nor a broken outbox: another sync holds the
-/// outbox, the token is of the wrong kind, the share is gone. The user must act.
-fn fatal_from_text(text: &str) -> ClientError {
-    ClientError::invalid(text)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

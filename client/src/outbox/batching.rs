@@ -19,7 +19,10 @@ use std::collections::HashSet;
 use capsync_shared::ops::{OpKind, OpSpec};
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
-use super::{Outbox, OutboxBatch, OutboxError, Refusal, batch_state, now as wall_now, op_state};
+use super::{
+    Outbox, OutboxBatch, OutboxError, Refusal, RejectedReason, batch_state, now as wall_now,
+    op_state,
+};
 
 /// Most bytes of ops (payloads, ids, framing) in one batch. Keeps each `appendOps`
 /// message far below the server's default 16 MiB message limit, and each commit short.
@@ -53,15 +56,16 @@ impl Outbox {
     /// The server refused `batch` whole as too large (or as an invalid argument, which with
     /// ids checked at enqueue means one op is malformed). Nothing of it was applied, so it may
     /// change: a batch of several ops is replaced by its two halves, sent in order; a single
-    /// op is rejected for good with `reason` (`"tooLarge"`, `"invalid"`) and the server's words.
+    /// op is rejected for good with `reason` ([`RejectedReason::TooLarge`] or
+    /// [`RejectedReason::Invalid`]) and the server's words.
     pub async fn record_refusal(
         &self,
         batch: &OutboxBatch,
-        reason: &str,
+        reason: RejectedReason,
         detail: &str,
     ) -> Result<Refusal, OutboxError> {
         let batch_id = batch.batch_id.clone();
-        let (reason, detail) = (reason.to_owned(), detail.to_owned());
+        let (reason, detail) = (reason.as_str(), detail.to_owned());
         self.blocking(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (id, members) = in_flight_batch(&tx, &batch_id)?;

@@ -124,7 +124,7 @@ impl OutboxBatch {
 pub struct AckSummary {
     pub applied: usize,
     pub duplicates: usize,
-    /// Rejected for good (`invalid`, `staleTransition`).
+    /// Rejected for good ([`RejectedReason::Invalid`], [`RejectedReason::StaleTransition`]).
     pub rejected: usize,
     /// Refused for a missing dependency: held until that op is acked.
     pub waiting: usize,
@@ -162,10 +162,50 @@ pub struct OutboxStatus {
 #[serde(rename_all = "camelCase")]
 pub struct RejectedEntry {
     pub op_id: String,
-    /// `invalid`, `staleTransition`, or `tooLarge` (the op alone exceeds a server limit).
-    pub reason: String,
+    pub reason: RejectedReason,
     /// The server's words.
     pub detail: String,
+}
+
+/// Why the server refused an op for good: [`RejectedEntry::reason`]. Serializes as (and is
+/// stored in the outbox file as) `invalid`, `staleTransition` or `tooLarge`.
+///
+/// Not [`crate::RejectReason`], the reason in one op's ack: `missingDependency` is never final
+/// here (the op waits), and `tooLarge` comes from a batch refused whole, split down to this op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RejectedReason {
+    /// The op can never apply as sent (malformed payload, another session's record, a part
+    /// whose message does not exist, ...).
+    Invalid,
+    /// An older state of a message that has already completed or errored: no fault of the
+    /// op's author, the newer state is in the share.
+    StaleTransition,
+    /// The op alone exceeds a server limit.
+    TooLarge,
+}
+
+impl RejectedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::StaleTransition => "staleTransition",
+            Self::TooLarge => "tooLarge",
+        }
+    }
+
+    /// The value [`RejectedReason::as_str`] gives, as read back from the outbox file.
+    fn parse(text: &str) -> Option<Self> {
+        [Self::Invalid, Self::StaleTransition, Self::TooLarge]
+            .into_iter()
+            .find(|reason| reason.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for RejectedReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What [`Outbox::record_refusal`] did with a batch the server refused whole.
@@ -252,4 +292,30 @@ fn now() -> i64 {
 /// A u64 cursor as SQLite's i64 (cursors never come near 2^63).
 fn cursor_to_sql(cursor: u64) -> Result<i64, OutboxError> {
     i64::try_from(cursor).map_err(|_| OutboxError::invalid(format!("cursor {cursor} out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::RejectReason;
+
+    #[test]
+    fn rejected_reasons_read_back_and_serialize_as_stored() {
+        for reason in [
+            RejectedReason::Invalid,
+            RejectedReason::StaleTransition,
+            RejectedReason::TooLarge,
+        ] {
+            assert_eq!(RejectedReason::parse(reason.as_str()), Some(reason));
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::Value::from(reason.as_str())
+            );
+        }
+        // The per-op reasons the ack stores for rejected ops are spelled the same.
+        for reason in [RejectReason::Invalid, RejectReason::StaleTransition] {
+            assert!(RejectedReason::parse(reason.as_str()).is_some(), "{reason}");
+        }
+        assert_eq!(RejectedReason::parse("missingDependency"), None);
+    }
 }

@@ -2,7 +2,7 @@
 
 use rusqlite::OptionalExtension;
 
-use super::{Outbox, OutboxError, OutboxStatus, RejectedEntry, op_state};
+use super::{Outbox, OutboxError, OutboxStatus, RejectedEntry, RejectedReason, op_state};
 
 impl Outbox {
     /// Counts by state, the bound share, the last cursor and error, and when the oldest
@@ -58,19 +58,29 @@ impl Outbox {
     /// The ops the server refused for good, in enqueue order.
     pub async fn rejected(&self) -> Result<Vec<RejectedEntry>, OutboxError> {
         self.blocking(|conn| {
-            Ok(conn
+            let rows = conn
                 .prepare_cached(
                     "SELECT op_id, coalesce(reason, ''), coalesce(detail, '') FROM ops
                      WHERE state = 'rejected' ORDER BY seq",
                 )?
                 .query_map([], |r| {
-                    Ok(RejectedEntry {
-                        op_id: r.get(0)?,
-                        reason: r.get(1)?,
-                        detail: r.get(2)?,
-                    })
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
                 })?
-                .collect::<Result<Vec<_>, _>>()?)
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(op_id, reason, detail)| {
+                    let Some(reason) = RejectedReason::parse(&reason) else {
+                        return Err(OutboxError::invalid(format!(
+                            "the outbox holds op {op_id} rejected for an unknown reason {reason:?}"
+                        )));
+                    };
+                    Ok(RejectedEntry {
+                        op_id,
+                        reason,
+                        detail,
+                    })
+                })
+                .collect()
         })
         .await
     }

@@ -5,6 +5,7 @@ use capsync_shared::ErrorCode;
 
 use super::SyncError;
 use crate::error::ClientError;
+use crate::outbox::RejectedReason;
 
 /// What to tell the user when a writer token stops working.
 const REVOKED: &str = "the share's writer token was revoked; mint a new one (capsync share mint-writer) and sync again";
@@ -24,8 +25,8 @@ pub(super) enum AppendFailure {
     /// The capability is dead (revoked, refused) or the share is gone: stop.
     Fatal(SyncError),
     /// The server refused the batch whole and will refuse it again as it is: split it or,
-    /// for a single op, reject that op. The reason as the outbox records it.
-    Refused(&'static str),
+    /// for a single op, reject that op for this reason.
+    Refused(RejectedReason),
     /// `expectedCursor` did not match; carries the share's current cursor.
     CursorConflict(u64),
     /// Transport errors, timeouts, `overloaded`, `rateLimited`, `internal`: back off, then
@@ -60,9 +61,11 @@ pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
         ClientError::WrongKind { .. } => ConnectFailure::Fatal(SyncError::Stopped(format!(
             "{error}: the syncer needs the share's writer token"
         ))),
-        ClientError::InvalidInput(_) | ClientError::SnapshotUnstable { .. } => {
-            ConnectFailure::Fatal(SyncError::Stopped(error.to_string()))
-        }
+        // Connecting and redeeming never fail with these.
+        ClientError::InvalidInput(_)
+        | ClientError::SnapshotUnstable { .. }
+        | ClientError::Outbox { .. }
+        | ClientError::Sync(_) => ConnectFailure::Fatal(SyncError::Stopped(error.to_string())),
     }
 }
 
@@ -78,8 +81,8 @@ pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
             ErrorCode::NotFound => AppendFailure::Fatal(SyncError::Stopped(format!(
                 "the share no longer exists on the server ({error})"
             ))),
-            ErrorCode::TooLarge => AppendFailure::Refused("tooLarge"),
-            ErrorCode::InvalidArgument => AppendFailure::Refused("invalid"),
+            ErrorCode::TooLarge => AppendFailure::Refused(RejectedReason::TooLarge),
+            ErrorCode::InvalidArgument => AppendFailure::Refused(RejectedReason::Invalid),
             ErrorCode::CursorConflict => AppendFailure::CursorConflict(*cursor),
             ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal => {
                 AppendFailure::Retry
@@ -92,12 +95,13 @@ pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
             AppendFailure::Retry
         }
         // The outbox checks ops when they are enqueued, so the client refusing to encode
-        // one means the outbox file was edited by hand: nothing a retry can fix.
+        // one means the outbox file was edited by hand: nothing a retry can fix. (An append
+        // never fails with the rest.)
         ClientError::InvalidInput(_)
         | ClientError::WrongKind { .. }
-        | ClientError::SnapshotUnstable { .. } => {
-            AppendFailure::Fatal(SyncError::Stopped(error.to_string()))
-        }
+        | ClientError::SnapshotUnstable { .. }
+        | ClientError::Outbox { .. }
+        | ClientError::Sync(_) => AppendFailure::Fatal(SyncError::Stopped(error.to_string())),
     }
 }
 
@@ -183,11 +187,11 @@ mod tests {
     fn whole_batch_refusals_change_the_batch() {
         assert!(matches!(
             append_failure(&remote(ErrorCode::TooLarge)),
-            AppendFailure::Refused("tooLarge")
+            AppendFailure::Refused(RejectedReason::TooLarge)
         ));
         assert!(matches!(
             append_failure(&remote(ErrorCode::InvalidArgument)),
-            AppendFailure::Refused("invalid")
+            AppendFailure::Refused(RejectedReason::Invalid)
         ));
         assert!(matches!(
             append_failure(&remote(ErrorCode::CursorConflict)),

@@ -6,14 +6,15 @@
 //! enqueue (or the next retry time). After a transport failure, a timeout or a transient
 //! server error (`overloaded`, `rateLimited`, `internal`) it records the failure, drops the
 //! connection, backs off (exponential with jitter, capped), reconnects, redeems again and
-//! resends the *same* batch. A revoked or refused token stops it for good with an error the
-//! caller sees in [`Syncer::status`] and [`Syncer::wait_idle`]; it never retries a dead
-//! capability.
+//! resends the *same* batch. A revoked or refused token stops it for good: the status turns
+//! [`SyncState::Stopped`], and [`Syncer::fatal`] (or [`Syncer::wait_idle`]) gives the
+//! [`SyncError`], whose variant says what happened. It never retries a dead capability.
 //!
 //! capnp-rpc is single-threaded, so the syncer runs on a tokio `LocalSet`
 //! ([`spawn_syncer`] uses `spawn_local`). Its SQLite work runs on the blocking pool.
 //!
-//! One syncer per outbox file at a time (it holds a lock file next to the outbox).
+//! One syncer per outbox file at a time (it holds a lock file next to the outbox; a second
+//! one stops with [`SyncError::Busy`]).
 //!
 //! Modules: `worker` (the loop), `classify` (what each failure means), `backoff`.
 //!
@@ -113,7 +114,8 @@ pub enum SyncState {
     Idle,
     /// Waiting before the next attempt after a failure.
     Backoff { retry_in_ms: u64 },
-    /// Gave up for good; the error says why and what to do.
+    /// Gave up for good; the error says why and what to do. [`Syncer::fatal`] has it as a
+    /// [`SyncError`].
     Stopped { error: String },
 }
 
@@ -122,6 +124,9 @@ pub enum SyncState {
 #[serde(rename_all = "camelCase")]
 pub struct SyncStatus {
     pub state: SyncState,
+    /// The share the syncer sends to: `None` until it has first redeemed its token and bound
+    /// the outbox to that token's share (see [`Outbox::bind`]).
+    pub share_id: Option<String>,
     /// The outbox's counts (see [`crate::OutboxStatus`]).
     pub pending: u64,
     pub in_flight: u64,
@@ -140,6 +145,7 @@ impl SyncStatus {
     fn starting() -> Self {
         Self {
             state: SyncState::Connecting,
+            share_id: None,
             pending: 0,
             in_flight: 0,
             waiting: 0,
@@ -162,11 +168,14 @@ pub enum SyncError {
     /// not say which), or may not append.
     #[error("{0}")]
     PermissionDenied(String),
-    /// The outbox failed, or feeds another share.
+    /// The outbox failed, or feeds another share ([`OutboxError::WrongShare`]).
     #[error("{0}")]
     Outbox(#[from] OutboxError),
-    /// Anything else that retrying cannot fix (a token of the wrong kind, a deleted share),
-    /// or the task ended.
+    /// Another syncer, in this process or another, is sending from the same outbox file.
+    #[error("{0}")]
+    Busy(String),
+    /// Anything else that retrying cannot fix (a token of the wrong kind, a deleted share, a
+    /// server that does not speak the protocol), or the task ended.
     #[error("{0}")]
     Stopped(String),
 }
@@ -177,7 +186,7 @@ struct Control {
     /// The outbox's enqueue generation the syncer had seen when it last found nothing to
     /// send and nothing in flight.
     idle_at: Option<u64>,
-    /// Set once, when the syncer stops on an error.
+    /// Set once, when the syncer stops on an error (just before the `Stopped` status).
     fatal: Option<SyncError>,
 }
 
@@ -232,29 +241,54 @@ impl Syncer {
     /// or a clone of it; another process's enqueues are picked up by polling) is settled:
     /// nothing pending, nothing in flight, and nothing waiting that could be sent (ops
     /// waiting for a dependency that is not acked here may remain, counted in `waiting`).
-    /// Fails once the syncer has stopped on an error. Waits through outages: put a timeout
-    /// around it to bound that.
+    /// Fails once the syncer has stopped on an error (the error [`Syncer::fatal`] returns;
+    /// [`Syncer::status`] then shows [`SyncState::Stopped`]). Waits through outages: put a
+    /// timeout around it to bound that.
     pub async fn wait_idle(&self) -> Result<SyncStatus, SyncError> {
         // Every enqueue that returned before this line has a generation up to `target`.
         let target = self.outbox.generation();
         let mut control = self.control.clone();
         loop {
-            {
+            let fatal = {
                 let now = control.borrow_and_update();
-                if let Some(fatal) = &now.fatal {
-                    return Err(fatal.clone());
-                }
-                if now.idle_at.is_some_and(|seen| seen >= target) {
+                if now.fatal.is_none() && now.idle_at.is_some_and(|seen| seen >= target) {
                     return Ok(self.status());
                 }
+                now.fatal.clone()
+            };
+            if let Some(fatal) = fatal {
+                // The `Stopped` status follows the error at once; wait for it, so the
+                // caller's next `status()` shows it (an error means the task is gone).
+                let _ = self
+                    .status
+                    .clone()
+                    .wait_for(|status| matches!(status.state, SyncState::Stopped { .. }))
+                    .await;
+                return Err(fatal);
             }
             if control.changed().await.is_err() {
                 // The task ended without saying why (it panicked, or its runtime is gone).
-                return Err(control.borrow().fatal.clone().unwrap_or_else(|| {
-                    SyncError::Stopped("the syncer task ended unexpectedly".into())
-                }));
+                return Err(control
+                    .borrow()
+                    .fatal
+                    .clone()
+                    .unwrap_or_else(ended_unexpectedly));
             }
         }
+    }
+
+    /// The error the syncer stopped on for good, or `None` while it runs. Set before the
+    /// status turns [`SyncState::Stopped`], so a caller that sees that state (through
+    /// [`Syncer::status`] or [`Syncer::watch`]) finds the error here, without waiting; and
+    /// `Some` whenever the status channel has closed (then [`SyncError::Stopped`] if the
+    /// task ended without an error: it panicked).
+    pub fn fatal(&self) -> Option<SyncError> {
+        // Read first: the task closes the channel only once done, after recording its error.
+        let ended = self.status.has_changed().is_err();
+        if let Some(fatal) = &self.control.borrow().fatal {
+            return Some(fatal.clone());
+        }
+        ended.then(ended_unexpectedly)
     }
 
     /// Stops the task and returns the last status. The outbox is durable, so stopping at
@@ -268,6 +302,10 @@ impl Syncer {
         }
         self.status()
     }
+}
+
+fn ended_unexpectedly() -> SyncError {
+    SyncError::Stopped("the syncer task ended unexpectedly".into())
 }
 
 #[cfg(test)]
@@ -284,7 +322,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "state": {"kind": "backoff", "retryInMs": 400},
+                "state": {"kind": "backoff", "retryInMs": 400}, "shareId": null,
                 "pending": 3, "inFlight": 0, "waiting": 0, "acked": 0, "rejected": 0,
                 "lastAckedCursor": 9, "lastError": null, "retries": 0
             })

@@ -56,6 +56,8 @@ pub(super) struct Worker {
     control: watch::Sender<Control>,
     /// `None` after a failure: the next step reconnects and redeems again.
     live: Option<Live>,
+    /// The share the outbox was bound to, once the token was first redeemed.
+    share_id: Option<String>,
     /// Delays between failed attempts; reset by an ack.
     backoff: Backoff,
     /// Failed attempts so far, for the status.
@@ -82,6 +84,7 @@ impl Worker {
             status,
             control,
             live: None,
+            share_id: None,
             backoff,
             retries: 0,
             last_error: None,
@@ -154,6 +157,7 @@ impl Worker {
                 self.outbox
                     .bind(&state.share_id, &self.options.server)
                     .await?;
+                self.share_id = Some(state.share_id.clone());
                 self.outbox.record_cursor(state.cursor).await?;
                 info!(share = %state.share_id, cursor = state.cursor, server = %self.options.server, "syncer connected");
                 Ok(Some(writer))
@@ -324,11 +328,12 @@ impl Worker {
         // itself may be what failed).
         let _ = self.outbox.record_error(&message).await;
         self.last_error = Some(message.clone());
-        self.publish(SyncState::Stopped { error: message }, Counts::Read)
-            .await;
-        // After the status, so a `wait_idle` that wakes on this sees the final status.
+        // Before the status, so whoever sees `Stopped` finds the error in `Syncer::fatal`
+        // (`wait_idle` waits for the status in turn).
         self.control
             .send_modify(|control| control.fatal = Some(fatal));
+        self.publish(SyncState::Stopped { error: message }, Counts::Read)
+            .await;
     }
 
     /// Publishes `state`, with the counts `counts` asks for.
@@ -349,8 +354,10 @@ impl Worker {
             self.counted_at = Some(tokio::time::Instant::now());
         }
         let (retries, last_error) = (self.retries, self.last_error.clone());
+        let share_id = self.share_id.clone();
         self.status.send_modify(|status| {
             status.state = state;
+            status.share_id = share_id;
             if let Some(counts) = counts {
                 status.pending = counts.pending;
                 status.in_flight = counts.in_flight;
@@ -388,7 +395,7 @@ fn lock_outbox(outbox_path: &Path) -> Result<File, SyncError> {
         .map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(SyncError::Stopped(format!(
+        Err(TryLockError::WouldBlock) => Err(SyncError::Busy(format!(
             "another syncer is already sending from the outbox {}; run one at a time",
             outbox_path.display()
         ))),
