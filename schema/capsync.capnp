@@ -350,5 +350,41 @@ interface ShareViewer {
 
   state @2 () -> (result :ShareStateResult);
 
-  # Ordinal 3 is kept for `subscribe` (live ops from a cursor).
+  # Follows the share live: the server first sends every applied op with
+  # cursor > `fromCursor`, then each op as it commits, in cursor order, with no
+  # gap and no repeat, through `listener.ops`. It keeps a bounded number of
+  # `ops` calls in flight per subscriber, each with a timeout: a listener that
+  # falls further behind is dropped with `ended(lagged, cursor)`, so a slow
+  # viewer never slows writers or other viewers. Dropping the returned
+  # `Subscription` (or disconnecting) ends it; revoking viewers ends it with
+  # `ended(revoked, …)`.
+  subscribe @3 (fromCursor :UInt64, listener :OpListener) -> (result :SubscribeResult);
+}
+
+# Implemented by the subscriber (a capability the viewer passes to `subscribe`).
+interface OpListener {
+  # The next ops, continuing right after the last cursor delivered before.
+  # Returning is the acknowledgement the server's flow control counts.
+  ops @0 (ops :List(LoggedOp)) -> ();
+
+  # The subscription is over. `cursor` is the last cursor the listener
+  # acknowledged: `subscribe(cursor)` resumes exactly after it.
+  ended @1 (reason :EndReason, cursor :UInt64, message :Text) -> ();
+}
+
+enum EndReason {
+  lagged @0;     # the listener fell too far behind (or stopped answering)
+  revoked @1;    # the viewer's epoch was bumped or its token revoked or expired
+  notFound @2;   # the share was deleted
+  shutdown @3;   # the server is shutting down
+}
+
+# The live subscription; it ends when this capability is dropped.
+interface Subscription {}
+
+struct SubscribeResult {
+  union {
+    ok @0 :Subscription;
+    failure @1 :Failure;
+  }
 }

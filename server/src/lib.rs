@@ -10,6 +10,8 @@
 //!   SQLite backend (one writer thread with group commit, read connections).
 //! - [`auth`]: argon2id hashing of token secrets, off the RPC thread;
 //!   [`rate_limit`]: failed redeems per address; [`admin_token`]: first-start bootstrap.
+//! - [`follow`]: a share's ops from a cursor, then live as they commit (for
+//!   subscriptions and the HTTP gateway).
 //! - [`config`]: every setting, as flags and environment variables; [`error`]:
 //!   what callers are told when something fails.
 
@@ -18,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod data_dir;
 pub mod error;
+pub mod follow;
 pub mod ledger;
 pub mod rate_limit;
 pub mod rpc;

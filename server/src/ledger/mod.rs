@@ -247,6 +247,15 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// What a committed write changed, announced to live subscribers (see [`Backend::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// Ops were applied to this share, or its epochs changed, or it was deleted.
+    Share(ShareId),
+    /// A token was revoked: any share's subscribers may be affected.
+    Tokens,
+}
+
 /// What a storage engine implements. Each method does its whole work in one
 /// transaction, with the authority checked inside it.
 pub trait Backend: Send + Sync + 'static {
@@ -341,6 +350,10 @@ pub trait Backend: Send + Sync + 'static {
         after: Cursor,
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<OpsPage>>;
+
+    /// Announcements of committed changes, sent after the commit is durable. A
+    /// receiver that falls behind gets `Lagged` and should recheck everything.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed>;
 
     /// Queues an audit line; written with the next transaction. Never fails the caller.
     fn audit(&self, event: AuditEvent);

@@ -36,8 +36,9 @@ use futures::future::BoxFuture;
 use self::pool::ReadPool;
 use self::writer::Writer;
 use super::{
-    Ack, AuditEvent, Authority, Backend, BatchIn, Ledger, LedgerError, LedgerResult, Minted,
-    NewShare, NewToken, OpsPage, RevokeScope, ShareInfo, ShareState, SnapshotPage, StoredToken,
+    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Ledger, LedgerError, LedgerResult,
+    Minted, NewShare, NewToken, OpOutcome, OpsPage, RevokeScope, ShareInfo, ShareState,
+    SnapshotPage, StoredToken,
 };
 
 /// How hard a commit waits for the disk before the ack is sent.
@@ -86,6 +87,8 @@ pub fn open(options: SqliteOptions) -> Result<Ledger, LedgerError> {
 struct SqliteBackend {
     /// All writes, in call order, group-committed.
     writer: Writer,
+    /// Announces committed changes to live subscribers.
+    changes: tokio::sync::broadcast::Sender<Changed>,
     /// All reads, concurrent with each other and with the writer (WAL).
     reads: Arc<ReadPool>,
 }
@@ -96,7 +99,31 @@ impl SqliteBackend {
         // Readers open after the writer has created and migrated the file.
         let reads = ReadPool::open(&options.path, options.read_connections)?;
         let writer = Writer::start(conn, options.max_group_commit)?;
-        Ok(Self { writer, reads })
+        // Subscribers that fall this far behind get `Lagged` and recheck everything.
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Self {
+            writer,
+            changes,
+            reads,
+        })
+    }
+
+    /// Resolves like `work`; once it has committed, announces what it changed.
+    fn announce<T: Send + 'static>(
+        &self,
+        work: BoxFuture<'static, LedgerResult<T>>,
+        change: impl FnOnce(&T) -> Option<Changed> + Send + 'static,
+    ) -> BoxFuture<'static, LedgerResult<T>> {
+        let changes = self.changes.clone();
+        async move {
+            let result = work.await;
+            if let Some(changed) = result.as_ref().ok().and_then(change) {
+                // No receivers is fine: nobody is subscribed.
+                let _ = changes.send(changed);
+            }
+            result
+        }
+        .boxed()
     }
 
     /// Runs `write` on the writer thread in the next group transaction.
@@ -172,7 +199,15 @@ impl Backend for SqliteBackend {
     }
 
     fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>> {
-        self.write(move |conn, now| apply::append(conn, &writer, &batch, now))
+        let share = writer.share.as_ref().map(|(id, _)| id.clone());
+        let work = self.write(move |conn, now| apply::append(conn, &writer, &batch, now));
+        self.announce(work, move |ack| {
+            let applied = ack
+                .results
+                .iter()
+                .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
+            share.filter(|_| applied).map(Changed::Share)
+        })
     }
 
     fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>> {
@@ -194,7 +229,9 @@ impl Backend for SqliteBackend {
         share_id: ShareId,
         scope: RevokeScope,
     ) -> BoxFuture<'static, LedgerResult<ShareState>> {
-        self.write(move |conn, now| shares::revoke(conn, &who, &share_id, scope, now))
+        let changed = Changed::Share(share_id.clone());
+        let work = self.write(move |conn, now| shares::revoke(conn, &who, &share_id, scope, now));
+        self.announce(work, move |_| Some(changed))
     }
 
     fn revoke_token(
@@ -202,7 +239,8 @@ impl Backend for SqliteBackend {
         who: Authority,
         token_id: TokenId,
     ) -> BoxFuture<'static, LedgerResult<()>> {
-        self.write(move |conn, now| tokens::revoke(conn, &who, &token_id, now))
+        let work = self.write(move |conn, now| tokens::revoke(conn, &who, &token_id, now));
+        self.announce(work, |_| Some(Changed::Tokens))
     }
 
     fn delete_share(
@@ -210,7 +248,9 @@ impl Backend for SqliteBackend {
         who: Authority,
         share_id: ShareId,
     ) -> BoxFuture<'static, LedgerResult<()>> {
-        self.write(move |conn, now| shares::delete(conn, &who, &share_id, now))
+        let changed = Changed::Share(share_id.clone());
+        let work = self.write(move |conn, now| shares::delete(conn, &who, &share_id, now));
+        self.announce(work, move |_| Some(changed))
     }
 
     fn snapshot_page(
@@ -229,6 +269,10 @@ impl Backend for SqliteBackend {
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<OpsPage>> {
         self.read(move |conn, now| reads::ops_since(conn, &who, after, limit, now))
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {
+        self.changes.subscribe()
     }
 
     fn audit(&self, event: AuditEvent) {
