@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::viewer::{Record, RecordKind};
+use crate::viewer::{LoggedOp, Record, RecordKind};
+use capsync_shared::ops::OpKind;
 
 /// A session with its models, diffs and messages (each with its parts, in order).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -125,6 +126,149 @@ impl SessionDocument {
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
+
+    /// Applies one op of the share's log (as `opsSince` and subscriptions deliver them)
+    /// with the server's effects, and moves `cursor` to the op's. A snapshot at cursor C
+    /// plus every op after C, applied in order, holds the same records as a snapshot
+    /// taken then.
+    ///
+    /// Returns false, changing nothing, for an op at or below the document's cursor:
+    /// it is already in the document. The log holds only ops the server applied, so
+    /// nothing is validated here; an op whose payload the server could not have applied
+    /// only moves the cursor.
+    pub fn apply(&mut self, op: &LoggedOp) -> bool {
+        if op.cursor <= self.cursor {
+            return false;
+        }
+        self.cursor = op.cursor;
+        let payload = match serde_json::from_str::<Value>(&op.payload) {
+            Ok(Value::Object(payload)) => payload,
+            // `diff.set` also takes the bare array.
+            Ok(diffs @ Value::Array(_)) if op.kind == OpKind::DiffSet => {
+                self.diffs = Some(diffs);
+                return true;
+            }
+            _ => return true,
+        };
+        let id = |first: &str, second: &str| -> Option<String> {
+            match (payload.get(first), payload.get(second)) {
+                (Some(Value::String(id)), _) | (None, Some(Value::String(id))) => Some(id.clone()),
+                _ => None,
+            }
+        };
+        match op.kind {
+            OpKind::SessionUpsert => self.session = Some(Value::Object(payload)),
+            OpKind::ModelUpsert => {
+                let model = Value::Object(payload);
+                match self
+                    .models
+                    .iter_mut()
+                    .find(|m| record_id(m) == record_id(&model))
+                {
+                    Some(stored) => *stored = model,
+                    None => self.models.push(model),
+                }
+            }
+            OpKind::DiffSet => {
+                self.diffs = match payload.get("diffs") {
+                    Some(diffs @ Value::Array(_)) => Some(diffs.clone()),
+                    _ => self.diffs.take(),
+                };
+            }
+            OpKind::MessageUpsert => {
+                let info = Value::Object(payload);
+                match self
+                    .messages
+                    .iter_mut()
+                    .find(|m| m.id() == record_id(&info))
+                {
+                    Some(message) => message.info = info,
+                    None => {
+                        // Parts that arrived before their message (never in a consistent
+                        // log, but snapshots tolerate it too) join it now.
+                        let id = record_id(&info).to_owned();
+                        let (parts, orphans) = std::mem::take(&mut self.orphan_parts)
+                            .into_iter()
+                            .partition(|p| part_message(p) == id);
+                        self.orphan_parts = orphans;
+                        self.messages.push(MessageDocument { info, parts });
+                    }
+                }
+            }
+            OpKind::MessageRemove => {
+                if let Some(id) = id("id", "messageID") {
+                    self.messages.retain(|m| m.id() != id);
+                }
+            }
+            OpKind::PartUpsert => {
+                let part = Value::Object(payload);
+                let part_id = record_id(&part).to_owned();
+                let message_id = part_message(&part).to_owned();
+                // In place while it stays in its message, so the parts keep their order.
+                if let Some(stored) = self
+                    .messages
+                    .iter_mut()
+                    .find(|m| m.id() == message_id)
+                    .and_then(|m| m.parts.iter_mut().find(|p| record_id(p) == part_id))
+                {
+                    *stored = part;
+                    return true;
+                }
+                self.remove_part(&part_id);
+                match self.messages.iter_mut().find(|m| m.id() == message_id) {
+                    Some(message) => message.parts.push(part),
+                    None => self.orphan_parts.push(part),
+                }
+            }
+            OpKind::PartRemove => {
+                if let Some(id) = id("partID", "id") {
+                    self.remove_part(&id);
+                }
+            }
+            OpKind::PartDelta => {
+                let (Some(id), Some(Value::String(delta))) =
+                    (id("partID", "id"), payload.get("delta"))
+                else {
+                    return true;
+                };
+                let field = match payload.get("field") {
+                    Some(Value::String(field)) => field.as_str(),
+                    _ => "text",
+                };
+                if let Some(Value::Object(part)) = self.part_mut(&id) {
+                    match part.get_mut(field) {
+                        Some(Value::String(text)) => text.push_str(delta),
+                        None => {
+                            part.insert(field.to_owned(), Value::String(delta.clone()));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes the part with this id wherever it is.
+    fn remove_part(&mut self, id: &str) {
+        for message in &mut self.messages {
+            message.parts.retain(|p| record_id(p) != id);
+        }
+        self.orphan_parts.retain(|p| record_id(p) != id);
+    }
+
+    fn part_mut(&mut self, id: &str) -> Option<&mut Value> {
+        self.messages
+            .iter_mut()
+            .flat_map(|m| m.parts.iter_mut())
+            .chain(self.orphan_parts.iter_mut())
+            .find(|p| record_id(p) == id)
+    }
+}
+
+/// The `"messageID"` of a part, or "".
+fn part_message(part: &Value) -> &str {
+    part.get("messageID").and_then(Value::as_str).unwrap_or("")
 }
 
 #[cfg(test)]
@@ -167,6 +311,106 @@ mod tests {
         assert_eq!(doc.messages[0].parts.len(), 2);
         assert_eq!(doc.messages[1].parts.len(), 0);
         assert_eq!(doc.orphan_parts, vec![json!({"id": "p3"})]);
+    }
+
+    #[test]
+    fn applying_logged_ops_follows_the_servers_effects() {
+        let mut doc = SessionDocument::default();
+        let mut cursor = 0;
+        let mut apply = |doc: &mut SessionDocument, kind: OpKind, payload: Value| {
+            cursor += 1;
+            doc.apply(&LoggedOp {
+                cursor,
+                op_id: format!("op{cursor}"),
+                kind,
+                payload: payload.to_string(),
+                applied_at: 0,
+            })
+        };
+        apply(
+            &mut doc,
+            OpKind::SessionUpsert,
+            json!({"id": "s", "title": "T"}),
+        );
+        apply(&mut doc, OpKind::ModelUpsert, json!({"id": "m", "v": 1}));
+        apply(&mut doc, OpKind::ModelUpsert, json!({"id": "m", "v": 2}));
+        apply(&mut doc, OpKind::DiffSet, json!([{"file": "a"}]));
+        apply(&mut doc, OpKind::DiffSet, json!({"diffs": [{"file": "b"}]}));
+        apply(
+            &mut doc,
+            OpKind::MessageUpsert,
+            json!({"id": "m1", "role": "user"}),
+        );
+        apply(
+            &mut doc,
+            OpKind::MessageUpsert,
+            json!({"id": "m2", "role": "assistant"}),
+        );
+        apply(
+            &mut doc,
+            OpKind::PartUpsert,
+            json!({"id": "p1", "messageID": "m1", "type": "text", "text": "a"}),
+        );
+        apply(
+            &mut doc,
+            OpKind::PartDelta,
+            json!({"partID": "p1", "delta": "b"}),
+        );
+        apply(
+            &mut doc,
+            OpKind::PartDelta,
+            json!({"id": "p1", "field": "note", "delta": "n"}),
+        );
+        apply(
+            &mut doc,
+            OpKind::PartUpsert,
+            json!({"id": "p2", "messageID": "m1", "type": "text"}),
+        );
+        // A part that moves to another message leaves the first one.
+        apply(
+            &mut doc,
+            OpKind::PartUpsert,
+            json!({"id": "p2", "messageID": "m2", "type": "tool"}),
+        );
+        apply(
+            &mut doc,
+            OpKind::PartUpsert,
+            json!({"id": "p3", "messageID": "m2", "type": "text"}),
+        );
+        apply(&mut doc, OpKind::PartRemove, json!({"partID": "p3"}));
+        apply(
+            &mut doc,
+            OpKind::MessageUpsert,
+            json!({"id": "m3", "role": "user"}),
+        );
+        apply(&mut doc, OpKind::MessageRemove, json!({"messageID": "m3"}));
+
+        assert_eq!(doc.cursor, 16);
+        assert_eq!(doc.title(), "T");
+        assert_eq!(doc.models, vec![json!({"id": "m", "v": 2})]);
+        assert_eq!(doc.diffs, Some(json!([{"file": "b"}])));
+        let ids: Vec<&str> = doc.messages.iter().map(MessageDocument::id).collect();
+        assert_eq!(ids, ["m1", "m2"]);
+        assert_eq!(
+            doc.messages[0].parts,
+            vec![json!({"id": "p1", "messageID": "m1", "type": "text", "text": "ab", "note": "n"})]
+        );
+        assert_eq!(
+            doc.messages[1].parts,
+            vec![json!({"id": "p2", "messageID": "m2", "type": "tool"})]
+        );
+
+        // An op the document already holds changes nothing.
+        let before = doc.clone();
+        let old = LoggedOp {
+            cursor: 3,
+            op_id: "op3".into(),
+            kind: OpKind::SessionUpsert,
+            payload: json!({"id": "s", "title": "old"}).to_string(),
+            applied_at: 0,
+        };
+        assert!(!doc.apply(&old));
+        assert_eq!(doc, before);
     }
 
     #[test]

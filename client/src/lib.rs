@@ -6,6 +6,8 @@
 //!   [`Redeemed`].
 //! - [`admin`], [`agent`], [`writer`], [`viewer`]: one wrapper per capability
 //!   ([`AdminClient`], [`AgentClient`], [`WriterClient`], [`ViewerClient`]).
+//! - [`subscribe`]: following a share live ([`ViewerClient::subscribe`] gives [`LiveOps`]):
+//!   the ops after a cursor, then each commit, in cursor order with no gap or repeat.
 //! - [`types`]: plain, serializable mirrors of the schema's structs.
 //! - [`error`]: [`ClientError`], with the wire `ErrorCode` for remote failures, and the
 //!   outbox's and syncer's errors (`From<OutboxError>`, `From<SyncError>`).
@@ -44,6 +46,7 @@ pub mod export;
 pub mod ops_file;
 pub mod outbox;
 pub mod push;
+pub mod subscribe;
 pub mod syncer;
 pub mod types;
 pub mod viewer;
@@ -64,6 +67,7 @@ pub use outbox::{
     RejectedReason,
 };
 pub use push::{PushReport, push_ops};
+pub use subscribe::{EndReason, Ended, LiveEvent, LiveOps};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
 pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
 pub use viewer::{LoggedOp, OpsPage, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient};

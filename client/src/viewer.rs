@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::document::SessionDocument;
 use crate::error::ClientError;
+use crate::subscribe::LiveOps;
 use crate::types::ShareState;
 use crate::wire::{self, ok_or_fail};
 
@@ -249,23 +250,21 @@ impl ViewerClient {
         request.get().set_limit(limit);
         let response = request.send().promise.await?;
         let page = ok_or_fail!(ops_result, response.get()?.get_result()?);
-        let ops = page
-            .get_ops()?
-            .iter()
-            .map(|op| {
-                Ok(LoggedOp {
-                    cursor: op.get_cursor(),
-                    op_id: wire::text(op.get_op_id())?,
-                    kind: op.get_kind()?.into(),
-                    payload: wire::text(op.get_payload())?,
-                    applied_at: op.get_applied_at(),
-                })
-            })
-            .collect::<Result<Vec<_>, ClientError>>()?;
         Ok(OpsPage {
-            ops,
+            ops: logged_ops(page.get_ops()?)?,
             cursor: page.get_cursor(),
         })
+    }
+
+    /// Follows the share live: first every op after `from_cursor`, then each op as it
+    /// commits, in cursor order with no gap and no repeat (see [`LiveOps`]).
+    ///
+    /// `from_cursor` may not be past the share's cursor (`invalidArgument`); a revoked
+    /// viewer gets `revoked` here rather than a subscription that ends at once. To
+    /// rebuild the share's state, take a [`Snapshot`] and subscribe from its cursor:
+    /// applying the ops to [`SessionDocument`] keeps it equal to the writer's.
+    pub async fn subscribe(&self, from_cursor: u64) -> Result<LiveOps, ClientError> {
+        crate::subscribe::subscribe(&self.cap, from_cursor).await
     }
 
     /// The share's current state.
@@ -277,4 +276,21 @@ impl ViewerClient {
             response.get()?.get_result()?
         ))
     }
+}
+
+/// A list of logged ops as the client's type (`opsSince` pages and subscription calls).
+pub(crate) fn logged_ops(
+    list: capnp::struct_list::Reader<'_, capsync_shared::capsync_capnp::logged_op::Owned>,
+) -> Result<Vec<LoggedOp>, ClientError> {
+    list.iter()
+        .map(|op| {
+            Ok(LoggedOp {
+                cursor: op.get_cursor(),
+                op_id: wire::text(op.get_op_id())?,
+                kind: op.get_kind()?.into(),
+                payload: wire::text(op.get_payload())?,
+                applied_at: op.get_applied_at(),
+            })
+        })
+        .collect()
 }

@@ -18,6 +18,13 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// argon2id cost, OWASP's minimum recommendation (19 MiB, 2 passes, 1 lane).
 pub const DEFAULT_ARGON2_MEMORY_KIB: u32 = 19 * 1024;
 pub const DEFAULT_ARGON2_ITERATIONS: u32 = 2;
+/// `ops` calls one live subscriber may have unanswered before the server waits for it.
+pub const DEFAULT_SUBSCRIBER_WINDOW: usize = 8;
+/// How long one `ops` call may stay unanswered before its subscriber is dropped as lagged.
+pub const DEFAULT_SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
+/// How long a share's writer may be gone before its running tool calls show as interrupted.
+pub const DEFAULT_INTERRUPTED_AFTER: Duration = Duration::from_secs(5 * 60);
 
 /// Settings of one server. `Config::default()` equals running `serve` with no flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -82,6 +89,57 @@ pub struct Config {
     /// Most queued writes one group-commit transaction takes.
     #[arg(long, env = "CAPSYNC_MAX_GROUP_COMMIT", default_value_t = 256)]
     pub max_group_commit: usize,
+
+    /// Most `ops` calls in flight to one live subscriber (`ShareViewer.subscribe`).
+    /// A subscriber this far behind is not sent more until it answers, so it holds
+    /// at most this many pages of ops in the server's memory.
+    #[arg(long, env = "CAPSYNC_SUBSCRIBER_WINDOW", default_value_t = DEFAULT_SUBSCRIBER_WINDOW)]
+    pub subscriber_window: usize,
+
+    /// How long one `ops` call to a subscriber may go unanswered before the
+    /// subscriber is dropped with `ended(lagged, cursor)`, e.g. `10s`.
+    #[arg(long, env = "CAPSYNC_SUBSCRIBER_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "10s")]
+    pub subscriber_timeout: Duration,
+
+    /// Address of the HTTP gateway (share pages, JSON API, live events, `/healthz`,
+    /// `/metrics`), or `off` to run without it.
+    #[arg(long, env = "CAPSYNC_HTTP_LISTEN", default_value = DEFAULT_HTTP_LISTEN)]
+    pub http_listen: HttpListen,
+
+    /// How long a share's writer may be gone before the share page shows its
+    /// still-running tool calls as interrupted (display only), e.g. `5m`.
+    #[arg(long, env = "CAPSYNC_INTERRUPTED_AFTER", value_parser = humantime::parse_duration,
+          default_value = "5m")]
+    pub interrupted_after: Duration,
+}
+
+/// `--http-listen`: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpListen {
+    Off,
+    On(SocketAddr),
+}
+
+impl HttpListen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Self::Off => None,
+            Self::On(addr) => Some(addr),
+        }
+    }
+}
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" | "none" | "" => Ok(Self::Off),
+            addr => addr.parse().map(Self::On).map_err(|_| {
+                format!("{addr:?} is neither an address like 127.0.0.1:7421 nor `off`")
+            }),
+        }
+    }
 }
 
 /// `--durability` values.
@@ -117,6 +175,12 @@ impl Default for Config {
             argon2_iterations: DEFAULT_ARGON2_ITERATIONS,
             read_connections: 4,
             max_group_commit: 256,
+            subscriber_window: DEFAULT_SUBSCRIBER_WINDOW,
+            subscriber_timeout: DEFAULT_SUBSCRIBER_TIMEOUT,
+            http_listen: HttpListen::On(
+                DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
+            ),
+            interrupted_after: DEFAULT_INTERRUPTED_AFTER,
         }
     }
 }
@@ -129,6 +193,9 @@ impl Config {
             data_dir: data_dir.into(),
             argon2_memory_kib: 256,
             argon2_iterations: 1,
+            // Tests run many servers at once: the HTTP gateway on a free port
+            // (see `ServerHandle::http_addr`).
+            http_listen: HttpListen::On(([127, 0, 0, 1], 0).into()),
             ..Self::default()
         }
     }

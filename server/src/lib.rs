@@ -9,7 +9,12 @@
 //! - [`ledger`]: the storage seam (`Ledger`, a `Send + Clone` handle) and its
 //!   SQLite backend (one writer thread with group commit, read connections).
 //! - [`auth`]: argon2id hashing of token secrets, off the RPC thread;
-//!   [`rate_limit`]: failed redeems per address; [`admin_token`]: first-start bootstrap.
+//!   [`redeem`]: the token check both gateways use; [`rate_limit`]: failed
+//!   redeems per address; [`admin_token`]: first-start bootstrap.
+//! - [`http`]: the HTTP gateway on its own listener: share pages for browsers,
+//!   a JSON API, live Server-Sent Events, `/healthz` and `/metrics`.
+//! - [`presence`]: which shares have a writer connected; [`metrics`]: counters
+//!   and gauges for `/metrics`.
 //! - [`follow`]: a share's ops from a cursor, then live as they commit (for
 //!   subscriptions and the HTTP gateway).
 //! - [`config`]: every setting, as flags and environment variables; [`error`]:
@@ -21,8 +26,12 @@ pub mod config;
 pub mod data_dir;
 pub mod error;
 pub mod follow;
+pub mod http;
 pub mod ledger;
+pub mod metrics;
+pub mod presence;
 pub mod rate_limit;
+pub mod redeem;
 pub mod rpc;
 pub mod server;
 

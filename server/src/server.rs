@@ -14,11 +14,13 @@ use futures::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::SecretHasher;
 use crate::config::Config;
 use crate::data_dir::DataDirLock;
+use crate::http::{AppState, HttpGateway};
 use crate::ledger::{self, Ledger, SqliteOptions};
 use crate::rpc::{Context, GatewayImpl};
 use crate::{StartError, admin_token};
@@ -61,6 +63,10 @@ pub struct Prepared {
     config: Config,
     ledger: Ledger,
     ctx: Rc<Context>,
+    /// The HTTP gateway's bound listener, unless `--http-listen off`.
+    http: Option<HttpGateway>,
+    /// Stops the HTTP gateway (and its live streams) when the server shuts down.
+    http_shutdown: CancellationToken,
     /// Held until the server stops, so no second server opens the same data.
     _lock: DataDirLock,
 }
@@ -75,15 +81,47 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         info!(path = %admin_path.display(), "created the admin token; it is in this file (owner-only)");
     }
     let ctx = Rc::new(Context::new(ledger.clone(), hasher, &config));
+    let http_shutdown = CancellationToken::new();
+    let http = match config.http_listen.addr() {
+        Some(addr) => {
+            let state = http_state(&ctx, &config, http_shutdown.clone());
+            let gateway = HttpGateway::bind(addr, state).await.map_err(|err| {
+                // Say which listener: the RPC one binds first and is the usual suspect.
+                std::io::Error::new(err.kind(), format!("HTTP gateway on {addr}: {err}"))
+            })?;
+            Some(gateway)
+        }
+        None => None,
+    };
     Ok(Prepared {
         config,
         ledger,
         ctx,
+        http,
+        http_shutdown,
         _lock: lock,
     })
 }
 
+/// What the HTTP gateway shares with the RPC side: `Send` handles only.
+fn http_state(ctx: &Context, config: &Config, shutdown: CancellationToken) -> AppState {
+    AppState {
+        ledger: ctx.ledger.clone(),
+        redeemer: ctx.redeemer.clone(),
+        presence: ctx.presence.clone(),
+        metrics: ctx.metrics.clone(),
+        interrupted_after: config.interrupted_after,
+        streams: Arc::new(Semaphore::new(config.max_connections)),
+        shutdown,
+    }
+}
+
 impl Prepared {
+    /// Where the HTTP gateway listens, unless it is off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr().ok())
+    }
+
     /// The accept loop, then graceful shutdown once `shutdown` resolves.
     pub async fn serve(
         self,
@@ -94,8 +132,18 @@ impl Prepared {
             config,
             ledger,
             ctx,
+            http,
+            http_shutdown,
             ..
         } = self;
+        // Plain tokio tasks, beside the LocalSet: everything the gateway holds is `Send`.
+        let http = http.map(|gateway| {
+            tokio::spawn(async move {
+                if let Err(err) = gateway.serve().await {
+                    warn!(%err, "HTTP gateway stopped");
+                }
+            })
+        });
         let connections = Connections::default();
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let mut reader_options = capnp::message::ReaderOptions::new();
@@ -129,6 +177,7 @@ impl Prepared {
             };
             let id = connections.add(rpc.get_disconnector());
             let connections = connections.clone();
+            let counted = ctx.metrics.rpc_connection();
             tokio::task::spawn_local(async move {
                 debug!(%peer, "connection open");
                 // Resolves Ok even on a reset; an Err is a protocol error from the peer
@@ -139,10 +188,18 @@ impl Prepared {
                     debug!(%peer, "connection closed");
                 }
                 connections.remove(id);
-                drop(permit);
+                drop((permit, counted));
             });
         }
         drop(listener);
+        http_shutdown.cancel();
+        if let Some(task) = http
+            && tokio::time::timeout(DISCONNECT_TIMEOUT, task)
+                .await
+                .is_err()
+        {
+            warn!("the HTTP gateway did not stop in time");
+        }
 
         info!("shutting down: draining batches in flight");
         if tokio::time::timeout(config.drain_timeout, ctx.drain())
@@ -240,6 +297,8 @@ fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListene
 #[derive(Debug)]
 pub struct ServerHandle {
     addr: SocketAddr,
+    /// Where the HTTP gateway listens; `None` when it is off.
+    http_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), StartError>>>,
 }
@@ -264,7 +323,7 @@ pub fn spawn(listener: std::net::TcpListener, config: Config) -> Result<ServerHa
                 };
                 match started.await {
                     Ok((listener, prepared)) => {
-                        let _ = ready_tx.send(Ok(()));
+                        let _ = ready_tx.send(Ok(prepared.http_addr()));
                         let shutdown = async {
                             // A dropped sender also means "stop".
                             let _ = shutdown_rx.await;
@@ -279,8 +338,9 @@ pub fn spawn(listener: std::net::TcpListener, config: Config) -> Result<ServerHa
             })
         })?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(ServerHandle {
+        Ok(Ok(http_addr)) => Ok(ServerHandle {
             addr,
+            http_addr,
             shutdown: Some(shutdown_tx),
             thread: Some(thread),
         }),
@@ -297,6 +357,11 @@ pub fn spawn(listener: std::net::TcpListener, config: Config) -> Result<ServerHa
 impl ServerHandle {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the HTTP gateway (share pages, API, `/metrics`) listens; `None` when it is off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Shuts down gracefully (drain, disconnect, flush) and waits for it.

@@ -231,6 +231,8 @@ fn help_documents_every_setting_with_its_environment_variable() {
         "--max-connections",
         "--redeem-failures",
         "--drain-timeout",
+        "--http-listen",
+        "--interrupted-after",
     ] {
         assert!(text.contains(flag), "serve --help lacks {flag}");
     }

@@ -41,6 +41,15 @@ impl TestServer {
         self.handle.as_ref().expect("server running").addr()
     }
 
+    /// The HTTP gateway's address (`Config::for_tests` serves it on a free port).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.handle
+            .as_ref()
+            .expect("server running")
+            .http_addr()
+            .expect("HTTP gateway on")
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
     }
@@ -188,6 +197,29 @@ pub fn text_part_op(session_id: &str, message_id: &str, part_id: &str) -> OpSpec
 
 pub fn batch(id: &str, ops: Vec<OpSpec>) -> Batch {
     Batch::new(id, ops)
+}
+
+/// Creates a share for the sample session export and pushes all of it (23 ops).
+pub async fn sample_share(agent: &AgentClient) -> CreatedShare {
+    let text = std::fs::read_to_string(sample_session_path()).expect("sample session");
+    let export = capsync_client::SessionExport::from_json(&text).expect("sample parses");
+    let created = agent
+        .create_share(NewShare {
+            session_id: export.session_id().to_owned(),
+            project_id: export.project_id().to_owned(),
+            parent_session_id: None,
+            title: export.title().to_owned(),
+            viewer_expires_at: None,
+        })
+        .await
+        .expect("create share");
+    let ack = created
+        .writer
+        .append(&Batch::new("sample", export.to_ops()))
+        .await
+        .expect("push sample");
+    assert_eq!(ack.applied(), 23, "the sample session is 23 ops");
+    created
 }
 
 pub mod model;

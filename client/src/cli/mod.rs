@@ -5,6 +5,7 @@
 //! `sync --once`) had ops rejected as invalid or still missing a dependency.
 
 mod admin;
+mod follow;
 mod inspect;
 mod mint;
 mod outbox_cmd;
@@ -69,8 +70,9 @@ Examples:
   CAPSYNC_TOKEN=$WRITER_TOKEN capsync sync agent-ops.jsonl
   capsync outbox status agent-ops.jsonl
 
-  # anyone with the viewer token reads it
+  # anyone with the viewer token reads it, or watches it live
   CAPSYNC_TOKEN=$VIEWER_TOKEN capsync snapshot
+  CAPSYNC_TOKEN=$VIEWER_TOKEN capsync follow
 
   # the agent unshares, then mints itself a fresh writer token (and a new link)
   export CAPSYNC_TOKEN=$AGENT_TOKEN
@@ -153,6 +155,9 @@ pub enum Command {
     // About and long help come from the args struct's doc comment.
     Snapshot(snapshot::SnapshotArgs),
 
+    // About and long help come from the args struct's doc comment.
+    Follow(follow::FollowArgs),
+
     /// Print a share's id, cursor and epochs (viewer or writer token)
     State,
 
@@ -230,6 +235,7 @@ pub async fn run(cli: &Cli, out: &Output) -> Result<u8, ClientError> {
         Command::Sync(args) => sync::run(global, out, args).await,
         Command::Outbox(command) => outbox_cmd::run(out, command).await,
         Command::Snapshot(args) => snapshot::run(global, out, args).await,
+        Command::Follow(args) => follow::run(global, out, args).await,
         Command::State => inspect::state(global, out).await,
         Command::Ops(args) => inspect::ops(global, out, args).await,
         Command::MintViewer(args) => mint::mint_viewer(global, out, args).await,
@@ -305,19 +311,7 @@ impl Global {
                 )));
             }
         };
-        let parsed: SturdyRef =
-            token
-                .parse()
-                .map_err(|e: capsync_shared::token::MalformedToken| {
-                    ClientError::invalid(e.to_string())
-                })?;
-        if !accepted.contains(&parsed.kind) {
-            return Err(ClientError::WrongKind {
-                expected: accepted[0],
-                got: parsed.kind,
-            });
-        }
-        Ok(token)
+        check_token(token, accepted)
     }
 
     /// Connects and redeems the token, which must be one of `accepted`.
@@ -327,6 +321,21 @@ impl Global {
         let redeemed = conn.redeem(&token).await?;
         Ok((conn, redeemed))
     }
+}
+
+/// `token` if it is well-formed and one of `accepted`, checked before anything is sent.
+/// Errors never include the token.
+fn check_token(token: String, accepted: &[TokenKind]) -> Result<String, ClientError> {
+    let parsed: SturdyRef = token
+        .parse()
+        .map_err(|e: capsync_shared::token::MalformedToken| ClientError::invalid(e.to_string()))?;
+    if !accepted.contains(&parsed.kind) {
+        return Err(ClientError::WrongKind {
+            expected: accepted[0],
+            got: parsed.kind,
+        });
+    }
+    Ok(token)
 }
 
 /// "an admin", "a viewer or writer", for messages.

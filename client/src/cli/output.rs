@@ -64,6 +64,24 @@ impl Output {
         }
     }
 
+    /// Text on stdout exactly as given (no newline added), flushed at once: live output
+    /// that continues a line, such as streamed text. Fails when stdout is gone (a closed
+    /// pipe), so a long-running command can stop.
+    pub fn text(&self, text: &str) -> std::io::Result<()> {
+        match &self.capture {
+            Some(capture) => {
+                capture.borrow_mut().stdout.push_str(text);
+                Ok(())
+            }
+            None => {
+                use std::io::Write as _;
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()
+            }
+        }
+    }
+
     /// A remark for people (stderr), silent with `--json` so stdout stays one document.
     pub fn note(&self, text: impl AsRef<str>) {
         if !self.json {
@@ -77,6 +95,15 @@ impl Output {
         self.stderr_line(&format!("error: {error}"));
         if self.json {
             self.stdout_line(&to_json(&error_json(error)));
+        }
+    }
+
+    /// [`Output::error`] for commands whose `--json` output is JSON Lines: the error's
+    /// JSON document takes one line.
+    pub fn error_line(&self, error: &ClientError) {
+        self.stderr_line(&format!("error: {error}"));
+        if self.json {
+            self.stdout_line(&error_json(error).to_string());
         }
     }
 

@@ -1,4 +1,5 @@
 //! A session document as text for people: the title, then each message and its parts.
+//! `capsync follow` prints live changes with the same pieces.
 
 use std::fmt::Write as _;
 
@@ -8,7 +9,7 @@ use crate::document::{MessageDocument, SessionDocument};
 use crate::expiry::format_time;
 
 /// Part types that are bookkeeping, not content; left out of the readable view.
-const QUIET_PARTS: [&str; 4] = ["step-start", "step-finish", "snapshot", "patch"];
+pub(super) const QUIET_PARTS: [&str; 4] = ["step-start", "step-finish", "snapshot", "patch"];
 
 /// The whole document.
 pub fn document_text(doc: &SessionDocument, share_id: &str) -> String {
@@ -73,11 +74,11 @@ pub fn document_text(doc: &SessionDocument, share_id: &str) -> String {
     text
 }
 
-fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
+pub(super) fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
     value.pointer(pointer).and_then(Value::as_str)
 }
 
-fn diff_text(diff: &Value) -> String {
+pub(super) fn diff_text(diff: &Value) -> String {
     let file = str_at(diff, "/file").unwrap_or("?");
     match (
         diff.get("additions").and_then(Value::as_i64),
@@ -90,9 +91,18 @@ fn diff_text(diff: &Value) -> String {
 
 /// A message header (role, id, model, time) and its parts, indented.
 fn message_text(text: &mut String, message: &MessageDocument) {
-    let info = &message.info;
+    message_header(text, &message.info);
+    message_error(text, &message.info);
+    for part in &message.parts {
+        part_text(text, part);
+    }
+}
+
+/// `── role · id · model · time`, one line.
+pub(super) fn message_header(text: &mut String, info: &Value) {
     let role = str_at(info, "/role").unwrap_or("message");
-    let _ = write!(text, "── {role} · {}", message.id());
+    let id = str_at(info, "/id").unwrap_or("");
+    let _ = write!(text, "── {role} · {id}");
     if let Some(model) = str_at(info, "/modelID") {
         let _ = write!(text, " · {model}");
     }
@@ -100,6 +110,10 @@ fn message_text(text: &mut String, message: &MessageDocument) {
         let _ = write!(text, " · {}", format_time(created));
     }
     text.push('\n');
+}
+
+/// `  [error] name: detail` for a message that failed; nothing otherwise.
+pub(super) fn message_error(text: &mut String, info: &Value) {
     if let Some(error) = info.get("error").filter(|e| !e.is_null()) {
         let name = str_at(error, "/name").unwrap_or("error");
         match str_at(error, "/data/message") {
@@ -111,12 +125,10 @@ fn message_text(text: &mut String, message: &MessageDocument) {
             }
         }
     }
-    for part in &message.parts {
-        part_text(text, part);
-    }
 }
 
-fn part_text(text: &mut String, part: &Value) {
+/// One part as its lines under a message (nothing for bookkeeping parts).
+pub(super) fn part_text(text: &mut String, part: &Value) {
     let kind = str_at(part, "/type").unwrap_or("part");
     match kind {
         "text" => indented(text, "", str_at(part, "/text").unwrap_or("")),

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// hammered); the random half spreads agents that lost the same server at the same moment,
 /// so they do not all come back in lockstep when it restarts.
 #[derive(Debug, Clone)]
-pub(super) struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     /// Failures since the last success.
@@ -17,7 +17,7 @@ pub(super) struct Backoff {
 }
 
 impl Backoff {
-    pub(super) fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             max,
@@ -26,14 +26,14 @@ impl Backoff {
     }
 
     /// The wait before the next attempt; counts one more failure.
-    pub(super) fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = delay(self.initial, self.max, self.failures, rand::random::<f64>());
         self.failures = self.failures.saturating_add(1);
         delay
     }
 
     /// After a success: the next failure waits about `initial` again.
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 }

@@ -34,7 +34,7 @@
 //! # Ok(()) }
 //! ```
 
-mod backoff;
+pub(crate) mod backoff;
 mod classify;
 mod worker;
 

@@ -1,14 +1,19 @@
 //! State every capability object of one server shares, on the RPC thread.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::auth::SecretHasher;
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Ledger};
+use crate::metrics::{GaugeGuard, Metrics, SubscriberVia};
+use crate::presence::Presence;
 use crate::rate_limit::RedeemLimiter;
+use crate::redeem::Redeemer;
 
 /// Shared by every capability object through an `Rc`.
 pub struct Context {
@@ -17,30 +22,51 @@ pub struct Context {
     /// Limits checked before anything reaches the ledger.
     pub max_ops_per_batch: usize,
     pub max_op_bytes: usize,
-    pub limiter: RefCell<RedeemLimiter>,
+    /// Checks tokens; shared with the HTTP gateway (one failed-redeem limiter for both).
+    pub redeemer: Redeemer,
+    /// Which shares have a writer connected; read by the HTTP gateway.
+    pub presence: Presence,
+    pub metrics: Metrics,
+    /// Most `ops` calls in flight to one live subscriber, and how long one may
+    /// go unanswered (see [`super::subscription`]).
+    pub subscriber_window: usize,
+    pub subscriber_timeout: Duration,
     /// Set once shutdown starts: new batches are refused with `overloaded` so
     /// the ones in flight can drain.
     draining: Cell<bool>,
     /// Batches between their arrival and their reply being written.
     in_flight: Cell<usize>,
-    /// Woken when `in_flight` drops to zero during a drain.
+    /// Woken when `in_flight` or `subscriptions` drops to zero during a drain.
     drained: Notify,
+    /// Turns true when shutdown starts: live subscriptions watch it, so each
+    /// sends `ended(shutdown)` while its connection is still open.
+    shutting_down: watch::Sender<bool>,
+    /// Live subscription tasks; a drain waits until each has said goodbye.
+    subscriptions: Cell<usize>,
 }
 
 impl Context {
     pub fn new(ledger: Ledger, hasher: SecretHasher, config: &Config) -> Self {
+        let redeemer = Redeemer::new(
+            ledger.clone(),
+            hasher.clone(),
+            RedeemLimiter::new(config.redeem_failures, config.redeem_window),
+        );
         Self {
             ledger,
             hasher,
             max_ops_per_batch: config.max_ops_per_batch,
             max_op_bytes: config.max_op_bytes,
-            limiter: RefCell::new(RedeemLimiter::new(
-                config.redeem_failures,
-                config.redeem_window,
-            )),
+            redeemer,
+            presence: Presence::default(),
+            metrics: Metrics::default(),
+            subscriber_window: config.subscriber_window.max(1),
+            subscriber_timeout: config.subscriber_timeout,
             draining: Cell::new(false),
             in_flight: Cell::new(0),
             drained: Notify::new(),
+            shutting_down: watch::Sender::new(false),
+            subscriptions: Cell::new(0),
         }
     }
 
@@ -57,11 +83,47 @@ impl Context {
         Ok(BatchGuard(self))
     }
 
-    /// Refuses new batches and waits until those in flight have answered.
+    /// Registers a live subscription for as long as the guard lives; refused
+    /// while shutting down.
+    pub fn begin_subscription(self: &Rc<Self>) -> Result<SubscriptionGuard, ServerError> {
+        if self.draining.get() {
+            return Err(ServerError::shutting_down());
+        }
+        self.subscriptions.set(self.subscriptions.get() + 1);
+        Ok(SubscriptionGuard {
+            ctx: self.clone(),
+            shutting_down: self.shutting_down.subscribe(),
+            _gauge: self.metrics.subscriber(SubscriberVia::Rpc),
+        })
+    }
+
+    /// Refuses new batches and subscriptions, tells live subscriptions to end,
+    /// and waits until batches in flight have answered and every subscription
+    /// has sent its `ended(shutdown)` (each bounded by the subscriber timeout).
     pub async fn drain(&self) {
         self.draining.set(true);
-        while self.in_flight.get() > 0 {
+        self.shutting_down.send_replace(true);
+        while self.in_flight.get() > 0 || self.subscriptions.get() > 0 {
             self.drained.notified().await;
+        }
+    }
+}
+
+/// Counts one live subscription, and tells it when the server shuts down.
+pub struct SubscriptionGuard {
+    ctx: Rc<Context>,
+    /// Becomes true when the server starts shutting down.
+    pub shutting_down: watch::Receiver<bool>,
+    /// Counts it in `capsync_subscribers{via="rpc"}`.
+    _gauge: GaugeGuard,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let left = self.ctx.subscriptions.get() - 1;
+        self.ctx.subscriptions.set(left);
+        if left == 0 {
+            self.ctx.drained.notify_waiters();
         }
     }
 }

@@ -10,6 +10,7 @@ mod agent;
 mod context;
 mod gateway;
 mod shares;
+mod subscription;
 mod viewer;
 mod wire;
 mod writer;

@@ -1,4 +1,5 @@
-//! `ShareViewer`: read-only access to one share (paged snapshot, ops since a cursor).
+//! `ShareViewer`: read-only access to one share (paged snapshot, ops since a
+//! cursor, live subscription).
 
 use std::rc::Rc;
 
@@ -9,7 +10,7 @@ use capsync_shared::limits::{
 };
 
 use super::context::Context;
-use super::wire;
+use super::{subscription, wire};
 use crate::error::ServerError;
 use crate::ledger::Authority;
 
@@ -96,6 +97,42 @@ impl share_viewer::Server for ViewerImpl {
         match state {
             Ok(state) => wire::fill_state(&state, result.init_ok()),
             Err(err) => ServerError::from(err).fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        self: Rc<Self>,
+        params: share_viewer::SubscribeParams,
+        mut results: share_viewer::SubscribeResults,
+    ) -> Result<(), capnp::Error> {
+        let started = async {
+            let p = params.get()?;
+            let from = Cursor(p.get_from_cursor());
+            let listener = p.get_listener()?;
+            // Checked here so a revoked viewer or a bad cursor gets a `failure`
+            // answer instead of a subscription that ends at once.
+            let state = self.ctx.ledger.share_state(self.auth.clone()).await?;
+            if from > state.cursor {
+                return Err(ServerError::invalid(format!(
+                    "fromCursor {} is past the share's cursor {}",
+                    from.0, state.cursor.0
+                )));
+            }
+            let guard = self.ctx.begin_subscription()?;
+            Ok::<_, ServerError>(subscription::start(
+                &self.ctx,
+                guard,
+                self.auth.clone(),
+                from,
+                listener,
+            ))
+        }
+        .await;
+        let mut result = results.get().init_result();
+        match started {
+            Ok(handle) => result.set_ok(handle),
+            Err(err) => err.fill(result.init_failure()),
         }
         Ok(())
     }

@@ -203,8 +203,15 @@ fn fill_logged(op: &LoggedOp, mut out: logged_op::Builder<'_>) {
 
 pub fn fill_ops(page: &OpsPage, mut out: ops_page::Builder<'_>) {
     out.set_cursor(page.cursor.0);
-    let mut ops = out.init_ops(page.ops.len() as u32);
-    for (i, op) in page.ops.iter().enumerate() {
-        fill_logged(op, ops.reborrow().get(i as u32));
+    fill_logged_list(&page.ops, out.init_ops(page.ops.len() as u32));
+}
+
+/// `out` must have been initialized with `ops.len()` elements.
+pub fn fill_logged_list(
+    ops: &[LoggedOp],
+    mut out: capnp::struct_list::Builder<'_, logged_op::Owned>,
+) {
+    for (i, op) in ops.iter().enumerate() {
+        fill_logged(op, out.reborrow().get(i as u32));
     }
 }

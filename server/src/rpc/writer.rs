@@ -1,6 +1,7 @@
 //! `ShareWriter`: appends ops to one share, mints viewers and sturdy refs to itself.
 
 use std::rc::Rc;
+use std::time::Instant;
 
 use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::share_writer;
@@ -11,20 +12,28 @@ use super::viewer::ViewerImpl;
 use super::wire::{self, BatchLimits};
 use crate::error::ServerError;
 use crate::ledger::{Ack, AuditEvent, Authority};
+use crate::presence::WriterPresence;
 
 pub struct WriterImpl {
     ctx: Rc<Context>,
     auth: Authority,
     /// Expiry of the token this capability came from; `save()` gives the same.
     expires_at: Option<i64>,
+    /// Shows the share's writer as connected for as long as this capability lives.
+    _presence: Option<WriterPresence>,
 }
 
 impl WriterImpl {
     pub fn new(ctx: Rc<Context>, auth: Authority, expires_at: Option<i64>) -> Self {
+        let presence = auth
+            .share
+            .as_ref()
+            .map(|(share, _)| ctx.presence.writer_connected(share.clone()));
         Self {
             ctx,
             auth,
             expires_at,
+            _presence: presence,
         }
     }
 
@@ -45,7 +54,10 @@ impl WriterImpl {
             max_op_bytes: self.ctx.max_op_bytes,
         };
         let batch = wire::batch(params.get()?.get_batch()?, &limits)?;
-        Ok(self.ctx.ledger.append(self.auth.clone(), batch).await?)
+        let started = Instant::now();
+        let ack = self.ctx.ledger.append(self.auth.clone(), batch).await?;
+        self.ctx.metrics.batch_committed(started.elapsed(), &ack);
+        Ok(ack)
     }
 
     /// Mints a share token of `kind` with this capability's authority.

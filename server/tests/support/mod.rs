@@ -36,6 +36,8 @@ impl ServerProcess {
     pub fn start_with(data_dir: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            // Not the default 7421: tests run many servers at once.
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
             // Cheap hashing: these tests measure behaviour, not argon2.

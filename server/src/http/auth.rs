@@ -1,0 +1,84 @@
+//! Bearer token → read access to one share, through the same redeem as RPC.
+//!
+//! The share page keeps its token in the URL fragment (never sent to the
+//! server, so never in an access log or a `Referer`) and sends it as
+//! `Authorization: Bearer …`. No header is ever logged.
+
+use std::net::SocketAddr;
+
+use axum::http::{HeaderMap, header};
+use capsync_shared::{ShareId, TokenKind};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::ledger::{Authority, ShareState};
+use crate::redeem::Via;
+
+/// A request allowed to read one share.
+#[derive(Clone, Debug)]
+pub struct ShareReader {
+    /// Re-checked by the ledger on every read, so a revocation stops this reader too.
+    pub authority: Authority,
+    pub state: ShareState,
+}
+
+/// The token of `Authorization: Bearer <token>`, if there is one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Checks the request's bearer token for reading `share`. A viewer token (or a
+/// writer token) of that share passes; anything else is the same `401`.
+pub async fn share_reader(
+    app: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    share: &str,
+) -> Result<ShareReader, ApiError> {
+    // No token is not a guess: it costs no argon2 and no failed-redeem count.
+    let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    let redeemed = app.redeemer.redeem(token, peer, Via::Http).await?;
+    let Some(state) = redeemed.state.clone() else {
+        return Err(ApiError::Unauthorized);
+    };
+    if !matches!(redeemed.token.kind, TokenKind::Viewer | TokenKind::Writer)
+        || state.share_id != ShareId::from(share)
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(ShareReader {
+        authority: redeemed.authority(),
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn reads_bearer_tokens_only() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer(&headers), None);
+    }
+}

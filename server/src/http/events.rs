@@ -1,0 +1,309 @@
+//! Live updates of a share as Server-Sent Events, built on [`Follower`].
+//!
+//! `GET /api/shares/{share}/events` with the bearer token, starting after the
+//! cursor in `Last-Event-ID` (or `?after=N`, or 0). Events:
+//! - `hello`: `{"cursor", "presence"}` once, first;
+//! - `ops` (`id:` the cursor of its last op): `{"ops": [...]}` in cursor order,
+//!   each op as in the ops API plus `html` for text parts (see [`LiveText`]);
+//!   a reconnect with the last id seen resumes exactly after it;
+//! - `presence`: whenever the writer connects, leaves, or has been gone long
+//!   enough for running tool calls to count as interrupted;
+//! - `revoked`: the link stopped working (revoked, expired, or the share was
+//!   deleted); the stream then ends and reconnecting gets `401`.
+//!
+//! Nothing is buffered per stream beyond one page of ops: the stream pulls
+//! from the ledger only when the connection has taken the last event.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use capsync_shared::limits::DEFAULT_SNAPSHOT_PAGE_BYTES;
+use capsync_shared::{Cursor, ShareId, now_millis};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use super::AppState;
+use super::api::{self, is_interrupted};
+use super::auth::{ShareReader, share_reader};
+use super::document::{self, LiveText, Lookup};
+use super::error::ApiError;
+use crate::follow::Follower;
+use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp, RecordKind};
+use crate::metrics::{GaugeGuard, SubscriberVia};
+
+/// Most ops in one `ops` event.
+const OPS_PER_EVENT: u32 = 500;
+/// A comment line this often keeps proxies from closing an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    after: Option<u64>,
+}
+
+pub async fn events(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(share): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let reader = share_reader(&app, &headers, peer, &share).await?;
+    let after = last_event_id(&headers)?.or(query.after).unwrap_or(0);
+    let permit = app
+        .streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Unavailable)?;
+    let last_change = api::last_change(&app.ledger, &reader.authority, reader.state.cursor).await?;
+    let live = Live::new(app, reader, Cursor(after), last_change, permit);
+    Ok(Sse::new(live.into_stream())
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// `Last-Event-ID`, which this stream sets to a cursor.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| ApiError::BadRequest("Last-Event-ID must be a cursor (a whole number)".into()))
+}
+
+/// The follower's pull in progress, owning the follower until it answers. Kept
+/// across steps, so a presence change does not cancel (and repeat) a ledger read.
+type NextOps = Pin<Box<dyn Future<Output = (Follower, LedgerResult<Vec<LoggedOp>>)> + Send>>;
+
+fn next_ops(mut follower: Follower) -> NextOps {
+    Box::pin(async move {
+        let ops = follower.next().await;
+        (follower, ops)
+    })
+}
+
+/// One live stream's state, advanced one step at a time as the connection pulls.
+struct Live {
+    app: AppState,
+    share: ShareId,
+    authority: Authority,
+    next_ops: NextOps,
+    text: LiveText,
+    presence: watch::Receiver<u64>,
+    /// False once the presence sender is gone (shutdown): stop waiting on it.
+    presence_open: bool,
+    /// The presence last sent, to send only changes.
+    presence_sent: Option<Value>,
+    last_change: Option<i64>,
+    /// Events ready to go out before the next step.
+    pending: VecDeque<Event>,
+    done: bool,
+    /// Counts against the gateway's stream limit while the stream lives.
+    _permit: OwnedSemaphorePermit,
+    _subscriber: GaugeGuard,
+}
+
+impl Live {
+    fn new(
+        app: AppState,
+        reader: ShareReader,
+        after: Cursor,
+        last_change: Option<i64>,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        let follower = Follower::new(
+            app.ledger.clone(),
+            reader.authority.clone(),
+            after,
+            OPS_PER_EVENT,
+        );
+        let mut live = Self {
+            share: reader.state.share_id.clone(),
+            authority: reader.authority,
+            next_ops: next_ops(follower),
+            text: LiveText::default(),
+            presence: app.presence.subscribe(),
+            presence_open: true,
+            presence_sent: None,
+            last_change,
+            pending: VecDeque::new(),
+            done: false,
+            _permit: permit,
+            _subscriber: app.metrics.subscriber(SubscriberVia::Sse),
+            app,
+        };
+        let presence = live.presence_now();
+        live.presence_sent = Some(presence_key(&presence));
+        live.pending.push_back(json_event(
+            "hello",
+            &json!({"cursor": reader.state.cursor.0, "presence": presence}),
+        ));
+        live
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+        futures::stream::unfold(self, |mut live| async move {
+            loop {
+                if let Some(event) = live.pending.pop_front() {
+                    return Some((Ok(event), live));
+                }
+                if live.done {
+                    return None;
+                }
+                live.step().await;
+            }
+        })
+    }
+
+    /// Waits for the next thing to tell the page, and queues it.
+    async fn step(&mut self) {
+        let deadline = self.interrupt_deadline();
+        tokio::select! {
+            () = self.app.shutdown.cancelled() => self.done = true,
+            changed = self.presence.changed(), if self.presence_open => {
+                if changed.is_err() {
+                    self.presence_open = false;
+                }
+                self.send_presence_if_changed();
+            }
+            () = sleep_until_ms(deadline.unwrap_or(0)), if deadline.is_some() => {
+                self.send_presence_if_changed();
+            }
+            (follower, ops) = &mut self.next_ops => match ops {
+                Ok(ops) => {
+                    self.next_ops = next_ops(follower);
+                    self.send_ops(ops).await;
+                }
+                Err(err) => self.end(err),
+            },
+        }
+    }
+
+    async fn send_ops(&mut self, ops: Vec<LoggedOp>) {
+        let Some(last) = ops.last() else { return };
+        let id = last.cursor.0.to_string();
+        self.last_change = Some(last.applied_at);
+        let mut ops: Vec<Value> = ops.iter().map(document::op_json).collect();
+        let unknown = self.text.unknown_parts(&ops);
+        if !unknown.is_empty() {
+            match look_up_parts(&self.app, &self.authority, &unknown).await {
+                Ok((found, as_of)) => self.text.learn(unknown, found, as_of),
+                // Without the lookup those deltas just go without HTML; the
+                // next read tells whether the authority still holds.
+                Err(err) => tracing::debug!(%err, "could not look up parts for live text"),
+            }
+        }
+        for op in &mut ops {
+            self.text.apply(op);
+        }
+        self.pending
+            .push_back(json_event("ops", &json!({"ops": ops})).id(id));
+        self.send_presence_if_changed();
+    }
+
+    fn end(&mut self, err: LedgerError) {
+        self.done = true;
+        match err {
+            LedgerError::Revoked | LedgerError::PermissionDenied | LedgerError::NotFound => {
+                self.pending.push_back(json_event(
+                    "revoked",
+                    &json!({"message": "This link was revoked or has expired."}),
+                ));
+            }
+            // Shutting down: the page reconnects with its last event id.
+            LedgerError::Closed => {}
+            other => tracing::warn!(err = %other, share = %self.share, "live stream ended"),
+        }
+    }
+
+    fn presence_now(&self) -> Value {
+        api::presence(&self.app, &self.share, self.last_change)
+    }
+
+    fn send_presence_if_changed(&mut self) {
+        let presence = self.presence_now();
+        let key = presence_key(&presence);
+        if self.presence_sent.as_ref() != Some(&key) {
+            self.presence_sent = Some(key);
+            self.pending.push_back(json_event("presence", &presence));
+        }
+    }
+
+    /// When (Unix ms) running tool calls will count as interrupted, if they
+    /// do not yet and no writer is connected.
+    fn interrupt_deadline(&self) -> Option<i64> {
+        let status = self.app.presence.status(&self.share);
+        let gone = status.gone_since(self.last_change)?;
+        (!is_interrupted(&self.app, Some(gone), now_millis()))
+            .then(|| gone.saturating_add(self.app.interrupted_after_ms()))
+    }
+}
+
+/// The parts of a presence that are worth an event (not the clock).
+fn presence_key(presence: &Value) -> Value {
+    json!([
+        presence["writerConnected"],
+        presence["writerGoneSince"],
+        presence["interrupted"]
+    ])
+}
+
+async fn sleep_until_ms(at: i64) {
+    let wait = at.saturating_sub(now_millis()).max(0);
+    // Rounded up so the deadline has surely passed on waking.
+    tokio::time::sleep(Duration::from_millis(wait.unsigned_abs() + 1)).await;
+}
+
+fn json_event(name: &str, data: &Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+/// Reads snapshot pages until every part in `ids` is found (or the end): the
+/// text a delta appends to, for parts whose upsert came before this stream.
+/// Also returns the cursor of the last page read.
+async fn look_up_parts(
+    app: &AppState,
+    who: &Authority,
+    ids: &[String],
+) -> Result<(HashMap<String, Lookup>, Cursor), LedgerError> {
+    let mut found = HashMap::new();
+    let mut page = String::new();
+    loop {
+        let read = app
+            .ledger
+            .snapshot_page(who.clone(), page, DEFAULT_SNAPSHOT_PAGE_BYTES)
+            .await?;
+        for record in read.records {
+            if record.kind == RecordKind::Part && ids.contains(&record.id) {
+                let part = serde_json::from_str(&record.json).unwrap_or(Value::Null);
+                found.insert(
+                    record.id,
+                    Lookup {
+                        message_id: record.message_id,
+                        part,
+                        as_of: read.cursor,
+                    },
+                );
+            }
+        }
+        if found.len() == ids.len() || read.next_page.is_empty() {
+            return Ok((found, read.cursor));
+        }
+        page = read.next_page;
+    }
+}

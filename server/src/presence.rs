@@ -1,0 +1,166 @@
+//! Writer presence per share: whether a writer capability is live right now,
+//! and since when none has been.
+//!
+//! A `ShareWriter` counts as connected for as long as its capability object
+//! lives (it holds a [`WriterPresence`] guard), so a dropped connection
+//! disconnects its writers without any explicit call. Viewers read this to show
+//! whether the session is still being written, and to show tool calls of a
+//! share whose writer left long ago as interrupted. Display only: nothing here
+//! changes stored records, and it is not persisted (after a restart, "gone
+//! since" falls back to the share's last change).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use capsync_shared::{ShareId, now_millis};
+use tokio::sync::watch;
+
+/// Live writer counts of every share, shared by the RPC side (which counts)
+/// and the HTTP gateway (which reads). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Presence {
+    shares: Arc<Mutex<HashMap<ShareId, Entry>>>,
+    /// Bumped on every connect and disconnect, so followers can wait for a change.
+    changed: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    /// Writer capabilities alive now.
+    writers: usize,
+    /// Unix ms when the count last dropped to zero.
+    last_disconnect: Option<i64>,
+}
+
+/// A share's writer presence at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterStatus {
+    pub writers: usize,
+    /// Unix ms when the last writer went away; `None` if none did since the server started.
+    pub last_disconnect: Option<i64>,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self {
+            shares: Arc::default(),
+            changed: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl Presence {
+    /// Counts one writer of `share` as connected until the guard drops.
+    pub fn writer_connected(&self, share: ShareId) -> WriterPresence {
+        self.lock().entry(share.clone()).or_default().writers += 1;
+        self.bump();
+        WriterPresence {
+            presence: self.clone(),
+            share,
+        }
+    }
+
+    /// The writer status of `share` now.
+    pub fn status(&self, share: &ShareId) -> WriterStatus {
+        let entry = self.lock().get(share).copied().unwrap_or_default();
+        WriterStatus {
+            writers: entry.writers,
+            last_disconnect: entry.last_disconnect,
+        }
+    }
+
+    /// Wakes on every connect or disconnect of any share's writers.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn disconnected(&self, share: &ShareId) {
+        {
+            let mut shares = self.lock();
+            if let Some(entry) = shares.get_mut(share) {
+                entry.writers = entry.writers.saturating_sub(1);
+                if entry.writers == 0 {
+                    entry.last_disconnect = Some(now_millis());
+                }
+            }
+        }
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShareId, Entry>> {
+        // Counts stay usable even if a holder panicked: they are display only.
+        self.shares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One connected writer; dropping it disconnects it.
+#[derive(Debug)]
+pub struct WriterPresence {
+    presence: Presence,
+    share: ShareId,
+}
+
+impl Drop for WriterPresence {
+    fn drop(&mut self) {
+        self.presence.disconnected(&self.share);
+    }
+}
+
+impl WriterStatus {
+    /// Since when (Unix ms) no writer has been connected, given the share's last
+    /// change: a change means a writer was there then. `None` while one is connected.
+    pub fn gone_since(&self, last_change: Option<i64>) -> Option<i64> {
+        if self.writers > 0 {
+            return None;
+        }
+        match (self.last_disconnect, last_change) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_writers_until_their_guards_drop() {
+        let presence = Presence::default();
+        let share = ShareId::from("sh_1");
+        let changes = presence.subscribe();
+        let a = presence.writer_connected(share.clone());
+        let b = presence.writer_connected(share.clone());
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(presence.status(&share).writers, 2);
+        drop(a);
+        assert_eq!(presence.status(&share).writers, 1);
+        assert_eq!(presence.status(&share).last_disconnect, None);
+        drop(b);
+        let status = presence.status(&share);
+        assert_eq!(status.writers, 0);
+        let gone = status.last_disconnect.expect("disconnect time");
+        assert_eq!(status.gone_since(Some(gone - 10)), Some(gone));
+        assert_eq!(status.gone_since(Some(gone + 10)), Some(gone + 10));
+        assert_eq!(presence.status(&ShareId::from("other")).writers, 0);
+    }
+
+    #[test]
+    fn gone_since_falls_back_to_the_last_change() {
+        let status = WriterStatus {
+            writers: 0,
+            last_disconnect: None,
+        };
+        assert_eq!(status.gone_since(Some(5)), Some(5));
+        assert_eq!(status.gone_since(None), None);
+        let connected = WriterStatus {
+            writers: 1,
+            last_disconnect: Some(1),
+        };
+        assert_eq!(connected.gone_since(Some(5)), None);
+    }
+}

@@ -1,0 +1,236 @@
+//! Live subscriptions (`ShareViewer.subscribe`): one task per subscriber on the
+//! `LocalSet` that pulls ops from a [`Follower`] and pushes them to the
+//! subscriber's `OpListener`.
+//!
+//! Flow control is the listener's answers: at most `window` `ops` calls are
+//! unanswered at any time, and while the window is full the task neither reads
+//! the ledger nor buffers more than the one page it already holds. So a slow or
+//! stalled listener costs the server a bounded amount of memory and nothing
+//! else: writers and other subscribers never wait for it (the ledger announces
+//! commits on a broadcast channel and each follower reads at its own pace).
+//!
+//! A call unanswered for `timeout`, or a call that fails, ends the subscription
+//! with `ended(lagged, cursor)`, where `cursor` is the last op the listener
+//! acknowledged: `subscribe(cursor)` resumes exactly after it. The ledger
+//! refusing the viewer ends it with `revoked` or `notFound`, server shutdown
+//! with `shutdown`. Dropping the `Subscription` capability (or the connection
+//! that holds it) aborts the task at once, without a goodbye.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+use capsync_shared::Cursor;
+use capsync_shared::capsync_capnp::{EndReason, op_listener, subscription};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::context::{Context, SubscriptionGuard};
+use super::wire;
+use crate::follow::Follower;
+use crate::ledger::{Authority, LedgerError, LoggedOp};
+
+/// Most ops per `ops` call. With the default window of 8 a subscriber holds at
+/// most 8 × 256 ops (plus one page read ahead) of the server's memory.
+pub const PAGE: u32 = 256;
+
+/// The `Subscription` capability: the task lives exactly as long as the
+/// subscriber holds this (or until the task ends by itself).
+struct SubscriptionImpl {
+    /// Aborts the task when the subscriber lets go.
+    task: AbortHandle,
+}
+
+impl subscription::Server for SubscriptionImpl {}
+
+impl Drop for SubscriptionImpl {
+    fn drop(&mut self) {
+        // Aborting drops the in-flight calls (the peer gets a Finish for each)
+        // and the listener capability; a finished task ignores it.
+        self.task.abort();
+    }
+}
+
+/// Starts following the share of `auth` from after `from`, pushing to
+/// `listener`; returns the handle whose drop ends it.
+pub fn start(
+    ctx: &Rc<Context>,
+    guard: SubscriptionGuard,
+    auth: Authority,
+    from: Cursor,
+    listener: op_listener::Client,
+) -> subscription::Client {
+    let follower = Follower::new(ctx.ledger.clone(), auth, from, PAGE);
+    let limits = Limits {
+        window: ctx.subscriber_window.max(1),
+        timeout: ctx.subscriber_timeout,
+    };
+    let task = tokio::task::spawn_local(run(follower, listener, limits, guard));
+    capnp_rpc::new_client(SubscriptionImpl {
+        task: task.abort_handle(),
+    })
+}
+
+/// The per-subscriber bounds.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Most `ops` calls unanswered at once.
+    window: usize,
+    /// How long one call may stay unanswered.
+    timeout: Duration,
+}
+
+/// Why a subscription ended, as sent in `ended`.
+#[derive(Debug)]
+struct End {
+    reason: EndReason,
+    message: String,
+}
+
+impl End {
+    fn new(reason: EndReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The ledger refused to read on: what the subscriber is told.
+    fn from_ledger(err: LedgerError) -> Self {
+        match err {
+            // An expired token reads as PermissionDenied: to a subscriber it is
+            // the same as a revoked one, its link no longer works.
+            LedgerError::Revoked | LedgerError::PermissionDenied => Self::new(
+                EndReason::Revoked,
+                "this viewer was revoked (or its token expired); the share's owner can mint a new link",
+            ),
+            LedgerError::NotFound => Self::new(EndReason::NotFound, "the share was deleted"),
+            LedgerError::Closed => Self::new(EndReason::Shutdown, "the server is shutting down"),
+            // Transient (busy) or internal: the subscriber can resubscribe from its
+            // cursor, which is what `lagged` asks of it.
+            other => {
+                warn!(error = %other, "subscription could not read the ledger; ending it as lagged");
+                Self::new(
+                    EndReason::Lagged,
+                    "the server could not read the share; subscribe again from the cursor",
+                )
+            }
+        }
+    }
+}
+
+/// How one `ops` call ended, other than acknowledged.
+#[derive(Debug)]
+enum CallFailed {
+    TimedOut,
+    Failed(capnp::Error),
+}
+
+/// The task: push until something ends it, then say why (best effort).
+async fn run(
+    follower: Follower,
+    listener: op_listener::Client,
+    limits: Limits,
+    mut guard: SubscriptionGuard,
+) {
+    let mut acked = follower.cursor();
+    let end = push(follower, &listener, limits, &mut guard, &mut acked).await;
+    debug!(reason = ?end.reason, cursor = acked.0, "subscription ended");
+    let mut request = listener.ended_request();
+    {
+        let mut params = request.get();
+        params.set_reason(end.reason);
+        params.set_cursor(acked.0);
+        params.set_message(end.message.as_str());
+    }
+    // Bounded like any other call, so a stalled listener cannot hold up
+    // shutdown (which waits for this task) for longer than the timeout.
+    let _ = tokio::time::timeout(limits.timeout, request.send().promise).await;
+    drop(guard);
+}
+
+/// Sends pages as the window allows. Returns why it stopped; `acked` is the
+/// cursor of the last op the listener acknowledged.
+async fn push(
+    follower: Follower,
+    listener: &op_listener::Client,
+    limits: Limits,
+    guard: &mut SubscriptionGuard,
+    acked: &mut Cursor,
+) -> End {
+    // A stream keeps a read (or a wait for the next commit) in progress across
+    // loop turns: the select below may poll it many times before it yields.
+    let pages = futures::stream::unfold(follower, |mut follower| async move {
+        let page = follower.next().await;
+        Some((page, follower))
+    });
+    let mut pages = std::pin::pin!(pages);
+    // The next page to send, read ahead while calls are in flight.
+    let mut ready: Option<Vec<LoggedOp>> = None;
+    // Unanswered calls, oldest first; each resolves to the cursor it acknowledges.
+    let mut in_flight = FuturesOrdered::new();
+    loop {
+        if in_flight.len() < limits.window
+            && let Some(ops) = ready.take()
+        {
+            in_flight.push_back(send_ops(listener, &ops, limits.timeout));
+            continue;
+        }
+        tokio::select! {
+            // Shutdown first, so a busy subscription still ends promptly.
+            biased;
+            _ = guard.shutting_down.wait_for(|shutting_down| *shutting_down) => {
+                return End::new(EndReason::Shutdown, "the server is shutting down");
+            }
+            Some(answer) = in_flight.next() => match answer {
+                Ok(cursor) => *acked = cursor,
+                Err(CallFailed::TimedOut) => {
+                    return End::new(
+                        EndReason::Lagged,
+                        format!(
+                            "an ops call went unanswered for {:?}; subscribe again from the cursor",
+                            limits.timeout
+                        ),
+                    );
+                }
+                Err(CallFailed::Failed(err)) => {
+                    debug!(%err, "ops call failed");
+                    return End::new(
+                        EndReason::Lagged,
+                        "an ops call failed; subscribe again from the cursor",
+                    );
+                }
+            },
+            page = pages.next(), if ready.is_none() => match page {
+                Some(Ok(ops)) => ready = Some(ops),
+                Some(Err(err)) => return End::from_ledger(err),
+                None => unreachable!("the follower stream never ends"),
+            },
+        }
+    }
+}
+
+/// Sends one `ops` call now; the future resolves to the cursor of its last op
+/// once answered, or fails after `timeout`.
+fn send_ops(
+    listener: &op_listener::Client,
+    ops: &[LoggedOp],
+    timeout: Duration,
+) -> impl Future<Output = Result<Cursor, CallFailed>> + use<> {
+    let last = ops.last().map_or(Cursor(0), |op| op.cursor);
+    let mut request = listener.ops_request();
+    wire::fill_logged_list(ops, request.get().init_ops(ops.len() as u32));
+    let deadline = Instant::now() + timeout;
+    // Sent here, not when the future is first polled: calls leave in cursor order.
+    let promise = request.send().promise;
+    async move {
+        match tokio::time::timeout_at(deadline, promise).await {
+            Ok(Ok(_)) => Ok(last),
+            Ok(Err(err)) => Err(CallFailed::Failed(err)),
+            Err(_) => Err(CallFailed::TimedOut),
+        }
+    }
+}
