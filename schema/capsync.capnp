@@ -359,6 +359,28 @@ interface ShareViewer {
   # `Subscription` (or disconnecting) ends it; revoking viewers ends it with
   # `ended(revoked, …)`.
   subscribe @3 (fromCursor :UInt64, listener :OpListener) -> (result :SubscribeResult);
+
+  # Whether the agent is writing right now, and when the share last changed.
+  presence @4 () -> (result :PresenceResult);
+}
+
+# A share's writer presence. Display only: nothing stored changes with it, and
+# it is not persisted (after a server restart, "gone since" falls back to the
+# last change).
+struct Presence {
+  writerConnected @0 :Bool;   # a ShareWriter capability of the share is live now
+  lastChange @1 :Int64;       # when the last op was applied; 0 if none yet
+  writerGoneSince @2 :Int64;  # since when no writer is connected; 0 while one is, or if unknown
+  # No writer for longer than the server's `--interrupted-after`: tool calls
+  # still marked running will not finish and should be shown as interrupted.
+  interrupted @3 :Bool;
+}
+
+struct PresenceResult {
+  union {
+    ok @0 :Presence;
+    failure @1 :Failure;
+  }
 }
 
 # Implemented by the subscriber (a capability the viewer passes to `subscribe`).

@@ -542,3 +542,64 @@ fn subscribing_past_the_shares_cursor_is_refused() {
         assert_eq!(by_id.len(), 3);
     });
 }
+
+#[test]
+fn presence_tells_viewers_whether_a_writer_is_connected() {
+    // With no grace period, a writer's departure makes running tool calls interrupted at once.
+    let server =
+        TestServer::start_with(|config| config.interrupted_after = std::time::Duration::ZERO);
+    run_local(async {
+        let (conn, admin) = capsync_tests::admin(&server).await;
+        let (agent, _) = capsync_tests::agent(&conn, &admin).await;
+        let created = capsync_tests::share(&agent, "ses_presence").await;
+        let viewer = conn
+            .redeem(&created.viewer_token.token)
+            .await
+            .unwrap()
+            .into_viewer()
+            .unwrap();
+
+        let before = viewer.presence().await.unwrap();
+        assert!(
+            before.writer_connected,
+            "createShare's writer is live: {before:?}"
+        );
+        assert_eq!((before.last_change, before.interrupted), (None, false));
+
+        created
+            .writer
+            .append(&capsync_tests::batch(
+                "b1",
+                capsync_tests::session_ops("ses_presence", "msg_1", 1),
+            ))
+            .await
+            .unwrap();
+        let changed = viewer.presence().await.unwrap();
+        assert!(changed.last_change.is_some(), "{changed:?}");
+
+        // Only this connection held writers; once it and its writer are gone, none is.
+        let capsync_client::CreatedShare { writer, .. } = created;
+        drop(writer);
+        let mut gone = viewer.presence().await.unwrap();
+        for _ in 0..100 {
+            if !gone.writer_connected {
+                break;
+            }
+            // The release of the dropped capability travels over the connection.
+            tokio::task::yield_now().await;
+            gone = viewer.presence().await.unwrap();
+        }
+        assert!(!gone.writer_connected, "{gone:?}");
+        assert!(
+            gone.writer_gone_since.is_some() && gone.interrupted,
+            "{gone:?}"
+        );
+
+        admin
+            .revoke_share(viewer.share_id(), capsync_client::Scope::Viewers)
+            .await
+            .unwrap();
+        let err = viewer.presence().await.unwrap_err();
+        assert_eq!(err.code(), Some(capsync_client::ErrorCode::Revoked));
+    });
+}

@@ -70,5 +70,7 @@ pub use push::{PushReport, push_ops};
 pub use subscribe::{EndReason, Ended, LiveEvent, LiveOps};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
 pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
-pub use viewer::{LoggedOp, OpsPage, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient};
+pub use viewer::{
+    LoggedOp, OpsPage, Presence, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient,
+};
 pub use writer::{Ack, Batch, OpOutcome, OpResult, RejectReason, WriterClient};

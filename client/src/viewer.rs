@@ -1,7 +1,8 @@
 //! `ViewerClient`: read a share's state (paged snapshot), its applied ops, and its cursor.
 
 use capsync_shared::capsync_capnp::{
-    RecordKind as WireRecordKind, ops_result, share_state_result, share_viewer, snapshot_result,
+    RecordKind as WireRecordKind, ops_result, presence_result, share_state_result, share_viewer,
+    snapshot_result,
 };
 use capsync_shared::limits::DEFAULT_SNAPSHOT_PAGE_BYTES;
 use capsync_shared::ops::OpKind;
@@ -276,6 +277,35 @@ impl ViewerClient {
             response.get()?.get_result()?
         ))
     }
+
+    /// Whether a writer is connected now, and when the share last changed.
+    pub async fn presence(&self) -> Result<Presence, ClientError> {
+        let request = self.cap.presence_request();
+        let response = request.send().promise.await?;
+        let presence = ok_or_fail!(presence_result, response.get()?.get_result()?);
+        let time = |t: i64| (t != 0).then_some(t);
+        Ok(Presence {
+            writer_connected: presence.get_writer_connected(),
+            last_change: time(presence.get_last_change()),
+            writer_gone_since: time(presence.get_writer_gone_since()),
+            interrupted: presence.get_interrupted(),
+        })
+    }
+}
+
+/// A share's writer presence (display only; see `Presence` in the schema).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Presence {
+    /// A writer capability of the share is live now.
+    pub writer_connected: bool,
+    /// Unix ms of the last applied op.
+    pub last_change: Option<i64>,
+    /// Unix ms since when no writer is connected (`None` while one is, or if unknown).
+    pub writer_gone_since: Option<i64>,
+    /// No writer for longer than the server's `--interrupted-after`: running tool
+    /// calls will not finish and should be shown as interrupted.
+    pub interrupted: bool,
 }
 
 /// A list of logged ops as the client's type (`opsSince` pages and subscription calls).

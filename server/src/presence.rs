@@ -12,8 +12,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use capsync_shared::{ShareId, now_millis};
+use capsync_shared::{Cursor, ShareId, now_millis};
 use tokio::sync::watch;
+
+use crate::ledger::{Authority, Ledger, LedgerResult};
 
 /// Live writer counts of every share, shared by the RPC side (which counts)
 /// and the HTTP gateway (which reads). Cheap to clone.
@@ -95,6 +97,51 @@ impl Presence {
         // Counts stay usable even if a holder panicked: they are display only.
         self.shares.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A share's presence as viewers see it (the page, its JSON, and `ShareViewer.presence`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresenceView {
+    pub writer_connected: bool,
+    /// Unix ms of the last applied op.
+    pub last_change: Option<i64>,
+    /// Unix ms since when no writer is connected.
+    pub writer_gone_since: Option<i64>,
+    /// No writer for at least `interrupted_after`: running tool calls will not finish.
+    pub interrupted: bool,
+}
+
+impl PresenceView {
+    pub fn new(
+        status: WriterStatus,
+        last_change: Option<i64>,
+        interrupted_after_ms: i64,
+        now: i64,
+    ) -> Self {
+        let writer_gone_since = status.gone_since(last_change);
+        Self {
+            writer_connected: status.writers > 0,
+            last_change,
+            writer_gone_since,
+            interrupted: writer_gone_since
+                .is_some_and(|gone| now.saturating_sub(gone) >= interrupted_after_ms),
+        }
+    }
+}
+
+/// When the share last changed (Unix ms): when its op at `cursor` was applied.
+pub async fn last_change(
+    ledger: &Ledger,
+    who: &Authority,
+    cursor: Cursor,
+) -> LedgerResult<Option<i64>> {
+    if cursor.0 == 0 {
+        return Ok(None);
+    }
+    let page = ledger
+        .ops_since(who.clone(), Cursor(cursor.0 - 1), 1)
+        .await?;
+    Ok(page.ops.first().map(|op| op.applied_at))
 }
 
 /// One connected writer; dropping it disconnects it.

@@ -17,7 +17,8 @@ use super::AppState;
 use super::auth::share_reader;
 use super::document;
 use super::error::ApiError;
-use crate::ledger::{Authority, Ledger, LedgerResult, Record};
+use crate::ledger::{Authority, Ledger, Record};
+use crate::presence::PresenceView;
 
 /// How often a snapshot is read again when the share changed between its pages.
 const SNAPSHOT_ATTEMPTS: usize = 5;
@@ -101,33 +102,24 @@ pub async fn read_snapshot(
     Err(ApiError::Unavailable)
 }
 
-/// When the share last changed (Unix ms): when its op at `cursor` was applied.
-pub async fn last_change(
-    ledger: &Ledger,
-    who: &Authority,
-    cursor: Cursor,
-) -> LedgerResult<Option<i64>> {
-    if cursor.0 == 0 {
-        return Ok(None);
-    }
-    let page = ledger
-        .ops_since(who.clone(), Cursor(cursor.0 - 1), 1)
-        .await?;
-    Ok(page.ops.first().map(|op| op.applied_at))
-}
+pub use crate::presence::last_change;
 
 /// The share's writer presence as the page shows it:
 /// `{"writerConnected", "lastChange", "writerGoneSince", "interrupted",
 ///   "interruptedAfterMs", "serverTime"}` (times in Unix ms).
 pub fn presence(app: &AppState, share: &ShareId, last_change: Option<i64>) -> Value {
-    let status = app.presence.status(share);
-    let gone_since = status.gone_since(last_change);
     let now = now_millis();
+    let view = PresenceView::new(
+        app.presence.status(share),
+        last_change,
+        app.interrupted_after_ms(),
+        now,
+    );
     json!({
-        "writerConnected": status.writers > 0,
-        "lastChange": last_change,
-        "writerGoneSince": gone_since,
-        "interrupted": is_interrupted(app, gone_since, now),
+        "writerConnected": view.writer_connected,
+        "lastChange": view.last_change,
+        "writerGoneSince": view.writer_gone_since,
+        "interrupted": view.interrupted,
         "interruptedAfterMs": app.interrupted_after_ms(),
         "serverTime": now,
     })

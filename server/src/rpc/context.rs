@@ -31,6 +31,8 @@ pub struct Context {
     /// go unanswered (see [`super::subscription`]).
     pub subscriber_window: usize,
     pub subscriber_timeout: Duration,
+    /// After how long without a writer running tool calls count as interrupted (presence).
+    pub interrupted_after_ms: i64,
     /// Set once shutdown starts: new batches are refused with `overloaded` so
     /// the ones in flight can drain.
     draining: Cell<bool>,
@@ -62,6 +64,8 @@ impl Context {
             metrics: Metrics::default(),
             subscriber_window: config.subscriber_window.max(1),
             subscriber_timeout: config.subscriber_timeout,
+            interrupted_after_ms: i64::try_from(config.interrupted_after.as_millis())
+                .unwrap_or(i64::MAX),
             draining: Cell::new(false),
             in_flight: Cell::new(0),
             drained: Notify::new(),

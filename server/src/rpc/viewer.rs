@@ -3,16 +3,17 @@
 
 use std::rc::Rc;
 
-use capsync_shared::Cursor;
 use capsync_shared::capsync_capnp::share_viewer;
 use capsync_shared::limits::{
     DEFAULT_OPS_PAGE, DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_OPS_PAGE, MAX_SNAPSHOT_PAGE_BYTES,
 };
+use capsync_shared::{Cursor, now_millis};
 
 use super::context::Context;
 use super::{subscription, wire};
 use crate::error::ServerError;
 use crate::ledger::Authority;
+use crate::presence::{PresenceView, last_change};
 
 pub struct ViewerImpl {
     ctx: Rc<Context>,
@@ -97,6 +98,31 @@ impl share_viewer::Server for ViewerImpl {
         match state {
             Ok(state) => wire::fill_state(&state, result.init_ok()),
             Err(err) => ServerError::from(err).fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn presence(
+        self: Rc<Self>,
+        _params: share_viewer::PresenceParams,
+        mut results: share_viewer::PresenceResults,
+    ) -> Result<(), capnp::Error> {
+        let view = async {
+            // Reading the state first also checks the viewer's authority.
+            let state = self.ctx.ledger.share_state(self.auth.clone()).await?;
+            let last_change = last_change(&self.ctx.ledger, &self.auth, state.cursor).await?;
+            Ok::<_, ServerError>(PresenceView::new(
+                self.ctx.presence.status(&state.share_id),
+                last_change,
+                self.ctx.interrupted_after_ms,
+                now_millis(),
+            ))
+        }
+        .await;
+        let result = results.get().init_result();
+        match view {
+            Ok(view) => wire::fill_presence(&view, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use crate::ledger::{
     Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, Record, RecordKind, RejectReason,
     RevokeScope, ShareInfo, ShareState, SnapshotPage,
 };
+use crate::presence::PresenceView;
 use capsync_shared::limits::{MAX_BATCH_ID_BYTES, MAX_DEPENDS_ON, MAX_OP_ID_BYTES};
 
 /// A text field as an owned string; bad UTF-8 is the caller's mistake.
@@ -107,6 +108,13 @@ pub fn batch(
             .get_has_expected_cursor()
             .then(|| Cursor(reader.get_expected_cursor())),
     })
+}
+
+pub fn fill_presence(view: &PresenceView, mut out: wire::presence::Builder<'_>) {
+    out.set_writer_connected(view.writer_connected);
+    out.set_last_change(view.last_change.unwrap_or(0));
+    out.set_writer_gone_since(view.writer_gone_since.unwrap_or(0));
+    out.set_interrupted(view.interrupted);
 }
 
 pub fn fill_state(state: &ShareState, mut out: share_state::Builder<'_>) {
