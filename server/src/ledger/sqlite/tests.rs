@@ -1802,3 +1802,32 @@ async fn dropping_the_last_handle_stops_the_writer_after_queued_work() {
     assert_eq!(ledger.share_state(viewer).await.unwrap().cursor, Cursor(1));
     ledger.close().await;
 }
+
+#[tokio::test]
+async fn a_command_that_panics_fails_alone_and_the_writer_keeps_going() {
+    let fx = Fixture::new().await;
+    let before = fx.cursor().await;
+    let panicked = fx
+        .backend
+        .writer
+        .submit(|conn| -> LedgerResult<()> {
+            conn.execute("UPDATE shares SET title = 'changed by a buggy command'", [])?;
+            panic!("a bug in a ledger command");
+        })
+        .await;
+    assert!(
+        matches!(panicked, Err(LedgerError::Storage(_))),
+        "{panicked:?}"
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) FROM shares WHERE title = 'changed by a buggy command'"),
+        0,
+        "the panicking command's write was rolled back"
+    );
+    let ack = fx.append(vec![model_op("after-the-panic")]).await;
+    assert_eq!(
+        ack.cursor,
+        Cursor(before.0 + 1),
+        "the writer thread still works"
+    );
+}

@@ -88,7 +88,14 @@ where
         let Some(work) = self.work.take() else {
             return false;
         };
-        let result = work(conn);
+        // A bug that panics inside one command must fail that command, not kill
+        // the only writer thread (which would leave every later write `Closed`).
+        // Its changes are undone with its savepoint (or the group's rollback).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn)))
+            .unwrap_or_else(|_| {
+                tracing::error!("a ledger command panicked; it was rolled back");
+                Err(LedgerError::Storage("a ledger command panicked".into()))
+            });
         let keep = result.is_ok();
         self.result = Some(result);
         keep
