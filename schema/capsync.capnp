@@ -75,6 +75,7 @@ struct ShareInfo {
   createdAt @5 :Int64;
   updatedAt @6 :Int64;       # time of the last applied op (createdAt before any)
   ownerTokenId @7 :Text;     # id of the agent token that created the share
+  archivedAt @8 :Int64;      # when an admin archived the share; 0 = not archived
 }
 
 struct ShareList {
@@ -157,11 +158,56 @@ interface Admin {
   # Revokes one token; live capabilities redeemed from it fail with `revoked`.
   revokeToken @2 (tokenId :Text) -> (result :Outcome);
 
-  # All shares, ordered by share id, paged.
-  listShares @3 (after :Text, limit :UInt32) -> (result :ShareListResult);
+  # All shares, ordered by share id, paged. Archived shares are left out
+  # unless `includeArchived` is set.
+  listShares @3 (after :Text, limit :UInt32, includeArchived :Bool) -> (result :ShareListResult);
 
   # Deletes a share with its records, ledger and tokens.
   deleteShare @4 (shareId :Text) -> (result :Outcome);
+
+  # Archives a share: it drops out of listings (unless asked for) and becomes
+  # read-only. Viewers, snapshots, catch-up and subscriptions keep working;
+  # `appendOps` fails with `invalidArgument` ("share is archived; unarchive it
+  # to append") until it is unarchived. Archiving an archived share is a no-op
+  # that keeps the first `archivedAt`. `notFound` for an unknown share.
+  archiveShare @5 (shareId :Text) -> (result :ShareInfoResult);
+
+  # Undoes `archiveShare`; a no-op on a share that is not archived.
+  unarchiveShare @6 (shareId :Text) -> (result :ShareInfoResult);
+
+  # Sizes and counts of the whole database, computed with SQL aggregates.
+  stats @7 () -> (result :StatsResult);
+}
+
+struct ShareInfoResult {
+  union {
+    ok @0 :ShareInfo;
+    failure @1 :Failure;
+  }
+}
+
+# Storage statistics. Sizes are bytes.
+struct Stats {
+  dbFileBytes @0 :UInt64;        # the main database file
+  walFileBytes @1 :UInt64;       # the -wal file (0 if absent)
+  pageSize @2 :UInt64;
+  pageCount @3 :UInt64;
+  freePages @4 :UInt64;          # pages on the freelist
+  reclaimableBytes @5 :UInt64;   # freePages * pageSize: what an (incremental) vacuum gives back
+  rootShares @6 :UInt64;         # shares whose session has no parent
+  childShares @7 :UInt64;        # shares of a child (sub-agent) session
+  archivedShares @8 :UInt64;     # archived shares (also counted as root or child)
+  messages @9 :UInt64;
+  parts @10 :UInt64;
+  ledgerOps @11 :UInt64;         # applied ops kept in the ledger
+  ledgerPayloadBytes @12 :UInt64; # sum of the ledger's op payload lengths
+}
+
+struct StatsResult {
+  union {
+    ok @0 :Stats;
+    failure @1 :Failure;
+  }
 }
 
 # ---------------------------------------------------------------------------
@@ -173,8 +219,9 @@ interface Agent {
   createShare @0 (sessionId :Text, projectId :Text, parentSessionId :Text,
                   title :Text, viewerExpiresAt :Int64) -> (result :CreateShareResult);
 
-  # The shares this agent token created, ordered by share id, paged.
-  listShares @1 (after :Text, limit :UInt32) -> (result :ShareListResult);
+  # The shares this agent token created, ordered by share id, paged. Archived
+  # shares are left out unless `includeArchived` is set.
+  listShares @1 (after :Text, limit :UInt32, includeArchived :Bool) -> (result :ShareListResult);
 
   # Revokes a share this agent created, without needing the share's own token.
   revokeShare @2 (shareId :Text, scope :Scope) -> (result :ShareStateResult);

@@ -160,7 +160,10 @@ fn garbage_bytes_close_only_that_connection() {
             .unwrap();
         assert_eq!(ack.cursor, 2);
         let (_conn2, admin2) = capsync_tests::admin(&server).await;
-        assert_eq!(admin2.list_shares("", 0).await.unwrap().shares.len(), 1);
+        assert_eq!(
+            admin2.list_shares("", 0, false).await.unwrap().shares.len(),
+            1
+        );
     });
 }
 
@@ -212,7 +215,7 @@ fn connections_over_the_limit_are_closed_and_the_rest_keep_working() {
         let third = capsync_client::connect(server.addr()).await.unwrap();
         let err = third.redeem(&server.admin_token()).await.unwrap_err();
         assert!(err.is_disconnected(), "{err}");
-        assert!(admin.list_shares("", 0).await.is_ok());
+        assert!(admin.list_shares("", 0, false).await.is_ok());
         drop(conn);
     });
 }

@@ -290,13 +290,16 @@ fn agents_see_and_revoke_only_their_own_shares() {
         let _a2 = share(&alice, "ses_a2").await;
         let b1 = share(&bob, "ses_b1").await;
 
-        let mine = alice.list_shares("", 0).await.unwrap();
+        let mine = alice.list_shares("", 0, false).await.unwrap();
         let sessions: Vec<_> = mine.shares.iter().map(|s| s.session_id.clone()).collect();
         assert_eq!(sessions.len(), 2);
         assert!(
             sessions.contains(&"ses_a1".to_string()) && sessions.contains(&"ses_a2".to_string())
         );
-        assert_eq!(admin.list_shares("", 0).await.unwrap().shares.len(), 3);
+        assert_eq!(
+            admin.list_shares("", 0, false).await.unwrap().shares.len(),
+            3
+        );
 
         assert_eq!(
             code(
@@ -358,7 +361,7 @@ fn admin_revokes_tokens_and_deletes_shares() {
         let agent_id = agent_token.split('_').nth(1).unwrap().to_owned();
         admin.revoke_token(&agent_id).await.unwrap();
         assert_eq!(
-            code(agent.list_shares("", 0).await),
+            code(agent.list_shares("", 0, false).await),
             Some(ErrorCode::Revoked)
         );
         assert_eq!(created.writer.state().await.unwrap().cursor, 0);
@@ -375,7 +378,14 @@ fn admin_revokes_tokens_and_deletes_shares() {
             code(conn.redeem(&created.writer_token.token).await),
             Some(ErrorCode::PermissionDenied)
         );
-        assert!(admin.list_shares("", 0).await.unwrap().shares.is_empty());
+        assert!(
+            admin
+                .list_shares("", 0, false)
+                .await
+                .unwrap()
+                .shares
+                .is_empty()
+        );
         assert_eq!(
             code(admin.delete_share(&created.info.state.share_id).await),
             Some(ErrorCode::NotFound)

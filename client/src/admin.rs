@@ -1,9 +1,12 @@
-//! `AdminClient`: the operator's capability (mint agent tokens, revoke, list, delete shares).
+//! `AdminClient`: the operator's capability (mint agent tokens, revoke, list, archive,
+//! delete shares, storage stats).
 
-use capsync_shared::capsync_capnp::{admin, mint_result, share_list_result, share_state_result};
+use capsync_shared::capsync_capnp::{
+    admin, mint_result, share_info_result, share_list_result, share_state_result, stats_result,
+};
 
 use crate::error::ClientError;
-use crate::types::{MintedToken, Scope, ShareList, ShareState, wire_time};
+use crate::types::{MintedToken, Scope, ShareInfo, ShareList, ShareState, Stats, wire_time};
 use crate::wire::{self, ok_or_fail};
 
 /// A live `Admin` capability.
@@ -86,12 +89,19 @@ impl AdminClient {
         wire::outcome(response.get()?.get_result()?)
     }
 
-    /// One page of all shares, ordered by share id. Start with `after = ""`;
+    /// One page of all shares, ordered by share id (archived ones only with
+    /// `include_archived`). Start with `after = ""`;
     /// `limit = 0` asks for the server's default page size.
-    pub async fn list_shares(&self, after: &str, limit: u32) -> Result<ShareList, ClientError> {
+    pub async fn list_shares(
+        &self,
+        after: &str,
+        limit: u32,
+        include_archived: bool,
+    ) -> Result<ShareList, ClientError> {
         let mut request = self.cap.list_shares_request();
         request.get().set_after(after);
         request.get().set_limit(limit);
+        request.get().set_include_archived(include_archived);
         let response = request.send().promise.await?;
         wire::share_list(ok_or_fail!(
             share_list_result,
@@ -105,5 +115,37 @@ impl AdminClient {
         request.get().set_share_id(share_id);
         let response = request.send().promise.await?;
         wire::outcome(response.get()?.get_result()?)
+    }
+
+    /// Archives a share: it leaves listings (unless asked for) and becomes read-only;
+    /// viewers keep working, appends fail with `invalidArgument`. Idempotent.
+    pub async fn archive_share(&self, share_id: &str) -> Result<ShareInfo, ClientError> {
+        let mut request = self.cap.archive_share_request();
+        request.get().set_share_id(share_id);
+        let response = request.send().promise.await?;
+        wire::share_info(ok_or_fail!(
+            share_info_result,
+            response.get()?.get_result()?
+        ))
+    }
+
+    /// Undoes [`archive_share`](Self::archive_share). Idempotent.
+    pub async fn unarchive_share(&self, share_id: &str) -> Result<ShareInfo, ClientError> {
+        let mut request = self.cap.unarchive_share_request();
+        request.get().set_share_id(share_id);
+        let response = request.send().promise.await?;
+        wire::share_info(ok_or_fail!(
+            share_info_result,
+            response.get()?.get_result()?
+        ))
+    }
+
+    /// Sizes and counts of the server's whole store.
+    pub async fn stats(&self) -> Result<Stats, ClientError> {
+        let response = self.cap.stats_request().send().promise.await?;
+        Ok(wire::stats(ok_or_fail!(
+            stats_result,
+            response.get()?.get_result()?
+        )))
     }
 }

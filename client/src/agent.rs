@@ -105,12 +105,19 @@ impl AgentClient {
         })
     }
 
-    /// One page of the shares this agent token created, ordered by share id. Start with
+    /// One page of the shares this agent token created, ordered by share id (archived
+    /// ones only with `include_archived`). Start with
     /// `after = ""`; `limit = 0` asks for the server's default page size.
-    pub async fn list_shares(&self, after: &str, limit: u32) -> Result<ShareList, ClientError> {
+    pub async fn list_shares(
+        &self,
+        after: &str,
+        limit: u32,
+        include_archived: bool,
+    ) -> Result<ShareList, ClientError> {
         let mut request = self.cap.list_shares_request();
         request.get().set_after(after);
         request.get().set_limit(limit);
+        request.get().set_include_archived(include_archived);
         let response = request.send().promise.await?;
         wire::share_list(ok_or_fail!(
             share_list_result,

@@ -69,7 +69,7 @@ pub use outbox::{
 pub use push::{PushReport, push_ops};
 pub use subscribe::{EndReason, Ended, LiveEvent, LiveOps};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
-pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
+pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState, Stats};
 pub use viewer::{
     LoggedOp, OpsPage, Presence, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient,
 };

@@ -33,6 +33,32 @@ pub struct ShareInfo {
     pub updated_at: i64,
     /// Id of the agent token that created the share.
     pub owner_token_id: String,
+    /// When an admin archived it (then it is read-only); `None` when not archived.
+    pub archived_at: Option<i64>,
+}
+
+/// Sizes and counts of the server's whole store (`Stats` in the schema). Sizes are bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub db_file_bytes: u64,
+    /// The write-ahead log; 0 when there is none.
+    pub wal_file_bytes: u64,
+    pub page_size: u64,
+    pub page_count: u64,
+    /// Pages on the freelist.
+    pub free_pages: u64,
+    /// `free_pages * page_size`: space a vacuum would give back.
+    pub reclaimable_bytes: u64,
+    pub root_shares: u64,
+    /// Shares of a child (sub-agent) session.
+    pub child_shares: u64,
+    /// Archived shares, also counted as root or child.
+    pub archived_shares: u64,
+    pub messages: u64,
+    pub parts: u64,
+    pub ledger_ops: u64,
+    pub ledger_payload_bytes: u64,
 }
 
 /// A freshly minted sturdy ref. `token` is the whole secret, shown once: keep it safe.

@@ -70,7 +70,26 @@ pub(crate) fn share_info(r: share_info::Reader<'_>) -> Result<ShareInfo, ClientE
         created_at: r.get_created_at(),
         updated_at: r.get_updated_at(),
         owner_token_id: text(r.get_owner_token_id())?,
+        archived_at: nonzero_time(r.get_archived_at()),
     })
+}
+
+pub(crate) fn stats(r: capsync_shared::capsync_capnp::stats::Reader<'_>) -> crate::types::Stats {
+    crate::types::Stats {
+        db_file_bytes: r.get_db_file_bytes(),
+        wal_file_bytes: r.get_wal_file_bytes(),
+        page_size: r.get_page_size(),
+        page_count: r.get_page_count(),
+        free_pages: r.get_free_pages(),
+        reclaimable_bytes: r.get_reclaimable_bytes(),
+        root_shares: r.get_root_shares(),
+        child_shares: r.get_child_shares(),
+        archived_shares: r.get_archived_shares(),
+        messages: r.get_messages(),
+        parts: r.get_parts(),
+        ledger_ops: r.get_ledger_ops(),
+        ledger_payload_bytes: r.get_ledger_payload_bytes(),
+    }
 }
 
 pub(crate) fn minted_token(r: minted_token::Reader<'_>) -> Result<MintedToken, ClientError> {

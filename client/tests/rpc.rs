@@ -199,11 +199,11 @@ fn a_share_round_trip_through_every_capability() {
         assert_eq!(again.kind(), TokenKind::Writer);
 
         // Listing.
-        let list = agent.list_shares("", 0).await.unwrap();
+        let list = agent.list_shares("", 0, false).await.unwrap();
         assert_eq!(list.shares.len(), 1);
         assert_eq!(list.shares[0].state.cursor, first.cursor);
         assert_eq!(list.next_after, None);
-        let list = admin.list_shares("", 0).await.unwrap();
+        let list = admin.list_shares("", 0, false).await.unwrap();
         assert_eq!(list.shares[0].state.share_id, share_id);
 
         // The owner unshares: writers stop working at once.
@@ -679,9 +679,9 @@ fn calls_after_disconnect_fail_as_disconnected() {
     let server = TestServer::start();
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        admin.list_shares("", 0).await.unwrap();
+        admin.list_shares("", 0, false).await.unwrap();
         conn.disconnect().await.unwrap();
-        let err = admin.list_shares("", 0).await.unwrap_err();
+        let err = admin.list_shares("", 0, false).await.unwrap_err();
         assert!(err.is_disconnected(), "{err:?}");
         assert_eq!(err.code(), None);
         assert_eq!(err.code_str(), "disconnected");
@@ -693,7 +693,7 @@ fn a_server_that_shuts_down_disconnects_its_clients() {
     let server = TestServer::start();
     run_local(async {
         let (_conn, admin) = support::admin(&server).await;
-        admin.list_shares("", 0).await.unwrap();
+        admin.list_shares("", 0, false).await.unwrap();
         let addr = server.addr();
         // Shut down on another thread: this one must keep polling the connection.
         let stopped = std::thread::spawn(move || drop(server));
@@ -701,7 +701,7 @@ fn a_server_that_shuts_down_disconnects_its_clients() {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         stopped.join().unwrap();
-        let err = admin.list_shares("", 0).await.unwrap_err();
+        let err = admin.list_shares("", 0, false).await.unwrap_err();
         assert!(err.is_disconnected(), "{err:?}");
         let err = connect(addr).await.unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");

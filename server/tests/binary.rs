@@ -209,7 +209,14 @@ fn admin_token_rotation_needs_the_server_stopped_and_replaces_the_token() {
         let err = conn.redeem(&old).await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::PermissionDenied));
         let admin = conn.redeem(&new).await.unwrap().into_admin().unwrap();
-        assert!(admin.list_shares("", 0).await.unwrap().shares.is_empty());
+        assert!(
+            admin
+                .list_shares("", 0, false)
+                .await
+                .unwrap()
+                .shares
+                .is_empty()
+        );
     });
 }
 

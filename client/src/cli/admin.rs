@@ -8,7 +8,7 @@ use super::{Global, ScopeArg, finish};
 use crate::admin::AdminClient;
 use crate::error::ClientError;
 use crate::expiry::{Expiry, format_expiry};
-use crate::types::ShareList;
+use crate::types::{ShareList, Stats};
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -55,6 +55,32 @@ pub enum AdminCommand {
     #[command(verbatim_doc_comment)]
     List(ListArgs),
 
+    /// Archive a share: hidden from listings (unless --archived), read-only, still viewable
+    ///
+    /// Appends to an archived share fail until it is unarchived.
+    ///   capsync admin archive sh_0123abcd
+    #[command(verbatim_doc_comment)]
+    Archive {
+        /// The share's id
+        share_id: String,
+    },
+
+    /// Unarchive a share: listed again and takes appends again
+    ///
+    ///   capsync admin unarchive sh_0123abcd
+    #[command(verbatim_doc_comment)]
+    Unarchive {
+        /// The share's id
+        share_id: String,
+    },
+
+    /// Show the database's size and what it holds
+    ///
+    ///   capsync admin stats
+    ///   capsync admin stats --json
+    #[command(verbatim_doc_comment)]
+    Stats,
+
     /// Delete a share with its records, ledger and tokens (cannot be undone)
     ///
     ///   capsync admin delete-share sh_0123abcd
@@ -77,6 +103,9 @@ pub struct ListArgs {
     /// Follow every page to the end
     #[arg(long)]
     pub all: bool,
+    /// Include archived shares (marked "(archived)")
+    #[arg(long)]
+    pub archived: bool,
 }
 
 pub async fn run(global: &Global, out: &Output, command: &AdminCommand) -> Result<u8, ClientError> {
@@ -117,10 +146,22 @@ async fn run_with(
         }
         AdminCommand::List(args) => {
             let list = list_pages(args, |after, limit| async move {
-                admin.list_shares(&after, limit).await
+                admin.list_shares(&after, limit, args.archived).await
             })
             .await?;
             out.result(&list, || super::share::list_text(&list));
+        }
+        AdminCommand::Archive { share_id } => {
+            let info = admin.archive_share(share_id).await?;
+            out.result(&info, || format!("archived share {share_id}"));
+        }
+        AdminCommand::Unarchive { share_id } => {
+            let info = admin.unarchive_share(share_id).await?;
+            out.result(&info, || format!("unarchived share {share_id}"));
+        }
+        AdminCommand::Stats => {
+            let stats = admin.stats().await?;
+            out.result(&stats, || stats_text(&stats));
         }
         AdminCommand::DeleteShare { share_id } => {
             admin.delete_share(share_id).await?;
@@ -130,6 +171,44 @@ async fn run_with(
         }
     }
     Ok(())
+}
+
+/// The stats as a two-column table, for people.
+pub fn stats_text(s: &Stats) -> String {
+    let rows: [(&str, String); 13] = [
+        ("database file", bytes(s.db_file_bytes)),
+        ("wal file", bytes(s.wal_file_bytes)),
+        ("page size", bytes(s.page_size)),
+        ("pages", s.page_count.to_string()),
+        ("free pages", s.free_pages.to_string()),
+        ("reclaimable", bytes(s.reclaimable_bytes)),
+        ("root shares", s.root_shares.to_string()),
+        ("child shares", s.child_shares.to_string()),
+        ("archived shares", s.archived_shares.to_string()),
+        ("messages", s.messages.to_string()),
+        ("parts", s.parts.to_string()),
+        ("ledger ops", s.ledger_ops.to_string()),
+        ("ledger payload", bytes(s.ledger_payload_bytes)),
+    ];
+    rows.iter()
+        .map(|(name, value)| format!("{name:<16} {value}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Exact bytes, with a binary-unit approximation once that is easier to read.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{n} B ({value:.1} {})", UNITS[unit])
 }
 
 /// One page, or with `--all` every page joined into one list.

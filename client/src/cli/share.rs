@@ -156,7 +156,7 @@ async fn run_with(
         }
         ShareCommand::List(args) => {
             let list = list_pages(args, |after, limit| async move {
-                agent.list_shares(&after, limit).await
+                agent.list_shares(&after, limit, args.archived).await
             })
             .await?;
             out.result(&list, || list_text(&list));
@@ -231,7 +231,11 @@ pub fn list_text(list: &ShareList) -> String {
                 format_time(share.updated_at)
             },
             share.session_id,
-            share.title
+            if share.archived_at.is_some() {
+                format!("{} (archived)", share.title)
+            } else {
+                share.title.clone()
+            }
         );
     }
     if let Some(next) = &list.next_after {

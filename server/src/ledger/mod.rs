@@ -82,6 +82,35 @@ pub struct ShareInfo {
     pub created_at: i64,
     pub updated_at: i64,
     pub owner_token_id: TokenId,
+    /// When an admin archived it; `None` while it is not archived (then it takes appends).
+    pub archived_at: Option<i64>,
+}
+
+/// Sizes and counts of the whole store (mirrors `Stats`), from aggregates, never by loading rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes of the main database file.
+    pub db_file_bytes: u64,
+    /// Bytes of the write-ahead log (0 when there is none): large means checkpoints lag.
+    pub wal_file_bytes: u64,
+    pub page_size: u64,
+    pub page_count: u64,
+    /// Pages on the freelist: allocated on disk, holding no data.
+    pub free_pages: u64,
+    /// `free_pages * page_size`: what an incremental vacuum would give back to the OS.
+    pub reclaimable_bytes: u64,
+    /// Shares of a session without a parent.
+    pub root_shares: u64,
+    /// Shares of a child (sub-agent) session.
+    pub child_shares: u64,
+    /// Archived shares, also counted in `root_shares` or `child_shares`.
+    pub archived_shares: u64,
+    pub messages: u64,
+    pub parts: u64,
+    /// Applied ops kept in the ledger (every share).
+    pub ledger_ops: u64,
+    /// Sum of the ledger's payload lengths, in bytes.
+    pub ledger_payload_bytes: u64,
 }
 
 /// A token row as stored. `secret_hash` is an argon2id PHC string.
@@ -306,12 +335,26 @@ pub trait Backend: Send + Sync + 'static {
     fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>>;
 
     /// Shares ordered by id after `after`: all of them for admin, its own for an agent.
+    /// Archived shares only with `include_archived`.
     fn list_shares(
         &self,
         who: Authority,
         after: String,
         limit: u32,
+        include_archived: bool,
     ) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>>;
+
+    /// Admin only: archives (read-only, hidden from listings) or unarchives a share.
+    /// Idempotent; `NotFound` for an unknown share.
+    fn set_archived(
+        &self,
+        who: Authority,
+        share_id: ShareId,
+        archived: bool,
+    ) -> BoxFuture<'static, LedgerResult<ShareInfo>>;
+
+    /// Admin only: sizes and counts of the whole store.
+    fn stats(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Stats>>;
 
     /// Bumps epochs. Admin: any share; agent: shares it owns (others are `NotFound`).
     fn revoke_share(

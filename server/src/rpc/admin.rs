@@ -1,8 +1,8 @@
-//! `Admin`: mints agents, revokes and deletes shares, lists everything.
+//! `Admin`: mints agents, revokes, archives and deletes shares, lists everything, reports stats.
 
 use std::rc::Rc;
 
-use capsync_shared::capsync_capnp::admin;
+use capsync_shared::capsync_capnp::{admin, share_info_result};
 use capsync_shared::{ShareId, TokenId, TokenKind};
 
 use super::context::Context;
@@ -35,6 +35,36 @@ impl AdminImpl {
             outcome: outcome.to_owned(),
             detail,
         });
+    }
+
+    /// Archives or unarchives the share named in the call, audits it, and answers with its info.
+    async fn set_archived(
+        &self,
+        share_id: capnp::Result<capnp::text::Reader<'_>>,
+        archived: bool,
+        out: share_info_result::Builder<'_>,
+    ) {
+        let share_id = wire::text(share_id).map(ShareId);
+        let done = async {
+            let share_id = share_id.clone()?;
+            Ok::<_, ServerError>(
+                self.ctx
+                    .ledger
+                    .set_archived(self.auth.clone(), share_id, archived)
+                    .await?,
+            )
+        }
+        .await;
+        let action = if archived {
+            "archive_share"
+        } else {
+            "unarchive_share"
+        };
+        self.audit(action, share_id.ok(), outcome(&done), String::new());
+        match done {
+            Ok(info) => wire::fill_info(&info, out.init_ok()),
+            Err(err) => err.fill(out.init_failure()),
+        }
     }
 }
 
@@ -131,7 +161,16 @@ impl admin::Server for AdminImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let out = results.get().init_result();
-        shares::list(&self.ctx, &self.auth, p.get_after(), p.get_limit(), out).await;
+        let (after, limit) = (p.get_after(), p.get_limit());
+        shares::list(
+            &self.ctx,
+            &self.auth,
+            after,
+            limit,
+            p.get_include_archived(),
+            out,
+        )
+        .await;
         Ok(())
     }
 
@@ -156,6 +195,47 @@ impl admin::Server for AdminImpl {
         let mut result = results.get().init_result();
         match deleted {
             Ok(()) => result.set_ok(()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn archive_share(
+        self: Rc<Self>,
+        params: admin::ArchiveShareParams,
+        mut results: admin::ArchiveShareResults,
+    ) -> Result<(), capnp::Error> {
+        let share_id = params.get()?.get_share_id();
+        self.set_archived(share_id, true, results.get().init_result())
+            .await;
+        Ok(())
+    }
+
+    async fn unarchive_share(
+        self: Rc<Self>,
+        params: admin::UnarchiveShareParams,
+        mut results: admin::UnarchiveShareResults,
+    ) -> Result<(), capnp::Error> {
+        let share_id = params.get()?.get_share_id();
+        self.set_archived(share_id, false, results.get().init_result())
+            .await;
+        Ok(())
+    }
+
+    async fn stats(
+        self: Rc<Self>,
+        _: admin::StatsParams,
+        mut results: admin::StatsResults,
+    ) -> Result<(), capnp::Error> {
+        let stats = self
+            .ctx
+            .ledger
+            .stats(self.auth.clone())
+            .await
+            .map_err(ServerError::from);
+        let result = results.get().init_result();
+        match stats {
+            Ok(stats) => wire::fill_stats(&stats, result.init_ok()),
             Err(err) => err.fill(result.init_failure()),
         }
         Ok(())

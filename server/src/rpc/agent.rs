@@ -130,7 +130,16 @@ impl agent::Server for AgentImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let out = results.get().init_result();
-        shares::list(&self.ctx, &self.auth, p.get_after(), p.get_limit(), out).await;
+        let (after, limit) = (p.get_after(), p.get_limit());
+        shares::list(
+            &self.ctx,
+            &self.auth,
+            after,
+            limit,
+            p.get_include_archived(),
+            out,
+        )
+        .await;
         Ok(())
     }
 

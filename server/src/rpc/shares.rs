@@ -24,6 +24,7 @@ pub async fn list(
     auth: &Authority,
     after: capnp::Result<capnp::text::Reader<'_>>,
     limit: u32,
+    include_archived: bool,
     out: share_list_result::Builder<'_>,
 ) {
     let limit = match limit {
@@ -35,7 +36,7 @@ pub async fn list(
         // One more than the page, to know whether another page follows.
         let mut shares = ctx
             .ledger
-            .list_shares(auth.clone(), after, limit + 1)
+            .list_shares(auth.clone(), after, limit + 1, include_archived)
             .await?;
         let more = shares.len() > limit as usize;
         shares.truncate(limit as usize);

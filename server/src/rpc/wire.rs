@@ -2,14 +2,14 @@
 
 use capsync_shared::capsync_capnp::{
     self as wire, ack, logged_op, minted_token, ops_page, record, share_info, share_list,
-    share_state, snapshot_page,
+    share_state, snapshot_page, stats,
 };
 use capsync_shared::{Cursor, OpId};
 
 use crate::error::ServerError;
 use crate::ledger::{
     Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, Record, RecordKind, RejectReason,
-    RevokeScope, ShareInfo, ShareState, SnapshotPage,
+    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
 };
 use crate::presence::PresenceView;
 use capsync_shared::limits::{MAX_BATCH_ID_BYTES, MAX_DEPENDS_ON, MAX_OP_ID_BYTES};
@@ -133,6 +133,23 @@ pub fn fill_info(info: &ShareInfo, mut out: share_info::Builder<'_>) {
     out.set_created_at(info.created_at);
     out.set_updated_at(info.updated_at);
     out.set_owner_token_id(info.owner_token_id.as_str());
+    out.set_archived_at(info.archived_at.unwrap_or(0));
+}
+
+pub fn fill_stats(stats: &Stats, mut out: stats::Builder<'_>) {
+    out.set_db_file_bytes(stats.db_file_bytes);
+    out.set_wal_file_bytes(stats.wal_file_bytes);
+    out.set_page_size(stats.page_size);
+    out.set_page_count(stats.page_count);
+    out.set_free_pages(stats.free_pages);
+    out.set_reclaimable_bytes(stats.reclaimable_bytes);
+    out.set_root_shares(stats.root_shares);
+    out.set_child_shares(stats.child_shares);
+    out.set_archived_shares(stats.archived_shares);
+    out.set_messages(stats.messages);
+    out.set_parts(stats.parts);
+    out.set_ledger_ops(stats.ledger_ops);
+    out.set_ledger_payload_bytes(stats.ledger_payload_bytes);
 }
 
 /// `more`: whether shares follow this page (then `nextAfter` is the last id).

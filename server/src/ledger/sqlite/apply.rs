@@ -14,6 +14,9 @@ use crate::ledger::{
     RejectReason,
 };
 
+/// What an append on an archived share is told.
+pub(super) const ARCHIVED: &str = "share is archived; unarchive it to append";
+
 /// Applies `batch` inside the caller's transaction (see ARCHITECTURE.md, "appendOps").
 pub(super) fn append(
     conn: &Connection,
@@ -22,6 +25,12 @@ pub(super) fn append(
     now: i64,
 ) -> LedgerResult<Ack> {
     let share = authority::check_share(conn, writer, Access::Write, now)?;
+    // Archived means read-only: a writer that still runs must not silently
+    // revive a share an admin put away (checked in the same transaction as the
+    // archive flag, so no append slips past an archive that committed first).
+    if share.archived_at.is_some() {
+        return Err(LedgerError::InvalidArgument(ARCHIVED.into()));
+    }
     if let Some(expected) = batch.expected_cursor
         && expected != share.cursor
     {

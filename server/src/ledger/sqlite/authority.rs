@@ -23,11 +23,13 @@ pub(super) struct ShareRow {
     pub viewer_epoch: Epoch,
     pub created_at: i64,
     pub updated_at: i64,
+    /// When an admin archived the share; `None` while it is not. Archived shares refuse appends.
+    pub archived_at: Option<i64>,
 }
 
 /// Columns of `shares` in the order [`ShareRow::from_row`] reads them.
 pub(super) const SHARE_COLUMNS: &str = "id, session_id, project_id, parent_session_id, title, \
-     owner_token_id, cursor, writer_epoch, viewer_epoch, created_at, updated_at";
+     owner_token_id, cursor, writer_epoch, viewer_epoch, created_at, updated_at, archived_at";
 
 impl ShareRow {
     pub fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -43,6 +45,7 @@ impl ShareRow {
             viewer_epoch: Epoch(row.get(8)?),
             created_at: row.get(9)?,
             updated_at: row.get(10)?,
+            archived_at: row.get(11)?,
         })
     }
 
@@ -65,6 +68,7 @@ impl ShareRow {
             created_at: self.created_at,
             updated_at: self.updated_at,
             owner_token_id: self.owner_token_id.clone(),
+            archived_at: self.archived_at,
         }
     }
 }

@@ -38,7 +38,7 @@ use self::writer::Writer;
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Ledger, LedgerError, LedgerResult,
     Minted, NewShare, NewToken, OpOutcome, OpsPage, RevokeScope, ShareInfo, ShareState,
-    SnapshotPage, StoredToken,
+    SnapshotPage, Stats, StoredToken,
 };
 
 /// How hard a commit waits for the disk before the ack is sent.
@@ -91,6 +91,8 @@ struct SqliteBackend {
     changes: tokio::sync::broadcast::Sender<Changed>,
     /// All reads, concurrent with each other and with the writer (WAL).
     reads: Arc<ReadPool>,
+    /// The database file, for `stats` (file sizes are not visible through SQL).
+    path: Arc<PathBuf>,
 }
 
 impl SqliteBackend {
@@ -105,6 +107,7 @@ impl SqliteBackend {
             writer,
             changes,
             reads,
+            path: Arc::new(options.path.clone()),
         })
     }
 
@@ -219,8 +222,25 @@ impl Backend for SqliteBackend {
         who: Authority,
         after: String,
         limit: u32,
+        include_archived: bool,
     ) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
-        self.read(move |conn, now| reads::list_shares(conn, &who, &after, limit, now))
+        self.read(move |conn, now| {
+            reads::list_shares(conn, &who, &after, limit, include_archived, now)
+        })
+    }
+
+    fn set_archived(
+        &self,
+        who: Authority,
+        share_id: ShareId,
+        archived: bool,
+    ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
+        self.write(move |conn, now| shares::set_archived(conn, &who, &share_id, archived, now))
+    }
+
+    fn stats(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Stats>> {
+        let path = Arc::clone(&self.path);
+        self.read(move |conn, now| reads::stats(conn, &who, &path, now))
     }
 
     fn revoke_share(

@@ -1,13 +1,15 @@
-//! Read queries: token lookup, share state and listings, and catch-up from the ledger.
+//! Read queries: token lookup, share state and listings, catch-up from the ledger, and stats.
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
+use std::path::Path;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::authority::{self, Access, SHARE_COLUMNS, ShareRow};
 use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
 use crate::ledger::{
-    Authority, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, StoredToken,
+    Authority, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, Stats, StoredToken,
 };
 
 /// The token row with its share's current state; no authority needed.
@@ -72,28 +74,32 @@ pub(super) fn share_state(
     Ok(authority::check_share(conn, who, Access::Read, now)?.state())
 }
 
-/// Shares with id > `after` in id order: all for an admin, its own for an agent.
+/// Shares with id > `after` in id order: all for an admin, its own for an agent;
+/// archived ones only with `include_archived`.
 pub(super) fn list_shares(
     conn: &Connection,
     who: &Authority,
     after: &str,
     limit: u32,
+    include_archived: bool,
     now: i64,
 ) -> LedgerResult<Vec<ShareInfo>> {
     authority::check_admin_or_agent(conn, who, now)?;
     let rows = if who.kind == TokenKind::Admin {
         conn.prepare_cached(&format!(
-            "SELECT {SHARE_COLUMNS} FROM shares WHERE id > ?1 ORDER BY id LIMIT ?2"
+            "SELECT {SHARE_COLUMNS} FROM shares WHERE id > ?1 AND (?3 OR archived_at IS NULL)
+             ORDER BY id LIMIT ?2"
         ))?
-        .query_map(params![after, limit], ShareRow::from_row)?
+        .query_map(params![after, limit, include_archived], ShareRow::from_row)?
         .collect::<Result<Vec<_>, _>>()?
     } else {
         conn.prepare_cached(&format!(
-            "SELECT {SHARE_COLUMNS} FROM shares WHERE owner_token_id = ?1 AND id > ?2
+            "SELECT {SHARE_COLUMNS} FROM shares
+             WHERE owner_token_id = ?1 AND id > ?2 AND (?4 OR archived_at IS NULL)
              ORDER BY id LIMIT ?3"
         ))?
         .query_map(
-            params![who.token_id.as_str(), after, limit],
+            params![who.token_id.as_str(), after, limit, include_archived],
             ShareRow::from_row,
         )?
         .collect::<Result<Vec<_>, _>>()?
@@ -144,4 +150,75 @@ pub(super) fn ops_since(
         ops,
         cursor: share.cursor,
     })
+}
+
+/// Admin only: sizes from the pragmas and the files, counts from aggregates.
+/// Every number is one statement's answer; nothing here loads rows into memory.
+pub(super) fn stats(
+    conn: &Connection,
+    who: &Authority,
+    db_path: &Path,
+    now: i64,
+) -> LedgerResult<Stats> {
+    authority::check_global(conn, who, TokenKind::Admin, now)?;
+    let pragma = |name: &str| -> LedgerResult<u64> {
+        let value: i64 = conn.pragma_query_value(None, name, |r| r.get(0))?;
+        Ok(u64::try_from(value).unwrap_or(0))
+    };
+    let (page_size, page_count, free_pages) = (
+        pragma("page_size")?,
+        pragma("page_count")?,
+        pragma("freelist_count")?,
+    );
+    let (root_shares, child_shares, archived_shares) = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(parent_session_id = ''), 0),
+                    coalesce(sum(parent_session_id <> ''), 0),
+                    coalesce(sum(archived_at IS NOT NULL), 0)
+             FROM shares",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map(|(a, b, c): (i64, i64, i64)| (count(a), count(b), count(c)))?;
+    let single = |sql: &str| -> LedgerResult<u64> {
+        Ok(count(
+            conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?,
+        ))
+    };
+    let (ledger_ops, ledger_payload_bytes) = conn
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(length(CAST(payload AS BLOB))), 0) FROM ops",
+        )?
+        .query_row([], |r| Ok((count(r.get(0)?), count(r.get(1)?))))?;
+    Ok(Stats {
+        db_file_bytes: file_size(db_path),
+        wal_file_bytes: file_size(&wal_path(db_path)),
+        page_size,
+        page_count,
+        free_pages,
+        reclaimable_bytes: free_pages * page_size,
+        root_shares,
+        child_shares,
+        archived_shares,
+        messages: single("SELECT count(*) FROM messages")?,
+        parts: single("SELECT count(*) FROM parts")?,
+        ledger_ops,
+        ledger_payload_bytes,
+    })
+}
+
+/// A count or sum from SQLite (never negative here) as `u64`.
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// SQLite names the log after the database: `<path>-wal`.
+fn wal_path(db_path: &Path) -> std::path::PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push("-wal");
+    name.into()
+}
+
+/// A missing file (no WAL right after a checkpoint on close) counts as empty.
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }

@@ -13,12 +13,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[V1_INITIAL];
+const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_ARCHIVE];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
-const V1_INITIAL: &str = r#"
+pub(super) const V1_INITIAL: &str = r#"
 CREATE TABLE shares (
     id                TEXT PRIMARY KEY,
     session_id        TEXT NOT NULL,
@@ -118,6 +118,12 @@ CREATE TABLE audit (
     outcome  TEXT NOT NULL,
     detail   TEXT NOT NULL
 ) STRICT;
+"#;
+
+/// Archiving (issue 5): an archived share is read-only and left out of listings.
+/// NULL rather than 0 for "not archived", so `archived_at IS NULL` reads as what it means.
+const V2_ARCHIVE: &str = r#"
+ALTER TABLE shares ADD COLUMN archived_at INTEGER;
 "#;
 
 /// Opens the write connection, creating the database (and its directory) if

@@ -1,4 +1,4 @@
-//! Share writes: creation with the first writer and viewer tokens, epoch revocation, deletion.
+//! Share writes: creation with the first writer and viewer tokens, epoch revocation, archiving, deletion.
 
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use capsync_shared::{Epoch, ShareId, TokenKind};
@@ -38,6 +38,7 @@ pub(super) fn create(
         viewer_epoch: Epoch(0),
         created_at: now,
         updated_at: now,
+        archived_at: None,
     };
     conn.prepare_cached(
         "INSERT INTO shares (id, session_id, project_id, parent_session_id, title,
@@ -108,4 +109,27 @@ pub(super) fn delete(
         return Err(LedgerError::NotFound);
     }
     Ok(())
+}
+
+/// Admin only: archives (or unarchives) a share. Archiving an archived share keeps
+/// its first `archived_at`, so a retried call does not move the date.
+pub(super) fn set_archived(
+    conn: &Connection,
+    who: &Authority,
+    share_id: &ShareId,
+    archived: bool,
+    now: i64,
+) -> LedgerResult<ShareInfo> {
+    authority::check_global(conn, who, TokenKind::Admin, now)?;
+    let updated = conn
+        .prepare_cached(
+            "UPDATE shares SET archived_at = CASE WHEN ?2 THEN coalesce(archived_at, ?3) END
+             WHERE id = ?1",
+        )?
+        .execute(params![share_id.as_str(), archived, now])?;
+    if updated == 0 {
+        return Err(LedgerError::NotFound);
+    }
+    let share = load_share(conn, share_id)?.ok_or(LedgerError::NotFound)?;
+    Ok(share.info())
 }

@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use super::schema::SCHEMA_VERSION;
+use super::schema::{SCHEMA_VERSION, V1_INITIAL};
 use super::{Durability, SqliteBackend, SqliteOptions};
 use crate::ledger::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Ledger, LedgerError, LedgerResult, NewShare,
@@ -975,7 +975,7 @@ async fn each_call_accepts_only_its_kinds_of_authority() {
     denied(&r, matches!(r, Err(LedgerError::PermissionDenied)));
     let r = fx
         .backend
-        .list_shares(fx.writer.clone(), String::new(), 10)
+        .list_shares(fx.writer.clone(), String::new(), 10, false)
         .await;
     denied(&r, matches!(r, Err(LedgerError::PermissionDenied)));
     let r = fx
@@ -1165,12 +1165,12 @@ async fn replacing_the_admin_token_revokes_the_old_one() {
     assert!(backend.has_admin_token().await.unwrap());
     backend.replace_admin_token(token("adm2")).await.unwrap();
     let old = authority("adm1", TokenKind::Admin, None);
-    let r = backend.list_shares(old, String::new(), 10).await;
+    let r = backend.list_shares(old, String::new(), 10, false).await;
     assert!(matches!(r, Err(LedgerError::Revoked)), "{r:?}");
     let new = authority("adm2", TokenKind::Admin, None);
     assert!(
         backend
-            .list_shares(new, String::new(), 10)
+            .list_shares(new, String::new(), 10, false)
             .await
             .unwrap()
             .is_empty()
@@ -1219,19 +1219,19 @@ async fn agents_list_and_revoke_only_their_own_shares() {
     };
     let all = fx
         .backend
-        .list_shares(fx.admin.clone(), String::new(), 100)
+        .list_shares(fx.admin.clone(), String::new(), 100, false)
         .await
         .unwrap();
     assert_eq!(ids(all), ["sh_1", "sh_2", "sh_3", "sh_4"]);
     let page = fx
         .backend
-        .list_shares(fx.admin.clone(), "sh_1".into(), 2)
+        .list_shares(fx.admin.clone(), "sh_1".into(), 2, false)
         .await
         .unwrap();
     assert_eq!(ids(page), ["sh_2", "sh_3"]);
     let mine = fx
         .backend
-        .list_shares(fx.agent.clone(), String::new(), 100)
+        .list_shares(fx.agent.clone(), String::new(), 100, false)
         .await
         .unwrap();
     assert_eq!(mine[0].session_id, SESSION);
@@ -1240,7 +1240,7 @@ async fn agents_list_and_revoke_only_their_own_shares() {
     assert_eq!(ids(mine), ["sh_1", "sh_3"]);
     let theirs = fx
         .backend
-        .list_shares(other_agent.clone(), "sh_2".into(), 100)
+        .list_shares(other_agent.clone(), "sh_2".into(), 100, false)
         .await
         .unwrap();
     assert_eq!(ids(theirs), ["sh_4"]);
@@ -1830,4 +1830,199 @@ async fn a_command_that_panics_fails_alone_and_the_writer_keeps_going() {
         Cursor(before.0 + 1),
         "the writer thread still works"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Archive and stats (issue 5)
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_to_version_2_and_keeps_its_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        // A file exactly as a version-1 build left it, with one share in it.
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch(V1_INITIAL).unwrap();
+        raw.pragma_update(None, "user_version", 1).unwrap();
+        raw.execute(
+            "INSERT INTO shares (id, session_id, project_id, parent_session_id, title,
+                                 owner_token_id, created_at, updated_at)
+             VALUES ('sh_old', 'ses_old', 'prj', '', 'old', 'agt', 1, 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let backend = SqliteBackend::open(&options(path.clone(), 8)).unwrap();
+    backend.replace_admin_token(token("adm")).await.unwrap();
+    let admin = authority("adm", TokenKind::Admin, None);
+    let listed = backend
+        .list_shares(admin.clone(), String::new(), 10, false)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].state.share_id, ShareId::from("sh_old"));
+    assert_eq!(
+        listed[0].archived_at, None,
+        "existing shares start unarchived"
+    );
+    backend
+        .set_archived(admin, ShareId::from("sh_old"), true)
+        .await
+        .unwrap();
+    backend.close().await;
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION as i64);
+}
+
+#[tokio::test]
+async fn an_archived_share_is_hidden_read_only_and_still_viewable() {
+    let fx = Fixture::new().await;
+    fx.append(vec![op("o1", OpKind::SessionUpsert, session())])
+        .await;
+    let (_, _) = fx.new_share(&fx.agent, "sh_2").await;
+
+    let info = fx
+        .backend
+        .set_archived(fx.admin.clone(), fx.share.clone(), true)
+        .await
+        .unwrap();
+    let archived_at = info.archived_at.expect("archived");
+    // Archiving again keeps the first date: a retry does not move it.
+    let again = fx
+        .backend
+        .set_archived(fx.admin.clone(), fx.share.clone(), true)
+        .await
+        .unwrap();
+    assert_eq!(again.archived_at, Some(archived_at));
+
+    let ids = |list: Vec<crate::ledger::ShareInfo>| -> Vec<String> {
+        list.into_iter().map(|s| s.state.share_id.0).collect()
+    };
+    for who in [fx.admin.clone(), fx.agent.clone()] {
+        let hidden = fx
+            .backend
+            .list_shares(who.clone(), String::new(), 10, false)
+            .await
+            .unwrap();
+        assert_eq!(ids(hidden), ["sh_2"]);
+        let all = fx
+            .backend
+            .list_shares(who, String::new(), 10, true)
+            .await
+            .unwrap();
+        assert_eq!(ids(all), ["sh_1", "sh_2"]);
+    }
+
+    // Appends are refused, and nothing is written.
+    let refused = fx
+        .backend
+        .append(
+            fx.writer.clone(),
+            batch(vec![op("o2", OpKind::ModelUpsert, json!({"id": "m"}))]),
+        )
+        .await;
+    match refused {
+        Err(LedgerError::InvalidArgument(why)) => {
+            assert_eq!(why, "share is archived; unarchive it to append");
+        }
+        other => panic!("expected invalid argument, got {other:?}"),
+    }
+    assert_eq!(fx.count("SELECT count(*) FROM ops"), 1);
+
+    // Viewers still read it.
+    let state = fx.backend.share_state(fx.viewer.clone()).await.unwrap();
+    assert_eq!(state.cursor, Cursor(1));
+    let page = fx
+        .backend
+        .snapshot_page(fx.viewer.clone(), String::new(), 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(page.records.len(), 1);
+    let ops = fx
+        .backend
+        .ops_since(fx.viewer.clone(), Cursor(0), 10)
+        .await
+        .unwrap();
+    assert_eq!(ops.ops.len(), 1);
+
+    // Only an admin archives; unarchiving restores appends.
+    assert!(matches!(
+        fx.backend
+            .set_archived(fx.agent.clone(), fx.share.clone(), false)
+            .await,
+        Err(LedgerError::PermissionDenied)
+    ));
+    assert!(matches!(
+        fx.backend
+            .set_archived(fx.admin.clone(), ShareId::from("sh_none"), true)
+            .await,
+        Err(LedgerError::NotFound)
+    ));
+    let info = fx
+        .backend
+        .set_archived(fx.admin.clone(), fx.share.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(info.archived_at, None);
+    let ack = fx.append(vec![model_op("m2")]).await;
+    assert_eq!(outcomes(&ack), applied(&[2]));
+}
+
+#[tokio::test]
+async fn stats_count_a_known_dataset() {
+    let fx = Fixture::new().await;
+    let ops = vec![
+        op("o1", OpKind::SessionUpsert, session()),
+        op("o2", OpKind::MessageUpsert, message("m1")),
+        op("o3", OpKind::PartUpsert, part("p1", "m1")),
+        op("o4", OpKind::PartUpsert, part("p2", "m1")),
+        op("o5", OpKind::MessageUpsert, message("m2")),
+    ];
+    let payload_bytes: usize = ops.iter().map(|o| o.payload.len()).sum();
+    assert_eq!(outcomes(&fx.append(ops).await), applied(&[1, 2, 3, 4, 5]));
+    // A child share (sub-agent session), archived.
+    let mut child = new_share("sh_child");
+    child.parent_session_id = SESSION.into();
+    fx.backend
+        .create_share(fx.agent.clone(), child, token("w-c"), token("v-c"))
+        .await
+        .unwrap();
+    fx.backend
+        .set_archived(fx.admin.clone(), ShareId::from("sh_child"), true)
+        .await
+        .unwrap();
+
+    let stats = fx.backend.stats(fx.admin.clone()).await.unwrap();
+    assert_eq!(stats.root_shares, 1);
+    assert_eq!(stats.child_shares, 1);
+    assert_eq!(stats.archived_shares, 1);
+    assert_eq!(stats.messages, 2);
+    assert_eq!(stats.parts, 2);
+    assert_eq!(stats.ledger_ops, 5);
+    assert_eq!(stats.ledger_payload_bytes, payload_bytes as u64);
+    assert!(stats.page_size >= 512);
+    assert!(stats.page_count > 0);
+    assert_eq!(stats.reclaimable_bytes, stats.free_pages * stats.page_size);
+    let on_disk = std::fs::metadata(fx.path()).unwrap().len();
+    assert_eq!(stats.db_file_bytes, on_disk);
+    assert!(
+        stats.wal_file_bytes > 0,
+        "writes since the last checkpoint are in the WAL"
+    );
+
+    // The counts follow deletions; only admins may ask.
+    fx.backend
+        .delete_share(fx.admin.clone(), fx.share.clone())
+        .await
+        .unwrap();
+    assert!(matches!(
+        fx.backend.stats(fx.agent.clone()).await,
+        Err(LedgerError::PermissionDenied)
+    ));
+    let after = fx.backend.stats(fx.admin.clone()).await.unwrap();
+    assert_eq!((after.messages, after.parts, after.ledger_ops), (0, 0, 0));
+    assert_eq!(after.root_shares, 0);
 }
