@@ -123,10 +123,15 @@ impl PresenceView {
             writer_connected: status.writers > 0,
             last_change,
             writer_gone_since,
-            interrupted: writer_gone_since
-                .is_some_and(|gone| now.saturating_sub(gone) >= interrupted_after_ms),
+            interrupted: is_interrupted(writer_gone_since, interrupted_after_ms, now),
         }
     }
+}
+
+/// Whether tool calls still running count as interrupted at `now`: no writer since
+/// `gone_since`, for at least `interrupted_after_ms`.
+pub fn is_interrupted(gone_since: Option<i64>, interrupted_after_ms: i64, now: i64) -> bool {
+    gone_since.is_some_and(|gone| now.saturating_sub(gone) >= interrupted_after_ms)
 }
 
 /// When the share last changed (Unix ms): when its op at `cursor` was applied.

@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 
-use capsync_client::{Batch, ErrorCode, NewShare, OpKind, OpSpec};
+use capsync_client::{Batch, ErrorCode, OpKind, OpSpec};
 use serde_json::json;
 use support::{BIN, ServerProcess, admin_token, run_local};
 
@@ -23,30 +23,8 @@ fn sigterm_drains_batches_in_flight_and_every_acked_op_survives_a_restart() {
     let data_dir = dir.path().join("data");
     let mut server = ServerProcess::start(&data_dir);
     let (writer_token, acked) = run_local(async {
-        let conn = capsync_client::connect(server.addr).await.unwrap();
-        let admin = conn
-            .redeem(&admin_token(&data_dir))
-            .await
-            .unwrap()
-            .into_admin()
-            .unwrap();
-        let agent_token = admin.mint_agent("drain test", None).await.unwrap().token;
-        let agent = conn
-            .redeem(&agent_token)
-            .await
-            .unwrap()
-            .into_agent()
-            .unwrap();
-        let created = agent
-            .create_share(NewShare {
-                session_id: "ses_drain".into(),
-                project_id: String::new(),
-                parent_session_id: None,
-                title: String::new(),
-                viewer_expires_at: None,
-            })
-            .await
-            .unwrap();
+        let (_conn, agent) = support::agent(server.addr, &data_dir, "drain test").await;
+        let created = support::share(&agent, "ses_drain").await;
         let setup = vec![
             OpSpec::new("session", OpKind::SessionUpsert, json!({"id": "ses_drain"})),
             OpSpec::new(

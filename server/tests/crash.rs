@@ -29,14 +29,12 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use capsync_client::{
-    Batch, NewShare, OpOutcome, OpSpec, Outbox, SyncOptions, WriterClient, spawn_syncer,
-};
+use capsync_client::{Batch, OpOutcome, OpSpec, Outbox, SyncOptions, WriterClient, spawn_syncer};
 use model::{Model, assert_log_holds_exactly, assert_same_document, check_log, read_log};
 use proxy::FaultProxy;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use support::{ServerProcess, admin_token, run_local};
+use support::{ServerProcess, run_local};
 use tokio::sync::watch;
 use workload::AgentSession;
 
@@ -164,34 +162,12 @@ fn kill9_under_load(durability: &'static str) {
         let faults = proxy.control();
 
         // Setup, straight to the server: an agent and one share per writer.
-        let conn = capsync_client::connect(server.addr).await.unwrap();
-        let admin = conn
-            .redeem(&admin_token(&data_dir))
-            .await
-            .unwrap()
-            .into_admin()
-            .unwrap();
-        let agent_token = admin.mint_agent("crash test", None).await.unwrap().token;
-        let agent = conn
-            .redeem(&agent_token)
-            .await
-            .unwrap()
-            .into_agent()
-            .unwrap();
+        let (conn, agent) = support::agent(server.addr, &data_dir, "crash test").await;
         let mut tokens = Vec::new();
         let mut workloads = Vec::new();
         for w in 0..WRITERS {
             let session_id = format!("ses_crash_{w}");
-            let created = agent
-                .create_share(NewShare {
-                    session_id: session_id.clone(),
-                    project_id: String::new(),
-                    parent_session_id: None,
-                    title: String::new(),
-                    viewer_expires_at: None,
-                })
-                .await
-                .unwrap();
+            let created = support::share(&agent, &session_id).await;
             tokens.push(created.writer_token.token.clone());
             let ops =
                 AgentSession::generate(seed.wrapping_add(w as u64), &session_id, OPS_PER_WRITER);
@@ -310,30 +286,8 @@ fn kill_9_under_load_loses_nothing_the_outbox_saw_acked() {
         let mut server = start(&data_dir, "full").await;
         let proxy = FaultProxy::start(server.addr, seed);
         let faults = proxy.control();
-        let conn = capsync_client::connect(server.addr).await.unwrap();
-        let admin = conn
-            .redeem(&admin_token(&data_dir))
-            .await
-            .unwrap()
-            .into_admin()
-            .unwrap();
-        let agent_token = admin.mint_agent("crash test", None).await.unwrap().token;
-        let agent = conn
-            .redeem(&agent_token)
-            .await
-            .unwrap()
-            .into_agent()
-            .unwrap();
-        let created = agent
-            .create_share(NewShare {
-                session_id: session_id.into(),
-                project_id: String::new(),
-                parent_session_id: None,
-                title: String::new(),
-                viewer_expires_at: None,
-            })
-            .await
-            .unwrap();
+        let (conn, agent) = support::agent(server.addr, &data_dir, "crash test").await;
+        let created = support::share(&agent, session_id).await;
         drop(conn);
         let token = created.writer_token.token.clone();
 

@@ -18,7 +18,7 @@ use super::auth::share_reader;
 use super::document;
 use super::error::ApiError;
 use crate::ledger::{Authority, Ledger, Record};
-use crate::presence::PresenceView;
+use crate::presence::{PresenceView, last_change};
 
 /// How often a snapshot is read again when the share changed between its pages.
 const SNAPSHOT_ATTEMPTS: usize = 5;
@@ -102,8 +102,6 @@ pub async fn read_snapshot(
     Err(ApiError::Unavailable)
 }
 
-pub use crate::presence::last_change;
-
 /// The share's writer presence as the page shows it:
 /// `{"writerConnected", "lastChange", "writerGoneSince", "interrupted",
 ///   "interruptedAfterMs", "serverTime"}` (times in Unix ms).
@@ -128,5 +126,5 @@ pub fn presence(app: &AppState, share: &ShareId, last_change: Option<i64>) -> Va
 /// Whether running tool calls of a share whose writer is gone since `gone_since`
 /// show as interrupted at `now`.
 pub fn is_interrupted(app: &AppState, gone_since: Option<i64>, now: i64) -> bool {
-    gone_since.is_some_and(|gone| now.saturating_sub(gone) >= app.interrupted_after_ms())
+    crate::presence::is_interrupted(gone_since, app.interrupted_after_ms(), now)
 }

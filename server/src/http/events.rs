@@ -40,6 +40,7 @@ use super::error::ApiError;
 use crate::follow::Follower;
 use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp, RecordKind};
 use crate::metrics::{GaugeGuard, SubscriberVia};
+use crate::presence::last_change;
 
 /// Most ops in one `ops` event.
 const OPS_PER_EVENT: u32 = 500;
@@ -65,7 +66,7 @@ pub async fn events(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Unavailable)?;
-    let last_change = api::last_change(&app.ledger, &reader.authority, reader.state.cursor).await?;
+    let last_change = last_change(&app.ledger, &reader.authority, reader.state.cursor).await?;
     let live = Live::new(app, reader, Cursor(after), last_change, permit);
     Ok(Sse::new(live.into_stream())
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))

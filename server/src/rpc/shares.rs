@@ -18,6 +18,14 @@ pub fn outcome<T>(result: &Result<T, ServerError>) -> &'static str {
     }
 }
 
+/// The share's current state, for writers and viewers alike.
+pub async fn state(ctx: &Context, auth: &Authority, out: share_state_result::Builder<'_>) {
+    match ctx.ledger.share_state(auth.clone()).await {
+        Ok(state) => wire::fill_state(&state, out.init_ok()),
+        Err(err) => ServerError::from(err).fill(out.init_failure()),
+    }
+}
+
 /// Lists the shares `auth` may see, one page, into `out`.
 pub async fn list(
     ctx: &Context,

@@ -10,7 +10,7 @@ use capsync_shared::limits::{
 use capsync_shared::{Cursor, now_millis};
 
 use super::context::Context;
-use super::{subscription, wire};
+use super::{shares, subscription, wire};
 use crate::error::ServerError;
 use crate::ledger::Authority;
 use crate::presence::{PresenceView, last_change};
@@ -93,12 +93,7 @@ impl share_viewer::Server for ViewerImpl {
         _params: share_viewer::StateParams,
         mut results: share_viewer::StateResults,
     ) -> Result<(), capnp::Error> {
-        let state = self.ctx.ledger.share_state(self.auth.clone()).await;
-        let result = results.get().init_result();
-        match state {
-            Ok(state) => wire::fill_state(&state, result.init_ok()),
-            Err(err) => ServerError::from(err).fill(result.init_failure()),
-        }
+        shares::state(&self.ctx, &self.auth, results.get().init_result()).await;
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::share_writer;
 
 use super::context::Context;
-use super::shares::outcome;
+use super::shares::{self, outcome};
 use super::viewer::ViewerImpl;
 use super::wire::{self, BatchLimits};
 use crate::error::ServerError;
@@ -160,12 +160,7 @@ impl share_writer::Server for WriterImpl {
         _params: share_writer::StateParams,
         mut results: share_writer::StateResults,
     ) -> Result<(), capnp::Error> {
-        let state = self.ctx.ledger.share_state(self.auth.clone()).await;
-        let result = results.get().init_result();
-        match state {
-            Ok(state) => wire::fill_state(&state, result.init_ok()),
-            Err(err) => ServerError::from(err).fill(result.init_failure()),
-        }
+        shares::state(&self.ctx, &self.auth, results.get().init_result()).await;
         Ok(())
     }
 

@@ -132,3 +132,44 @@ pub fn admin_token(data_dir: &Path) -> String {
         .trim()
         .to_owned()
 }
+
+/// Redeems the admin token of the server at `addr` and mints and redeems an agent.
+/// The connection carries both capabilities: keep it while they are used.
+pub async fn agent(
+    addr: SocketAddr,
+    data_dir: &Path,
+    label: &str,
+) -> (capsync_client::Connection, capsync_client::AgentClient) {
+    let conn = capsync_client::connect(addr).await.unwrap();
+    let admin = conn
+        .redeem(&admin_token(data_dir))
+        .await
+        .unwrap()
+        .into_admin()
+        .unwrap();
+    let agent_token = admin.mint_agent(label, None).await.unwrap().token;
+    let agent = conn
+        .redeem(&agent_token)
+        .await
+        .unwrap()
+        .into_agent()
+        .unwrap();
+    (conn, agent)
+}
+
+/// An untitled share for `session_id`.
+pub async fn share(
+    agent: &capsync_client::AgentClient,
+    session_id: &str,
+) -> capsync_client::CreatedShare {
+    agent
+        .create_share(capsync_client::NewShare {
+            session_id: session_id.into(),
+            project_id: String::new(),
+            parent_session_id: None,
+            title: String::new(),
+            viewer_expires_at: None,
+        })
+        .await
+        .unwrap()
+}
