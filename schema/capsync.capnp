@@ -30,13 +30,15 @@ enum ErrorCode {
   tooLarge @5;          # a limit was exceeded; `message` names the limit
   cursorConflict @6;    # `expectedCursor` did not match; `cursor` holds the current one
   rateLimited @7;       # too many failed attempts from this address; retry later
-  overloaded @8;        # the server is shutting down or at capacity; retry with backoff
+  overloaded @8;        # the server is shutting down, at capacity or the database is busy; retry with backoff
+  snapshotRequired @9;  # the ops asked for were compacted; take a snapshot, then follow from its cursor.
+                        # `cursor` is the compaction point: the lowest `after` still served.
 }
 
 struct Failure {
   code @0 :ErrorCode;
   message @1 :Text;     # for people; never contains internal details or secrets
-  cursor @2 :UInt64;    # the share's current cursor, set with `cursorConflict`
+  cursor @2 :UInt64;    # `cursorConflict`: the share's current cursor; `snapshotRequired`: the compaction point
 }
 
 # The result of a call that returns nothing but may fail.
@@ -177,6 +179,138 @@ interface Admin {
 
   # Sizes and counts of the whole database, computed with SQL aggregates.
   stats @7 () -> (result :StatsResult);
+
+  # Deletes root shares inactive for longer than `options.olderThanMs` (see
+  # `PruneOptions`), each with its records, ledger rows and tokens; live
+  # capabilities of a deleted share fail with `notFound`. With `dryRun` nothing
+  # is deleted and the report says exactly what would be. Shares are deleted
+  # one at a time, in bounded steps, so writers of other shares are not held up.
+  # `progress` (may be null) hears about each share.
+  prune @8 (options :PruneOptions, progress :ProgressListener) -> (result :PruneResult);
+
+  # `wal_checkpoint(TRUNCATE)`, then `VACUUM`: rewrites the database file
+  # without free pages. Blocks every write while it runs. `overloaded`
+  # ("database busy, try again") when another connection keeps the log busy.
+  vacuum @9 () -> (result :VacuumResult);
+
+  # Clears output and attachments of tool parts already marked compacted (their
+  # state has `time.compacted`), for parts stored before the server's `reclaim`
+  # setting was on. Nothing else is touched. `dryRun` counts without clearing.
+  reclaim @10 (dryRun :Bool, progress :ProgressListener) -> (result :ReclaimResult);
+
+  # Drops the payload of ledger ops applied more than `olderThanMs` ago; their
+  # op ids stay, so dedupe is unchanged. `opsSince` and `subscribe` below a
+  # share's compaction point answer `snapshotRequired`. `dryRun` counts only.
+  compactLedger @11 (olderThanMs :Int64, dryRun :Bool, progress :ProgressListener)
+      -> (result :CompactResult);
+}
+
+# Told how a long admin operation is getting on. The server keeps at most one
+# call in flight and skips intermediate updates when the listener is slow.
+interface ProgressListener {
+  # `done` of `total` units of `stage` (e.g. "delete": shares; "reclaim": parts scanned).
+  progress @0 (stage :Text, done :UInt64, total :UInt64) -> ();
+}
+
+struct PruneOptions {
+  # Root shares whose last change (`updatedAt`) is older than this many
+  # milliseconds are pruned. Required (> 0); the CLI defaults to 30 days. A root
+  # is a share whose parent session is not held by any share on this server.
+  olderThanMs @0 :Int64;
+  # Also prune the child sessions of every pruned share, transitively, found by
+  # parent session id whatever their project and age. Without it children stay
+  # and are listed in `PruneReport.keptChildren`.
+  children @1 :Bool;
+  # Only archived roots.
+  archivedOnly @2 :Bool;
+  dryRun @3 :Bool;
+  # After deleting, run `vacuum` and report it in `PruneReport.vacuum`.
+  vacuum @4 :Bool;
+}
+
+enum PruneReason {
+  inactive @0;  # a root inactive past the cutoff
+  child @1;     # a child (or further descendant) of a pruned share
+}
+
+struct PrunedShare {
+  info @0 :ShareInfo;
+  reason @1 :PruneReason;
+  messages @2 :UInt64;
+  parts @3 :UInt64;
+  ops @4 :UInt64;           # ledger rows
+  tokens @5 :UInt64;
+  bytes @6 :UInt64;         # JSON of its records plus its ledger payloads
+}
+
+struct PruneTotals {
+  shares @0 :UInt64;
+  messages @1 :UInt64;
+  parts @2 :UInt64;
+  ops @3 :UInt64;
+  tokens @4 :UInt64;
+  bytes @5 :UInt64;
+}
+
+struct PruneReport {
+  dryRun @0 :Bool;
+  cutoff @1 :Int64;                 # Unix ms: roots last changed before this were selected
+  shares @2 :List(PrunedShare);     # deleted (in a dry run: would be), each once
+  totals @3 :PruneTotals;           # sums over `shares`
+  keptChildren @4 :List(ShareInfo); # children of pruned shares left in place (without `children`)
+  # Selected, but changed between planning and deleting, so left alone.
+  skipped @5 :List(ShareInfo);
+  vacuum @6 :VacuumReport;          # set when `vacuum` was asked for (and not a dry run)
+  vacuumed @7 :Bool;
+}
+
+struct PruneResult {
+  union {
+    ok @0 :PruneReport;
+    failure @1 :Failure;
+  }
+}
+
+struct VacuumReport {
+  bytesBefore @0 :UInt64;   # database file plus log, before the checkpoint
+  bytesAfter @1 :UInt64;    # the same, after the vacuum and a final checkpoint
+  durationMs @2 :UInt64;
+}
+
+struct VacuumResult {
+  union {
+    ok @0 :VacuumReport;
+    failure @1 :Failure;
+  }
+}
+
+struct ReclaimReport {
+  dryRun @0 :Bool;
+  partsScanned @1 :UInt64;  # tool parts marked compacted
+  partsCleared @2 :UInt64;  # of those, ones that still held output or attachments
+  bytesReclaimed @3 :UInt64; # stored JSON bytes saved (in a dry run: would be)
+}
+
+struct ReclaimResult {
+  union {
+    ok @0 :ReclaimReport;
+    failure @1 :Failure;
+  }
+}
+
+struct CompactReport {
+  dryRun @0 :Bool;
+  cutoff @1 :Int64;         # Unix ms: ops applied before this lost their payload
+  shares @2 :UInt64;        # shares whose compaction point moved
+  ops @3 :UInt64;           # ops whose payload was dropped
+  bytes @4 :UInt64;         # payload bytes dropped
+}
+
+struct CompactResult {
+  union {
+    ok @0 :CompactReport;
+    failure @1 :Failure;
+  }
 }
 
 struct ShareInfoResult {
@@ -201,6 +335,8 @@ struct Stats {
   parts @10 :UInt64;
   ledgerOps @11 :UInt64;         # applied ops kept in the ledger
   ledgerPayloadBytes @12 :UInt64; # sum of the ledger's op payload lengths
+  compactedOps @13 :UInt64;      # ledger ops whose payload was dropped by compaction
+  reclaimableOutputBytes @14 :UInt64; # output and attachments still stored in compacted tool parts
 }
 
 struct StatsResult {
@@ -446,6 +582,7 @@ enum EndReason {
   revoked @1;    # the viewer's epoch was bumped or its token revoked or expired
   notFound @2;   # the share was deleted
   shutdown @3;   # the server is shutting down
+  snapshotRequired @4;  # the ops to send next were compacted: take a snapshot and subscribe from its cursor
 }
 
 # The live subscription; it ends when this capability is dropped.

@@ -1,12 +1,20 @@
 //! `AdminClient`: the operator's capability (mint agent tokens, revoke, list, archive,
-//! delete shares, storage stats).
+//! delete shares, storage stats, and the lifecycle: prune, vacuum, reclaim, ledger
+//! compaction).
+
+use std::time::Duration;
 
 use capsync_shared::capsync_capnp::{
-    admin, mint_result, share_info_result, share_list_result, share_state_result, stats_result,
+    admin, compact_result, mint_result, prune_result, reclaim_result, share_info_result,
+    share_list_result, share_state_result, stats_result, vacuum_result,
 };
 
 use crate::error::ClientError;
-use crate::types::{MintedToken, Scope, ShareInfo, ShareList, ShareState, Stats, wire_time};
+use crate::progress_listener::{ProgressFn, ProgressRelay};
+use crate::types::{
+    CompactReport, MintedToken, PruneOptions, PruneReport, ReclaimReport, Scope, ShareInfo,
+    ShareList, ShareState, Stats, VacuumReport, wire_millis, wire_time,
+};
 use crate::wire::{self, ok_or_fail};
 
 /// A live `Admin` capability.
@@ -147,5 +155,102 @@ impl AdminClient {
             stats_result,
             response.get()?.get_result()?
         )))
+    }
+
+    /// Deletes root shares inactive for longer than `options.older_than` (see
+    /// [`PruneOptions`]), each with its records, ledger and tokens; live capabilities
+    /// of a deleted share fail with `notFound`. With `dry_run` nothing is deleted and
+    /// the report lists exactly what would be: a real prune right after deletes the
+    /// same shares, except any that changed in between ([`PruneReport::skipped`]).
+    /// `on_progress` hears about each share deleted.
+    pub async fn prune(
+        &self,
+        options: &PruneOptions,
+        on_progress: Option<ProgressFn>,
+    ) -> Result<PruneReport, ClientError> {
+        let relay = ProgressRelay::new(on_progress);
+        let mut request = self.cap.prune_request();
+        {
+            let mut wire_options = request.get().init_options();
+            wire_options.set_older_than_ms(positive_millis(options.older_than)?);
+            wire_options.set_children(options.children);
+            wire_options.set_archived_only(options.archived_only);
+            wire_options.set_dry_run(options.dry_run);
+            wire_options.set_vacuum(options.vacuum);
+        }
+        if let Some(listener) = relay.client() {
+            request.get().set_progress(listener);
+        }
+        let response = request.send().promise.await?;
+        wire::prune_report(ok_or_fail!(prune_result, response.get()?.get_result()?))
+    }
+
+    /// Checkpoints the log and rewrites the database file without its free pages.
+    /// Every write waits while it runs; when the database is busy the server answers
+    /// `overloaded` ("database busy; try again").
+    pub async fn vacuum(&self) -> Result<VacuumReport, ClientError> {
+        let response = self.cap.vacuum_request().send().promise.await?;
+        Ok(wire::vacuum_report(ok_or_fail!(
+            vacuum_result,
+            response.get()?.get_result()?
+        )))
+    }
+
+    /// Clears the output and attachments of tool parts already marked compacted
+    /// (stored before the server's `reclaim` setting was on). Nothing else is touched;
+    /// `dry_run` only counts. `on_progress` hears about the parts scanned.
+    pub async fn reclaim(
+        &self,
+        dry_run: bool,
+        on_progress: Option<ProgressFn>,
+    ) -> Result<ReclaimReport, ClientError> {
+        let relay = ProgressRelay::new(on_progress);
+        let mut request = self.cap.reclaim_request();
+        request.get().set_dry_run(dry_run);
+        if let Some(listener) = relay.client() {
+            request.get().set_progress(listener);
+        }
+        let response = request.send().promise.await?;
+        Ok(wire::reclaim_report(ok_or_fail!(
+            reclaim_result,
+            response.get()?.get_result()?
+        )))
+    }
+
+    /// Drops the payload of ledger ops applied more than `older_than` ago; their op
+    /// ids stay, so dedupe is unchanged. Viewers asking for ops below a share's new
+    /// compaction point are told `snapshotRequired`. `dry_run` only counts.
+    /// `on_progress` hears about the shares visited.
+    pub async fn compact_ledger(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+        on_progress: Option<ProgressFn>,
+    ) -> Result<CompactReport, ClientError> {
+        let relay = ProgressRelay::new(on_progress);
+        let mut request = self.cap.compact_ledger_request();
+        request
+            .get()
+            .set_older_than_ms(positive_millis(older_than)?);
+        request.get().set_dry_run(dry_run);
+        if let Some(listener) = relay.client() {
+            request.get().set_progress(listener);
+        }
+        let response = request.send().promise.await?;
+        Ok(wire::compact_report(ok_or_fail!(
+            compact_result,
+            response.get()?.get_result()?
+        )))
+    }
+}
+
+/// An age as the wire's milliseconds; refused here when it rounds to zero, which the
+/// server would refuse anyway, so the caller learns which argument was wrong.
+fn positive_millis(age: Duration) -> Result<i64, ClientError> {
+    match wire_millis(age) {
+        0 => Err(ClientError::invalid(
+            "the age must be at least one millisecond (e.g. 30d, 12h)",
+        )),
+        ms => Ok(ms),
     }
 }

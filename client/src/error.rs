@@ -21,7 +21,9 @@ pub enum ClientError {
         code: ErrorCode,
         /// The server's text, meant for people.
         message: String,
-        /// The share's current cursor; meaningful with [`ErrorCode::CursorConflict`], else 0.
+        /// With [`ErrorCode::CursorConflict`] the share's current cursor; with
+        /// [`ErrorCode::SnapshotRequired`] its compaction point (take a snapshot, then
+        /// follow from the snapshot's cursor); else 0.
         cursor: u64,
     },
     /// A transport-level failure (disconnected, overloaded, unimplemented, a malformed
@@ -158,6 +160,7 @@ fn code_words(code: ErrorCode) -> &'static str {
         ErrorCode::CursorConflict => "cursor conflict",
         ErrorCode::RateLimited => "rate limited",
         ErrorCode::Overloaded => "server overloaded",
+        ErrorCode::SnapshotRequired => "snapshot required",
     }
 }
 
@@ -167,8 +170,10 @@ fn remote_text(code: ErrorCode, message: &str, cursor: u64) -> String {
         text.push_str(": ");
         text.push_str(message);
     }
-    if code == ErrorCode::CursorConflict {
-        text.push_str(&format!(" (current cursor {cursor})"));
+    match code {
+        ErrorCode::CursorConflict => text.push_str(&format!(" (current cursor {cursor})")),
+        ErrorCode::SnapshotRequired => text.push_str(&format!(" (compaction point {cursor})")),
+        _ => {}
     }
     text
 }

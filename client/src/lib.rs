@@ -6,8 +6,12 @@
 //!   [`Redeemed`].
 //! - [`admin`], [`agent`], [`writer`], [`viewer`]: one wrapper per capability
 //!   ([`AdminClient`], [`AgentClient`], [`WriterClient`], [`ViewerClient`]).
+//! - [`progress_listener`]: the `ProgressListener` long admin calls (prune, reclaim,
+//!   ledger compaction) report to; the caller passes a callback ([`ProgressFn`]).
 //! - [`subscribe`]: following a share live ([`ViewerClient::subscribe`] gives [`LiveOps`]):
 //!   the ops after a cursor, then each commit, in cursor order with no gap or repeat.
+//! - [`resume`]: [`ViewerClient::resume`], subscribing from a cursor across ledger
+//!   compaction: when the ops after it were compacted, a fresh snapshot to continue from.
 //! - [`types`]: plain, serializable mirrors of the schema's structs.
 //! - [`error`]: [`ClientError`], with the wire `ErrorCode` for remote failures, and the
 //!   outbox's and syncer's errors (`From<OutboxError>`, `From<SyncError>`).
@@ -45,7 +49,9 @@ pub mod expiry;
 pub mod export;
 pub mod ops_file;
 pub mod outbox;
+pub mod progress_listener;
 pub mod push;
+pub mod resume;
 pub mod subscribe;
 pub mod syncer;
 pub mod types;
@@ -66,10 +72,16 @@ pub use outbox::{
     AckSummary, Enqueued, Outbox, OutboxBatch, OutboxError, OutboxStatus, Refusal, RejectedEntry,
     RejectedReason,
 };
+pub use progress_listener::ProgressFn;
 pub use push::{PushReport, push_ops};
+pub use resume::{Rebased, Resumed};
 pub use subscribe::{EndReason, Ended, LiveEvent, LiveOps};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
-pub use types::{MintedToken, Scope, ShareInfo, ShareList, ShareState, Stats};
+pub use types::{
+    CompactReport, MintedToken, ProgressUpdate, PruneOptions, PruneReason, PruneReport,
+    PruneTotals, PrunedShare, ReclaimReport, Scope, ShareInfo, ShareList, ShareState, Stats,
+    VacuumReport,
+};
 pub use viewer::{
     LoggedOp, OpsPage, Presence, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient,
 };

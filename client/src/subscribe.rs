@@ -43,6 +43,9 @@ pub enum EndReason {
     NotFound,
     /// The server is shutting down: reconnect later and subscribe again from the cursor.
     Shutdown,
+    /// The ops after the cursor were compacted away: take a snapshot and subscribe
+    /// again from its cursor.
+    SnapshotRequired,
     /// The connection was lost without a word from the server (or the server released
     /// the listener without saying why): reconnect and subscribe again from the cursor.
     Disconnected,
@@ -61,6 +64,7 @@ impl EndReason {
             Self::Revoked => "revoked",
             Self::NotFound => "notFound",
             Self::Shutdown => "shutdown",
+            Self::SnapshotRequired => "snapshotRequired",
             Self::Disconnected => "disconnected",
         }
     }
@@ -79,6 +83,7 @@ impl From<WireEndReason> for EndReason {
             WireEndReason::Revoked => Self::Revoked,
             WireEndReason::NotFound => Self::NotFound,
             WireEndReason::Shutdown => Self::Shutdown,
+            WireEndReason::SnapshotRequired => Self::SnapshotRequired,
         }
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Times are Unix milliseconds like on the wire, but "none" is `None` here instead of 0.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 /// The live state of a share (`ShareState` in the schema).
@@ -59,6 +61,171 @@ pub struct Stats {
     pub parts: u64,
     pub ledger_ops: u64,
     pub ledger_payload_bytes: u64,
+    /// Ledger ops whose payload was dropped by compaction (their op ids stay).
+    pub compacted_ops: u64,
+    /// Output and attachments still stored in tool parts marked compacted: what
+    /// `reclaim` would clear.
+    pub reclaimable_output_bytes: u64,
+}
+
+/// How long a root must be inactive before a prune takes it, unless told otherwise: 30 days.
+pub const DEFAULT_PRUNE_AGE: Duration = Duration::from_secs(30 * 86_400);
+
+/// What [`AdminClient::prune`](crate::AdminClient::prune) deletes (`PruneOptions` in
+/// the schema).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneOptions {
+    /// Root shares with no change for longer than this are pruned. A root is a share
+    /// whose parent session is held by no share on the server. Must be above zero.
+    pub older_than: Duration,
+    /// Also prune every descendant session of a pruned share, whatever its project or
+    /// age. Without it they stay and are listed in [`PruneReport::kept_children`].
+    pub children: bool,
+    /// Only archived roots.
+    pub archived_only: bool,
+    /// Delete nothing: the report says exactly what would be deleted.
+    pub dry_run: bool,
+    /// Vacuum after deleting (not in a dry run), reported in [`PruneReport::vacuum`].
+    pub vacuum: bool,
+}
+
+impl PruneOptions {
+    /// Roots older than `older_than`, nothing else asked for.
+    pub fn older_than(older_than: Duration) -> Self {
+        Self {
+            older_than,
+            children: false,
+            archived_only: false,
+            dry_run: false,
+            vacuum: false,
+        }
+    }
+}
+
+impl Default for PruneOptions {
+    /// What `capsync admin prune` does with no flags: roots inactive for 30 days.
+    fn default() -> Self {
+        Self::older_than(DEFAULT_PRUNE_AGE)
+    }
+}
+
+/// How a long admin call is getting on: `done` of `total` units of `stage`
+/// ("delete": shares; "reclaim": parts scanned; "compact": shares visited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressUpdate {
+    pub stage: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Why a share is in a prune report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PruneReason {
+    /// A root inactive past the cutoff.
+    Inactive,
+    /// A child (or further descendant) of a pruned share, taken with `children`.
+    Child,
+}
+
+impl PruneReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inactive => "inactive",
+            Self::Child => "child",
+        }
+    }
+}
+
+/// One share a prune deleted (in a dry run: would delete), with what went with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrunedShare {
+    pub info: ShareInfo,
+    pub reason: PruneReason,
+    pub messages: u64,
+    pub parts: u64,
+    /// Ledger rows.
+    pub ops: u64,
+    pub tokens: u64,
+    /// JSON of its records plus its ledger payloads.
+    pub bytes: u64,
+}
+
+/// Sums over [`PruneReport::shares`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneTotals {
+    pub shares: u64,
+    pub messages: u64,
+    pub parts: u64,
+    pub ops: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+}
+
+/// What a prune did, or in a dry run would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneReport {
+    pub dry_run: bool,
+    /// Unix ms: roots last changed before this were selected.
+    pub cutoff: i64,
+    /// Each share deleted (or that would be), once, even when reached twice.
+    pub shares: Vec<PrunedShare>,
+    pub totals: PruneTotals,
+    /// Children of pruned shares left in place because `children` was not asked for:
+    /// their parent is gone, so they are roots from now on.
+    pub kept_children: Vec<ShareInfo>,
+    /// Selected, but changed between planning and deleting, so left alone.
+    pub skipped: Vec<ShareInfo>,
+    /// The vacuum that followed, when asked for and not a dry run.
+    pub vacuum: Option<VacuumReport>,
+}
+
+/// What a full vacuum did. Sizes are of the database file plus its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VacuumReport {
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub duration_ms: u64,
+}
+
+impl VacuumReport {
+    /// Bytes given back to the file system (0 if the file grew).
+    pub fn saved_bytes(&self) -> u64 {
+        self.bytes_before.saturating_sub(self.bytes_after)
+    }
+}
+
+/// What a reclaim pass over compacted tool parts did (or in a dry run would do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReclaimReport {
+    pub dry_run: bool,
+    /// Tool parts marked compacted.
+    pub parts_scanned: u64,
+    /// Of those, the ones that still held output or attachments.
+    pub parts_cleared: u64,
+    /// Stored JSON bytes saved.
+    pub bytes_reclaimed: u64,
+}
+
+/// What a ledger compaction did (or in a dry run would do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompactReport {
+    pub dry_run: bool,
+    /// Unix ms: ops applied before this lost their payload.
+    pub cutoff: i64,
+    /// Shares whose compaction point moved.
+    pub shares: u64,
+    /// Ops whose payload was dropped (their op ids stay).
+    pub ops: u64,
+    /// Payload bytes dropped.
+    pub bytes: u64,
 }
 
 /// A freshly minted sturdy ref. `token` is the whole secret, shown once: keep it safe.
@@ -135,6 +302,11 @@ pub(crate) fn nonzero_time(ms: i64) -> Option<i64> {
 /// `None` goes on the wire as 0.
 pub(crate) fn wire_time(ms: Option<i64>) -> i64 {
     ms.unwrap_or(0)
+}
+
+/// A duration as the wire's milliseconds, saturating.
+pub(crate) fn wire_millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// `""` on the wire means "none".

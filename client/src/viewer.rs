@@ -245,6 +245,10 @@ impl ViewerClient {
     }
 
     /// Applied ops with cursor > `after`, at most `limit` (0 = server default).
+    ///
+    /// `after` below the share's compaction point (older ops lost their payload to
+    /// ledger compaction) fails with `snapshotRequired`, the point in the failure's
+    /// cursor: take a [`Snapshot`] and continue from its cursor.
     pub async fn ops_since(&self, after: u64, limit: u32) -> Result<OpsPage, ClientError> {
         let mut request = self.cap.ops_since_request();
         request.get().set_after(after);
@@ -261,9 +265,13 @@ impl ViewerClient {
     /// commits, in cursor order with no gap and no repeat (see [`LiveOps`]).
     ///
     /// `from_cursor` may not be past the share's cursor (`invalidArgument`); a revoked
-    /// viewer gets `revoked` here rather than a subscription that ends at once. To
-    /// rebuild the share's state, take a [`Snapshot`] and subscribe from its cursor:
-    /// applying the ops to [`SessionDocument`] keeps it equal to the writer's.
+    /// viewer gets `revoked` here rather than a subscription that ends at once. Below
+    /// the share's compaction point it gets `snapshotRequired`, and a subscription
+    /// that reaches compacted ops ends with that reason: [`ViewerClient::resume`]
+    /// recovers from both with a fresh snapshot.
+    ///
+    /// To rebuild the share's state, take a [`Snapshot`] and subscribe from its
+    /// cursor: applying the ops to [`SessionDocument`] keeps it equal to the writer's.
     pub async fn subscribe(&self, from_cursor: u64) -> Result<LiveOps, ClientError> {
         crate::subscribe::subscribe(&self.cap, from_cursor).await
     }

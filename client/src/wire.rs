@@ -3,10 +3,16 @@
 //! Every method's result is a union of `ok` and `failure`; [`ok_or_fail!`] unpacks it so
 //! the capability wrappers stay one screen each.
 
-use capsync_shared::capsync_capnp::{failure, minted_token, outcome, share_info, share_state};
+use capsync_shared::capsync_capnp::{
+    PruneReason as WirePruneReason, compact_report, failure, minted_token, outcome, prune_report,
+    pruned_share, reclaim_report, share_info, share_state, vacuum_report,
+};
 
 use crate::error::ClientError;
-use crate::types::{MintedToken, ShareInfo, ShareState, nonempty, nonzero_time};
+use crate::types::{
+    CompactReport, MintedToken, PruneReason, PruneReport, PruneTotals, PrunedShare, ReclaimReport,
+    ShareInfo, ShareState, VacuumReport, nonempty, nonzero_time,
+};
 
 /// Unpacks a `union { ok @0 :T; failure @1 :Failure; }` reader: the `ok` reader, or an early
 /// `return Err(ClientError::Remote{..})`. The first argument is the union's generated module.
@@ -89,6 +95,8 @@ pub(crate) fn stats(r: capsync_shared::capsync_capnp::stats::Reader<'_>) -> crat
         parts: r.get_parts(),
         ledger_ops: r.get_ledger_ops(),
         ledger_payload_bytes: r.get_ledger_payload_bytes(),
+        compacted_ops: r.get_compacted_ops(),
+        reclaimable_output_bytes: r.get_reclaimable_output_bytes(),
     }
 }
 
@@ -112,4 +120,86 @@ pub(crate) fn share_list(
         shares,
         next_after: nonempty(text(r.get_next_after())?),
     })
+}
+
+impl From<WirePruneReason> for PruneReason {
+    fn from(reason: WirePruneReason) -> Self {
+        match reason {
+            WirePruneReason::Inactive => Self::Inactive,
+            WirePruneReason::Child => Self::Child,
+        }
+    }
+}
+
+fn share_infos(
+    list: capnp::struct_list::Reader<'_, capsync_shared::capsync_capnp::share_info::Owned>,
+) -> Result<Vec<ShareInfo>, ClientError> {
+    list.iter().map(share_info).collect()
+}
+
+fn pruned_share(r: pruned_share::Reader<'_>) -> Result<PrunedShare, ClientError> {
+    Ok(PrunedShare {
+        info: share_info(r.get_info()?)?,
+        reason: r.get_reason()?.into(),
+        messages: r.get_messages(),
+        parts: r.get_parts(),
+        ops: r.get_ops(),
+        tokens: r.get_tokens(),
+        bytes: r.get_bytes(),
+    })
+}
+
+pub(crate) fn prune_report(r: prune_report::Reader<'_>) -> Result<PruneReport, ClientError> {
+    let totals = r.get_totals()?;
+    Ok(PruneReport {
+        dry_run: r.get_dry_run(),
+        cutoff: r.get_cutoff(),
+        shares: r
+            .get_shares()?
+            .iter()
+            .map(pruned_share)
+            .collect::<Result<_, _>>()?,
+        totals: PruneTotals {
+            shares: totals.get_shares(),
+            messages: totals.get_messages(),
+            parts: totals.get_parts(),
+            ops: totals.get_ops(),
+            tokens: totals.get_tokens(),
+            bytes: totals.get_bytes(),
+        },
+        kept_children: share_infos(r.get_kept_children()?)?,
+        skipped: share_infos(r.get_skipped()?)?,
+        vacuum: if r.get_vacuumed() {
+            Some(vacuum_report(r.get_vacuum()?))
+        } else {
+            None
+        },
+    })
+}
+
+pub(crate) fn vacuum_report(r: vacuum_report::Reader<'_>) -> VacuumReport {
+    VacuumReport {
+        bytes_before: r.get_bytes_before(),
+        bytes_after: r.get_bytes_after(),
+        duration_ms: r.get_duration_ms(),
+    }
+}
+
+pub(crate) fn reclaim_report(r: reclaim_report::Reader<'_>) -> ReclaimReport {
+    ReclaimReport {
+        dry_run: r.get_dry_run(),
+        parts_scanned: r.get_parts_scanned(),
+        parts_cleared: r.get_parts_cleared(),
+        bytes_reclaimed: r.get_bytes_reclaimed(),
+    }
+}
+
+pub(crate) fn compact_report(r: compact_report::Reader<'_>) -> CompactReport {
+    CompactReport {
+        dry_run: r.get_dry_run(),
+        cutoff: r.get_cutoff(),
+        shares: r.get_shares(),
+        ops: r.get_ops(),
+        bytes: r.get_bytes(),
+    }
 }

@@ -686,3 +686,49 @@ fn the_command_line_runs_in_process_with_captured_output() {
         assert_eq!(error["error"]["code"], "wrongKind");
     });
 }
+
+#[test]
+fn lifecycle_commands_explain_themselves_and_refuse_bad_ages() {
+    // Nothing here reaches a server: help and usage errors come first.
+    let nowhere = "127.0.0.1:1";
+    let help = capsync_at(nowhere, None, &["admin", "prune", "--help"]);
+    assert_ok(&help);
+    let text = stdout(&help);
+    for expected in [
+        "--older-than <AGE>",
+        "[default: 30d]",
+        "--children",
+        "--archived-only",
+        "--dry-run",
+        "--vacuum",
+        "capsync admin prune --dry-run",
+        "A root is a share whose parent session is held by no share",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    for (command, expected) in [
+        ("vacuum", "database busy; try again"),
+        ("reclaim", "capsync admin reclaim --dry-run"),
+        (
+            "compact",
+            "capsync admin compact --older-than 30d --dry-run",
+        ),
+    ] {
+        let help = capsync_at(nowhere, None, &["admin", command, "--help"]);
+        assert_ok(&help);
+        assert!(stdout(&help).contains(expected), "{}", stdout(&help));
+    }
+
+    let bad = capsync_at(nowhere, None, &["admin", "prune", "--older-than", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    let text = stderr(&bad);
+    assert!(text.contains("'soon'"), "{text}");
+    assert!(text.contains("like 30d, 12h or 90m"), "{text}");
+
+    let missing = capsync_at(nowhere, None, &["admin", "compact"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("--older-than <AGE>"));
+}

@@ -26,6 +26,10 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
 /// How long a share's writer may be gone before its running tool calls show as interrupted.
 pub const DEFAULT_INTERRUPTED_AFTER: Duration = Duration::from_secs(5 * 60);
 
+pub const DEFAULT_LIFECYCLE_INTERVAL: Duration = Duration::from_secs(60 * 60);
+pub const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_HOUSEKEEPING_BUDGET: Duration = Duration::from_millis(20);
+
 /// Settings of one server. `Config::default()` equals running `serve` with no flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
@@ -112,6 +116,88 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_INTERRUPTED_AFTER", value_parser = humantime::parse_duration,
           default_value = "5m")]
     pub interrupted_after: Duration,
+
+    /// Clear the output and attachments of a tool part when it is stored marked
+    /// compacted (its state has `time.compacted`). `capsync admin reclaim` does the
+    /// same for parts stored before. `--reclaim false` keeps them.
+    #[arg(long, env = "CAPSYNC_RECLAIM", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub reclaim: bool,
+
+    /// Archive shares with no change for this long, e.g. `90d`; `off` never does.
+    #[arg(
+        long,
+        env = "CAPSYNC_AUTO_ARCHIVE_AFTER",
+        default_value = "off",
+        value_name = "DURATION"
+    )]
+    pub auto_archive_after: DurationOrOff,
+
+    /// Delete child (sub-agent) session shares with no change for this long,
+    /// e.g. `14d`; `off` keeps them until their root is pruned.
+    #[arg(
+        long,
+        env = "CAPSYNC_CHILD_RETENTION",
+        default_value = "off",
+        value_name = "DURATION"
+    )]
+    pub child_retention: DurationOrOff,
+
+    /// Drop the payload of ledger ops applied longer ago than this, e.g. `30d`;
+    /// their op ids stay, so retries are still deduplicated. Viewers asking for
+    /// older ops are told to take a snapshot. `off` keeps every payload.
+    #[arg(
+        long,
+        env = "CAPSYNC_LEDGER_RETENTION",
+        default_value = "off",
+        value_name = "DURATION"
+    )]
+    pub ledger_retention: DurationOrOff,
+
+    /// How often the automatic lifecycle (auto-archive, child retention, ledger
+    /// compaction) runs when any of it is on, e.g. `1h`.
+    #[arg(long, env = "CAPSYNC_LIFECYCLE_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "1h")]
+    pub lifecycle_interval: Duration,
+
+    /// How often the server checkpoints the write-ahead log (keeping it bounded
+    /// under constant load) and gives free pages back to the file system in
+    /// small incremental-vacuum steps, e.g. `30s`.
+    #[arg(long, env = "CAPSYNC_HOUSEKEEPING_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    pub housekeeping_interval: Duration,
+
+    /// Longest one housekeeping step (an incremental-vacuum step, or a checkpoint
+    /// waiting for readers) may hold up writers, e.g. `20ms`.
+    #[arg(long, env = "CAPSYNC_HOUSEKEEPING_BUDGET", value_parser = humantime::parse_duration,
+          default_value = "20ms")]
+    pub housekeeping_budget: Duration,
+}
+
+/// A duration setting that can be turned off: `30d`, `12h`, or `off`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DurationOrOff(pub Option<Duration>);
+
+impl DurationOrOff {
+    pub fn get(self) -> Option<Duration> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for DurationOrOff {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" | "never" | "" => Ok(Self(None)),
+            text => match humantime::parse_duration(text) {
+                Ok(d) if d.is_zero() => Err("use `off` rather than a zero duration".into()),
+                Ok(d) => Ok(Self(Some(d))),
+                Err(err) => Err(format!(
+                    "{text:?}: {err} (expected e.g. `30d`, `12h` or `off`)"
+                )),
+            },
+        }
+    }
 }
 
 /// `--http-listen`: an address, or `off`.
@@ -181,6 +267,13 @@ impl Default for Config {
                 DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
             ),
             interrupted_after: DEFAULT_INTERRUPTED_AFTER,
+            reclaim: true,
+            auto_archive_after: DurationOrOff(None),
+            child_retention: DurationOrOff(None),
+            ledger_retention: DurationOrOff(None),
+            lifecycle_interval: DEFAULT_LIFECYCLE_INTERVAL,
+            housekeeping_interval: DEFAULT_HOUSEKEEPING_INTERVAL,
+            housekeeping_budget: DEFAULT_HOUSEKEEPING_BUDGET,
         }
     }
 }

@@ -16,7 +16,7 @@ pub struct ServerError {
     pub code: ErrorCode,
     /// Safe to send: written for the caller, never copied from an internal error.
     pub message: String,
-    /// The share's cursor, for `cursorConflict`.
+    /// The share's cursor for `cursorConflict`; the compaction point for `snapshotRequired`.
     pub cursor: Cursor,
 }
 
@@ -84,6 +84,13 @@ impl From<LedgerError> for ServerError {
                 cursor,
             },
             LedgerError::InvalidArgument(why) => Self::invalid(why),
+            LedgerError::SnapshotRequired(point) => Self {
+                code: ErrorCode::SnapshotRequired,
+                message: format!(
+                    "ops up to cursor {point} were compacted; take a snapshot and follow from its cursor"
+                ),
+                cursor: point,
+            },
             LedgerError::Busy => Self::new(ErrorCode::Overloaded, "database busy; try again"),
             LedgerError::Closed => Self::shutting_down(),
             LedgerError::Storage(detail) => {

@@ -17,6 +17,8 @@
 //!   and gauges for `/metrics`.
 //! - [`follow`]: a share's ops from a cursor, then live as they commit (for
 //!   subscriptions and the HTTP gateway).
+//! - [`lifecycle`]: deleting, pruning, reclaiming and compacting in bounded
+//!   ledger steps, with progress; the scheduled maintenance.
 //! - [`config`]: every setting, as flags and environment variables; [`error`]:
 //!   what callers are told when something fails.
 
@@ -28,6 +30,7 @@ pub mod error;
 pub mod follow;
 pub mod http;
 pub mod ledger;
+pub mod lifecycle;
 pub mod metrics;
 pub mod presence;
 pub mod rate_limit;

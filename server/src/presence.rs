@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use capsync_shared::{Cursor, ShareId, now_millis};
+use capsync_shared::{ShareId, now_millis};
 use tokio::sync::watch;
 
-use crate::ledger::{Authority, Ledger, LedgerResult};
+use crate::ledger::ShareState;
 
 /// Live writer counts of every share, shared by the RPC side (which counts)
 /// and the HTTP gateway (which reads). Cheap to clone.
@@ -134,19 +134,11 @@ pub fn is_interrupted(gone_since: Option<i64>, interrupted_after_ms: i64, now: i
     gone_since.is_some_and(|gone| now.saturating_sub(gone) >= interrupted_after_ms)
 }
 
-/// When the share last changed (Unix ms): when its op at `cursor` was applied.
-pub async fn last_change(
-    ledger: &Ledger,
-    who: &Authority,
-    cursor: Cursor,
-) -> LedgerResult<Option<i64>> {
-    if cursor.0 == 0 {
-        return Ok(None);
-    }
-    let page = ledger
-        .ops_since(who.clone(), Cursor(cursor.0 - 1), 1)
-        .await?;
-    Ok(page.ops.first().map(|op| op.applied_at))
+/// When the share last changed (Unix ms): when its last op was applied, `None`
+/// before the first. From the share's state rather than its last op, whose
+/// payload ledger compaction may have dropped.
+pub fn last_change(state: &ShareState) -> Option<i64> {
+    (state.cursor.0 > 0).then_some(state.updated_at)
 }
 
 /// One connected writer; dropping it disconnects it.

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::data_dir::DataDirLock;
 use crate::http::{AppState, HttpGateway};
 use crate::ledger::{self, Ledger, SqliteOptions};
+use crate::lifecycle::{self, Schedule};
 use crate::rpc::{Context, GatewayImpl};
 use crate::{StartError, admin_token};
 
@@ -35,6 +36,7 @@ pub fn open_ledger(config: &Config) -> Result<Ledger, StartError> {
         durability: config.durability.into(),
         read_connections: config.read_connections.max(1),
         max_group_commit: config.max_group_commit.max(1),
+        reclaim_compacted: config.reclaim,
     })
     .map_err(StartError::Ledger)
 }
@@ -144,6 +146,14 @@ impl Prepared {
                 }
             })
         });
+        // Also a plain task: the ledger handle is `Send`, and maintenance must not
+        // compete with RPC objects for the LocalSet's thread.
+        let maintenance_stop = CancellationToken::new();
+        let maintenance = tokio::spawn(lifecycle::scheduler::run(
+            ledger.clone(),
+            Schedule::from_config(&config),
+            maintenance_stop.clone(),
+        ));
         let connections = Connections::default();
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let mut reader_options = capnp::message::ReaderOptions::new();
@@ -209,6 +219,13 @@ impl Prepared {
             warn!(timeout = ?config.drain_timeout, "batches still in flight after the drain timeout");
         }
         connections.disconnect_all().await;
+        maintenance_stop.cancel();
+        if tokio::time::timeout(DISCONNECT_TIMEOUT, maintenance)
+            .await
+            .is_err()
+        {
+            warn!("maintenance did not stop in time");
+        }
         ledger.close().await;
         info!("shutdown complete");
         Ok(())

@@ -15,6 +15,7 @@ pub enum ErrorCode {
     CursorConflict,
     RateLimited,
     Overloaded,
+    SnapshotRequired,
 }
 
 impl ErrorCode {
@@ -29,6 +30,7 @@ impl ErrorCode {
             Self::CursorConflict => "cursorConflict",
             Self::RateLimited => "rateLimited",
             Self::Overloaded => "overloaded",
+            Self::SnapshotRequired => "snapshotRequired",
         }
     }
 
@@ -56,6 +58,7 @@ impl From<WireCode> for ErrorCode {
             WireCode::CursorConflict => Self::CursorConflict,
             WireCode::RateLimited => Self::RateLimited,
             WireCode::Overloaded => Self::Overloaded,
+            WireCode::SnapshotRequired => Self::SnapshotRequired,
         }
     }
 }
@@ -72,6 +75,7 @@ impl From<ErrorCode> for WireCode {
             ErrorCode::CursorConflict => Self::CursorConflict,
             ErrorCode::RateLimited => Self::RateLimited,
             ErrorCode::Overloaded => Self::Overloaded,
+            ErrorCode::SnapshotRequired => Self::SnapshotRequired,
         }
     }
 }

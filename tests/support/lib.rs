@@ -151,16 +151,93 @@ pub async fn agent(conn: &Connection, admin: &AdminClient) -> (AgentClient, Stri
 
 /// Creates a share for session `session_id`.
 pub async fn share(agent: &AgentClient, session_id: &str) -> CreatedShare {
+    child_share(agent, session_id, "prj_test", None).await
+}
+
+/// Creates a share for session `session_id` in `project_id`, the child of
+/// `parent_session_id` when given (a sub-agent's session).
+pub async fn child_share(
+    agent: &AgentClient,
+    session_id: &str,
+    project_id: &str,
+    parent_session_id: Option<&str>,
+) -> CreatedShare {
     agent
         .create_share(NewShare {
             session_id: session_id.to_owned(),
-            project_id: "prj_test".into(),
-            parent_session_id: None,
+            project_id: project_id.to_owned(),
+            parent_session_id: parent_session_id.map(str::to_owned),
             title: format!("test session {session_id}"),
             viewer_expires_at: None,
         })
         .await
         .expect("create share")
+}
+
+/// Makes a share look `age` old: its last change, and when each of its ops was
+/// applied, move back by `age`. Tests cannot wait 30 days, so they write the
+/// server's database directly (WAL lets a second connection write beside the
+/// running server, which re-reads these columns on every call).
+pub fn backdate(server: &TestServer, share_id: &str, age: std::time::Duration) {
+    let conn = rusqlite::Connection::open(server.database_path()).expect("open database");
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .expect("busy timeout");
+    let ms = i64::try_from(age.as_millis()).expect("age in ms");
+    let changed = conn
+        .execute(
+            "UPDATE shares SET updated_at = updated_at - ?2, created_at = created_at - ?2
+             WHERE id = ?1",
+            rusqlite::params![share_id, ms],
+        )
+        .expect("backdate share");
+    assert_eq!(changed, 1, "share {share_id} not in the database");
+    conn.execute(
+        "UPDATE ops SET applied_at = applied_at - ?2 WHERE share_id = ?1",
+        rusqlite::params![share_id, ms],
+    )
+    .expect("backdate ops");
+}
+
+/// Rows of `table` whose `share_id` is `share_id`, read from the database file.
+pub fn rows_of_share(server: &TestServer, table: &str, share_id: &str) -> i64 {
+    let conn = rusqlite::Connection::open(server.database_path()).expect("open database");
+    let column = if table == "shares" { "id" } else { "share_id" };
+    conn.query_row(
+        &format!("SELECT count(*) FROM {table} WHERE {column} = ?1"),
+        [share_id],
+        |r| r.get(0),
+    )
+    .expect("count rows")
+}
+
+/// `PRAGMA integrity_check` and `PRAGMA foreign_key_check` of the server's
+/// database: "ok" and no violations, or the problems found.
+pub fn database_check(server: &TestServer) -> Result<(), String> {
+    let conn = rusqlite::Connection::open(server.database_path()).expect("open database");
+    let integrity: Vec<String> = conn
+        .prepare("PRAGMA integrity_check")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("integrity_check");
+    if integrity != ["ok"] {
+        return Err(format!("integrity_check: {integrity:?}"));
+    }
+    let violations: Vec<String> = conn
+        .prepare("PRAGMA foreign_key_check")
+        .and_then(|mut s| {
+            s.query_map([], |r| {
+                Ok(format!(
+                    "{}:{:?}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?
+                ))
+            })?
+            .collect()
+        })
+        .expect("foreign_key_check");
+    if !violations.is_empty() {
+        return Err(format!("foreign_key_check: {violations:?}"));
+    }
+    Ok(())
 }
 
 /// Ops that build a small session: the session, one message, and `parts` text parts.

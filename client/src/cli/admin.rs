@@ -1,8 +1,11 @@
 //! `capsync admin ...`: the operator's commands (admin token).
 
+use std::time::Duration;
+
 use capsync_shared::TokenKind;
 use clap::Subcommand;
 
+use super::lifecycle::{self, PruneArgs, parse_age};
 use super::output::Output;
 use super::{Global, ScopeArg, finish};
 use crate::admin::AdminClient;
@@ -89,6 +92,62 @@ pub enum AdminCommand {
         /// The share's id
         share_id: String,
     },
+
+    /// Delete root shares with no change for longer than --older-than (default 30d)
+    ///
+    /// A root is a share whose parent session is held by no share on this server. Each
+    /// pruned share goes with its records, ledger and tokens; its links stop working
+    /// (notFound). Child sessions of a pruned share are kept, and listed, unless
+    /// --children is given. Start with --dry-run: it lists exactly what would be
+    /// deleted, and the real run right after deletes exactly that, except shares that
+    /// changed in between (listed as skipped).
+    ///   capsync admin prune --dry-run
+    ///   capsync admin prune --older-than 90d --archived-only
+    ///   capsync admin prune --older-than 12h --children --vacuum
+    ///   capsync admin prune --dry-run --json
+    #[command(verbatim_doc_comment)]
+    Prune(PruneArgs),
+
+    /// Rewrite the database file without its free pages, so it shrinks
+    ///
+    /// Checkpoints the write-ahead log, then runs VACUUM. Every write waits while it
+    /// runs; when the database is busy it fails with "database busy; try again".
+    /// The server gives free pages back on its own too, in small steps; this is for
+    /// after a large prune.
+    ///   capsync admin vacuum
+    #[command(verbatim_doc_comment)]
+    Vacuum,
+
+    /// Clear the output of tool calls already marked compacted, stored before --reclaim was on
+    ///
+    /// Only the output and attachments of tool parts whose state has a compacted time
+    /// are cleared; nothing else is touched. The server does this as parts arrive
+    /// (its --reclaim setting, on by default); this pass is for older ones.
+    ///   capsync admin reclaim --dry-run
+    ///   capsync admin reclaim
+    #[command(verbatim_doc_comment)]
+    Reclaim {
+        /// Count what would be cleared, and clear nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// Drop the payload of ledger ops applied longer ago than --older-than
+    ///
+    /// The ops keep their ids, so retries are still deduplicated. Viewers asking for
+    /// older ops (`capsync ops`, `follow --after`) are told to take a snapshot;
+    /// `capsync follow` does so by itself. Snapshots are not affected.
+    ///   capsync admin compact --older-than 30d --dry-run
+    ///   capsync admin compact --older-than 30d
+    #[command(verbatim_doc_comment)]
+    Compact {
+        /// Compact ops applied longer ago than this: 30d, 12h, 90m, 1w
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: Duration,
+        /// Count what would be dropped, and drop nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Paging flags of the list commands.
@@ -169,13 +228,20 @@ async fn run_with(
                 format!("deleted share {share_id}")
             });
         }
+        AdminCommand::Prune(args) => lifecycle::prune(admin, out, args).await?,
+        AdminCommand::Vacuum => lifecycle::vacuum(admin, out).await?,
+        AdminCommand::Reclaim { dry_run } => lifecycle::reclaim(admin, out, *dry_run).await?,
+        AdminCommand::Compact {
+            older_than,
+            dry_run,
+        } => lifecycle::compact(admin, out, *older_than, *dry_run).await?,
     }
     Ok(())
 }
 
 /// The stats as a two-column table, for people.
 pub fn stats_text(s: &Stats) -> String {
-    let rows: [(&str, String); 13] = [
+    let rows: [(&str, String); 15] = [
         ("database file", bytes(s.db_file_bytes)),
         ("wal file", bytes(s.wal_file_bytes)),
         ("page size", bytes(s.page_size)),
@@ -189,15 +255,17 @@ pub fn stats_text(s: &Stats) -> String {
         ("parts", s.parts.to_string()),
         ("ledger ops", s.ledger_ops.to_string()),
         ("ledger payload", bytes(s.ledger_payload_bytes)),
+        ("compacted ops", s.compacted_ops.to_string()),
+        ("reclaimable output", bytes(s.reclaimable_output_bytes)),
     ];
     rows.iter()
-        .map(|(name, value)| format!("{name:<16} {value}"))
+        .map(|(name, value)| format!("{name:<18} {value}"))
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 /// Exact bytes, with a binary-unit approximation once that is easier to read.
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if n < 1024 {
         return format!("{n} B");
@@ -233,4 +301,28 @@ where
         list.next_after = page.next_after;
     }
     Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_show_compaction_and_reclaimable_output() {
+        let stats = Stats {
+            ledger_ops: 100,
+            compacted_ops: 40,
+            reclaimable_output_bytes: 3 << 20,
+            ..Stats::default()
+        };
+        let text = stats_text(&stats);
+        assert!(text.contains("\ncompacted ops      40\n"), "{text}");
+        assert!(
+            text.ends_with("\nreclaimable output 3145728 B (3.0 MiB)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&stats).unwrap();
+        assert_eq!(json["compactedOps"], 40);
+        assert_eq!(json["reclaimableOutputBytes"], 3 << 20);
+    }
 }

@@ -2,19 +2,18 @@
 //! commits), reconnecting and resuming after a dropped connection without printing
 //! anything twice or skipping anything.
 
-use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use capsync_shared::{ErrorCode, TokenKind};
 use serde_json::Value;
 
+use super::live_text::LiveText;
 use super::output::Output;
-use super::render::{self, QUIET_PARTS, str_at};
+use super::render;
 use super::{Global, finish};
 use crate::connection::{Connection, connect};
-use crate::document::SessionDocument;
 use crate::error::ClientError;
+use crate::resume::Rebased;
 use crate::subscribe::{EndReason, LiveEvent};
 use crate::syncer::backoff::Backoff;
 use crate::viewer::{LoggedOp, ViewerClient};
@@ -29,13 +28,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// agent makes it: new messages, tool calls as their status changes, and text as it
 /// streams in. When the connection drops, the server restarts or this viewer falls
 /// behind, it reconnects (backing off up to 5s) and continues right after the last op it
-/// printed: nothing is printed twice or skipped. A revoked link or a deleted share ends it
-/// with exit code 1.
+/// printed: nothing is printed twice or skipped. When the ops it needs next were compacted
+/// on the server (`capsync admin compact`), it says so on stderr, takes a new snapshot and
+/// continues from it, printing only what changed in between. A revoked link or a deleted
+/// share ends it with exit code 1.
 ///
 /// With --json: JSON Lines. The first line is the snapshot document (as `capsync snapshot
 /// --json` prints it), then one line per op: {"cursor", "opId", "kind", "payload",
 /// "appliedAt"}. With --after there is no snapshot line, and the output is an ops file
-/// that `capsync push` accepts (into another share, say).
+/// that `capsync push` accepts (into another share, say). After compacted ops, the new
+/// snapshot document is a line of its own (it has no "opId"), and ops continue after it.
 ///
 /// Examples:
 ///   CAPSYNC_TOKEN=$VIEWER capsync follow
@@ -79,6 +81,7 @@ pub async fn run(global: &Global, out: &Output, args: &FollowArgs) -> Result<u8,
                 return Ok(super::EXIT_ERROR);
             }
             Stop::Lagged => LAGGED.to_owned(),
+            Stop::SnapshotRequired => COMPACTED.to_owned(),
             Stop::Retry(why) => why,
         };
         let delay = follow.backoff.next_delay();
@@ -93,6 +96,9 @@ pub async fn run(global: &Global, out: &Output, args: &FollowArgs) -> Result<u8,
 /// What is said when the server drops this viewer for falling behind.
 const LAGGED: &str = "this viewer fell behind the share";
 
+/// What is said when a subscription ends because the ops it would send next were compacted.
+const COMPACTED: &str = "the ops to follow were compacted";
+
 /// Why one connection's work ended.
 #[derive(Debug)]
 enum Stop {
@@ -103,6 +109,9 @@ enum Stop {
     /// The server dropped this viewer for falling behind: the connection is fine, so
     /// subscribe again on it (after a pause, in case this machine is the slow part).
     Lagged,
+    /// The subscription reached ops that were compacted: subscribe again on the same
+    /// connection, which takes a new snapshot.
+    SnapshotRequired,
     /// Back off, reconnect and continue from the cursor.
     Retry(String),
 }
@@ -110,9 +119,14 @@ enum Stop {
 impl From<ClientError> for Stop {
     fn from(error: ClientError) -> Self {
         let retry = match &error {
+            // `snapshotRequired` gets here only when compaction overtook every new
+            // snapshot: starting over later can still succeed.
             ClientError::Remote { code, .. } => matches!(
                 code,
-                ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal
+                ErrorCode::Overloaded
+                    | ErrorCode::RateLimited
+                    | ErrorCode::Internal
+                    | ErrorCode::SnapshotRequired
             ),
             ClientError::Rpc(e) => e.kind != capnp::ErrorKind::Unimplemented,
             ClientError::Connect { .. }
@@ -168,7 +182,21 @@ impl Follow<'_> {
         }
         self.backoff.reset();
         loop {
+            let before = self.cursor;
             match self.subscription(&viewer).await {
+                // Subscribing again takes the new snapshot; only a subscription that
+                // got nowhere waits first, so a server that keeps ending this way is
+                // not asked again and again at once.
+                Stop::SnapshotRequired if self.cursor != before => {}
+                Stop::SnapshotRequired => {
+                    let delay = self.backoff.next_delay();
+                    self.end_line_quietly();
+                    self.out.note(format!(
+                        "{COMPACTED}; resubscribing in {:.1}s",
+                        delay.as_secs_f64()
+                    ));
+                    tokio::time::sleep(delay).await;
+                }
                 Stop::Lagged => {
                     let delay = self.backoff.next_delay();
                     self.end_line_quietly();
@@ -200,13 +228,23 @@ impl Follow<'_> {
         Ok(snapshot.cursor)
     }
 
-    /// One subscription from the cursor, until it ends.
+    /// One subscription from the cursor (or from a new snapshot, when the ops after
+    /// the cursor were compacted), until it ends.
     async fn subscription(&mut self, viewer: &ViewerClient) -> Stop {
         let from = self.cursor.unwrap_or(0);
-        let mut live = match viewer.subscribe(from).await {
-            Ok(live) => live,
+        let resumed = match viewer.resume(from).await {
+            Ok(resumed) => resumed,
             Err(error) => return error.into(),
         };
+        let mut live = resumed.live;
+        if let Some(rebased) = resumed.rebased {
+            if let Err(stop) = self.rebase(rebased) {
+                return stop;
+            }
+            if self.until.is_some_and(|until| live.cursor() >= until) {
+                return Stop::Done;
+            }
+        }
         while let Some(event) = live.next().await {
             match event {
                 LiveEvent::Ops(ops) => {
@@ -232,6 +270,7 @@ impl Follow<'_> {
                             message: ended.message,
                             cursor: 0,
                         }),
+                        EndReason::SnapshotRequired => Stop::SnapshotRequired,
                         EndReason::Shutdown => Stop::Retry("the server is shutting down".into()),
                         EndReason::Disconnected => {
                             Stop::Retry("disconnected from the server".into())
@@ -241,6 +280,23 @@ impl Follow<'_> {
             }
         }
         Stop::Retry("the subscription ended".into())
+    }
+
+    /// Continues from a new snapshot after the ops before it were compacted: says so,
+    /// then prints what changed since the last op printed (with `--json`, the new
+    /// snapshot document as a line of its own).
+    fn rebase(&mut self, rebased: Rebased) -> Result<(), Stop> {
+        self.end_line().map_err(Stop::Fatal)?;
+        self.out.note(compacted_note(rebased.compacted_up_to));
+        let cursor = rebased.snapshot.cursor;
+        let document = rebased.snapshot.to_document();
+        let text = match &mut self.text {
+            Some(live) => live.rebase(document),
+            None => json_line(&document),
+        };
+        self.print(&text)?;
+        self.cursor = Some(cursor);
+        Ok(())
     }
 
     /// Prints one op unless it was printed before; `Ok(true)` once `--until` is reached.
@@ -288,6 +344,11 @@ impl Follow<'_> {
     }
 }
 
+/// The note on stderr when following continues from a new snapshot.
+fn compacted_note(compacted_up_to: u64) -> String {
+    format!("ops up to cursor {compacted_up_to} were compacted; continuing from a new snapshot")
+}
+
 fn json_line<T: serde::Serialize>(value: &T) -> String {
     let mut line = serde_json::to_string(value).unwrap_or_else(|e| {
         serde_json::json!({"error": {"code": "internal", "message": e.to_string()}}).to_string()
@@ -309,332 +370,11 @@ fn op_json(op: &LoggedOp) -> Value {
     })
 }
 
-/// Turns ops into text for people as they arrive, printing each change once: a new
-/// message's header, a tool call when its status changes, text as it grows (deltas and
-/// growing upserts continue the same line).
-#[derive(Debug, Default)]
-struct LiveText {
-    /// The session as of the last op, to know what a part is and which message it is in.
-    doc: SessionDocument,
-    /// The text part whose line is open (printed up to here, no newline yet).
-    open: Option<String>,
-    /// The message whose header was printed last: a part of another one gets its header.
-    current_message: Option<String>,
-    /// Text printed so far for each text or reasoning part.
-    printed: HashMap<String, String>,
-    /// What was printed for other parts: a tool call's status, or the type.
-    shown: HashMap<String, String>,
-    /// Messages with a header printed, and those whose error was printed.
-    messages: HashSet<String>,
-    errors: HashSet<String>,
-    models: HashSet<String>,
-    title: String,
-}
-
-impl LiveText {
-    /// After printing this snapshot: everything in it counts as printed.
-    fn from_snapshot(doc: SessionDocument) -> Self {
-        let mut live = Self {
-            title: doc.title().to_owned(),
-            ..Self::default()
-        };
-        live.models = doc
-            .models
-            .iter()
-            .map(|m| crate::document::record_id(m).to_owned())
-            .collect();
-        for message in &doc.messages {
-            let id = message.id().to_owned();
-            if message.info.get("error").is_some_and(|e| !e.is_null()) {
-                live.errors.insert(id.clone());
-            }
-            live.messages.insert(id.clone());
-            live.current_message = Some(id);
-            for part in &message.parts {
-                live.remember_part(part);
-            }
-        }
-        live.doc = doc;
-        live
-    }
-
-    fn remember_part(&mut self, part: &Value) {
-        let id = crate::document::record_id(part).to_owned();
-        match str_at(part, "/type").unwrap_or("") {
-            "text" | "reasoning" => {
-                let text = str_at(part, "/text").unwrap_or("").to_owned();
-                self.printed.insert(id, text);
-            }
-            "tool" => {
-                let status = str_at(part, "/state/status").unwrap_or("").to_owned();
-                self.shown.insert(id, status);
-            }
-            other => {
-                self.shown.insert(id, other.to_owned());
-            }
-        }
-    }
-
-    /// The text for one op (possibly empty, possibly ending mid-line).
-    fn op(&mut self, op: &LoggedOp) -> String {
-        let mut out = String::new();
-        let payload: Value = serde_json::from_str(&op.payload).unwrap_or(Value::Null);
-        self.doc.apply(op);
-        use capsync_shared::ops::OpKind;
-        match op.kind {
-            OpKind::SessionUpsert => {
-                let title = str_at(&payload, "/title").unwrap_or("");
-                if title != self.title {
-                    self.title = title.to_owned();
-                    self.close(&mut out);
-                    let _ = writeln!(out, "── session · {title}");
-                }
-            }
-            OpKind::ModelUpsert => {
-                let id = str_at(&payload, "/id").unwrap_or("?");
-                if self.models.insert(id.to_owned()) {
-                    self.close(&mut out);
-                    let _ = writeln!(out, "model: {id}");
-                }
-            }
-            OpKind::DiffSet => {
-                self.close(&mut out);
-                let diffs = match &self.doc.diffs {
-                    Some(Value::Array(diffs)) => diffs.as_slice(),
-                    _ => &[],
-                };
-                let files: Vec<String> = diffs.iter().map(render::diff_text).collect();
-                let _ = writeln!(
-                    out,
-                    "diffs: {} file{}{}",
-                    files.len(),
-                    if files.len() == 1 { "" } else { "s" },
-                    if files.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", files.join(", "))
-                    }
-                );
-            }
-            OpKind::MessageUpsert => {
-                let id = str_at(&payload, "/id").unwrap_or("").to_owned();
-                if !self.messages.contains(&id) {
-                    self.header(&id, &mut out);
-                }
-                if payload.get("error").is_some_and(|e| !e.is_null())
-                    && self.errors.insert(id.clone())
-                {
-                    self.header(&id, &mut out);
-                    render::message_error(&mut out, &payload);
-                }
-            }
-            OpKind::MessageRemove => {
-                let id = str_at(&payload, "/id")
-                    .or_else(|| str_at(&payload, "/messageID"))
-                    .unwrap_or("?");
-                self.close(&mut out);
-                let _ = writeln!(out, "  [message {id} removed]");
-            }
-            OpKind::PartUpsert => self.part(&payload, &mut out),
-            OpKind::PartRemove => {
-                let id = str_at(&payload, "/partID")
-                    .or_else(|| str_at(&payload, "/id"))
-                    .unwrap_or("?");
-                self.close(&mut out);
-                let _ = writeln!(out, "  [part {id} removed]");
-            }
-            OpKind::PartDelta => {
-                let field = str_at(&payload, "/field").unwrap_or("text");
-                let id = str_at(&payload, "/partID").or_else(|| str_at(&payload, "/id"));
-                if let (Some(id), Some(delta), "text") = (id, str_at(&payload, "/delta"), field) {
-                    let part = self.find_part(id);
-                    let message = part.as_ref().map_or("", |p| part_message(p)).to_owned();
-                    let prefix = prefix(part.as_ref());
-                    self.stream(id, &message, prefix, delta, &mut out);
-                }
-            }
-        }
-        out
-    }
-
-    fn part(&mut self, part: &Value, out: &mut String) {
-        let id = crate::document::record_id(part).to_owned();
-        let message = part_message(part).to_owned();
-        match str_at(part, "/type").unwrap_or("") {
-            "text" | "reasoning" => {
-                let text = str_at(part, "/text").unwrap_or("");
-                let printed = self.printed.get(&id).map_or("", String::as_str);
-                match text.strip_prefix(printed) {
-                    // Grew: print what is new, continuing the line.
-                    Some(rest) => {
-                        let rest = rest.to_owned();
-                        self.stream(&id, &message, prefix(Some(part)), &rest, out);
-                    }
-                    // Rewritten: print it again, whole.
-                    None => {
-                        self.close(out);
-                        self.printed.remove(&id);
-                        self.stream(&id, &message, prefix(Some(part)), text, out);
-                    }
-                }
-            }
-            quiet if QUIET_PARTS.contains(&quiet) => {}
-            kind => {
-                let shown = match kind {
-                    "tool" => str_at(part, "/state/status").unwrap_or(""),
-                    other => other,
-                };
-                if self.shown.get(&id).map(String::as_str) != Some(shown) {
-                    self.shown.insert(id, shown.to_owned());
-                    self.header(&message, out);
-                    render::part_text(out, part);
-                }
-            }
-        }
-    }
-
-    /// Appends `chunk` of a text part: on its open line, or on a new one.
-    fn stream(&mut self, id: &str, message: &str, prefix: &str, chunk: &str, out: &mut String) {
-        if chunk.is_empty() {
-            return;
-        }
-        if self.open.as_deref() != Some(id) {
-            self.header(message, out);
-            out.push_str("  ");
-            out.push_str(prefix);
-            self.open = Some(id.to_owned());
-        }
-        out.push_str(&chunk.replace('\n', "\n  "));
-        self.printed
-            .entry(id.to_owned())
-            .or_default()
-            .push_str(chunk);
-    }
-
-    /// Ends an open line, and prints the message's header unless it was the last one.
-    fn header(&mut self, message: &str, out: &mut String) {
-        self.close(out);
-        if message.is_empty() || self.current_message.as_deref() == Some(message) {
-            return;
-        }
-        out.push('\n');
-        match self.doc.messages.iter().find(|m| m.id() == message) {
-            Some(doc) => render::message_header(out, &doc.info),
-            None => {
-                let _ = writeln!(out, "── message · {message}");
-            }
-        }
-        self.messages.insert(message.to_owned());
-        self.current_message = Some(message.to_owned());
-    }
-
-    /// Ends the open line, if any.
-    fn close(&mut self, out: &mut String) {
-        if self.open.take().is_some() {
-            out.push('\n');
-        }
-    }
-
-    fn find_part(&self, id: &str) -> Option<Value> {
-        self.doc
-            .messages
-            .iter()
-            .flat_map(|m| &m.parts)
-            .find(|p| crate::document::record_id(p) == id)
-            .cloned()
-    }
-}
-
-fn part_message(part: &Value) -> &str {
-    str_at(part, "/messageID").unwrap_or("")
-}
-
-/// What starts a part's text line.
-fn prefix(part: Option<&Value>) -> &'static str {
-    match part.and_then(|p| str_at(p, "/type")) {
-        Some("reasoning") => "[reasoning] ",
-        _ => "",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use capsync_shared::ops::OpKind;
     use serde_json::json;
-
-    struct Log {
-        live: LiveText,
-        cursor: u64,
-        text: String,
-    }
-
-    impl Log {
-        fn new() -> Self {
-            Self {
-                live: LiveText::default(),
-                cursor: 0,
-                text: String::new(),
-            }
-        }
-
-        fn op(&mut self, kind: OpKind, payload: Value) -> &mut Self {
-            self.cursor += 1;
-            let op = LoggedOp {
-                cursor: self.cursor,
-                op_id: format!("op{}", self.cursor),
-                kind,
-                payload: payload.to_string(),
-                applied_at: 0,
-            };
-            let text = self.live.op(&op);
-            self.text.push_str(&text);
-            self
-        }
-    }
-
-    #[test]
-    fn streamed_text_continues_its_line_and_is_printed_once() {
-        let mut log = Log::new();
-        log.op(
-            OpKind::MessageUpsert,
-            json!({"id": "m1", "role": "assistant", "modelID": "mod"}),
-        )
-        .op(
-            OpKind::PartUpsert,
-            json!({"id": "t", "messageID": "m1", "type": "text", "text": ""}),
-        )
-        .op(OpKind::PartDelta, json!({"partID": "t", "delta": "Hello"}))
-        .op(OpKind::PartDelta, json!({"partID": "t", "delta": ", wor"}))
-        // The agent's final upsert repeats the whole text: only the new end is printed.
-        .op(
-            OpKind::PartUpsert,
-            json!({"id": "t", "messageID": "m1", "type": "text", "text": "Hello, world\nbye"}),
-        )
-        .op(
-            OpKind::PartUpsert,
-            json!({"id": "c", "messageID": "m1", "type": "tool", "tool": "bash", "state": {"status": "running"}}),
-        )
-        .op(
-            OpKind::PartUpsert,
-            json!({"id": "c", "messageID": "m1", "type": "tool", "tool": "bash", "state": {"status": "running"}}),
-        )
-        .op(
-            OpKind::PartUpsert,
-            json!({"id": "c", "messageID": "m1", "type": "tool", "tool": "bash", "state": {"status": "completed", "title": "ls"}}),
-        )
-        .op(
-            OpKind::PartUpsert,
-            json!({"id": "r", "messageID": "m1", "type": "reasoning", "text": "hmm"}),
-        );
-        let mut end = String::new();
-        log.live.close(&mut end);
-        log.text.push_str(&end);
-        assert_eq!(
-            log.text,
-            "\n── assistant · m1 · mod\n  Hello, world\n  bye\n  [tool bash: running]\n  [tool bash: completed] ls\n  [reasoning] hmm\n"
-        );
-    }
 
     #[test]
     fn json_op_lines_are_an_ops_file() {
@@ -654,32 +394,5 @@ mod tests {
         assert_eq!(ops.len(), 2);
         assert_eq!(ops[0].op_id, "o7");
         assert_eq!(ops[0].kind, OpKind::PartDelta);
-    }
-
-    #[test]
-    fn a_snapshot_counts_as_printed() {
-        let doc = SessionDocument {
-            cursor: 3,
-            messages: vec![crate::document::MessageDocument {
-                info: json!({"id": "m1", "role": "user"}),
-                parts: vec![json!({"id": "t", "messageID": "m1", "type": "text", "text": "hi"})],
-            }],
-            ..SessionDocument::default()
-        };
-        let mut log = Log::new();
-        log.live = LiveText::from_snapshot(doc);
-        log.cursor = 3;
-        log.op(
-            OpKind::PartUpsert,
-            json!({"id": "t", "messageID": "m1", "type": "text", "text": "hi there"}),
-        )
-        .op(
-            OpKind::MessageUpsert,
-            json!({"id": "m2", "role": "assistant", "error": {"name": "Aborted"}}),
-        );
-        assert_eq!(
-            log.text,
-            "   there\n\n── assistant · m2\n  [error] Aborted\n"
-        );
     }
 }

@@ -7,6 +7,9 @@
 mod admin;
 mod follow;
 mod inspect;
+mod lifecycle;
+mod lifecycle_report;
+mod live_text;
 mod mint;
 mod outbox_cmd;
 mod output;
@@ -47,7 +50,8 @@ Share AI coding-agent sessions through a capsync server.
 
 Every command talks to one server (--server, or CAPSYNC_SERVER) and acts with one token
 (--token, CAPSYNC_TOKEN, or --token-file). What a token may do depends on its kind:
-  admin   mint agent tokens; revoke, list and delete any share
+  admin   mint agent tokens; revoke, list, archive and delete any share; prune,
+          vacuum, reclaim and compact storage
   agent   create shares; list and revoke the shares it created, mint new tokens for them
   writer  push ops into one share; mint viewer links; read it
   viewer  read one share (snapshot, state, ops)
@@ -79,6 +83,11 @@ Examples:
   capsync share revoke $SHARE_ID
   WRITER_TOKEN=$(capsync share mint-writer $SHARE_ID)
   VIEWER_TOKEN=$(capsync share mint-viewer $SHARE_ID --expires 7d)
+
+  # an operator clears out sessions nobody touched for 90 days, looking first
+  export CAPSYNC_TOKEN=$ADMIN_TOKEN
+  capsync admin prune --older-than 90d --children --dry-run
+  capsync admin prune --older-than 90d --children --vacuum
 
 Exit codes: 0 success, 1 error, 2 bad usage, 3 push (or sync --once) had ops rejected.";
 
@@ -134,7 +143,7 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Operator commands: mint agent tokens, revoke, list and delete shares (admin token)
+    /// Operator commands: mint agent tokens; revoke, list, archive, delete and prune shares; storage (admin token)
     #[command(subcommand)]
     Admin(admin::AdminCommand),
 
@@ -436,6 +445,84 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["capsync", "share", "mint-writer"]).is_err());
+    }
+
+    #[test]
+    fn prune_defaults_to_thirty_days_and_takes_its_flags() {
+        let cli = Cli::try_parse_from(["capsync", "admin", "prune"]).unwrap();
+        match cli.command {
+            Command::Admin(admin::AdminCommand::Prune(args)) => {
+                assert_eq!(args.older_than, crate::types::DEFAULT_PRUNE_AGE);
+                assert!(!args.children && !args.archived_only && !args.dry_run && !args.vacuum);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "capsync",
+            "admin",
+            "prune",
+            "--older-than",
+            "12h",
+            "--children",
+            "--archived-only",
+            "--dry-run",
+            "--vacuum",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Admin(admin::AdminCommand::Prune(args)) => {
+                assert_eq!(args.older_than, std::time::Duration::from_secs(12 * 3600));
+                assert!(args.children && args.archived_only && args.dry_run && args.vacuum);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_age_is_refused_with_examples() {
+        for bad in ["soon", "30", "0d"] {
+            let err = Cli::try_parse_from(["capsync", "admin", "prune", "--older-than", bad])
+                .unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let text = err.render().to_string();
+            assert!(text.contains("--older-than <AGE>"), "{text}");
+            assert!(text.contains("like 30d, 12h or 90m"), "{text}");
+        }
+    }
+
+    #[test]
+    fn compact_needs_an_age_and_reclaim_takes_dry_run() {
+        assert!(Cli::try_parse_from(["capsync", "admin", "compact"]).is_err());
+        let cli = Cli::try_parse_from([
+            "capsync",
+            "admin",
+            "compact",
+            "--older-than",
+            "30d",
+            "--dry-run",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Admin(admin::AdminCommand::Compact {
+                older_than,
+                dry_run,
+            }) => {
+                assert_eq!(older_than, crate::types::DEFAULT_PRUNE_AGE);
+                assert!(dry_run);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["capsync", "admin", "reclaim", "--dry-run"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Admin(admin::AdminCommand::Reclaim { dry_run: true })
+        ));
+        let cli = Cli::try_parse_from(["capsync", "admin", "vacuum", "--json"]).unwrap();
+        assert!(cli.global.json);
+        assert!(matches!(
+            cli.command,
+            Command::Admin(admin::AdminCommand::Vacuum)
+        ));
     }
 
     #[test]

@@ -136,8 +136,11 @@ pub fn error_json(error: &ClientError) -> serde_json::Value {
         "code": error.code_str(),
         "message": error.to_string(),
     });
+    // The cursor is part of the answer for these two: the current cursor to retry
+    // at, or the compaction point to take a snapshot past.
     if let ClientError::Remote {
-        code: capsync_shared::ErrorCode::CursorConflict,
+        code:
+            capsync_shared::ErrorCode::CursorConflict | capsync_shared::ErrorCode::SnapshotRequired,
         cursor,
         ..
     } = error
@@ -175,6 +178,19 @@ mod tests {
             cursor: 4,
         };
         assert_eq!(error_json(&e)["error"]["cursor"], 4);
+        let e = ClientError::Remote {
+            code: ErrorCode::SnapshotRequired,
+            message: "ops were compacted".into(),
+            cursor: 9,
+        };
+        assert_eq!(
+            error_json(&e),
+            serde_json::json!({"error": {
+                "code": "snapshotRequired",
+                "message": "snapshot required: ops were compacted (compaction point 9)",
+                "cursor": 9
+            }})
+        );
         let e = ClientError::invalid("line 3: bad");
         assert_eq!(error_json(&e)["error"]["code"], "invalidInput");
     }

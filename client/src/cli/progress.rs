@@ -1,5 +1,6 @@
-//! Live progress on stderr (an indicatif bar) for long pushes and `capsync sync`, drawn only
-//! when stderr is a terminal: scripts, pipes, `--json` and captured runs see none of it.
+//! Live progress on stderr (an indicatif bar) for long pushes, `capsync sync` and the
+//! long admin commands (prune, reclaim, compact), drawn only when stderr is a
+//! terminal: scripts, pipes, `--json` and captured runs see none of it.
 
 use std::cell::OnceCell;
 use std::time::Duration;
@@ -17,16 +18,20 @@ pub struct Progress {
     /// The bar's label; `None` when output is not a terminal: every method is then a
     /// no-op.
     prefix: Option<String>,
+    /// What the bar counts ("ops", "shares", "parts"), shown after the numbers.
+    unit: &'static str,
     /// Drawn from the first [`Progress::update`] on, so no empty bar shows before the
     /// total is known.
     bar: OnceCell<ProgressBar>,
 }
 
 impl Progress {
-    /// A bar counting ops, labelled `prefix`; drawn only when [`Output::shows_progress`].
-    pub fn ops(out: &Output, prefix: &str) -> Self {
+    /// A bar counting `unit`s, labelled `prefix`; drawn only when
+    /// [`Output::shows_progress`].
+    pub fn new(out: &Output, prefix: &str, unit: &'static str) -> Self {
         Self {
             prefix: out.shows_progress().then(|| prefix.to_owned()),
+            unit,
             bar: OnceCell::new(),
         }
     }
@@ -35,12 +40,12 @@ impl Progress {
     pub fn hidden() -> Self {
         Self {
             prefix: None,
+            unit: "",
             bar: OnceCell::new(),
         }
     }
 
     /// Whether anything is drawn.
-    #[cfg(test)]
     pub fn is_visible(&self) -> bool {
         self.prefix.is_some()
     }
@@ -50,7 +55,7 @@ impl Progress {
         let Some(prefix) = &self.prefix else {
             return;
         };
-        let bar = self.bar.get_or_init(|| new_bar(prefix, len));
+        let bar = self.bar.get_or_init(|| new_bar(prefix, self.unit, len));
         bar.set_length(len);
         bar.set_position(pos.min(len));
         bar.set_message(message.into());
@@ -73,18 +78,23 @@ impl Progress {
     }
 }
 
-fn new_bar(prefix: &str, len: u64) -> ProgressBar {
+fn new_bar(prefix: &str, unit: &str, len: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} {spinner} [{bar:30}] {human_pos}/{human_len} ops, eta {eta} · {wide_msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template(&bar_template(unit))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_owned());
     bar.enable_steady_tick(TICK);
     bar
+}
+
+/// The bar's layout: counts in `unit`, then the time left and the message.
+fn bar_template(unit: &str) -> String {
+    format!(
+        "{{prefix}} {{spinner}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit}, eta {{eta}} · {{wide_msg}}"
+    )
 }
 
 impl Drop for Progress {
@@ -101,12 +111,22 @@ mod tests {
     #[test]
     fn captured_and_json_output_draw_nothing() {
         let (out, captured) = Output::captured(false);
-        let progress = Progress::ops(&out, "push");
+        let progress = Progress::new(&out, "push", "ops");
         assert!(!progress.is_visible());
         progress.update(5, 10, "half way");
         progress.note(&out, "a note");
         progress.finish();
         assert_eq!(captured.borrow().stderr, "a note\n");
-        assert!(!Progress::ops(&Output::new(true), "push").is_visible());
+        assert!(!Progress::new(&Output::new(true), "prune", "shares").is_visible());
+    }
+
+    #[test]
+    fn the_bar_counts_in_its_unit() {
+        let template = bar_template("shares");
+        assert!(
+            template.contains("{human_pos}/{human_len} shares,"),
+            "{template}"
+        );
+        assert!(ProgressStyle::with_template(&template).is_ok());
     }
 }

@@ -103,7 +103,7 @@ pub async fn run(global: &Global, out: &Output, args: &PushArgs) -> Result<u8, C
     ));
     // A bar only for pushes of more than one batch, and only on a terminal.
     let progress = if input.ops.len() > args.batch_size {
-        Progress::ops(out, "push")
+        Progress::new(out, "push", "ops")
     } else {
         Progress::hidden()
     };

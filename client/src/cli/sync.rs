@@ -157,7 +157,7 @@ pub async fn run(global: &Global, out: &Output, args: &SyncArgs) -> Result<u8, C
         options.batch_size = batch_size as usize;
     }
     let syncer = spawn_syncer(outbox.clone(), options);
-    let progress = Progress::ops(out, "sync");
+    let progress = Progress::new(out, "sync", "ops");
     progress.note(
         out,
         format!(

@@ -84,6 +84,10 @@ pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
             ErrorCode::TooLarge => AppendFailure::Refused(RejectedReason::TooLarge),
             ErrorCode::InvalidArgument => AppendFailure::Refused(RejectedReason::Invalid),
             ErrorCode::CursorConflict => AppendFailure::CursorConflict(*cursor),
+            // Only reads answer this; an append never should.
+            ErrorCode::SnapshotRequired => AppendFailure::Fatal(SyncError::Stopped(format!(
+                "unexpected answer to an append ({error})"
+            ))),
             ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal => {
                 AppendFailure::Retry
             }

@@ -1,11 +1,12 @@
 //! What the HTTP API answers when a request fails: a status and a short JSON
 //! body written for people, never internals. Every kind of bad, revoked,
-//! expired or mismatched token is the same `401`.
+//! expired or mismatched token is the same `401`; ops that ledger compaction
+//! dropped are `410 Gone`, with the cursor to take a snapshot from.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use capsync_shared::ErrorCode;
+use capsync_shared::{Cursor, ErrorCode};
 use serde_json::json;
 
 use crate::error::ServerError;
@@ -20,6 +21,8 @@ pub enum ApiError {
     /// Shutting down, database busy, or too many live streams: retry later.
     Unavailable,
     BadRequest(String),
+    /// The ops asked for were compacted; carries the share's compaction point.
+    SnapshotRequired(Cursor),
     /// Details are in the server log.
     Internal,
 }
@@ -33,6 +36,7 @@ impl From<ServerError> for ApiError {
             ErrorCode::RateLimited => Self::RateLimited,
             ErrorCode::Overloaded => Self::Unavailable,
             ErrorCode::InvalidArgument | ErrorCode::TooLarge => Self::BadRequest(err.message),
+            ErrorCode::SnapshotRequired => Self::SnapshotRequired(err.cursor),
             _ => Self::Internal,
         }
     }
@@ -47,6 +51,10 @@ impl From<LedgerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let cursor = match &self {
+            Self::SnapshotRequired(point) => Some(point.0),
+            _ => None,
+        };
         let (status, code, message) = match self {
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
@@ -64,19 +72,71 @@ impl IntoResponse for ApiError {
                 "The server is busy or shutting down; try again shortly.".to_owned(),
             ),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, "invalidArgument", why),
+            Self::SnapshotRequired(point) => (
+                StatusCode::GONE,
+                "snapshotRequired",
+                snapshot_required_message(point),
+            ),
             Self::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "Internal error; see the server log.".to_owned(),
             ),
         };
-        let mut response =
-            (status, Json(json!({"error": code, "message": message}))).into_response();
+        let mut body = json!({"error": code, "message": message});
+        if let Some(cursor) = cursor {
+            body["cursor"] = cursor.into();
+        }
+        let mut response = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+/// What a reader below the compaction point is told, over the API and the event stream alike.
+pub fn snapshot_required_message(point: Cursor) -> String {
+    format!(
+        "Ops up to cursor {point} were compacted: read the snapshot, then follow from its cursor."
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::to_bytes;
+    use serde_json::Value;
+
+    use super::*;
+
+    async fn status_and_body(err: ApiError) -> (StatusCode, Value) {
+        let response = err.into_response();
+        let status = response.status();
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn compacted_ops_are_gone_with_the_compaction_point() {
+        let err = ApiError::from(LedgerError::SnapshotRequired(Cursor(42)));
+        assert_eq!(err, ApiError::SnapshotRequired(Cursor(42)));
+        let (status, body) = status_and_body(err).await;
+        assert_eq!(status, StatusCode::GONE);
+        assert_eq!(body["error"], "snapshotRequired");
+        assert_eq!(body["cursor"], 42);
+        assert!(
+            body["message"].as_str().unwrap().contains("snapshot"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn other_errors_carry_no_cursor() {
+        let (status, body) = status_and_body(ApiError::Unavailable).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"], "unavailable");
+        assert!(body.get("cursor").is_none(), "{body}");
     }
 }

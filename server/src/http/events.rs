@@ -9,7 +9,11 @@
 //! - `presence`: whenever the writer connects, leaves, or has been gone long
 //!   enough for running tool calls to count as interrupted;
 //! - `revoked`: the link stopped working (revoked, expired, or the share was
-//!   deleted); the stream then ends and reconnecting gets `401`.
+//!   deleted); the stream then ends and reconnecting gets `401`;
+//! - `snapshotRequired`: `{"message", "cursor"}`, the ops after the stream's
+//!   cursor were compacted (it started, or fell, below the share's compaction
+//!   point `cursor`); the stream then ends, and the page reads the snapshot again
+//!   and follows from the snapshot's cursor.
 //!
 //! Nothing is buffered per stream beyond one page of ops: the stream pulls
 //! from the ledger only when the connection has taken the last event.
@@ -36,7 +40,7 @@ use super::AppState;
 use super::api::{self, is_interrupted};
 use super::auth::{ShareReader, share_reader};
 use super::document::{self, LiveText, Lookup};
-use super::error::ApiError;
+use super::error::{ApiError, snapshot_required_message};
 use crate::follow::Follower;
 use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp, RecordKind};
 use crate::metrics::{GaugeGuard, SubscriberVia};
@@ -66,7 +70,7 @@ pub async fn events(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Unavailable)?;
-    let last_change = last_change(&app.ledger, &reader.authority, reader.state.cursor).await?;
+    let last_change = last_change(&reader.state);
     let live = Live::new(app, reader, Cursor(after), last_change, permit);
     Ok(Sse::new(live.into_stream())
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
@@ -219,16 +223,11 @@ impl Live {
 
     fn end(&mut self, err: LedgerError) {
         self.done = true;
-        match err {
-            LedgerError::Revoked | LedgerError::PermissionDenied | LedgerError::NotFound => {
-                self.pending.push_back(json_event(
-                    "revoked",
-                    &json!({"message": "This link was revoked or has expired."}),
-                ));
-            }
+        match ending(&err) {
+            Some((name, data)) => self.pending.push_back(json_event(name, &data)),
             // Shutting down: the page reconnects with its last event id.
-            LedgerError::Closed => {}
-            other => tracing::warn!(err = %other, share = %self.share, "live stream ended"),
+            None if matches!(err, LedgerError::Closed) => {}
+            None => tracing::warn!(%err, share = %self.share, "live stream ended"),
         }
     }
 
@@ -252,6 +251,22 @@ impl Live {
         let gone = status.gone_since(self.last_change)?;
         (!is_interrupted(&self.app, Some(gone), now_millis()))
             .then(|| gone.saturating_add(self.app.interrupted_after_ms()))
+    }
+}
+
+/// The event (name and data) that tells the page why its stream ends, when the
+/// page can do something about it; `None` for endings it just reconnects after.
+fn ending(err: &LedgerError) -> Option<(&'static str, Value)> {
+    match err {
+        LedgerError::Revoked | LedgerError::PermissionDenied | LedgerError::NotFound => Some((
+            "revoked",
+            json!({"message": "This link was revoked or has expired."}),
+        )),
+        LedgerError::SnapshotRequired(point) => Some((
+            "snapshotRequired",
+            json!({"message": snapshot_required_message(*point), "cursor": point.0}),
+        )),
+        _ => None,
     }
 }
 
@@ -306,5 +321,94 @@ async fn look_up_parts(
             return Ok((found, read.cursor));
         }
         page = read.next_page;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::to_bytes;
+
+    use super::*;
+    use crate::follow::test_share::TestShare;
+
+    #[test]
+    fn a_stream_below_the_compaction_point_ends_with_snapshot_required() {
+        let (name, data) = ending(&LedgerError::SnapshotRequired(Cursor(17))).unwrap();
+        assert_eq!(name, "snapshotRequired");
+        assert_eq!(data["cursor"], 17);
+        assert!(data["message"].as_str().unwrap().contains("17"), "{data}");
+    }
+
+    #[test]
+    fn a_link_that_stopped_working_ends_with_revoked() {
+        for err in [
+            LedgerError::Revoked,
+            LedgerError::PermissionDenied,
+            LedgerError::NotFound,
+        ] {
+            let (name, data) = ending(&err).unwrap();
+            assert_eq!(name, "revoked", "{err}");
+            assert!(data.get("cursor").is_none());
+        }
+    }
+
+    #[test]
+    fn shutdown_and_transient_errors_end_without_an_event() {
+        for err in [
+            LedgerError::Closed,
+            LedgerError::Busy,
+            LedgerError::Storage("disk on fire".into()),
+        ] {
+            assert!(ending(&err).is_none(), "{err}");
+        }
+    }
+
+    /// Everything a stream sends until it ends, as `(event name, data)` pairs.
+    async fn events_until_the_end(live: Live) -> Vec<(String, Value)> {
+        let response = Sse::new(live.into_stream()).into_response();
+        let body = tokio::time::timeout(
+            Duration::from_secs(10),
+            to_bytes(response.into_body(), usize::MAX),
+        )
+        .await
+        .expect("the stream did not end within 10 s")
+        .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        text.split("\n\n")
+            .filter(|event| !event.trim().is_empty())
+            .map(|event| {
+                let field = |name: &str| {
+                    event
+                        .lines()
+                        .find_map(|line| line.strip_prefix(name))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned()
+                };
+                let data = serde_json::from_str(&field("data:")).unwrap();
+                (field("event:"), data)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_stream_below_the_compaction_point_says_hello_then_snapshot_required_and_ends() {
+        let mut share = TestShare::new().await;
+        share.append(5).await;
+        let point = share.compact().await;
+        share.append(2).await;
+        let app = AppState::for_tests(share.ledger.clone());
+        let permit = app.streams.clone().try_acquire_owned().unwrap();
+        let reader = ShareReader {
+            authority: share.viewer.clone(),
+            state: share.state().await,
+        };
+        // As resumed with `Last-Event-ID: 2`, an id from before the compaction.
+        let live = Live::new(app, reader, Cursor(2), None, permit);
+
+        let events = events_until_the_end(live).await;
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["hello", "snapshotRequired"]);
+        assert_eq!(events[1].1["cursor"], point.0);
     }
 }

@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `GET /s/{share}` | the share page; its token travels in the URL fragment |
 //! | `GET /api/shares/{share}/snapshot` | the whole document ([`api`]) |
-//! | `GET /api/shares/{share}/ops?after=N&limit=M` | applied ops after a cursor |
+//! | `GET /api/shares/{share}/ops?after=N&limit=M` | applied ops after a cursor (`410` below the compaction point) |
 //! | `GET /api/shares/{share}/events` | live updates ([`events`]) |
 //! | `GET /healthz`, `GET /metrics` | liveness, Prometheus text |
 //!
@@ -65,6 +65,27 @@ pub struct AppState {
 impl AppState {
     fn interrupted_after_ms(&self) -> i64 {
         i64::try_from(self.interrupted_after.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The gateway's state over `ledger` as the server builds it, with cheap argon2.
+    #[cfg(test)]
+    fn for_tests(ledger: Ledger) -> Self {
+        let config = crate::config::Config::default();
+        let hasher =
+            crate::auth::SecretHasher::new(256, 1).expect("valid argon2 parameters for tests");
+        Self {
+            redeemer: Redeemer::new(
+                ledger.clone(),
+                hasher,
+                crate::rate_limit::RedeemLimiter::new(config.redeem_failures, config.redeem_window),
+            ),
+            ledger,
+            presence: Presence::default(),
+            metrics: Metrics::default(),
+            interrupted_after: config.interrupted_after,
+            streams: Arc::new(Semaphore::new(config.max_connections)),
+            shutdown: CancellationToken::new(),
+        }
     }
 }
 

@@ -8,12 +8,18 @@
 //! [`sqlite`] is the embedded backend (one writer thread with group commit,
 //! plus read connections). A PostgreSQL backend implements [`Backend`] later.
 
+pub mod lifecycle;
 pub mod sqlite;
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
+pub use lifecycle::{
+    Checkpoint, CompactPosition, CompactStep, DeleteStep, IncrementalVacuum, Operator,
+    PlannedShare, PruneFilter, PrunePlan, PruneReason, PruneSelect, ReclaimStep, ShareFootprint,
+    VacuumReport,
+};
 pub use sqlite::{Durability, SqliteOptions};
 
 /// Why a ledger call did not do its work. Maps onto the wire `ErrorCode`; the
@@ -35,6 +41,10 @@ pub enum LedgerError {
     /// The request cannot be read (e.g. a malformed snapshot page token); the text is for the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The ops asked for were compacted: the caller must take a snapshot. Carries
+    /// the share's compaction point, the lowest `after` still served.
+    #[error("snapshot required: ops up to cursor {0} were compacted")]
+    SnapshotRequired(Cursor),
     /// SQLite stayed busy past its timeout (another process holds the database).
     #[error("database busy")]
     Busy,
@@ -68,6 +78,9 @@ pub struct ShareState {
     pub cursor: Cursor,
     pub writer_epoch: Epoch,
     pub viewer_epoch: Epoch,
+    /// Unix ms of the last applied op (of the creation before any); not on the
+    /// wire's `ShareState`, which stays as small as a cursor check needs.
+    pub updated_at: i64,
 }
 
 /// Everything listings show about a share (mirrors `ShareInfo`).
@@ -111,6 +124,11 @@ pub struct Stats {
     pub ledger_ops: u64,
     /// Sum of the ledger's payload lengths, in bytes.
     pub ledger_payload_bytes: u64,
+    /// Ledger ops whose payload compaction dropped.
+    pub compacted_ops: u64,
+    /// Bytes of output and attachments still stored in tool parts marked
+    /// compacted: what `reclaim` would clear.
+    pub reclaimable_output_bytes: u64,
 }
 
 /// A token row as stored. `secret_hash` is an argon2id PHC string.
@@ -371,13 +389,6 @@ pub trait Backend: Send + Sync + 'static {
         token_id: TokenId,
     ) -> BoxFuture<'static, LedgerResult<()>>;
 
-    /// Admin only: the share, its records, ledger rows and tokens.
-    fn delete_share(
-        &self,
-        who: Authority,
-        share_id: ShareId,
-    ) -> BoxFuture<'static, LedgerResult<()>>;
-
     /// A page of records, at most about `max_bytes` of JSON (always at least one record).
     fn snapshot_page(
         &self,
@@ -386,7 +397,8 @@ pub trait Backend: Send + Sync + 'static {
         max_bytes: u32,
     ) -> BoxFuture<'static, LedgerResult<SnapshotPage>>;
 
-    /// Applied ops with cursor > `after`, at most `limit`.
+    /// Applied ops with cursor > `after`, at most `limit`. `SnapshotRequired`
+    /// when `after` is below the share's compaction point.
     fn ops_since(
         &self,
         who: Authority,
@@ -397,6 +409,77 @@ pub trait Backend: Send + Sync + 'static {
     /// Announcements of committed changes, sent after the commit is durable. A
     /// receiver that falls behind gets `Lagged` and should recheck everything.
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed>;
+
+    // Lifecycle (see [`lifecycle`]): `crate::lifecycle` drives these bounded
+    // steps; each is one short transaction.
+
+    /// Plans a prune in one read transaction: which shares, and what each holds.
+    fn plan_prune(
+        &self,
+        op: Operator,
+        filter: PruneFilter,
+    ) -> BoxFuture<'static, LedgerResult<PrunePlan>>;
+
+    /// One bounded step of deleting a share. The first step (on a visible share)
+    /// checks `expect_cursor` when given (`Changed` if it moved), then hides the
+    /// share (from then on every call on it is `NotFound`, and it is announced
+    /// as changed) and deletes its tokens. Later steps delete at most `max_rows`
+    /// rows; the last removes the share row (`Done`). `NotFound` for an unknown share.
+    fn delete_share_step(
+        &self,
+        op: Operator,
+        share_id: ShareId,
+        expect_cursor: Option<Cursor>,
+        max_rows: u32,
+    ) -> BoxFuture<'static, LedgerResult<DeleteStep>>;
+
+    /// Shares hidden by a deletion that did not finish (the server stopped mid-way).
+    fn unfinished_deletions(&self) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>>;
+
+    /// Archives up to `limit` unarchived shares last changed before `inactive_before`, and names them.
+    fn archive_inactive(
+        &self,
+        op: Operator,
+        inactive_before: i64,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>>;
+
+    /// One step of a reclaim pass: scans up to `max_parts` parts after position
+    /// `after` (0 to start) and clears output and attachments of compacted tool parts.
+    fn reclaim_step(
+        &self,
+        op: Operator,
+        after: i64,
+        max_parts: u32,
+        dry_run: bool,
+    ) -> BoxFuture<'static, LedgerResult<ReclaimStep>>;
+
+    /// One step of ledger compaction from `from` (`None` to start): drops the
+    /// payload of at most `max_ops` ops applied before `applied_before`, moving
+    /// each share's compaction point.
+    fn compact_step(
+        &self,
+        op: Operator,
+        applied_before: i64,
+        from: Option<CompactPosition>,
+        max_ops: u32,
+        dry_run: bool,
+    ) -> BoxFuture<'static, LedgerResult<CompactStep>>;
+
+    /// Checkpoint (truncate), `VACUUM`, checkpoint again; `Busy` if the log stays busy.
+    fn vacuum(&self, op: Operator) -> BoxFuture<'static, LedgerResult<VacuumReport>>;
+
+    /// Gives at most `max_pages` free pages back to the file system, in one short write.
+    fn incremental_vacuum(
+        &self,
+        max_pages: u32,
+    ) -> BoxFuture<'static, LedgerResult<IncrementalVacuum>>;
+
+    /// `wal_checkpoint(TRUNCATE)`, waiting for readers no longer than `max_wait`.
+    fn checkpoint(
+        &self,
+        max_wait: std::time::Duration,
+    ) -> BoxFuture<'static, LedgerResult<Checkpoint>>;
 
     /// Queues an audit line; written with the next transaction. Never fails the caller.
     fn audit(&self, event: AuditEvent);

@@ -1,4 +1,5 @@
-//! `Admin`: mints agents, revokes, archives and deletes shares, lists everything, reports stats.
+//! `Admin`: mints agents, revokes, archives and deletes shares, lists everything,
+//! reports stats, and runs the lifecycle (prune, vacuum, reclaim, ledger compaction).
 
 use std::rc::Rc;
 
@@ -6,10 +7,12 @@ use capsync_shared::capsync_capnp::{admin, share_info_result};
 use capsync_shared::{ShareId, TokenId, TokenKind};
 
 use super::context::Context;
+use super::progress::Forwarder;
 use super::shares::{self, outcome};
 use super::wire;
 use crate::error::ServerError;
-use crate::ledger::{AuditEvent, Authority};
+use crate::ledger::{AuditEvent, Authority, Operator};
+use crate::lifecycle::{self, PruneOptions};
 
 pub struct AdminImpl {
     ctx: Rc<Context>,
@@ -19,6 +22,11 @@ pub struct AdminImpl {
 impl AdminImpl {
     pub fn new(ctx: Rc<Context>, auth: Authority) -> Self {
         Self { ctx, auth }
+    }
+
+    /// Lifecycle calls run as this admin: the backend re-checks its token in every step.
+    fn operator(&self) -> Operator {
+        Operator::Admin(self.auth.clone())
     }
 
     fn audit(
@@ -183,12 +191,8 @@ impl admin::Server for AdminImpl {
         let deleted = async {
             let share_id = ShareId(wire::text(params.get()?.get_share_id())?);
             share = Some(share_id.clone());
-            Ok::<_, ServerError>(
-                self.ctx
-                    .ledger
-                    .delete_share(self.auth.clone(), share_id)
-                    .await?,
-            )
+            lifecycle::delete_share(&self.ctx.ledger, &self.operator(), &share_id, None).await?;
+            Ok::<_, ServerError>(())
         }
         .await;
         self.audit("delete_share", share, outcome(&deleted), String::new());
@@ -239,5 +243,356 @@ impl admin::Server for AdminImpl {
             Err(err) => err.fill(result.init_failure()),
         }
         Ok(())
+    }
+
+    async fn prune(
+        self: Rc<Self>,
+        params: admin::PruneParams,
+        mut results: admin::PruneResults,
+    ) -> Result<(), capnp::Error> {
+        let request = (|| {
+            let p = params.get()?;
+            let o = p.get_options()?;
+            let options = PruneOptions {
+                older_than: wire::older_than(o.get_older_than_ms(), "olderThanMs")?,
+                children: o.get_children(),
+                archived_only: o.get_archived_only(),
+                dry_run: o.get_dry_run(),
+                vacuum: o.get_vacuum(),
+            };
+            Ok::<_, ServerError>((options, p.get_progress().ok()))
+        })();
+        let mut detail = String::new();
+        let pruned = async {
+            let (options, listener) = request?;
+            detail = format!(
+                "older_than_ms={} children={} archived_only={} dry_run={} vacuum={}",
+                options.older_than.as_millis(),
+                options.children,
+                options.archived_only,
+                options.dry_run,
+                options.vacuum
+            );
+            let progress = Forwarder::start(listener);
+            let report = lifecycle::prune(
+                &self.ctx.ledger,
+                &self.operator(),
+                &options,
+                progress.sink(),
+            )
+            .await;
+            progress.finish().await;
+            Ok::<_, ServerError>(report?)
+        }
+        .await;
+        if let Ok(report) = &pruned {
+            detail.push_str(&format!(
+                " shares={} ops={} bytes={} kept_children={} skipped={}",
+                report.shares.len(),
+                report.totals.ops,
+                report.totals.bytes,
+                report.kept_children.len(),
+                report.skipped.len()
+            ));
+        }
+        self.audit("prune", None, outcome(&pruned), detail);
+        let result = results.get().init_result();
+        match pruned {
+            Ok(report) => wire::fill_prune_report(&report, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn vacuum(
+        self: Rc<Self>,
+        _: admin::VacuumParams,
+        mut results: admin::VacuumResults,
+    ) -> Result<(), capnp::Error> {
+        let vacuumed = self
+            .ctx
+            .ledger
+            .vacuum(self.operator())
+            .await
+            .map_err(ServerError::from);
+        let detail = match &vacuumed {
+            Ok(report) => format!(
+                "bytes_before={} bytes_after={} duration_ms={}",
+                report.bytes_before, report.bytes_after, report.duration_ms
+            ),
+            Err(_) => String::new(),
+        };
+        self.audit("vacuum", None, outcome(&vacuumed), detail);
+        let result = results.get().init_result();
+        match vacuumed {
+            Ok(report) => wire::fill_vacuum(&report, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn reclaim(
+        self: Rc<Self>,
+        params: admin::ReclaimParams,
+        mut results: admin::ReclaimResults,
+    ) -> Result<(), capnp::Error> {
+        let mut detail = String::new();
+        let reclaimed = async {
+            let p = params.get()?;
+            let dry_run = p.get_dry_run();
+            detail = format!("dry_run={dry_run}");
+            let progress = Forwarder::start(p.get_progress().ok());
+            let report =
+                lifecycle::reclaim(&self.ctx.ledger, &self.operator(), dry_run, progress.sink())
+                    .await;
+            progress.finish().await;
+            Ok::<_, ServerError>(report?)
+        }
+        .await;
+        if let Ok(report) = &reclaimed {
+            detail.push_str(&format!(
+                " parts_scanned={} parts_cleared={} bytes={}",
+                report.parts_scanned, report.parts_cleared, report.bytes_reclaimed
+            ));
+        }
+        self.audit("reclaim", None, outcome(&reclaimed), detail);
+        let result = results.get().init_result();
+        match reclaimed {
+            Ok(report) => wire::fill_reclaim_report(&report, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn compact_ledger(
+        self: Rc<Self>,
+        params: admin::CompactLedgerParams,
+        mut results: admin::CompactLedgerResults,
+    ) -> Result<(), capnp::Error> {
+        let mut detail = String::new();
+        let compacted = async {
+            let p = params.get()?;
+            let older_than = wire::older_than(p.get_older_than_ms(), "olderThanMs")?;
+            let dry_run = p.get_dry_run();
+            detail = format!("older_than_ms={} dry_run={dry_run}", older_than.as_millis());
+            let progress = Forwarder::start(p.get_progress().ok());
+            let report = lifecycle::compact_ledger(
+                &self.ctx.ledger,
+                &self.operator(),
+                older_than,
+                dry_run,
+                progress.sink(),
+            )
+            .await;
+            progress.finish().await;
+            Ok::<_, ServerError>(report?)
+        }
+        .await;
+        if let Ok(report) = &compacted {
+            detail.push_str(&format!(
+                " shares={} ops={} bytes={}",
+                report.shares, report.ops, report.bytes
+            ));
+        }
+        self.audit("compact_ledger", None, outcome(&compacted), detail);
+        let result = results.get().init_result();
+        match compacted {
+            Ok(report) => wire::fill_compact_report(&report, result.init_ok()),
+            Err(err) => err.fill(result.init_failure()),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use capsync_shared::Cursor;
+    use capsync_shared::capsync_capnp::{
+        ErrorCode, compact_result, progress_listener, prune_result, reclaim_result, stats_result,
+        vacuum_result,
+    };
+
+    use super::*;
+    use crate::auth::SecretHasher;
+    use crate::config::Config;
+    use crate::follow::test_share::TestShare;
+
+    /// The `Admin` capability of the share's admin, called locally.
+    fn admin(share: &TestShare) -> admin::Client {
+        let config = Config::for_tests(share.dir.path());
+        let hasher = SecretHasher::new(config.argon2_memory_kib, config.argon2_iterations).unwrap();
+        let ctx = Rc::new(Context::new(share.ledger.clone(), hasher, &config));
+        capnp_rpc::new_client(AdminImpl::new(ctx, share.admin.clone()))
+    }
+
+    /// Records every update it hears.
+    struct Listener(Rc<RefCell<Vec<(String, u64, u64)>>>);
+
+    impl progress_listener::Server for Listener {
+        async fn progress(
+            self: Rc<Self>,
+            params: progress_listener::ProgressParams,
+            _: progress_listener::ProgressResults,
+        ) -> Result<(), capnp::Error> {
+            let p = params.get()?;
+            let stage = p.get_stage()?.to_string().unwrap();
+            self.0
+                .borrow_mut()
+                .push((stage, p.get_done(), p.get_total()));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retention_of_zero_or_less_is_refused() {
+        let share = TestShare::new().await;
+        let admin = admin(&share);
+
+        let mut prune = admin.prune_request();
+        prune.get().init_options().set_older_than_ms(0);
+        let response = prune.send().promise.await.unwrap();
+        let prune_result::Failure(failure) = response
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .which()
+            .unwrap()
+        else {
+            panic!("prune with olderThanMs 0 was accepted");
+        };
+        assert_eq!(
+            failure.unwrap().get_code().unwrap(),
+            ErrorCode::InvalidArgument
+        );
+
+        let mut compact = admin.compact_ledger_request();
+        compact.get().set_older_than_ms(-5);
+        let response = compact.send().promise.await.unwrap();
+        let compact_result::Failure(failure) = response
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .which()
+            .unwrap()
+        else {
+            panic!("compactLedger with olderThanMs -5 was accepted");
+        };
+        assert_eq!(
+            failure.unwrap().get_code().unwrap(),
+            ErrorCode::InvalidArgument
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_prune_reports_its_cutoff_and_deletes_nothing() {
+        let mut share = TestShare::new().await;
+        share.append(3).await;
+        let admin = admin(&share);
+        let day_ms = 24 * 3600 * 1000;
+        let before = capsync_shared::now_millis();
+
+        let mut request = admin.prune_request();
+        let mut options = request.get().init_options();
+        options.set_older_than_ms(day_ms);
+        options.set_dry_run(true);
+        options.set_vacuum(true);
+        let response = request.send().promise.await.unwrap();
+        let prune_result::Ok(report) = response
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .which()
+            .unwrap()
+        else {
+            panic!("the dry run failed");
+        };
+        let report = report.unwrap();
+        assert!(report.get_dry_run());
+        let cutoff = report.get_cutoff();
+        assert!(cutoff >= before - day_ms && cutoff <= capsync_shared::now_millis() - day_ms);
+        assert_eq!(
+            report.get_shares().unwrap().len(),
+            0,
+            "the share is moments old, not a day"
+        );
+        assert_eq!(report.get_totals().unwrap().get_shares(), 0);
+        assert!(!report.get_vacuumed(), "a dry run does not vacuum");
+        assert_eq!(share.state().await.cursor, Cursor(3));
+    }
+
+    #[tokio::test]
+    async fn reclaim_answers_after_the_listener_heard_the_last_update() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let share = TestShare::new().await;
+                let admin = admin(&share);
+                let heard = Rc::new(RefCell::new(Vec::new()));
+
+                let mut request = admin.reclaim_request();
+                request.get().set_dry_run(true);
+                request
+                    .get()
+                    .set_progress(capnp_rpc::new_client(Listener(heard.clone())));
+                let response = request.send().promise.await.unwrap();
+                let reclaim_result::Ok(report) = response
+                    .get()
+                    .unwrap()
+                    .get_result()
+                    .unwrap()
+                    .which()
+                    .unwrap()
+                else {
+                    panic!("reclaim failed");
+                };
+                let report = report.unwrap();
+                assert!(report.get_dry_run());
+                assert_eq!(report.get_parts_cleared(), 0);
+                let heard = heard.borrow();
+                let (stage, done, total) = heard.last().expect("no progress was heard");
+                assert_eq!((stage.as_str(), done), ("reclaim", total));
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn compaction_shows_in_stats_and_vacuum_reports_the_file() {
+        let mut share = TestShare::new().await;
+        share.append(5).await;
+        share.compact().await;
+        let admin = admin(&share);
+
+        let response = admin.stats_request().send().promise.await.unwrap();
+        let stats_result::Ok(stats) = response
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .which()
+            .unwrap()
+        else {
+            panic!("stats failed");
+        };
+        let stats = stats.unwrap();
+        assert_eq!(stats.get_compacted_ops(), 5);
+        assert_eq!(stats.get_ledger_ops(), 5);
+
+        let response = admin.vacuum_request().send().promise.await.unwrap();
+        let vacuum_result::Ok(report) = response
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .which()
+            .unwrap()
+        else {
+            panic!("vacuum failed");
+        };
+        let report = report.unwrap();
+        assert!(report.get_bytes_before() > 0 && report.get_bytes_after() > 0);
     }
 }

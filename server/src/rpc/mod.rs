@@ -9,6 +9,7 @@ mod admin;
 mod agent;
 mod context;
 mod gateway;
+mod progress;
 mod shares;
 mod subscription;
 mod viewer;

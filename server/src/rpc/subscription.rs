@@ -12,9 +12,10 @@
 //! A call unanswered for `timeout`, or a call that fails, ends the subscription
 //! with `ended(lagged, cursor)`, where `cursor` is the last op the listener
 //! acknowledged: `subscribe(cursor)` resumes exactly after it. The ledger
-//! refusing the viewer ends it with `revoked` or `notFound`, server shutdown
-//! with `shutdown`. Dropping the `Subscription` capability (or the connection
-//! that holds it) aborts the task at once, without a goodbye.
+//! refusing the viewer ends it with `revoked` or `notFound`, ledger compaction
+//! overtaking it with `snapshotRequired`, server shutdown with `shutdown`.
+//! Dropping the `Subscription` capability (or the connection that holds it)
+//! aborts the task at once, without a goodbye.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -109,6 +110,14 @@ impl End {
             ),
             LedgerError::NotFound => Self::new(EndReason::NotFound, "the share was deleted"),
             LedgerError::Closed => Self::new(EndReason::Shutdown, "the server is shutting down"),
+            // Compaction overtook a subscriber that was behind: the ops it needs
+            // next have no payload any more, and a gap must never pass silently.
+            LedgerError::SnapshotRequired(point) => Self::new(
+                EndReason::SnapshotRequired,
+                format!(
+                    "ops up to cursor {point} were compacted; take a snapshot and subscribe from its cursor"
+                ),
+            ),
             // Transient (busy) or internal: the subscriber can resubscribe from its
             // cursor, which is what `lagged` asks of it.
             other => {
@@ -232,5 +241,167 @@ fn send_ops(
             Ok(Err(err)) => Err(CallFailed::Failed(err)),
             Err(_) => Err(CallFailed::TimedOut),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capsync_shared::capsync_capnp::{ErrorCode, share_viewer, subscribe_result};
+    use tokio::sync::{mpsc, oneshot};
+    use tokio::task::LocalSet;
+
+    use super::*;
+    use crate::auth::SecretHasher;
+    use crate::config::Config;
+    use crate::follow::test_share::TestShare;
+    use crate::rpc::viewer::ViewerImpl;
+
+    /// What the test listener heard, in order.
+    enum Heard {
+        /// The cursors of one `ops` call, and the answer it waits for.
+        Ops(Vec<u64>, oneshot::Sender<()>),
+        Ended(EndReason, u64, String),
+    }
+
+    /// An `OpListener` that answers each `ops` call only when the test says so.
+    struct Listener(mpsc::UnboundedSender<Heard>);
+
+    impl op_listener::Server for Listener {
+        async fn ops(
+            self: Rc<Self>,
+            params: op_listener::OpsParams,
+            _: op_listener::OpsResults,
+        ) -> Result<(), capnp::Error> {
+            let cursors = params.get()?.get_ops()?.iter().map(|op| op.get_cursor());
+            let (answer, answered) = oneshot::channel();
+            let _ = self.0.send(Heard::Ops(cursors.collect(), answer));
+            // Dropping the sender answers too; a test that wants a call to
+            // stay unanswered keeps it.
+            let _ = answered.await;
+            Ok(())
+        }
+
+        async fn ended(
+            self: Rc<Self>,
+            params: op_listener::EndedParams,
+            _: op_listener::EndedResults,
+        ) -> Result<(), capnp::Error> {
+            let p = params.get()?;
+            let message = p.get_message()?.to_string().unwrap();
+            let _ = self
+                .0
+                .send(Heard::Ended(p.get_reason()?, p.get_cursor(), message));
+            Ok(())
+        }
+    }
+
+    async fn next(heard: &mut mpsc::UnboundedReceiver<Heard>) -> Heard {
+        tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .expect("the listener heard nothing for 10 s")
+            .expect("the listener is gone")
+    }
+
+    /// A viewer capability of `share` on a server context with a window of `window` calls.
+    fn viewer(share: &TestShare, window: usize) -> share_viewer::Client {
+        let config = Config {
+            subscriber_window: window,
+            subscriber_timeout: Duration::from_secs(60),
+            ..Config::for_tests(share.dir.path())
+        };
+        let hasher = SecretHasher::new(config.argon2_memory_kib, config.argon2_iterations).unwrap();
+        let ctx = Rc::new(Context::new(share.ledger.clone(), hasher, &config));
+        capnp_rpc::new_client(ViewerImpl::new(ctx, share.viewer.clone()))
+    }
+
+    async fn subscribe(
+        viewer: &share_viewer::Client,
+        from: u64,
+    ) -> (
+        Result<subscription::Client, (ErrorCode, u64)>,
+        mpsc::UnboundedReceiver<Heard>,
+    ) {
+        let (heard_tx, heard) = mpsc::unbounded_channel();
+        let mut request = viewer.subscribe_request();
+        request.get().set_from_cursor(from);
+        request
+            .get()
+            .set_listener(capnp_rpc::new_client(Listener(heard_tx)));
+        let response = request.send().promise.await.unwrap();
+        let started = match response
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .which()
+            .unwrap()
+        {
+            subscribe_result::Ok(handle) => Ok(handle.unwrap()),
+            subscribe_result::Failure(failure) => {
+                let failure = failure.unwrap();
+                Err((failure.get_code().unwrap(), failure.get_cursor()))
+            }
+        };
+        (started, heard)
+    }
+
+    #[tokio::test]
+    async fn subscribing_below_the_compaction_point_fails_with_snapshot_required() {
+        LocalSet::new()
+            .run_until(async {
+                let mut share = TestShare::new().await;
+                share.append(5).await;
+                let point = share.compact().await;
+                share.append(2).await;
+                let viewer = viewer(&share, 8);
+
+                let (below, _) = subscribe(&viewer, point.0 - 3).await;
+                assert_eq!(below.err(), Some((ErrorCode::SnapshotRequired, point.0)));
+
+                let (at_point, mut heard) = subscribe(&viewer, point.0).await;
+                let _handle = at_point.expect("subscribing at the compaction point works");
+                match next(&mut heard).await {
+                    Heard::Ops(cursors, _) => assert_eq!(cursors, [6, 7]),
+                    Heard::Ended(reason, ..) => panic!("ended at once: {reason:?}"),
+                }
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_overtaken_by_compaction_ends_with_snapshot_required() {
+        LocalSet::new()
+            .run_until(async {
+                let mut share = TestShare::new().await;
+                let cursor = share.append(2 * PAGE as usize + 10).await;
+                // A window of one call: while the first page waits for its
+                // answer, the subscription reads at most one page ahead.
+                let viewer = viewer(&share, 1);
+                let (started, mut heard) = subscribe(&viewer, 0).await;
+                let _handle = started.expect("subscribing from 0 works before compaction");
+                let Heard::Ops(first, answer) = next(&mut heard).await else {
+                    panic!("expected the first page");
+                };
+                assert_eq!(first.last(), Some(&u64::from(PAGE)));
+
+                assert_eq!(share.compact().await, cursor);
+                let _ = answer.send(());
+                // Later pages stay unanswered: what ends the subscription is
+                // the ledger refusing to read below its compaction point.
+                let mut unanswered = Vec::new();
+                let (reason, acked, message) = loop {
+                    match next(&mut heard).await {
+                        Heard::Ops(_, answer) => unanswered.push(answer),
+                        Heard::Ended(reason, acked, message) => break (reason, acked, message),
+                    }
+                };
+                assert_eq!(reason, EndReason::SnapshotRequired, "{message}");
+                // The last acknowledged cursor: the first page's, unless the
+                // read-ahead of the second page already failed before the
+                // first answer arrived.
+                assert!(acked == u64::from(PAGE) || acked == 0, "acked {acked}");
+                assert!(message.contains(&cursor.0.to_string()), "{message}");
+            })
+            .await;
     }
 }

@@ -105,7 +105,7 @@ impl share_viewer::Server for ViewerImpl {
         let view = async {
             // Reading the state first also checks the viewer's authority.
             let state = self.ctx.ledger.share_state(self.auth.clone()).await?;
-            let last_change = last_change(&self.ctx.ledger, &self.auth, state.cursor).await?;
+            let last_change = last_change(&state);
             Ok::<_, ServerError>(PresenceView::new(
                 self.ctx.presence.status(&state.share_id),
                 last_change,
@@ -139,6 +139,15 @@ impl share_viewer::Server for ViewerImpl {
                     "fromCursor {} is past the share's cursor {}",
                     from.0, state.cursor.0
                 )));
+            }
+            // The compaction point is never past the share's cursor, so only a
+            // subscriber that is behind can be below it; the ledger answers
+            // `SnapshotRequired` for that, and reading one op is the cheapest ask.
+            if from < state.cursor {
+                self.ctx
+                    .ledger
+                    .ops_since(self.auth.clone(), from, 1)
+                    .await?;
             }
             let guard = self.ctx.begin_subscription()?;
             Ok::<_, ServerError>(subscription::start(

@@ -1,16 +1,21 @@
 //! Conversions between the ledger's Rust types and the schema's builders and readers.
 
+use std::time::Duration;
+
 use capsync_shared::capsync_capnp::{
-    self as wire, ack, logged_op, minted_token, ops_page, record, share_info, share_list,
-    share_state, snapshot_page, stats,
+    self as wire, ack, compact_report, logged_op, minted_token, ops_page, prune_report,
+    pruned_share, reclaim_report, record, share_info, share_list, share_state, snapshot_page,
+    stats, vacuum_report,
 };
 use capsync_shared::{Cursor, OpId};
 
 use crate::error::ServerError;
 use crate::ledger::{
-    Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, Record, RecordKind, RejectReason,
-    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
+    Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, PlannedShare, PruneReason, Record,
+    RecordKind, RejectReason, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
+    VacuumReport,
 };
+use crate::lifecycle::{CompactReport, PruneReport, ReclaimReport};
 use crate::presence::PresenceView;
 use capsync_shared::limits::{MAX_BATCH_ID_BYTES, MAX_DEPENDS_ON, MAX_OP_ID_BYTES};
 
@@ -30,6 +35,17 @@ pub fn optional_time(millis: i64, what: &str) -> Result<Option<i64>, ServerError
             "{what} must be in the future (Unix milliseconds), or 0 for never"
         ))),
         t => Ok(Some(t)),
+    }
+}
+
+/// A retention age in milliseconds; it must be positive, since an age of zero
+/// or less would take everything, up to the present moment.
+pub fn older_than(millis: i64, what: &str) -> Result<Duration, ServerError> {
+    match u64::try_from(millis) {
+        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        _ => Err(ServerError::invalid(format!(
+            "{what} must be a positive number of milliseconds (got {millis})"
+        ))),
     }
 }
 
@@ -150,14 +166,86 @@ pub fn fill_stats(stats: &Stats, mut out: stats::Builder<'_>) {
     out.set_parts(stats.parts);
     out.set_ledger_ops(stats.ledger_ops);
     out.set_ledger_payload_bytes(stats.ledger_payload_bytes);
+    out.set_compacted_ops(stats.compacted_ops);
+    out.set_reclaimable_output_bytes(stats.reclaimable_output_bytes);
+}
+
+fn fill_pruned(share: &PlannedShare, mut out: pruned_share::Builder<'_>) {
+    fill_info(&share.info, out.reborrow().init_info());
+    out.set_reason(match share.reason {
+        PruneReason::Inactive => wire::PruneReason::Inactive,
+        PruneReason::Child => wire::PruneReason::Child,
+    });
+    let footprint = &share.footprint;
+    out.set_messages(footprint.messages);
+    out.set_parts(footprint.parts);
+    out.set_ops(footprint.ops);
+    out.set_tokens(footprint.tokens);
+    out.set_bytes(footprint.bytes);
+}
+
+fn fill_info_list(
+    infos: &[ShareInfo],
+    mut out: capnp::struct_list::Builder<'_, share_info::Owned>,
+) {
+    for (i, info) in infos.iter().enumerate() {
+        fill_info(info, out.reborrow().get(i as u32));
+    }
+}
+
+pub fn fill_prune_report(report: &PruneReport, mut out: prune_report::Builder<'_>) {
+    out.set_dry_run(report.dry_run);
+    out.set_cutoff(report.cutoff);
+    let mut shares = out.reborrow().init_shares(report.shares.len() as u32);
+    for (i, share) in report.shares.iter().enumerate() {
+        fill_pruned(share, shares.reborrow().get(i as u32));
+    }
+    let mut totals = out.reborrow().init_totals();
+    totals.set_shares(report.shares.len() as u64);
+    totals.set_messages(report.totals.messages);
+    totals.set_parts(report.totals.parts);
+    totals.set_ops(report.totals.ops);
+    totals.set_tokens(report.totals.tokens);
+    totals.set_bytes(report.totals.bytes);
+    fill_info_list(
+        &report.kept_children,
+        out.reborrow()
+            .init_kept_children(report.kept_children.len() as u32),
+    );
+    fill_info_list(
+        &report.skipped,
+        out.reborrow().init_skipped(report.skipped.len() as u32),
+    );
+    if let Some(vacuum) = &report.vacuum {
+        fill_vacuum(vacuum, out.reborrow().init_vacuum());
+    }
+    out.set_vacuumed(report.vacuum.is_some());
+}
+
+pub fn fill_vacuum(report: &VacuumReport, mut out: vacuum_report::Builder<'_>) {
+    out.set_bytes_before(report.bytes_before);
+    out.set_bytes_after(report.bytes_after);
+    out.set_duration_ms(report.duration_ms);
+}
+
+pub fn fill_reclaim_report(report: &ReclaimReport, mut out: reclaim_report::Builder<'_>) {
+    out.set_dry_run(report.dry_run);
+    out.set_parts_scanned(report.parts_scanned);
+    out.set_parts_cleared(report.parts_cleared);
+    out.set_bytes_reclaimed(report.bytes_reclaimed);
+}
+
+pub fn fill_compact_report(report: &CompactReport, mut out: compact_report::Builder<'_>) {
+    out.set_dry_run(report.dry_run);
+    out.set_cutoff(report.cutoff);
+    out.set_shares(report.shares);
+    out.set_ops(report.ops);
+    out.set_bytes(report.bytes);
 }
 
 /// `more`: whether shares follow this page (then `nextAfter` is the last id).
 pub fn fill_list(shares: &[ShareInfo], more: bool, mut out: share_list::Builder<'_>) {
-    let mut list = out.reborrow().init_shares(shares.len() as u32);
-    for (i, info) in shares.iter().enumerate() {
-        fill_info(info, list.reborrow().get(i as u32));
-    }
+    fill_info_list(shares, out.reborrow().init_shares(shares.len() as u32));
     if let Some(last) = shares.last().filter(|_| more) {
         out.set_next_after(last.state.share_id.as_str());
     }
@@ -238,5 +326,124 @@ pub fn fill_logged_list(
 ) {
     for (i, op) in ops.iter().enumerate() {
         fill_logged(op, out.reborrow().get(i as u32));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capsync_shared::{Epoch, ShareId, TokenId};
+
+    use super::*;
+    use crate::ledger::ShareFootprint;
+
+    fn info(id: &str) -> ShareInfo {
+        ShareInfo {
+            state: ShareState {
+                share_id: ShareId::from(id),
+                cursor: Cursor(9),
+                writer_epoch: Epoch(0),
+                viewer_epoch: Epoch(1),
+                updated_at: 0,
+            },
+            session_id: format!("ses_{id}"),
+            project_id: "prj".into(),
+            parent_session_id: String::new(),
+            title: "t".into(),
+            created_at: 1,
+            updated_at: 2,
+            owner_token_id: TokenId::from("agt"),
+            archived_at: None,
+        }
+    }
+
+    fn footprint(n: u64) -> ShareFootprint {
+        ShareFootprint {
+            messages: n,
+            parts: 2 * n,
+            ops: 3 * n,
+            tokens: 2,
+            bytes: 100 * n,
+        }
+    }
+
+    #[test]
+    fn a_prune_report_keeps_every_share_reason_and_count() {
+        let mut totals = footprint(1);
+        totals.add(&footprint(2));
+        let report = PruneReport {
+            dry_run: false,
+            cutoff: 1234,
+            shares: vec![
+                PlannedShare {
+                    info: info("sh_a"),
+                    reason: PruneReason::Inactive,
+                    footprint: footprint(1),
+                },
+                PlannedShare {
+                    info: info("sh_b"),
+                    reason: PruneReason::Child,
+                    footprint: footprint(2),
+                },
+            ],
+            totals,
+            kept_children: vec![info("sh_c")],
+            skipped: vec![info("sh_d"), info("sh_e")],
+            vacuum: Some(VacuumReport {
+                bytes_before: 4096,
+                bytes_after: 1024,
+                duration_ms: 7,
+            }),
+        };
+        let mut message = capnp::message::Builder::new_default();
+        let mut root = message.init_root::<prune_report::Builder<'_>>();
+        fill_prune_report(&report, root.reborrow());
+        let out = root.into_reader();
+
+        assert!(!out.get_dry_run());
+        assert_eq!(out.get_cutoff(), 1234);
+        let shares = out.get_shares().unwrap();
+        assert_eq!(shares.len(), 2);
+        let child = shares.get(1);
+        assert_eq!(
+            child
+                .get_info()
+                .unwrap()
+                .get_state()
+                .unwrap()
+                .get_share_id()
+                .unwrap(),
+            "sh_b"
+        );
+        assert_eq!(child.get_reason().unwrap(), wire::PruneReason::Child);
+        assert_eq!(
+            (child.get_messages(), child.get_parts(), child.get_ops()),
+            (2, 4, 6)
+        );
+        assert_eq!((child.get_tokens(), child.get_bytes()), (2, 200));
+        assert_eq!(
+            shares.get(0).get_reason().unwrap(),
+            wire::PruneReason::Inactive
+        );
+        let totals = out.get_totals().unwrap();
+        assert_eq!(totals.get_shares(), 2);
+        assert_eq!((totals.get_ops(), totals.get_bytes()), (9, 300));
+        assert_eq!(totals.get_tokens(), 4);
+        assert_eq!(out.get_kept_children().unwrap().len(), 1);
+        assert_eq!(out.get_skipped().unwrap().len(), 2);
+        assert!(out.get_vacuumed());
+        assert_eq!(out.get_vacuum().unwrap().get_bytes_after(), 1024);
+    }
+
+    #[test]
+    fn a_retention_must_be_positive() {
+        assert_eq!(
+            older_than(1500, "olderThanMs").unwrap(),
+            Duration::from_millis(1500)
+        );
+        for bad in [0, -1, i64::MIN] {
+            let err = older_than(bad, "olderThanMs").unwrap_err();
+            assert_eq!(err.code, capsync_shared::ErrorCode::InvalidArgument);
+            assert!(err.message.contains("olderThanMs"), "{}", err.message);
+        }
     }
 }

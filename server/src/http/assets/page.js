@@ -488,7 +488,8 @@
           name = "message";
           data = [];
           id = null;
-          if (stopped) { reader.cancel().catch(() => {}); return; }
+          // A reload reads the snapshot again, so the rest of this stream is not needed.
+          if (stopped || reloadNeeded) { reader.cancel().catch(() => {}); return; }
           continue;
         }
         if (line.startsWith(":")) continue; // keep-alive comment
@@ -531,6 +532,10 @@
       flush();
       showRevoked();
       return;
+    } else if (name === "snapshotRequired") {
+      // The ops this page needs next were compacted away: the snapshot holds
+      // their effect, so read it again and follow from its cursor.
+      reloadNeeded = true;
     }
     flush();
   }

@@ -1,14 +1,15 @@
 //! Append semantics: authority, cursor fence, then per op dedupe, dependencies, validation and application.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-use capsync_shared::{Cursor, OpId};
+use capsync_shared::{Cursor, OpId, OpKind};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::authority::{self, Access, ShareRow};
 use super::convert::{cursor_column, cursor_param};
 use super::records::KnownMessages;
-use super::{audit, payload, records};
+use super::{audit, payload, reclaim, records};
 use crate::ledger::{
     Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
     RejectReason,
@@ -18,10 +19,14 @@ use crate::ledger::{
 pub(super) const ARCHIVED: &str = "share is archived; unarchive it to append";
 
 /// Applies `batch` inside the caller's transaction (see ARCHITECTURE.md, "appendOps").
+///
+/// With `reclaim_compacted`, a part upsert of a compacted tool part is stored
+/// (in the ledger and in the parts) with its output and attachments cleared.
 pub(super) fn append(
     conn: &Connection,
     writer: &Authority,
     batch: &BatchIn,
+    reclaim_compacted: bool,
     now: i64,
 ) -> LedgerResult<Ack> {
     let share = authority::check_share(conn, writer, Access::Write, now)?;
@@ -42,6 +47,7 @@ pub(super) fn append(
         writer,
         batch_id: &batch.batch_id,
         now,
+        reclaim_compacted,
         cursor: share.cursor,
         applied_here: HashMap::new(),
         known_messages: KnownMessages::default(),
@@ -97,6 +103,8 @@ struct BatchRun<'a> {
     writer: &'a Authority,
     batch_id: &'a str,
     now: i64,
+    /// Whether compacted tool parts are stored without their output.
+    reclaim_compacted: bool,
     /// The share's cursor after the ops applied so far.
     cursor: Cursor,
     /// Ops applied earlier in this batch: they count for dedupe and
@@ -118,6 +126,7 @@ impl<'a> BatchRun<'a> {
                 "op depends on itself".to_owned(),
             ));
         }
+        let payload = self.stored_payload(op);
         // Claim the op id first: the unique index answers "duplicate?" in the
         // same probe that records the op, instead of a lookup before it. An op
         // refused below gives its claim back.
@@ -134,7 +143,7 @@ impl<'a> BatchRun<'a> {
                 cursor_param(cursor)?,
                 op.op_id.as_str(),
                 op.kind.as_str(),
-                op.payload,
+                payload.as_ref(),
                 self.writer.token_id.as_str(),
                 self.batch_id,
                 self.now,
@@ -149,7 +158,7 @@ impl<'a> BatchRun<'a> {
             })?;
             return Ok(OpOutcome::Duplicate(at));
         }
-        match self.check_and_apply(op)? {
+        match self.check_and_apply(op, &payload)? {
             Ok(()) => {
                 self.cursor = cursor;
                 self.applied_here.insert(op.op_id.as_str(), cursor);
@@ -164,8 +173,22 @@ impl<'a> BatchRun<'a> {
         }
     }
 
+    /// What is stored for `op`, in its ledger row and its record: the agent's
+    /// payload, or with reclaim on, a compacted tool part without its output.
+    /// Clearing before the ledger row is written means the output never
+    /// reaches the disk, and viewers replaying ops see what a snapshot shows.
+    fn stored_payload<'p>(&self, op: &'p OpIn) -> Cow<'p, str> {
+        if self.reclaim_compacted
+            && op.kind == OpKind::PartUpsert
+            && let Some(cleared) = reclaim::clear_compacted_output(&op.payload)
+        {
+            return Cow::Owned(cleared);
+        }
+        Cow::Borrowed(&op.payload)
+    }
+
     /// Dependencies, payload and stored state, then the record write; or the rejection.
-    fn check_and_apply(&mut self, op: &OpIn) -> LedgerResult<Result<(), OpOutcome>> {
+    fn check_and_apply(&mut self, op: &OpIn, payload: &str) -> LedgerResult<Result<(), OpOutcome>> {
         for dependency in &op.depends_on {
             if self.applied_at(dependency)?.is_none() {
                 return Ok(Err(rejected(
@@ -174,7 +197,7 @@ impl<'a> BatchRun<'a> {
                 )));
             }
         }
-        let effect = match payload::parse(op.kind, &op.payload, &self.share.session_id) {
+        let effect = match payload::parse(op.kind, payload, &self.share.session_id) {
             Ok(effect) => effect,
             Err(reason) => return Ok(Err(rejected(RejectReason::Invalid, reason))),
         };

@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row};
 
 use super::convert::cursor_column;
 use super::errors::corrupt;
-use crate::ledger::{Authority, LedgerError, LedgerResult, ShareInfo, ShareState};
+use crate::ledger::{Authority, LedgerError, LedgerResult, Operator, ShareInfo, ShareState};
 
 /// A share row as stored.
 #[derive(Clone, Debug)]
@@ -25,11 +25,17 @@ pub(super) struct ShareRow {
     pub updated_at: i64,
     /// When an admin archived the share; `None` while it is not. Archived shares refuse appends.
     pub archived_at: Option<i64>,
+    /// Ops up to this cursor lost their payload to ledger compaction.
+    pub compacted_through: Cursor,
 }
 
 /// Columns of `shares` in the order [`ShareRow::from_row`] reads them.
 pub(super) const SHARE_COLUMNS: &str = "id, session_id, project_id, parent_session_id, title, \
-     owner_token_id, cursor, writer_epoch, viewer_epoch, created_at, updated_at, archived_at";
+     owner_token_id, cursor, writer_epoch, viewer_epoch, created_at, updated_at, archived_at, \
+     compacted_through";
+
+/// The condition every read of `shares` adds: a share whose deletion has begun is gone.
+pub(super) const VISIBLE: &str = "deleting_at IS NULL";
 
 impl ShareRow {
     pub fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -46,6 +52,7 @@ impl ShareRow {
             created_at: row.get(9)?,
             updated_at: row.get(10)?,
             archived_at: row.get(11)?,
+            compacted_through: cursor_column(row, 12)?,
         })
     }
 
@@ -55,6 +62,7 @@ impl ShareRow {
             cursor: self.cursor,
             writer_epoch: self.writer_epoch,
             viewer_epoch: self.viewer_epoch,
+            updated_at: self.updated_at,
         }
     }
 
@@ -73,9 +81,11 @@ impl ShareRow {
     }
 }
 
+/// The share with this id, unless it does not exist or its deletion has begun.
 pub(super) fn load_share(conn: &Connection, id: &ShareId) -> LedgerResult<Option<ShareRow>> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {SHARE_COLUMNS} FROM shares WHERE id = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SHARE_COLUMNS} FROM shares WHERE id = ?1 AND {VISIBLE}"
+    ))?;
     Ok(stmt
         .query_row([id.as_str()], ShareRow::from_row)
         .optional()?)
@@ -153,6 +163,14 @@ pub(super) fn check_global(
         return Err(LedgerError::PermissionDenied);
     }
     check_token(conn, who, now).map(|_| ())
+}
+
+/// Checks who runs a lifecycle call: an admin's token, or the server itself.
+pub(super) fn check_operator(conn: &Connection, op: &Operator, now: i64) -> LedgerResult<()> {
+    match op {
+        Operator::Admin(who) => check_global(conn, who, TokenKind::Admin, now),
+        Operator::Scheduler => Ok(()),
+    }
 }
 
 /// Checks an admin or agent authority, whichever it claims to be.

@@ -7,15 +7,22 @@
 //! - [`apply`], [`payload`], [`records`]: append semantics, payload validation, materialized records.
 //! - [`tokens`], [`shares`], [`audit`]: the other writes.
 //! - [`reads`], [`snapshot`]: the other reads, and snapshot paging.
+//! - [`prune`], [`reclaim`], [`compact`], [`maintenance`]: the lifecycle steps
+//!   (plan and chunked deletion, clearing compacted tool output, dropping old
+//!   ledger payloads) and vacuum, incremental vacuum and checkpoints.
 
 mod apply;
 mod audit;
 mod authority;
+mod compact;
 mod convert;
 mod errors;
+mod maintenance;
 mod payload;
 mod pool;
+mod prune;
 mod reads;
+mod reclaim;
 mod records;
 mod schema;
 mod shares;
@@ -25,6 +32,12 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_maintenance;
+#[cfg(test)]
+mod tests_prune;
+#[cfg(test)]
+mod tests_reclaim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,9 +49,10 @@ use futures::future::BoxFuture;
 use self::pool::ReadPool;
 use self::writer::Writer;
 use super::{
-    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Ledger, LedgerError, LedgerResult,
-    Minted, NewShare, NewToken, OpOutcome, OpsPage, RevokeScope, ShareInfo, ShareState,
-    SnapshotPage, Stats, StoredToken,
+    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Checkpoint, CompactPosition,
+    CompactStep, DeleteStep, IncrementalVacuum, Ledger, LedgerError, LedgerResult, Minted,
+    NewShare, NewToken, OpOutcome, Operator, OpsPage, PruneFilter, PrunePlan, ReclaimStep,
+    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StoredToken, VacuumReport,
 };
 
 /// How hard a commit waits for the disk before the ack is sent.
@@ -63,16 +77,20 @@ pub struct SqliteOptions {
     pub read_connections: usize,
     /// Most commands one group-commit transaction takes.
     pub max_group_commit: usize,
+    /// Clear output and attachments of tool parts stored with a compacted time
+    /// (the server's `reclaim` setting).
+    pub reclaim_compacted: bool,
 }
 
 impl SqliteOptions {
-    /// Defaults for a database at `path`: full durability, 4 readers, groups of up to 256.
+    /// Defaults for a database at `path`: full durability, 4 readers, groups of up to 256, reclaim on.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             durability: Durability::Full,
             read_connections: 4,
             max_group_commit: 256,
+            reclaim_compacted: true,
         }
     }
 }
@@ -93,6 +111,8 @@ struct SqliteBackend {
     reads: Arc<ReadPool>,
     /// The database file, for `stats` (file sizes are not visible through SQL).
     path: Arc<PathBuf>,
+    /// Whether appends store compacted tool parts without their output (`SqliteOptions::reclaim_compacted`).
+    reclaim_compacted: bool,
 }
 
 impl SqliteBackend {
@@ -108,6 +128,7 @@ impl SqliteBackend {
             changes,
             reads,
             path: Arc::new(options.path.clone()),
+            reclaim_compacted: options.reclaim_compacted,
         })
     }
 
@@ -203,7 +224,9 @@ impl Backend for SqliteBackend {
 
     fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>> {
         let share = writer.share.as_ref().map(|(id, _)| id.clone());
-        let work = self.write(move |conn, now| apply::append(conn, &writer, &batch, now));
+        let reclaim_compacted = self.reclaim_compacted;
+        let work = self
+            .write(move |conn, now| apply::append(conn, &writer, &batch, reclaim_compacted, now));
         self.announce(work, move |ack| {
             let applied = ack
                 .results
@@ -263,16 +286,6 @@ impl Backend for SqliteBackend {
         self.announce(work, |_| Some(Changed::Tokens))
     }
 
-    fn delete_share(
-        &self,
-        who: Authority,
-        share_id: ShareId,
-    ) -> BoxFuture<'static, LedgerResult<()>> {
-        let changed = Changed::Share(share_id.clone());
-        let work = self.write(move |conn, now| shares::delete(conn, &who, &share_id, now));
-        self.announce(work, move |_| Some(changed))
-    }
-
     fn snapshot_page(
         &self,
         who: Authority,
@@ -289,6 +302,109 @@ impl Backend for SqliteBackend {
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<OpsPage>> {
         self.read(move |conn, now| reads::ops_since(conn, &who, after, limit, now))
+    }
+
+    fn plan_prune(
+        &self,
+        op: Operator,
+        filter: PruneFilter,
+    ) -> BoxFuture<'static, LedgerResult<PrunePlan>> {
+        self.read(move |conn, now| prune::plan(conn, &op, &filter, now))
+    }
+
+    fn delete_share_step(
+        &self,
+        op: Operator,
+        share_id: ShareId,
+        expect_cursor: Option<Cursor>,
+        max_rows: u32,
+    ) -> BoxFuture<'static, LedgerResult<DeleteStep>> {
+        let changed = Changed::Share(share_id.clone());
+        let work = self.write(move |conn, now| {
+            prune::delete_step(conn, &op, &share_id, expect_cursor, max_rows, now)
+        });
+        // Every step announces: the first one hid the share, and its followers
+        // must learn it is gone; later announcements cost a recheck at most.
+        self.announce(work, move |step| {
+            (*step != DeleteStep::Changed).then_some(changed)
+        })
+    }
+
+    fn unfinished_deletions(&self) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
+        self.read(|conn, _| prune::unfinished(conn))
+    }
+
+    fn archive_inactive(
+        &self,
+        op: Operator,
+        inactive_before: i64,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
+        self.write(move |conn, now| prune::archive_inactive(conn, &op, inactive_before, limit, now))
+    }
+
+    fn reclaim_step(
+        &self,
+        op: Operator,
+        after: i64,
+        max_parts: u32,
+        dry_run: bool,
+    ) -> BoxFuture<'static, LedgerResult<ReclaimStep>> {
+        // A dry run only reads: it need not wait for the writer.
+        if dry_run {
+            self.read(move |conn, now| reclaim::step(conn, &op, after, max_parts, true, now))
+        } else {
+            self.write(move |conn, now| reclaim::step(conn, &op, after, max_parts, false, now))
+        }
+    }
+
+    fn compact_step(
+        &self,
+        op: Operator,
+        applied_before: i64,
+        from: Option<CompactPosition>,
+        max_ops: u32,
+        dry_run: bool,
+    ) -> BoxFuture<'static, LedgerResult<CompactStep>> {
+        let step = move |conn: &rusqlite::Connection, now| {
+            compact::step(
+                conn,
+                &op,
+                applied_before,
+                from.as_ref(),
+                max_ops,
+                dry_run,
+                now,
+            )
+        };
+        if dry_run {
+            self.read(step)
+        } else {
+            self.write(step)
+        }
+    }
+
+    fn vacuum(&self, op: Operator) -> BoxFuture<'static, LedgerResult<VacuumReport>> {
+        let path = Arc::clone(&self.path);
+        self.writer
+            .exclusive(move |conn| maintenance::vacuum(conn, &op, &path, now_millis()))
+            .boxed()
+    }
+
+    fn incremental_vacuum(
+        &self,
+        max_pages: u32,
+    ) -> BoxFuture<'static, LedgerResult<IncrementalVacuum>> {
+        self.write(move |conn, _| maintenance::incremental_vacuum(conn, max_pages))
+    }
+
+    fn checkpoint(
+        &self,
+        max_wait: std::time::Duration,
+    ) -> BoxFuture<'static, LedgerResult<Checkpoint>> {
+        self.writer
+            .exclusive(move |conn| maintenance::checkpoint(conn, max_wait))
+            .boxed()
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {

@@ -5,11 +5,12 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority::{self, Access, SHARE_COLUMNS, ShareRow};
+use super::authority::{self, Access, SHARE_COLUMNS, ShareRow, VISIBLE};
 use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
 use crate::ledger::{
-    Authority, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, Stats, StoredToken,
+    Authority, LedgerError, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, Stats,
+    StoredToken,
 };
 
 /// The token row with its share's current state; no authority needed.
@@ -17,8 +18,9 @@ pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option
     let row = conn
         .prepare_cached(
             "SELECT t.kind, t.share_id, t.epoch, t.secret_hash, t.expires_at,
-                    t.revoked_at IS NOT NULL, s.id, s.cursor, s.writer_epoch, s.viewer_epoch
-             FROM tokens t LEFT JOIN shares s ON s.id = t.share_id
+                    t.revoked_at IS NOT NULL, s.id, s.cursor, s.writer_epoch, s.viewer_epoch,
+                    s.updated_at
+             FROM tokens t LEFT JOIN shares s ON s.id = t.share_id AND s.deleting_at IS NULL
              WHERE t.id = ?1",
         )?
         .query_row([id.as_str()], |r| {
@@ -28,6 +30,7 @@ pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option
                     cursor: cursor_column(r, 7)?,
                     writer_epoch: Epoch(r.get(8)?),
                     viewer_epoch: Epoch(r.get(9)?),
+                    updated_at: r.get(10)?,
                 }),
                 None => None,
             };
@@ -87,7 +90,8 @@ pub(super) fn list_shares(
     authority::check_admin_or_agent(conn, who, now)?;
     let rows = if who.kind == TokenKind::Admin {
         conn.prepare_cached(&format!(
-            "SELECT {SHARE_COLUMNS} FROM shares WHERE id > ?1 AND (?3 OR archived_at IS NULL)
+            "SELECT {SHARE_COLUMNS} FROM shares
+             WHERE id > ?1 AND (?3 OR archived_at IS NULL) AND {VISIBLE}
              ORDER BY id LIMIT ?2"
         ))?
         .query_map(params![after, limit, include_archived], ShareRow::from_row)?
@@ -95,7 +99,7 @@ pub(super) fn list_shares(
     } else {
         conn.prepare_cached(&format!(
             "SELECT {SHARE_COLUMNS} FROM shares
-             WHERE owner_token_id = ?1 AND id > ?2 AND (?4 OR archived_at IS NULL)
+             WHERE owner_token_id = ?1 AND id > ?2 AND (?4 OR archived_at IS NULL) AND {VISIBLE}
              ORDER BY id LIMIT ?3"
         ))?
         .query_map(
@@ -116,6 +120,11 @@ pub(super) fn ops_since(
     now: i64,
 ) -> LedgerResult<OpsPage> {
     let share = authority::check_share(conn, who, Access::Read, now)?;
+    // Below the compaction point payloads are gone: a gap the caller must fill
+    // with a snapshot, never one it is handed silently.
+    if after < share.compacted_through {
+        return Err(LedgerError::SnapshotRequired(share.compacted_through));
+    }
     let ops = conn
         .prepare_cached(
             "SELECT cursor, op_id, kind, payload, applied_at FROM ops
@@ -170,15 +179,18 @@ pub(super) fn stats(
         pragma("page_count")?,
         pragma("freelist_count")?,
     );
-    let (root_shares, child_shares, archived_shares) = conn
+    // Cursors have no gaps, so a share's compaction point is also the number
+    // of its ops that lost their payload.
+    let (root_shares, child_shares, archived_shares, compacted_ops) = conn
         .prepare_cached(
             "SELECT coalesce(sum(parent_session_id = ''), 0),
                     coalesce(sum(parent_session_id <> ''), 0),
-                    coalesce(sum(archived_at IS NOT NULL), 0)
-             FROM shares",
+                    coalesce(sum(archived_at IS NOT NULL), 0),
+                    coalesce(sum(compacted_through), 0)
+             FROM shares WHERE deleting_at IS NULL",
         )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .map(|(a, b, c): (i64, i64, i64)| (count(a), count(b), count(c)))?;
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .map(|(a, b, c, d): (i64, i64, i64, i64)| (count(a), count(b), count(c), count(d)))?;
     let single = |sql: &str| -> LedgerResult<u64> {
         Ok(count(
             conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?,
@@ -203,8 +215,21 @@ pub(super) fn stats(
         parts: single("SELECT count(*) FROM parts")?,
         ledger_ops,
         ledger_payload_bytes,
+        compacted_ops,
+        reclaimable_output_bytes: single(RECLAIMABLE_OUTPUT_BYTES)?,
     })
 }
+
+/// What a reclaim pass would clear: output and attachments still held by tool
+/// parts marked compacted (the JSON text of each, so about the bytes saved).
+const RECLAIMABLE_OUTPUT_BYTES: &str = "
+    SELECT coalesce(sum(
+        coalesce(length(CAST(json_extract(json, '$.state.output') AS BLOB)), 0)
+        + CASE WHEN coalesce(json_array_length(json, '$.state.attachments'), 0) > 0
+               THEN length(CAST(json_extract(json, '$.state.attachments') AS BLOB)) ELSE 0 END), 0)
+    FROM parts
+    WHERE json_extract(json, '$.type') = 'tool'
+      AND json_extract(json, '$.state.time.compacted') IS NOT NULL";
 
 /// A count or sum from SQLite (never negative here) as `u64`.
 fn count(value: i64) -> u64 {

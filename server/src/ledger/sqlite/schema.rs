@@ -9,11 +9,23 @@ use super::Durability;
 use crate::ledger::{LedgerError, LedgerResult};
 
 /// How long a statement waits for a lock held by another connection before giving up with `Busy`.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The size the write-ahead log is cut back to when a write restarts it after
+/// a checkpoint. Without a limit SQLite reuses the file from the start and never
+/// shrinks it, so one burst (a VACUUM writes the whole database through the
+/// log) would leave a database-sized `-wal` file behind for good. 64 MiB is
+/// well above what the automatic checkpoints (every ~4 MiB of log) let it
+/// reach in normal work, so everyday writes never pay for truncating it.
+const JOURNAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Where the write connection keeps temporary data (see `open_writer`); a
+/// VACUUM moves it to disk for its duration and then sets this back.
+pub(super) const WRITER_TEMP_STORE: &str = "MEMORY";
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_ARCHIVE];
+const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_ARCHIVE, V3_LIFECYCLE];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -126,6 +138,21 @@ const V2_ARCHIVE: &str = r#"
 ALTER TABLE shares ADD COLUMN archived_at INTEGER;
 "#;
 
+/// Lifecycle (issue 5): chunked deletion and ledger compaction.
+/// - `deleting_at`: set by the first step of a deletion. From then on the share
+///   is gone for every caller, while later steps remove its rows a chunk at a time.
+/// - `compacted_through`: ops with a cursor up to this one have lost their
+///   payload; `opsSince` below it answers "snapshot required".
+/// - Prune selects by last change, finds children by parent session id and
+///   roots by looking their parent session up.
+const V3_LIFECYCLE: &str = r#"
+ALTER TABLE shares ADD COLUMN deleting_at INTEGER;
+ALTER TABLE shares ADD COLUMN compacted_through INTEGER NOT NULL DEFAULT 0 CHECK (compacted_through >= 0);
+CREATE INDEX shares_by_activity ON shares (updated_at);
+CREATE INDEX shares_by_parent ON shares (parent_session_id);
+CREATE INDEX shares_by_session ON shares (session_id);
+"#;
+
 /// Opens the write connection, creating the database (and its directory) if
 /// needed, and applies pending migrations.
 pub(super) fn open_writer(path: &Path, durability: Durability) -> LedgerResult<Connection> {
@@ -157,10 +184,11 @@ pub(super) fn open_writer(path: &Path, durability: Durability) -> LedgerResult<C
     };
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)?;
     // Each queued command runs in a savepoint; past 64 KiB of changed pages
     // SQLite spills a savepoint's journal to a temp file, which cost ~40% of the
     // writer's CPU on 100-op batches (docs/BENCHMARKS.md). Keep it in memory.
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "temp_store", WRITER_TEMP_STORE)?;
     migrate(&mut conn)?;
     Ok(conn)
 }

@@ -1,7 +1,7 @@
-//! Share writes: creation with the first writer and viewer tokens, epoch revocation, archiving, deletion.
+//! Share writes: creation with the first writer and viewer tokens, epoch revocation, archiving.
 
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
-use capsync_shared::{Epoch, ShareId, TokenKind};
+use capsync_shared::{Cursor, Epoch, ShareId, TokenKind};
 use rusqlite::{Connection, params};
 
 use super::authority::{self, ShareRow, load_share};
@@ -39,6 +39,7 @@ pub(super) fn create(
         created_at: now,
         updated_at: now,
         archived_at: None,
+        compacted_through: Cursor(0),
     };
     conn.prepare_cached(
         "INSERT INTO shares (id, session_id, project_id, parent_session_id, title,
@@ -94,23 +95,6 @@ pub(super) fn revoke(
     Ok(share.state())
 }
 
-/// Admin only: the share and, by cascade, its tokens, ledger and records.
-pub(super) fn delete(
-    conn: &Connection,
-    who: &Authority,
-    share_id: &ShareId,
-    now: i64,
-) -> LedgerResult<()> {
-    authority::check_global(conn, who, TokenKind::Admin, now)?;
-    let deleted = conn
-        .prepare_cached("DELETE FROM shares WHERE id = ?1")?
-        .execute([share_id.as_str()])?;
-    if deleted == 0 {
-        return Err(LedgerError::NotFound);
-    }
-    Ok(())
-}
-
 /// Admin only: archives (or unarchives) a share. Archiving an archived share keeps
 /// its first `archived_at`, so a retried call does not move the date.
 pub(super) fn set_archived(
@@ -124,7 +108,7 @@ pub(super) fn set_archived(
     let updated = conn
         .prepare_cached(
             "UPDATE shares SET archived_at = CASE WHEN ?2 THEN coalesce(archived_at, ?3) END
-             WHERE id = ?1",
+             WHERE id = ?1 AND deleting_at IS NULL",
         )?
         .execute(params![share_id.as_str(), archived, now])?;
     if updated == 0 {

@@ -14,8 +14,8 @@ use tempfile::TempDir;
 use super::schema::{SCHEMA_VERSION, V1_INITIAL};
 use super::{Durability, SqliteBackend, SqliteOptions};
 use crate::ledger::{
-    Ack, AuditEvent, Authority, Backend, BatchIn, Ledger, LedgerError, LedgerResult, NewShare,
-    NewToken, OpIn, OpOutcome, Record, RecordKind, RejectReason, RevokeScope,
+    Ack, AuditEvent, Authority, Backend, BatchIn, DeleteStep, Ledger, LedgerError, LedgerResult,
+    NewShare, NewToken, OpIn, OpOutcome, Operator, Record, RecordKind, RejectReason, RevokeScope,
 };
 
 const SESSION: &str = "ses_1";
@@ -25,16 +25,16 @@ const SHARE: &str = "sh_1";
 // Fixture
 
 /// A database with an admin, an agent and one share created by that agent.
-struct Fixture {
+pub(super) struct Fixture {
     /// Keeps the database directory alive for the test.
     dir: TempDir,
-    backend: Arc<SqliteBackend>,
-    admin: Authority,
-    agent: Authority,
+    pub(super) backend: Arc<SqliteBackend>,
+    pub(super) admin: Authority,
+    pub(super) agent: Authority,
     /// `sh_1`, for session `ses_1`.
-    share: ShareId,
-    writer: Authority,
-    viewer: Authority,
+    pub(super) share: ShareId,
+    pub(super) writer: Authority,
+    pub(super) viewer: Authority,
 }
 
 fn options(path: PathBuf, max_group_commit: usize) -> SqliteOptions {
@@ -43,11 +43,31 @@ fn options(path: PathBuf, max_group_commit: usize) -> SqliteOptions {
         durability: Durability::Full,
         read_connections: 2,
         max_group_commit,
+        reclaim_compacted: true,
+    }
+}
+
+/// Deletes a share to the end in small steps, as `crate::lifecycle::delete_share` does.
+async fn delete_share(
+    backend: &SqliteBackend,
+    who: &Authority,
+    share: &ShareId,
+) -> LedgerResult<()> {
+    let op = Operator::Admin(who.clone());
+    loop {
+        match backend
+            .delete_share_step(op.clone(), share.clone(), None, 100)
+            .await?
+        {
+            DeleteStep::More => {}
+            DeleteStep::Done => return Ok(()),
+            DeleteStep::Changed => unreachable!("no cursor was expected"),
+        }
     }
 }
 
 impl Fixture {
-    async fn new() -> Self {
+    pub(super) async fn new() -> Self {
         Self::with_group(64).await
     }
 
@@ -78,21 +98,21 @@ impl Fixture {
         fixture
     }
 
-    fn path(&self) -> PathBuf {
+    pub(super) fn path(&self) -> PathBuf {
         self.dir.path().join("ledger.db")
     }
 
     /// A separate connection to the file, to look at what was stored.
-    fn raw(&self) -> Connection {
+    pub(super) fn raw(&self) -> Connection {
         Connection::open(self.path()).unwrap()
     }
 
-    fn count(&self, sql: &str) -> i64 {
+    pub(super) fn count(&self, sql: &str) -> i64 {
         self.raw().query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
     /// Creates share `id` (session `ses_1`) owned by `agent`; returns its writer and viewer.
-    async fn new_share(&self, agent: &Authority, id: &str) -> (Authority, Authority) {
+    pub(super) async fn new_share(&self, agent: &Authority, id: &str) -> (Authority, Authority) {
         let info = self
             .backend
             .create_share(
@@ -111,7 +131,7 @@ impl Fixture {
         )
     }
 
-    async fn append(&self, ops: Vec<OpIn>) -> Ack {
+    pub(super) async fn append(&self, ops: Vec<OpIn>) -> Ack {
         self.backend
             .append(self.writer.clone(), batch(ops))
             .await
@@ -127,14 +147,14 @@ impl Fixture {
     }
 
     /// Closes the ledger and opens the same file again.
-    async fn reopen(mut self) -> Self {
+    pub(super) async fn reopen(mut self) -> Self {
         self.backend.close().await;
         self.backend = Arc::new(SqliteBackend::open(&options(self.path(), 64)).unwrap());
         self
     }
 
     /// Every record of the share, read in pages of at most `max_bytes`.
-    async fn snapshot(&self, max_bytes: u32) -> (Vec<Record>, usize) {
+    pub(super) async fn snapshot(&self, max_bytes: u32) -> (Vec<Record>, usize) {
         let mut records = Vec::new();
         let mut page = String::new();
         let mut pages = 0;
@@ -161,7 +181,7 @@ impl Fixture {
     }
 }
 
-fn token(id: &str) -> NewToken {
+pub(super) fn token(id: &str) -> NewToken {
     NewToken {
         id: TokenId::from(id),
         secret_hash: format!("$argon2id$fake${id}"),
@@ -170,7 +190,7 @@ fn token(id: &str) -> NewToken {
     }
 }
 
-fn authority(token_id: &str, kind: TokenKind, share: Option<(&str, u32)>) -> Authority {
+pub(super) fn authority(token_id: &str, kind: TokenKind, share: Option<(&str, u32)>) -> Authority {
     Authority {
         token_id: TokenId::from(token_id),
         kind,
@@ -188,7 +208,7 @@ fn new_share(id: &str) -> NewShare {
     }
 }
 
-fn op(id: &str, kind: OpKind, payload: Value) -> OpIn {
+pub(super) fn op(id: &str, kind: OpKind, payload: Value) -> OpIn {
     raw_op(id, kind, &payload.to_string())
 }
 
@@ -206,7 +226,7 @@ fn after(mut op: OpIn, dependencies: &[&str]) -> OpIn {
     op
 }
 
-fn batch(ops: Vec<OpIn>) -> BatchIn {
+pub(super) fn batch(ops: Vec<OpIn>) -> BatchIn {
     BatchIn {
         batch_id: "batch".into(),
         ops,
@@ -249,13 +269,13 @@ fn part(id: &str, message_id: &str) -> Value {
     json!({"id": id, "messageID": message_id, "sessionID": SESSION, "type": "text", "text": "Hel"})
 }
 
-fn model_op(id: &str) -> OpIn {
+pub(super) fn model_op(id: &str) -> OpIn {
     op(id, OpKind::ModelUpsert, json!({"id": id}))
 }
 
 /// Blocks the writer thread inside a command until the returned sender is
 /// dropped, so a test can queue commands knowing none of them has run yet.
-async fn hold_writer(
+pub(super) async fn hold_writer(
     backend: &SqliteBackend,
 ) -> (
     std::sync::mpsc::Sender<()>,
@@ -988,10 +1008,7 @@ async fn each_call_accepts_only_its_kinds_of_authority() {
         .revoke_token(fx.agent.clone(), TokenId::from("w-sh_1"))
         .await;
     denied(&r, matches!(r, Err(LedgerError::PermissionDenied)));
-    let r = fx
-        .backend
-        .delete_share(fx.agent.clone(), fx.share.clone())
-        .await;
+    let r = delete_share(&fx.backend, &fx.agent, &fx.share).await;
     denied(&r, matches!(r, Err(LedgerError::PermissionDenied)));
     let r = fx.backend.share_state(fx.admin.clone()).await;
     denied(&r, matches!(r, Err(LedgerError::PermissionDenied)));
@@ -1300,8 +1317,7 @@ async fn deleting_a_share_cascades_to_everything_it_owns() {
         detail: "127.0.0.1".into(),
     });
 
-    fx.backend
-        .delete_share(fx.admin.clone(), fx.share.clone())
+    delete_share(&fx.backend, &fx.admin, &fx.share)
         .await
         .unwrap();
     for table in [
@@ -1349,10 +1365,7 @@ async fn deleting_a_share_cascades_to_everything_it_owns() {
             .unwrap()
             .is_none()
     );
-    let r = fx
-        .backend
-        .delete_share(fx.admin.clone(), fx.share.clone())
-        .await;
+    let r = delete_share(&fx.backend, &fx.admin, &fx.share).await;
     assert!(matches!(r, Err(LedgerError::NotFound)), "{r:?}");
     fx.backend.share_state(other_viewer).await.unwrap();
 }
@@ -2014,8 +2027,7 @@ async fn stats_count_a_known_dataset() {
     );
 
     // The counts follow deletions; only admins may ask.
-    fx.backend
-        .delete_share(fx.admin.clone(), fx.share.clone())
+    delete_share(&fx.backend, &fx.admin, &fx.share)
         .await
         .unwrap();
     assert!(matches!(

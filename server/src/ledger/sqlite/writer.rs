@@ -6,6 +6,9 @@
 //! `COMMIT` returns, so an ack always means durable. While one group's commit
 //! waits for the disk, new commands queue up and form the next group: the
 //! slower the disk, the larger the groups.
+//!
+//! Exclusive commands (VACUUM, truncating checkpoints) cannot run inside a
+//! transaction: the thread runs each alone, between groups, in queue order.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -54,7 +57,10 @@ impl WriterStats {
 }
 
 enum Command {
+    /// Runs in the next group transaction.
     Job(Box<dyn Job>),
+    /// Runs alone, with no transaction open, once everything queued before it has committed.
+    Exclusive(Box<dyn Job>),
     /// An audit line and the time it happened.
     Audit(AuditEvent, i64),
     /// Take nothing new; finish what is queued and stop.
@@ -63,8 +69,8 @@ enum Command {
 
 /// A queued piece of work with its reply channel, type-erased for the queue.
 trait Job: Send {
-    /// Runs the work inside the job's savepoint and keeps its result. Returns
-    /// false when the savepoint must be rolled back.
+    /// Runs the work (inside the job's savepoint, unless it is exclusive) and
+    /// keeps its result. Returns false when its changes must be rolled back.
     fn run(&mut self, conn: &Connection) -> bool;
 
     /// Sends the kept result, or the commit's error if the group did not commit.
@@ -90,7 +96,8 @@ where
         };
         // A bug that panics inside one command must fail that command, not kill
         // the only writer thread (which would leave every later write `Closed`).
-        // Its changes are undone with its savepoint (or the group's rollback).
+        // Its changes are undone with its savepoint (or the group's rollback;
+        // an exclusive command's statements each commit or fail whole).
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn)))
             .unwrap_or_else(|_| {
                 tracing::error!("a ledger command panicked; it was rolled back");
@@ -143,6 +150,30 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
+        self.queue(work, Command::Job)
+    }
+
+    /// Queues `work` to run alone, in autocommit mode (VACUUM and truncating
+    /// checkpoints cannot run inside a transaction). Everything queued before
+    /// it is committed first; everything queued after it waits for it.
+    pub fn exclusive<T, F>(&self, work: F) -> impl Future<Output = LedgerResult<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
+    {
+        self.queue(work, Command::Exclusive)
+    }
+
+    /// Queues `work` as the command `kind` makes of it, and waits for its reply.
+    fn queue<T, F>(
+        &self,
+        work: F,
+        kind: fn(Box<dyn Job>) -> Command,
+    ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job = Pending {
             work: Some(work),
@@ -150,7 +181,7 @@ impl Writer {
             reply,
         };
         let queued = !self.closing.load(Ordering::Acquire)
-            && self.commands.send(Command::Job(Box::new(job))).is_ok();
+            && self.commands.send(kind(Box::new(job))).is_ok();
         async move {
             if !queued {
                 return Err(LedgerError::Closed);
@@ -197,7 +228,8 @@ impl Writer {
     }
 }
 
-/// The thread's body: one group per loop, until the queue is closed and drained.
+/// The thread's body: one group, or one exclusive command, per loop, until the
+/// queue is closed and drained.
 fn run(
     conn: Connection,
     mut queue: mpsc::UnboundedReceiver<Command>,
@@ -205,42 +237,24 @@ fn run(
     stats: &WriterStats,
 ) {
     let mut group = Vec::with_capacity(max_group);
-    while let Some(first) = queue.blocking_recv() {
-        group.push(first);
-        while group.len() < max_group {
-            match queue.try_recv() {
-                Ok(command) => group.push(command),
-                Err(_) => break,
-            }
-        }
-        let mut jobs = Vec::with_capacity(group.len());
-        let mut audits = Vec::new();
-        for command in group.drain(..) {
-            match command {
-                Command::Job(job) => jobs.push(job),
-                Command::Audit(event, at) => audits.push((event, at)),
-                // Buffered commands are still received after this; new sends fail.
-                Command::Close => queue.close(),
-            }
-        }
-        if jobs.is_empty() && audits.is_empty() {
+    // An exclusive command that ended the gathering of a group: it runs right
+    // after that group, before anything queued behind it.
+    let mut exclusive = None;
+    loop {
+        if let Some(job) = exclusive.take() {
+            run_exclusive(&conn, job);
             continue;
         }
-        let outcome = commit_group(&conn, &mut jobs, &audits);
-        match &outcome {
-            Ok(()) => {
-                stats.transactions.fetch_add(1, Ordering::SeqCst);
-                stats
-                    .commands
-                    .fetch_add(jobs.len() as u64, Ordering::SeqCst);
+        match queue.blocking_recv() {
+            None => break,
+            Some(Command::Exclusive(job)) => {
+                run_exclusive(&conn, job);
+                continue;
             }
-            Err(e) => {
-                tracing::error!(error = %e, commands = jobs.len(), "ledger group commit failed")
-            }
+            Some(first) => group.push(first),
         }
-        for job in jobs {
-            job.finish(&outcome);
-        }
+        exclusive = gather(&mut queue, &mut group, max_group);
+        run_group(&conn, &mut queue, &mut group, stats);
     }
     tracing::debug!(
         transactions = stats.transactions.load(Ordering::Relaxed),
@@ -250,6 +264,87 @@ fn run(
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the ledger's write connection failed");
     }
+}
+
+/// Adds what is already queued to `group`, up to `max_group` commands. Stops
+/// at an exclusive command and returns it: it must not overtake the group.
+fn gather(
+    queue: &mut mpsc::UnboundedReceiver<Command>,
+    group: &mut Vec<Command>,
+    max_group: usize,
+) -> Option<Box<dyn Job>> {
+    while group.len() < max_group {
+        match queue.try_recv() {
+            Ok(Command::Exclusive(job)) => return Some(job),
+            Ok(command) => group.push(command),
+            Err(_) => break,
+        }
+    }
+    None
+}
+
+/// Commits the commands of `group` (emptying it) in one transaction and replies to each.
+fn run_group(
+    conn: &Connection,
+    queue: &mut mpsc::UnboundedReceiver<Command>,
+    group: &mut Vec<Command>,
+    stats: &WriterStats,
+) {
+    let mut jobs = Vec::with_capacity(group.len());
+    let mut audits = Vec::new();
+    for command in group.drain(..) {
+        match command {
+            Command::Job(job) => jobs.push(job),
+            Command::Audit(event, at) => audits.push((event, at)),
+            // Buffered commands are still received after this; new sends fail.
+            Command::Close => queue.close(),
+            Command::Exclusive(_) => {
+                unreachable!("`gather` never puts an exclusive command in a group")
+            }
+        }
+    }
+    if jobs.is_empty() && audits.is_empty() {
+        return;
+    }
+    let outcome = commit_group(conn, &mut jobs, &audits);
+    match &outcome {
+        Ok(()) => {
+            stats.transactions.fetch_add(1, Ordering::SeqCst);
+            stats
+                .commands
+                .fetch_add(jobs.len() as u64, Ordering::SeqCst);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, commands = jobs.len(), "ledger group commit failed")
+        }
+    }
+    for job in jobs {
+        job.finish(&outcome);
+    }
+}
+
+/// Runs one exclusive command in autocommit mode and replies at once: each of
+/// its statements committed as it ran.
+fn run_exclusive(conn: &Connection, mut job: Box<dyn Job>) {
+    let succeeded = job.run(conn);
+    if conn.is_autocommit() {
+        job.finish(&Ok(()));
+        return;
+    }
+    // A transaction left open would make every later group's BEGIN fail.
+    tracing::error!("an exclusive ledger command left a transaction open; rolling it back");
+    if let Err(e) = conn.execute_batch("ROLLBACK") {
+        tracing::error!(error = %e, "rolling back after an exclusive command failed");
+    }
+    // A failed command keeps its own error; a "successful" one lost its work.
+    let outcome = if succeeded {
+        Err(LedgerError::Storage(
+            "an exclusive command left a transaction open".into(),
+        ))
+    } else {
+        Ok(())
+    };
+    job.finish(&outcome);
 }
 
 /// Runs one group in one transaction. On error nothing of the group is committed.
