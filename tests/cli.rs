@@ -2,25 +2,7 @@
 //! real server: mint an agent, create a share, push the sample session, read
 //! the snapshot, revoke the viewers, and see the viewer fail while the writer works.
 
-use capsync_client::cli::{CliRun, run_args};
-use capsync_tests::{TestServer, run_local, sample_session_path};
-use serde_json::Value;
-
-async fn capsync(server: &TestServer, token: &str, args: &[&str]) -> CliRun {
-    let addr = server.addr().to_string();
-    let mut argv = vec!["capsync", "--server", &addr, "--token", token];
-    argv.extend_from_slice(args);
-    run_args(argv).await
-}
-
-fn json_of(run: &CliRun) -> Value {
-    assert_eq!(
-        run.code, 0,
-        "stderr: {}\nstdout: {}",
-        run.stderr, run.stdout
-    );
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
-}
+use capsync_tests::{TestServer, capsync, json_of, run_local, sample_session_path};
 
 #[test]
 fn readme_walkthrough() {

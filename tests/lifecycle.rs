@@ -2,10 +2,10 @@
 //! archiving hides a share from listings and makes it read-only while viewers keep
 //! reading it; stats count what the database holds.
 
-use capsync_client::cli::{CliRun, run_args};
 use capsync_client::{ClientError, ErrorCode};
-use capsync_tests::{TestServer, admin, agent, batch, run_local, session_ops, share, text_part_op};
-use serde_json::Value;
+use capsync_tests::{
+    TestServer, admin, agent, batch, capsync, json_of, run_local, session_ops, share, text_part_op,
+};
 
 fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> Option<ErrorCode> {
     result.expect_err("expected a failure").code()
@@ -94,22 +94,6 @@ fn an_archived_share_is_hidden_read_only_and_viewable_until_unarchived() {
             2
         );
     });
-}
-
-async fn capsync(server: &TestServer, token: &str, args: &[&str]) -> CliRun {
-    let addr = server.addr().to_string();
-    let mut argv = vec!["capsync", "--server", &addr, "--token", token];
-    argv.extend_from_slice(args);
-    run_args(argv).await
-}
-
-fn json_of(run: &CliRun) -> Value {
-    assert_eq!(
-        run.code, 0,
-        "stderr: {}\nstdout: {}",
-        run.stderr, run.stdout
-    );
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
 }
 
 #[test]

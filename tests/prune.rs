@@ -8,14 +8,12 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Duration;
 
-use capsync_client::cli::{CliRun, run_args};
 use capsync_client::{
-    AgentClient, ClientError, Connection, CreatedShare, ErrorCode, PruneOptions, PruneReport,
-    ViewerClient,
+    AgentClient, ClientError, CreatedShare, ErrorCode, PruneOptions, PruneReport,
 };
 use capsync_tests::{
-    TestServer, admin, agent, backdate, batch, child_share, database_check, rows_of_share,
-    run_local, session_ops, share,
+    TestServer, admin, agent, backdate, batch, capsync, child_share, database_check, json_of,
+    rows_of_share, run_local, session_ops, share, viewer_of,
 };
 use serde_json::Value;
 
@@ -60,14 +58,6 @@ async fn aged_share(
         backdate(server, &created.info.state.share_id, age);
     }
     created
-}
-
-async fn viewer_of(conn: &Connection, created: &CreatedShare) -> ViewerClient {
-    conn.redeem(&created.viewer_token.token)
-        .await
-        .expect("redeem viewer")
-        .into_viewer()
-        .expect("viewer")
 }
 
 #[test]
@@ -203,39 +193,36 @@ fn children_in_other_projects_go_with_their_root_once_and_the_file_shrinks() {
             grandchild.info.state.share_id.clone(),
         ]);
 
-        let addr = server.addr().to_string();
-        let cli = |args: &'static [&'static str]| {
-            let mut argv = vec![
-                "capsync",
-                "--server",
-                &addr,
-                "--token",
-                &admin_token,
-                "--json",
-            ];
-            argv.extend_from_slice(args);
-            run_args(argv)
-        };
         let dry = json_of(
-            &cli(&[
-                "admin",
-                "prune",
-                "--older-than",
-                "30d",
-                "--children",
-                "--dry-run",
-            ])
+            &capsync(
+                &server,
+                &admin_token,
+                &[
+                    "--json",
+                    "admin",
+                    "prune",
+                    "--older-than",
+                    "30d",
+                    "--children",
+                    "--dry-run",
+                ],
+            )
             .await,
         );
         let real = json_of(
-            &cli(&[
-                "admin",
-                "prune",
-                "--older-than",
-                "30d",
-                "--children",
-                "--vacuum",
-            ])
+            &capsync(
+                &server,
+                &admin_token,
+                &[
+                    "--json",
+                    "admin",
+                    "prune",
+                    "--older-than",
+                    "30d",
+                    "--children",
+                    "--vacuum",
+                ],
+            )
             .await,
         );
 
@@ -300,15 +287,6 @@ fn children_in_other_projects_go_with_their_root_once_and_the_file_shrinks() {
     });
 }
 
-fn json_of(run: &CliRun) -> Value {
-    assert_eq!(
-        run.code, 0,
-        "stderr: {}\nstdout: {}",
-        run.stderr, run.stdout
-    );
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
-}
-
 #[test]
 fn archived_only_prunes_archived_roots_and_a_human_run_reports_kept_children() {
     let server = TestServer::start();
@@ -333,17 +311,11 @@ fn archived_only_prunes_archived_roots_and_a_human_run_reports_kept_children() {
             .await
             .unwrap();
 
-        let addr = server.addr().to_string();
-        let run = run_args([
-            "capsync",
-            "--server",
-            &addr,
-            "--token",
+        let run = capsync(
+            &server,
             &admin_token,
-            "admin",
-            "prune",
-            "--archived-only",
-        ])
+            &["admin", "prune", "--archived-only"],
+        )
         .await;
         assert_eq!(run.code, 0, "{}", run.stderr);
         assert!(

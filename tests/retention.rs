@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use capsync_client::cli::run_args;
 use capsync_client::{ClientError, ErrorCode, OpKind, OpSpec, ProgressUpdate, RecordKind};
 use capsync_tests::{
-    TestServer, admin, agent, backdate, batch, child_share, database_check, message_op, run_local,
-    session_ops, share,
+    TestServer, admin, agent, backdate, batch, capsync, child_share, database_check, message_op,
+    run_local, session_ops, share, viewer_of,
 };
 use serde_json::{Value, json};
 
@@ -72,12 +71,7 @@ fn a_retroactive_reclaim_clears_only_compacted_tool_parts() {
         let mut ops = session_ops(session, message, 0);
         ops.extend(sent.iter().map(|(id, part)| part_op(id, part.clone())));
         created.writer.append(&batch("b1", ops)).await.unwrap();
-        let viewer = conn
-            .redeem(&created.viewer_token.token)
-            .await
-            .unwrap()
-            .into_viewer()
-            .unwrap();
+        let viewer = viewer_of(&conn, &created).await;
         assert_eq!(stored_parts(&viewer).await.len(), 3);
         let stats = admin.stats().await.unwrap();
         assert!(stats.reclaimable_output_bytes > 8000, "{stats:?}");
@@ -142,12 +136,7 @@ fn with_reclaim_on_a_part_marked_compacted_is_stored_without_its_output() {
             tool_part(session, message, "prt_b", Some(99)),
         ));
         created.writer.append(&batch("b1", ops)).await.unwrap();
-        let viewer = conn
-            .redeem(&created.viewer_token.token)
-            .await
-            .unwrap()
-            .into_viewer()
-            .unwrap();
+        let viewer = viewer_of(&conn, &created).await;
         let parts = stored_parts(&viewer).await;
         assert_eq!(parts[0].1["state"]["output"], "");
         assert_eq!(parts[0].1["state"]["attachments"], json!([]));
@@ -194,12 +183,7 @@ fn compaction_keeps_op_ids_and_sends_viewers_below_it_to_a_snapshot() {
         assert!(real.bytes > 0);
         assert_eq!(admin.stats().await.unwrap().compacted_ops, 6);
 
-        let viewer = conn
-            .redeem(&created.viewer_token.token)
-            .await
-            .unwrap()
-            .into_viewer()
-            .unwrap();
+        let viewer = viewer_of(&conn, &created).await;
         match viewer.ops_since(2, 0).await {
             Err(ClientError::Remote { code, cursor, .. }) => {
                 assert_eq!(code, ErrorCode::SnapshotRequired);
@@ -318,22 +302,26 @@ fn the_cli_compacts_and_reclaims_with_json_reports() {
             .await
             .unwrap();
         backdate(&server, &created.info.state.share_id, 3 * DAY);
-        let addr = server.addr().to_string();
-        let run = |args: &'static [&'static str]| {
-            let mut argv = vec!["capsync", "--server", &addr, "--token", &token, "--json"];
-            argv.extend_from_slice(args);
-            run_args(argv)
-        };
-        let compact = run(&["admin", "compact", "--older-than", "2d"]).await;
+        let compact = capsync(
+            &server,
+            &token,
+            &["--json", "admin", "compact", "--older-than", "2d"],
+        )
+        .await;
         assert_eq!(compact.code, 0, "{}", compact.stderr);
         let report: Value = serde_json::from_str(&compact.stdout).unwrap();
         assert_eq!(report["ops"], 5);
         assert_eq!(report["dryRun"], false);
-        let reclaim = run(&["admin", "reclaim", "--dry-run"]).await;
+        let reclaim = capsync(
+            &server,
+            &token,
+            &["--json", "admin", "reclaim", "--dry-run"],
+        )
+        .await;
         assert_eq!(reclaim.code, 0, "{}", reclaim.stderr);
         let report: Value = serde_json::from_str(&reclaim.stdout).unwrap();
         assert_eq!(report["partsCleared"], 0);
-        let stats = run(&["admin", "stats"]).await;
+        let stats = capsync(&server, &token, &["--json", "admin", "stats"]).await;
         let stats: Value = serde_json::from_str(&stats.stdout).unwrap();
         assert_eq!(stats["compactedOps"], 5);
     });

@@ -115,8 +115,10 @@ pub fn sample_session_path() -> PathBuf {
 }
 
 pub use capsync_client as client;
+use capsync_client::cli::{CliRun, run_args};
 use capsync_client::{
     AdminClient, AgentClient, Batch, Connection, CreatedShare, NewShare, OpKind, OpSpec,
+    ViewerClient,
 };
 use serde_json::json;
 
@@ -179,7 +181,12 @@ pub async fn child_share(
 /// server's database directly (WAL lets a second connection write beside the
 /// running server, which re-reads these columns on every call).
 pub fn backdate(server: &TestServer, share_id: &str, age: std::time::Duration) {
-    let conn = rusqlite::Connection::open(server.database_path()).expect("open database");
+    backdate_in(&server.database_path(), share_id, age);
+}
+
+/// [`backdate`] for the database file at `db`.
+pub fn backdate_in(db: &Path, share_id: &str, age: std::time::Duration) {
+    let conn = rusqlite::Connection::open(db).expect("open database");
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .expect("busy timeout");
     let ms = i64::try_from(age.as_millis()).expect("age in ms");
@@ -297,6 +304,33 @@ pub async fn sample_share(agent: &AgentClient) -> CreatedShare {
         .expect("push sample");
     assert_eq!(ack.applied(), 23, "the sample session is 23 ops");
     created
+}
+
+/// Runs the `capsync` CLI in-process against `server` with `token`.
+pub async fn capsync(server: &TestServer, token: &str, args: &[&str]) -> CliRun {
+    let addr = server.addr().to_string();
+    let mut argv = vec!["capsync", "--server", &addr, "--token", token];
+    argv.extend_from_slice(args);
+    run_args(argv).await
+}
+
+/// The JSON a successful `--json` run printed.
+pub fn json_of(run: &CliRun) -> serde_json::Value {
+    assert_eq!(
+        run.code, 0,
+        "stderr: {}\nstdout: {}",
+        run.stderr, run.stdout
+    );
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
+}
+
+/// Redeems a share's viewer token on `conn`.
+pub async fn viewer_of(conn: &Connection, created: &CreatedShare) -> ViewerClient {
+    conn.redeem(&created.viewer_token.token)
+        .await
+        .expect("redeem viewer")
+        .into_viewer()
+        .expect("viewer capability")
 }
 
 pub mod model;

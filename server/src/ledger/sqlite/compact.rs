@@ -58,7 +58,11 @@ pub(super) fn step(
             if !dry_run {
                 drop_payloads(conn, &current.id, after, run.last)?;
             }
-            report.shares += 1;
+            // A share split across steps counts once, in the step that entered it
+            // (a resumed share had ops taken before, so its position is past 0).
+            if resume_after == Cursor(0) {
+                report.shares += 1;
+            }
             report.ops += run.ops;
             report.bytes += run.bytes;
         }

@@ -3,12 +3,13 @@
 //! `vacuum` and `checkpoint` are exclusive writer commands (autocommit: neither
 //! can run inside a transaction); `incremental_vacuum` is an ordinary one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
 use super::authority;
+use super::reads::{file_size, wal_path};
 use super::schema::{BUSY_TIMEOUT, WRITER_TEMP_STORE};
 use crate::ledger::{
     Checkpoint, IncrementalVacuum, LedgerError, LedgerResult, Operator, VacuumReport,
@@ -117,10 +118,5 @@ fn free_pages(conn: &Connection) -> LedgerResult<u64> {
 
 /// The database file plus its log (`<path>-wal`); a missing file counts as empty.
 fn stored_bytes(db_path: &Path) -> u64 {
-    let mut wal = db_path.as_os_str().to_owned();
-    wal.push("-wal");
-    [db_path, &PathBuf::from(wal)]
-        .iter()
-        .map(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
-        .sum()
+    file_size(db_path) + file_size(&wal_path(db_path))
 }

@@ -237,13 +237,13 @@ fn count(value: i64) -> u64 {
 }
 
 /// SQLite names the log after the database: `<path>-wal`.
-fn wal_path(db_path: &Path) -> std::path::PathBuf {
+pub(super) fn wal_path(db_path: &Path) -> std::path::PathBuf {
     let mut name = db_path.as_os_str().to_owned();
     name.push("-wal");
     name.into()
 }
 
 /// A missing file (no WAL right after a checkpoint on close) counts as empty.
-fn file_size(path: &Path) -> u64 {
+pub(super) fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }

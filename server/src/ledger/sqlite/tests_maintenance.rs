@@ -542,6 +542,8 @@ async fn compaction_in_small_steps_resumes_inside_and_across_shares() {
     );
     assert_eq!(real.iter().map(|s| s.ops).sum::<u64>(), 12);
     assert_eq!(real.iter().map(|s| s.visited).sum::<u64>(), 3);
+    // sh_1 and sh_3 were each split across steps, and each counts once.
+    assert_eq!(real.iter().map(|s| s.shares).sum::<u64>(), 2);
     assert_eq!(
         real.iter().map(|s| s.bytes).sum::<u64>(),
         u64::try_from(old_bytes).unwrap()
