@@ -335,8 +335,10 @@ async fn incremental_vacuum_frees_at_most_max_pages_per_step_until_none_are_left
         db_before - db_after >= freed_by_deletion * page_size,
         "{freed_by_deletion} pages freed"
     );
+    // A write committed after the checkpoint (an audit line) may have grown the
+    // database in the log, so the file is at most the current page count.
     let page_count = fx.count("SELECT page_count FROM pragma_page_count");
-    assert_eq!(db_after, u64::try_from(page_count).unwrap() * page_size);
+    assert!(db_after <= u64::try_from(page_count).unwrap() * page_size);
     let integrity: String = fx
         .raw()
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
