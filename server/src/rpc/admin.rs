@@ -273,15 +273,10 @@ impl admin::Server for AdminImpl {
                 options.dry_run,
                 options.vacuum
             );
-            let progress = Forwarder::start(listener);
-            let report = lifecycle::prune(
-                &self.ctx.ledger,
-                &self.operator(),
-                &options,
-                progress.sink(),
-            )
+            let report = Forwarder::run(listener, async |sink| {
+                lifecycle::prune(&self.ctx.ledger, &self.operator(), &options, sink).await
+            })
             .await;
-            progress.finish().await;
             Ok::<_, ServerError>(report?)
         }
         .await;
@@ -341,11 +336,10 @@ impl admin::Server for AdminImpl {
             let p = params.get()?;
             let dry_run = p.get_dry_run();
             detail = format!("dry_run={dry_run}");
-            let progress = Forwarder::start(p.get_progress().ok());
-            let report =
-                lifecycle::reclaim(&self.ctx.ledger, &self.operator(), dry_run, progress.sink())
-                    .await;
-            progress.finish().await;
+            let report = Forwarder::run(p.get_progress().ok(), async |sink| {
+                lifecycle::reclaim(&self.ctx.ledger, &self.operator(), dry_run, sink).await
+            })
+            .await;
             Ok::<_, ServerError>(report?)
         }
         .await;
@@ -375,16 +369,11 @@ impl admin::Server for AdminImpl {
             let older_than = wire::older_than(p.get_older_than_ms(), "olderThanMs")?;
             let dry_run = p.get_dry_run();
             detail = format!("older_than_ms={} dry_run={dry_run}", older_than.as_millis());
-            let progress = Forwarder::start(p.get_progress().ok());
-            let report = lifecycle::compact_ledger(
-                &self.ctx.ledger,
-                &self.operator(),
-                older_than,
-                dry_run,
-                progress.sink(),
-            )
+            let report = Forwarder::run(p.get_progress().ok(), async |sink| {
+                let op = self.operator();
+                lifecycle::compact_ledger(&self.ctx.ledger, &op, older_than, dry_run, sink).await
+            })
             .await;
-            progress.finish().await;
             Ok::<_, ServerError>(report?)
         }
         .await;

@@ -48,6 +48,18 @@ impl Forwarder {
         }
     }
 
+    /// Runs `work` reporting into a sink forwarded to `listener`, then lets the
+    /// last update reach the listener (see [`Forwarder::finish`]) before returning.
+    pub async fn run<T>(
+        listener: Option<progress_listener::Client>,
+        work: impl AsyncFnOnce(&ProgressSink) -> T,
+    ) -> T {
+        let forwarder = Self::start(listener);
+        let result = work(forwarder.sink()).await;
+        forwarder.finish().await;
+        result
+    }
+
     /// Where the driver reports.
     pub fn sink(&self) -> &ProgressSink {
         &self.sink
