@@ -33,12 +33,17 @@ enum ErrorCode {
   overloaded @8;        # the server is shutting down, at capacity or the database is busy; retry with backoff
   snapshotRequired @9;  # the ops asked for were compacted; take a snapshot, then follow from its cursor.
                         # `cursor` is the compaction point: the lowest `after` still served.
+  storageFull @10;      # the server's storage is full (disk or configured size limit): nothing of the
+                        # request was stored; retry with backoff, it recovers once space is freed
 }
 
 struct Failure {
   code @0 :ErrorCode;
   message @1 :Text;     # for people; never contains internal details or secrets
-  cursor @2 :UInt64;    # `cursorConflict`: the share's current cursor; `snapshotRequired`: the compaction point
+  cursor @2 :UInt64;    # `cursorConflict`: the share's current cursor; `snapshotRequired`: the compaction point;
+                        # `invalidArgument` for a cursor beyond the share's: the share's current cursor
+  retryAfterMs @3 :UInt64;  # `rateLimited`, `overloaded`, `storageFull`: wait at least this long before
+                            # retrying (0 = no hint; back off as usual)
 }
 
 # The result of a call that returns nothing but may fail.
@@ -419,6 +424,8 @@ enum RejectReason {
   missingDependency @0;  # a `dependsOn` op is not applied yet: retry after it is
   invalid @1;            # the op can never apply as sent: `detail` says why
   staleTransition @2;    # would move a completed or errored message back
+  opIdReused @3;         # the op id was already applied in this share with other content (kind, payload
+                         # or dependsOn); an op id names one change forever. The first op stays applied.
 }
 
 struct OpResult {
@@ -529,6 +536,10 @@ interface ShareViewer {
   snapshot @0 (page :Text, maxBytes :UInt32) -> (result :SnapshotResult);
 
   # Applied ops with cursor > `after`, at most `limit` (0 = server default).
+  # `after` equal to the share's cursor gives an empty page; `after` beyond it
+  # is `invalidArgument` with the share's cursor in `failure.cursor` (a client
+  # that is ahead of the server is talking to another, or a restored, server).
+  # Below the compaction point it is `snapshotRequired`.
   opsSince @1 (after :UInt64, limit :UInt32) -> (result :OpsResult);
 
   state @2 () -> (result :ShareStateResult);
@@ -540,7 +551,9 @@ interface ShareViewer {
   # falls further behind is dropped with `ended(lagged, cursor)`, so a slow
   # viewer never slows writers or other viewers. Dropping the returned
   # `Subscription` (or disconnecting) ends it; revoking viewers ends it with
-  # `ended(revoked, …)`.
+  # `ended(revoked, …)`. `fromCursor` follows the same rule as `opsSince`'s
+  # `after`: beyond the share's cursor is `invalidArgument` (with the cursor),
+  # below the compaction point `snapshotRequired`.
   subscribe @3 (fromCursor :UInt64, listener :OpListener) -> (result :SubscribeResult);
 
   # Whether the agent is writing right now, and when the share last changed.

@@ -161,6 +161,7 @@ fn code_words(code: ErrorCode) -> &'static str {
         ErrorCode::RateLimited => "rate limited",
         ErrorCode::Overloaded => "server overloaded",
         ErrorCode::SnapshotRequired => "snapshot required",
+        ErrorCode::StorageFull => "server storage full",
     }
 }
 

@@ -69,6 +69,9 @@ pub enum RejectReason {
     Invalid,
     /// It would move a completed or errored message back.
     StaleTransition,
+    /// The op id was applied before with other content (kind, payload or `dependsOn`): an
+    /// op id names one change forever, so the first one stays and this one is refused.
+    OpIdReused,
 }
 
 impl RejectReason {
@@ -77,6 +80,7 @@ impl RejectReason {
             Self::MissingDependency => "missingDependency",
             Self::Invalid => "invalid",
             Self::StaleTransition => "staleTransition",
+            Self::OpIdReused => "opIdReused",
         }
     }
 }
@@ -93,6 +97,7 @@ impl From<WireReason> for RejectReason {
             WireReason::MissingDependency => Self::MissingDependency,
             WireReason::Invalid => Self::Invalid,
             WireReason::StaleTransition => Self::StaleTransition,
+            WireReason::OpIdReused => Self::OpIdReused,
         }
     }
 }

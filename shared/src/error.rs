@@ -16,6 +16,7 @@ pub enum ErrorCode {
     RateLimited,
     Overloaded,
     SnapshotRequired,
+    StorageFull,
 }
 
 impl ErrorCode {
@@ -31,12 +32,16 @@ impl ErrorCode {
             Self::RateLimited => "rateLimited",
             Self::Overloaded => "overloaded",
             Self::SnapshotRequired => "snapshotRequired",
+            Self::StorageFull => "storageFull",
         }
     }
 
     /// Whether retrying the same request later can succeed without the caller changing anything.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Overloaded | Self::RateLimited | Self::Internal)
+        matches!(
+            self,
+            Self::Overloaded | Self::RateLimited | Self::Internal | Self::StorageFull
+        )
     }
 }
 
@@ -59,6 +64,7 @@ impl From<WireCode> for ErrorCode {
             WireCode::RateLimited => Self::RateLimited,
             WireCode::Overloaded => Self::Overloaded,
             WireCode::SnapshotRequired => Self::SnapshotRequired,
+            WireCode::StorageFull => Self::StorageFull,
         }
     }
 }
@@ -76,6 +82,7 @@ impl From<ErrorCode> for WireCode {
             ErrorCode::RateLimited => Self::RateLimited,
             ErrorCode::Overloaded => Self::Overloaded,
             ErrorCode::SnapshotRequired => Self::SnapshotRequired,
+            ErrorCode::StorageFull => Self::StorageFull,
         }
     }
 }

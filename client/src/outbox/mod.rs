@@ -168,7 +168,7 @@ pub struct RejectedEntry {
 }
 
 /// Why the server refused an op for good: [`RejectedEntry::reason`]. Serializes as (and is
-/// stored in the outbox file as) `invalid`, `staleTransition` or `tooLarge`.
+/// stored in the outbox file as) `invalid`, `staleTransition`, `opIdReused` or `tooLarge`.
 ///
 /// Not [`crate::RejectReason`], the reason in one op's ack: `missingDependency` is never final
 /// here (the op waits), and `tooLarge` comes from a batch refused whole, split down to this op.
@@ -183,6 +183,9 @@ pub enum RejectedReason {
     StaleTransition,
     /// The op alone exceeds a server limit.
     TooLarge,
+    /// The server holds other content under this op id (applied earlier, e.g. by another
+    /// outbox writing to the same share): the op was never applied.
+    OpIdReused,
 }
 
 impl RejectedReason {
@@ -191,14 +194,20 @@ impl RejectedReason {
             Self::Invalid => "invalid",
             Self::StaleTransition => "staleTransition",
             Self::TooLarge => "tooLarge",
+            Self::OpIdReused => "opIdReused",
         }
     }
 
     /// The value [`RejectedReason::as_str`] gives, as read back from the outbox file.
     fn parse(text: &str) -> Option<Self> {
-        [Self::Invalid, Self::StaleTransition, Self::TooLarge]
-            .into_iter()
-            .find(|reason| reason.as_str() == text)
+        [
+            Self::Invalid,
+            Self::StaleTransition,
+            Self::TooLarge,
+            Self::OpIdReused,
+        ]
+        .into_iter()
+        .find(|reason| reason.as_str() == text)
     }
 }
 
@@ -305,6 +314,7 @@ mod tests {
             RejectedReason::Invalid,
             RejectedReason::StaleTransition,
             RejectedReason::TooLarge,
+            RejectedReason::OpIdReused,
         ] {
             assert_eq!(RejectedReason::parse(reason.as_str()), Some(reason));
             assert_eq!(
@@ -313,7 +323,11 @@ mod tests {
             );
         }
         // The per-op reasons the ack stores for rejected ops are spelled the same.
-        for reason in [RejectReason::Invalid, RejectReason::StaleTransition] {
+        for reason in [
+            RejectReason::Invalid,
+            RejectReason::StaleTransition,
+            RejectReason::OpIdReused,
+        ] {
             assert!(RejectedReason::parse(reason.as_str()).is_some(), "{reason}");
         }
         assert_eq!(RejectedReason::parse("missingDependency"), None);

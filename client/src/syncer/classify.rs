@@ -43,9 +43,10 @@ pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
             ErrorCode::PermissionDenied => ConnectFailure::Fatal(SyncError::PermissionDenied(
                 "the writer token was not accepted (unknown, wrong, expired or revoked); mint a new one (capsync share mint-writer)".into(),
             )),
-            ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal => {
-                ConnectFailure::Retry(error.to_string())
-            }
+            ErrorCode::Overloaded
+            | ErrorCode::RateLimited
+            | ErrorCode::Internal
+            | ErrorCode::StorageFull => ConnectFailure::Retry(error.to_string()),
             _ => ConnectFailure::Fatal(SyncError::Stopped(format!(
                 "redeeming the writer token failed: {error}"
             ))),
@@ -88,9 +89,10 @@ pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
             ErrorCode::SnapshotRequired => AppendFailure::Fatal(SyncError::Stopped(format!(
                 "unexpected answer to an append ({error})"
             ))),
-            ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::Internal => {
-                AppendFailure::Retry
-            }
+            ErrorCode::Overloaded
+            | ErrorCode::RateLimited
+            | ErrorCode::Internal
+            | ErrorCode::StorageFull => AppendFailure::Retry,
         },
         ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Unimplemented => AppendFailure::Fatal(
             SyncError::Stopped(format!("the server does not speak this protocol: {error}")),
