@@ -47,6 +47,8 @@ pub mod document;
 pub mod error;
 pub mod expiry;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ops_file;
 pub mod outbox;
 pub mod progress_listener;

@@ -28,6 +28,8 @@ pub mod config;
 pub mod data_dir;
 pub mod error;
 pub mod follow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod ledger;
 pub mod lifecycle;

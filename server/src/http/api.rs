@@ -43,9 +43,17 @@ pub async fn snapshot(
 #[derive(Debug, Deserialize)]
 pub struct OpsQuery {
     #[serde(default)]
-    after: u64,
+    pub(super) after: u64,
     #[serde(default)]
-    limit: u32,
+    pub(super) limit: u32,
+}
+
+/// The page size of an ops request: 0 means the default, and anything above the cap is capped.
+pub(super) fn ops_limit(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_OPS_PAGE,
+        n => n.min(MAX_OPS_PAGE),
+    }
 }
 
 /// `{"cursor": share's cursor, "ops": [...]}`: ops after `after`, at most `limit`
@@ -61,10 +69,7 @@ pub async fn ops(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
-    let limit = match query.limit {
-        0 => DEFAULT_OPS_PAGE,
-        n => n.min(MAX_OPS_PAGE),
-    };
+    let limit = ops_limit(query.limit);
     let page = app
         .ledger
         .ops_since(reader.authority, Cursor(query.after), limit)

@@ -23,7 +23,7 @@ pub struct ShareReader {
 }
 
 /// The token of `Authorization: Bearer <token>`, if there is one.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

@@ -53,7 +53,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
-    after: Option<u64>,
+    pub(super) after: Option<u64>,
 }
 
 pub async fn events(
@@ -64,7 +64,7 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
-    let after = last_event_id(&headers)?.or(query.after).unwrap_or(0);
+    let after = start_after(&headers, &query)?;
     let permit = app
         .streams
         .clone()
@@ -75,6 +75,11 @@ pub async fn events(
     Ok(Sse::new(live.into_stream())
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
+}
+
+/// The cursor a stream starts after: `Last-Event-ID` (a reconnect), else `?after=`, else 0.
+pub(super) fn start_after(headers: &HeaderMap, query: &EventsQuery) -> Result<u64, ApiError> {
+    Ok(last_event_id(headers)?.or(query.after).unwrap_or(0))
 }
 
 /// `Last-Event-ID`, which this stream sets to a cursor.

@@ -23,6 +23,7 @@ mod auth;
 mod document;
 mod error;
 mod events;
+pub(crate) mod fuzz;
 pub mod markdown;
 mod page;
 

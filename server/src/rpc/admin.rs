@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use capsync_shared::capsync_capnp::{admin, share_info_result};
+use capsync_shared::capsync_capnp::{admin, prune_options, share_info_result};
 use capsync_shared::{ShareId, TokenId, TokenKind};
 
 use super::context::Context;
@@ -76,19 +76,39 @@ impl AdminImpl {
     }
 }
 
+/// `mintAgent`'s label and expiry.
+pub(super) fn read_mint_agent(
+    p: admin::mint_agent_params::Reader<'_>,
+) -> Result<(String, Option<i64>), ServerError> {
+    Ok((
+        wire::text(p.get_label())?,
+        wire::optional_time(p.get_expires_at(), "expiresAt")?,
+    ))
+}
+
+/// `prune`'s options as the lifecycle takes them.
+pub(super) fn read_prune_options(
+    o: prune_options::Reader<'_>,
+) -> Result<PruneOptions, ServerError> {
+    Ok(PruneOptions {
+        older_than: wire::older_than(o.get_older_than_ms(), "olderThanMs")?,
+        children: o.get_children(),
+        archived_only: o.get_archived_only(),
+        dry_run: o.get_dry_run(),
+        vacuum: o.get_vacuum(),
+    })
+}
+
 impl admin::Server for AdminImpl {
     async fn mint_agent(
         self: Rc<Self>,
         params: admin::MintAgentParams,
         mut results: admin::MintAgentResults,
     ) -> Result<(), capnp::Error> {
-        let request = (|| {
-            let p = params.get()?;
-            Ok::<_, ServerError>((
-                wire::text(p.get_label())?,
-                wire::optional_time(p.get_expires_at(), "expiresAt")?,
-            ))
-        })();
+        let request = params
+            .get()
+            .map_err(ServerError::from)
+            .and_then(read_mint_agent);
         let minted = async {
             let (label, expires_at) = request?;
             let (token, row) = self
@@ -252,14 +272,7 @@ impl admin::Server for AdminImpl {
     ) -> Result<(), capnp::Error> {
         let request = (|| {
             let p = params.get()?;
-            let o = p.get_options()?;
-            let options = PruneOptions {
-                older_than: wire::older_than(o.get_older_than_ms(), "olderThanMs")?,
-                children: o.get_children(),
-                archived_only: o.get_archived_only(),
-                dry_run: o.get_dry_run(),
-                vacuum: o.get_vacuum(),
-            };
+            let options = read_prune_options(p.get_options()?)?;
             Ok::<_, ServerError>((options, p.get_progress().ok()))
         })();
         let mut detail = String::new();

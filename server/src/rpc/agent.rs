@@ -14,7 +14,7 @@ use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Authority, NewShare};
 
 /// Longest share title accepted, in bytes.
-const MAX_TITLE_BYTES: usize = 1024;
+pub(super) const MAX_TITLE_BYTES: usize = 1024;
 
 pub struct AgentImpl {
     ctx: Rc<Context>,
@@ -27,10 +27,9 @@ impl AgentImpl {
     }
 }
 
-fn read_new_share(
-    params: &agent::CreateShareParams,
+pub(super) fn read_new_share(
+    p: agent::create_share_params::Reader<'_>,
 ) -> Result<(NewShare, Option<i64>), ServerError> {
-    let p = params.get()?;
     let share = NewShare {
         share_id: ShareId::random(),
         session_id: wire::text(p.get_session_id())?,
@@ -68,7 +67,7 @@ impl agent::Server for AgentImpl {
         mut results: agent::CreateShareResults,
     ) -> Result<(), capnp::Error> {
         let created = async {
-            let (share, viewer_expires_at) = read_new_share(&params)?;
+            let (share, viewer_expires_at) = read_new_share(params.get()?)?;
             let hasher = &self.ctx.hasher;
             let (writer_token, writer_row) =
                 hasher.mint(TokenKind::Writer, None, String::new()).await?;

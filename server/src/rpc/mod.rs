@@ -8,6 +8,7 @@
 mod admin;
 mod agent;
 mod context;
+pub(crate) mod fuzz;
 mod gateway;
 mod progress;
 mod shares;

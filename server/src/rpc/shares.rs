@@ -35,10 +35,7 @@ pub async fn list(
     include_archived: bool,
     out: share_list_result::Builder<'_>,
 ) {
-    let limit = match limit {
-        0 => DEFAULT_LIST_PAGE,
-        n => n.min(MAX_LIST_PAGE),
-    };
+    let limit = list_limit(limit);
     let listed = async {
         let after = wire::text(after)?;
         // One more than the page, to know whether another page follows.
@@ -54,6 +51,14 @@ pub async fn list(
     match listed {
         Ok((shares, more)) => wire::fill_list(&shares, more, out.init_ok()),
         Err(err) => err.fill(out.init_failure()),
+    }
+}
+
+/// A listing's page size: 0 means the default, and anything above the cap is capped.
+pub(super) fn list_limit(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_LIST_PAGE,
+        n => n.min(MAX_LIST_PAGE),
     }
 }
 

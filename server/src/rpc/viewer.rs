@@ -34,6 +34,24 @@ fn clamp(requested: u32, default: u32, max: u32) -> u32 {
     }
 }
 
+/// `snapshot`'s page token and byte budget.
+pub(super) fn read_snapshot(
+    p: share_viewer::snapshot_params::Reader<'_>,
+) -> Result<(String, u32), ServerError> {
+    let max_bytes = clamp(
+        p.get_max_bytes(),
+        DEFAULT_SNAPSHOT_PAGE_BYTES,
+        MAX_SNAPSHOT_PAGE_BYTES,
+    );
+    Ok((wire::text(p.get_page())?, max_bytes))
+}
+
+/// `opsSince`'s cursor and page size.
+pub(super) fn read_ops_since(p: share_viewer::ops_since_params::Reader<'_>) -> (Cursor, u32) {
+    let limit = clamp(p.get_limit(), DEFAULT_OPS_PAGE, MAX_OPS_PAGE);
+    (Cursor(p.get_after()), limit)
+}
+
 impl share_viewer::Server for ViewerImpl {
     async fn snapshot(
         self: Rc<Self>,
@@ -41,13 +59,7 @@ impl share_viewer::Server for ViewerImpl {
         mut results: share_viewer::SnapshotResults,
     ) -> Result<(), capnp::Error> {
         let page = async {
-            let p = params.get()?;
-            let page = wire::text(p.get_page())?;
-            let max_bytes = clamp(
-                p.get_max_bytes(),
-                DEFAULT_SNAPSHOT_PAGE_BYTES,
-                MAX_SNAPSHOT_PAGE_BYTES,
-            );
+            let (page, max_bytes) = read_snapshot(params.get()?)?;
             Ok::<_, ServerError>(
                 self.ctx
                     .ledger
@@ -70,12 +82,11 @@ impl share_viewer::Server for ViewerImpl {
         mut results: share_viewer::OpsSinceResults,
     ) -> Result<(), capnp::Error> {
         let page = async {
-            let p = params.get()?;
-            let limit = clamp(p.get_limit(), DEFAULT_OPS_PAGE, MAX_OPS_PAGE);
+            let (after, limit) = read_ops_since(params.get()?);
             Ok::<_, ServerError>(
                 self.ctx
                     .ledger
-                    .ops_since(self.auth.clone(), Cursor(p.get_after()), limit)
+                    .ops_since(self.auth.clone(), after, limit)
                     .await?,
             )
         }

@@ -17,6 +17,7 @@ mod authority;
 mod compact;
 mod convert;
 mod errors;
+pub(crate) mod fuzz;
 mod maintenance;
 mod payload;
 mod pool;

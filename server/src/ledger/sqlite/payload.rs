@@ -64,6 +64,12 @@ pub(super) fn parse(kind: OpKind, payload: &str, session_id: &str) -> Result<Eff
     if let Some(effect) = fast_path(kind, payload, session_id) {
         return Ok(effect);
     }
+    full_parse(kind, payload, session_id)
+}
+
+/// The precise verdict on any payload, building its whole `Value`: what
+/// [`fast_path`] must agree with wherever it answers.
+pub(super) fn full_parse(kind: OpKind, payload: &str, session_id: &str) -> Result<Effect, String> {
     let value: Value =
         serde_json::from_str(payload).map_err(|_| "payload is not valid JSON".to_owned())?;
     match kind {

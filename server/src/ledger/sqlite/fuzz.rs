@@ -1,0 +1,177 @@
+//! Fuzzing harness for op payloads: what `appendOps` makes of an op's payload
+//! before any stored record is consulted (reclaim, then parse), checked
+//! against the properties the records layer relies on.
+
+use capsync_shared::OpKind;
+use capsync_shared::limits::MAX_RECORD_ID_BYTES;
+use serde_json::Value;
+
+use super::payload::{self, Effect};
+use super::reclaim::clear_compacted_output;
+
+/// The session of the share the payloads are sent to: the sample export's, so
+/// that payloads taken from it are accepted and the fuzzer starts from there.
+pub const SESSION_ID: &str = "ses_01JD4K7M2QX9A7TS1";
+
+/// One fuzz input: a byte choosing the op kind, then the payload text.
+pub fn op_payload(data: &[u8]) {
+    let Some((&kind, payload)) = data.split_first() else {
+        return;
+    };
+    // A payload arrives as capnp Text, which `wire::text` has already checked is UTF-8.
+    let Ok(payload) = std::str::from_utf8(payload) else {
+        return;
+    };
+    check_payload(OpKind::ALL[usize::from(kind) % OpKind::ALL.len()], payload);
+}
+
+/// The input that [`op_payload`] reads as `payload` for an op of `kind`.
+#[cfg(test)]
+pub(crate) fn encode(kind: OpKind, payload: &str) -> Vec<u8> {
+    let index = OpKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+    let mut data = vec![index as u8];
+    data.extend_from_slice(payload.as_bytes());
+    data
+}
+
+/// Runs `payload` through what an append does with it and checks the result.
+pub fn check_payload(kind: OpKind, payload: &str) {
+    let verdict = payload::parse(kind, payload, SESSION_ID);
+    // The fast path may only ever answer what the full parse would.
+    assert_eq!(
+        verdict,
+        payload::full_parse(kind, payload, SESSION_ID),
+        "the fast path disagrees with the full parse on {kind} {payload:?}"
+    );
+    if let Ok(effect) = &verdict {
+        check_effect(kind, payload, effect);
+    }
+    // With reclaim on (the default) a part is stored, and parsed, cleared.
+    if kind == OpKind::PartUpsert
+        && let Some(cleared) = clear_compacted_output(payload)
+    {
+        check_cleared(payload, &cleared);
+        let stored = payload::parse(kind, &cleared, SESSION_ID);
+        match (&verdict, &stored) {
+            (
+                Ok(Effect::PartUpsert { id, message_id, .. }),
+                Ok(Effect::PartUpsert {
+                    id: stored_id,
+                    message_id: stored_message_id,
+                    json,
+                }),
+            ) => {
+                assert_eq!((id, message_id), (stored_id, stored_message_id));
+                assert_eq!(json, &cleared);
+            }
+            (Err(sent), Err(cleared)) => assert_eq!(sent, cleared),
+            _ => panic!(
+                "clearing compacted output changed the verdict on {payload:?}: \
+                 {verdict:?} became {stored:?}"
+            ),
+        }
+    }
+}
+
+/// What the records layer relies on in an accepted effect.
+fn check_effect(kind: OpKind, payload: &str, effect: &Effect) {
+    let check_id = |id: &str| {
+        assert!(
+            !id.is_empty() && id.len() <= MAX_RECORD_ID_BYTES,
+            "record id of {} bytes accepted from {payload:?}",
+            id.len()
+        );
+    };
+    // A stored record must be a JSON object: `part.delta` and the share
+    // page read stored records as objects.
+    let record = |json: &str| -> serde_json::Map<String, Value> {
+        match serde_json::from_str(json) {
+            Ok(Value::Object(record)) => record,
+            other => panic!("{kind} stores {json:?}, which is not a JSON object: {other:?}"),
+        }
+    };
+    let field = |record: &serde_json::Map<String, Value>, name: &str| {
+        record.get(name).and_then(Value::as_str).map(str::to_owned)
+    };
+    match effect {
+        Effect::Session { json } => {
+            assert_eq!(json, payload);
+            assert_eq!(field(&record(json), "id").as_deref(), Some(SESSION_ID));
+        }
+        Effect::MessageUpsert { id, json, .. } => {
+            check_id(id);
+            assert_eq!(json, payload);
+            let message = record(json);
+            assert_eq!(field(&message, "id").as_ref(), Some(id));
+            assert!(message.get("role").is_some_and(Value::is_string));
+        }
+        Effect::PartUpsert {
+            id,
+            message_id,
+            json,
+        } => {
+            check_id(id);
+            check_id(message_id);
+            assert_eq!(json, payload);
+            let part = record(json);
+            assert_eq!(field(&part, "id").as_ref(), Some(id));
+            assert_eq!(field(&part, "messageID").as_ref(), Some(message_id));
+            assert!(part.get("type").is_some_and(Value::is_string));
+        }
+        Effect::ModelUpsert { id, json } => {
+            check_id(id);
+            assert_eq!(json, payload);
+            assert_eq!(field(&record(json), "id").as_ref(), Some(id));
+        }
+        Effect::MessageRemove { id } | Effect::PartRemove { id } => check_id(id),
+        Effect::PartDelta { id, field, .. } => {
+            check_id(id);
+            assert!(!field.is_empty());
+            assert!(!["id", "messageID", "sessionID", "type"].contains(&field.as_str()));
+        }
+        Effect::DiffSet { json } => {
+            let diffs: Value = serde_json::from_str(json).expect("stored diffs are JSON");
+            assert!(
+                diffs
+                    .as_array()
+                    .is_some_and(|diffs| diffs.iter().all(Value::is_object)),
+                "stored diffs {json:?} are not an array of objects"
+            );
+            // The stored list, sent again (a snapshot pushed back), is stored unchanged.
+            assert_eq!(
+                payload::parse(kind, json, SESSION_ID).as_ref(),
+                Ok(effect),
+                "diffs {json:?} change when sent again"
+            );
+        }
+    }
+}
+
+/// What clearing a compacted tool part must keep: valid JSON, every value but
+/// `state.output` and `state.attachments`, and nothing left to clear.
+fn check_cleared(sent: &str, cleared: &str) {
+    let mut expected: Value = serde_json::from_str(sent).expect("a cleared part was JSON");
+    if let Some(state) = expected.get_mut("state").and_then(Value::as_object_mut) {
+        if state
+            .get("output")
+            .is_some_and(|output| !output.is_null() && output != "")
+        {
+            state.insert("output".into(), Value::from(""));
+        }
+        if state
+            .get("attachments")
+            .and_then(Value::as_array)
+            .is_some_and(|attachments| !attachments.is_empty())
+        {
+            state.insert("attachments".into(), Value::Array(Vec::new()));
+        }
+    }
+    let got: Value = serde_json::from_str(cleared)
+        .unwrap_or_else(|e| panic!("clearing {sent:?} gave {cleared:?}, not JSON: {e}"));
+    assert_eq!(got, expected, "clearing {sent:?} gave {cleared:?}");
+    assert_eq!(
+        clear_compacted_output(cleared),
+        None,
+        "clearing {sent:?} twice changes it again"
+    );
+}
