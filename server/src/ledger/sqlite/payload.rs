@@ -7,8 +7,8 @@ use capsync_shared::OpKind;
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use std::borrow::Cow;
 
-use serde::Deserialize;
-use serde::de::IgnoredAny;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 /// What an op will do to the records, once the stored records agree (see `records`).
@@ -136,16 +136,11 @@ struct MessageHead<'a> {
     _role: Cow<'a, str>,
     #[serde(rename = "sessionID", borrow, default)]
     session_id: Option<Cow<'a, str>>,
+    /// A map, not a struct: serde reads a struct from a JSON array too.
     #[serde(default)]
-    time: Option<TimeHead>,
+    time: Option<Map<String, Value>>,
     #[serde(default)]
     error: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-struct TimeHead {
-    #[serde(default)]
-    completed: Option<serde_json::Number>,
 }
 
 /// The fields a part upsert needs, borrowed from the payload.
@@ -166,6 +161,11 @@ struct PartHead<'a> {
 /// (a measurable share of the writer's time). `None` for anything unusual: the
 /// full parse below then gives the precise verdict and message.
 fn fast_path(kind: OpKind, payload: &str, session_id: &str) -> Option<Effect> {
+    if !matches!(kind, OpKind::PartUpsert | OpKind::MessageUpsert)
+        || serde_json::from_str::<CheckedObject>(payload).is_err()
+    {
+        return None;
+    }
     let id_ok = |id: &str| !id.is_empty() && id.len() <= MAX_RECORD_ID_BYTES;
     let session_ok =
         |sid: &Option<Cow<'_, str>>| sid.as_deref().is_none_or(|sid| sid == session_id);
@@ -184,11 +184,81 @@ fn fast_path(kind: OpKind, payload: &str, session_id: &str) -> Option<Effect> {
             let head: MessageHead<'_> = serde_json::from_str(payload).ok()?;
             (id_ok(&head.id) && session_ok(&head.session_id)).then(|| Effect::MessageUpsert {
                 id: head.id.into_owned(),
-                terminal: head.time.is_some_and(|t| t.completed.is_some()) || head.error.is_some(),
+                terminal: head
+                    .time
+                    .is_some_and(|time| time.get("completed").is_some_and(Value::is_number))
+                    || head.error.is_some(),
                 json: payload.to_owned(),
             })
         }
         _ => None,
+    }
+}
+
+/// A JSON object that the full parse would read as well, checked without
+/// building it. The heads above cannot tell on their own: serde reads a struct
+/// from a JSON array, and the members they skip are skipped unchecked (a
+/// number beyond f64, a lone surrogate escape).
+struct CheckedObject;
+
+impl<'de> Deserialize<'de> for CheckedObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(CheckedVisitor)?;
+        Ok(Self)
+    }
+}
+
+/// Any JSON value, read as a `Value` reads it, and dropped.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)?;
+        Ok(Self)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        while items.next_element::<Checked>()?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
+        while members.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(())
     }
 }
 
@@ -279,7 +349,8 @@ fn check_id(field: &str, id: &str) -> Result<String, String> {
 /// A `sessionID`, when present, must name the share's session.
 fn same_session(obj: &Map<String, Value>, session_id: &str) -> Result<(), String> {
     match obj.get("sessionID") {
-        None => Ok(()),
+        // Null reads as absent, as the fast path (and the client's export reader) read it.
+        None | Some(Value::Null) => Ok(()),
         Some(Value::String(id)) if id == session_id => Ok(()),
         Some(Value::String(id)) => Err(format!(
             "sessionID {id} is not this share's session {session_id}"
