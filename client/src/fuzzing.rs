@@ -59,6 +59,13 @@ fn check_ops(ops: &[OpSpec]) {
             op.op_id.len()
         );
         assert!(op.depends_on.len() <= MAX_DEPENDS_ON);
+        assert!(
+            op.depends_on
+                .iter()
+                .all(|d| (1..=MAX_OP_ID_BYTES).contains(&d.len())),
+            "dependsOn {:?}",
+            op.depends_on
+        );
         if let Some(first) = seen.insert(&op.op_id, op) {
             assert_eq!(first, op, "op id {:?} names two different ops", op.op_id);
         }

@@ -186,6 +186,17 @@ fn validate(ops: &[OpSpec], lines: &[Option<usize>]) -> Result<(), ClientError> 
                 op.op_id.len()
             )));
         }
+        if let Some(dependency) = op
+            .depends_on
+            .iter()
+            .find(|d| d.is_empty() || d.len() > MAX_OP_ID_BYTES)
+        {
+            return Err(ClientError::invalid(format!(
+                "{}: dependsOn entry of {} bytes, op ids are 1 to {MAX_OP_ID_BYTES}",
+                at(i),
+                dependency.len()
+            )));
+        }
         if op.depends_on.len() > MAX_DEPENDS_ON {
             return Err(ClientError::invalid(format!(
                 "{}: {} dependsOn entries, the limit is {MAX_DEPENDS_ON}",

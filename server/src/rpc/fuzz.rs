@@ -347,3 +347,34 @@ fn check_batch(
         .then(|| Cursor(sent.get_expected_cursor()));
     assert_eq!(read.expected_cursor, expected);
 }
+
+#[cfg(test)]
+mod tests {
+    use capnp::message::Builder;
+
+    use super::*;
+
+    /// Found by `rpc_params`: `wire::batch` bounded an op's own id but not the
+    /// ids in its `dependsOn`, so an empty or oversized entry (which no op can
+    /// have) made its op wait forever as `missingDependency`.
+    #[test]
+    fn depends_on_entries_must_be_op_ids() {
+        for dependency in [String::new(), "d".repeat(MAX_OP_ID_BYTES + 1)] {
+            let mut message = Builder::new_default();
+            let mut batch = message
+                .init_root::<share_writer::append_ops_params::Builder<'_>>()
+                .init_batch();
+            let mut op = batch.reborrow().init_ops(1).get(0);
+            op.set_op_id("op_1");
+            op.set_payload("{}");
+            op.init_depends_on(1).set(0, &dependency);
+            let params = message
+                .get_root_as_reader::<share_writer::append_ops_params::Reader<'_>>()
+                .unwrap();
+            let err = wire::batch(params.get_batch().unwrap(), &BATCH_LIMITS).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+            assert!(err.message.contains("depends on"), "{err}");
+            rpc_params(&encode("ShareWriter.appendOps", &message));
+        }
+    }
+}

@@ -106,9 +106,20 @@ pub fn batch(
                 deps.len()
             )));
         }
+        // An entry that is no op id can never be applied: refused like a bad opId,
+        // not left to wait forever as a missing dependency.
         let depends_on = deps
             .iter()
-            .map(|dep| text(dep).map(OpId))
+            .map(|dep| {
+                let dep = text(dep)?;
+                if dep.is_empty() || dep.len() > MAX_OP_ID_BYTES {
+                    return Err(ServerError::invalid(format!(
+                        "op {op_id} depends on an id of {} bytes; op ids are 1 to {MAX_OP_ID_BYTES} bytes",
+                        dep.len()
+                    )));
+                }
+                Ok(OpId(dep))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         ops.push(OpIn {
             kind: op.get_kind()?.into(),

@@ -259,6 +259,24 @@ mod tests {
         }
     }
 
+    /// Found by `op_payload`: serde_json's default float parsing can be one
+    /// unit in the last place off, so `diff.set` (which stores its list
+    /// written anew) stored a number that read back as another one, and a
+    /// diff list sent again came out different. `float_roundtrip` fixes it.
+    #[test]
+    fn stored_diffs_read_back_as_the_same_numbers() {
+        let sent = format!(r#"[{{"additions":{}2}}]"#, "9".repeat(87));
+        let Ok(Effect::DiffSet { json }) = payload::parse(OpKind::DiffSet, &sent, SESSION_ID)
+        else {
+            panic!("{sent} was refused");
+        };
+        assert_eq!(
+            payload::parse(OpKind::DiffSet, &json, SESSION_ID),
+            Ok(Effect::DiffSet { json: json.clone() })
+        );
+        op_payload(&encode(OpKind::DiffSet, &sent));
+    }
+
     /// Found by `op_payload` (see above): such a part used to be stored, and
     /// the next `part.delta` on it found stored JSON it cannot read and failed
     /// its whole batch as an internal error, on every retry.
