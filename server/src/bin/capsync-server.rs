@@ -123,6 +123,8 @@ fn admin_token_command(rotate: bool, data_dir: PathBuf) -> Result<(), StartError
         let hasher = server::hasher(&config)?;
         admin_token::rotate(&ledger, &hasher, &path).await?;
         ledger.close().await;
+        tracing::info!(path = %path.display(),
+            "admin token rotated: every earlier admin token is revoked");
         println!(
             "Rotated: every earlier admin token is revoked; the new one is in {}",
             path.display()

@@ -16,6 +16,21 @@ use crate::presence::Presence;
 use crate::rate_limit::RedeemLimiter;
 use crate::redeem::Redeemer;
 
+/// Audit actions also logged at info (see [`Context::audit`]).
+const SECURITY_ACTIONS: &[&str] = &[
+    "mint",
+    "create_share",
+    "revoke_share",
+    "revoke_token",
+    "delete_share",
+    "archive_share",
+    "unarchive_share",
+    "prune",
+    "vacuum",
+    "reclaim",
+    "compact_ledger",
+];
+
 /// Shared by every capability object through an `Rc`.
 pub struct Context {
     pub ledger: Ledger,
@@ -81,7 +96,21 @@ impl Context {
         }
     }
 
+    /// Writes an audit line; actions that change who may do what, or delete
+    /// data, are also logged at info, so an operator sees them in the server
+    /// log at the default level. (Appends and redeems are too frequent: they
+    /// stay in the audit table.)
     pub fn audit(&self, event: AuditEvent) {
+        if SECURITY_ACTIONS.contains(&event.action) {
+            tracing::info!(
+                action = event.action,
+                outcome = %event.outcome,
+                by_token = %event.token_id.as_ref().map_or("", |id| id.as_str()),
+                share = %event.share_id.as_ref().map_or("", |id| id.as_str()),
+                detail = %event.detail,
+                "{}", event.action
+            );
+        }
         self.ledger.audit(event);
     }
 

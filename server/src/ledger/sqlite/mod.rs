@@ -140,10 +140,9 @@ struct SqliteBackend {
 impl SqliteBackend {
     fn open(options: &SqliteOptions) -> LedgerResult<Self> {
         let conn = schema::open_writer(&options.path, options.durability)?;
-        let quota_pages = options
-            .max_database_bytes
-            .map(|bytes| schema::limit_size(&conn, bytes))
-            .transpose()?;
+        if let Some(bytes) = options.max_database_bytes {
+            schema::limit_size(&conn, bytes)?;
+        }
         // Readers open after the writer has created and migrated the file.
         let reads = ReadPool::open(&options.path, options.read_connections)?;
         let reserve = (options.reserve_bytes > 0).then(|| {
@@ -152,7 +151,16 @@ impl SqliteBackend {
                 options.reserve_bytes,
             )
         });
-        let storage = StorageWatch::new(reserve, quota_pages, options.metrics.clone());
+        let dir = match options.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let storage = StorageWatch::new(
+            reserve,
+            options.max_database_bytes.is_some(),
+            dir,
+            options.metrics.clone(),
+        );
         let limits = QueueLimits {
             commands: options.write_queue,
             bytes: options.write_queue_bytes,

@@ -241,9 +241,9 @@ fn shm_path(db_path: &Path) -> std::path::PathBuf {
     name.into()
 }
 
-/// Caps the database at `bytes` (`max_page_count`); the pages it may hold.
-/// A database already larger keeps its size and takes no more pages.
-pub(super) fn limit_size(conn: &Connection, bytes: u64) -> LedgerResult<u64> {
+/// Caps the database at `bytes` (`max_page_count`). A database already larger
+/// keeps its size and takes no more pages.
+pub(super) fn limit_size(conn: &Connection, bytes: u64) -> LedgerResult<()> {
     let page_size: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
     let pages = (bytes / u64::try_from(page_size).unwrap_or(4096)).max(1);
     let pages = i64::try_from(pages).unwrap_or(i64::MAX);
@@ -257,7 +257,7 @@ pub(super) fn limit_size(conn: &Connection, bytes: u64) -> LedgerResult<u64> {
             "the database is already larger than --max-database-bytes: it takes no more data"
         );
     }
-    Ok(u64::try_from(set).unwrap_or(0))
+    Ok(())
 }
 
 /// Opens a read-only connection to a database `open_writer` has already set up.

@@ -1,23 +1,32 @@
-//! What the writer does when storage fills up: refuse, make room for a
+//! What the writer does when storage fills up: refuse, keep room for a
 //! checkpoint, and notice by itself when space is back.
 //!
 //! SQLite answers `SQLITE_FULL` when the disk is full, or when the database
 //! reaches `--max-database-bytes` (`max_page_count`). The write is rolled
 //! back, so nothing acked is ever lost; callers get `storageFull` and retry.
-//! On the first one:
-//! - a warning is logged once and `capsync_storage_full` turns 1;
-//! - if the disk (not the quota) is full, the reserve file (`--storage-reserve-bytes`
-//!   of zeros kept in the data directory) is deleted and the log checkpointed
-//!   into the database right away. A checkpoint must grow the database before
-//!   it can reset the log: without room for that, freeing a little space
-//!   later might not be enough for the database to start writing again.
+//! On the first one a warning is logged (once per episode) and
+//! `capsync_storage_full` turns 1. Then:
+//! - **the database size limit:** every later write is simply tried; the first
+//!   group that commits work without hitting the limit ends the episode (after
+//!   a prune or a deletion made room).
+//! - **a full disk, with a reserve** (`--storage-reserve-bytes` of zeros kept in
+//!   the data directory): the reserve is deleted and the log checkpointed into
+//!   the database at once. A checkpoint must grow the database before it can
+//!   reset the log, and without room for that even freeing space later might
+//!   not get the database writing again. Appends are then refused unread, so
+//!   they cannot eat the room just made, until the reserve fits on the disk
+//!   again (tried at most once a second): space is back, the episode ends.
+//!   Small bookkeeping writes (tokens, revocations, lifecycle steps) still
+//!   run: they need little room, and deletions are what makes room.
+//! - **a full disk, without a reserve:** every later write is tried, as for the
+//!   size limit.
 //!
-//! Every later write is simply tried: the first group that commits work
-//! without hitting the limit ends the episode (logged, gauge back to 0), and
-//! the reserve is made again if there is room for it.
+//! A server that starts where its reserve does not fit (a restart on a full
+//! disk) starts holding off, as if the disk had just filled up.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
@@ -27,26 +36,84 @@ use crate::metrics::Metrics;
 /// Zeros written at a time when making the reserve.
 const RESERVE_CHUNK: usize = 1 << 20;
 
+/// How often a full disk is checked for space coming back.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// A write that fails for lack of space while the file system has this much
+/// free was stopped by `--max-database-bytes`, not by the disk: one batch needs
+/// far less (a message is at most 16 MiB by default; its log frames about as much again).
+const DISK_FULL_BELOW: u64 = 64 << 20;
+
+/// Where the storage stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Fine,
+    /// Writes fail for lack of space; each is still tried.
+    Full,
+    /// The disk filled up and the reserve was given up: writes are refused
+    /// unread until the reserve fits again.
+    FullHoldingOff,
+}
+
 /// The writer thread's view of the storage. Lives on that thread.
 #[derive(Debug)]
 pub(crate) struct StorageWatch {
-    /// Whether writes are failing for lack of space now.
-    full: bool,
+    state: State,
     reserve: Option<Reserve>,
-    /// `max_page_count` when `--max-database-bytes` is set.
-    quota_pages: Option<u64>,
+    /// Whether `--max-database-bytes` is set.
+    has_quota: bool,
+    /// The database's directory, whose file system is checked for free space.
+    dir: PathBuf,
+    /// When the disk was last checked for space (while holding off).
+    last_check: Option<Instant>,
     metrics: Metrics,
 }
 
 impl StorageWatch {
-    pub fn new(reserve: Option<Reserve>, quota_pages: Option<u64>, metrics: Metrics) -> Self {
-        metrics.set_storage_full(false);
-        Self {
-            full: false,
+    /// Starts watching; makes the reserve if it is missing, and holds writes
+    /// off if it does not fit.
+    pub fn new(reserve: Option<Reserve>, has_quota: bool, dir: PathBuf, metrics: Metrics) -> Self {
+        let mut watch = Self {
+            state: State::Fine,
             reserve,
-            quota_pages,
+            has_quota,
+            dir,
+            last_check: None,
             metrics,
+        };
+        watch.metrics.set_storage_full(false);
+        if let Some(reserve) = &watch.reserve
+            && let Err(err) = reserve.make_file()
+        {
+            watch.state = State::FullHoldingOff;
+            watch.last_check = Some(Instant::now());
+            watch.metrics.set_storage_full(true);
+            tracing::warn!(path = %reserve.path.display(), bytes = reserve.bytes, %err,
+                "no room for the storage reserve: writes are refused with `storageFull` until \
+                 at least this much is free; they resume by themselves");
         }
+        watch
+    }
+
+    /// Whether the next group's payload writes (appends) may run. False while
+    /// holding off after a full disk, until the reserve fits again; refused
+    /// writes are counted.
+    pub fn admit(&mut self, writes: usize) -> bool {
+        if self.state != State::FullHoldingOff {
+            return true;
+        }
+        let due = self.last_check.is_none_or(|at| at.elapsed() >= RECHECK);
+        if due {
+            self.last_check = Some(Instant::now());
+            if self.reserve.as_ref().is_some_and(Reserve::try_make) {
+                self.recovered();
+                return true;
+            }
+        }
+        for _ in 0..writes {
+            self.metrics.storage_full_refusal();
+        }
+        false
     }
 
     /// After each group (or exclusive command): `refused` commands failed for
@@ -56,59 +123,65 @@ impl StorageWatch {
             for _ in 0..refused {
                 self.metrics.storage_full_refusal();
             }
-            if !self.full {
+            if self.state == State::Fine {
                 self.became_full(conn);
             }
-        } else if written && self.full {
-            self.full = false;
-            self.metrics.set_storage_full(false);
-            tracing::info!("storage available again: writes are accepted");
-            if let Some(reserve) = &self.reserve {
-                reserve.make();
-            }
+        } else if written && self.state == State::Full {
+            self.recovered();
+        }
+    }
+
+    fn recovered(&mut self) {
+        self.state = State::Fine;
+        self.metrics.set_storage_full(false);
+        tracing::info!("storage available again: writes are accepted");
+        if let Some(reserve) = &self.reserve {
+            reserve.make();
         }
     }
 
     fn became_full(&mut self, conn: &Connection) {
-        self.full = true;
         self.metrics.set_storage_full(true);
-        if self.at_quota(conn) {
+        if self.at_quota() {
+            self.state = State::Full;
             tracing::warn!(
                 "the database reached --max-database-bytes: writes are refused with \
-                 `storageFull` until a prune (or vacuum) makes room"
+                 `storageFull` until a prune or a deletion makes room"
             );
             return;
         }
+        let released = self.reserve.as_ref().is_some_and(Reserve::release);
+        if !released {
+            self.state = State::Full;
+            tracing::warn!(
+                "storage is full: writes are refused with `storageFull` (nothing acked is \
+                 lost) until space is freed; they resume by themselves"
+            );
+            return;
+        }
+        self.state = State::FullHoldingOff;
+        self.last_check = Some(Instant::now());
+        let bytes = self.reserve.as_ref().map_or(0, |r| r.bytes);
         tracing::warn!(
+            reserve_bytes = bytes,
             "storage is full: writes are refused with `storageFull` (nothing acked is lost) \
-             until space is freed; they resume by themselves"
+             until at least the reserve's size is free again; they resume by themselves"
         );
-        if let Some(reserve) = &self.reserve
-            && reserve.release()
-        {
-            match maintenance::truncate_log(conn) {
-                Ok(checkpoint) if !checkpoint.busy => {
-                    tracing::info!("released the storage reserve and checkpointed the log")
-                }
-                Ok(_) => tracing::warn!(
-                    "released the storage reserve; a reader kept the log from being checkpointed"
-                ),
-                Err(err) => {
-                    tracing::warn!(%err, "released the storage reserve; the checkpoint failed")
-                }
+        match maintenance::truncate_log(conn) {
+            Ok(checkpoint) if !checkpoint.busy => {
+                tracing::info!("released the storage reserve and checkpointed the log")
             }
+            Ok(_) => tracing::warn!(
+                "released the storage reserve; a reader kept the log from being checkpointed"
+            ),
+            Err(err) => tracing::warn!(%err, "released the storage reserve; the checkpoint failed"),
         }
     }
 
-    /// Whether the database is at its `--max-database-bytes` size.
-    fn at_quota(&self, conn: &Connection) -> bool {
-        let Some(quota) = self.quota_pages else {
-            return false;
-        };
-        let pages: i64 = conn
-            .pragma_query_value(None, "page_count", |r| r.get(0))
-            .unwrap_or(0);
-        u64::try_from(pages).is_ok_and(|pages| pages >= quota)
+    /// Whether the size limit, rather than the disk, refused the write: a
+    /// failed write cannot say which, but the file system's free space can.
+    fn at_quota(&self) -> bool {
+        self.has_quota && free_bytes(&self.dir).is_some_and(|free| free >= DISK_FULL_BELOW)
     }
 }
 
@@ -120,31 +193,45 @@ pub(crate) struct Reserve {
 }
 
 impl Reserve {
-    /// The reserve at `path`, made now if it is missing (and there is room).
+    /// The reserve at `path` (made by [`StorageWatch::new`]).
     pub fn new(path: PathBuf, bytes: u64) -> Self {
-        let reserve = Self { path, bytes };
-        reserve.make();
-        reserve
+        Self { path, bytes }
     }
 
-    /// Makes the reserve file unless it is there already. Written, not just
-    /// sized: a sparse file would hold no space at all.
+    /// Makes the reserve file unless it is there already, warning if there is
+    /// no room for it. Written, not just sized: a sparse file holds no space.
     pub fn make(&self) {
-        match std::fs::metadata(&self.path) {
-            Ok(meta) if meta.len() >= self.bytes => return,
-            _ => {}
-        }
-        if let Err(err) = write_zeros(&self.path, self.bytes) {
-            let _ = std::fs::remove_file(&self.path);
+        if let Err(err) = self.make_file() {
             tracing::warn!(path = %self.path.display(), %err,
                 "could not set aside the storage reserve; will try again when space is back");
         }
+    }
+
+    /// Whether the reserve is (now) in place; quietly false if it does not fit.
+    fn try_make(&self) -> bool {
+        self.make_file().is_ok()
+    }
+
+    fn make_file(&self) -> std::io::Result<()> {
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if meta.len() >= self.bytes => return Ok(()),
+            _ => {}
+        }
+        write_zeros(&self.path, self.bytes).inspect_err(|_| {
+            let _ = std::fs::remove_file(&self.path);
+        })
     }
 
     /// Deletes the reserve file; whether there was one.
     fn release(&self) -> bool {
         std::fs::remove_file(&self.path).is_ok()
     }
+}
+
+/// Bytes an unprivileged process may still write on `dir`'s file system.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 fn write_zeros(path: &Path, bytes: u64) -> std::io::Result<()> {
@@ -180,6 +267,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("reserve");
         let reserve = Reserve::new(path.clone(), 3 * RESERVE_CHUNK as u64 + 5);
+        reserve.make();
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             3 * RESERVE_CHUNK as u64 + 5
@@ -187,7 +275,7 @@ mod tests {
         assert!(reserve.release());
         assert!(!path.exists());
         assert!(!reserve.release(), "nothing left to release");
-        reserve.make();
+        assert!(reserve.try_make());
         assert!(path.exists());
     }
 }

@@ -142,6 +142,9 @@ trait Job: Send {
     /// Whether the work succeeded (its changes are kept if the group commits).
     fn succeeded(&self) -> bool;
 
+    /// Bytes of payload it writes (appends); 0 for small bookkeeping writes.
+    fn payload_bytes(&self) -> usize;
+
     /// Sends the kept result, or the commit's error if the group did not commit.
     fn finish(self: Box<Self>, commit: &Result<(), LedgerError>);
 }
@@ -153,7 +156,7 @@ struct Pending<T, F> {
     result: Option<LedgerResult<T>>,
     reply: oneshot::Sender<LedgerResult<T>>,
     /// Its place in the queue, freed when the job is done with.
-    _ticket: Ticket,
+    ticket: Ticket,
 }
 
 impl<T, F> Job for Pending<T, F>
@@ -185,6 +188,10 @@ where
 
     fn succeeded(&self) -> bool {
         matches!(self.result, Some(Ok(_)))
+    }
+
+    fn payload_bytes(&self) -> usize {
+        self.ticket.bytes
     }
 
     fn finish(self: Box<Self>, commit: &Result<(), LedgerError>) {
@@ -300,7 +307,7 @@ impl Writer {
                 work: Some(work),
                 result: None,
                 reply,
-                _ticket: ticket,
+                ticket,
             };
             self.commands
                 .send(kind(Box::new(job)))
@@ -432,7 +439,7 @@ fn run_group(
     gauge: &QueueGauge,
     storage: &mut StorageWatch,
 ) {
-    let mut jobs = Vec::with_capacity(group.len());
+    let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(group.len());
     let mut audits = Vec::new();
     for command in group.drain(..) {
         match command {
@@ -445,16 +452,29 @@ fn run_group(
             }
         }
     }
-    if !audits.is_empty() {
-        gauge.audits.fetch_sub(audits.len(), Ordering::AcqRel);
-        if gauge.dropping_audits.swap(false, Ordering::AcqRel) {
-            tracing::info!("audit lines are written again");
-        }
-    }
+    gauge.audits.fetch_sub(audits.len(), Ordering::AcqRel);
     if jobs.is_empty() && audits.is_empty() {
         return;
     }
+    let bulk = jobs.iter().filter(|job| job.payload_bytes() > 0).count();
+    if bulk > 0 && !storage.admit(bulk) {
+        // Holding off after a full disk: payload writes are refused unread, so
+        // they cannot eat the room kept for the database; bookkeeping goes on.
+        let (refused, kept): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|job| job.payload_bytes() > 0);
+        for job in refused {
+            job.finish(&Err(LedgerError::StorageFull));
+        }
+        jobs = kept;
+        if jobs.is_empty() && audits.is_empty() {
+            return;
+        }
+    }
     let outcome = commit_group(conn, &mut jobs, &audits);
+    if outcome.is_ok() && !audits.is_empty() && gauge.dropping_audits.swap(false, Ordering::AcqRel)
+    {
+        tracing::info!("audit lines are written again");
+    }
     let (full, written) = match &outcome {
         Ok(()) => {
             stats.transactions.fetch_add(1, Ordering::SeqCst);
@@ -517,22 +537,32 @@ fn commit_group(
             // Alone in its transaction, a command needs no savepoint (whose page
             // journal is a measurable cost on large batches): if it fails,
             // rolling back the transaction undoes exactly its own changes.
+            // (After some errors, a full disk among them, the engine has rolled
+            // it back already.)
             if !job.run(conn) {
-                conn.execute_batch("ROLLBACK")?;
+                if !conn.is_autocommit() {
+                    conn.execute_batch("ROLLBACK")?;
+                }
                 return Ok(());
             }
         } else {
             for job in jobs.iter_mut() {
-                in_savepoint(conn, |conn| job.run(conn))?;
+                let full = in_savepoint(conn, |conn| job.run(conn))?;
+                if full {
+                    return Err(engine_rollback(job.hit_storage_full()));
+                }
             }
             for (event, at) in audits {
-                in_savepoint(conn, |conn| match audit::insert(conn, event, *at) {
+                let full = in_savepoint(conn, |conn| match audit::insert(conn, event, *at) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(error = %e, action = event.action, "audit line not written");
                         false
                     }
                 })?;
+                if full {
+                    return Err(engine_rollback(false));
+                }
             }
         }
         conn.execute_batch("COMMIT")?;
@@ -547,23 +577,33 @@ fn commit_group(
     result
 }
 
-/// Runs `work` so that, when it reports failure, only its own changes are undone.
+/// The group's error when the engine rolled back its whole transaction from
+/// inside one command: storage full if that command ran out of space.
+fn engine_rollback(storage_full: bool) -> LedgerError {
+    if storage_full {
+        LedgerError::StorageFull
+    } else {
+        LedgerError::Storage("the engine rolled back the group transaction".into())
+    }
+}
+
+/// Runs `work` so that, when it reports failure, only its own changes are
+/// undone. Returns true if the engine rolled back the whole transaction instead
+/// (some errors, a full disk among them, do): the rest of the group must not
+/// run, since it would run in autocommit mode, outside any group.
 fn in_savepoint(
     conn: &Connection,
     work: impl FnOnce(&Connection) -> bool,
-) -> Result<(), LedgerError> {
+) -> Result<bool, LedgerError> {
     conn.execute_batch("SAVEPOINT command")?;
-    if work(conn) {
+    let kept = work(conn);
+    if conn.is_autocommit() {
+        return Ok(true);
+    }
+    if kept {
         conn.execute_batch("RELEASE command")?;
     } else {
         conn.execute_batch("ROLLBACK TO command; RELEASE command")?;
     }
-    // Some engine errors (disk full, I/O) roll back the whole transaction; the
-    // rest of the group would then run in autocommit mode, outside any group.
-    if conn.is_autocommit() {
-        return Err(LedgerError::Storage(
-            "the engine rolled back the group transaction".into(),
-        ));
-    }
-    Ok(())
+    Ok(false)
 }
