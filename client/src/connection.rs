@@ -1,22 +1,27 @@
 //! Connecting to a capsync server and redeeming sturdy refs into live capabilities.
 
+use std::time::Duration;
+
 use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{Disconnector, RpcSystem, twoparty};
 use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::{gateway, redeemed};
 use futures::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::admin::AdminClient;
 use crate::agent::AgentClient;
-use crate::error::ClientError;
+use crate::error::{ClientError, TimeoutStage};
+use crate::peer_watch::{FirstBytes, PeerWatch, Silent, within_silence};
 use crate::types::{ShareState, nonzero_time};
 use crate::viewer::ViewerClient;
 use crate::wire::{self, ok_or_fail};
 use crate::writer::WriterClient;
 
-/// How the client reads messages from the server.
+/// How the client connects and reads messages from the server.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Most 8-byte words one incoming message may make the reader traverse; `None` for no
@@ -25,13 +30,22 @@ pub struct ClientOptions {
     pub traversal_limit_words: Option<usize>,
     /// Deepest struct nesting accepted; the schema nests only a few levels.
     pub nesting_limit: i32,
+    /// How long [`connect_with`] may take: resolving the address, the TCP connect and the
+    /// server's first answer (default 10 s). A server whose listen queue takes the
+    /// connection but that never answers fails here rather than hanging the caller.
+    /// [`Connection::redeem`], the other half of the handshake, gets the same limit.
+    pub connect_timeout: Duration,
 }
+
+/// [`ClientOptions::connect_timeout`] unless set.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             traversal_limit_words: Some(64 * 1024 * 1024),
             nesting_limit: 64,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -59,49 +73,61 @@ pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Connection,
 }
 
 /// [`connect`] with explicit options. Same `LocalSet` requirement.
+///
+/// Returns once the server's first bytes have come (the answer to the bootstrap request),
+/// so a returned connection is known to reach a Cap'n Proto peer. Fails with [`ClientError::Timeout`] when that
+/// takes longer than [`ClientOptions::connect_timeout`], and with
+/// [`ClientError::NotCapsync`] when the peer answers with something else (HTTP: the
+/// share-page port, most likely).
 pub async fn connect_with(
     addr: impl tokio::net::ToSocketAddrs,
     options: &ClientOptions,
 ) -> Result<Connection, ClientError> {
+    let limit = options.connect_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let timed_out = |addr: String| ClientError::Timeout {
+        stage: TimeoutStage::Connect,
+        addr,
+        after: limit,
+    };
     // Resolve first, so a failure can name the address it was trying.
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: "the server".into(),
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host(addr)).await {
+            Ok(resolved) => resolved
+                .map_err(|source| ClientError::Connect {
+                    addr: "the server".into(),
+                    source,
+                })?
+                .collect(),
+            Err(_) => return Err(timed_out("the server (resolving its address)".into())),
+        };
+    let shown = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(&addrs[..])).await {
+        Ok(connected) => connected.map_err(|source| ClientError::Connect {
+            addr: shown.clone(),
             source,
-        })?
-        .collect();
-    let stream = tokio::net::TcpStream::connect(&addrs[..])
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addrs
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            source,
-        })?;
-    let peer = stream.peer_addr()?;
-    // Calls are small request/response pairs: Nagle's algorithm would only add latency.
-    stream.set_nodelay(true)?;
-    let (reader, writer) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
-        Side::Client,
-        options.reader_options(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let gateway: gateway::Client = rpc.bootstrap(Side::Server);
-    let disconnector = rpc.get_disconnector();
-    // Nothing happens on the connection unless the RpcSystem is polled. Its result carries no
-    // information (it is Ok even on a reset), so the task's output is dropped.
-    tokio::task::spawn_local(rpc);
-    Ok(Connection {
-        gateway,
-        disconnector,
-        peer,
-    })
+        })?,
+        Err(_) => return Err(timed_out(shown)),
+    };
+    let conn = Connection::start(stream, options)?;
+    // The server's first bytes answer the bootstrap request the RpcSystem sends at once:
+    // they show that a Cap'n Proto peer is listening, and a peer that is not one gives
+    // itself away in them.
+    let addr = conn.peer.to_string();
+    let error = match tokio::time::timeout_at(deadline, conn.watch.first_bytes()).await {
+        Ok(FirstBytes::Capnp) => return Ok(conn),
+        Ok(FirstBytes::Foreign(reply)) => ClientError::NotCapsync { addr, reply },
+        Ok(FirstBytes::Closed | FirstBytes::Awaited) => ClientError::Rpc(
+            capnp::Error::disconnected(format!("{addr} closed the connection without answering")),
+        ),
+        Err(_) => timed_out(addr),
+    };
+    conn.abandon();
+    Err(error)
 }
 
 /// A live connection: the server's `Gateway` plus the means to close it.
@@ -112,6 +138,13 @@ pub struct Connection {
     disconnector: Disconnector<Side>,
     /// Where we are connected, for messages.
     peer: std::net::SocketAddr,
+    /// What the server's bytes showed: a foreign protocol, and when it last said anything.
+    watch: PeerWatch,
+    /// The task driving the RpcSystem, to drop the socket at once when the handshake fails
+    /// (a clean disconnect would wait on a peer that may never answer).
+    rpc_task: AbortHandle,
+    /// Limit of [`Connection::redeem`]: [`ClientOptions::connect_timeout`].
+    handshake_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connection {
@@ -123,6 +156,40 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
+    /// Starts the RpcSystem on `stream`; the server is not heard from yet.
+    fn start(stream: TcpStream, options: &ClientOptions) -> Result<Self, ClientError> {
+        let peer = stream.peer_addr()?;
+        // Calls are small request/response pairs: Nagle's algorithm would only add latency.
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.compat().split();
+        let watch = PeerWatch::new();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(watch.reader(reader)),
+            futures::io::BufWriter::new(writer),
+            Side::Client,
+            options.reader_options(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let gateway: gateway::Client = rpc.bootstrap(Side::Server);
+        let disconnector = rpc.get_disconnector();
+        // Nothing happens on the connection unless the RpcSystem is polled. Its result
+        // carries no information (it is Ok even on a reset), so the task's output is dropped.
+        let rpc_task = tokio::task::spawn_local(rpc).abort_handle();
+        Ok(Self {
+            gateway,
+            disconnector,
+            peer,
+            watch,
+            rpc_task,
+            handshake_timeout: options.connect_timeout,
+        })
+    }
+
+    /// Drops the connection without a goodbye, for a peer that failed the handshake.
+    fn abandon(self) {
+        self.rpc_task.abort();
+    }
+
     /// The raw bootstrap capability, for calls this library does not wrap.
     pub fn gateway(&self) -> gateway::Client {
         self.gateway.clone()
@@ -133,11 +200,54 @@ impl Connection {
         self.peer
     }
 
+    /// When the server last sent anything on this connection (or, before that, when the
+    /// connection was made).
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.watch.last_heard()
+    }
+
+    /// Runs `work`, calls on this connection, failing with a [`ClientError::Timeout`]
+    /// (stage [`TimeoutStage::Call`]) once the server has sent nothing for `limit` while it
+    /// runs. For a single call this is a plain call timeout; work that makes calls in turn
+    /// (paging through a snapshot, pushing many batches) is not cut short while the server
+    /// keeps answering. Do not wrap waits on the server's own schedule (a live
+    /// subscription, a long admin call without progress updates) in it.
+    pub async fn with_call_timeout<T>(
+        &self,
+        limit: Duration,
+        work: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        within_silence(limit, || self.last_heard(), work)
+            .await
+            .unwrap_or_else(|Silent| {
+                Err(ClientError::Timeout {
+                    stage: TimeoutStage::Call,
+                    addr: self.peer.to_string(),
+                    after: limit,
+                })
+            })
+    }
+
     /// Turns a sturdy ref (any kind) into its live capability.
     ///
     /// The token is sent as given; a malformed, unknown, wrong, expired or revoked token
     /// comes back as `Remote { code: PermissionDenied, .. }` (or `RateLimited` after many).
+    /// Redeeming completes the handshake [`connect_with`] began, so it has the same limit,
+    /// [`ClientOptions::connect_timeout`]; past it, a [`ClientError::Timeout`] (stage
+    /// [`TimeoutStage::Redeem`]).
     pub async fn redeem(&self, token: &str) -> Result<Redeemed, ClientError> {
+        let limit = self.handshake_timeout;
+        match tokio::time::timeout(limit, self.redeem_unbounded(token)).await {
+            Ok(redeemed) => redeemed,
+            Err(_) => Err(ClientError::Timeout {
+                stage: TimeoutStage::Redeem,
+                addr: self.peer.to_string(),
+                after: limit,
+            }),
+        }
+    }
+
+    async fn redeem_unbounded(&self, token: &str) -> Result<Redeemed, ClientError> {
         let mut request = self.gateway.redeem_request();
         request.get().set_token(token);
         let response = request.send().promise.await?;

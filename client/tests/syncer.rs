@@ -636,7 +636,7 @@ fn a_server_that_never_answers_is_timed_out_and_retried() {
             .await
             .unwrap();
         let mut opts = SyncOptions::new(silent.local_addr().unwrap().to_string(), "cswriter_x");
-        opts.call_timeout = Duration::from_millis(100);
+        opts.connection.connect_timeout = Duration::from_millis(100);
         opts.backoff_initial = Duration::from_millis(10);
         opts.backoff_max = Duration::from_millis(20);
         let syncer = spawn_syncer(outbox.clone(), opts);
