@@ -659,3 +659,44 @@ fn a_server_that_never_answers_is_timed_out_and_retried() {
         assert_eq!(outbox.status().await.unwrap().pending, 1, "still queued");
     });
 }
+
+#[test]
+fn a_server_address_that_is_not_an_rpc_port_stops_the_syncer_with_the_reason() {
+    let server = TestServer::start();
+    let scratch = tempfile::tempdir().unwrap();
+    let share = run_local(share(&server, "ses_wrong_port"));
+    run_local(async {
+        let outbox = Outbox::open(scratch.path().join("outbox.db")).unwrap();
+        outbox
+            .enqueue(OpSpec::new("a", OpKind::DiffSet, json!([])))
+            .await
+            .unwrap();
+        let cases = [
+            // The share page's port answers in HTTP: retrying will not change that.
+            (
+                server.http_addr().to_string(),
+                "is not a capsync RPC port (it answered with HTTP",
+            ),
+            // Not an address at all: said before anything is sent.
+            (
+                format!("http://{}/s/{}", server.http_addr(), share.id),
+                "the server address: this is a web address",
+            ),
+            ("localhost".to_owned(), "needs a port"),
+        ];
+        for (server_arg, expected) in cases {
+            let mut opts = options(&server, &share.writer);
+            opts.server = server_arg;
+            let syncer = spawn_syncer(outbox.clone(), opts);
+            let error = within(30, "the syncer stops", syncer.wait_idle())
+                .await
+                .unwrap_err();
+            let SyncError::Stopped(message) = &error else {
+                panic!("{error:?}");
+            };
+            assert!(message.contains(expected), "{message}");
+            assert!(!message.contains(&share.writer), "{message}");
+            assert_eq!(syncer.stop().await.pending, 1, "still queued");
+        }
+    });
+}

@@ -28,7 +28,7 @@ impl TypedValueParser for ServerAddrParser {
             let mut cmd = cmd.clone();
             clap::Error::raw(
                 ErrorKind::ValueValidation,
-                format!("invalid value for '{flag}': {why}\n"),
+                format!("invalid value for '{flag}': {why}"),
             )
             .format(&mut cmd)
         };

@@ -205,7 +205,12 @@ impl Follow<'_> {
         let cursor = match self.cursor {
             Some(cursor) => cursor,
             None => match self.snapshot(global, conn, &viewer).await {
-                Ok(cursor) => cursor,
+                Ok(cursor) => {
+                    // The share is on screen: following has begun, so a loss from here
+                    // on is a lost connection, even before the subscription is made.
+                    self.link.connected();
+                    cursor
+                }
                 Err(stop) => return stop,
             },
         };
