@@ -9,7 +9,6 @@ use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::{gateway, redeemed};
 use futures::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::task::AbortHandle;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::admin::AdminClient;
@@ -30,10 +29,11 @@ pub struct ClientOptions {
     pub traversal_limit_words: Option<usize>,
     /// Deepest struct nesting accepted; the schema nests only a few levels.
     pub nesting_limit: i32,
-    /// How long [`connect_with`] may take: resolving the address, the TCP connect and the
-    /// server's first answer (default 10 s). A server whose listen queue takes the
-    /// connection but that never answers fails here rather than hanging the caller.
-    /// [`Connection::redeem`], the other half of the handshake, gets the same limit.
+    /// How long [`connect_with`] may take (resolving the address and the TCP connect), and
+    /// then [`Connection::redeem`], the handshake that gives a connection its authority
+    /// (default 10 s each). A server whose listen queue takes the connection but that
+    /// never answers fails the redeem with a [`ClientError::Timeout`] rather than hanging
+    /// the caller.
     pub connect_timeout: Duration,
 }
 
@@ -74,11 +74,10 @@ pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Connection,
 
 /// [`connect`] with explicit options. Same `LocalSet` requirement.
 ///
-/// Returns once the server's first bytes have come (the answer to the bootstrap request),
-/// so a returned connection is known to reach a Cap'n Proto peer. Fails with [`ClientError::Timeout`] when that
-/// takes longer than [`ClientOptions::connect_timeout`], and with
-/// [`ClientError::NotCapsync`] when the peer answers with something else (HTTP: the
-/// share-page port, most likely).
+/// Fails with [`ClientError::Timeout`] when resolving the address and the TCP connect take
+/// longer than [`ClientOptions::connect_timeout`]. Nothing is heard from the server yet:
+/// [`Connection::redeem`] makes the first call, and says when the peer does not answer or
+/// is not a capsync RPC port.
 pub async fn connect_with(
     addr: impl tokio::net::ToSocketAddrs,
     options: &ClientOptions,
@@ -106,28 +105,14 @@ pub async fn connect_with(
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(&addrs[..])).await {
-        Ok(connected) => connected.map_err(|source| ClientError::Connect {
-            addr: shown.clone(),
+    match tokio::time::timeout_at(deadline, TcpStream::connect(&addrs[..])).await {
+        Ok(Ok(stream)) => Connection::start(stream, options),
+        Ok(Err(source)) => Err(ClientError::Connect {
+            addr: shown,
             source,
-        })?,
-        Err(_) => return Err(timed_out(shown)),
-    };
-    let conn = Connection::start(stream, options)?;
-    // The server's first bytes answer the bootstrap request the RpcSystem sends at once:
-    // they show that a Cap'n Proto peer is listening, and a peer that is not one gives
-    // itself away in them.
-    let addr = conn.peer.to_string();
-    let error = match tokio::time::timeout_at(deadline, conn.watch.first_bytes()).await {
-        Ok(FirstBytes::Capnp) => return Ok(conn),
-        Ok(FirstBytes::Foreign(reply)) => ClientError::NotCapsync { addr, reply },
-        Ok(FirstBytes::Closed | FirstBytes::Awaited) => ClientError::Rpc(
-            capnp::Error::disconnected(format!("{addr} closed the connection without answering")),
-        ),
-        Err(_) => timed_out(addr),
-    };
-    conn.abandon();
-    Err(error)
+        }),
+        Err(_) => Err(timed_out(shown)),
+    }
 }
 
 /// A live connection: the server's `Gateway` plus the means to close it.
@@ -138,11 +123,9 @@ pub struct Connection {
     disconnector: Disconnector<Side>,
     /// Where we are connected, for messages.
     peer: std::net::SocketAddr,
-    /// What the server's bytes showed: a foreign protocol, and when it last said anything.
+    /// What the server's bytes showed: whether it answers at all and in which protocol, and
+    /// when it last said anything.
     watch: PeerWatch,
-    /// The task driving the RpcSystem, to drop the socket at once when the handshake fails
-    /// (a clean disconnect would wait on a peer that may never answer).
-    rpc_task: AbortHandle,
     /// Limit of [`Connection::redeem`]: [`ClientOptions::connect_timeout`].
     handshake_timeout: Duration,
 }
@@ -174,20 +157,14 @@ impl Connection {
         let disconnector = rpc.get_disconnector();
         // Nothing happens on the connection unless the RpcSystem is polled. Its result
         // carries no information (it is Ok even on a reset), so the task's output is dropped.
-        let rpc_task = tokio::task::spawn_local(rpc).abort_handle();
+        tokio::task::spawn_local(rpc);
         Ok(Self {
             gateway,
             disconnector,
             peer,
             watch,
-            rpc_task,
             handshake_timeout: options.connect_timeout,
         })
-    }
-
-    /// Drops the connection without a goodbye, for a peer that failed the handshake.
-    fn abandon(self) {
-        self.rpc_task.abort();
     }
 
     /// The raw bootstrap capability, for calls this library does not wrap.
@@ -232,16 +209,30 @@ impl Connection {
     ///
     /// The token is sent as given; a malformed, unknown, wrong, expired or revoked token
     /// comes back as `Remote { code: PermissionDenied, .. }` (or `RateLimited` after many).
-    /// Redeeming completes the handshake [`connect_with`] began, so it has the same limit,
-    /// [`ClientOptions::connect_timeout`]; past it, a [`ClientError::Timeout`] (stage
-    /// [`TimeoutStage::Redeem`]).
+    ///
+    /// Redeeming is the handshake: usually the first call, whose answer (and the bootstrap
+    /// answer before it) is the first the client hears of the server. So it has the
+    /// connect limit, [`ClientOptions::connect_timeout`]: past it, a
+    /// [`ClientError::Timeout`], of stage [`TimeoutStage::Connect`] if the server never
+    /// said a word, else [`TimeoutStage::Redeem`]. A peer whose first bytes are not Cap'n
+    /// Proto fails it with [`ClientError::NotCapsync`].
     pub async fn redeem(&self, token: &str) -> Result<Redeemed, ClientError> {
         let limit = self.handshake_timeout;
+        let addr = self.peer.to_string();
         match tokio::time::timeout(limit, self.redeem_unbounded(token)).await {
-            Ok(redeemed) => redeemed,
+            Ok(Ok(redeemed)) => Ok(redeemed),
+            Ok(Err(error)) => Err(match (self.watch.first_bytes(), error) {
+                (FirstBytes::Foreign(reply), ClientError::Rpc(_)) => {
+                    ClientError::NotCapsync { addr, reply }
+                }
+                (_, error) => error,
+            }),
             Err(_) => Err(ClientError::Timeout {
-                stage: TimeoutStage::Redeem,
-                addr: self.peer.to_string(),
+                stage: match self.watch.first_bytes() {
+                    FirstBytes::Awaited => TimeoutStage::Connect,
+                    _ => TimeoutStage::Redeem,
+                },
+                addr,
                 after: limit,
             }),
         }

@@ -11,7 +11,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures::AsyncRead;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::server_addr::DEFAULT_RPC_PORT;
@@ -66,8 +65,6 @@ pub(crate) enum FirstBytes {
     Capnp,
     /// Something else.
     Foreign(ForeignReply),
-    /// The stream ended (or failed) before four bytes came.
-    Closed,
 }
 
 /// What one connection's reader has seen; shared by the reader (inside the `RpcSystem`)
@@ -83,8 +80,8 @@ struct State {
     first: Cell<[u8; 4]>,
     /// How many of `first` are filled.
     first_len: Cell<usize>,
-    /// What they showed, for whoever waits on it.
-    verdict: watch::Sender<FirstBytes>,
+    /// What they showed.
+    verdict: Cell<FirstBytes>,
     /// When bytes last arrived (or the connection was made).
     last_heard: Cell<Instant>,
 }
@@ -95,7 +92,7 @@ impl PeerWatch {
             state: Rc::new(State {
                 first: Cell::new([0; 4]),
                 first_len: Cell::new(0),
-                verdict: watch::Sender::new(FirstBytes::Awaited),
+                verdict: Cell::new(FirstBytes::Awaited),
                 last_heard: Cell::new(Instant::now()),
             }),
         }
@@ -109,34 +106,10 @@ impl PeerWatch {
         }
     }
 
-    /// What the peer's first bytes showed, once it has sent four or the stream ended.
-    /// The peer's first message answers the client's first (the bootstrap request the
-    /// `RpcSystem` sends at once), so this is the server's first answer.
-    pub(crate) async fn first_bytes(&self) -> FirstBytes {
-        let mut verdict = self.state.verdict.subscribe();
-        // The sender lives as long as `self`, so waiting cannot fail.
-        verdict
-            .wait_for(|seen| *seen != FirstBytes::Awaited)
-            .await
-            .map_or(FirstBytes::Closed, |seen| *seen)
-    }
-
-    fn foreign(&self) -> Option<ForeignReply> {
-        match *self.state.verdict.borrow() {
-            FirstBytes::Foreign(reply) => Some(reply),
-            _ => None,
-        }
-    }
-
-    /// The stream ended or failed: whoever still waits for the first bytes waits no more.
-    fn closed(&self) {
-        self.state.verdict.send_if_modified(|seen| {
-            let awaited = *seen == FirstBytes::Awaited;
-            if awaited {
-                *seen = FirstBytes::Closed;
-            }
-            awaited
-        });
+    /// What the peer's first bytes showed so far. Its first message answers the client's
+    /// first (the bootstrap request the `RpcSystem` sends at once).
+    pub(crate) fn first_bytes(&self) -> FirstBytes {
+        self.state.verdict.get()
     }
 
     /// When the peer last sent anything.
@@ -149,7 +122,7 @@ impl PeerWatch {
     fn heard(&self, bytes: &[u8]) -> io::Result<()> {
         let state = &self.state;
         state.last_heard.set(Instant::now());
-        if let Some(foreign) = self.foreign() {
+        if let FirstBytes::Foreign(foreign) = self.first_bytes() {
             return Err(refusal(foreign));
         }
         let len = state.first_len.get();
@@ -166,11 +139,11 @@ impl PeerWatch {
         }
         match ForeignReply::judge(first) {
             Some(foreign) => {
-                state.verdict.send_replace(FirstBytes::Foreign(foreign));
+                state.verdict.set(FirstBytes::Foreign(foreign));
                 Err(refusal(foreign))
             }
             None => {
-                state.verdict.send_replace(FirstBytes::Capnp);
+                state.verdict.set(FirstBytes::Capnp);
                 Ok(())
             }
         }
@@ -226,12 +199,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for WatchedReader<R> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let read = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
-        match read {
-            Ok(0) | Err(_) => this.watch.closed(),
-            Ok(n) => this.watch.heard(&buf[..n])?,
+        let n = ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if n > 0 {
+            this.watch.heard(&buf[..n])?;
         }
-        Poll::Ready(read)
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -271,24 +243,17 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(reader.read(&mut buf).await.unwrap(), 1);
         }
-        assert_eq!(*watch.state.verdict.borrow(), FirstBytes::Awaited);
+        assert_eq!(watch.first_bytes(), FirstBytes::Awaited);
         let refused = reader.read(&mut buf).await.unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::InvalidData);
         assert!(
             refused.to_string().contains("answered with HTTP"),
             "{refused}"
         );
-        assert_eq!(
-            watch.first_bytes().await,
-            FirstBytes::Foreign(ForeignReply::Http)
-        );
-        // Later reads keep refusing, and an end does not change what was seen.
+        assert_eq!(watch.first_bytes(), FirstBytes::Foreign(ForeignReply::Http));
+        // Later reads keep refusing.
         assert!(reader.read(&mut buf).await.is_err());
-        watch.closed();
-        assert_eq!(
-            watch.first_bytes().await,
-            FirstBytes::Foreign(ForeignReply::Http)
-        );
+        assert_eq!(watch.first_bytes(), FirstBytes::Foreign(ForeignReply::Http));
         assert_eq!(
             watch.last_heard() - started,
             std::time::Duration::from_secs(3)
@@ -346,16 +311,6 @@ mod tests {
         let mut read = Vec::new();
         reader.read_to_end(&mut read).await.unwrap();
         assert_eq!(read, message);
-        assert_eq!(watch.first_bytes().await, FirstBytes::Capnp);
-    }
-
-    #[tokio::test]
-    async fn a_peer_that_hangs_up_first_is_closed() {
-        let watch = PeerWatch::new();
-        let mut reader = watch.reader(futures::io::Cursor::new(vec![0u8, 0]));
-        let mut read = Vec::new();
-        reader.read_to_end(&mut read).await.unwrap();
-        assert_eq!(read, [0, 0]);
-        assert_eq!(watch.first_bytes().await, FirstBytes::Closed);
+        assert_eq!(watch.first_bytes(), FirstBytes::Capnp);
     }
 }

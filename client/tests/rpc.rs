@@ -745,9 +745,10 @@ fn connecting_to_nothing_names_the_address() {
 fn a_port_that_is_not_capsync_says_so() {
     let server = TestServer::start();
     run_local(async {
-        // The server's own share-page port: the likeliest mistake.
+        // The server's own share-page port: the likeliest mistake. The first call says so.
         let http = server.http_addr();
-        let err = connect(http).await.unwrap_err();
+        let conn = connect(http).await.unwrap();
+        let err = conn.redeem(&server.admin_token()).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -768,7 +769,8 @@ fn a_port_that_is_not_capsync_says_so() {
 
         // Something else entirely.
         let ssh = support::peers::foreign_listener(b"SSH-2.0-OpenSSH_9.6\r\n");
-        let err = connect(ssh).await.unwrap_err();
+        let conn = connect(ssh).await.unwrap();
+        let err = conn.redeem(&server.admin_token()).await.unwrap_err();
         assert!(
             matches!(err, ClientError::NotCapsync { reply: ForeignReply::NotCapnp(first), .. } if &first == b"SSH-"),
             "{err:?}"
@@ -787,7 +789,7 @@ fn a_port_that_is_not_capsync_says_so() {
 }
 
 #[test]
-fn a_server_that_never_answers_times_the_connect_out() {
+fn a_server_that_never_answers_times_the_handshake_out() {
     // Bound and never accepted from: the kernel completes the TCP handshake into the
     // listen queue, and then nothing ever answers (a server too busy to accept).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -797,7 +799,9 @@ fn a_server_that_never_answers_times_the_connect_out() {
             connect_timeout: Duration::from_millis(200),
             ..ClientOptions::default()
         };
-        let err = tokio::time::timeout(GUARD, connect_with(addr, &options))
+        let conn = connect_with(addr, &options).await.unwrap();
+        let token = capsync_shared::SturdyRef::generate(TokenKind::Viewer).expose();
+        let err = tokio::time::timeout(GUARD, conn.redeem(&token))
             .await
             .expect("the connect timeout must fire")
             .unwrap_err();
@@ -854,7 +858,7 @@ fn a_server_that_stops_answering_times_calls_and_redeems_out() {
             format!("timed out after 200ms waiting for the server at {relay_addr} to answer")
         );
 
-        // Answers the handshake only: the redeem has the connect timeout.
+        // Answers the bootstrap only: the redeem has the connect timeout.
         let relay = HoldingRelay::start(server.addr(), 1);
         let options = ClientOptions {
             connect_timeout: limit,

@@ -635,28 +635,31 @@ fn a_server_that_never_answers_is_timed_out_and_retried() {
             .enqueue(OpSpec::new("a", OpKind::DiffSet, json!([])))
             .await
             .unwrap();
-        let mut opts = SyncOptions::new(silent.local_addr().unwrap().to_string(), "cswriter_x");
-        opts.connection.connect_timeout = Duration::from_millis(100);
-        opts.backoff_initial = Duration::from_millis(10);
-        opts.backoff_max = Duration::from_millis(20);
-        let syncer = spawn_syncer(outbox.clone(), opts);
-        let mut progress = syncer.watch();
-        let status = within(60, "retries", progress.wait_for(|s| s.retries >= 2))
-            .await
-            .unwrap()
-            .clone();
-        assert!(
-            status
-                .last_error
-                .as_deref()
-                .unwrap_or("")
-                .contains("timed out"),
-            "{status:?}"
-        );
-        assert_eq!(status.pending, 1);
-        let stopped = within(10, "stop", syncer.stop()).await;
-        assert!(stopped.retries >= 2);
-        assert_eq!(outbox.status().await.unwrap().pending, 1, "still queued");
+        let addr = silent.local_addr().unwrap().to_string();
+        // Either limit bounds the handshake: the connect timeout, or a shorter call timeout.
+        let mut by_connect = SyncOptions::new(addr.clone(), "cswriter_x");
+        by_connect.connection.connect_timeout = Duration::from_millis(100);
+        let mut by_call = SyncOptions::new(addr.clone(), "cswriter_x");
+        by_call.call_timeout = Duration::from_millis(100);
+        for mut opts in [by_connect, by_call] {
+            opts.backoff_initial = Duration::from_millis(10);
+            opts.backoff_max = Duration::from_millis(20);
+            let syncer = spawn_syncer(outbox.clone(), opts);
+            let mut progress = syncer.watch();
+            let status = within(60, "retries", progress.wait_for(|s| s.retries >= 2))
+                .await
+                .unwrap()
+                .clone();
+            let error = status.last_error.as_deref().unwrap_or("");
+            assert!(
+                error.starts_with(&format!("timed out after 100ms connecting to {addr}")),
+                "{status:?}"
+            );
+            assert_eq!(status.pending, 1);
+            let stopped = within(10, "stop", syncer.stop()).await;
+            assert!(stopped.retries >= 2);
+            assert_eq!(outbox.status().await.unwrap().pending, 1, "still queued");
+        }
     });
 }
 

@@ -67,7 +67,7 @@ pub struct SyncOptions {
     /// each redeem of the token; past it the attempt counts as failed.
     pub connection: ClientOptions,
     /// How long one append may take before it counts as failed and the connection is
-    /// dropped (default 30 s).
+    /// dropped (default 30 s). A connect or redeem never gets longer than this either.
     pub call_timeout: Duration,
     /// How often an idle syncer looks at the outbox anyway, for ops another process
     /// enqueued into the same file (enqueues in this process wake it at once). Default 2 s.

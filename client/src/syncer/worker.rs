@@ -179,8 +179,11 @@ impl Worker {
     }
 
     async fn connect(&self) -> Result<Live, ConnectFailure> {
-        // Both steps are bounded by the connection options' connect timeout.
-        let conn = crate::connect_with(self.options.server.as_str(), &self.options.connection)
+        // Both steps are bounded by the connect timeout, and like any call never longer
+        // than the call timeout.
+        let mut connection = self.options.connection.clone();
+        connection.connect_timeout = connection.connect_timeout.min(self.options.call_timeout);
+        let conn = crate::connect_with(self.options.server.as_str(), &connection)
             .await
             .map_err(|e| connect_failure(&e))?;
         let redeemed = conn
