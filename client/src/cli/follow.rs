@@ -30,13 +30,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// streams in. When the connection drops, the server restarts or this viewer falls
 /// behind, it reconnects (backing off up to 5s, or longer when the server asks) and
 /// continues right after the last op it printed: nothing is printed twice or skipped.
-/// Meanwhile stderr says "connection lost: ...; retrying" once, and "reconnected after N
-/// attempts (Xs)" when it is back (on a terminal, one line updated with each attempt).
-/// Connecting and each read of a snapshot are bounded by --connect-timeout and
-/// --call-timeout; waiting for the next change is not. When the ops it needs next were compacted
-/// on the server (`capsync admin compact`), it says so on stderr, takes a new snapshot and
-/// continues from it, printing only what changed in between. A revoked link or a deleted
-/// share ends it with exit code 1.
+/// Meanwhile stderr says "connection lost: ...; retrying" once, and "reconnected after
+/// N attempts (Xs)" when it is back (on a terminal: one line, redrawn with each attempt;
+/// with --json: nothing). Connecting and reading the snapshot are bounded by
+/// --connect-timeout and --call-timeout; waiting for the next change is not. When the
+/// ops it needs next were compacted on the server (`capsync admin compact`), it says so
+/// on stderr, takes a new snapshot and continues from it, printing only what changed in
+/// between. A revoked link or a deleted share ends it with exit code 1.
 ///
 /// With --json: JSON Lines. The first line is the snapshot document (as `capsync snapshot
 /// --json` prints it), then one line per op: {"cursor", "opId", "kind", "payload",
