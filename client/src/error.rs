@@ -227,7 +227,10 @@ fn remote_text(
         ErrorCode::SnapshotRequired => text.push_str(&format!(" (compaction point {cursor})")),
         _ => {}
     }
-    if let Some(wait) = retry_after {
+    // Some server messages name the wait already ("...; retry in 60s"): once is enough.
+    if let Some(wait) = retry_after
+        && !message.contains("retry in")
+    {
         text.push_str(&format!(" (retry in {})", short_duration(wait)));
     }
     text
@@ -366,6 +369,16 @@ mod tests {
         }
         let e = full(None);
         assert_eq!(e.to_string(), "server storage full: the disk is full");
+        let worded = ClientError::Remote {
+            code: ErrorCode::RateLimited,
+            message: "too many failed redeems from this address; retry in 42s".into(),
+            cursor: 0,
+            retry_after: Some(Duration::from_millis(41_500)),
+        };
+        assert_eq!(
+            worded.to_string(),
+            "rate limited: too many failed redeems from this address; retry in 42s"
+        );
         assert_eq!(e.retry_after(), None);
         assert_eq!(ClientError::invalid("x").retry_after(), None);
     }

@@ -883,3 +883,22 @@ fn commands_give_up_on_a_server_that_does_not_answer() {
     let out = capsync(&server, Some(viewer), &["--call-timeout", "300ms", "state"]);
     assert_ok(&out);
 }
+
+#[test]
+fn a_rate_limited_redeem_says_when_to_retry() {
+    let server = TestServer::start_with(|config| config.redeem_failures = 1);
+    let unknown = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Viewer).expose();
+    let out = capsync(&server, Some(&unknown), &["state"]);
+    assert_error(&out, "error: permission denied");
+    // This address has used up its failed redeems: refused unchecked, with a wait.
+    let out = capsync(&server, Some(&unknown), &["state", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = &json_out(&out)["error"];
+    assert_eq!(error["code"], "rateLimited", "{error}");
+    let wait = error["retryAfterMs"].as_u64().expect("retryAfterMs");
+    assert!(wait > 0 && wait <= 60_000, "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert_eq!(message.matches("retry in").count(), 1, "{message}");
+    assert_eq!(stderr(&out), format!("error: {message}\n"));
+    assert!(!stderr(&out).contains(&unknown));
+}

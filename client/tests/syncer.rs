@@ -703,3 +703,49 @@ fn a_server_address_that_is_not_an_rpc_port_stops_the_syncer_with_the_reason() {
         }
     });
 }
+
+#[test]
+fn a_rate_limited_redeem_is_retried_no_sooner_than_the_server_asks() {
+    let server = TestServer::start_with(|config| config.redeem_failures = 1);
+    let scratch = tempfile::tempdir().unwrap();
+    // A writer token nobody has: its first redeem fails and uses up this address's
+    // allowance, so the syncer's are refused with `rateLimited` and when to retry.
+    let unknown = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Writer).expose();
+    run_local(async {
+        let conn = connect(server.addr()).await.unwrap();
+        let err = conn.redeem(&unknown).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(capsync_client::ErrorCode::PermissionDenied)
+        );
+        conn.disconnect().await.unwrap();
+
+        let outbox = Outbox::open(scratch.path().join("outbox.db")).unwrap();
+        outbox
+            .enqueue(OpSpec::new("a", OpKind::DiffSet, json!([])))
+            .await
+            .unwrap();
+        // Backoff alone would wait at most 500ms.
+        let syncer = spawn_syncer(outbox.clone(), options(&server, &unknown));
+        let mut progress = syncer.watch();
+        let status = within(
+            30,
+            "backoff",
+            progress.wait_for(|s| matches!(s.state, SyncState::Backoff { .. })),
+        )
+        .await
+        .unwrap()
+        .clone();
+        let SyncState::Backoff { retry_in_ms } = status.state else {
+            unreachable!()
+        };
+        let error = status.last_error.as_deref().unwrap_or("");
+        assert!(error.starts_with("rate limited:"), "{status:?}");
+        assert!(
+            retry_in_ms >= 1_000,
+            "the server's retryAfterMs is the least wait, not the 500ms cap: {status:?}"
+        );
+        assert!(syncer.fatal().is_none(), "rateLimited is retried");
+        within(10, "stop", syncer.stop()).await;
+    });
+}
