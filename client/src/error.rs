@@ -94,9 +94,11 @@ pub enum ClientError {
 /// What a [`ClientError::Timeout`] was waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutStage {
-    /// The TCP connect and the server's first answer ([`crate::ClientOptions::connect_timeout`]).
+    /// Connecting: the TCP connect, or the handshake while the server has not said a word
+    /// ([`crate::ClientOptions::connect_timeout`]).
     Connect,
-    /// The answer to redeeming a token, the rest of the handshake (the same limit).
+    /// The answer to redeeming a token, from a server that did answer the bootstrap
+    /// request (the same limit).
     Redeem,
     /// The answer to a call ([`crate::Connection::with_call_timeout`]).
     Call,
@@ -369,6 +371,7 @@ mod tests {
         }
         let e = full(None);
         assert_eq!(e.to_string(), "server storage full: the disk is full");
+        assert_eq!(e.retry_after(), None);
         let worded = ClientError::Remote {
             code: ErrorCode::RateLimited,
             message: "too many failed redeems from this address; retry in 42s".into(),
@@ -379,7 +382,6 @@ mod tests {
             worded.to_string(),
             "rate limited: too many failed redeems from this address; retry in 42s"
         );
-        assert_eq!(e.retry_after(), None);
         assert_eq!(ClientError::invalid("x").retry_after(), None);
     }
 

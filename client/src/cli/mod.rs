@@ -131,7 +131,7 @@ pub struct Global {
     )]
     pub server: ServerAddr,
 
-    /// Give up connecting after this long: the TCP connect and the server's first answer, then redeeming the token
+    /// Give up connecting after this long: the TCP connect, then the server's answer to redeeming the token (each)
     #[arg(
         long,
         global = true,
