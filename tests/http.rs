@@ -155,14 +155,17 @@ fn every_bad_token_gets_the_same_401() {
             let mut wrong_secret = f.viewer.clone();
             let last = wrong_secret.pop().unwrap();
             wrong_secret.push(if last == '0' { '1' } else { '0' });
-            let agent_token = created.writer_token.token.replace("cswriter_", "csagent_");
+            // A viewer id with the secret of another token.
+            let (prefix, _) = f.viewer.rsplit_once('_').unwrap();
+            let (_, writer_secret) = created.writer_token.token.rsplit_once('_').unwrap();
+            let spliced = format!("{prefix}_{writer_secret}");
             let mut bodies = Vec::new();
             for token in [
                 None,
                 Some("garbage"),
                 Some(wrong_secret.as_str()),
                 Some(other_viewer.as_str()),
-                Some(agent_token.as_str()),
+                Some(spliced.as_str()),
             ] {
                 for what in ["snapshot", "ops", "events"] {
                     let (status, headers, body) = get(addr, &api(f, what), token);
@@ -652,6 +655,30 @@ fn markdown_is_rendered_and_raw_html_escaped() {
 }
 
 #[test]
+fn share_links_take_viewer_tokens_only() {
+    with_sample(
+        |_| {},
+        async |f, created, _| {
+            // A valid writer token of this very share is no link: it says so.
+            let writer = &created.writer_token.token;
+            for what in ["snapshot", "ops", "events"] {
+                let (status, _, body) = get(f.addr, &api(f, what), Some(writer));
+                assert_eq!(status, 401, "{what}: {body}");
+                let body: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(body["error"], "unauthorized");
+                let message = body["message"].as_str().unwrap();
+                assert!(
+                    message.contains("writer token") && message.contains("viewer"),
+                    "{message}"
+                );
+                assert!(!message.contains(writer.as_str()), "never echoes the token");
+            }
+            assert_eq!(get(f.addr, &api(f, "snapshot"), Some(&f.viewer)).0, 200);
+        },
+    );
+}
+
+#[test]
 fn failed_redeems_over_http_count_for_rpc_too() {
     let server = TestServer::start_with(|c| c.redeem_failures = 3);
     let addr = server.http_addr();
@@ -661,13 +688,23 @@ fn failed_redeems_over_http_count_for_rpc_too() {
             401
         );
     }
-    let (status, _, body) = get(addr, "/api/shares/sh_x/snapshot", Some("csviewer_00_00"));
+    let (status, headers, body) = get(addr, "/api/shares/sh_x/snapshot", Some("csviewer_00_00"));
     assert_eq!(status, 429, "{body}");
-    // The same address is now limited over RPC as well, even with a good token.
+    // One failure drains in 60s / 3: the next try is let through within 20s.
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (1..=20).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+    // The same address is now limited over RPC as well for bad tokens, but a
+    // good token still works: someone else's mistakes never lock it out.
     run_local(async {
         let conn = capsync_tests::client::connect(server.addr()).await.unwrap();
-        let err = conn.redeem(&server.admin_token()).await.unwrap_err();
+        let err = conn.redeem("csviewer_00_00").await.unwrap_err();
         assert!(err.to_string().to_lowercase().contains("too many"), "{err}");
+        conn.redeem(&server.admin_token())
+            .await
+            .expect("a valid token is never rate limited by failures");
     });
 }
 

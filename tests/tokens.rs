@@ -256,10 +256,10 @@ fn wrong_secret_and_unknown_id_look_the_same_but_the_audit_log_tells_them_apart(
 }
 
 #[test]
-fn repeated_failed_redeems_from_one_address_are_rate_limited() {
+fn failed_redeems_are_limited_by_what_they_cost_not_by_address_alone() {
     let server = TestServer::start_with(|config| config.redeem_failures = 3);
     run_local(async {
-        let conn = capsync_client::connect(server.addr()).await.unwrap();
+        let (conn, admin) = admin(&server).await;
         let bogus = format!("csagent_0123456789abcdef_{}", "ab".repeat(32));
         for _ in 0..3 {
             assert_eq!(
@@ -267,15 +267,59 @@ fn repeated_failed_redeems_from_one_address_are_rate_limited() {
                 Some(ErrorCode::PermissionDenied)
             );
         }
-        assert_eq!(
-            code(conn.redeem(&bogus).await),
-            Some(ErrorCode::RateLimited)
-        );
-        // Even a good token waits until the window passes.
-        assert_eq!(
-            code(conn.redeem(&server.admin_token()).await),
-            Some(ErrorCode::RateLimited)
-        );
+        // Unknown token ids from this address are now refused unchecked, with when to retry.
+        let limited = conn.redeem(&bogus).await.unwrap_err();
+        assert_eq!(limited.code(), Some(ErrorCode::RateLimited), "{limited}");
+        assert!(limited.to_string().contains("retry in"), "{limited}");
+
+        // A stale token (right secret, revoked) fails as often as it is tried,
+        // and never counts: it proves knowledge of a real secret, it is no guess.
+        let (agent, agent_token) = agent(&conn, &admin).await;
+        let created = share(&agent, "ses_stale").await;
+        agent
+            .revoke_share(&created.info.state.share_id, Scope::Viewers)
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                code(conn.redeem(&created.viewer_token.token).await),
+                Some(ErrorCode::PermissionDenied)
+            );
+        }
+        // Valid tokens from the same address still work, old and new alike.
+        conn.redeem(&agent_token)
+            .await
+            .unwrap()
+            .into_agent()
+            .unwrap();
+        let fresh = agent
+            .mint_viewer(&created.info.state.share_id, None)
+            .await
+            .unwrap();
+        conn.redeem(&fresh.token)
+            .await
+            .unwrap()
+            .into_viewer()
+            .unwrap();
+
+        // Wrong secrets for one known id are limited for that id, from anywhere...
+        let agent_id = agent_token.split('_').nth(1).unwrap();
+        let guess = |n: usize| format!("csagent_{agent_id}_{}", format!("{n:02}").repeat(32));
+        for n in 0..3 {
+            assert_eq!(
+                code(conn.redeem(&guess(n)).await),
+                Some(ErrorCode::PermissionDenied)
+            );
+        }
+        let limited = conn.redeem(&guess(3)).await.unwrap_err();
+        assert_eq!(limited.code(), Some(ErrorCode::RateLimited), "{limited}");
+        assert!(limited.to_string().contains("for this token"), "{limited}");
+        // ...while its holder, whose secret verified before, is let through.
+        conn.redeem(&agent_token)
+            .await
+            .unwrap()
+            .into_agent()
+            .unwrap();
     });
 }
 

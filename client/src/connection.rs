@@ -1,22 +1,26 @@
 //! Connecting to a capsync server and redeeming sturdy refs into live capabilities.
 
+use std::time::Duration;
+
 use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{Disconnector, RpcSystem, twoparty};
 use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::{gateway, redeemed};
 use futures::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::admin::AdminClient;
 use crate::agent::AgentClient;
-use crate::error::ClientError;
+use crate::error::{ClientError, TimeoutStage};
+use crate::peer_watch::{FirstBytes, PeerWatch, Silent, within_silence};
 use crate::types::{ShareState, nonzero_time};
 use crate::viewer::ViewerClient;
 use crate::wire::{self, ok_or_fail};
 use crate::writer::WriterClient;
 
-/// How the client reads messages from the server.
+/// How the client connects and reads messages from the server.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Most 8-byte words one incoming message may make the reader traverse; `None` for no
@@ -25,13 +29,23 @@ pub struct ClientOptions {
     pub traversal_limit_words: Option<usize>,
     /// Deepest struct nesting accepted; the schema nests only a few levels.
     pub nesting_limit: i32,
+    /// How long [`connect_with`] may take (resolving the address and the TCP connect), and
+    /// then [`Connection::redeem`], the handshake that gives a connection its authority
+    /// (default 10 s each). A server whose listen queue takes the connection but that
+    /// never answers fails the redeem with a [`ClientError::Timeout`] rather than hanging
+    /// the caller.
+    pub connect_timeout: Duration,
 }
+
+/// [`ClientOptions::connect_timeout`] unless set.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             traversal_limit_words: Some(64 * 1024 * 1024),
             nesting_limit: 64,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -59,49 +73,46 @@ pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Connection,
 }
 
 /// [`connect`] with explicit options. Same `LocalSet` requirement.
+///
+/// Fails with [`ClientError::Timeout`] when resolving the address and the TCP connect take
+/// longer than [`ClientOptions::connect_timeout`]. Nothing is heard from the server yet:
+/// [`Connection::redeem`] makes the first call, and says when the peer does not answer or
+/// is not a capsync RPC port.
 pub async fn connect_with(
     addr: impl tokio::net::ToSocketAddrs,
     options: &ClientOptions,
 ) -> Result<Connection, ClientError> {
+    let limit = options.connect_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let timed_out = |addr: String| ClientError::Timeout {
+        stage: TimeoutStage::Connect,
+        addr,
+        after: limit,
+    };
     // Resolve first, so a failure can name the address it was trying.
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: "the server".into(),
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host(addr)).await {
+            Ok(resolved) => resolved
+                .map_err(|source| ClientError::Connect {
+                    addr: "the server".into(),
+                    source,
+                })?
+                .collect(),
+            Err(_) => return Err(timed_out("the server (resolving its address)".into())),
+        };
+    let shown = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match tokio::time::timeout_at(deadline, TcpStream::connect(&addrs[..])).await {
+        Ok(Ok(stream)) => Connection::start(stream, options),
+        Ok(Err(source)) => Err(ClientError::Connect {
+            addr: shown,
             source,
-        })?
-        .collect();
-    let stream = tokio::net::TcpStream::connect(&addrs[..])
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addrs
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            source,
-        })?;
-    let peer = stream.peer_addr()?;
-    // Calls are small request/response pairs: Nagle's algorithm would only add latency.
-    stream.set_nodelay(true)?;
-    let (reader, writer) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
-        Side::Client,
-        options.reader_options(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let gateway: gateway::Client = rpc.bootstrap(Side::Server);
-    let disconnector = rpc.get_disconnector();
-    // Nothing happens on the connection unless the RpcSystem is polled. Its result carries no
-    // information (it is Ok even on a reset), so the task's output is dropped.
-    tokio::task::spawn_local(rpc);
-    Ok(Connection {
-        gateway,
-        disconnector,
-        peer,
-    })
+        }),
+        Err(_) => Err(timed_out(shown)),
+    }
 }
 
 /// A live connection: the server's `Gateway` plus the means to close it.
@@ -112,6 +123,11 @@ pub struct Connection {
     disconnector: Disconnector<Side>,
     /// Where we are connected, for messages.
     peer: std::net::SocketAddr,
+    /// What the server's bytes showed: whether it answers at all and in which protocol, and
+    /// when it last said anything.
+    watch: PeerWatch,
+    /// Limit of [`Connection::redeem`]: [`ClientOptions::connect_timeout`].
+    handshake_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connection {
@@ -123,6 +139,34 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
+    /// Starts the RpcSystem on `stream`; the server is not heard from yet.
+    fn start(stream: TcpStream, options: &ClientOptions) -> Result<Self, ClientError> {
+        let peer = stream.peer_addr()?;
+        // Calls are small request/response pairs: Nagle's algorithm would only add latency.
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.compat().split();
+        let watch = PeerWatch::new();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(watch.reader(reader)),
+            futures::io::BufWriter::new(writer),
+            Side::Client,
+            options.reader_options(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let gateway: gateway::Client = rpc.bootstrap(Side::Server);
+        let disconnector = rpc.get_disconnector();
+        // Nothing happens on the connection unless the RpcSystem is polled. Its result
+        // carries no information (it is Ok even on a reset), so the task's output is dropped.
+        tokio::task::spawn_local(rpc);
+        Ok(Self {
+            gateway,
+            disconnector,
+            peer,
+            watch,
+            handshake_timeout: options.connect_timeout,
+        })
+    }
+
     /// The raw bootstrap capability, for calls this library does not wrap.
     pub fn gateway(&self) -> gateway::Client {
         self.gateway.clone()
@@ -133,11 +177,68 @@ impl Connection {
         self.peer
     }
 
+    /// When the server last sent anything on this connection (or, before that, when the
+    /// connection was made).
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.watch.last_heard()
+    }
+
+    /// Runs `work`, calls on this connection, failing with a [`ClientError::Timeout`]
+    /// (stage [`TimeoutStage::Call`]) once the server has sent nothing for `limit` while it
+    /// runs. For a single call this is a plain call timeout; work that makes calls in turn
+    /// (paging through a snapshot, pushing many batches) is not cut short while the server
+    /// keeps answering. Do not wrap waits on the server's own schedule (a live
+    /// subscription, a long admin call without progress updates) in it.
+    pub async fn with_call_timeout<T>(
+        &self,
+        limit: Duration,
+        work: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        within_silence(limit, || self.last_heard(), work)
+            .await
+            .unwrap_or_else(|Silent| {
+                Err(ClientError::Timeout {
+                    stage: TimeoutStage::Call,
+                    addr: self.peer.to_string(),
+                    after: limit,
+                })
+            })
+    }
+
     /// Turns a sturdy ref (any kind) into its live capability.
     ///
     /// The token is sent as given; a malformed, unknown, wrong, expired or revoked token
     /// comes back as `Remote { code: PermissionDenied, .. }` (or `RateLimited` after many).
+    ///
+    /// Redeeming is the handshake: usually the first call, whose answer (and the bootstrap
+    /// answer before it) is the first the client hears of the server. So it has the
+    /// connect limit, [`ClientOptions::connect_timeout`]: past it, a
+    /// [`ClientError::Timeout`], of stage [`TimeoutStage::Connect`] if the server never
+    /// said a word, else [`TimeoutStage::Redeem`]. A peer whose first bytes are not Cap'n
+    /// Proto fails it with [`ClientError::NotCapsync`].
     pub async fn redeem(&self, token: &str) -> Result<Redeemed, ClientError> {
+        let limit = self.handshake_timeout;
+        let addr = self.peer.to_string();
+        match tokio::time::timeout(limit, self.redeem_unbounded(token)).await {
+            Ok(Ok(redeemed)) => Ok(redeemed),
+            Ok(Err(error)) => Err(match (self.watch.first_bytes(), error) {
+                (FirstBytes::Foreign(reply), ClientError::Rpc(_)) => {
+                    ClientError::NotCapsync { addr, reply }
+                }
+                (_, error) => error,
+            }),
+            Err(_) => Err(ClientError::Timeout {
+                stage: match self.watch.first_bytes() {
+                    FirstBytes::Awaited => TimeoutStage::Connect,
+                    _ => TimeoutStage::Redeem,
+                },
+                addr,
+                after: limit,
+            }),
+        }
+    }
+
+    async fn redeem_unbounded(&self, token: &str) -> Result<Redeemed, ClientError> {
         let mut request = self.gateway.redeem_request();
         request.get().set_token(token);
         let response = request.send().promise.await?;

@@ -2,10 +2,12 @@
 //! and the outbox's and syncer's failures.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use capsync_shared::{ErrorCode, TokenKind};
 
 use crate::outbox::OutboxError;
+use crate::peer_watch::ForeignReply;
 use crate::syncer::SyncError;
 
 /// Everything a client call can fail with.
@@ -15,7 +17,7 @@ use crate::syncer::SyncError;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with a `Failure` in the call's results: an application error.
-    #[error("{}", remote_text(*code, message, *cursor))]
+    #[error("{}", remote_text(*code, message, *cursor, *retry_after))]
     Remote {
         /// What went wrong, as the server lets the caller know it.
         code: ErrorCode,
@@ -25,11 +27,33 @@ pub enum ClientError {
         /// [`ErrorCode::SnapshotRequired`] its compaction point (take a snapshot, then
         /// follow from the snapshot's cursor); else 0.
         cursor: u64,
+        /// The server's hint (`Failure.retryAfterMs`, with `rateLimited`, `overloaded` and
+        /// `storageFull`): retrying sooner than this is pointless. `None` when it gave none.
+        retry_after: Option<Duration>,
     },
     /// A transport-level failure (disconnected, overloaded, unimplemented, a malformed
     /// message). Callers branch on `kind` only.
     #[error("{}", rpc_text(.0))]
     Rpc(#[from] capnp::Error),
+    /// The peer at the address is not a capsync RPC port: its first bytes were HTTP (the
+    /// server's share-page port, say) or not Cap'n Proto at all.
+    #[error("{addr} is not a capsync RPC port ({reply})")]
+    NotCapsync {
+        /// The address connected to.
+        addr: String,
+        /// What it answered with.
+        reply: ForeignReply,
+    },
+    /// The server did not answer in time.
+    #[error("{}", timeout_text(*stage, addr, *after))]
+    Timeout {
+        /// What was waited for.
+        stage: TimeoutStage,
+        /// The server's address.
+        addr: String,
+        /// The limit that passed.
+        after: Duration,
+    },
     /// Could not reach the server at all.
     #[error("could not connect to {addr}: {source}")]
     Connect {
@@ -67,6 +91,19 @@ pub enum ClientError {
     Sync(#[from] SyncError),
 }
 
+/// What a [`ClientError::Timeout`] was waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutStage {
+    /// Connecting: the TCP connect, or the handshake while the server has not said a word
+    /// ([`crate::ClientOptions::connect_timeout`]).
+    Connect,
+    /// The answer to redeeming a token, from a server that did answer the bootstrap
+    /// request (the same limit).
+    Redeem,
+    /// The answer to a call ([`crate::Connection::with_call_timeout`]).
+    Call,
+}
+
 impl From<OutboxError> for ClientError {
     fn from(error: OutboxError) -> Self {
         Self::Outbox { path: None, error }
@@ -92,6 +129,15 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Self::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// How long the server asked the caller to wait before retrying, for
+    /// [`ClientError::Remote`] failures that carry the hint.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Remote { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -126,6 +172,8 @@ impl ClientError {
                 capnp::ErrorKind::Unimplemented => "unimplemented",
                 _ => "transport",
             },
+            Self::NotCapsync { .. } => "notCapsync",
+            Self::Timeout { .. } => "timeout",
             Self::Connect { .. } => "connect",
             Self::Io(_) => "io",
             Self::WrongKind { .. } => "wrongKind",
@@ -165,7 +213,12 @@ fn code_words(code: ErrorCode) -> &'static str {
     }
 }
 
-fn remote_text(code: ErrorCode, message: &str, cursor: u64) -> String {
+fn remote_text(
+    code: ErrorCode,
+    message: &str,
+    cursor: u64,
+    retry_after: Option<Duration>,
+) -> String {
     let mut text = code_words(code).to_owned();
     if !message.is_empty() {
         text.push_str(": ");
@@ -176,7 +229,38 @@ fn remote_text(code: ErrorCode, message: &str, cursor: u64) -> String {
         ErrorCode::SnapshotRequired => text.push_str(&format!(" (compaction point {cursor})")),
         _ => {}
     }
+    // Some server messages name the wait already ("...; retry in 60s"): once is enough.
+    if let Some(wait) = retry_after
+        && !message.contains("retry in")
+    {
+        text.push_str(&format!(" (retry in {})", short_duration(wait)));
+    }
     text
+}
+
+/// `6s` (whole seconds, rounded up) from a second on, `250ms` below: a wait for people.
+fn short_duration(wait: Duration) -> String {
+    if wait < Duration::from_secs(1) {
+        format!("{}ms", wait.as_millis().max(1))
+    } else {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        humantime::format_duration(Duration::from_secs(secs)).to_string()
+    }
+}
+
+fn timeout_text(stage: TimeoutStage, addr: &str, after: Duration) -> String {
+    let after = humantime::format_duration(after);
+    match stage {
+        TimeoutStage::Connect => format!(
+            "timed out after {after} connecting to {addr} (no answer from a capsync server: is it running, and is this its RPC port?)"
+        ),
+        TimeoutStage::Redeem => {
+            format!("timed out after {after} redeeming the token at {addr}")
+        }
+        TimeoutStage::Call => {
+            format!("timed out after {after} waiting for the server at {addr} to answer")
+        }
+    }
 }
 
 /// What capnp's `PrematureEndOfFile` displays as. A peer that aborts the connection because
@@ -223,9 +307,9 @@ fn outbox_code(error: &OutboxError) -> &'static str {
 /// Like a remote failure for a refused token (`permission denied: ...`), else the syncer's words.
 fn sync_text(e: &SyncError) -> String {
     match e {
-        SyncError::Revoked(message) => remote_text(ErrorCode::Revoked, message, 0),
+        SyncError::Revoked(message) => remote_text(ErrorCode::Revoked, message, 0, None),
         SyncError::PermissionDenied(message) => {
-            remote_text(ErrorCode::PermissionDenied, message, 0)
+            remote_text(ErrorCode::PermissionDenied, message, 0, None)
         }
         other => other.to_string(),
     }
@@ -248,6 +332,7 @@ mod tests {
             code: ErrorCode::PermissionDenied,
             message: "token not accepted".into(),
             cursor: 0,
+            retry_after: None,
         };
         assert_eq!(e.to_string(), "permission denied: token not accepted");
         assert_eq!(e.code(), Some(ErrorCode::PermissionDenied));
@@ -257,10 +342,79 @@ mod tests {
             code: ErrorCode::CursorConflict,
             message: "expected 3".into(),
             cursor: 7,
+            retry_after: None,
         };
         assert_eq!(
             e.to_string(),
             "cursor conflict: expected 3 (current cursor 7)"
+        );
+    }
+
+    #[test]
+    fn a_retry_hint_is_shown_as_a_short_wait() {
+        let full = |retry_after| ClientError::Remote {
+            code: ErrorCode::StorageFull,
+            message: "the disk is full".into(),
+            cursor: 0,
+            retry_after,
+        };
+        let e = full(Some(Duration::from_millis(6_000)));
+        assert_eq!(
+            e.to_string(),
+            "server storage full: the disk is full (retry in 6s)"
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(6)));
+        assert_eq!(e.code_str(), "storageFull");
+        for (ms, shown) in [(5_001, "6s"), (250, "250ms"), (90_000, "1m 30s")] {
+            let text = full(Some(Duration::from_millis(ms))).to_string();
+            assert!(text.ends_with(&format!("(retry in {shown})")), "{text}");
+        }
+        let e = full(None);
+        assert_eq!(e.to_string(), "server storage full: the disk is full");
+        assert_eq!(e.retry_after(), None);
+        let worded = ClientError::Remote {
+            code: ErrorCode::RateLimited,
+            message: "too many failed redeems from this address; retry in 42s".into(),
+            cursor: 0,
+            retry_after: Some(Duration::from_millis(41_500)),
+        };
+        assert_eq!(
+            worded.to_string(),
+            "rate limited: too many failed redeems from this address; retry in 42s"
+        );
+        assert_eq!(ClientError::invalid("x").retry_after(), None);
+    }
+
+    #[test]
+    fn timeouts_say_what_timed_out_and_where() {
+        let e = ClientError::Timeout {
+            stage: TimeoutStage::Connect,
+            addr: "10.0.0.1:7420".into(),
+            after: Duration::from_secs(10),
+        };
+        assert_eq!(e.code_str(), "timeout");
+        assert!(
+            e.to_string()
+                .starts_with("timed out after 10s connecting to 10.0.0.1:7420"),
+            "{e}"
+        );
+        let e = ClientError::Timeout {
+            stage: TimeoutStage::Call,
+            addr: "10.0.0.1:7420".into(),
+            after: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            e.to_string(),
+            "timed out after 1s 500ms waiting for the server at 10.0.0.1:7420 to answer"
+        );
+        let e = ClientError::NotCapsync {
+            addr: "10.0.0.1:7421".into(),
+            reply: ForeignReply::Http,
+        };
+        assert_eq!(e.code_str(), "notCapsync");
+        assert_eq!(
+            e.to_string(),
+            "10.0.0.1:7421 is not a capsync RPC port (it answered with HTTP: probably the share-page/HTTP port; the RPC port is 7420 by default)"
         );
     }
 

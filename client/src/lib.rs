@@ -3,7 +3,12 @@
 //!
 //! A tour:
 //! - [`connection`]: [`connect`] (must run on a tokio `LocalSet`), [`Connection::redeem`],
-//!   [`Redeemed`].
+//!   [`Redeemed`]; the connect timeout ([`ClientOptions`]) and call timeouts
+//!   ([`Connection::with_call_timeout`]).
+//! - [`server_addr`]: [`ServerAddr`], a server's RPC address, and the answers for what
+//!   people give instead (a share-page link, a host without a port).
+//! - `peer_watch`: watching the server's bytes, to recognise a peer that is not a capsync
+//!   RPC port ([`ForeignReply`]) and to time calls out.
 //! - [`admin`], [`agent`], [`writer`], [`viewer`]: one wrapper per capability
 //!   ([`AdminClient`], [`AgentClient`], [`WriterClient`], [`ViewerClient`]).
 //! - [`progress_listener`]: the `ProgressListener` long admin calls (prune, reclaim,
@@ -51,9 +56,11 @@ pub mod export;
 pub mod fuzzing;
 pub mod ops_file;
 pub mod outbox;
+mod peer_watch;
 pub mod progress_listener;
 pub mod push;
 pub mod resume;
+pub mod server_addr;
 pub mod subscribe;
 pub mod syncer;
 pub mod types;
@@ -65,18 +72,22 @@ pub use admin::AdminClient;
 pub use agent::{AgentClient, CreatedShare, NewShare};
 pub use capsync_shared::ops::{OpKind, OpSpec};
 pub use capsync_shared::{ErrorCode, TokenKind};
-pub use connection::{ClientOptions, Connection, Redeemed, connect, connect_with};
+pub use connection::{
+    ClientOptions, Connection, DEFAULT_CONNECT_TIMEOUT, Redeemed, connect, connect_with,
+};
 pub use document::{MessageDocument, SessionDocument};
-pub use error::ClientError;
+pub use error::{ClientError, TimeoutStage};
 pub use export::{SessionExport, ops_from_export};
 pub use ops_file::{InputFormat, parse_ops, read_push_input};
 pub use outbox::{
     AckSummary, Enqueued, Outbox, OutboxBatch, OutboxError, OutboxStatus, Refusal, RejectedEntry,
     RejectedReason,
 };
+pub use peer_watch::ForeignReply;
 pub use progress_listener::ProgressFn;
 pub use push::{PushReport, push_ops};
 pub use resume::{Rebased, Resumed};
+pub use server_addr::ServerAddr;
 pub use subscribe::{EndReason, Ended, LiveEvent, LiveOps};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
 pub use types::{

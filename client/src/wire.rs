@@ -44,9 +44,15 @@ pub(crate) fn failure(f: failure::Reader<'_>) -> ClientError {
                 .unwrap_or(capsync_shared::ErrorCode::Internal),
             message: text(f.get_message())?,
             cursor: f.get_cursor(),
+            retry_after: retry_after(f.get_retry_after_ms()),
         })
     };
     decode().unwrap_or_else(|e| e)
+}
+
+/// `Failure.retryAfterMs` as a wait: 0 means the server gave no hint.
+fn retry_after(millis: u64) -> Option<std::time::Duration> {
+    (millis > 0).then(|| std::time::Duration::from_millis(millis))
 }
 
 /// An `Outcome`: `Ok(())` or the failure.
@@ -201,5 +207,38 @@ pub(crate) fn compact_report(r: compact_report::Reader<'_>) -> CompactReport {
         shares: r.get_shares(),
         ops: r.get_ops(),
         bytes: r.get_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use capsync_shared::ErrorCode;
+    use capsync_shared::capsync_capnp::{ErrorCode as WireCode, failure};
+
+    use crate::error::ClientError;
+
+    /// A `Failure` as the server would send it, read back through the client's decoder.
+    fn decoded(code: WireCode, retry_after_ms: u64) -> ClientError {
+        let mut message = capnp::message::Builder::new_default();
+        let mut f = message.init_root::<failure::Builder>();
+        f.set_code(code);
+        f.set_message("slow down");
+        f.set_retry_after_ms(retry_after_ms);
+        super::failure(f.into_reader())
+    }
+
+    #[test]
+    fn a_failure_carries_the_retry_hint() {
+        let e = decoded(WireCode::Overloaded, 6_000);
+        assert_eq!(e.code(), Some(ErrorCode::Overloaded));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(6)));
+        assert_eq!(e.to_string(), "server overloaded: slow down (retry in 6s)");
+
+        let e = decoded(WireCode::StorageFull, 0);
+        assert_eq!(e.code(), Some(ErrorCode::StorageFull));
+        assert_eq!(e.retry_after(), None, "0 is no hint");
+        assert_eq!(e.to_string(), "server storage full: slow down");
     }
 }

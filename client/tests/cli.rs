@@ -4,10 +4,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::TestServer;
+use support::peers::HoldingRelay;
 
 /// Runs `capsync` with a clean environment apart from the server and token given.
 fn capsync(server: &TestServer, token: Option<&str>, args: &[&str]) -> Output {
@@ -15,16 +17,42 @@ fn capsync(server: &TestServer, token: Option<&str>, args: &[&str]) -> Output {
 }
 
 fn capsync_at(server: &str, token: Option<&str>, args: &[&str]) -> Output {
+    command(server, token, args).output().expect("run capsync")
+}
+
+fn command(server: &str, token: Option<&str>, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_capsync"));
     command
         .args(args)
         .env_remove("CAPSYNC_TOKEN")
         .env_remove("CAPSYNC_TOKEN_FILE")
+        .env_remove("CAPSYNC_CONNECT_TIMEOUT")
+        .env_remove("CAPSYNC_CALL_TIMEOUT")
         .env("CAPSYNC_SERVER", server);
     if let Some(token) = token {
         command.env("CAPSYNC_TOKEN", token);
     }
-    command.output().expect("run capsync")
+    command
+}
+
+/// [`capsync_at`] for a run that might hang: killed (and the test failed) after 30 s.
+fn capsync_guarded(server: &str, token: Option<&str>, args: &[&str]) -> Output {
+    const GUARD: Duration = Duration::from_secs(30);
+    let mut child = command(server, token, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run capsync");
+    let started = Instant::now();
+    // The outputs are a few lines, far below a pipe's buffer: read after the exit.
+    while child.try_wait().expect("wait for capsync").is_none() {
+        if started.elapsed() > GUARD {
+            let _ = child.kill();
+            panic!("capsync {args:?} still running after {GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("capsync output")
 }
 
 fn stdout(output: &Output) -> String {
@@ -731,4 +759,146 @@ fn lifecycle_commands_explain_themselves_and_refuse_bad_ages() {
     let missing = capsync_at(nowhere, None, &["admin", "compact"]);
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
     assert!(stderr(&missing).contains("--older-than <AGE>"));
+}
+
+#[test]
+fn server_addresses_of_the_wrong_form_are_refused_with_the_right_form() {
+    let viewer = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Viewer).expose();
+    // A share-page link pasted whole: explained, exit 2, and its token never echoed.
+    let secret = "csviewer_0011223344556677_dontprintme";
+    for link in [
+        format!("http://127.0.0.1:7421/s/sh_0123#{secret}"),
+        format!("https://sync.example.org/s/sh_0123#{secret}"),
+    ] {
+        let out = capsync_at(&link, Some(&viewer), &["state"]);
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            !text.contains("dontprintme") && !text.contains(secret),
+            "{text}"
+        );
+        assert!(text.contains("not a URL"), "{text}");
+        assert!(
+            text.contains(":7420 (the RPC port, 7420 by default"),
+            "{text}"
+        );
+        assert!(text.contains("Share-page links are for browsers"), "{text}");
+        assert!(text.contains("--token or CAPSYNC_TOKEN"), "{text}");
+        assert_eq!(stdout(&out), "");
+    }
+    // A host without its port.
+    let out = capsync_at("sync.example.org", Some(&viewer), &["state"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("needs a port: HOST:PORT, e.g. sync.example.org:7420"),
+        "{}",
+        stderr(&out)
+    );
+    // A port that is not a number: the flag is named, the right form given.
+    let out = capsync_at(
+        "127.0.0.1:7420",
+        Some(&viewer),
+        &["--server", "h:rpc", "state"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let text = stderr(&out);
+    assert!(
+        text.contains("invalid value for '--server <HOST:PORT>'")
+            && text.contains("from 1 to 65535"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_port_that_is_not_capsync_is_named_as_such() {
+    let server = TestServer::start();
+    let viewer = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Viewer).expose();
+    let http = server.http_addr();
+    let out = capsync_guarded(&http.to_string(), Some(&viewer), &["state"]);
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {http} is not a capsync RPC port (it answered with HTTP: probably the share-page/HTTP port; the RPC port is 7420 by default)\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = capsync_guarded(&http.to_string(), Some(&viewer), &["snapshot", "--json"]);
+    assert_eq!(json_out(&out)["error"]["code"], "notCapsync");
+    assert!(!stdout(&out).contains(&viewer) && !stderr(&out).contains(&viewer));
+
+    let smtp = support::peers::foreign_listener(b"220 mail.example.org ESMTP\r\n");
+    let out = capsync_guarded(&smtp.to_string(), Some(&viewer), &["state"]);
+    assert_error(
+        &out,
+        &format!(
+            "error: {smtp} is not a capsync RPC port (it answered with bytes that are not Cap'n Proto: \"220 \")"
+        ),
+    );
+}
+
+#[test]
+fn commands_give_up_on_a_server_that_does_not_answer() {
+    // Takes connections into its listen queue and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let viewer = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Viewer).expose();
+    let out = capsync_guarded(
+        &addr.to_string(),
+        Some(&viewer),
+        &["--connect-timeout", "300ms", "state"],
+    );
+    assert_error(
+        &out,
+        &format!(
+            "error: timed out after 300ms connecting to {addr} (no answer from a capsync server"
+        ),
+    );
+    // The environment variable works as the flag, and --json names the code.
+    let mut env = command(&addr.to_string(), Some(&viewer), &["state", "--json"]);
+    let out = env
+        .env("CAPSYNC_CONNECT_TIMEOUT", "250ms")
+        .output()
+        .expect("run capsync");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json_out(&out)["error"]["code"], "timeout");
+    assert!(stderr(&out).starts_with("error: timed out after 250ms connecting"));
+
+    // A server that answers the handshake and the redeem, then falls silent.
+    let server = TestServer::start();
+    let agent = mint_agent(&server);
+    let share = create_share(&server, &agent, "ses_silent");
+    let viewer = share["viewerToken"]["token"].as_str().unwrap();
+    let relay = HoldingRelay::start(server.addr(), 2);
+    let relay_addr = relay.addr().to_string();
+    let out = capsync_guarded(
+        &relay_addr,
+        Some(viewer),
+        &["--call-timeout", "300ms", "state"],
+    );
+    assert_error(
+        &out,
+        &format!("error: timed out after 300ms waiting for the server at {relay_addr} to answer"),
+    );
+    // The same command straight to the server works with the same limit.
+    let out = capsync(&server, Some(viewer), &["--call-timeout", "300ms", "state"]);
+    assert_ok(&out);
+}
+
+#[test]
+fn a_rate_limited_redeem_says_when_to_retry() {
+    let server = TestServer::start_with(|config| config.redeem_failures = 1);
+    let unknown = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Viewer).expose();
+    let out = capsync(&server, Some(&unknown), &["state"]);
+    assert_error(&out, "error: permission denied");
+    // This address has used up its failed redeems: refused unchecked, with a wait.
+    let out = capsync(&server, Some(&unknown), &["state", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = &json_out(&out)["error"];
+    assert_eq!(error["code"], "rateLimited", "{error}");
+    let wait = error["retryAfterMs"].as_u64().expect("retryAfterMs");
+    assert!(wait > 0 && wait <= 60_000, "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert_eq!(message.matches("retry in").count(), 1, "{message}");
+    assert_eq!(stderr(&out), format!("error: {message}\n"));
+    assert!(!stderr(&out).contains(&unknown));
 }

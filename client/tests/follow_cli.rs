@@ -1,6 +1,7 @@
 //! `capsync follow` (the real binary) against the real server: the snapshot, then each op
 //! printed once and in order as it commits, across a server restart, until the viewers
-//! are revoked; and the readable form, where streamed text continues its line.
+//! are revoked; the readable form, where streamed text continues its line; and what it
+//! says on stderr while the connection is down.
 
 mod support;
 
@@ -21,6 +22,22 @@ struct Follow {
     child: Child,
     /// Its stdout, line by line, read on a thread of its own.
     lines: mpsc::UnboundedReceiver<String>,
+    /// Its stderr, likewise.
+    errors: mpsc::UnboundedReceiver<String>,
+}
+
+/// Sends each line `from` gives to the returned receiver, from a thread of its own.
+fn line_reader(from: impl std::io::Read + Send + 'static) -> mpsc::UnboundedReceiver<String> {
+    let (tx, lines) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
 }
 
 impl Follow {
@@ -35,17 +52,13 @@ impl Follow {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn capsync follow");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { child, lines }
+        let lines = line_reader(child.stdout.take().unwrap());
+        let errors = line_reader(child.stderr.take().unwrap());
+        Self {
+            child,
+            lines,
+            errors,
+        }
     }
 
     async fn line(&mut self) -> String {
@@ -53,6 +66,26 @@ impl Follow {
             .await
             .expect("timed out waiting for a line from capsync follow")
             .expect("capsync follow closed its output")
+    }
+
+    /// The next line on stderr.
+    async fn error_line(&mut self) -> String {
+        tokio::time::timeout(GUARD, self.errors.recv())
+            .await
+            .expect("timed out waiting for a line on capsync follow's stderr")
+            .expect("capsync follow closed its stderr")
+    }
+
+    /// Every stderr line still to come, once the process has closed it.
+    async fn error_rest(&mut self) -> Vec<String> {
+        let mut rest = Vec::new();
+        while let Some(line) = tokio::time::timeout(GUARD, self.errors.recv())
+            .await
+            .expect("timed out waiting for capsync follow to close its stderr")
+        {
+            rest.push(line);
+        }
+        rest
     }
 
     /// Every line still to come, once the process has closed its output.
@@ -229,10 +262,81 @@ fn follow_prints_every_op_once_in_order_across_a_restart_until_revoked() {
     });
     let mut follow = follow.take().unwrap();
     let status = follow.child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(follow.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = run_local(follow.error_rest()).join("\n");
     assert_eq!(status.code(), Some(1), "stderr: {stderr}");
     assert!(stderr.contains("revoked"), "{stderr}");
+}
+
+#[test]
+fn follow_says_once_that_the_connection_is_lost_and_again_when_it_is_back() {
+    let mut server = TestServer::start();
+    let (_, writer_token, viewer_token, _) = run_local(new_share(&server, "ses_status"));
+    let mut follow = None;
+    run_local(async {
+        let (_conn, writer) = writer(&server, &writer_token).await;
+        let setup = vec![
+            session_op("ses_status"),
+            message_op("ses_status", "msg_1"),
+            text_op("ses_status", "msg_1", "prt_1", "Before"),
+        ];
+        append(&writer, "setup", setup).await;
+        // Readable output: with --json, stderr stays quiet.
+        let follow = follow.insert(Follow::spawn(&server, &viewer_token, &[]));
+        while follow.line().await != "  Before" {}
+    });
+    let follow = follow.as_mut().unwrap();
+
+    server.stop();
+    let lost = run_local(follow.error_line());
+    assert!(
+        lost.starts_with("connection lost: ") && lost.ends_with("; retrying"),
+        "{lost}"
+    );
+    // While the server is away, something on its port takes each attempt and hangs up.
+    // Three of them, then the server comes back.
+    let squatter = std::net::TcpListener::bind(server.addr()).unwrap();
+    let (taken, attempts) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..3 {
+            let Ok((stream, _)) = squatter.accept() else {
+                return;
+            };
+            drop(stream);
+        }
+        // Closed before the server binds the port again.
+        drop(squatter);
+        let _ = taken.send(());
+    });
+    attempts
+        .recv_timeout(GUARD)
+        .expect("capsync follow kept trying to reconnect");
+    server.start_again();
+
+    run_local(async {
+        // One line for the whole outage, however many attempts it took.
+        let back = follow.error_line().await;
+        let attempts: u32 = back
+            .strip_prefix("reconnected after ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a reconnect line: {back}"));
+        assert!(attempts >= 4, "three attempts were hung up on: {back}");
+        assert!(back.ends_with("s)"), "{back}");
+
+        // And it follows again.
+        let (_conn, writer) = writer(&server, &writer_token).await;
+        let tool = OpSpec::new(
+            "tool-after",
+            OpKind::PartUpsert,
+            json!({"id": "prt_2", "messageID": "msg_1", "sessionID": "ses_status", "type": "tool", "tool": "bash", "state": {"status": "completed", "title": "after the restart"}}),
+        );
+        append(&writer, "after", vec![tool]).await;
+        while follow.line().await != "  [tool bash: completed] after the restart" {}
+    });
+    let _ = follow.child.kill();
+    let _ = follow.child.wait();
+    let rest = run_local(follow.error_rest());
+    assert!(rest.is_empty(), "nothing more on stderr: {rest:?}");
 }
 
 #[test]

@@ -6,13 +6,19 @@ mod support;
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use capsync_client::{
-    Batch, ClientError, ErrorCode, NewShare, OpKind, OpOutcome, OpSpec, RejectReason, Scope,
-    SessionExport, TokenKind, WriterClient, connect, push_ops,
+    Batch, ClientError, ClientOptions, ErrorCode, ForeignReply, NewShare, OpKind, OpOutcome,
+    OpSpec, RejectReason, Scope, SessionExport, TimeoutStage, TokenKind, WriterClient, connect,
+    connect_with, push_ops,
 };
 use serde_json::json;
+use support::peers::HoldingRelay;
 use support::{TestServer, run_local};
+
+/// Upper bound on waits that must end much sooner; a test fails rather than hangs.
+const GUARD: Duration = Duration::from_secs(30);
 
 fn sample_export() -> SessionExport {
     SessionExport::from_value(&json!({
@@ -480,7 +486,7 @@ fn redeem_failures_and_wrong_kinds() {
 }
 
 #[test]
-fn repeated_failed_redeems_are_rate_limited() {
+fn failed_redeems_are_limited_without_locking_out_valid_tokens() {
     let server = TestServer::start_with(|config| config.redeem_failures = 3);
     run_local(async {
         let conn = connect(server.addr()).await.unwrap();
@@ -488,10 +494,17 @@ fn repeated_failed_redeems_are_rate_limited() {
             let err = conn.redeem("nonsense").await.unwrap_err();
             assert_eq!(err.code(), Some(ErrorCode::PermissionDenied), "{err}");
         }
-        // Now even the right token is turned away, from this address, for a while.
-        let err = conn.redeem(&server.admin_token()).await.unwrap_err();
+        // More garbage from this address is turned away unchecked, with when to retry...
+        let err = conn.redeem("nonsense").await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
         assert_eq!(err.code_str(), "rateLimited");
+        assert!(err.to_string().contains("retry in"), "{err}");
+        // ...while a real token from the same address still works.
+        conn.redeem(&server.admin_token())
+            .await
+            .expect("a valid token is not locked out by someone else's failures")
+            .into_admin()
+            .unwrap();
     });
 }
 
@@ -725,5 +738,151 @@ fn connecting_to_nothing_names_the_address() {
                 .starts_with(&format!("could not connect to 127.0.0.1:{port}")),
             "{err}"
         );
+    });
+}
+
+#[test]
+fn a_port_that_is_not_capsync_says_so() {
+    let server = TestServer::start();
+    run_local(async {
+        // The server's own share-page port: the likeliest mistake. The first call says so.
+        let http = server.http_addr();
+        let conn = connect(http).await.unwrap();
+        let err = conn.redeem(&server.admin_token()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::NotCapsync {
+                    reply: ForeignReply::Http,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.code_str(), "notCapsync");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{http} is not a capsync RPC port (it answered with HTTP: probably the share-page/HTTP port; the RPC port is 7420 by default)"
+            )
+        );
+
+        // Something else entirely.
+        let ssh = support::peers::foreign_listener(b"SSH-2.0-OpenSSH_9.6\r\n");
+        let conn = connect(ssh).await.unwrap();
+        let err = conn.redeem(&server.admin_token()).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::NotCapsync { reply: ForeignReply::NotCapnp(first), .. } if &first == b"SSH-"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .ends_with("(it answered with bytes that are not Cap'n Proto: \"SSH-\")"),
+            "{err}"
+        );
+
+        // The RPC port itself is fine.
+        let (conn, admin) = support::admin(&server).await;
+        admin.stats().await.unwrap();
+        conn.disconnect().await.unwrap();
+    });
+}
+
+#[test]
+fn a_server_that_never_answers_times_the_handshake_out() {
+    // Bound and never accepted from: the kernel completes the TCP handshake into the
+    // listen queue, and then nothing ever answers (a server too busy to accept).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    run_local(async {
+        let options = ClientOptions {
+            connect_timeout: Duration::from_millis(200),
+            ..ClientOptions::default()
+        };
+        let conn = connect_with(addr, &options).await.unwrap();
+        let token = capsync_shared::SturdyRef::generate(TokenKind::Viewer).expose();
+        let err = tokio::time::timeout(GUARD, conn.redeem(&token))
+            .await
+            .expect("the connect timeout must fire")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Timeout {
+                    stage: TimeoutStage::Connect,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.code_str(), "timeout");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("timed out after 200ms connecting to {addr}")),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn a_server_that_stops_answering_times_calls_and_redeems_out() {
+    let server = TestServer::start();
+    let limit = Duration::from_millis(200);
+    run_local(async {
+        // Answers the handshake and the redeem, then nothing.
+        let relay = HoldingRelay::start(server.addr(), 2);
+        let conn = connect(relay.addr()).await.unwrap();
+        let admin = conn
+            .redeem(&server.admin_token())
+            .await
+            .unwrap()
+            .into_admin()
+            .unwrap();
+        let err = tokio::time::timeout(GUARD, conn.with_call_timeout(limit, admin.stats()))
+            .await
+            .expect("the call timeout must fire")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Timeout {
+                    stage: TimeoutStage::Call,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let relay_addr = relay.addr();
+        assert_eq!(
+            err.to_string(),
+            format!("timed out after 200ms waiting for the server at {relay_addr} to answer")
+        );
+
+        // Answers the bootstrap only: the redeem has the connect timeout.
+        let relay = HoldingRelay::start(server.addr(), 1);
+        let options = ClientOptions {
+            connect_timeout: limit,
+            ..ClientOptions::default()
+        };
+        let conn = connect_with(relay.addr(), &options).await.unwrap();
+        let err = tokio::time::timeout(GUARD, conn.redeem(&server.admin_token()))
+            .await
+            .expect("the redeem must time out")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Timeout {
+                    stage: TimeoutStage::Redeem,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        // Straight to the server, the same limit is no trouble.
+        let (conn, admin) = support::admin(&server).await;
+        conn.with_call_timeout(limit, admin.stats()).await.unwrap();
+        conn.disconnect().await.unwrap();
     });
 }

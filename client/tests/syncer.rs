@@ -635,27 +635,117 @@ fn a_server_that_never_answers_is_timed_out_and_retried() {
             .enqueue(OpSpec::new("a", OpKind::DiffSet, json!([])))
             .await
             .unwrap();
-        let mut opts = SyncOptions::new(silent.local_addr().unwrap().to_string(), "cswriter_x");
-        opts.call_timeout = Duration::from_millis(100);
-        opts.backoff_initial = Duration::from_millis(10);
-        opts.backoff_max = Duration::from_millis(20);
-        let syncer = spawn_syncer(outbox.clone(), opts);
-        let mut progress = syncer.watch();
-        let status = within(60, "retries", progress.wait_for(|s| s.retries >= 2))
+        let addr = silent.local_addr().unwrap().to_string();
+        // Either limit bounds the handshake: the connect timeout, or a shorter call timeout.
+        let mut by_connect = SyncOptions::new(addr.clone(), "cswriter_x");
+        by_connect.connection.connect_timeout = Duration::from_millis(100);
+        let mut by_call = SyncOptions::new(addr.clone(), "cswriter_x");
+        by_call.call_timeout = Duration::from_millis(100);
+        for mut opts in [by_connect, by_call] {
+            opts.backoff_initial = Duration::from_millis(10);
+            opts.backoff_max = Duration::from_millis(20);
+            let syncer = spawn_syncer(outbox.clone(), opts);
+            let mut progress = syncer.watch();
+            let status = within(60, "retries", progress.wait_for(|s| s.retries >= 2))
+                .await
+                .unwrap()
+                .clone();
+            let error = status.last_error.as_deref().unwrap_or("");
+            assert!(
+                error.starts_with(&format!("timed out after 100ms connecting to {addr}")),
+                "{status:?}"
+            );
+            assert_eq!(status.pending, 1);
+            let stopped = within(10, "stop", syncer.stop()).await;
+            assert!(stopped.retries >= 2);
+            assert_eq!(outbox.status().await.unwrap().pending, 1, "still queued");
+        }
+    });
+}
+
+#[test]
+fn a_server_address_that_is_not_an_rpc_port_stops_the_syncer_with_the_reason() {
+    let server = TestServer::start();
+    let scratch = tempfile::tempdir().unwrap();
+    let share = run_local(share(&server, "ses_wrong_port"));
+    run_local(async {
+        let outbox = Outbox::open(scratch.path().join("outbox.db")).unwrap();
+        outbox
+            .enqueue(OpSpec::new("a", OpKind::DiffSet, json!([])))
             .await
-            .unwrap()
-            .clone();
-        assert!(
-            status
-                .last_error
-                .as_deref()
-                .unwrap_or("")
-                .contains("timed out"),
-            "{status:?}"
+            .unwrap();
+        let cases = [
+            // The share page's port answers in HTTP: retrying will not change that.
+            (
+                server.http_addr().to_string(),
+                "is not a capsync RPC port (it answered with HTTP",
+            ),
+            // Not an address at all: said before anything is sent.
+            (
+                format!("http://{}/s/{}", server.http_addr(), share.id),
+                "the server address: this is a web address",
+            ),
+            ("localhost".to_owned(), "needs a port"),
+        ];
+        for (server_arg, expected) in cases {
+            let mut opts = options(&server, &share.writer);
+            opts.server = server_arg;
+            let syncer = spawn_syncer(outbox.clone(), opts);
+            let error = within(30, "the syncer stops", syncer.wait_idle())
+                .await
+                .unwrap_err();
+            let SyncError::Stopped(message) = &error else {
+                panic!("{error:?}");
+            };
+            assert!(message.contains(expected), "{message}");
+            assert!(!message.contains(&share.writer), "{message}");
+            assert_eq!(syncer.stop().await.pending, 1, "still queued");
+        }
+    });
+}
+
+#[test]
+fn a_rate_limited_redeem_is_retried_no_sooner_than_the_server_asks() {
+    let server = TestServer::start_with(|config| config.redeem_failures = 1);
+    let scratch = tempfile::tempdir().unwrap();
+    // A writer token nobody has: its first redeem fails and uses up this address's
+    // allowance, so the syncer's are refused with `rateLimited` and when to retry.
+    let unknown = capsync_shared::SturdyRef::generate(capsync_shared::TokenKind::Writer).expose();
+    run_local(async {
+        let conn = connect(server.addr()).await.unwrap();
+        let err = conn.redeem(&unknown).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(capsync_client::ErrorCode::PermissionDenied)
         );
-        assert_eq!(status.pending, 1);
-        let stopped = within(10, "stop", syncer.stop()).await;
-        assert!(stopped.retries >= 2);
-        assert_eq!(outbox.status().await.unwrap().pending, 1, "still queued");
+        conn.disconnect().await.unwrap();
+
+        let outbox = Outbox::open(scratch.path().join("outbox.db")).unwrap();
+        outbox
+            .enqueue(OpSpec::new("a", OpKind::DiffSet, json!([])))
+            .await
+            .unwrap();
+        // Backoff alone would wait at most 500ms.
+        let syncer = spawn_syncer(outbox.clone(), options(&server, &unknown));
+        let mut progress = syncer.watch();
+        let status = within(
+            30,
+            "backoff",
+            progress.wait_for(|s| matches!(s.state, SyncState::Backoff { .. })),
+        )
+        .await
+        .unwrap()
+        .clone();
+        let SyncState::Backoff { retry_in_ms } = status.state else {
+            unreachable!()
+        };
+        let error = status.last_error.as_deref().unwrap_or("");
+        assert!(error.starts_with("rate limited:"), "{status:?}");
+        assert!(
+            retry_in_ms >= 1_000,
+            "the server's retryAfterMs is the least wait, not the 500ms cap: {status:?}"
+        );
+        assert!(syncer.fatal().is_none(), "rateLimited is retried");
+        within(10, "stop", syncer.stop()).await;
     });
 }

@@ -1,8 +1,21 @@
-//! Token secrets at rest: argon2id hashing and verification, always off the RPC thread.
+//! Token secrets at rest: argon2id hashing and verification, always off the
+//! RPC thread, a bounded number at once, in memory that is reused.
+//!
+//! Each verification needs `m_cost` KiB (19 MiB by default). Run on the
+//! blocking pool without a bound, a burst of redeems would start hundreds at
+//! once; and memory freed by one thread's allocator arena is rarely given back
+//! to the OS, so the process would keep the peak. Here at most
+//! `concurrency` run at once, each in one of `concurrency` buffers kept for
+//! the server's life: memory for argon2 is `concurrency × m_cost`, whatever
+//! arrives.
 
-use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
+use std::sync::{Arc, Mutex};
+
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, Version};
 use capsync_shared::{SturdyRef, TokenKind};
 use rand::TryRng;
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 
 use crate::error::ServerError;
 use crate::ledger::NewToken;
@@ -14,19 +27,32 @@ pub struct SecretHasher {
     /// A hash of a secret nobody holds, verified when a token id is unknown so
     /// that "unknown id" takes as long as "wrong secret".
     decoy_hash: String,
+    /// One permit per argon2 computation allowed to run at once.
+    running: Arc<Semaphore>,
+    /// argon2 working memory, one buffer per running verification, reused.
+    memory: Arc<Mutex<Vec<Vec<Block>>>>,
 }
 
 impl SecretHasher {
+    /// A hasher at this cost, running as many computations at once as there are CPUs.
     pub fn new(memory_kib: u32, iterations: u32) -> Result<Self, argon2::Error> {
         let params = Params::new(memory_kib, iterations, 1, None)?;
         let mut hasher = Self {
             params,
             decoy_hash: String::new(),
+            running: Arc::new(Semaphore::new(crate::config::default_argon2_concurrency())),
+            memory: Arc::new(Mutex::new(Vec::new())),
         };
         hasher.decoy_hash = hasher
             .hash_now(SturdyRef::generate(TokenKind::Viewer).secret())
             .map_err(|_| argon2::Error::OutputTooShort)?;
         Ok(hasher)
+    }
+
+    /// At most `concurrency` (at least one) computations at once.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.running = Arc::new(Semaphore::new(concurrency.max(1)));
+        self
     }
 
     fn argon2(&self) -> Argon2<'static> {
@@ -48,16 +74,48 @@ impl SecretHasher {
             })
     }
 
-    /// Whether `secret` matches `phc`, in constant time. Blocking: CPU-heavy.
-    /// A malformed stored hash never matches.
-    fn verify_now(&self, secret: &str, phc: &str) -> bool {
-        match PasswordHash::new(phc) {
-            Ok(parsed) => self
-                .argon2()
-                .verify_password(secret.as_bytes(), &parsed)
-                .is_ok(),
-            Err(_) => false,
+    /// Whether `secret` matches `phc`, in constant time, computed in `memory`
+    /// (grown if the hash's cost needs more). Blocking: CPU-heavy. A malformed
+    /// stored hash never matches.
+    fn verify_now(secret: &str, phc: &str, memory: &mut Vec<Block>) -> bool {
+        let Ok(hash) = PasswordHash::new(phc) else {
+            return false;
+        };
+        let (Ok(params), Ok(algorithm)) = (
+            Params::try_from(&hash),
+            Algorithm::try_from(hash.algorithm.as_str()),
+        ) else {
+            return false;
+        };
+        let version = match hash.version.map(Version::try_from).transpose() {
+            Ok(version) => version.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+            return false;
+        };
+        let expected = expected.as_ref();
+        let mut computed = [0u8; 64];
+        let Some(out) = computed.get_mut(..expected.len()) else {
+            return false;
+        };
+        let blocks = params.block_count();
+        if memory.len() < blocks {
+            memory.resize(blocks, Block::new());
         }
+        let argon2 = Argon2::new(algorithm, version, params);
+        if argon2
+            .hash_password_into_with_memory(
+                secret.as_bytes(),
+                salt.as_ref(),
+                out,
+                &mut memory[..blocks],
+            )
+            .is_err()
+        {
+            return false;
+        }
+        out.ct_eq(expected).into()
     }
 
     /// A new token of `kind` and the row to store for it, hashed on the blocking pool.
@@ -68,8 +126,13 @@ impl SecretHasher {
         label: String,
     ) -> Result<(SturdyRef, NewToken), ServerError> {
         let token = SturdyRef::generate(kind);
-        let hasher = self.clone();
         let secret = token.secret().to_owned();
+        let _running = self
+            .running
+            .acquire()
+            .await
+            .map_err(|_| ServerError::internal())?;
+        let hasher = self.clone();
         let secret_hash = tokio::task::spawn_blocking(move || hasher.hash_now(&secret))
             .await
             .map_err(|_| ServerError::internal())??;
@@ -82,20 +145,50 @@ impl SecretHasher {
         Ok((token, row))
     }
 
-    /// Verifies on the blocking pool. `None` for the hash verifies against the
-    /// decoy, so the caller spends the same time and always gets `false`.
+    /// Verifies on the blocking pool, waiting for a free slot first. `None` for
+    /// the hash verifies against the decoy, so the caller spends the same time
+    /// and always gets `false`.
     pub async fn verify(&self, secret: &str, phc: Option<String>) -> bool {
-        let hasher = self.clone();
+        let Ok(_running) = self.running.acquire().await else {
+            return false;
+        };
+        let mut memory = self.memory().pop().unwrap_or_default();
         let secret = secret.to_owned();
-        tokio::task::spawn_blocking(move || match phc {
-            Some(phc) => hasher.verify_now(&secret, &phc),
-            None => {
-                hasher.verify_now(&secret, &hasher.decoy_hash);
-                false
-            }
+        let decoy = self.decoy_hash.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let verified = match phc {
+                Some(phc) => Self::verify_now(&secret, &phc, &mut memory),
+                None => {
+                    Self::verify_now(&secret, &decoy, &mut memory);
+                    false
+                }
+            };
+            (verified, memory)
         })
-        .await
-        .unwrap_or(false)
+        .await;
+        match verified {
+            Ok((verified, memory)) => {
+                self.memory().push(memory);
+                verified
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
+        // Buffers are plain scratch memory: a panic elsewhere cannot spoil them.
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the argon2 crate's own verifier accepts `secret` for `phc`, for tests.
+    #[cfg(test)]
+    fn reference_verify(&self, secret: &str, phc: &str) -> bool {
+        use argon2::PasswordVerifier;
+        PasswordHash::new(phc).is_ok_and(|hash| {
+            self.argon2()
+                .verify_password(secret.as_bytes(), &hash)
+                .is_ok()
+        })
     }
 }
 
@@ -117,9 +210,52 @@ mod tests {
                 .verify(token.secret(), Some(row.secret_hash.clone()))
                 .await
         );
+        assert!(hasher.reference_verify(token.secret(), &row.secret_hash));
         let other = SturdyRef::generate(TokenKind::Writer);
         assert!(!hasher.verify(other.secret(), Some(row.secret_hash)).await);
         assert!(!hasher.verify(token.secret(), None).await);
         assert!(!hasher.verify(token.secret(), Some("garbage".into())).await);
+    }
+
+    #[tokio::test]
+    async fn hashes_made_at_another_cost_still_verify() {
+        let old = SecretHasher::new(512, 2).unwrap();
+        let new = SecretHasher::new(256, 1).unwrap().with_concurrency(1);
+        let (token, row) = old
+            .mint(TokenKind::Viewer, None, String::new())
+            .await
+            .unwrap();
+        // The new hasher's buffer grows to the old hash's cost, then serves both.
+        assert!(
+            new.verify(token.secret(), Some(row.secret_hash.clone()))
+                .await
+        );
+        let (second, second_row) = new
+            .mint(TokenKind::Viewer, None, String::new())
+            .await
+            .unwrap();
+        assert!(
+            new.verify(second.secret(), Some(second_row.secret_hash))
+                .await
+        );
+        assert!(!new.verify(second.secret(), Some(row.secret_hash)).await);
+        assert_eq!(new.memory().len(), 1, "one buffer, reused");
+    }
+
+    #[tokio::test]
+    async fn at_most_the_configured_number_run_at_once() {
+        let hasher = SecretHasher::new(256, 1).unwrap().with_concurrency(2);
+        let (token, row) = hasher
+            .mint(TokenKind::Viewer, None, String::new())
+            .await
+            .unwrap();
+        let checks = (0..16).map(|_| hasher.verify(token.secret(), Some(row.secret_hash.clone())));
+        let results = futures::future::join_all(checks).await;
+        assert!(results.into_iter().all(|ok| ok));
+        assert!(
+            hasher.memory().len() <= 2,
+            "{} buffers",
+            hasher.memory().len()
+        );
     }
 }

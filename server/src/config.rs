@@ -12,6 +12,31 @@ pub const DEFAULT_MAX_OPS_PER_BATCH: usize = 1000;
 pub const DEFAULT_MAX_OP_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// An eighth of the slots: a laptop's agent, viewers and browser fit many
+/// times over, while one address can never lock everyone else out.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
+/// How long a new RPC connection may take to redeem a token (NATS: 2 s).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a connection may send before it has redeemed a token; a redeem takes
+/// a few hundred bytes.
+pub const DEFAULT_HANDSHAKE_BYTES: usize = 64 << 10;
+/// Bytes of large RPC messages being received at once, all connections together.
+pub const DEFAULT_READ_BUDGET_BYTES: usize = 256 << 20;
+/// How long an RPC message that has started arriving may stop making progress.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle time before TCP keepalive probes look for a vanished peer.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How long an HTTP connection may take to deliver a request's headers.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP request body; every route today is a GET.
+pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 64 << 10;
+/// Commands waiting for the ledger's writer, and the bytes of batches among them.
+pub const DEFAULT_WRITE_QUEUE: usize = 1024;
+pub const DEFAULT_WRITE_QUEUE_BYTES: usize = 64 << 20;
+/// Disk space set aside so a full disk can still be checkpointed and recovered.
+pub const DEFAULT_STORAGE_RESERVE_BYTES: u64 = 16 << 20;
+/// How often repeated log events of one kind are summarised.
+pub const DEFAULT_LOG_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_REDEEM_FAILURES: u32 = 10;
 pub const DEFAULT_REDEEM_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,9 +85,49 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
-    /// Most simultaneous connections; further ones are closed at once.
+    /// Most simultaneous connections on each listener (RPC, HTTP); further
+    /// ones are closed at once and counted in `capsync_connections_refused_total`.
     #[arg(long, env = "CAPSYNC_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+
+    /// Most simultaneous connections from one address on each listener (an
+    /// IPv6 peer counts with its /64), so one address cannot take every slot.
+    #[arg(long, env = "CAPSYNC_MAX_CONNECTIONS_PER_ADDRESS",
+          default_value_t = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: usize,
+
+    /// How long a new RPC connection may take to redeem a token before it is
+    /// closed, e.g. `5s`.
+    #[arg(long, env = "CAPSYNC_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "5s")]
+    pub handshake_timeout: Duration,
+
+    /// Bytes an RPC connection may send before it has redeemed a token. Past
+    /// it, the server reads nothing more from it until a redeem succeeds.
+    #[arg(long, env = "CAPSYNC_HANDSHAKE_BYTES", default_value_t = DEFAULT_HANDSHAKE_BYTES)]
+    pub handshake_bytes: usize,
+
+    /// Bytes of large RPC messages (over 64 KiB) being received at once, all
+    /// connections together. Past it, reading them pauses until others are in.
+    #[arg(long, env = "CAPSYNC_READ_BUDGET_BYTES", default_value_t = DEFAULT_READ_BUDGET_BYTES)]
+    pub read_budget_bytes: usize,
+
+    /// How long an RPC message that has started arriving may make no progress
+    /// before its connection is closed, e.g. `30s`.
+    #[arg(long, env = "CAPSYNC_MESSAGE_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    pub message_timeout: Duration,
+
+    /// Idle time before TCP keepalive probes check that a peer is still there
+    /// (both listeners); a vanished peer's connection is closed about twice this
+    /// long after its last sign of life. `off` leaves the OS default.
+    #[arg(
+        long,
+        env = "CAPSYNC_TCP_KEEPALIVE",
+        default_value = "60s",
+        value_name = "DURATION"
+    )]
+    pub tcp_keepalive: DurationOrOff,
 
     /// Failed redeems one address may make per window before it gets `rateLimited`.
     #[arg(long, env = "CAPSYNC_REDEEM_FAILURES", default_value_t = DEFAULT_REDEEM_FAILURES)]
@@ -86,6 +151,11 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_ARGON2_ITERATIONS", default_value_t = DEFAULT_ARGON2_ITERATIONS)]
     pub argon2_iterations: u32,
 
+    /// Token checks (argon2id, about 19 MiB each) running at once; further
+    /// redeems wait their turn. Defaults to the number of CPUs.
+    #[arg(long, env = "CAPSYNC_ARGON2_CONCURRENCY", default_value_t = default_argon2_concurrency())]
+    pub argon2_concurrency: usize,
+
     /// Read connections to SQLite (snapshots, catch-up, token lookups).
     #[arg(long, env = "CAPSYNC_READ_CONNECTIONS", default_value_t = 4)]
     pub read_connections: usize,
@@ -93,6 +163,26 @@ pub struct Config {
     /// Most queued writes one group-commit transaction takes.
     #[arg(long, env = "CAPSYNC_MAX_GROUP_COMMIT", default_value_t = 256)]
     pub max_group_commit: usize,
+
+    /// Most writes waiting for the ledger's writer; more are refused with
+    /// `overloaded` (retryable) rather than queued in memory.
+    #[arg(long, env = "CAPSYNC_WRITE_QUEUE", default_value_t = DEFAULT_WRITE_QUEUE)]
+    pub write_queue: usize,
+
+    /// Most bytes of op payloads waiting for the ledger's writer; a batch that
+    /// would go past it is refused with `overloaded` (one batch alone always fits).
+    #[arg(long, env = "CAPSYNC_WRITE_QUEUE_BYTES", default_value_t = DEFAULT_WRITE_QUEUE_BYTES)]
+    pub write_queue_bytes: usize,
+
+    /// Largest the database file may grow, in bytes; writes past it are refused
+    /// with `storageFull` until a prune (or vacuum) makes room. 0 for no limit.
+    #[arg(long, env = "CAPSYNC_MAX_DATABASE_BYTES", default_value_t = 0)]
+    pub max_database_bytes: u64,
+
+    /// Disk space kept in `<data-dir>/reserve` and given back when the disk
+    /// fills up, so the database can still checkpoint its log. 0 for none.
+    #[arg(long, env = "CAPSYNC_STORAGE_RESERVE_BYTES", default_value_t = DEFAULT_STORAGE_RESERVE_BYTES)]
+    pub storage_reserve_bytes: u64,
 
     /// Most `ops` calls in flight to one live subscriber (`ShareViewer.subscribe`).
     /// A subscriber this far behind is not sent more until it answers, so it holds
@@ -110,6 +200,17 @@ pub struct Config {
     /// `/metrics`), or `off` to run without it.
     #[arg(long, env = "CAPSYNC_HTTP_LISTEN", default_value = DEFAULT_HTTP_LISTEN)]
     pub http_listen: HttpListen,
+
+    /// How long an HTTP connection may take to deliver a request's headers,
+    /// counted from when it connects or its last response was sent, e.g. `10s`.
+    /// So it is also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "CAPSYNC_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "10s")]
+    pub http_header_timeout: Duration,
+
+    /// Largest HTTP request body, in bytes; larger requests get `413`.
+    #[arg(long, env = "CAPSYNC_HTTP_MAX_BODY_BYTES", default_value_t = DEFAULT_HTTP_MAX_BODY_BYTES)]
+    pub http_max_body_bytes: usize,
 
     /// How long a share's writer may be gone before the share page shows its
     /// still-running tool calls as interrupted (display only), e.g. `5m`.
@@ -172,6 +273,17 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_HOUSEKEEPING_BUDGET", value_parser = humantime::parse_duration,
           default_value = "20ms")]
     pub housekeeping_budget: Duration,
+
+    /// Events that repeat (refused connections, bad input, failed accepts) are
+    /// logged once per interval in full, then as one line with a count, e.g. `10s`.
+    #[arg(long, env = "CAPSYNC_LOG_SUMMARY_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "10s")]
+    pub log_summary_interval: Duration,
+}
+
+/// The default for `--argon2-concurrency`: one verification per CPU.
+pub fn default_argon2_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// A duration setting that can be turned off: `30d`, `12h`, or `off`.
@@ -254,18 +366,31 @@ impl Default for Config {
             max_op_bytes: DEFAULT_MAX_OP_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            handshake_bytes: DEFAULT_HANDSHAKE_BYTES,
+            read_budget_bytes: DEFAULT_READ_BUDGET_BYTES,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            tcp_keepalive: DurationOrOff(Some(DEFAULT_TCP_KEEPALIVE)),
             redeem_failures: DEFAULT_REDEEM_FAILURES,
             redeem_window: DEFAULT_REDEEM_WINDOW,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             argon2_memory_kib: DEFAULT_ARGON2_MEMORY_KIB,
             argon2_iterations: DEFAULT_ARGON2_ITERATIONS,
+            argon2_concurrency: default_argon2_concurrency(),
             read_connections: 4,
             max_group_commit: 256,
+            write_queue: DEFAULT_WRITE_QUEUE,
+            write_queue_bytes: DEFAULT_WRITE_QUEUE_BYTES,
+            max_database_bytes: 0,
+            storage_reserve_bytes: DEFAULT_STORAGE_RESERVE_BYTES,
             subscriber_window: DEFAULT_SUBSCRIBER_WINDOW,
             subscriber_timeout: DEFAULT_SUBSCRIBER_TIMEOUT,
             http_listen: HttpListen::On(
                 DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
             ),
+            http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
             interrupted_after: DEFAULT_INTERRUPTED_AFTER,
             reclaim: true,
             auto_archive_after: DurationOrOff(None),
@@ -274,6 +399,7 @@ impl Default for Config {
             lifecycle_interval: DEFAULT_LIFECYCLE_INTERVAL,
             housekeeping_interval: DEFAULT_HOUSEKEEPING_INTERVAL,
             housekeeping_budget: DEFAULT_HOUSEKEEPING_BUDGET,
+            log_summary_interval: DEFAULT_LOG_SUMMARY_INTERVAL,
         }
     }
 }
@@ -289,6 +415,8 @@ impl Config {
             // Tests run many servers at once: the HTTP gateway on a free port
             // (see `ServerHandle::http_addr`).
             http_listen: HttpListen::On(([127, 0, 0, 1], 0).into()),
+            // No reserve file: tests start hundreds of servers in temp dirs.
+            storage_reserve_bytes: 0,
             ..Self::default()
         }
     }

@@ -5,6 +5,8 @@
 //! `ErrorCode`. Anything without a specific code becomes `internal`, and its
 //! detail goes to the log only.
 
+use std::time::Duration;
+
 use capsync_shared::capsync_capnp::failure;
 use capsync_shared::{Cursor, ErrorCode};
 
@@ -16,9 +18,17 @@ pub struct ServerError {
     pub code: ErrorCode,
     /// Safe to send: written for the caller, never copied from an internal error.
     pub message: String,
-    /// The share's cursor for `cursorConflict`; the compaction point for `snapshotRequired`.
+    /// The share's cursor for `cursorConflict` (and for `invalidArgument` about
+    /// a cursor beyond it); the compaction point for `snapshotRequired`.
     pub cursor: Cursor,
+    /// How long the caller should wait before retrying, when the server knows.
+    pub retry_after: Option<Duration>,
 }
+
+/// The wait suggested after `overloaded`: long enough for a queue to drain a little.
+const OVERLOADED_RETRY: Duration = Duration::from_millis(200);
+/// The wait suggested after `storageFull`: space comes back when someone frees it.
+const STORAGE_FULL_RETRY: Duration = Duration::from_secs(5);
 
 impl ServerError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -26,7 +36,38 @@ impl ServerError {
             code,
             message: message.into(),
             cursor: Cursor(0),
+            retry_after: None,
         }
+    }
+
+    /// Suggests a wait before retrying (`retryAfterMs` on the wire).
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// Busy for now; retrying after a short wait is expected to work.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Overloaded, message).retry_after(OVERLOADED_RETRY)
+    }
+
+    pub fn storage_full() -> Self {
+        Self::new(
+            ErrorCode::StorageFull,
+            "server storage is full; nothing was stored, retry later",
+        )
+        .retry_after(STORAGE_FULL_RETRY)
+    }
+
+    /// Too many failed redeems; `wait` is when the limit lets the next one through.
+    pub fn rate_limited(what: &str, wait: Duration) -> Self {
+        // Whole seconds for people; the exact wait travels in `retryAfterMs`.
+        let seconds = wait.as_millis().div_ceil(1000).max(1);
+        Self::new(
+            ErrorCode::RateLimited,
+            format!("too many failed redeems {what}; retry in {seconds}s"),
+        )
+        .retry_after(wait)
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -60,6 +101,10 @@ impl ServerError {
         out.set_code(self.code.into());
         out.set_message(&self.message);
         out.set_cursor(self.cursor.0);
+        let retry_after = self.retry_after.map_or(0, |wait| {
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        out.set_retry_after_ms(retry_after);
     }
 }
 
@@ -79,19 +124,34 @@ impl From<LedgerError> for ServerError {
             ),
             LedgerError::PermissionDenied => Self::denied(),
             LedgerError::CursorConflict(cursor) => Self {
-                code: ErrorCode::CursorConflict,
-                message: "expectedCursor does not match the share's cursor".into(),
                 cursor,
+                ..Self::new(
+                    ErrorCode::CursorConflict,
+                    "expectedCursor does not match the share's cursor",
+                )
+            },
+            LedgerError::CursorAhead { asked, cursor } => Self {
+                cursor,
+                ..Self::invalid(format!(
+                    "cursor {asked} is beyond the share's cursor {cursor}: this share never had \
+                     such an op (is this the server the cursor came from?)"
+                ))
             },
             LedgerError::InvalidArgument(why) => Self::invalid(why),
             LedgerError::SnapshotRequired(point) => Self {
-                code: ErrorCode::SnapshotRequired,
-                message: format!(
-                    "ops up to cursor {point} were compacted; take a snapshot and follow from its cursor"
-                ),
                 cursor: point,
+                ..Self::new(
+                    ErrorCode::SnapshotRequired,
+                    format!(
+                        "ops up to cursor {point} were compacted; take a snapshot and follow from its cursor"
+                    ),
+                )
             },
-            LedgerError::Busy => Self::new(ErrorCode::Overloaded, "database busy; try again"),
+            LedgerError::Busy => Self::overloaded("database busy; try again"),
+            LedgerError::QueueFull => {
+                Self::overloaded("server busy: too many writes waiting; retry")
+            }
+            LedgerError::StorageFull => Self::storage_full(),
             LedgerError::Closed => Self::shutting_down(),
             LedgerError::Storage(detail) => {
                 tracing::error!(%detail, "storage error");

@@ -8,13 +8,20 @@
 //!   `ShareViewer`), thin: they read requests, call the ledger, fill results.
 //! - [`ledger`]: the storage seam (`Ledger`, a `Send + Clone` handle) and its
 //!   SQLite backend (one writer thread with group commit, read connections).
-//! - [`auth`]: argon2id hashing of token secrets, off the RPC thread;
-//!   [`redeem`]: the token check both gateways use; [`rate_limit`]: failed
-//!   redeems per address; [`admin_token`]: first-start bootstrap.
+//! - [`net`]: what stands between the network and the server: connection
+//!   slots per listener and per address, accepting with back-off, and reading
+//!   RPC frames so memory follows bytes received (a small allowance before a
+//!   token is redeemed, a shared budget for large frames).
+//! - [`auth`]: argon2id hashing of token secrets, off the RPC thread, a bounded
+//!   number at once; [`redeem`]: the token check both gateways use;
+//!   [`rate_limit`]: what failed redeems may cost, per address and per token
+//!   id; [`verified_secrets`]: secrets that verified recently, so they cost no
+//!   argon2 again; [`admin_token`]: first-start bootstrap.
 //! - [`http`]: the HTTP gateway on its own listener: share pages for browsers,
 //!   a JSON API, live Server-Sent Events, `/healthz` and `/metrics`.
 //! - [`presence`]: which shares have a writer connected; [`metrics`]: counters
-//!   and gauges for `/metrics`.
+//!   and gauges for `/metrics`; [`log_limit`]: summarises log events that
+//!   peers can repeat, so no input chooses the log's volume.
 //! - [`follow`]: a share's ops from a cursor, then live as they commit (for
 //!   subscriptions and the HTTP gateway).
 //! - [`lifecycle`]: deleting, pruning, reclaiming and compacting in bounded
@@ -33,12 +40,15 @@ pub mod fuzzing;
 pub mod http;
 pub mod ledger;
 pub mod lifecycle;
+pub mod log_limit;
 pub mod metrics;
+pub mod net;
 pub mod presence;
 pub mod rate_limit;
 pub mod redeem;
 pub mod rpc;
 pub mod server;
+pub mod verified_secrets;
 
 pub use config::Config;
 pub use server::{ServerHandle, run, run_blocking, spawn};

@@ -26,6 +26,24 @@ pub enum SubscriberVia {
 }
 
 type ViaLabel = [(&'static str, &'static str); 1];
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// Which listener a connection came in on, the `listener` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Rpc,
+    Http,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rpc => "rpc",
+            Self::Http => "http",
+        }
+    }
+}
 
 /// Every metric of one server. Cheap to clone.
 #[derive(Clone)]
@@ -40,6 +58,19 @@ pub struct Metrics {
     /// Seconds from handing a batch to the ledger to its durable ack.
     commit_latency: Histogram,
     subscribers: Family<ViaLabel, Gauge>,
+    http_connections: Gauge,
+    /// Connections closed at accept: `listener`, `reason` (`limit`, `address_limit`).
+    connections_refused: Family<Labels2, Counter>,
+    /// RPC connections the server ended: `reason` (`handshake_timeout`, `message_too_large`, …).
+    connections_ended: Family<Labels1, Counter>,
+    accept_errors: Family<Labels1, Counter>,
+    /// Redeems refused without checking the token: `by` (`address`, `token`).
+    redeems_limited: Family<Labels1, Counter>,
+    /// Work refused with `overloaded` because the ledger's write queue was full.
+    writes_overloaded: Counter,
+    /// 1 while the storage is full (writes refused with `storageFull`), else 0.
+    storage_full: Gauge,
+    storage_full_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +84,14 @@ impl Default for Metrics {
         // 0.25 ms to about 4 s: a group commit with fsync sits in the low milliseconds.
         let commit_latency = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
         let subscribers = Family::<ViaLabel, Gauge>::default();
+        let http_connections = Gauge::default();
+        let connections_refused = Family::<Labels2, Counter>::default();
+        let connections_ended = Family::<Labels1, Counter>::default();
+        let accept_errors = Family::<Labels1, Counter>::default();
+        let redeems_limited = Family::<Labels1, Counter>::default();
+        let writes_overloaded = Counter::default();
+        let storage_full = Gauge::default();
+        let storage_full_refusals = Counter::default();
         // Both kinds show from the start, at 0, so dashboards need no special case.
         for via in [SubscriberVia::Rpc, SubscriberVia::Sse] {
             let _ = subscribers.get_or_create(&via_label(via));
@@ -99,6 +138,49 @@ impl Default for Metrics {
             "Live followers of a share, by how they are attached",
             subscribers.clone(),
         );
+        registry.register(
+            "http_connections_open",
+            "HTTP gateway connections open now (live event streams included)",
+            http_connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as they were accepted, by listener and reason \
+             (limit: every slot taken; address_limit: the address holds its share)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "rpc_connections_ended",
+            "RPC connections the server closed, by reason (handshake_timeout, \
+             message_too_large, bad_segment_table, message_stalled, protocol_error)",
+            connections_ended.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (e.g. out of file descriptors), by listener",
+            accept_errors.clone(),
+        );
+        registry.register(
+            "redeems_limited",
+            "Redeems refused before checking the token, by what was limited \
+             (address: failures from one address; token: wrong secrets for one token id)",
+            redeems_limited.clone(),
+        );
+        registry.register(
+            "writes_overloaded",
+            "Writes refused with `overloaded` because the write queue was full",
+            writes_overloaded.clone(),
+        );
+        registry.register(
+            "storage_full",
+            "1 while the server's storage is full and writes are refused, else 0",
+            storage_full.clone(),
+        );
+        registry.register(
+            "storage_full_refusals",
+            "Writes refused with `storageFull`",
+            storage_full_refusals.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             rpc_connections_total,
@@ -109,6 +191,14 @@ impl Default for Metrics {
             ops_rejected,
             commit_latency,
             subscribers,
+            http_connections,
+            connections_refused,
+            connections_ended,
+            accept_errors,
+            redeems_limited,
+            writes_overloaded,
+            storage_full,
+            storage_full_refusals,
         }
     }
 }
@@ -132,6 +222,49 @@ impl Metrics {
 
     pub fn http_request(&self) {
         self.http_requests_total.inc();
+    }
+
+    /// Counts an open HTTP connection until the guard drops.
+    pub fn http_connection(&self) -> GaugeGuard {
+        GaugeGuard::new(self.http_connections.clone())
+    }
+
+    /// Counts a connection closed at accept, and why (`limit`, `address_limit`).
+    pub fn connection_refused(&self, listener: Listener, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&[("listener", listener.as_str()), ("reason", reason)])
+            .inc();
+    }
+
+    /// Counts an RPC connection the server ended, and why.
+    pub fn connection_ended(&self, reason: &'static str) {
+        self.connections_ended
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn accept_error(&self, listener: Listener) {
+        self.accept_errors
+            .get_or_create(&[("listener", listener.as_str())])
+            .inc();
+    }
+
+    /// Counts a redeem refused unchecked; `by` is `address` or `token`.
+    pub fn redeem_limited(&self, by: &'static str) {
+        self.redeems_limited.get_or_create(&[("by", by)]).inc();
+    }
+
+    pub fn write_overloaded(&self) {
+        self.writes_overloaded.inc();
+    }
+
+    /// Records whether the storage is full now.
+    pub fn set_storage_full(&self, full: bool) {
+        self.storage_full.set(i64::from(full));
+    }
+
+    pub fn storage_full_refusal(&self) {
+        self.storage_full_refusals.inc();
     }
 
     /// Counts a live follower until the guard drops.

@@ -2,22 +2,29 @@
 //! RPC `Gateway` and the HTTP gateway use.
 //!
 //! Parse the sturdy ref, find its row, verify the secret with argon2 on the
-//! blocking pool, then check kind, revocation, expiry and epoch. Every failure
-//! gives the caller the same `permissionDenied`; the audit log records which it
-//! was. Failed redeems count against the caller's address in one limiter shared
-//! by both gateways, so guessing over HTTP and RPC at once gains nothing.
+//! blocking pool (unless the same secret verified recently, see
+//! [`VerifiedSecrets`]), then check kind, revocation, expiry and epoch. Every
+//! failure gives the caller the same `permissionDenied`; the audit log records
+//! which it was. Failures that cost an argon2 computation count against the
+//! caller's address and the token id in one [`RedeemLimiter`] shared by both
+//! gateways, so guessing over HTTP and RPC at once gains nothing.
 //!
 //! Everything here is `Send`: the HTTP gateway runs on plain tokio tasks.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use capsync_shared::{ErrorCode, ShareId, SturdyRef, TokenId, TokenKind, now_millis};
+use capsync_shared::{ShareId, SturdyRef, TokenId, TokenKind, now_millis};
+use tracing::Level;
 
 use crate::auth::SecretHasher;
 use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Authority, Ledger, ShareState, StoredToken};
-use crate::rate_limit::RedeemLimiter;
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
+use crate::net::address_group;
+use crate::rate_limit::{Limited, RedeemLimiter};
+use crate::verified_secrets::VerifiedSecrets;
 
 /// Which gateway a redeem came through, for the audit line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,52 +60,83 @@ impl Redeemed {
 pub struct Redeemer {
     ledger: Ledger,
     hasher: SecretHasher,
-    /// Failed redeems per address. A std mutex: it is never held across an await.
+    /// Failed redeems per address and per token id. A std mutex: it is never held across an await.
     limiter: Arc<Mutex<RedeemLimiter>>,
+    verified: Arc<VerifiedSecrets>,
+    metrics: Metrics,
+    logs: LogLimiter,
+}
+
+/// How a redeem ended (`ok`, or why the token was not accepted), for the audit log only.
+#[derive(Debug)]
+struct Outcome {
+    reason: &'static str,
+    token_id: Option<TokenId>,
+    share_id: Option<ShareId>,
+}
+
+impl Outcome {
+    fn of(reason: &'static str, stored: Option<&StoredToken>) -> Self {
+        Self {
+            reason,
+            token_id: stored.map(|t| t.id.clone()),
+            share_id: stored.and_then(|t| t.share_id.clone()),
+        }
+    }
 }
 
 impl Redeemer {
-    pub fn new(ledger: Ledger, hasher: SecretHasher, limiter: RedeemLimiter) -> Self {
+    pub fn new(
+        ledger: Ledger,
+        hasher: SecretHasher,
+        limiter: RedeemLimiter,
+        metrics: Metrics,
+        logs: LogLimiter,
+    ) -> Self {
         Self {
             ledger,
             hasher,
             limiter: Arc::new(Mutex::new(limiter)),
+            verified: Arc::new(VerifiedSecrets::new()),
+            metrics,
+            logs,
         }
     }
 
     /// Checks `token` presented by `peer`. Every failure is the same
-    /// `permissionDenied` (or `rateLimited` once the address used up its
-    /// failures); the audit log gets the real reason.
+    /// `permissionDenied`, or `rateLimited` (with when to retry) once the
+    /// failures it would add to are used up; the audit log gets the real reason.
     pub async fn redeem(
         &self,
         token: &str,
         peer: SocketAddr,
         via: Via,
     ) -> Result<Redeemed, ServerError> {
-        let audit = |stored: Option<&StoredToken>, outcome: &str| {
-            self.audit(
-                stored.map(|t| t.id.clone()),
-                stored.and_then(|t| t.share_id.clone()),
-                outcome,
-                peer,
-                via,
-            );
+        let sturdy = token.parse::<SturdyRef>().ok();
+        let stored = match &sturdy {
+            Some(sturdy) => self.ledger.find_token(sturdy.id.clone()).await?,
+            None => None,
         };
-        if self.limiter().is_blocked(peer.ip()) {
-            audit(None, "rate_limited");
-            return Err(ServerError::new(
-                ErrorCode::RateLimited,
-                "too many failed redeems from this address; try again later",
-            ));
-        }
-        match self.check(token).await? {
+        let verdict = match (&sturdy, stored) {
+            (Some(sturdy), Some(stored)) => self.check_known(sturdy, stored, peer).await?,
+            // (No token is found without a parsed sturdy ref.)
+            _ => {
+                self.check_unknown(sturdy.as_ref(), peer).await?;
+                let reason = if sturdy.is_some() {
+                    "unknown_token"
+                } else {
+                    "malformed"
+                };
+                Err(Outcome::of(reason, None))
+            }
+        };
+        match verdict {
             Ok(redeemed) => {
-                audit(Some(&redeemed.token), "ok");
+                self.audit(&Outcome::of("ok", Some(&redeemed.token)), peer, via);
                 Ok(redeemed)
             }
-            Err((reason, stored)) => {
-                self.limiter().record_failure(peer.ip());
-                audit(stored.as_ref(), reason);
+            Err(refusal) => {
+                self.audit(&refusal, peer, via);
                 Err(ServerError::denied())
             }
         }
@@ -109,44 +147,73 @@ impl Redeemer {
         self.limiter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The verdict: the redeemed token, or why not (for the audit log only).
-    /// The outer error is a storage failure, not a verdict.
-    async fn check(
+    /// A malformed token, or one whose id no token has: it fails, after as long
+    /// as a wrong secret takes (so ids cannot be told apart by timing while the
+    /// address has failures left). Refused unchecked once they are used up.
+    async fn check_unknown(
         &self,
-        token: &str,
-    ) -> Result<Result<Redeemed, (&'static str, Option<StoredToken>)>, ServerError> {
-        let Ok(sturdy) = token.parse::<SturdyRef>() else {
-            // Spend the verification time anyway: a malformed token must not answer faster.
-            self.hasher.verify("", None).await;
-            return Ok(Err(("malformed", None)));
-        };
-        let stored = self.ledger.find_token(sturdy.id.clone()).await?;
-        let hash = stored.as_ref().map(|t| t.secret_hash.clone());
-        if !self.hasher.verify(sturdy.secret(), hash).await {
-            let reason = if stored.is_some() {
-                "bad_secret"
-            } else {
-                "unknown_token"
-            };
-            return Ok(Err((reason, stored)));
+        sturdy: Option<&SturdyRef>,
+        peer: SocketAddr,
+    ) -> Result<(), ServerError> {
+        let checked = self.limiter().check_unknown(peer.ip());
+        checked.map_err(|limited| self.limited(limited, peer))?;
+        self.hasher
+            .verify(sturdy.map_or("", |s| s.secret()), None)
+            .await;
+        let recorded = self.limiter().record_unknown(peer.ip());
+        if recorded.address_now_limited {
+            self.limiting_started(peer, "malformed or unknown tokens");
         }
-        let Some(stored) = stored else {
-            return Ok(Err(("unknown_token", None)));
-        };
+        Ok(())
+    }
+
+    /// A token whose id exists: verify its secret (unless it verified before),
+    /// then everything else about it.
+    async fn check_known(
+        &self,
+        sturdy: &SturdyRef,
+        stored: StoredToken,
+        peer: SocketAddr,
+    ) -> Result<Result<Redeemed, Outcome>, ServerError> {
+        if !self.verified.contains(&stored.id, sturdy.secret()) {
+            let checked = self.limiter().check_known(peer.ip(), &stored.id);
+            checked.map_err(|limited| self.limited(limited, peer))?;
+            let hash = Some(stored.secret_hash.clone());
+            if !self.hasher.verify(sturdy.secret(), hash).await {
+                let recorded = self
+                    .limiter()
+                    .record_wrong_secret(peer.ip(), stored.id.clone());
+                if recorded.address_now_limited {
+                    self.limiting_started(peer, "wrong secrets");
+                }
+                if recorded.token_now_limited {
+                    tracing::info!(token_id = %stored.id, %peer,
+                        "rate limiting redeems of one token id after repeated wrong secrets");
+                }
+                return Ok(Err(Outcome::of("bad_secret", Some(&stored))));
+            }
+            self.verified.insert(&stored.id, sturdy.secret());
+        }
+        Ok(Self::check_standing(sturdy, stored))
+    }
+
+    /// Kind, revocation, expiry and epoch of a token whose secret matched. A
+    /// failure here is a stale token, not a guess: it counts against nothing.
+    fn check_standing(sturdy: &SturdyRef, stored: StoredToken) -> Result<Redeemed, Outcome> {
         if stored.kind != sturdy.kind {
-            return Ok(Err(("kind_mismatch", Some(stored))));
+            return Err(Outcome::of("kind_mismatch", Some(&stored)));
         }
         if stored.revoked {
-            return Ok(Err(("revoked", Some(stored))));
+            return Err(Outcome::of("revoked", Some(&stored)));
         }
         if stored.expires_at.is_some_and(|at| at <= now_millis()) {
-            return Ok(Err(("expired", Some(stored))));
+            return Err(Outcome::of("expired", Some(&stored)));
         }
         let state = match stored.kind {
             TokenKind::Admin | TokenKind::Agent => None,
             TokenKind::Writer | TokenKind::Viewer => {
                 let Some(state) = stored.share.clone() else {
-                    return Ok(Err(("share_deleted", Some(stored))));
+                    return Err(Outcome::of("share_deleted", Some(&stored)));
                 };
                 let current = if stored.kind == TokenKind::Writer {
                     state.writer_epoch
@@ -154,34 +221,58 @@ impl Redeemer {
                     state.viewer_epoch
                 };
                 if stored.epoch != current {
-                    return Ok(Err(("revoked_epoch", Some(stored))));
+                    return Err(Outcome::of("revoked_epoch", Some(&stored)));
                 }
                 Some(state)
             }
         };
-        Ok(Ok(Redeemed {
+        Ok(Redeemed {
             token: stored,
             state,
-        }))
+        })
     }
 
-    fn audit(
-        &self,
-        token_id: Option<TokenId>,
-        share_id: Option<ShareId>,
-        outcome: &str,
-        peer: SocketAddr,
-        via: Via,
-    ) {
+    /// The answer to a redeem refused unchecked. Counted, and logged in summary
+    /// only: every such refusal is an attempt the limiter exists to absorb.
+    fn limited(&self, limited: Limited, peer: SocketAddr) -> ServerError {
+        self.metrics.redeem_limited(limited.by);
+        if self.logs.allow("redeem_rate_limited", Level::INFO) {
+            tracing::info!(%peer, by = limited.by, wait = ?limited.wait,
+                "redeem refused by the failed-redeem limit (further refusals are summarised)");
+        }
+        let what = match limited.by {
+            "token" => "for this token",
+            _ => "from this address",
+        };
+        ServerError::rate_limited(what, limited.wait)
+    }
+
+    /// Logs (once per address per episode) and audits that an address is now limited.
+    fn limiting_started(&self, peer: SocketAddr, what: &str) {
+        let address = address_group(peer.ip());
+        if self.logs.allow("redeem_limit_started", Level::INFO) {
+            tracing::info!(%address, "rate limiting redeems from this address after repeated {what}");
+        }
+        self.ledger.audit(AuditEvent {
+            action: "redeem_limit",
+            token_id: None,
+            share_id: None,
+            outcome: "rate_limited".into(),
+            detail: format!("address={address} after={what}"),
+        });
+    }
+
+    /// The audit line of one redeem; `outcome.reason` is `ok` or why it failed.
+    fn audit(&self, outcome: &Outcome, peer: SocketAddr, via: Via) {
         let detail = match via {
             Via::Rpc => format!("peer={peer}"),
             Via::Http => format!("peer={peer} via=http"),
         };
         self.ledger.audit(AuditEvent {
             action: "redeem",
-            token_id,
-            share_id,
-            outcome: outcome.to_owned(),
+            token_id: outcome.token_id.clone(),
+            share_id: outcome.share_id.clone(),
+            outcome: outcome.reason.to_owned(),
             detail,
         });
     }

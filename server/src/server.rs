@@ -15,34 +15,44 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Level, debug, info, warn};
 
 use crate::auth::SecretHasher;
 use crate::config::Config;
 use crate::data_dir::DataDirLock;
-use crate::http::{AppState, HttpGateway};
+use crate::http::{AppState, BUSY_RESPONSE, HttpGateway, HttpSettings};
 use crate::ledger::{self, Ledger, SqliteOptions};
 use crate::lifecycle::{self, Schedule};
+use crate::metrics::{Listener, Metrics};
+use crate::net::{
+    AcceptPolicy, Accepted, Acceptor, ConnectionSlots, ConnectionState, FrameGate, FrameLimits,
+};
 use crate::rpc::{Context, GatewayImpl};
 use crate::{StartError, admin_token};
 
 /// How long shutdown waits for each connection to close cleanly.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens the embedded ledger in `config.data_dir`.
-pub fn open_ledger(config: &Config) -> Result<Ledger, StartError> {
+/// Opens the embedded ledger in `config.data_dir`, counting its refusals in `metrics`.
+pub fn open_ledger(config: &Config, metrics: &Metrics) -> Result<Ledger, StartError> {
     ledger::sqlite::open(SqliteOptions {
         path: config.database_path(),
         durability: config.durability.into(),
         read_connections: config.read_connections.max(1),
         max_group_commit: config.max_group_commit.max(1),
         reclaim_compacted: config.reclaim,
+        write_queue: config.write_queue,
+        write_queue_bytes: config.write_queue_bytes,
+        max_database_bytes: (config.max_database_bytes > 0).then_some(config.max_database_bytes),
+        reserve_bytes: config.storage_reserve_bytes,
+        metrics: metrics.clone(),
     })
     .map_err(StartError::Ledger)
 }
 
 pub fn hasher(config: &Config) -> Result<SecretHasher, StartError> {
     SecretHasher::new(config.argon2_memory_kib, config.argon2_iterations)
+        .map(|hasher| hasher.with_concurrency(config.argon2_concurrency))
         .map_err(|err| StartError::Config(format!("argon2 parameters: {err}")))
 }
 
@@ -76,21 +86,29 @@ pub struct Prepared {
 /// Does everything `run` does before accepting connections.
 pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let lock = DataDirLock::acquire(&config.data_dir)?;
-    let ledger = open_ledger(&config)?;
+    let metrics = Metrics::default();
+    let ledger = open_ledger(&config, &metrics)?;
     let hasher = hasher(&config)?;
     let admin_path = config.admin_token_path();
     if admin_token::ensure(&ledger, &hasher, &admin_path).await? {
         info!(path = %admin_path.display(), "created the admin token; it is in this file (owner-only)");
     }
-    let ctx = Rc::new(Context::new(ledger.clone(), hasher, &config));
+    let ctx = Rc::new(Context::new(ledger.clone(), hasher, &config, metrics));
     let http_shutdown = CancellationToken::new();
     let http = match config.http_listen.addr() {
         Some(addr) => {
             let state = http_state(&ctx, &config, http_shutdown.clone());
-            let gateway = HttpGateway::bind(addr, state).await.map_err(|err| {
-                // Say which listener: the RPC one binds first and is the usual suspect.
-                std::io::Error::new(err.kind(), format!("HTTP gateway on {addr}: {err}"))
-            })?;
+            let settings = HttpSettings {
+                accept: accept_policy(&config, Some(BUSY_RESPONSE)),
+                header_timeout: config.http_header_timeout,
+                max_body_bytes: config.http_max_body_bytes,
+            };
+            let gateway = HttpGateway::bind(addr, state, settings)
+                .await
+                .map_err(|err| {
+                    // Say which listener: the RPC one binds first and is the usual suspect.
+                    std::io::Error::new(err.kind(), format!("HTTP gateway on {addr}: {err}"))
+                })?;
             Some(gateway)
         }
         None => None,
@@ -112,9 +130,20 @@ fn http_state(ctx: &Context, config: &Config, shutdown: CancellationToken) -> Ap
         redeemer: ctx.redeemer.clone(),
         presence: ctx.presence.clone(),
         metrics: ctx.metrics.clone(),
+        logs: ctx.logs.clone(),
         interrupted_after: config.interrupted_after,
         streams: Arc::new(Semaphore::new(config.max_connections)),
         shutdown,
+    }
+}
+
+/// How a listener of this server treats connections: its own slots, the
+/// configured limits and keepalive.
+pub(crate) fn accept_policy(config: &Config, refusal: Option<&'static [u8]>) -> AcceptPolicy {
+    AcceptPolicy {
+        slots: ConnectionSlots::new(config.max_connections, config.max_connections_per_address),
+        keepalive: config.tcp_keepalive.get(),
+        refusal,
     }
 }
 
@@ -154,54 +183,58 @@ impl Prepared {
             Schedule::from_config(&config),
             maintenance_stop.clone(),
         ));
+        let logs_stop = CancellationToken::new();
+        let logs_flusher = ctx.logs.spawn_flusher(logs_stop.clone());
         let connections = Connections::default();
-        let permits = Arc::new(Semaphore::new(config.max_connections));
         let mut reader_options = capnp::message::ReaderOptions::new();
         reader_options.traversal_limit_in_words(Some(config.max_message_bytes / 8));
+        let frame_limits = FrameLimits::new(
+            config.handshake_bytes,
+            config.max_message_bytes,
+            config.read_budget_bytes,
+            config.message_timeout,
+        );
+        let mut acceptor = Acceptor::new(
+            listener,
+            Listener::Rpc,
+            accept_policy(&config, None),
+            ctx.metrics.clone(),
+            ctx.logs.clone(),
+        );
 
-        info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "capsync listening");
+        info!(addr = %acceptor.local_addr()?, data_dir = %config.data_dir.display(), "capsync listening");
         tokio::pin!(shutdown);
         loop {
-            let (stream, peer) = tokio::select! {
+            let Accepted { stream, peer, slot } = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Usually EMFILE or a connection reset before accept: keep serving.
-                        warn!(%err, "accept failed");
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                },
+                accepted = acceptor.accept() => accepted,
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
-                continue;
-            };
-            let rpc = match connection(stream, peer, &ctx, reader_options) {
-                Ok(rpc) => rpc,
-                Err(err) => {
-                    warn!(%peer, %err, "could not set up connection");
-                    continue;
-                }
-            };
+            let state = Rc::new(ConnectionState::default());
+            let rpc = connection(
+                stream,
+                peer,
+                &ctx,
+                reader_options,
+                frame_limits.clone(),
+                state.clone(),
+            );
             let id = connections.add(rpc.get_disconnector());
             let connections = connections.clone();
             let counted = ctx.metrics.rpc_connection();
+            let ctx = ctx.clone();
+            let handshake_timeout = config.handshake_timeout;
             tokio::task::spawn_local(async move {
                 debug!(%peer, "connection open");
-                // Resolves Ok even on a reset; an Err is a protocol error from the peer
-                // (garbage bytes, an oversized message): only this connection ends.
-                if let Err(err) = rpc.await {
-                    info!(%peer, %err, "connection closed with an error");
-                } else {
-                    debug!(%peer, "connection closed");
-                }
+                let ended = tokio::select! {
+                    result = rpc => Ended::Closed(result),
+                    () = handshake_deadline(&state, handshake_timeout) => Ended::HandshakeTimeout,
+                };
+                ended.report(&ctx, &state, peer);
                 connections.remove(id);
-                drop((permit, counted));
+                drop((slot, counted));
             });
         }
-        drop(listener);
+        drop(acceptor);
         http_shutdown.cancel();
         if let Some(task) = http
             && tokio::time::timeout(DISCONNECT_TIMEOUT, task)
@@ -227,28 +260,75 @@ impl Prepared {
             warn!("maintenance did not stop in time");
         }
         ledger.close().await;
+        logs_stop.cancel();
+        let _ = logs_flusher.await;
         info!("shutdown complete");
         Ok(())
     }
 }
 
-/// Builds the RPC system for one accepted connection.
+/// Resolves once `timeout` has passed unless the connection redeemed a token
+/// by then; then never. Connections that never authenticate do not keep slots.
+async fn handshake_deadline(state: &ConnectionState, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    if state.is_authenticated() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How an RPC connection ended.
+enum Ended {
+    /// The connection closed, or its RPC system stopped on bad input (`Err`).
+    Closed(Result<(), capnp::Error>),
+    /// It did not redeem a token in time and was closed by the server.
+    HandshakeTimeout,
+}
+
+impl Ended {
+    /// Counts and logs the end. Anything a peer can cause is logged at debug
+    /// per connection and summarised at info, so no peer chooses the log's volume.
+    fn report(self, ctx: &Context, state: &ConnectionState, peer: SocketAddr) {
+        let reason = match &self {
+            Self::HandshakeTimeout => "handshake_timeout",
+            // The RpcSystem resolves Ok even on a reset.
+            Self::Closed(Ok(())) => {
+                debug!(%peer, "connection closed");
+                return;
+            }
+            Self::Closed(Err(_)) => state.refused().unwrap_or("protocol_error"),
+        };
+        ctx.metrics.connection_ended(reason);
+        let detail = match &self {
+            Self::Closed(Err(err)) => err.to_string(),
+            _ => "no token redeemed within the handshake timeout".to_owned(),
+        };
+        debug!(%peer, reason, %detail, "connection ended by the server");
+        if ctx.logs.allow(reason, Level::INFO) {
+            info!(%peer, reason, %detail, "connection ended by the server (further ones of this kind are summarised)");
+        }
+    }
+}
+
+/// Builds the RPC system for one accepted connection. Its input goes through
+/// a [`FrameGate`], which its `Gateway` opens wider once a redeem succeeds.
 fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: &Rc<Context>,
     reader_options: capnp::message::ReaderOptions,
-) -> std::io::Result<RpcSystem<rpc_twoparty_capnp::Side>> {
-    stream.set_nodelay(true)?;
+    limits: FrameLimits,
+    state: Rc<ConnectionState>,
+) -> RpcSystem<rpc_twoparty_capnp::Side> {
     let (reader, writer) = stream.compat().split();
     let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
+        FrameGate::new(reader, limits, state.clone()),
         futures::io::BufWriter::new(writer),
         rpc_twoparty_capnp::Side::Server,
         reader_options,
     );
-    let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(ctx.clone(), peer));
-    Ok(RpcSystem::new(Box::new(network), Some(gateway.client)))
+    let gateway: gateway::Client =
+        capnp_rpc::new_client(GatewayImpl::new(ctx.clone(), peer, state));
+    RpcSystem::new(Box::new(network), Some(gateway.client))
 }
 
 /// Open connections, so shutdown can close them cleanly.
@@ -287,8 +367,30 @@ impl Connections {
     }
 }
 
+/// Prepares the server, then binds `config.listen` and serves until
+/// `shutdown` resolves, on its own current-thread runtime and `LocalSet`. What
+/// the binary uses: the RPC port opens only once the database is migrated and
+/// the admin token written, so "port open" means "ready".
+pub fn serve_blocking(
+    config: Config,
+    shutdown: impl Future<Output = ()> + 'static,
+) -> Result<(), StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let addr = config.listen;
+        let prepared = prepare(config).await?;
+        let listener = TcpListener::bind(addr).await.map_err(|err| {
+            std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
+        })?;
+        prepared.serve(listener, shutdown).await
+    })
+}
+
 /// Runs the server on its own current-thread runtime and `LocalSet` until
-/// `shutdown` resolves. What the binary uses.
+/// `shutdown` resolves, on a listener bound by the caller.
 pub fn run_blocking(
     listener: std::net::TcpListener,
     config: Config,

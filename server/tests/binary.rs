@@ -3,6 +3,9 @@
 
 mod support;
 
+#[path = "process/hardening.rs"]
+mod hardening;
+
 use std::process::Command;
 
 use capsync_client::{Batch, ErrorCode, OpKind, OpSpec};

@@ -150,6 +150,19 @@ pub enum AdminCommand {
     },
 }
 
+impl AdminCommand {
+    /// The storage lifecycle commands: how long they take grows with the database (and a
+    /// prune or reclaim without a progress bar hears nothing from the server until the
+    /// end), so no call timeout applies; they wait until the server answers or the
+    /// connection drops. Each step the server completes stays done if the wait is cut short.
+    fn waits_until_done(&self) -> bool {
+        matches!(
+            self,
+            Self::Prune(_) | Self::Vacuum | Self::Reclaim { .. } | Self::Compact { .. }
+        )
+    }
+}
+
 /// Paging flags of the list commands.
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
@@ -170,7 +183,12 @@ pub struct ListArgs {
 pub async fn run(global: &Global, out: &Output, command: &AdminCommand) -> Result<u8, ClientError> {
     let (conn, redeemed) = global.redeem(&[TokenKind::Admin]).await?;
     let admin = redeemed.into_admin()?;
-    let result = run_with(&admin, out, command).await;
+    let work = run_with(&admin, out, command);
+    let result = if command.waits_until_done() {
+        work.await
+    } else {
+        global.call(&conn, work).await
+    };
     finish(conn).await;
     result.map(|()| super::EXIT_OK)
 }

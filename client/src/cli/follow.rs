@@ -7,11 +7,12 @@ use std::time::Duration;
 use capsync_shared::{ErrorCode, TokenKind};
 use serde_json::Value;
 
+use super::link_status::LinkStatus;
 use super::live_text::LiveText;
 use super::output::Output;
 use super::render;
 use super::{Global, finish};
-use crate::connection::{Connection, connect};
+use crate::connection::Connection;
 use crate::error::ClientError;
 use crate::resume::Rebased;
 use crate::subscribe::{EndReason, LiveEvent};
@@ -27,11 +28,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// First the current state, as `capsync snapshot` prints it, then each change as the
 /// agent makes it: new messages, tool calls as their status changes, and text as it
 /// streams in. When the connection drops, the server restarts or this viewer falls
-/// behind, it reconnects (backing off up to 5s) and continues right after the last op it
-/// printed: nothing is printed twice or skipped. When the ops it needs next were compacted
-/// on the server (`capsync admin compact`), it says so on stderr, takes a new snapshot and
-/// continues from it, printing only what changed in between. A revoked link or a deleted
-/// share ends it with exit code 1.
+/// behind, it reconnects (backing off up to 5s, or longer when the server asks) and
+/// continues right after the last op it printed: nothing is printed twice or skipped.
+/// Meanwhile stderr says "connection lost: ...; retrying" once, and "reconnected after
+/// N attempts (Xs)" when it is back (on a terminal: one line, redrawn with each attempt;
+/// with --json: nothing). Connecting and reading the snapshot are bounded by
+/// --connect-timeout and --call-timeout; waiting for the next change is not. When the
+/// ops it needs next were compacted on the server (`capsync admin compact`), it says so
+/// on stderr, takes a new snapshot and continues from it, printing only what changed in
+/// between. A revoked link or a deleted share ends it with exit code 1.
 ///
 /// With --json: JSON Lines. The first line is the snapshot document (as `capsync snapshot
 /// --json` prints it), then one line per op: {"cursor", "opId", "kind", "payload",
@@ -69,26 +74,28 @@ pub async fn run(global: &Global, out: &Output, args: &FollowArgs) -> Result<u8,
         cursor: args.after,
         until: args.until,
         backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
+        link: LinkStatus::new(out),
     };
     loop {
-        let stop = follow.connection(&global.server, &token).await;
+        let stop = follow.connection(global, &token).await;
         follow.end_line()?;
-        let why = match stop {
-            Stop::Done => return Ok(super::EXIT_OK),
+        let (why, retry_after) = match stop {
+            Stop::Done => {
+                follow.link.close();
+                return Ok(super::EXIT_OK);
+            }
             Stop::Fatal(error) => {
+                follow.link.close();
                 // Reported here so that with --json it stays one line of the stream.
                 out.error_line(&error);
                 return Ok(super::EXIT_ERROR);
             }
-            Stop::Lagged => LAGGED.to_owned(),
-            Stop::SnapshotRequired => COMPACTED.to_owned(),
-            Stop::Retry(why) => why,
+            Stop::Lagged => (LAGGED.to_owned(), None),
+            Stop::SnapshotRequired => (COMPACTED.to_owned(), None),
+            Stop::Retry { why, retry_after } => (why, retry_after),
         };
-        let delay = follow.backoff.next_delay();
-        out.note(format!(
-            "{why}; reconnecting in {:.1}s",
-            delay.as_secs_f64()
-        ));
+        let delay = follow.backoff.next_delay(retry_after);
+        follow.link.failed(&why, delay);
         tokio::time::sleep(delay).await;
     }
 }
@@ -112,8 +119,21 @@ enum Stop {
     /// The subscription reached ops that were compacted: subscribe again on the same
     /// connection, which takes a new snapshot.
     SnapshotRequired,
-    /// Back off, reconnect and continue from the cursor.
-    Retry(String),
+    /// Back off (at least `retry_after`, the server's hint, if it gave one), reconnect and
+    /// continue from the cursor.
+    Retry {
+        why: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Stop {
+    fn retry(why: impl Into<String>) -> Self {
+        Self::Retry {
+            why: why.into(),
+            retry_after: None,
+        }
+    }
 }
 
 impl From<ClientError> for Stop {
@@ -125,17 +145,27 @@ impl From<ClientError> for Stop {
                 code,
                 ErrorCode::Overloaded
                     | ErrorCode::RateLimited
+                    | ErrorCode::StorageFull
                     | ErrorCode::Internal
                     | ErrorCode::SnapshotRequired
             ),
             ClientError::Rpc(e) => e.kind != capnp::ErrorKind::Unimplemented,
             ClientError::Connect { .. }
+            | ClientError::Timeout { .. }
             | ClientError::Io(_)
             | ClientError::SnapshotUnstable { .. } => true,
-            _ => false,
+            // What listens at the address will not turn into a capsync server.
+            ClientError::NotCapsync { .. }
+            | ClientError::WrongKind { .. }
+            | ClientError::InvalidInput(_)
+            | ClientError::Outbox { .. }
+            | ClientError::Sync(_) => false,
         };
         if retry {
-            Self::Retry(error.to_string())
+            Self::Retry {
+                why: error.to_string(),
+                retry_after: error.retry_after(),
+            }
         } else {
             Self::Fatal(error)
         }
@@ -151,29 +181,36 @@ struct Follow<'a> {
     cursor: Option<u64>,
     until: Option<u64>,
     backoff: Backoff,
+    /// Says on stderr when the connection is lost and when it is back.
+    link: LinkStatus<'a>,
 }
 
 impl Follow<'_> {
     /// Connects, redeems, and follows until something stops it.
-    async fn connection(&mut self, server: &str, token: &str) -> Stop {
-        let conn = match connect(server).await {
+    async fn connection(&mut self, global: &Global, token: &str) -> Stop {
+        let conn = match global.connect().await {
             Ok(conn) => conn,
             Err(error) => return error.into(),
         };
-        let stop = self.follow_on(&conn, token).await;
+        let stop = self.follow_on(global, &conn, token).await;
         finish(conn).await;
         stop
     }
 
-    async fn follow_on(&mut self, conn: &Connection, token: &str) -> Stop {
+    async fn follow_on(&mut self, global: &Global, conn: &Connection, token: &str) -> Stop {
         let viewer = match conn.redeem(token).await.and_then(|r| r.into_reader()) {
             Ok(viewer) => viewer,
             Err(error) => return error.into(),
         };
         let cursor = match self.cursor {
             Some(cursor) => cursor,
-            None => match self.snapshot(&viewer).await {
-                Ok(cursor) => cursor,
+            None => match self.snapshot(global, conn, &viewer).await {
+                Ok(cursor) => {
+                    // The share is on screen: following has begun, so a loss from here
+                    // on is a lost connection, even before the subscription is made.
+                    self.link.connected();
+                    cursor
+                }
                 Err(stop) => return stop,
             },
         };
@@ -183,13 +220,13 @@ impl Follow<'_> {
         self.backoff.reset();
         loop {
             let before = self.cursor;
-            match self.subscription(&viewer).await {
+            match self.subscription(global, conn, &viewer).await {
                 // Subscribing again takes the new snapshot; only a subscription that
                 // got nowhere waits first, so a server that keeps ending this way is
                 // not asked again and again at once.
                 Stop::SnapshotRequired if self.cursor != before => {}
                 Stop::SnapshotRequired => {
-                    let delay = self.backoff.next_delay();
+                    let delay = self.backoff.next_delay(None);
                     self.end_line_quietly();
                     self.out.note(format!(
                         "{COMPACTED}; resubscribing in {:.1}s",
@@ -198,7 +235,7 @@ impl Follow<'_> {
                     tokio::time::sleep(delay).await;
                 }
                 Stop::Lagged => {
-                    let delay = self.backoff.next_delay();
+                    let delay = self.backoff.next_delay(None);
                     self.end_line_quietly();
                     self.out.note(format!(
                         "{LAGGED}; resubscribing in {:.1}s",
@@ -212,8 +249,13 @@ impl Follow<'_> {
     }
 
     /// Reads and prints the snapshot; returns its cursor.
-    async fn snapshot(&mut self, viewer: &ViewerClient) -> Result<u64, Stop> {
-        let snapshot = viewer.snapshot().await?;
+    async fn snapshot(
+        &mut self,
+        global: &Global,
+        conn: &Connection,
+        viewer: &ViewerClient,
+    ) -> Result<u64, Stop> {
+        let snapshot = global.call(conn, viewer.snapshot()).await?;
         let document = snapshot.to_document();
         let text = match &mut self.text {
             Some(live) => {
@@ -230,12 +272,19 @@ impl Follow<'_> {
 
     /// One subscription from the cursor (or from a new snapshot, when the ops after
     /// the cursor were compacted), until it ends.
-    async fn subscription(&mut self, viewer: &ViewerClient) -> Stop {
+    async fn subscription(
+        &mut self,
+        global: &Global,
+        conn: &Connection,
+        viewer: &ViewerClient,
+    ) -> Stop {
         let from = self.cursor.unwrap_or(0);
-        let resumed = match viewer.resume(from).await {
+        let resumed = match global.call(conn, viewer.resume(from)).await {
             Ok(resumed) => resumed,
             Err(error) => return error.into(),
         };
+        // Subscribed: following works, whatever comes next.
+        self.link.connected();
         let mut live = resumed.live;
         if let Some(rebased) = resumed.rebased {
             if let Err(stop) = self.rebase(rebased) {
@@ -264,22 +313,22 @@ impl Follow<'_> {
                             code: ErrorCode::Revoked,
                             message: ended.message,
                             cursor: 0,
+                            retry_after: None,
                         }),
                         EndReason::NotFound => Stop::Fatal(ClientError::Remote {
                             code: ErrorCode::NotFound,
                             message: ended.message,
                             cursor: 0,
+                            retry_after: None,
                         }),
                         EndReason::SnapshotRequired => Stop::SnapshotRequired,
-                        EndReason::Shutdown => Stop::Retry("the server is shutting down".into()),
-                        EndReason::Disconnected => {
-                            Stop::Retry("disconnected from the server".into())
-                        }
+                        EndReason::Shutdown => Stop::retry("the server is shutting down"),
+                        EndReason::Disconnected => Stop::retry("disconnected from the server"),
                     };
                 }
             }
         }
-        Stop::Retry("the subscription ended".into())
+        Stop::retry("the subscription ended")
     }
 
     /// Continues from a new snapshot after the ops before it were compacted: says so,
@@ -307,7 +356,7 @@ impl Follow<'_> {
         }
         if op.cursor != cursor + 1 {
             // Cursors have no gaps, so the server skipped something: ask again from here.
-            return Err(Stop::Retry(format!(
+            return Err(Stop::retry(format!(
                 "expected the op at cursor {} but got {}",
                 cursor + 1,
                 op.cursor

@@ -40,8 +40,8 @@ pub async fn state(global: &Global, out: &Output) -> Result<u8, ClientError> {
         .redeem(&[TokenKind::Writer, TokenKind::Viewer])
         .await?;
     let result = match redeemed {
-        crate::Redeemed::Writer(writer) => writer.state().await,
-        other => other.into_reader()?.state().await,
+        crate::Redeemed::Writer(writer) => global.call(&conn, writer.state()).await,
+        other => global.call(&conn, other.into_reader()?.state()).await,
     };
     finish(conn).await;
     let state = result?;
@@ -59,7 +59,7 @@ pub async fn ops(global: &Global, out: &Output, args: &OpsArgs) -> Result<u8, Cl
         .redeem(&[TokenKind::Viewer, TokenKind::Writer])
         .await?;
     let viewer = redeemed.into_reader()?;
-    let result = read_ops(&viewer, args).await;
+    let result = global.call(&conn, read_ops(&viewer, args)).await;
     finish(conn).await;
     let page = result?;
     out.result(&page, || ops_text(&page, args.payloads));

@@ -27,9 +27,8 @@ pub async fn mint_viewer(
 ) -> Result<u8, ClientError> {
     let (conn, redeemed) = global.redeem(&[TokenKind::Writer]).await?;
     let writer = redeemed.into_writer()?;
-    let result = writer
-        .mint_viewer(args.expires.expires_at(capsync_shared::now_millis()))
-        .await;
+    let expires_at = args.expires.expires_at(capsync_shared::now_millis());
+    let result = global.call(&conn, writer.mint_viewer(expires_at)).await;
     finish(conn).await;
     print_minted(out, "viewer", writer.share_id(), &result?);
     Ok(super::EXIT_OK)
@@ -38,7 +37,7 @@ pub async fn mint_viewer(
 pub async fn save(global: &Global, out: &Output) -> Result<u8, ClientError> {
     let (conn, redeemed) = global.redeem(&[TokenKind::Writer]).await?;
     let writer = redeemed.into_writer()?;
-    let result = writer.save().await;
+    let result = global.call(&conn, writer.save()).await;
     finish(conn).await;
     print_minted(out, "writer", writer.share_id(), &result?);
     Ok(super::EXIT_OK)

@@ -1,14 +1,17 @@
 //! The `capsync` command line: argument definitions, dispatch, and the runtime it runs on.
 //!
-//! Each command lives in its own module; they share [`Global`] (server, output mode, token)
-//! and [`Output`]. Exit codes: 0 success, 1 error, 2 bad usage (clap), 3 `push` (or
-//! `sync --once`) had ops rejected as invalid or still missing a dependency.
+//! Each command lives in its own module; they share [`Global`] (server, timeouts, output
+//! mode, token) and [`Output`]. Exit codes: 0 success, 1 error, 2 bad usage (clap, which
+//! includes a server address of the wrong form), 3 `push` (or `sync --once`) had ops
+//! rejected as invalid or still missing a dependency.
 
 mod admin;
+mod args;
 mod follow;
 mod inspect;
 mod lifecycle;
 mod lifecycle_report;
+mod link_status;
 mod live_text;
 mod mint;
 mod outbox_cmd;
@@ -24,13 +27,16 @@ mod sync_source;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use capsync_shared::{SturdyRef, TokenKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::connection::{Connection, Redeemed, connect};
+use crate::connection::{ClientOptions, Connection, Redeemed, connect_with};
 use crate::error::ClientError;
+use crate::server_addr::ServerAddr;
 use crate::types::Scope;
+use args::{ServerAddrParser, parse_duration};
 pub use output::{Captured, Output};
 
 /// Exit code of success.
@@ -43,12 +49,16 @@ pub const EXIT_REJECTED: u8 = 3;
 /// Default server address.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7420";
 
+/// How long a closing handshake may take once a command's work is done.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 const ABOUT: &str = "Share AI coding-agent sessions through a capsync server";
 
 const LONG_ABOUT: &str = "\
 Share AI coding-agent sessions through a capsync server.
 
-Every command talks to one server (--server, or CAPSYNC_SERVER) and acts with one token
+Every command talks to one server (--server, or CAPSYNC_SERVER: the RPC address
+HOST:PORT, port 7420 by default; not the share-page URL) and acts with one token
 (--token, CAPSYNC_TOKEN, or --token-file). What a token may do depends on its kind:
   admin   mint agent tokens; revoke, list, archive and delete any share; prune,
           vacuum, reclaim and compact storage
@@ -58,7 +68,12 @@ Every command talks to one server (--server, or CAPSYNC_SERVER) and acts with on
 
 Tokens are secrets: prefer CAPSYNC_TOKEN or --token-file over --token, which other users
 of the machine can see in the process list. capsync never prints a token except the new
-ones a mint or create command exists to print.";
+ones a mint or create command exists to print.
+
+No command waits forever on a server that does not answer: connecting (and redeeming
+the token) gives up after --connect-timeout, a call after --call-timeout of silence
+from the server. Prune, vacuum, reclaim and compact are the exception: their work grows
+with the database, so they wait until the server is done (or the connection drops).";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -104,16 +119,41 @@ pub struct Cli {
 /// Flags every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Address of the capsync server
+    /// RPC address of the capsync server: HOST:PORT (port 7420 by default; not the share-page URL)
     #[arg(
         long,
         global = true,
         help_heading = "Global options",
         env = "CAPSYNC_SERVER",
         default_value = DEFAULT_SERVER,
-        value_name = "HOST:PORT"
+        value_name = "HOST:PORT",
+        value_parser = ServerAddrParser
     )]
-    pub server: String,
+    pub server: ServerAddr,
+
+    /// Give up connecting after this long: the TCP connect, then the server's answer to redeeming the token (each)
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CAPSYNC_CONNECT_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub connect_timeout: Duration,
+
+    /// Give up when the server leaves a call unanswered this long (not prune, vacuum, reclaim, compact: they wait until done)
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CAPSYNC_CALL_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub call_timeout: Duration,
 
     /// Print machine-readable JSON on stdout (errors too, as {"error": {"code", "message"}})
     #[arg(long, global = true, help_heading = "Global options")]
@@ -323,12 +363,35 @@ impl Global {
         check_token(token, accepted)
     }
 
+    /// How to connect: the default reader limits, `--connect-timeout`.
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            connect_timeout: self.connect_timeout,
+            ..ClientOptions::default()
+        }
+    }
+
+    /// Connects to `--server`, within `--connect-timeout`.
+    async fn connect(&self) -> Result<Connection, ClientError> {
+        connect_with(self.server.to_string(), &self.client_options()).await
+    }
+
     /// Connects and redeems the token, which must be one of `accepted`.
     async fn redeem(&self, accepted: &[TokenKind]) -> Result<(Connection, Redeemed), ClientError> {
         let token = self.token(accepted)?;
-        let conn = connect(self.server.as_str()).await?;
+        let conn = self.connect().await?;
         let redeemed = conn.redeem(&token).await?;
         Ok((conn, redeemed))
+    }
+
+    /// Runs `work`, calls on `conn`, failing once the server has been silent for
+    /// `--call-timeout` while it waits.
+    async fn call<T>(
+        &self,
+        conn: &Connection,
+        work: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        conn.with_call_timeout(self.call_timeout, work).await
     }
 }
 
@@ -357,10 +420,11 @@ fn describe_kinds(kinds: &[TokenKind]) -> String {
     format!("{article} {}", names.join(" or "))
 }
 
-/// Closes the connection at the end of a command; a failure to close cleanly changes
-/// nothing for the user once the command's work is done.
+/// Closes the connection at the end of a command; a failure to close cleanly (or in time,
+/// from a server that stopped answering) changes nothing for the user once the command's
+/// work is done.
 async fn finish(conn: Connection) {
-    let _ = conn.disconnect().await;
+    let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, conn.disconnect()).await;
 }
 
 #[cfg(test)]
@@ -389,7 +453,9 @@ mod tests {
             "viewers",
         ])
         .unwrap();
-        assert_eq!(cli.global.server, "example:1");
+        assert_eq!(cli.global.server, ServerAddr::new("example", 1));
+        assert_eq!(cli.global.connect_timeout, Duration::from_secs(10));
+        assert_eq!(cli.global.call_timeout, Duration::from_secs(60));
         match cli.command {
             Command::Admin(admin::AdminCommand::Revoke { share_id, scope }) => {
                 assert_eq!(share_id, "sh_1");
@@ -397,6 +463,39 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn timeouts_are_durations_and_server_addresses_are_checked_without_echo() {
+        let cli = Cli::try_parse_from([
+            "capsync",
+            "--connect-timeout",
+            "250ms",
+            "state",
+            "--call-timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.connect_timeout, Duration::from_millis(250));
+        assert_eq!(cli.global.call_timeout, Duration::from_secs(120));
+        for bad in ["0s", "soon"] {
+            let err = Cli::try_parse_from(["capsync", "--call-timeout", bad, "state"]).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+        }
+
+        let link = "http://sync.example.org:7421/s/sh_1#csviewer_00ff_verysecret";
+        let err = Cli::try_parse_from(["capsync", "--server", link, "state"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let text = err.render().to_string();
+        assert!(
+            text.contains("invalid value for '--server <HOST:PORT>'"),
+            "{text}"
+        );
+        assert!(text.contains("sync.example.org:7420"), "{text}");
+        assert!(!text.contains("verysecret"), "{text}");
+        let err = Cli::try_parse_from(["capsync", "--server", "example.org", "state"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.render().to_string().contains("e.g. example.org:7420"));
     }
 
     #[test]
@@ -528,7 +627,9 @@ mod tests {
     #[test]
     fn tokens_are_checked_without_being_echoed() {
         let mut global = Global {
-            server: DEFAULT_SERVER.into(),
+            server: DEFAULT_SERVER.parse().unwrap(),
+            connect_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(60),
             json: false,
             token: Some("csviewer_nothex_secret-value".into()),
             token_file: None,

@@ -82,6 +82,21 @@ impl Output {
         }
     }
 
+    /// Text on stderr exactly as given (no newline added), flushed at once: a status
+    /// line redrawn in place. Only for terminals ([`Output::shows_progress`]); a failure
+    /// to write it is ignored, like any note's.
+    pub fn stderr_text(&self, text: &str) {
+        match &self.capture {
+            Some(capture) => capture.borrow_mut().stderr.push_str(text),
+            None => {
+                use std::io::Write as _;
+                let mut stderr = std::io::stderr().lock();
+                let _ = stderr.write_all(text.as_bytes());
+                let _ = stderr.flush();
+            }
+        }
+    }
+
     /// A remark for people (stderr), silent with `--json` so stdout stays one document.
     pub fn note(&self, text: impl AsRef<str>) {
         if !self.json {
@@ -147,6 +162,10 @@ pub fn error_json(error: &ClientError) -> serde_json::Value {
     {
         body["cursor"] = (*cursor).into();
     }
+    // A script that retries should wait at least this long.
+    if let Some(wait) = error.retry_after() {
+        body["retryAfterMs"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
+    }
     serde_json::json!({ "error": body })
 }
 
@@ -167,6 +186,7 @@ mod tests {
             code: ErrorCode::Revoked,
             message: "share revoked".into(),
             cursor: 0,
+            retry_after: None,
         };
         assert_eq!(
             error_json(&e),
@@ -176,12 +196,14 @@ mod tests {
             code: ErrorCode::CursorConflict,
             message: String::new(),
             cursor: 4,
+            retry_after: None,
         };
         assert_eq!(error_json(&e)["error"]["cursor"], 4);
         let e = ClientError::Remote {
             code: ErrorCode::SnapshotRequired,
             message: "ops were compacted".into(),
             cursor: 9,
+            retry_after: None,
         };
         assert_eq!(
             error_json(&e),
@@ -193,5 +215,19 @@ mod tests {
         );
         let e = ClientError::invalid("line 3: bad");
         assert_eq!(error_json(&e)["error"]["code"], "invalidInput");
+        let e = ClientError::Remote {
+            code: ErrorCode::RateLimited,
+            message: "too many failed redeems".into(),
+            cursor: 0,
+            retry_after: Some(std::time::Duration::from_millis(6_000)),
+        };
+        assert_eq!(
+            error_json(&e),
+            serde_json::json!({"error": {
+                "code": "rateLimited",
+                "message": "rate limited: too many failed redeems (retry in 6s)",
+                "retryAfterMs": 6000
+            }})
+        );
     }
 }

@@ -108,14 +108,16 @@ pub async fn run(global: &Global, out: &Output, args: &PushArgs) -> Result<u8, C
         Progress::hidden()
     };
     let total = input.ops.len() as u64;
-    let result = push_ops(&writer, &input.ops, args.batch_size, |report| {
+    // Bounded by the server's silence, not in total: a long push that keeps being
+    // answered is not cut short.
+    let pushed = push_ops(&writer, &input.ops, args.batch_size, |report| {
         progress.update(
             (report.applied + report.duplicates + report.rejected.len()) as u64,
             total,
             format!("cursor {}", report.cursor),
         );
-    })
-    .await;
+    });
+    let result = global.call(&conn, pushed).await;
     progress.finish();
     finish(conn).await;
     let report = result?;

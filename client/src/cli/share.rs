@@ -122,7 +122,9 @@ pub async fn run(global: &Global, out: &Output, command: &ShareCommand) -> Resul
     };
     let (conn, redeemed) = global.redeem(&[TokenKind::Agent]).await?;
     let agent = redeemed.into_agent()?;
-    let result = run_with(&agent, out, command, new_share).await;
+    let result = global
+        .call(&conn, run_with(&agent, out, command, new_share))
+        .await;
     finish(conn).await;
     result.map(|()| super::EXIT_OK)
 }

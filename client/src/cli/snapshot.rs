@@ -30,7 +30,9 @@ pub async fn run(global: &Global, out: &Output, args: &SnapshotArgs) -> Result<u
         .redeem(&[TokenKind::Viewer, TokenKind::Writer])
         .await?;
     let viewer = redeemed.into_reader()?;
-    let result = viewer.snapshot_with(args.page_bytes).await;
+    let result = global
+        .call(&conn, viewer.snapshot_with(args.page_bytes))
+        .await;
     finish(conn).await;
     let document = result?.to_document();
     out.result(&document, || {

@@ -1,6 +1,11 @@
-//! How long to wait after a failed attempt: exponential, capped, with jitter.
+//! How long to wait after a failed attempt: exponential, capped, with jitter, and never
+//! less than the server asked for.
 
 use std::time::Duration;
+
+/// The most a server's retry hint (`Failure.retryAfterMs`) can make a client wait: a
+/// larger hint (a server bug, a clock gone wrong) is cut down to this.
+pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(300);
 
 /// Consecutive failures and the delays they earn.
 ///
@@ -25,16 +30,26 @@ impl Backoff {
         }
     }
 
-    /// The wait before the next attempt; counts one more failure.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    /// The wait before the next attempt; counts one more failure. `retry_after` is the
+    /// server's hint, if the failure carried one ([`crate::ClientError::retry_after`]): the
+    /// wait is at least that (up to [`RETRY_AFTER_CAP`]), even beyond the usual cap.
+    pub(crate) fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         let delay = delay(self.initial, self.max, self.failures, rand::random::<f64>());
         self.failures = self.failures.saturating_add(1);
-        delay
+        at_least_the_hint(delay, retry_after)
     }
 
     /// After a success: the next failure waits about `initial` again.
     pub(crate) fn reset(&mut self) {
         self.failures = 0;
+    }
+}
+
+/// `delay`, raised to the server's hint (itself capped at [`RETRY_AFTER_CAP`]).
+pub(super) fn at_least_the_hint(delay: Duration, retry_after: Option<Duration>) -> Duration {
+    match retry_after {
+        Some(hint) => delay.max(hint.min(RETRY_AFTER_CAP)),
+        None => delay,
     }
 }
 
@@ -89,14 +104,49 @@ mod tests {
     #[test]
     fn a_success_starts_over() {
         let mut backoff = Backoff::new(100 * MS, 30_000 * MS);
-        let first: Vec<Duration> = (0..5).map(|_| backoff.next_delay()).collect();
+        let first: Vec<Duration> = (0..5).map(|_| backoff.next_delay(None)).collect();
         for (n, d) in first.iter().enumerate() {
             let ceiling = delay(100 * MS, 30_000 * MS, n as u32, 1.0);
             assert!(*d >= ceiling / 2 && *d <= ceiling, "{n}: {d:?}");
         }
         backoff.reset();
-        let again = backoff.next_delay();
+        let again = backoff.next_delay(None);
         assert!(again >= 50 * MS && again <= 100 * MS, "{again:?}");
+    }
+
+    #[test]
+    fn a_server_hint_is_a_lower_bound_up_to_its_cap() {
+        let (initial, max) = (100 * MS, 30_000 * MS);
+        // A hint above the computed wait (and above the backoff's own cap) wins.
+        assert_eq!(at_least_the_hint(150 * MS, Some(6_000 * MS)), 6_000 * MS);
+        assert_eq!(at_least_the_hint(max, Some(60_000 * MS)), 60_000 * MS);
+        // Below it, the backoff's wait stands.
+        assert_eq!(at_least_the_hint(800 * MS, Some(200 * MS)), 800 * MS);
+        assert_eq!(at_least_the_hint(800 * MS, None), 800 * MS);
+        // An absurd hint is cut down.
+        assert_eq!(
+            at_least_the_hint(800 * MS, Some(Duration::from_secs(86_400 * 365))),
+            RETRY_AFTER_CAP
+        );
+        // The hint does not reset the doubling: the failure still counts.
+        let mut backoff = Backoff::new(initial, max);
+        assert_eq!(backoff.next_delay(Some(5_000 * MS)), 5_000 * MS);
+        let next = backoff.next_delay(None);
+        assert!(next >= 100 * MS && next <= 200 * MS, "{next:?}");
+    }
+
+    /// What the syncer and `capsync follow` sleep after a hinted failure: under a paused
+    /// clock, exactly the hint, although the backoff alone would wait at most 200ms.
+    #[tokio::test(start_paused = true)]
+    async fn sleeping_after_a_hint_takes_at_least_the_hint() {
+        let mut backoff = Backoff::new(100 * MS, 200 * MS);
+        let start = tokio::time::Instant::now();
+        tokio::time::sleep(backoff.next_delay(Some(6_000 * MS))).await;
+        let waited = start.elapsed();
+        assert!(waited >= 6_000 * MS && waited <= 6_001 * MS, "{waited:?}");
+        let again = tokio::time::Instant::now();
+        tokio::time::sleep(backoff.next_delay(None)).await;
+        assert!(again.elapsed() <= 201 * MS, "{:?}", again.elapsed());
     }
 
     #[test]
@@ -113,7 +163,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let mut total = Duration::ZERO;
         for _ in 0..8 {
-            let d = backoff.next_delay();
+            let d = backoff.next_delay(None);
             total += d;
             tokio::time::sleep(d).await;
         }

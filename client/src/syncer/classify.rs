@@ -1,6 +1,8 @@
 //! What a failed call means for the syncer: retry later, give up for good, or (for a batch
 //! refused whole) change the batch.
 
+use std::time::Duration;
+
 use capsync_shared::ErrorCode;
 
 use super::SyncError;
@@ -15,8 +17,12 @@ const REVOKED: &str = "the share's writer token was revoked; mint a new one (cap
 pub(super) enum ConnectFailure {
     /// The token will never work again (or is not a writer token): stop.
     Fatal(SyncError),
-    /// Network, timeouts, a server that is shutting down or rate limiting: back off, retry.
-    Retry(String),
+    /// Network, timeouts, a server that is shutting down, rate limiting or out of storage:
+    /// back off (at least `retry_after`, the server's hint, if it gave one), retry.
+    Retry {
+        message: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// After a failed `appendOps`.
@@ -29,9 +35,16 @@ pub(super) enum AppendFailure {
     Refused(RejectedReason),
     /// `expectedCursor` did not match; carries the share's current cursor.
     CursorConflict(u64),
-    /// Transport errors, timeouts, `overloaded`, `rateLimited`, `internal`: back off, then
-    /// send the same batch again on a new connection.
-    Retry,
+    /// Transport errors, timeouts, `overloaded`, `rateLimited`, `storageFull`, `internal`:
+    /// back off (at least `retry_after`, the server's hint, if it gave one), then send the
+    /// same batch again on a new connection.
+    Retry { retry_after: Option<Duration> },
+}
+
+/// What to tell the user when `--server` (or [`crate::SyncOptions::server`]) is not a
+/// capsync RPC port: retrying will not change what listens there.
+fn not_capsync(error: &ClientError) -> SyncError {
+    SyncError::Stopped(format!("{error}; check the server address"))
 }
 
 pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
@@ -46,7 +59,10 @@ pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
             ErrorCode::Overloaded
             | ErrorCode::RateLimited
             | ErrorCode::Internal
-            | ErrorCode::StorageFull => ConnectFailure::Retry(error.to_string()),
+            | ErrorCode::StorageFull => ConnectFailure::Retry {
+                message: error.to_string(),
+                retry_after: error.retry_after(),
+            },
             _ => ConnectFailure::Fatal(SyncError::Stopped(format!(
                 "redeeming the writer token failed: {error}"
             ))),
@@ -56,9 +72,14 @@ pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
                 "the server does not speak this protocol: {error}"
             )))
         }
-        ClientError::Rpc(_) | ClientError::Connect { .. } | ClientError::Io(_) => {
-            ConnectFailure::Retry(error.to_string())
-        }
+        ClientError::NotCapsync { .. } => ConnectFailure::Fatal(not_capsync(error)),
+        ClientError::Rpc(_)
+        | ClientError::Timeout { .. }
+        | ClientError::Connect { .. }
+        | ClientError::Io(_) => ConnectFailure::Retry {
+            message: error.to_string(),
+            retry_after: None,
+        },
         ClientError::WrongKind { .. } => ConnectFailure::Fatal(SyncError::Stopped(format!(
             "{error}: the syncer needs the share's writer token"
         ))),
@@ -92,14 +113,18 @@ pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
             ErrorCode::Overloaded
             | ErrorCode::RateLimited
             | ErrorCode::Internal
-            | ErrorCode::StorageFull => AppendFailure::Retry,
+            | ErrorCode::StorageFull => AppendFailure::Retry {
+                retry_after: error.retry_after(),
+            },
         },
         ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Unimplemented => AppendFailure::Fatal(
             SyncError::Stopped(format!("the server does not speak this protocol: {error}")),
         ),
-        ClientError::Rpc(_) | ClientError::Connect { .. } | ClientError::Io(_) => {
-            AppendFailure::Retry
-        }
+        ClientError::NotCapsync { .. } => AppendFailure::Fatal(not_capsync(error)),
+        ClientError::Rpc(_)
+        | ClientError::Timeout { .. }
+        | ClientError::Connect { .. }
+        | ClientError::Io(_) => AppendFailure::Retry { retry_after: None },
         // The outbox checks ops when they are enqueued, so the client refusing to encode
         // one means the outbox file was edited by hand: nothing a retry can fix. (An append
         // never fails with the rest.)
@@ -120,6 +145,7 @@ mod tests {
             code,
             message: "the server's words".into(),
             cursor: 7,
+            retry_after: None,
         }
     }
 
@@ -165,27 +191,88 @@ mod tests {
         for code in [
             ErrorCode::Overloaded,
             ErrorCode::RateLimited,
+            ErrorCode::StorageFull,
             ErrorCode::Internal,
         ] {
             assert!(matches!(
                 append_failure(&remote(code)),
-                AppendFailure::Retry
+                AppendFailure::Retry { retry_after: None }
             ));
             assert!(matches!(
                 connect_failure(&remote(code)),
-                ConnectFailure::Retry(_)
+                ConnectFailure::Retry {
+                    retry_after: None,
+                    ..
+                }
             ));
         }
         let gone = ClientError::from(capnp::Error::disconnected("reset".into()));
-        assert!(matches!(append_failure(&gone), AppendFailure::Retry));
-        assert!(matches!(connect_failure(&gone), ConnectFailure::Retry(_)));
+        assert!(matches!(append_failure(&gone), AppendFailure::Retry { .. }));
+        assert!(matches!(
+            connect_failure(&gone),
+            ConnectFailure::Retry { .. }
+        ));
+        let silent = ClientError::Timeout {
+            stage: crate::error::TimeoutStage::Connect,
+            addr: "127.0.0.1:1".into(),
+            after: Duration::from_secs(10),
+        };
+        assert!(matches!(
+            connect_failure(&silent),
+            ConnectFailure::Retry { .. }
+        ));
         let refused = ClientError::Connect {
             addr: "127.0.0.1:1".into(),
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         };
         assert!(matches!(
             connect_failure(&refused),
-            ConnectFailure::Retry(_)
+            ConnectFailure::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn the_server_hint_goes_with_the_retry() {
+        let hinted = |code| ClientError::Remote {
+            code,
+            message: "later".into(),
+            cursor: 0,
+            retry_after: Some(Duration::from_secs(6)),
+        };
+        for code in [
+            ErrorCode::Overloaded,
+            ErrorCode::RateLimited,
+            ErrorCode::StorageFull,
+        ] {
+            let AppendFailure::Retry { retry_after } = append_failure(&hinted(code)) else {
+                panic!("{code:?} must be retried");
+            };
+            assert_eq!(retry_after, Some(Duration::from_secs(6)));
+            let ConnectFailure::Retry {
+                retry_after,
+                message,
+            } = connect_failure(&hinted(code))
+            else {
+                panic!("{code:?} must be retried");
+            };
+            assert_eq!(retry_after, Some(Duration::from_secs(6)));
+            assert!(message.ends_with("(retry in 6s)"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_port_that_is_not_capsync_stops_the_syncer() {
+        let http = ClientError::NotCapsync {
+            addr: "127.0.0.1:7421".into(),
+            reply: crate::ForeignReply::Http,
+        };
+        let ConnectFailure::Fatal(SyncError::Stopped(msg)) = connect_failure(&http) else {
+            panic!("a share-page port must be fatal");
+        };
+        assert!(msg.contains("not a capsync RPC port"), "{msg}");
+        assert!(matches!(
+            append_failure(&http),
+            AppendFailure::Fatal(SyncError::Stopped(_))
         ));
     }
 

@@ -4,9 +4,10 @@
 //! share and records the share's cursor; then it repeatedly takes the next batch, appends
 //! it with a per-call timeout and records the ack. When nothing is ready it waits for an
 //! enqueue (or the next retry time). After a transport failure, a timeout or a transient
-//! server error (`overloaded`, `rateLimited`, `internal`) it records the failure, drops the
-//! connection, backs off (exponential with jitter, capped), reconnects, redeems again and
-//! resends the *same* batch. A revoked or refused token stops it for good: the status turns
+//! server error (`overloaded`, `rateLimited`, `storageFull`, `internal`) it records the
+//! failure, drops the connection, backs off (exponential with jitter, capped; never less
+//! than the server's `retryAfterMs` hint, itself capped at 5 minutes), reconnects, redeems
+//! again and resends the *same* batch. A revoked or refused token stops it for good: the status turns
 //! [`SyncState::Stopped`], and [`Syncer::fatal`] (or [`Syncer::wait_idle`]) gives the
 //! [`SyncError`], whose variant says what happened. It never retries a dead capability.
 //!
@@ -43,13 +44,15 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
+use crate::connection::ClientOptions;
 use crate::outbox::{Outbox, OutboxError};
 use crate::push::DEFAULT_BATCH_SIZE;
 
 /// How a syncer reaches its share, and how it paces itself.
 #[derive(Clone)]
 pub struct SyncOptions {
-    /// `host:port` of the capsync server.
+    /// `host:port` of the capsync server's RPC port (see [`crate::ServerAddr`]; a text that
+    /// is not one stops the syncer at once, with the reason).
     pub server: String,
     /// The share's writer sturdy ref. Kept in memory only (never written to the outbox),
     /// redeemed again after every reconnect.
@@ -60,8 +63,11 @@ pub struct SyncOptions {
     pub backoff_initial: Duration,
     /// Longest wait between attempts (default 30 s).
     pub backoff_max: Duration,
-    /// How long one connect, redeem or append may take before it counts as failed and the
-    /// connection is dropped (default 30 s).
+    /// How the syncer connects: its `connect_timeout` (default 10 s) bounds each connect and
+    /// each redeem of the token; past it the attempt counts as failed.
+    pub connection: ClientOptions,
+    /// How long one append may take before it counts as failed and the connection is
+    /// dropped (default 30 s). A connect or redeem never gets longer than this either.
     pub call_timeout: Duration,
     /// How often an idle syncer looks at the outbox anyway, for ops another process
     /// enqueued into the same file (enqueues in this process wake it at once). Default 2 s.
@@ -77,6 +83,7 @@ impl SyncOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
+            connection: ClientOptions::default(),
             call_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(2),
         }
@@ -92,6 +99,7 @@ impl std::fmt::Debug for SyncOptions {
             .field("batch_size", &self.batch_size)
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)
+            .field("connection", &self.connection)
             .field("call_timeout", &self.call_timeout)
             .field("poll_interval", &self.poll_interval)
             .finish()
@@ -349,5 +357,6 @@ mod tests {
         assert_eq!(options.backoff_initial, Duration::from_millis(100));
         assert_eq!(options.backoff_max, Duration::from_secs(30));
         assert_eq!(options.call_timeout, Duration::from_secs(30));
+        assert_eq!(options.connection.connect_timeout, Duration::from_secs(10));
     }
 }

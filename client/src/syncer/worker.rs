@@ -11,11 +11,12 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, RETRY_AFTER_CAP};
 use super::classify::{AppendFailure, ConnectFailure, append_failure, connect_failure};
 use super::{Control, SyncError, SyncOptions, SyncState, SyncStatus};
 use crate::connection::Connection;
 use crate::outbox::{Outbox, OutboxBatch, OutboxStatus, Refusal};
+use crate::server_addr::ServerAddr;
 use crate::writer::WriterClient;
 
 /// How long closing a dropped connection may take before it is abandoned.
@@ -118,6 +119,10 @@ impl Worker {
     }
 
     async fn run(&mut self) -> Result<Infallible, SyncError> {
+        // A malformed address never gets better: say so rather than retry forever.
+        if let Err(e) = self.options.server.parse::<ServerAddr>() {
+            return Err(SyncError::Stopped(format!("the server address: {e}")));
+        }
         self.lock = Some(lock_outbox(self.outbox.path())?);
         loop {
             let Some(writer) = self.writer().await? else {
@@ -163,34 +168,29 @@ impl Worker {
                 Ok(Some(writer))
             }
             Err(ConnectFailure::Fatal(fatal)) => Err(fatal),
-            Err(ConnectFailure::Retry(message)) => {
-                self.back_off(message, None).await?;
+            Err(ConnectFailure::Retry {
+                message,
+                retry_after,
+            }) => {
+                self.back_off(message, None, retry_after).await?;
                 Ok(None)
             }
         }
     }
 
     async fn connect(&self) -> Result<Live, ConnectFailure> {
-        let limit = self.options.call_timeout;
-        let server = self.options.server.as_str();
-        let conn = match tokio::time::timeout(limit, crate::connect(server)).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(connect_failure(&e)),
-            Err(_) => {
-                return Err(ConnectFailure::Retry(format!(
-                    "connecting to {server} timed out after {}",
-                    humantime::format_duration(limit)
-                )));
-            }
-        };
-        let redeemed = match tokio::time::timeout(limit, conn.redeem(&self.options.token)).await {
-            Ok(Ok(redeemed)) => redeemed.into_writer().map_err(|e| connect_failure(&e)),
-            Ok(Err(e)) => Err(connect_failure(&e)),
-            Err(_) => Err(ConnectFailure::Retry(format!(
-                "redeeming the writer token timed out after {}",
-                humantime::format_duration(limit)
-            ))),
-        };
+        // Both steps are bounded by the connect timeout, and like any call never longer
+        // than the call timeout.
+        let mut connection = self.options.connection.clone();
+        connection.connect_timeout = connection.connect_timeout.min(self.options.call_timeout);
+        let conn = crate::connect_with(self.options.server.as_str(), &connection)
+            .await
+            .map_err(|e| connect_failure(&e))?;
+        let redeemed = conn
+            .redeem(&self.options.token)
+            .await
+            .and_then(|redeemed| redeemed.into_writer())
+            .map_err(|e| connect_failure(&e));
         match redeemed {
             Ok(writer) => Ok(Live { conn, writer }),
             Err(failure) => {
@@ -219,15 +219,19 @@ impl Worker {
             Ok(Err(error)) => error,
             Err(_) => {
                 let message = format!(
-                    "no answer to batch {} within {}",
+                    "timed out after {} waiting for the server at {} to answer batch {}",
+                    humantime::format_duration(limit),
+                    self.options.server,
                     batch.batch_id,
-                    humantime::format_duration(limit)
                 );
-                return self.back_off(message, Some(&batch)).await;
+                return self.back_off(message, Some(&batch), None).await;
             }
         };
         match append_failure(&error) {
-            AppendFailure::Retry => self.back_off(error.to_string(), Some(&batch)).await,
+            AppendFailure::Retry { retry_after } => {
+                self.back_off(error.to_string(), Some(&batch), retry_after)
+                    .await
+            }
             AppendFailure::Fatal(fatal) => {
                 // On the batch too, so the outbox's status explains why it is stuck.
                 let _ = self
@@ -255,7 +259,7 @@ impl Worker {
                 // The outbox never fences, so this needs a server that disagrees with us
                 // about the batch. Take its cursor and retry after a pause, never in a spin.
                 self.outbox.record_cursor(cursor).await?;
-                self.back_off(error.to_string(), Some(&batch)).await
+                self.back_off(error.to_string(), Some(&batch), None).await
             }
         }
     }
@@ -269,12 +273,13 @@ impl Worker {
         let status = self.outbox.status().await?;
         if status.in_flight > 0 {
             // The oldest batch waits for a retry time set before (by an earlier run, or
-            // another process). Capped, in case the clock jumped back since.
+            // another process; a server's hint may have set it past the backoff's cap).
+            // Capped, in case the clock jumped back since.
+            let cap = self.options.backoff_max.max(RETRY_AFTER_CAP);
             let wait = status
                 .next_retry_at
                 .map_or(0, |at| at.saturating_sub(now_millis()))
-                .clamp(1, self.options.backoff_max.as_millis().max(1) as i64)
-                as u64;
+                .clamp(1, cap.as_millis().max(1) as i64) as u64;
             self.publish(
                 SyncState::Backoff { retry_in_ms: wait },
                 Counts::Given(status),
@@ -294,15 +299,17 @@ impl Worker {
         Ok(())
     }
 
-    /// A failed attempt: record it, drop the connection, wait.
+    /// A failed attempt: record it, drop the connection, wait (at least `retry_after`,
+    /// the server's hint, when it gave one).
     async fn back_off(
         &mut self,
         message: String,
         batch: Option<&OutboxBatch>,
+        retry_after: Option<Duration>,
     ) -> Result<(), SyncError> {
         self.retries += 1;
         self.close_connection();
-        let delay = self.backoff.next_delay();
+        let delay = self.backoff.next_delay(retry_after);
         warn!(error = %message, retry_in = ?delay, "sync attempt failed");
         let retry_at = now_millis().saturating_add(delay.as_millis() as i64);
         match batch {

@@ -7,6 +7,8 @@
 //! it depends on this crate, so this crate cannot depend on it.)
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod peers;
+
 use std::net::{SocketAddr, TcpListener};
 
 use capsync_client::{AdminClient, AgentClient, Connection, connect};
@@ -74,6 +76,14 @@ impl TestServer {
     pub fn restart(&mut self) {
         self.stop();
         self.start_again();
+    }
+
+    /// The server's HTTP gateway (share pages): not an RPC port.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.handle
+            .as_ref()
+            .and_then(ServerHandle::http_addr)
+            .expect("the test server runs its HTTP gateway")
     }
 
     /// The admin token the server wrote to its data directory on first start.

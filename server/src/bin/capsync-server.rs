@@ -80,13 +80,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(config: Config) -> Result<(), StartError> {
-    let listener = std::net::TcpListener::bind(config.listen).map_err(|err| {
-        std::io::Error::new(
-            err.kind(),
-            format!("cannot listen on {}: {err}", config.listen),
-        )
-    })?;
-    server::run_blocking(listener, config, shutdown_signal())
+    server::serve_blocking(config, shutdown_signal())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -125,10 +119,12 @@ fn admin_token_command(rotate: bool, data_dir: PathBuf) -> Result<(), StartError
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let ledger = server::open_ledger(&config)?;
+        let ledger = server::open_ledger(&config, &Default::default())?;
         let hasher = server::hasher(&config)?;
         admin_token::rotate(&ledger, &hasher, &path).await?;
         ledger.close().await;
+        tracing::info!(path = %path.display(),
+            "admin token rotated: every earlier admin token is revoked");
         println!(
             "Rotated: every earlier admin token is revoked; the new one is in {}",
             path.display()

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use axum::http::{HeaderMap, header};
-use capsync_shared::{ShareId, TokenKind};
+use capsync_shared::{ShareId, SturdyRef, TokenKind};
 
 use super::AppState;
 use super::error::ApiError;
@@ -32,8 +32,14 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Checks the request's bearer token for reading `share`. A viewer token (or a
-/// writer token) of that share passes; anything else is the same `401`.
+/// Checks the request's bearer token for reading `share`. A viewer token of
+/// that share passes. Another kind of token is told so (its prefix says what
+/// it is, so that tells the caller nothing it did not send); any other failure
+/// is the same `401`.
+///
+/// Writer tokens are refused although they may read over RPC: a share link is
+/// handed around, and a writer token in one would give write access to
+/// everyone it reaches.
 pub async fn share_reader(
     app: &AppState,
     headers: &HeaderMap,
@@ -42,13 +48,16 @@ pub async fn share_reader(
 ) -> Result<ShareReader, ApiError> {
     // No token is not a guess: it costs no argon2 and no failed-redeem count.
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    if let Ok(sturdy) = token.parse::<SturdyRef>()
+        && sturdy.kind != TokenKind::Viewer
+    {
+        return Err(ApiError::NotAViewerToken(sturdy.kind));
+    }
     let redeemed = app.redeemer.redeem(token, peer, Via::Http).await?;
     let Some(state) = redeemed.state.clone() else {
         return Err(ApiError::Unauthorized);
     };
-    if !matches!(redeemed.token.kind, TokenKind::Viewer | TokenKind::Writer)
-        || state.share_id != ShareId::from(share)
-    {
+    if redeemed.token.kind != TokenKind::Viewer || state.share_id != ShareId::from(share) {
         return Err(ApiError::Unauthorized);
     }
     Ok(ShareReader {

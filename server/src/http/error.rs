@@ -3,10 +3,12 @@
 //! expired or mismatched token is the same `401`; ops that ledger compaction
 //! dropped are `410 Gone`, with the cursor to take a snapshot from.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use capsync_shared::{Cursor, ErrorCode};
+use capsync_shared::{Cursor, ErrorCode, TokenKind};
 use serde_json::json;
 
 use crate::error::ServerError;
@@ -16,10 +18,14 @@ use crate::ledger::LedgerError;
 pub enum ApiError {
     /// No token, or one that is not (or no longer) good for this share.
     Unauthorized,
-    /// Too many failed redeems from this address.
-    RateLimited,
+    /// A token of another kind than viewer (its own prefix says so).
+    NotAViewerToken(TokenKind),
+    /// Too many failed redeems (from this address, or for this token); retry after the wait.
+    RateLimited(Duration),
     /// Shutting down, database busy, or too many live streams: retry later.
     Unavailable,
+    /// The server's storage is full; retry after the wait.
+    StorageFull(Duration),
     BadRequest(String),
     /// The ops asked for were compacted; carries the share's compaction point.
     SnapshotRequired(Cursor),
@@ -33,8 +39,13 @@ impl From<ServerError> for ApiError {
             ErrorCode::PermissionDenied | ErrorCode::Revoked | ErrorCode::NotFound => {
                 Self::Unauthorized
             }
-            ErrorCode::RateLimited => Self::RateLimited,
+            ErrorCode::RateLimited => {
+                Self::RateLimited(err.retry_after.unwrap_or(Duration::from_secs(1)))
+            }
             ErrorCode::Overloaded => Self::Unavailable,
+            ErrorCode::StorageFull => {
+                Self::StorageFull(err.retry_after.unwrap_or(Duration::from_secs(1)))
+            }
             ErrorCode::InvalidArgument | ErrorCode::TooLarge => Self::BadRequest(err.message),
             ErrorCode::SnapshotRequired => Self::SnapshotRequired(err.cursor),
             _ => Self::Internal,
@@ -55,21 +66,48 @@ impl IntoResponse for ApiError {
             Self::SnapshotRequired(point) => Some(point.0),
             _ => None,
         };
+        // `Retry-After` is in whole seconds: round up, so a client never comes back early.
+        let retry_after = match &self {
+            Self::RateLimited(wait) | Self::StorageFull(wait) => {
+                Some(wait.as_millis().div_ceil(1000).max(1))
+            }
+            Self::Unavailable => Some(1),
+            _ => None,
+        };
         let (status, code, message) = match self {
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "This link is not valid: it was revoked, has expired, or is incomplete.".to_owned(),
             ),
-            Self::RateLimited => (
+            Self::RateLimited(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rateLimited",
-                "Too many invalid links from this address; try again later.".to_owned(),
+                "Too many invalid links tried; try again shortly.".to_owned(),
+            ),
+            Self::StorageFull(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storageFull",
+                "The server's storage is full; try again later.".to_owned(),
             ),
             Self::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "The server is busy or shutting down; try again shortly.".to_owned(),
+            ),
+            Self::NotAViewerToken(kind) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!(
+                    "This is {} {kind} token, which stays with its owner: share links and \
+                     this API take viewer tokens (csviewer_…). Mint one with `capsync mint-viewer` \
+                     or `capsync share mint-viewer`.",
+                    if kind == TokenKind::Admin || kind == TokenKind::Agent {
+                        "an"
+                    } else {
+                        "a"
+                    }
+                ),
             ),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, "invalidArgument", why),
             Self::SnapshotRequired(point) => (
@@ -92,6 +130,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
         }
         response
     }
@@ -130,6 +173,18 @@ mod tests {
             body["message"].as_str().unwrap().contains("snapshot"),
             "{body}"
         );
+    }
+
+    #[tokio::test]
+    async fn limited_callers_are_told_when_to_retry() {
+        let err = ApiError::from(ServerError::rate_limited(
+            "from this address",
+            Duration::from_millis(5200),
+        ));
+        assert_eq!(err, ApiError::RateLimited(Duration::from_millis(5200)));
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "6");
     }
 
     #[tokio::test]

@@ -65,6 +65,14 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
     let after = start_after(&headers, &query)?;
+    // The same rule as the ops API and RPC: a cursor the share never reached is an error.
+    if after > reader.state.cursor.0 {
+        return Err(LedgerError::CursorAhead {
+            asked: Cursor(after),
+            cursor: reader.state.cursor,
+        }
+        .into());
+    }
     let permit = app
         .streams
         .clone()

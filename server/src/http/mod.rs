@@ -16,10 +16,12 @@
 //! | `GET /healthz`, `GET /metrics` | liveness, Prometheus text |
 //!
 //! The API takes `Authorization: Bearer <viewer token>`. Headers, and so
-//! tokens, are never logged.
+//! tokens, are never logged. Connections are served by [`connections`]: slots
+//! per listener and per address, a header timeout, body limits on every route.
 
 mod api;
 mod auth;
+mod connections;
 mod document;
 mod error;
 mod events;
@@ -32,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,12 +42,17 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{debug, info};
 
 use crate::ledger::Ledger;
-use crate::metrics::Metrics;
+use crate::log_limit::LogLimiter;
+use crate::metrics::{Listener, Metrics};
+use crate::net::{AcceptPolicy, Acceptor};
 use crate::presence::Presence;
 use crate::redeem::Redeemer;
+
+pub use connections::BUSY_RESPONSE;
 
 /// What every handler can reach. Cheap to clone, `Send`.
 #[derive(Clone)]
@@ -54,6 +61,8 @@ pub struct AppState {
     pub redeemer: Redeemer,
     pub presence: Presence,
     pub metrics: Metrics,
+    /// Summarises log events peers can repeat (shared with the RPC side).
+    pub logs: LogLimiter,
     /// How long a share's writer may be gone before running tool calls show as interrupted.
     pub interrupted_after: Duration,
     /// Live event streams allowed at once (`--max-connections`); more get `503`.
@@ -74,15 +83,20 @@ impl AppState {
         let config = crate::config::Config::default();
         let hasher =
             crate::auth::SecretHasher::new(256, 1).expect("valid argon2 parameters for tests");
+        let metrics = Metrics::default();
+        let logs = LogLimiter::new(config.log_summary_interval);
         Self {
             redeemer: Redeemer::new(
                 ledger.clone(),
                 hasher,
                 crate::rate_limit::RedeemLimiter::new(config.redeem_failures, config.redeem_window),
+                metrics.clone(),
+                logs.clone(),
             ),
             ledger,
             presence: Presence::default(),
-            metrics: Metrics::default(),
+            metrics,
+            logs,
             interrupted_after: config.interrupted_after,
             streams: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
@@ -90,8 +104,9 @@ impl AppState {
     }
 }
 
-/// The gateway's routes.
-pub fn router(state: AppState) -> Router {
+/// The gateway's routes. Every route takes a body of at most `max_body_bytes`
+/// (larger ones get `413` before a handler runs).
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/", get(page::index))
         .route("/s/{share}", get(page::share_page))
@@ -104,35 +119,71 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(page::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), common))
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// How the gateway treats its connections.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// Slots, keepalive and the `503` for connections refused for lack of them.
+    pub accept: AcceptPolicy,
+    /// How long a connection may take to deliver a request's headers (also how
+    /// long an idle keep-alive connection stays open).
+    pub header_timeout: Duration,
+    pub max_body_bytes: usize,
 }
 
 /// A bound listener and the state to serve it with.
 pub struct HttpGateway {
-    listener: TcpListener,
+    acceptor: Acceptor,
     state: AppState,
+    settings: HttpSettings,
 }
 
 impl HttpGateway {
     /// Binds `addr` now, so a bad address fails the server's start.
-    pub async fn bind(addr: SocketAddr, state: AppState) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        state: AppState,
+        settings: HttpSettings,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(Self { listener, state })
+        let acceptor = Acceptor::new(
+            listener,
+            Listener::Http,
+            settings.accept.clone(),
+            state.metrics.clone(),
+            state.logs.clone(),
+        );
+        Ok(Self {
+            acceptor,
+            state,
+            settings,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.acceptor.local_addr()
     }
 
     /// Serves until `state.shutdown` is cancelled, then lets requests in
     /// flight finish (live streams end at once).
     pub async fn serve(self) -> std::io::Result<()> {
         let shutdown = self.state.shutdown.clone();
-        info!(addr = %self.listener.local_addr()?, "share pages and HTTP API listening");
-        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        let metrics = self.state.metrics.clone();
+        info!(addr = %self.acceptor.local_addr()?, "share pages and HTTP API listening");
+        let app = router(self.state, self.settings.max_body_bytes);
+        connections::serve(
+            self.acceptor,
+            app,
+            self.settings.header_timeout,
+            metrics,
+            shutdown,
+        )
+        .await;
+        Ok(())
     }
 }
 

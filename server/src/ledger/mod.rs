@@ -38,6 +38,9 @@ pub enum LedgerError {
     /// `expected_cursor` did not match; carries the share's current cursor.
     #[error("cursor conflict: share is at {0}")]
     CursorConflict(Cursor),
+    /// A read asked for ops after a cursor the share has not reached.
+    #[error("cursor {asked} is beyond the share's cursor {cursor}")]
+    CursorAhead { asked: Cursor, cursor: Cursor },
     /// The request cannot be read (e.g. a malformed snapshot page token); the text is for the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -48,6 +51,12 @@ pub enum LedgerError {
     /// SQLite stayed busy past its timeout (another process holds the database).
     #[error("database busy")]
     Busy,
+    /// Too much work is already waiting for the writer; nothing was queued.
+    #[error("write queue full")]
+    QueueFull,
+    /// The disk (or `--max-database-bytes`) is full: nothing of the write was stored.
+    #[error("storage full")]
+    StorageFull,
     /// The ledger is shutting down and takes no more work.
     #[error("ledger closed")]
     Closed,
@@ -198,6 +207,8 @@ pub enum RejectReason {
     MissingDependency,
     Invalid,
     StaleTransition,
+    /// The op id was applied before with other content.
+    OpIdReused,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -425,7 +425,12 @@ mod tests {
     fn admin(share: &TestShare) -> admin::Client {
         let config = Config::for_tests(share.dir.path());
         let hasher = SecretHasher::new(config.argon2_memory_kib, config.argon2_iterations).unwrap();
-        let ctx = Rc::new(Context::new(share.ledger.clone(), hasher, &config));
+        let ctx = Rc::new(Context::new(
+            share.ledger.clone(),
+            hasher,
+            &config,
+            Default::default(),
+        ));
         capnp_rpc::new_client(AdminImpl::new(ctx, share.admin.clone()))
     }
 

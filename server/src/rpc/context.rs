@@ -10,10 +10,26 @@ use crate::auth::SecretHasher;
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Ledger};
+use crate::log_limit::LogLimiter;
 use crate::metrics::{GaugeGuard, Metrics, SubscriberVia};
 use crate::presence::Presence;
 use crate::rate_limit::RedeemLimiter;
 use crate::redeem::Redeemer;
+
+/// Audit actions also logged at info (see [`Context::audit`]).
+const SECURITY_ACTIONS: &[&str] = &[
+    "mint",
+    "create_share",
+    "revoke_share",
+    "revoke_token",
+    "delete_share",
+    "archive_share",
+    "unarchive_share",
+    "prune",
+    "vacuum",
+    "reclaim",
+    "compact_ledger",
+];
 
 /// Shared by every capability object through an `Rc`.
 pub struct Context {
@@ -27,6 +43,8 @@ pub struct Context {
     /// Which shares have a writer connected; read by the HTTP gateway.
     pub presence: Presence,
     pub metrics: Metrics,
+    /// Summarises log events that peers can repeat at will; shared with the HTTP gateway.
+    pub logs: LogLimiter,
     /// Most `ops` calls in flight to one live subscriber, and how long one may
     /// go unanswered (see [`super::subscription`]).
     pub subscriber_window: usize,
@@ -48,11 +66,14 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(ledger: Ledger, hasher: SecretHasher, config: &Config) -> Self {
+    pub fn new(ledger: Ledger, hasher: SecretHasher, config: &Config, metrics: Metrics) -> Self {
+        let logs = LogLimiter::new(config.log_summary_interval);
         let redeemer = Redeemer::new(
             ledger.clone(),
             hasher.clone(),
             RedeemLimiter::new(config.redeem_failures, config.redeem_window),
+            metrics.clone(),
+            logs.clone(),
         );
         Self {
             ledger,
@@ -61,7 +82,8 @@ impl Context {
             max_op_bytes: config.max_op_bytes,
             redeemer,
             presence: Presence::default(),
-            metrics: Metrics::default(),
+            metrics,
+            logs,
             subscriber_window: config.subscriber_window.max(1),
             subscriber_timeout: config.subscriber_timeout,
             interrupted_after_ms: i64::try_from(config.interrupted_after.as_millis())
@@ -74,7 +96,21 @@ impl Context {
         }
     }
 
+    /// Writes an audit line; actions that change who may do what, or delete
+    /// data, are also logged at info, so an operator sees them in the server
+    /// log at the default level. (Appends and redeems are too frequent: they
+    /// stay in the audit table.)
     pub fn audit(&self, event: AuditEvent) {
+        if SECURITY_ACTIONS.contains(&event.action) {
+            tracing::info!(
+                action = event.action,
+                outcome = %event.outcome,
+                by_token = %event.token_id.as_ref().map_or("", |id| id.as_str()),
+                share = %event.share_id.as_ref().map_or("", |id| id.as_str()),
+                detail = %event.detail,
+                "{}", event.action
+            );
+        }
         self.ledger.audit(event);
     }
 

@@ -1,5 +1,6 @@
 //! `Gateway`: the bootstrap capability. It holds no authority; it redeems sturdy refs.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -12,17 +13,51 @@ use super::context::Context;
 use super::viewer::ViewerImpl;
 use super::wire;
 use super::writer::WriterImpl;
+use crate::error::ServerError;
+use crate::net::ConnectionState;
 use crate::redeem::{Redeemed, Via};
 
-/// One per connection: knows the peer, for rate limiting and the audit log.
+/// Redeems one connection may have in progress at once. A client redeems one
+/// token, maybe a few; more at once only queue up argon2 work and memory.
+pub const MAX_REDEEMS_IN_FLIGHT: usize = 4;
+
+/// One per connection: knows the peer, for rate limiting and the audit log,
+/// and tells the connection's reader once a redeem succeeded.
 pub struct GatewayImpl {
     ctx: Rc<Context>,
     peer: SocketAddr,
+    connection: Rc<ConnectionState>,
+    /// Redeems of this connection between their call and their answer.
+    in_flight: Cell<usize>,
 }
 
 impl GatewayImpl {
-    pub fn new(ctx: Rc<Context>, peer: SocketAddr) -> Self {
-        Self { ctx, peer }
+    pub fn new(ctx: Rc<Context>, peer: SocketAddr, connection: Rc<ConnectionState>) -> Self {
+        Self {
+            ctx,
+            peer,
+            connection,
+            in_flight: Cell::new(0),
+        }
+    }
+
+    /// Counts a redeem in progress until the guard drops; `None` when this
+    /// connection has [`MAX_REDEEMS_IN_FLIGHT`] already.
+    fn begin_redeem(&self) -> Option<RedeemSlot<'_>> {
+        let now = self.in_flight.get();
+        (now < MAX_REDEEMS_IN_FLIGHT).then(|| {
+            self.in_flight.set(now + 1);
+            RedeemSlot(&self.in_flight)
+        })
+    }
+}
+
+/// One redeem in progress on a connection.
+struct RedeemSlot<'a>(&'a Cell<usize>);
+
+impl Drop for RedeemSlot<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
@@ -54,13 +89,17 @@ impl gateway::Server for GatewayImpl {
         mut results: gateway::RedeemResults,
     ) -> Result<(), capnp::Error> {
         let token = wire::text(params.get()?.get_token());
-        let outcome = match token {
-            Ok(token) => self.ctx.redeemer.redeem(&token, self.peer, Via::Rpc).await,
-            Err(err) => Err(err),
+        let outcome = match (token, self.begin_redeem()) {
+            (Err(err), _) => Err(err),
+            (Ok(_), None) => Err(ServerError::overloaded(format!(
+                "at most {MAX_REDEEMS_IN_FLIGHT} redeems at once per connection"
+            ))),
+            (Ok(token), Some(_slot)) => self.ctx.redeemer.redeem(&token, self.peer, Via::Rpc).await,
         };
         let result = results.get().init_result();
         match outcome {
             Ok(redeemed) => {
+                self.connection.authenticate();
                 let mut ok = result.init_ok();
                 fill_capability(&self.ctx, &redeemed, ok.reborrow().init_capability());
                 ok.set_token_id(redeemed.token.id.as_str());

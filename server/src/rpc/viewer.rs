@@ -12,7 +12,7 @@ use capsync_shared::{Cursor, now_millis};
 use super::context::Context;
 use super::{shares, subscription, wire};
 use crate::error::ServerError;
-use crate::ledger::Authority;
+use crate::ledger::{Authority, LedgerError};
 use crate::presence::{PresenceView, last_change};
 
 pub struct ViewerImpl {
@@ -145,11 +145,13 @@ impl share_viewer::Server for ViewerImpl {
             // Checked here so a revoked viewer or a bad cursor gets a `failure`
             // answer instead of a subscription that ends at once.
             let state = self.ctx.ledger.share_state(self.auth.clone()).await?;
+            // The same rule and answer as `opsSince` (see the schema).
             if from > state.cursor {
-                return Err(ServerError::invalid(format!(
-                    "fromCursor {} is past the share's cursor {}",
-                    from.0, state.cursor.0
-                )));
+                return Err(LedgerError::CursorAhead {
+                    asked: from,
+                    cursor: state.cursor,
+                }
+                .into());
             }
             // The compaction point is never past the share's cursor, so only a
             // subscriber that is behind can be below it; the ledger answers

@@ -288,6 +288,7 @@ pub fn fill_ack(ack: &Ack, mut out: ack::Builder<'_>) {
                     RejectReason::MissingDependency => wire::RejectReason::MissingDependency,
                     RejectReason::Invalid => wire::RejectReason::Invalid,
                     RejectReason::StaleTransition => wire::RejectReason::StaleTransition,
+                    RejectReason::OpIdReused => wire::RejectReason::OpIdReused,
                 });
                 rejection.set_detail(detail);
             }

@@ -21,6 +21,10 @@ pub struct ServerProcess {
     pub child: Child,
     /// The address from the "capsync listening" log line.
     pub addr: SocketAddr,
+    /// The HTTP gateway's address, from its own log line (`None` with `--http-listen off`).
+    pub http_addr: Option<SocketAddr>,
+    /// The log lines up to and including the listening lines.
+    pub startup_logs: Vec<Value>,
     /// The process's stderr, one parsed JSON line at a time (`{"raw": …}` if not JSON).
     pub logs: Receiver<Value>,
 }
@@ -34,7 +38,21 @@ impl ServerProcess {
 
     /// [`ServerProcess::start`] with extra `serve` arguments (`--durability normal`, …).
     pub fn start_with(data_dir: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
+        Self::start_under(&[], data_dir, args)
+    }
+
+    /// [`ServerProcess::start_with`], run by `wrapper` (a command and its
+    /// arguments, such as `prlimit --nofile=256:256`) when it is not empty.
+    pub fn start_under(wrapper: &[&str], data_dir: &Path, args: &[&str]) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             // Not the default 7421: tests run many servers at once.
             .args(["--http-listen", "127.0.0.1:0"])
@@ -60,24 +78,63 @@ impl ServerProcess {
         let mut server = Self {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
+            http_addr: None,
+            startup_logs: Vec::new(),
             logs,
         };
-        // Readiness is the log line that carries the bound address.
-        let listening = server.wait_for_log("capsync listening");
-        server.addr = listening["fields"]["addr"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        // Readiness is the log lines that carry the bound addresses (in either order).
+        let http_off = args.windows(2).any(|w| w == ["--http-listen", "off"]);
+        let address = |line: &Value| -> SocketAddr {
+            line["fields"]["addr"].as_str().unwrap().parse().unwrap()
+        };
+        let mut rpc = None;
+        while rpc.is_none() || (server.http_addr.is_none() && !http_off) {
+            let line = server.next_log("the listening log lines");
+            server.startup_logs.push(line.clone());
+            match line["fields"]["message"].as_str() {
+                Some("capsync listening") => rpc = Some(address(&line)),
+                Some("share pages and HTTP API listening") => {
+                    server.http_addr = Some(address(&line))
+                }
+                _ => {}
+            }
+        }
+        server.addr = rpc.unwrap();
         server
+    }
+
+    /// The next log line, waiting at most a minute.
+    pub fn next_log(&mut self, waiting_for: &str) -> Value {
+        self.logs
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no log line: {waiting_for}"))
+    }
+
+    /// The HTTP gateway's address.
+    pub fn http(&self) -> SocketAddr {
+        self.http_addr.expect("the HTTP gateway is on")
+    }
+
+    /// Log lines received so far and not yet read.
+    pub fn drain_logs(&mut self) -> Vec<Value> {
+        self.logs.try_iter().collect()
+    }
+
+    /// The process's resident memory now, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
     }
 
     pub fn wait_for_log(&mut self, message: &str) -> Value {
         loop {
-            let line = self
-                .logs
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no log line {message:?}"));
+            let line = self.next_log(message);
             if line["fields"]["message"] == message {
                 return line;
             }
@@ -172,4 +229,116 @@ pub async fn share(
         })
         .await
         .unwrap()
+}
+
+/// A plain HTTP/1.1 GET (or any request line and headers) from `source`,
+/// answered with `(status, body)`: for addresses other than 127.0.0.1, which
+/// HTTP client libraries do not bind to.
+pub fn http_request(
+    addr: SocketAddr,
+    source: std::net::IpAddr,
+    head: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect(&addr.into())?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(head.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// `GET path` from `source`, closing the connection after.
+pub fn http_get(
+    addr: SocketAddr,
+    source: std::net::IpAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    http_request(
+        addr,
+        source,
+        &format!("GET {path} HTTP/1.1\r\nHost: capsync\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// The value of one sample in the server's `/metrics`, e.g.
+/// `capsync_storage_full` or `capsync_connections_refused_total{listener="rpc",reason="address_limit"}`.
+pub fn metric(http: SocketAddr, sample: &str) -> Option<f64> {
+    let (status, body) = http_get(http, [127, 0, 0, 1].into(), "/metrics").ok()?;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// A relay for one RPC connection: a client connects to `addr`, and the relay
+/// connects to the server from `source` and copies both ways. Bytes sent on
+/// `inject` reach the server as if the client had sent them, in between its
+/// own messages.
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub inject: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+}
+
+/// Starts a [`Relay`] to `upstream` on the current tokio runtime.
+pub async fn relay(upstream: SocketAddr, source: std::net::IpAddr) -> Relay {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let Ok(server) = socket.connect(upstream).await else {
+            return;
+        };
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            let _ = client_write.shutdown().await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                read = client_read.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => if server_write.write_all(&buf[..n]).await.is_err() { break },
+                },
+                Some(bytes) = injected.recv() => {
+                    if server_write.write_all(&bytes).await.is_err() { break }
+                }
+            }
+        }
+    });
+    Relay { addr, inject }
+}
+
+/// Raises this process's soft limit on open files to at least `at_least` (up
+/// to the hard limit), for tests that hold many sockets.
+pub fn raise_open_files(at_least: u64) {
+    let status = Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            &format!("--nofile={at_least}:"),
+        ])
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("note: could not raise the open-files limit to {at_least} (prlimit)");
+    }
 }

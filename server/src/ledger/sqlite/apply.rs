@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use capsync_shared::{Cursor, OpId, OpKind};
 use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
 
 use super::authority::{self, Access, ShareRow};
 use super::convert::{cursor_column, cursor_param};
@@ -107,18 +108,19 @@ struct BatchRun<'a> {
     reclaim_compacted: bool,
     /// The share's cursor after the ops applied so far.
     cursor: Cursor,
-    /// Ops applied earlier in this batch: they count for dedupe and
-    /// dependencies exactly like ledger rows (they are ledger rows already;
-    /// this just saves the lookups).
-    applied_here: HashMap<&'a str, Cursor>,
+    /// Ops applied earlier in this batch, with their content digests: they
+    /// count for dedupe and dependencies exactly like ledger rows (they are
+    /// ledger rows already; this just saves the lookups).
+    applied_here: HashMap<&'a str, (Cursor, OpDigest)>,
     /// Messages seen to exist during this batch.
     known_messages: KnownMessages,
 }
 
 impl<'a> BatchRun<'a> {
     fn op(&mut self, op: &'a OpIn) -> LedgerResult<OpOutcome> {
-        if let Some(at) = self.applied_here.get(op.op_id.as_str()) {
-            return Ok(OpOutcome::Duplicate(*at));
+        let digest = OpDigest::of(op);
+        if let Some((at, first)) = self.applied_here.get(op.op_id.as_str()) {
+            return Ok(repeated(op, *at, Some(first.0.as_slice()), &digest));
         }
         if op.depends_on.contains(&op.op_id) {
             return Ok(rejected(
@@ -134,8 +136,8 @@ impl<'a> BatchRun<'a> {
         let claimed = self
             .conn
             .prepare_cached(
-                "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at, digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (share_id, op_id) DO NOTHING",
             )?
             .execute(params![
@@ -147,21 +149,18 @@ impl<'a> BatchRun<'a> {
                 self.writer.token_id.as_str(),
                 self.batch_id,
                 self.now,
+                digest.0.as_slice(),
             ])?
             == 1;
         if !claimed {
-            let at = self.applied_at(&op.op_id)?.ok_or_else(|| {
-                LedgerError::Storage(format!(
-                    "op {} conflicted but is not in the ledger",
-                    op.op_id
-                ))
-            })?;
-            return Ok(OpOutcome::Duplicate(at));
+            let (at, first) = self.applied_with_digest(&op.op_id)?;
+            return Ok(repeated(op, at, first.as_deref(), &digest));
         }
         match self.check_and_apply(op, &payload)? {
             Ok(()) => {
                 self.cursor = cursor;
-                self.applied_here.insert(op.op_id.as_str(), cursor);
+                self.applied_here
+                    .insert(op.op_id.as_str(), (cursor, digest));
                 Ok(OpOutcome::Applied(cursor))
             }
             Err(outcome) => {
@@ -210,9 +209,23 @@ impl<'a> BatchRun<'a> {
         Ok(refused.map_err(|refusal| rejected(refusal.reason, refusal.detail)))
     }
 
+    /// The cursor and content digest of an op id already in the ledger
+    /// (the digest is `None` for ops applied before digests were kept).
+    fn applied_with_digest(&self, op_id: &OpId) -> LedgerResult<(Cursor, Option<Vec<u8>>)> {
+        self.conn
+            .prepare_cached("SELECT cursor, digest FROM ops WHERE share_id = ?1 AND op_id = ?2")?
+            .query_row(params![self.share.id.as_str(), op_id.as_str()], |r| {
+                Ok((cursor_column(r, 0)?, r.get(1)?))
+            })
+            .optional()?
+            .ok_or_else(|| {
+                LedgerError::Storage(format!("op {op_id} conflicted but is not in the ledger"))
+            })
+    }
+
     /// The cursor `op_id` was applied at in this share, if it was.
     fn applied_at(&self, op_id: &OpId) -> LedgerResult<Option<Cursor>> {
-        if let Some(cursor) = self.applied_here.get(op_id.as_str()) {
+        if let Some((cursor, _)) = self.applied_here.get(op_id.as_str()) {
             return Ok(Some(*cursor));
         }
         let cursor = self
@@ -228,4 +241,45 @@ impl<'a> BatchRun<'a> {
 
 fn rejected(reason: RejectReason, detail: String) -> OpOutcome {
     OpOutcome::Rejected { reason, detail }
+}
+
+/// What an op id already applied (at `at`, with content digest `first`) means
+/// for `op` carrying it again: the same content is a duplicate, other content
+/// is refused (an op id names one change forever, like an idempotency key).
+fn repeated(op: &OpIn, at: Cursor, first: Option<&[u8]>, digest: &OpDigest) -> OpOutcome {
+    match first {
+        Some(first) if first != digest.0.as_slice() => rejected(
+            RejectReason::OpIdReused,
+            format!(
+                "op id {} was applied at cursor {at} with other content (kind, payload or \
+                 dependsOn); an op id names one change forever: give this change a new id",
+                op.op_id
+            ),
+        ),
+        // Ops applied before digests were kept cannot be compared: as before, a duplicate.
+        _ => OpOutcome::Duplicate(at),
+    }
+}
+
+/// A digest of an op's content as the agent sent it: kind, payload and
+/// dependencies. Stored with the op (and kept by compaction), so a later op
+/// with the same id can be told apart from a true resend.
+struct OpDigest([u8; 16]);
+
+impl OpDigest {
+    fn of(op: &OpIn) -> Self {
+        let mut hasher = Sha256::new();
+        // Each field is length-prefixed, so no two different ops hash the same input.
+        for field in std::iter::once(op.kind.as_str())
+            .chain(std::iter::once(op.payload.as_str()))
+            .chain(op.depends_on.iter().map(OpId::as_str))
+        {
+            hasher.update((field.len() as u64).to_le_bytes());
+            hasher.update(field.as_bytes());
+        }
+        let full = hasher.finalize();
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&full[..16]);
+        Self(digest)
+    }
 }

@@ -1,4 +1,5 @@
-//! Maps storage-engine errors onto [`LedgerError`]: lock contention is `Busy`, the rest is `Storage`.
+//! Maps storage-engine errors onto [`LedgerError`]: lock contention is `Busy`,
+//! a full disk (or database size limit) `StorageFull`, the rest is `Storage`.
 
 use rusqlite::ErrorCode;
 
@@ -10,6 +11,8 @@ impl From<rusqlite::Error> for LedgerError {
             // Another process (or a stuck reader) held the lock past the busy timeout:
             // worth a retry, unlike everything else the engine can report.
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => LedgerError::Busy,
+            // Nothing of the statement (or transaction) was stored: retry once there is room.
+            Some(ErrorCode::DiskFull) => LedgerError::StorageFull,
             _ => LedgerError::Storage(error.to_string()),
         }
     }
@@ -40,6 +43,10 @@ mod tests {
         ));
         assert!(matches!(
             LedgerError::from(engine_error(rusqlite::ffi::SQLITE_FULL)),
+            LedgerError::StorageFull
+        ));
+        assert!(matches!(
+            LedgerError::from(engine_error(rusqlite::ffi::SQLITE_IOERR)),
             LedgerError::Storage(_)
         ));
         assert!(matches!(

@@ -84,7 +84,7 @@ pub(super) fn checkpoint(conn: &Connection, max_wait: Duration) -> LedgerResult<
 
 /// Copies the whole log into the database and truncates it to 0 bytes, unless
 /// a reader still uses it once the busy timeout has passed.
-fn truncate_log(conn: &Connection) -> LedgerResult<Checkpoint> {
+pub(super) fn truncate_log(conn: &Connection) -> LedgerResult<Checkpoint> {
     let (busy, log_frames, checkpointed_frames): (i64, i64, i64) =
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))

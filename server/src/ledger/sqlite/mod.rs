@@ -10,6 +10,8 @@
 //! - [`prune`], [`reclaim`], [`compact`], [`maintenance`]: the lifecycle steps
 //!   (plan and chunked deletion, clearing compacted tool output, dropping old
 //!   ledger payloads) and vacuum, incremental vacuum and checkpoints.
+//! - [`storage`]: a full disk (or `--max-database-bytes`): refusing, the
+//!   reserve file, recovering by itself.
 
 mod apply;
 mod audit;
@@ -28,6 +30,7 @@ mod records;
 mod schema;
 mod shares;
 mod snapshot;
+mod storage;
 mod tokens;
 mod writer;
 
@@ -48,13 +51,15 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use self::pool::ReadPool;
-use self::writer::Writer;
+use self::storage::{Reserve, StorageWatch};
+use self::writer::{QueueLimits, Writer};
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Checkpoint, CompactPosition,
     CompactStep, DeleteStep, IncrementalVacuum, Ledger, LedgerError, LedgerResult, Minted,
     NewShare, NewToken, OpOutcome, Operator, OpsPage, PruneFilter, PrunePlan, ReclaimStep,
     RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StoredToken, VacuumReport,
 };
+use crate::metrics::Metrics;
 
 /// How hard a commit waits for the disk before the ack is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -81,10 +86,22 @@ pub struct SqliteOptions {
     /// Clear output and attachments of tool parts stored with a compacted time
     /// (the server's `reclaim` setting).
     pub reclaim_compacted: bool,
+    /// Most commands waiting for the writer; more are refused with `QueueFull`.
+    pub write_queue: usize,
+    /// Most bytes of payload waiting for the writer (one batch alone always fits).
+    pub write_queue_bytes: usize,
+    /// Largest the database file may grow (`max_page_count`); `None` for no limit.
+    pub max_database_bytes: Option<u64>,
+    /// Bytes of the reserve file kept beside the database (see [`storage`]); 0 for none.
+    pub reserve_bytes: u64,
+    /// Where write refusals and the storage-full state are counted.
+    pub metrics: Metrics,
 }
 
 impl SqliteOptions {
-    /// Defaults for a database at `path`: full durability, 4 readers, groups of up to 256, reclaim on.
+    /// Defaults for a database at `path`: full durability, 4 readers, groups of
+    /// up to 256, reclaim on, the server's default queue limits, no size limit
+    /// and no reserve file.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
@@ -92,6 +109,11 @@ impl SqliteOptions {
             read_connections: 4,
             max_group_commit: 256,
             reclaim_compacted: true,
+            write_queue: crate::config::DEFAULT_WRITE_QUEUE,
+            write_queue_bytes: crate::config::DEFAULT_WRITE_QUEUE_BYTES,
+            max_database_bytes: None,
+            reserve_bytes: 0,
+            metrics: Metrics::default(),
         }
     }
 }
@@ -119,9 +141,32 @@ struct SqliteBackend {
 impl SqliteBackend {
     fn open(options: &SqliteOptions) -> LedgerResult<Self> {
         let conn = schema::open_writer(&options.path, options.durability)?;
+        if let Some(bytes) = options.max_database_bytes {
+            schema::limit_size(&conn, bytes)?;
+        }
         // Readers open after the writer has created and migrated the file.
         let reads = ReadPool::open(&options.path, options.read_connections)?;
-        let writer = Writer::start(conn, options.max_group_commit)?;
+        let reserve = (options.reserve_bytes > 0).then(|| {
+            Reserve::new(
+                options.path.with_file_name("reserve"),
+                options.reserve_bytes,
+            )
+        });
+        let dir = match options.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let storage = StorageWatch::new(
+            reserve,
+            options.max_database_bytes.is_some(),
+            dir,
+            options.metrics.clone(),
+        );
+        let limits = QueueLimits {
+            commands: options.write_queue,
+            bytes: options.write_queue_bytes,
+        };
+        let writer = Writer::start(conn, options.max_group_commit, limits, storage)?;
         // Subscribers that fall this far behind get `Lagged` and recheck everything.
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         Ok(Self {
@@ -161,6 +206,17 @@ impl SqliteBackend {
         // moment the work happens, not when it was queued.
         self.writer
             .submit(move |conn| write(conn, now_millis()))
+            .boxed()
+    }
+
+    /// [`write`](Self::write) for work holding `bytes` of payload while queued.
+    fn write_sized<T, F>(&self, bytes: usize, write: F) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
+    {
+        self.writer
+            .submit_sized(bytes, move |conn| write(conn, now_millis()))
             .boxed()
     }
 
@@ -226,8 +282,10 @@ impl Backend for SqliteBackend {
     fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>> {
         let share = writer.share.as_ref().map(|(id, _)| id.clone());
         let reclaim_compacted = self.reclaim_compacted;
-        let work = self
-            .write(move |conn, now| apply::append(conn, &writer, &batch, reclaim_compacted, now));
+        let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
+        let work = self.write_sized(bytes, move |conn, now| {
+            apply::append(conn, &writer, &batch, reclaim_compacted, now)
+        });
         self.announce(work, move |ack| {
             let applied = ack
                 .results

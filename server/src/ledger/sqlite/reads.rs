@@ -120,6 +120,14 @@ pub(super) fn ops_since(
     now: i64,
 ) -> LedgerResult<OpsPage> {
     let share = authority::check_share(conn, who, Access::Read, now)?;
+    // A cursor the share never reached cannot be "caught up" from: whoever
+    // holds it is talking to another (or a restored) server, and must be told.
+    if after > share.cursor {
+        return Err(LedgerError::CursorAhead {
+            asked: after,
+            cursor: share.cursor,
+        });
+    }
     // Below the compaction point payloads are gone: a gap the caller must fill
     // with a snapshot, never one it is handed silently.
     if after < share.compacted_through {

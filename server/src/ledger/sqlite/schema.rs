@@ -25,7 +25,7 @@ pub(super) const WRITER_TEMP_STORE: &str = "MEMORY";
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_ARCHIVE, V3_LIFECYCLE];
+const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_ARCHIVE, V3_LIFECYCLE, V4_OP_DIGEST];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -153,6 +153,15 @@ CREATE INDEX shares_by_parent ON shares (parent_session_id);
 CREATE INDEX shares_by_session ON shares (session_id);
 "#;
 
+/// Hardening (issue 9): a digest of each op's content as sent (kind, payload,
+/// dependencies), so the same op id sent again with other content is refused
+/// instead of being answered `duplicate`. It outlives ledger compaction, which
+/// drops payloads only. NULL for ops applied before this version: those keep
+/// answering `duplicate`, as they always did.
+const V4_OP_DIGEST: &str = r#"
+ALTER TABLE ops ADD COLUMN digest BLOB;
+"#;
+
 /// Opens the write connection, creating the database (and its directory) if
 /// needed, and applies pending migrations.
 pub(super) fn open_writer(path: &Path, durability: Durability) -> LedgerResult<Connection> {
@@ -163,6 +172,7 @@ pub(super) fn open_writer(path: &Path, durability: Durability) -> LedgerResult<C
             LedgerError::Storage(format!("cannot create directory {}: {e}", parent.display()))
         })?;
     }
+    restrict_access(path)?;
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
 
@@ -191,6 +201,63 @@ pub(super) fn open_writer(path: &Path, durability: Durability) -> LedgerResult<C
     conn.pragma_update(None, "temp_store", WRITER_TEMP_STORE)?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Makes the database readable by its owner only: created empty with mode
+/// 0600 if missing (SQLite gives its `-wal` and `-shm` files the database's
+/// mode), tightened to 0600 (with those files) if it exists.
+fn restrict_access(path: &Path) -> LedgerResult<()> {
+    let cannot = |e: std::io::Error| {
+        LedgerError::Storage(format!("cannot restrict access to {}: {e}", path.display()))
+    };
+    if !path.exists() {
+        super::storage::private_file(path).map_err(cannot)?;
+        return Ok(());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for file in [
+            path.to_path_buf(),
+            super::reads::wal_path(path),
+            shm_path(path),
+        ] {
+            match std::fs::metadata(&file) {
+                Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                        .map_err(cannot)?;
+                    tracing::info!(file = %file.display(), "made readable by its owner only");
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn shm_path(db_path: &Path) -> std::path::PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push("-shm");
+    name.into()
+}
+
+/// Caps the database at `bytes` (`max_page_count`). A database already larger
+/// keeps its size and takes no more pages.
+pub(super) fn limit_size(conn: &Connection, bytes: u64) -> LedgerResult<()> {
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    let pages = (bytes / u64::try_from(page_size).unwrap_or(4096)).max(1);
+    let pages = i64::try_from(pages).unwrap_or(i64::MAX);
+    let set: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+        r.get(0)
+    })?;
+    if set > pages {
+        tracing::warn!(
+            limit_bytes = bytes,
+            size_bytes = set.saturating_mul(page_size),
+            "the database is already larger than --max-database-bytes: it takes no more data"
+        );
+    }
+    Ok(())
 }
 
 /// Opens a read-only connection to a database `open_writer` has already set up.

@@ -39,11 +39,10 @@ pub(super) struct Fixture {
 
 fn options(path: PathBuf, max_group_commit: usize) -> SqliteOptions {
     SqliteOptions {
-        path,
         durability: Durability::Full,
         read_connections: 2,
         max_group_commit,
-        reclaim_compacted: true,
+        ..SqliteOptions::new(path)
     }
 }
 
@@ -455,13 +454,65 @@ async fn dedupe_is_permanent_across_a_reopen() {
         outcomes(&replay),
         [1, 2, 3].map(|c| OpOutcome::Duplicate(Cursor(c)))
     );
-    // Whatever the payload: the op id decides.
+    // The op id decides: other content under it is refused, the first stays.
     let changed = fx
         .append(vec![raw_op("o2", OpKind::MessageUpsert, "not even json")])
         .await;
-    assert_eq!(outcomes(&changed), [OpOutcome::Duplicate(Cursor(2))]);
+    let detail = rejection(&changed.results[0].outcome, RejectReason::OpIdReused);
+    assert!(
+        detail.contains("o2") && detail.contains("cursor 2"),
+        "{detail}"
+    );
     assert_eq!(fx.cursor().await, Cursor(3));
     assert_eq!(fx.count("SELECT count(*) FROM ops"), 3);
+}
+
+#[tokio::test]
+async fn an_op_id_sent_again_with_other_content_is_refused_not_a_duplicate() {
+    let fx = Fixture::new().await;
+    let first = op("m", OpKind::MessageUpsert, message("msg_1"));
+    fx.append(vec![model_op("base"), first.clone()]).await;
+    let other_payload = op("m", OpKind::MessageUpsert, message("msg_2"));
+    let other_kind = raw_op("m", OpKind::ModelUpsert, &first.payload);
+    let other_deps = after(first.clone(), &["base"]);
+    let ack = fx
+        .append(vec![first.clone(), other_payload, other_kind, other_deps])
+        .await;
+    assert_eq!(ack.results[0].outcome, OpOutcome::Duplicate(Cursor(2)));
+    for result in &ack.results[1..] {
+        rejection(&result.outcome, RejectReason::OpIdReused);
+    }
+    // Within one batch too: the second use of an id applied by the batch.
+    let ack = fx
+        .append(vec![
+            model_op("x"),
+            raw_op("x", OpKind::ModelUpsert, r#"{"id":"other"}"#),
+        ])
+        .await;
+    assert_eq!(ack.results[0].outcome, OpOutcome::Applied(Cursor(3)));
+    rejection(&ack.results[1].outcome, RejectReason::OpIdReused);
+    // The record is the first op's, untouched.
+    let (records, _) = fx.snapshot(1 << 20).await;
+    assert!(records.iter().any(|r| r.id == "msg_1"));
+    assert!(!records.iter().any(|r| r.id == "msg_2"));
+}
+
+#[tokio::test]
+async fn ops_from_before_digests_stay_plain_duplicates() {
+    let fx = Fixture::new().await;
+    fx.append(vec![model_op("old")]).await;
+    // As a database migrated from schema version 3 has it.
+    fx.raw()
+        .execute("UPDATE ops SET digest = NULL", [])
+        .unwrap();
+    let ack = fx
+        .append(vec![raw_op(
+            "old",
+            OpKind::ModelUpsert,
+            r#"{"id":"changed"}"#,
+        )])
+        .await;
+    assert_eq!(outcomes(&ack), [OpOutcome::Duplicate(Cursor(1))]);
 }
 
 #[tokio::test]

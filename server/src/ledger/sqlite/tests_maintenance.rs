@@ -11,6 +11,7 @@ use serde_json::json;
 use super::tests::{Fixture, batch, hold_writer, op};
 use crate::ledger::{
     Authority, Backend, CompactPosition, CompactStep, LedgerError, OpIn, OpOutcome, Operator,
+    RejectReason,
 };
 
 /// A model upsert whose payload is padded to about `pad` bytes.
@@ -367,6 +368,32 @@ fn stored_payload(fx: &Fixture, share: &str, cursor: i64) -> String {
             |r| r.get(0),
         )
         .unwrap()
+}
+
+#[tokio::test]
+async fn reused_op_ids_are_still_caught_after_compaction() {
+    let fx = Fixture::new().await;
+    let first = op("t", OpKind::ModelUpsert, json!({"id": "m1"}));
+    fx.append(vec![first.clone()]).await;
+    let cutoff = capsync_shared::now_millis() + 1;
+    compact_pass(&fx, cutoff, 100, false).await;
+    assert_eq!(fx.count("SELECT count(*) FROM ops WHERE payload = ''"), 1);
+    let ack = fx.append(vec![first]).await;
+    assert_eq!(ack.results[0].outcome, OpOutcome::Duplicate(Cursor(1)));
+    let ack = fx
+        .append(vec![op("t", OpKind::ModelUpsert, json!({"id": "m2"}))])
+        .await;
+    assert!(
+        matches!(
+            ack.results[0].outcome,
+            OpOutcome::Rejected {
+                reason: RejectReason::OpIdReused,
+                ..
+            }
+        ),
+        "{:?}",
+        ack.results[0]
+    );
 }
 
 /// Runs a whole compaction pass in steps of `max_ops`, returning every step.

@@ -9,16 +9,77 @@
 //!
 //! Exclusive commands (VACUUM, truncating checkpoints) cannot run inside a
 //! transaction: the thread runs each alone, between groups, in queue order.
+//!
+//! The queue is bounded ([`QueueLimits`]): past so many commands, or so many
+//! bytes of payload waiting, new work is refused with `QueueFull` at once
+//! instead of piling up in memory. Audit lines have a bound of their own and
+//! are dropped (with a warning) rather than refused. After each group the
+//! thread tells its [`StorageWatch`] what happened, which notices a full disk
+//! and its end.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::audit;
+use super::storage::StorageWatch;
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult};
+
+/// Audit lines waiting at most; more are dropped until the writer catches up.
+const MAX_QUEUED_AUDITS: usize = 10_000;
+
+/// How much work may wait for the writer.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct QueueLimits {
+    /// Commands queued or running.
+    pub commands: usize,
+    /// Bytes of payload among them (a command alone is always let in).
+    pub bytes: usize,
+}
+
+/// What is queued now, shared by the callers (who add) and the thread (which takes).
+#[derive(Debug)]
+struct QueueGauge {
+    limits: QueueLimits,
+    commands: AtomicUsize,
+    bytes: AtomicUsize,
+    audits: AtomicUsize,
+    /// Set while audit lines are being dropped, so that is logged once per episode.
+    dropping_audits: AtomicBool,
+}
+
+impl QueueGauge {
+    /// Counts a command of `bytes` in, unless the queue is full.
+    fn admit(self: &Arc<Self>, bytes: usize) -> Option<Ticket> {
+        let commands = self.commands.fetch_add(1, Ordering::AcqRel);
+        let before = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        let ticket = Ticket {
+            gauge: Arc::clone(self),
+            bytes,
+        };
+        let too_many = commands >= self.limits.commands;
+        let too_big = before > 0 && before + bytes > self.limits.bytes;
+        // Dropping the ticket gives both counts back.
+        (!too_many && !too_big).then_some(ticket)
+    }
+}
+
+/// One admitted command's place in the queue; dropping it frees the place.
+#[derive(Debug)]
+struct Ticket {
+    gauge: Arc<QueueGauge>,
+    bytes: usize,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.gauge.commands.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
 
 /// The caller-facing half of the writer thread. Dropping it lets the thread
 /// finish what is queued and stop.
@@ -31,6 +92,8 @@ pub(super) struct Writer {
     /// Turns true once the thread has committed its last group and closed the
     /// connection; `close` waits on it.
     stopped: watch::Receiver<bool>,
+    /// What waits in the queue, against its limits.
+    queue: Arc<QueueGauge>,
     /// What the thread has committed, so tests can see how commands were grouped.
     #[cfg(test)]
     stats: Arc<WriterStats>,
@@ -73,6 +136,15 @@ trait Job: Send {
     /// keeps its result. Returns false when its changes must be rolled back.
     fn run(&mut self, conn: &Connection) -> bool;
 
+    /// Whether the work failed because the storage is full.
+    fn hit_storage_full(&self) -> bool;
+
+    /// Whether the work succeeded (its changes are kept if the group commits).
+    fn succeeded(&self) -> bool;
+
+    /// Bytes of payload it writes (appends); 0 for small bookkeeping writes.
+    fn payload_bytes(&self) -> usize;
+
     /// Sends the kept result, or the commit's error if the group did not commit.
     fn finish(self: Box<Self>, commit: &Result<(), LedgerError>);
 }
@@ -83,6 +155,8 @@ struct Pending<T, F> {
     /// The work's result, held back until the commit is known.
     result: Option<LedgerResult<T>>,
     reply: oneshot::Sender<LedgerResult<T>>,
+    /// Its place in the queue, freed when the job is done with.
+    ticket: Ticket,
 }
 
 impl<T, F> Job for Pending<T, F>
@@ -108,6 +182,18 @@ where
         keep
     }
 
+    fn hit_storage_full(&self) -> bool {
+        matches!(self.result, Some(Err(LedgerError::StorageFull)))
+    }
+
+    fn succeeded(&self) -> bool {
+        matches!(self.result, Some(Ok(_)))
+    }
+
+    fn payload_bytes(&self) -> usize {
+        self.ticket.bytes
+    }
+
     fn finish(self: Box<Self>, commit: &Result<(), LedgerError>) {
         let result = match (commit, self.result) {
             (Err(e), _) => Err(e.clone()),
@@ -121,15 +207,38 @@ where
 
 impl Writer {
     /// Starts the writer thread on `conn`.
-    pub fn start(conn: Connection, max_group: usize) -> LedgerResult<Self> {
+    pub fn start(
+        conn: Connection,
+        max_group: usize,
+        limits: QueueLimits,
+        storage: StorageWatch,
+    ) -> LedgerResult<Self> {
         let (commands, queue) = mpsc::unbounded_channel();
         let (stopped_tx, stopped) = watch::channel(false);
         let stats = Arc::new(WriterStats::default());
         let thread_stats = Arc::clone(&stats);
+        let gauge = Arc::new(QueueGauge {
+            limits: QueueLimits {
+                commands: limits.commands.max(1),
+                bytes: limits.bytes,
+            },
+            commands: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            audits: AtomicUsize::new(0),
+            dropping_audits: AtomicBool::new(false),
+        });
+        let thread_gauge = Arc::clone(&gauge);
         std::thread::Builder::new()
             .name("capsync-ledger-writer".into())
             .spawn(move || {
-                run(conn, queue, max_group.max(1), &thread_stats);
+                run(
+                    conn,
+                    queue,
+                    max_group.max(1),
+                    &thread_stats,
+                    &thread_gauge,
+                    storage,
+                );
                 stopped_tx.send_replace(true);
             })
             .map_err(|e| LedgerError::Storage(format!("cannot start the writer thread: {e}")))?;
@@ -137,6 +246,7 @@ impl Writer {
             commands,
             closing: AtomicBool::new(false),
             stopped,
+            queue: gauge,
             #[cfg(test)]
             stats,
         })
@@ -150,7 +260,21 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Job)
+        self.queue(work, Command::Job, 0)
+    }
+
+    /// [`submit`](Self::submit) for work that holds `bytes` of payload while it
+    /// waits: counted against the queue's byte limit.
+    pub fn submit_sized<T, F>(
+        &self,
+        bytes: usize,
+        work: F,
+    ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
+    {
+        self.queue(work, Command::Job, bytes)
     }
 
     /// Queues `work` to run alone, in autocommit mode (VACUUM and truncating
@@ -161,7 +285,7 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Exclusive)
+        self.queue(work, Command::Exclusive, 0)
     }
 
     /// Queues `work` as the command `kind` makes of it, and waits for its reply.
@@ -169,33 +293,54 @@ impl Writer {
         &self,
         work: F,
         kind: fn(Box<dyn Job>) -> Command,
+        bytes: usize,
     ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job = Pending {
-            work: Some(work),
-            result: None,
-            reply,
+        let queued = if self.closing.load(Ordering::Acquire) {
+            Err(LedgerError::Closed)
+        } else if let Some(ticket) = self.queue.admit(bytes) {
+            let job = Pending {
+                work: Some(work),
+                result: None,
+                reply,
+                ticket,
+            };
+            self.commands
+                .send(kind(Box::new(job)))
+                .map_err(|_| LedgerError::Closed)
+        } else {
+            Err(LedgerError::QueueFull)
         };
-        let queued = !self.closing.load(Ordering::Acquire)
-            && self.commands.send(kind(Box::new(job))).is_ok();
         async move {
-            if !queued {
-                return Err(LedgerError::Closed);
-            }
+            queued?;
             // A dropped reply means the thread is gone (it stopped or panicked).
             answer.await.unwrap_or(Err(LedgerError::Closed))
         }
     }
 
+    /// Queues an audit line. Never blocks or fails the caller: when the writer
+    /// is far behind (or closed), the line is dropped with a warning.
     pub fn audit(&self, event: AuditEvent) {
         let at = capsync_shared::now_millis();
+        let gauge = &self.queue;
+        if gauge.audits.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_AUDITS {
+            gauge.audits.fetch_sub(1, Ordering::AcqRel);
+            if !gauge.dropping_audits.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    queued = MAX_QUEUED_AUDITS,
+                    "audit lines are being dropped: the ledger's writer is far behind"
+                );
+            }
+            return;
+        }
         if self.closing.load(Ordering::Acquire)
             || self.commands.send(Command::Audit(event, at)).is_err()
         {
+            gauge.audits.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!("audit line dropped: the ledger is closed");
         }
     }
@@ -235,6 +380,8 @@ fn run(
     mut queue: mpsc::UnboundedReceiver<Command>,
     max_group: usize,
     stats: &WriterStats,
+    gauge: &QueueGauge,
+    mut storage: StorageWatch,
 ) {
     let mut group = Vec::with_capacity(max_group);
     // An exclusive command that ended the gathering of a group: it runs right
@@ -242,19 +389,19 @@ fn run(
     let mut exclusive = None;
     loop {
         if let Some(job) = exclusive.take() {
-            run_exclusive(&conn, job);
+            run_exclusive(&conn, job, &mut storage);
             continue;
         }
         match queue.blocking_recv() {
             None => break,
             Some(Command::Exclusive(job)) => {
-                run_exclusive(&conn, job);
+                run_exclusive(&conn, job, &mut storage);
                 continue;
             }
             Some(first) => group.push(first),
         }
         exclusive = gather(&mut queue, &mut group, max_group);
-        run_group(&conn, &mut queue, &mut group, stats);
+        run_group(&conn, &mut queue, &mut group, stats, gauge, &mut storage);
     }
     tracing::debug!(
         transactions = stats.transactions.load(Ordering::Relaxed),
@@ -289,8 +436,10 @@ fn run_group(
     queue: &mut mpsc::UnboundedReceiver<Command>,
     group: &mut Vec<Command>,
     stats: &WriterStats,
+    gauge: &QueueGauge,
+    storage: &mut StorageWatch,
 ) {
-    let mut jobs = Vec::with_capacity(group.len());
+    let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(group.len());
     let mut audits = Vec::new();
     for command in group.drain(..) {
         match command {
@@ -303,32 +452,61 @@ fn run_group(
             }
         }
     }
+    gauge.audits.fetch_sub(audits.len(), Ordering::AcqRel);
     if jobs.is_empty() && audits.is_empty() {
         return;
     }
+    let bulk = jobs.iter().filter(|job| job.payload_bytes() > 0).count();
+    if bulk > 0 && !storage.admit(bulk) {
+        // Holding off after a full disk: payload writes are refused unread, so
+        // they cannot eat the room kept for the database; bookkeeping goes on.
+        let (refused, kept): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|job| job.payload_bytes() > 0);
+        for job in refused {
+            job.finish(&Err(LedgerError::StorageFull));
+        }
+        jobs = kept;
+        if jobs.is_empty() && audits.is_empty() {
+            return;
+        }
+    }
     let outcome = commit_group(conn, &mut jobs, &audits);
-    match &outcome {
+    if outcome.is_ok() && !audits.is_empty() && gauge.dropping_audits.swap(false, Ordering::AcqRel)
+    {
+        tracing::info!("audit lines are written again");
+    }
+    let (full, written) = match &outcome {
         Ok(()) => {
             stats.transactions.fetch_add(1, Ordering::SeqCst);
             stats
                 .commands
                 .fetch_add(jobs.len() as u64, Ordering::SeqCst);
+            (
+                jobs.iter().filter(|job| job.hit_storage_full()).count(),
+                jobs.iter().any(|job| job.succeeded()),
+            )
         }
+        Err(LedgerError::StorageFull) => (jobs.len().max(1), false),
         Err(e) => {
-            tracing::error!(error = %e, commands = jobs.len(), "ledger group commit failed")
+            tracing::error!(error = %e, commands = jobs.len(), "ledger group commit failed");
+            (0, false)
         }
-    }
+    };
+    // Replies first: the storage watch may take a moment (a checkpoint).
     for job in jobs {
         job.finish(&outcome);
     }
+    storage.after_write(conn, full, written);
 }
 
 /// Runs one exclusive command in autocommit mode and replies at once: each of
 /// its statements committed as it ran.
-fn run_exclusive(conn: &Connection, mut job: Box<dyn Job>) {
+fn run_exclusive(conn: &Connection, mut job: Box<dyn Job>, storage: &mut StorageWatch) {
     let succeeded = job.run(conn);
     if conn.is_autocommit() {
+        let full = usize::from(job.hit_storage_full());
         job.finish(&Ok(()));
+        storage.after_write(conn, full, false);
         return;
     }
     // A transaction left open would make every later group's BEGIN fail.
@@ -359,22 +537,32 @@ fn commit_group(
             // Alone in its transaction, a command needs no savepoint (whose page
             // journal is a measurable cost on large batches): if it fails,
             // rolling back the transaction undoes exactly its own changes.
+            // (After some errors, a full disk among them, the engine has rolled
+            // it back already.)
             if !job.run(conn) {
-                conn.execute_batch("ROLLBACK")?;
+                if !conn.is_autocommit() {
+                    conn.execute_batch("ROLLBACK")?;
+                }
                 return Ok(());
             }
         } else {
             for job in jobs.iter_mut() {
-                in_savepoint(conn, |conn| job.run(conn))?;
+                let full = in_savepoint(conn, |conn| job.run(conn))?;
+                if full {
+                    return Err(engine_rollback(job.hit_storage_full()));
+                }
             }
             for (event, at) in audits {
-                in_savepoint(conn, |conn| match audit::insert(conn, event, *at) {
+                let full = in_savepoint(conn, |conn| match audit::insert(conn, event, *at) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(error = %e, action = event.action, "audit line not written");
                         false
                     }
                 })?;
+                if full {
+                    return Err(engine_rollback(false));
+                }
             }
         }
         conn.execute_batch("COMMIT")?;
@@ -389,23 +577,33 @@ fn commit_group(
     result
 }
 
-/// Runs `work` so that, when it reports failure, only its own changes are undone.
+/// The group's error when the engine rolled back its whole transaction from
+/// inside one command: storage full if that command ran out of space.
+fn engine_rollback(storage_full: bool) -> LedgerError {
+    if storage_full {
+        LedgerError::StorageFull
+    } else {
+        LedgerError::Storage("the engine rolled back the group transaction".into())
+    }
+}
+
+/// Runs `work` so that, when it reports failure, only its own changes are
+/// undone. Returns true if the engine rolled back the whole transaction instead
+/// (some errors, a full disk among them, do): the rest of the group must not
+/// run, since it would run in autocommit mode, outside any group.
 fn in_savepoint(
     conn: &Connection,
     work: impl FnOnce(&Connection) -> bool,
-) -> Result<(), LedgerError> {
+) -> Result<bool, LedgerError> {
     conn.execute_batch("SAVEPOINT command")?;
-    if work(conn) {
+    let kept = work(conn);
+    if conn.is_autocommit() {
+        return Ok(true);
+    }
+    if kept {
         conn.execute_batch("RELEASE command")?;
     } else {
         conn.execute_batch("ROLLBACK TO command; RELEASE command")?;
     }
-    // Some engine errors (disk full, I/O) roll back the whole transaction; the
-    // rest of the group would then run in autocommit mode, outside any group.
-    if conn.is_autocommit() {
-        return Err(LedgerError::Storage(
-            "the engine rolled back the group transaction".into(),
-        ));
-    }
-    Ok(())
+    Ok(false)
 }
