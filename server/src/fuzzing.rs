@@ -38,8 +38,11 @@ mod tests {
     use crate::ledger::sqlite::fuzz as payload_fuzz;
     use crate::rpc::fuzz as rpc_fuzz;
 
+    /// What a fuzz target calls with each input.
+    type Harness = fn(&[u8]);
+
     /// Each target with the function its fuzz target calls.
-    const TARGETS: [(&str, fn(&[u8])); 4] = [
+    const TARGETS: [(&str, Harness); 4] = [
         ("op_payload", op_payload),
         ("rpc_params", rpc_params),
         ("http_request", http_request),
@@ -156,6 +159,11 @@ mod tests {
             seeds.push((method, rpc_fuzz::encode(method, &message)));
         };
         macro_rules! message {
+            ($params:ty) => {{
+                let mut message = Builder::new_default();
+                message.init_root::<$params>();
+                message
+            }};
             ($params:ty, |$p:ident| $fill:expr) => {{
                 let mut message = Builder::new_default();
                 #[allow(unused_mut)]
@@ -211,10 +219,7 @@ mod tests {
             message!(admin::unarchive_share_params::Builder<'_>, |p| p
                 .set_share_id("sh_1")),
         );
-        add(
-            "Admin.stats",
-            message!(admin::stats_params::Builder<'_>, |_p| ()),
-        );
+        add("Admin.stats", message!(admin::stats_params::Builder<'_>));
         add(
             "Admin.prune",
             message!(admin::prune_params::Builder<'_>, |p| {
@@ -224,10 +229,7 @@ mod tests {
                 options.set_dry_run(true);
             }),
         );
-        add(
-            "Admin.vacuum",
-            message!(admin::vacuum_params::Builder<'_>, |_p| ()),
-        );
+        add("Admin.vacuum", message!(admin::vacuum_params::Builder<'_>));
         add(
             "Admin.reclaim",
             message!(admin::reclaim_params::Builder<'_>, |p| p.set_dry_run(true)),
@@ -299,15 +301,15 @@ mod tests {
         );
         add(
             "ShareWriter.save",
-            message!(share_writer::save_params::Builder<'_>, |_p| ()),
+            message!(share_writer::save_params::Builder<'_>),
         );
         add(
             "ShareWriter.state",
-            message!(share_writer::state_params::Builder<'_>, |_p| ()),
+            message!(share_writer::state_params::Builder<'_>),
         );
         add(
             "ShareWriter.viewer",
-            message!(share_writer::viewer_params::Builder<'_>, |_p| ()),
+            message!(share_writer::viewer_params::Builder<'_>),
         );
         add(
             "ShareViewer.snapshot",
@@ -325,7 +327,7 @@ mod tests {
         );
         add(
             "ShareViewer.state",
-            message!(share_viewer::state_params::Builder<'_>, |_p| ()),
+            message!(share_viewer::state_params::Builder<'_>),
         );
         add(
             "ShareViewer.subscribe",
@@ -334,7 +336,7 @@ mod tests {
         );
         add(
             "ShareViewer.presence",
-            message!(share_viewer::presence_params::Builder<'_>, |_p| ()),
+            message!(share_viewer::presence_params::Builder<'_>),
         );
         seeds
     }
