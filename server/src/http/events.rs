@@ -95,13 +95,14 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
         return Ok(None);
     };
-    let text = value.to_str().unwrap_or("").trim();
+    let not_a_cursor =
+        || ApiError::BadRequest("Last-Event-ID must be a cursor (a whole number)".into());
+    // Bytes beyond ASCII are no cursor either, not a header to ignore.
+    let text = value.to_str().map_err(|_| not_a_cursor())?.trim();
     if text.is_empty() {
         return Ok(None);
     }
-    text.parse()
-        .map(Some)
-        .map_err(|_| ApiError::BadRequest("Last-Event-ID must be a cursor (a whole number)".into()))
+    text.parse().map(Some).map_err(|_| not_a_cursor())
 }
 
 /// The follower's pull in progress, owning the follower until it answers. Kept

@@ -212,3 +212,34 @@ fn is_harmless_link(href: &str) -> bool {
         _ => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `markdown`: the scheme check looked at the first 16
+    /// characters only, so a link with a longer scheme was kept, although
+    /// only `http`, `https`, `mailto` and relative links are.
+    #[test]
+    fn a_link_with_a_long_scheme_is_not_kept() {
+        let scheme = "javascriptjavascript";
+        let html = markdown::render(&format!("[j]({scheme}:alert(1)) <{scheme}:x>"));
+        assert!(!html.contains("href"), "{html}");
+        markdown(format!("[j]({scheme}:alert(1))").as_bytes());
+    }
+
+    /// Found by `http_request`: a `Last-Event-ID` with bytes beyond ASCII was
+    /// ignored, and the stream started from `?after=` instead of refusing it
+    /// like any other header that is no cursor.
+    #[test]
+    fn a_last_event_id_beyond_ascii_is_refused() {
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", HeaderValue::from_bytes(b"1\xff7").unwrap());
+        let query = EventsQuery { after: Some(3) };
+        assert!(matches!(
+            start_after(&headers, &query),
+            Err(ApiError::BadRequest(_))
+        ));
+        http_request(&encode("events-start", b"1\xff7\nafter=3"));
+    }
+}

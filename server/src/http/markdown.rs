@@ -60,20 +60,22 @@ pub fn render(text: &str) -> String {
 /// of `http`, `https`, `mailto`. Browsers ignore tabs, newlines and leading
 /// control characters and spaces in a scheme, so they are removed before looking.
 fn is_safe_url(url: &CowStr<'_>) -> bool {
-    let cleaned: String = url
+    let cleaned = url
         .trim_start_matches(|c: char| c.is_ascii_control() || c == ' ')
         .chars()
-        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
-        .take(16)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let scheme_end = cleaned.find(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)));
-    match scheme_end.map(|i| (&cleaned[..i], cleaned[i..].starts_with(':'))) {
-        Some((scheme, true)) if !scheme.is_empty() => {
-            matches!(scheme, "http" | "https" | "mailto")
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'));
+    // However long: a scheme has no length limit in browsers.
+    let mut scheme = String::new();
+    for c in cleaned {
+        if c.is_ascii_alphanumeric() || "+-.".contains(c) {
+            scheme.push(c.to_ascii_lowercase());
+        } else {
+            return c != ':'
+                || scheme.is_empty()
+                || matches!(scheme.as_str(), "http" | "https" | "mailto");
         }
-        _ => true,
     }
+    true
 }
 
 #[cfg(test)]
