@@ -86,11 +86,17 @@ impl SessionExport {
         };
         let session_id = required_id(session, key)?.to_owned();
 
+        // One record per model id, as the server keeps them (a second upsert replaces the first).
+        let mut model_ids = HashSet::new();
         let models = optional_array(root, "models")?
             .iter()
             .enumerate()
             .map(|(i, model)| {
-                required_id(model, &format!("models[{i}]"))?;
+                let at = format!("models[{i}]");
+                let id = required_id(model, &at)?;
+                if !model_ids.insert(id) {
+                    return Err(invalid(&at, &format!("repeats model id {id:?}")));
+                }
                 Ok(model.clone())
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
