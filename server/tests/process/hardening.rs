@@ -683,6 +683,7 @@ fn a_database_at_its_size_limit_refuses_writes_clearly_and_takes_them_again_once
         let (acked, err) = fill(&created.writer, "q", 16 << 10, 500).await;
         assert_eq!(err.code(), Some(ErrorCode::StorageFull), "{err}");
         assert!(err.to_string().contains("storage is full"), "{err}");
+        assert!(err.retry_after().is_some(), "a hint for when to retry");
         for i in 0..10 {
             let again = created
                 .writer
