@@ -127,15 +127,21 @@ impl SecretHasher {
     ) -> Result<(SturdyRef, NewToken), ServerError> {
         let token = SturdyRef::generate(kind);
         let secret = token.secret().to_owned();
-        let _running = self
+        let running = self
             .running
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| ServerError::internal())?;
         let hasher = self.clone();
-        let secret_hash = tokio::task::spawn_blocking(move || hasher.hash_now(&secret))
-            .await
-            .map_err(|_| ServerError::internal())??;
+        let secret_hash = tokio::task::spawn_blocking(move || {
+            // Held by the computation itself: a caller that gives up must not
+            // let another computation start while this one still runs.
+            let _running = running;
+            hasher.hash_now(&secret)
+        })
+        .await
+        .map_err(|_| ServerError::internal())??;
         let row = NewToken {
             id: token.id.clone(),
             secret_hash,
@@ -149,13 +155,18 @@ impl SecretHasher {
     /// the hash verifies against the decoy, so the caller spends the same time
     /// and always gets `false`.
     pub async fn verify(&self, secret: &str, phc: Option<String>) -> bool {
-        let Ok(_running) = self.running.acquire().await else {
+        let Ok(running) = self.running.clone().acquire_owned().await else {
             return false;
         };
-        let mut memory = self.memory().pop().unwrap_or_default();
+        let pool = Arc::clone(&self.memory);
         let secret = secret.to_owned();
         let decoy = self.decoy_hash.clone();
-        let verified = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
+            // The permit and the buffer belong to the computation, not to the
+            // caller: a redeem whose connection went away must neither let
+            // another computation start nor lose its buffer while this runs.
+            let _running = running;
+            let mut memory = lock(&pool).pop().unwrap_or_default();
             let verified = match phc {
                 Some(phc) => Self::verify_now(&secret, &phc, &mut memory),
                 None => {
@@ -163,21 +174,16 @@ impl SecretHasher {
                     false
                 }
             };
-            (verified, memory)
+            lock(&pool).push(memory);
+            verified
         })
-        .await;
-        match verified {
-            Ok((verified, memory)) => {
-                self.memory().push(memory);
-                verified
-            }
-            Err(_) => false,
-        }
+        .await
+        .unwrap_or(false)
     }
 
+    #[cfg(test)]
     fn memory(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
-        // Buffers are plain scratch memory: a panic elsewhere cannot spoil them.
-        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.memory)
     }
 
     /// Whether the argon2 crate's own verifier accepts `secret` for `phc`, for tests.
@@ -190,6 +196,11 @@ impl SecretHasher {
                 .is_ok()
         })
     }
+}
+
+/// The buffer pool; buffers are plain scratch memory, so a panic elsewhere cannot spoil them.
+fn lock(pool: &Mutex<Vec<Vec<Block>>>) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
+    pool.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -240,6 +251,23 @@ mod tests {
         );
         assert!(!new.verify(second.secret(), Some(row.secret_hash)).await);
         assert_eq!(new.memory().len(), 1, "one buffer, reused");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_keeps_its_slot_until_the_computation_ends() {
+        // Slow enough (16 MiB, 4 passes) to still run when its caller is gone.
+        let hasher = SecretHasher::new(16 * 1024, 4).unwrap().with_concurrency(1);
+        let secret = SturdyRef::generate(TokenKind::Viewer);
+        let mut verify = Box::pin(hasher.verify(secret.secret(), None));
+        // Poll until the computation has started, then give up on it.
+        while hasher.running.available_permits() > 0 {
+            assert!(futures::poll!(verify.as_mut()).is_pending());
+            tokio::task::yield_now().await;
+        }
+        drop(verify);
+        assert_eq!(hasher.running.available_permits(), 0, "still computing");
+        let _ = hasher.running.acquire().await.unwrap();
+        assert_eq!(hasher.memory().len(), 1, "its buffer went back to the pool");
     }
 
     #[tokio::test]

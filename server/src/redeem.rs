@@ -106,7 +106,26 @@ impl Redeemer {
     /// Checks `token` presented by `peer`. Every failure is the same
     /// `permissionDenied`, or `rateLimited` (with when to retry) once the
     /// failures it would add to are used up; the audit log gets the real reason.
+    ///
+    /// The check runs to its end even if the caller goes away (a redeem call
+    /// cancelled, a connection closed): it costs the server an argon2 hash all
+    /// the same, so it must count all the same, or hanging up right after
+    /// asking would be a way around every limit.
     pub async fn redeem(
+        &self,
+        token: &str,
+        peer: SocketAddr,
+        via: Via,
+    ) -> Result<Redeemed, ServerError> {
+        let this = self.clone();
+        let token = token.to_owned();
+        tokio::spawn(async move { this.check(&token, peer, via).await })
+            .await
+            .unwrap_or_else(|_| Err(ServerError::internal()))
+    }
+
+    /// [`redeem`](Self::redeem)'s work.
+    async fn check(
         &self,
         token: &str,
         peer: SocketAddr,
@@ -281,5 +300,47 @@ impl Redeemer {
 impl std::fmt::Debug for Redeemer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Redeemer")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::follow::test_share::TestShare;
+
+    #[tokio::test]
+    async fn a_redeem_whose_caller_hangs_up_still_counts() {
+        let share = TestShare::new().await;
+        let redeemer = Redeemer::new(
+            share.ledger.clone(),
+            SecretHasher::new(256, 1).unwrap(),
+            RedeemLimiter::new(1, Duration::from_secs(3600)),
+            Metrics::default(),
+            LogLimiter::new(Duration::from_secs(10)),
+        );
+        let peer = SocketAddr::from(([192, 0, 2, 1], 1));
+        // Ask, then hang up before the answer.
+        let mut call = Box::pin(redeemer.redeem("garbage", peer, Via::Rpc));
+        assert!(futures::poll!(call.as_mut()).is_pending());
+        drop(call);
+        // The check finishes anyway and its failure counts: the next one is limited.
+        let limited = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if redeemer.limiter().check_unknown(peer.ip()).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        limited
+            .await
+            .expect("the abandoned failure was never counted");
+        let err = redeemer
+            .redeem("garbage", peer, Via::Rpc)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, capsync_shared::ErrorCode::RateLimited);
     }
 }

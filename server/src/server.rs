@@ -106,7 +106,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             let gateway = HttpGateway::bind(addr, state, settings)
                 .await
                 .map_err(|err| {
-                    // Say which listener: the RPC one binds first and is the usual suspect.
+                    // Say which listener: an address in use could be either one.
                     std::io::Error::new(err.kind(), format!("HTTP gateway on {addr}: {err}"))
                 })?;
             Some(gateway)

@@ -221,9 +221,27 @@ fn help_documents_every_setting_with_its_environment_variable() {
         "--drain-timeout",
         "--http-listen",
         "--interrupted-after",
+        "--max-connections-per-address",
+        "--handshake-timeout",
+        "--handshake-bytes",
+        "--read-budget-bytes",
+        "--message-timeout",
+        "--tcp-keepalive",
+        "--http-header-timeout",
+        "--http-max-body-bytes",
+        "--argon2-concurrency",
+        "--write-queue",
+        "--write-queue-bytes",
+        "--max-database-bytes",
+        "--storage-reserve-bytes",
+        "--log-summary-interval",
     ] {
         assert!(text.contains(flag), "serve --help lacks {flag}");
     }
     assert!(text.contains("CAPSYNC_LISTEN") && text.contains("CAPSYNC_DATA_DIR"));
+    assert!(
+        text.contains("CAPSYNC_HANDSHAKE_TIMEOUT")
+            && text.contains("CAPSYNC_STORAGE_RESERVE_BYTES")
+    );
     assert!(text.contains("127.0.0.1:7420") && text.contains("capsync-data"));
 }

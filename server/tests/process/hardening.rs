@@ -683,6 +683,7 @@ fn a_database_at_its_size_limit_refuses_writes_clearly_and_takes_them_again_once
         let (acked, err) = fill(&created.writer, "q", 16 << 10, 500).await;
         assert_eq!(err.code(), Some(ErrorCode::StorageFull), "{err}");
         assert!(err.to_string().contains("storage is full"), "{err}");
+        assert!(err.retry_after().is_some(), "a hint for when to retry");
         for i in 0..10 {
             let again = created
                 .writer
@@ -729,31 +730,52 @@ fn a_database_at_its_size_limit_refuses_writes_clearly_and_takes_them_again_once
     assert_eq!(count_logged(&lines, "storage available again"), 1);
 }
 
-/// A tmpfs of `size` mounted at `path` for as long as it lives (needs root).
-struct Tmpfs(std::path::PathBuf);
+/// A small file system of the test's own, to fill up: the directory in
+/// `CAPSYNC_DISK_FULL_DIR` (an empty tmpfs mounted for it, as `.ci/run` does),
+/// or else a tmpfs this test mounts (which needs root) and unmounts after.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    mounted_here: bool,
+}
 
-impl Tmpfs {
-    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(path).unwrap();
+impl SmallDisk {
+    fn get(scratch: &std::path::Path) -> Option<Self> {
+        if let Some(dir) = std::env::var_os("CAPSYNC_DISK_FULL_DIR") {
+            let dir = std::path::PathBuf::from(dir).join(format!("run-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            return Some(Self {
+                dir,
+                mounted_here: false,
+            });
+        }
+        let dir = scratch.join("disk");
+        std::fs::create_dir_all(&dir).unwrap();
         let mounted = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(path)
+            .args(["-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs"])
+            .arg(&dir)
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        mounted.then(|| Self(path.to_path_buf()))
+        mounted.then_some(Self {
+            dir,
+            mounted_here: true,
+        })
+    }
+
+    /// Bytes still free on it.
+    fn free(&self) -> u64 {
+        let stats = rustix::fs::statvfs(&self.dir).unwrap();
+        stats.f_bavail * stats.f_frsize
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        if self.mounted_here {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -769,16 +791,20 @@ fn fill_disk(path: &std::path::Path) {
 #[test]
 fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "24m") else {
+    let Some(disk) = SmallDisk::get(dir.path()) else {
         if std::env::var_os("REQUIRE_DISK_FULL").is_some() {
-            panic!("REQUIRE_DISK_FULL is set, but a tmpfs could not be mounted (run as root)");
+            panic!(
+                "REQUIRE_DISK_FULL is set, but there is no small disk: set CAPSYNC_DISK_FULL_DIR \
+                 to an empty tmpfs, or run as root"
+            );
         }
         eprintln!(
-            "skipped: the disk-full test mounts a tmpfs, which needs root (REQUIRE_DISK_FULL=1 makes this a failure)"
+            "skipped: the disk-full test needs a small file system of its own \
+             (CAPSYNC_DISK_FULL_DIR, or root to mount a tmpfs); REQUIRE_DISK_FULL=1 makes this a failure"
         );
         return;
     };
-    let data_dir = disk.0.join("data");
+    let data_dir = disk.dir.join("data");
     let args = ["--storage-reserve-bytes", "4194304"];
     let mut server = ServerProcess::start_with(&data_dir, &args);
     assert_eq!(
@@ -786,7 +812,8 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_by_itself() {
         4 << 20
     );
     // Leave about 8 MiB for the database and its log.
-    std::fs::write(disk.0.join("filler"), vec![7u8; 12 << 20]).unwrap();
+    let filler = disk.free().saturating_sub(8 << 20);
+    std::fs::write(disk.dir.join("filler"), vec![7u8; filler as usize]).unwrap();
 
     let (writer_token, viewer_token, mut acked) = run_local(async {
         let (_conn, agent) = support::agent(server.addr, &data_dir, "disk").await;
@@ -800,7 +827,7 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_by_itself() {
         assert_eq!(err.code(), Some(ErrorCode::StorageFull), "{err}");
         assert!(err.to_string().contains("storage is full"), "{err}");
         // Something else takes the room the reserve and the checkpoint gave back.
-        fill_disk(&disk.0.join("filler2"));
+        fill_disk(&disk.dir.join("filler2"));
         for i in 0..20 {
             let again = created
                 .writer
@@ -839,7 +866,7 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_by_itself() {
     // does not fit.
     assert!(server.terminate().success());
     drop(server);
-    fill_disk(&disk.0.join("filler3"));
+    fill_disk(&disk.dir.join("filler3"));
     let mut server = ServerProcess::start_with(&data_dir, &args);
     assert!(
         server.startup_logs.iter().any(|l| l["fields"]["message"]
@@ -871,7 +898,7 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_by_itself() {
 
         // Space comes back: writes resume by themselves (within a retry or two).
         for name in ["filler", "filler2", "filler3"] {
-            std::fs::remove_file(disk.0.join(name)).unwrap();
+            std::fs::remove_file(disk.dir.join(name)).unwrap();
         }
         let started = Instant::now();
         loop {

@@ -597,18 +597,26 @@
         return;
       }
       if (response && (response.status === 401 || response.status === 403)) {
+        // A token of another kind than viewer is told so by the server (its
+        // own prefix says what it is); anything else gets the same words.
+        const body = await response.json().catch(() => ({}));
+        const message = str(body.message);
         showNotice(
           "This link no longer works",
-          "It may have been revoked or have expired, or it was not copied whole. Ask whoever shared it for a new link.",
+          message.startsWith("This is")
+            ? message
+            : "It may have been revoked or have expired, or it was not copied whole. Ask whoever shared it for a new link.",
         );
         return;
       }
+      // Rate limited, or the server busy: wait as long as it asks, then try again.
+      const retryAfter = response ? Number(response.headers.get("Retry-After")) : NaN;
       if (response && response.status === 429) {
-        showNotice("Too many attempts", "Too many invalid links came from this address. Wait a minute, then reload.");
-        return;
+        setStatus("too many invalid links were tried from here; retrying shortly…", "reconnecting");
+      } else {
+        setStatus("cannot reach the server; retrying…", "reconnecting");
       }
-      setStatus("cannot reach the server; retrying…", "reconnecting");
-      await sleep(backoff);
+      await sleep(retryAfter > 0 ? retryAfter * 1000 : backoff);
       backoff = Math.min(backoff * 2, 30000);
     }
   }
