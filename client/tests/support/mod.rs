@@ -67,7 +67,20 @@ impl TestServer {
     pub fn start_again(&mut self) {
         assert!(self.handle.is_none(), "the server is still running");
         // std sets SO_REUSEADDR, so the old connections' TIME_WAIT does not block the port.
-        let listener = TcpListener::bind(self.addr).expect("bind the same address again");
+        // A client reconnecting meanwhile can, rarely, connect to itself on the free port
+        // (Linux TCP self-connect: its ephemeral port equals the port it dials); it lets go
+        // as soon as it sees its own bytes, so a conflict is retried for a moment.
+        let mut attempts = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(listener) => break listener,
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(err) => panic!("bind the same address again: {err}"),
+            }
+        };
         self.handle =
             Some(capsync_server::spawn(listener, self.config.clone()).expect("server restarts"));
     }
