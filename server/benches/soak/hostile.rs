@@ -163,15 +163,31 @@ enum Kind {
     MutatedRedeem,
 }
 
-/// One hostile connection's bytes, and whether to close at once after them.
-fn hostile_bytes(rng: &mut StdRng, template: &RedeemTemplate) -> (Kind, Vec<u8>, bool) {
+/// When a hostile connection leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leave {
+    /// As soon as its bytes are sent.
+    AtOnce,
+    /// When the server has closed, or has sent something and then been quiet
+    /// for [`QUIET`]: for a redeem, often before its answer, which cancels it.
+    AfterQuiet,
+    /// When the answer to its redeem has come (or the server closed).
+    AfterAnswer,
+}
+
+/// One hostile connection's bytes, and when it leaves.
+fn hostile_bytes(rng: &mut StdRng, template: &RedeemTemplate) -> (Kind, Vec<u8>, Leave) {
     let kind = match rng.random_range(0..100) {
         0..20 => Kind::RandomBytes,
         20..45 => Kind::SegmentTable,
         45..60 => Kind::Truncated,
         _ => Kind::MutatedRedeem,
     };
-    let close_at_once = rng.random_bool(0.3);
+    let mut leave = if rng.random_bool(0.3) {
+        Leave::AtOnce
+    } else {
+        Leave::AfterQuiet
+    };
     let bytes = match kind {
         Kind::RandomBytes => {
             let mut bytes = vec![0u8; rng.random_range(1..4096)];
@@ -187,18 +203,21 @@ fn hostile_bytes(rng: &mut StdRng, template: &RedeemTemplate) -> (Kind, Vec<u8>,
         Kind::MutatedRedeem => {
             let mut redeem = redeem_with_bogus_token(rng, template);
             // Half go unchanged apart from the token: a well-formed redeem
-            // that the server must check (argon2) and refuse.
+            // that the server must check (argon2) and refuse. Half of those
+            // wait for the refusal; the others leave while it is checked.
             if rng.random_bool(0.5) {
                 for _ in 0..rng.random_range(1..=4) {
                     mutate(rng, &mut redeem);
                 }
+            } else if rng.random_bool(0.5) {
+                leave = Leave::AfterAnswer;
+            } else {
+                leave = Leave::AfterQuiet;
             }
             redeem
         }
     };
-    // Unchanged redeems wait for their answer; the rest may just leave.
-    let close = close_at_once && !matches!(kind, Kind::MutatedRedeem);
-    (kind, bytes, close)
+    (kind, bytes, leave)
 }
 
 /// A frame header with 1–4 segments (sometimes absurdly many) of random
@@ -295,7 +314,7 @@ pub async fn worker(
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     while Instant::now() < until {
-        let (_kind, bytes, close) = hostile_bytes(&mut rng, &template);
+        let (_kind, bytes, leave) = hostile_bytes(&mut rng, &template);
         let mut stream = match TcpStream::connect(addr).await {
             Ok(stream) => stream,
             Err(_) => {
@@ -316,10 +335,10 @@ pub async fn worker(
             stats.count(|m| m.closed += 1);
             continue;
         }
-        if close {
+        if leave == Leave::AtOnce {
             continue;
         }
-        let outcome = read_outcome(&mut stream).await;
+        let outcome = read_outcome(&mut stream, leave == Leave::AfterAnswer).await;
         stats.count(|m| match outcome {
             Outcome::Closed => m.closed += 1,
             Outcome::Silent => m.silent += 1,
@@ -341,13 +360,25 @@ enum Outcome {
     Answered { denied: bool, rate_limited: bool },
 }
 
-/// Reads until the server closes, or answers and then goes quiet, or [`READ_LIMIT`].
-async fn read_outcome(stream: &mut TcpStream) -> Outcome {
+impl Outcome {
+    /// The answer to a redeem has come.
+    fn is_refusal(&self) -> bool {
+        matches!(self, Self::Answered { denied, rate_limited } if *denied || *rate_limited)
+    }
+}
+
+/// Reads until the server closes, or answers (a redeem's refusal, if
+/// `redeem_answer`; anything, then quiet for [`QUIET`], if not), or [`READ_LIMIT`].
+async fn read_outcome(stream: &mut TcpStream, redeem_answer: bool) -> Outcome {
     let deadline = Instant::now() + READ_LIMIT;
     let mut received = Vec::new();
     let mut buf = vec![0u8; 4096];
+    let answered = |received: &[u8]| Outcome::Answered {
+        denied: find(received, b"token not accepted").is_some(),
+        rate_limited: find(received, b"too many failed redeems").is_some(),
+    };
     loop {
-        let wait = if received.is_empty() {
+        let wait = if received.is_empty() || redeem_answer {
             deadline.saturating_duration_since(Instant::now())
         } else {
             QUIET
@@ -356,12 +387,11 @@ async fn read_outcome(stream: &mut TcpStream) -> Outcome {
             Ok(Ok(0) | Err(_)) => return Outcome::Closed,
             Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
             Err(_) if received.is_empty() => return Outcome::Silent,
-            Err(_) => {
-                return Outcome::Answered {
-                    denied: find(&received, b"token not accepted").is_some(),
-                    rate_limited: find(&received, b"too many failed redeems").is_some(),
-                };
-            }
+            Err(_) => return answered(&received),
+        }
+        let outcome = answered(&received);
+        if redeem_answer && outcome.is_refusal() {
+            return outcome;
         }
     }
 }

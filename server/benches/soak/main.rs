@@ -50,7 +50,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use load::{Agent, Pace, ShareTokens, ViewerSlot};
-use process::ServerProcess;
+use process::{FdKinds, ServerProcess};
 use report::{Row, mib, ms, thousands};
 
 pub type BenchResult<T> = Result<T, Box<dyn Error>>;
@@ -61,6 +61,8 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 const CAPACITY_WARMUP: Duration = Duration::from_secs(2);
 /// How long viewers get, once the agents stop, to reach the shares' last cursors.
 const CATCH_UP: Duration = Duration::from_secs(60);
+/// How long the server gets to close connections its peers closed.
+const IDLE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +115,10 @@ struct Args {
     /// More arguments for `capsync-server serve`, e.g. `--server-arg=--argon2-concurrency=1`.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
+    /// The server binary to run (default: the one this bench was built with),
+    /// e.g. an older build to compare with.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
     /// Seed of the random choices (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -166,7 +172,11 @@ fn print_header(args: &Args, seed: u64) {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("  server:  {}", process::BIN);
+    let binary = args
+        .server_bin
+        .as_deref()
+        .unwrap_or(std::path::Path::new(process::BIN));
+    println!("  server:  {}", binary.display());
     println!(
         "  {} minute(s) per scenario, warm-up {} minute(s), seed {seed}",
         args.minutes, args.warmup_minutes
@@ -191,13 +201,18 @@ fn server_args(args: &Args, redeem_failures: Option<u32>) -> Vec<String> {
 }
 
 fn start_server(
+    args: &Args,
     dir: &std::path::Path,
     server_args: &[String],
 ) -> BenchResult<(tempfile::TempDir, ServerProcess)> {
     let data = tempfile::Builder::new()
         .prefix("capsync-soak")
         .tempdir_in(dir)?;
-    let server = ServerProcess::start(&data.path().join("data"), server_args)?;
+    let binary = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(process::BIN));
+    let server = ServerProcess::start(&binary, &data.path().join("data"), server_args)?;
     println!("  serve {}", server_args.join(" "));
     println!(
         "  server pid {}, rpc {}, http {}, data {}",
@@ -283,10 +298,30 @@ fn sorted(mut samples: Vec<Duration>) -> Vec<Duration> {
     samples
 }
 
-fn print_verdict(rows: &[Row], warmup: u32, what: &str, problems: Option<u64>) {
+/// Waits (at most [`IDLE_WAIT`]) for the server to close the run's
+/// connections; its descriptors then.
+fn idle_fds(server: &ServerProcess, before: FdKinds) -> report::IdleFds {
+    let deadline = std::time::Instant::now() + IDLE_WAIT;
+    loop {
+        let now = server.fd_kinds();
+        let settled = now.sockets + now.other <= before.sockets + before.other;
+        if settled || std::time::Instant::now() > deadline {
+            return report::IdleFds { before, after: now };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn print_verdict(
+    rows: &[Row],
+    warmup: u32,
+    what: &str,
+    idle: report::IdleFds,
+    problems: Option<u64>,
+) {
     println!();
     println!("Targets (warm-up: minutes 1-{warmup} left out):");
-    let verdict = report::verdict(rows, warmup, what);
+    let verdict = report::verdict(rows, warmup, what, idle);
     for line in &verdict.lines {
         println!("{line}");
     }
@@ -344,13 +379,17 @@ fn print_server_end(server: &mut ServerProcess, scenario: &str) {
 
 fn normal(args: &Args, dir: &std::path::Path, seed: u64) -> BenchResult<()> {
     println!("== normal: agents appending, viewers following, connections churning ==");
-    let (_data, mut server) = start_server(dir, &server_args(args, args.redeem_failures))?;
+    let (_data, mut server) = start_server(args, dir, &server_args(args, args.redeem_failures))?;
+    let before = server.fd_kinds();
     let stats = Rc::new(load::Stats::default());
+    // The client runtime ends with it, closing every connection of the run.
     let outcome = run_local(normal_load(args, &server, stats.clone(), seed))?;
+    let idle = idle_fds(&server, before);
     print_verdict(
         &outcome.rows,
         args.warmup_minutes,
         "append",
+        idle,
         Some(stats.problems()),
     );
     print_server_end(&mut server, "normal");
@@ -561,16 +600,18 @@ async fn flat_out(agents: &mut [Agent], batch: usize, how_long: Duration, stats:
 fn hostile(args: &Args, dir: &std::path::Path, seed: u64) -> BenchResult<()> {
     println!("== hostile: connections without a token sending fuzzed frames ==");
     let failures = args.redeem_failures.unwrap_or(1_000_000);
-    let (_data, mut server) = start_server(dir, &server_args(args, Some(failures)))?;
+    let (_data, mut server) = start_server(args, dir, &server_args(args, Some(failures)))?;
+    let before = server.fd_kinds();
     let stats = Rc::new(hostile::Stats::default());
     let rows = run_local(hostile_load(args, &server, stats.clone(), seed))?;
+    let idle = idle_fds(&server, before);
     println!();
     println!(
         "Hostile connections: {} in {} minute(s)",
         thousands(stats.total_connections.get() as f64),
         args.minutes
     );
-    print_verdict(&rows, args.warmup_minutes, "probe", None);
+    print_verdict(&rows, args.warmup_minutes, "probe", idle, None);
     print_server_end(&mut server, "hostile");
     print_written(&server.data_dir.join("capsync.db"));
     Ok(())

@@ -52,8 +52,8 @@ impl LogCounts {
 impl ServerProcess {
     /// Starts the server with data in `data_dir` and `args` after `serve`, and
     /// returns once it has logged both listening addresses.
-    pub fn start(data_dir: &Path, args: &[String]) -> std::io::Result<Self> {
-        let mut child = Command::new(BIN)
+    pub fn start(binary: &Path, data_dir: &Path, args: &[String]) -> std::io::Result<Self> {
+        let mut child = Command::new(binary)
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .args(["--http-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -137,6 +137,10 @@ impl ServerProcess {
         ProcSample::of(self.pid())
     }
 
+    pub fn fd_kinds(&self) -> FdKinds {
+        FdKinds::of(self.pid()).unwrap_or_default()
+    }
+
     /// Bytes of the database, its write-ahead log and its shared memory.
     pub fn database_bytes(&self) -> u64 {
         ["capsync.db", "capsync.db-wal", "capsync.db-shm"]
@@ -182,6 +186,38 @@ pub struct ProcSample {
     pub file: u64,
     pub fds: u64,
     pub threads: u64,
+}
+
+/// Open descriptors by kind. Sockets and the rest (pipes, event and timer
+/// descriptors) are what a leaked connection or task would leave behind;
+/// files are the database's, opened by each SQLite connection as it first
+/// needs them, so they grow to a fixed number after start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdKinds {
+    pub sockets: u64,
+    pub files: u64,
+    pub other: u64,
+}
+
+impl FdKinds {
+    pub fn of(pid: u32) -> Option<Self> {
+        let mut kinds = Self::default();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+            // A descriptor closed since the listing has no link: not counted.
+            let Ok(target) = std::fs::read_link(entry.ok()?.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if target.starts_with("socket:") {
+                kinds.sockets += 1;
+            } else if target.starts_with('/') {
+                kinds.files += 1;
+            } else {
+                kinds.other += 1;
+            }
+        }
+        Some(kinds)
+    }
 }
 
 impl ProcSample {
