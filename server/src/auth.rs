@@ -1,21 +1,26 @@
 //! Token secrets at rest: argon2id hashing and verification, always off the
 //! RPC thread, a bounded number at once, in memory that is reused.
 //!
-//! Each verification needs `m_cost` KiB (19 MiB by default). Run on the
-//! blocking pool without a bound, a burst of redeems would start hundreds at
-//! once; and memory freed by one thread's allocator arena is rarely given back
-//! to the OS, so the process would keep the peak. Here at most
-//! `concurrency` run at once, each in one of `concurrency` buffers kept for
-//! the server's life: memory for argon2 is `concurrency × m_cost`, whatever
-//! arrives.
+//! Each hash or verification needs `m_cost` KiB (19 MiB by default). Run on
+//! the blocking pool without a bound, a burst of redeems would start hundreds
+//! at once; and memory freed by one thread's allocator arena is rarely given
+//! back to the OS, so the process would keep the peak. Here at most
+//! `concurrency` run at once, minting and verifying alike, each in one of
+//! `concurrency` buffers kept for the server's life: memory for argon2 is
+//! `concurrency × m_cost`, whatever arrives. The slot and the buffer belong
+//! to the computation, not to the caller: a caller that gives up (its
+//! connection closed mid-redeem) leaves the computation to finish and hand
+//! both back, so cancelled calls cannot add computations or buffers.
 
 use std::sync::{Arc, Mutex};
 
-use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, Version};
+use argon2::password_hash::phc::{Output, ParamsString, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use capsync_shared::{SturdyRef, TokenKind};
 use rand::TryRng;
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
+use tokio::task::JoinError;
 
 use crate::error::ServerError;
 use crate::ledger::NewToken;
@@ -43,9 +48,12 @@ impl SecretHasher {
             running: Arc::new(Semaphore::new(crate::config::default_argon2_concurrency())),
             memory: Arc::new(Mutex::new(Vec::new())),
         };
+        // The decoy's buffer becomes the first of the reused ones.
+        let mut memory = Vec::new();
         hasher.decoy_hash = hasher
-            .hash_now(SturdyRef::generate(TokenKind::Viewer).secret())
+            .hash_now(SturdyRef::generate(TokenKind::Viewer).secret(), &mut memory)
             .map_err(|_| argon2::Error::OutputTooShort)?;
+        hasher.memory().push(memory);
         Ok(hasher)
     }
 
@@ -59,19 +67,70 @@ impl SecretHasher {
         Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone())
     }
 
-    /// The PHC string of `secret` with a fresh salt. Blocking: CPU-heavy.
-    fn hash_now(&self, secret: &str) -> Result<String, ServerError> {
+    /// The PHC string of `secret` with a fresh salt, computed in `memory`.
+    /// Blocking: CPU-heavy.
+    fn hash_now(&self, secret: &str, memory: &mut Vec<Block>) -> Result<String, ServerError> {
         let mut salt = [0u8; 16];
         rand::rngs::SysRng
             .try_fill_bytes(&mut salt)
             .map_err(|_| ServerError::internal())?;
+        self.hash_with_salt(secret, &salt, memory).map_err(|err| {
+            tracing::error!(%err, "argon2 hashing failed");
+            ServerError::internal()
+        })
+    }
+
+    /// What the argon2 crate's `hash_password_with_salt` gives, but in
+    /// `memory` (grown if needed) instead of 19 MiB allocated per call.
+    fn hash_with_salt(
+        &self,
+        secret: &str,
+        salt: &[u8],
+        memory: &mut Vec<Block>,
+    ) -> Result<String, String> {
+        let blocks = self.params.block_count();
+        if memory.len() < blocks {
+            memory.resize(blocks, Block::new());
+        }
+        let len = self
+            .params
+            .output_len()
+            .unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let mut out = [0u8; Output::MAX_LENGTH];
+        let out = out.get_mut(..len).ok_or("output length")?;
         self.argon2()
-            .hash_password_with_salt(secret.as_bytes(), &salt)
-            .map(|hash| hash.to_string())
-            .map_err(|err| {
-                tracing::error!(%err, "argon2 hashing failed");
-                ServerError::internal()
-            })
+            .hash_password_into_with_memory(secret.as_bytes(), salt, out, &mut memory[..blocks])
+            .map_err(|err| err.to_string())?;
+        let phc = PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&self.params).map_err(|err| err.to_string())?,
+            salt: Some(Salt::new(salt).map_err(|err| err.to_string())?),
+            hash: Some(Output::new(out).map_err(|err| err.to_string())?),
+        };
+        Ok(phc.to_string())
+    }
+
+    /// Runs `work` on the blocking pool in one of the reused buffers, once one
+    /// of the `concurrency` slots is free. The slot and the buffer go with the
+    /// work into the blocking task and come back when it is done, even if the
+    /// caller stopped waiting: otherwise every cancelled redeem would free its
+    /// slot at once, and lose its buffer, while its computation ran on.
+    async fn compute<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Vec<Block>) -> T + Send + 'static,
+    ) -> Result<T, JoinError> {
+        // (The semaphore is never closed.)
+        let slot = self.running.clone().acquire_owned().await.ok();
+        let pool = self.memory.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut memory = lock(&pool).pop().unwrap_or_default();
+            let done = work(&mut memory);
+            lock(&pool).push(memory);
+            drop(slot);
+            done
+        })
+        .await
     }
 
     /// Whether `secret` matches `phc`, in constant time, computed in `memory`
@@ -127,21 +186,11 @@ impl SecretHasher {
     ) -> Result<(SturdyRef, NewToken), ServerError> {
         let token = SturdyRef::generate(kind);
         let secret = token.secret().to_owned();
-        let running = self
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ServerError::internal())?;
         let hasher = self.clone();
-        let secret_hash = tokio::task::spawn_blocking(move || {
-            // Held by the computation itself: a caller that gives up must not
-            // let another computation start while this one still runs.
-            let _running = running;
-            hasher.hash_now(&secret)
-        })
-        .await
-        .map_err(|_| ServerError::internal())??;
+        let secret_hash = self
+            .compute(move |memory| hasher.hash_now(&secret, memory))
+            .await
+            .map_err(|_| ServerError::internal())??;
         let row = NewToken {
             id: token.id.clone(),
             secret_hash,
@@ -155,33 +204,19 @@ impl SecretHasher {
     /// the hash verifies against the decoy, so the caller spends the same time
     /// and always gets `false`.
     pub async fn verify(&self, secret: &str, phc: Option<String>) -> bool {
-        let Ok(running) = self.running.clone().acquire_owned().await else {
-            return false;
-        };
-        let pool = Arc::clone(&self.memory);
         let secret = secret.to_owned();
         let decoy = self.decoy_hash.clone();
-        tokio::task::spawn_blocking(move || {
-            // The permit and the buffer belong to the computation, not to the
-            // caller: a redeem whose connection went away must neither let
-            // another computation start nor lose its buffer while this runs.
-            let _running = running;
-            let mut memory = lock(&pool).pop().unwrap_or_default();
-            let verified = match phc {
-                Some(phc) => Self::verify_now(&secret, &phc, &mut memory),
-                None => {
-                    Self::verify_now(&secret, &decoy, &mut memory);
-                    false
-                }
-            };
-            lock(&pool).push(memory);
-            verified
+        self.compute(move |memory| match phc {
+            Some(phc) => Self::verify_now(&secret, &phc, memory),
+            None => {
+                Self::verify_now(&secret, &decoy, memory);
+                false
+            }
         })
         .await
         .unwrap_or(false)
     }
 
-    #[cfg(test)]
     fn memory(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
         lock(&self.memory)
     }
@@ -198,8 +233,8 @@ impl SecretHasher {
     }
 }
 
-/// The buffer pool; buffers are plain scratch memory, so a panic elsewhere cannot spoil them.
 fn lock(pool: &Mutex<Vec<Vec<Block>>>) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
+    // Buffers are plain scratch memory: a panic elsewhere cannot spoil them.
     pool.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -253,21 +288,39 @@ mod tests {
         assert_eq!(new.memory().len(), 1, "one buffer, reused");
     }
 
+    #[test]
+    fn hashes_are_the_argon2_crates_own() {
+        use argon2::PasswordHasher;
+        let hasher = SecretHasher::new(256, 2).unwrap();
+        let salt = [7u8; 16];
+        let ours = hasher
+            .hash_with_salt("s3cret", &salt, &mut Vec::new())
+            .unwrap();
+        let theirs = hasher
+            .argon2()
+            .hash_password_with_salt(b"s3cret", &salt)
+            .unwrap()
+            .to_string();
+        assert_eq!(ours, theirs);
+    }
+
     #[tokio::test]
-    async fn a_caller_that_gives_up_keeps_its_slot_until_the_computation_ends() {
-        // Slow enough (16 MiB, 4 passes) to still run when its caller is gone.
-        let hasher = SecretHasher::new(16 * 1024, 4).unwrap().with_concurrency(1);
-        let secret = SturdyRef::generate(TokenKind::Viewer);
-        let mut verify = Box::pin(hasher.verify(secret.secret(), None));
-        // Poll until the computation has started, then give up on it.
-        while hasher.running.available_permits() > 0 {
-            assert!(futures::poll!(verify.as_mut()).is_pending());
-            tokio::task::yield_now().await;
-        }
-        drop(verify);
-        assert_eq!(hasher.running.available_permits(), 0, "still computing");
-        let _ = hasher.running.acquire().await.unwrap();
-        assert_eq!(hasher.memory().len(), 1, "its buffer went back to the pool");
+    async fn a_check_whose_caller_gives_up_keeps_its_slot_and_buffer_until_done() {
+        // Costly enough to be still running when its caller has gone.
+        let hasher = SecretHasher::new(8 * 1024, 4).unwrap().with_concurrency(1);
+        let mut check = Box::pin(hasher.verify("guess", None));
+        assert!(futures::poll!(check.as_mut()).is_pending());
+        assert_eq!(hasher.running.available_permits(), 0, "it started");
+        // A redeem whose connection closed: its future is dropped.
+        drop(check);
+        assert_eq!(
+            hasher.running.available_permits(),
+            0,
+            "its slot was free while it still computed"
+        );
+        // The next one runs once it is done, in the same buffer.
+        let _slot = hasher.running.acquire().await.unwrap();
+        assert_eq!(hasher.memory().len(), 1, "its buffer came back");
     }
 
     #[tokio::test]
