@@ -375,9 +375,7 @@ pub fn serve_blocking(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), StartError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = server_runtime(&config)?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let addr = config.listen;
@@ -396,14 +394,28 @@ pub fn run_blocking(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), StartError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = server_runtime(&config)?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let listener = tokio_listener(listener)?;
         run(listener, config, shutdown).await
     })
+}
+
+/// The server's current-thread runtime. Its blocking pool does only bounded
+/// work (the read connections' queries and argon2 checks, each under its own
+/// limit), so it gets that many threads and a few to spare. Left at tokio's
+/// default of 512, a thread that gives its slot back before it counts as idle
+/// makes the next task start another one, and each new thread may bring a
+/// malloc arena that keeps what it freed (docs/BENCHMARKS.md, "Soak").
+fn server_runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    const SPARE_BLOCKING_THREADS: usize = 2;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(
+            config.read_connections + config.argon2_concurrency + SPARE_BLOCKING_THREADS,
+        )
+        .build()
 }
 
 fn tokio_listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
@@ -432,9 +444,7 @@ pub fn spawn(listener: std::net::TcpListener, config: Config) -> Result<ServerHa
     let thread = std::thread::Builder::new()
         .name(format!("capsync-server-{addr}"))
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = server_runtime(&config)?;
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, async move {
                 let started = async {
