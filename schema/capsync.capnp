@@ -423,9 +423,13 @@ struct Batch {
 enum RejectReason {
   missingDependency @0;  # a `dependsOn` op is not applied yet: retry after it is
   invalid @1;            # the op can never apply as sent: `detail` says why
-  staleTransition @2;    # would move a completed or errored message back
+  staleTransition @2;    # would move a record back: an older snapshot of it than the one stored
+                         # (a finished message, tool call, text or reasoning part back to unfinished;
+                         # a session to an older `time.updated`). See README, "Out-of-order snapshots".
   opIdReused @3;         # the op id was already applied in this share with other content (kind, payload
                          # or dependsOn); an op id names one change forever. The first op stays applied.
+  tooLarge @4;           # the op's payload is over the server's per-op limit (`--max-op-bytes`);
+                         # only this op is refused, the rest of the batch applies
 }
 
 struct OpResult {

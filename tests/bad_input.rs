@@ -32,9 +32,9 @@ fn malformed_payloads_are_rejected_per_op_and_the_rest_applies() {
             json!({"id": "ses_someone_else"}),
         ));
         ops.push(OpSpec::new(
-            "orphan-part",
+            "typeless-part",
             OpKind::PartUpsert,
-            json!({"id": "prt_o", "messageID": "msg_missing", "type": "text"}),
+            json!({"id": "prt_o", "messageID": "msg_1", "type": 5}),
         ));
         ops.push(text_part_op("ses_bad", "msg_1", "prt_ok"));
         let ack = writer.append(&batch("b", ops)).await.unwrap();
@@ -81,7 +81,7 @@ fn malformed_payloads_are_rejected_per_op_and_the_rest_applies() {
 }
 
 #[test]
-fn oversized_batches_and_ops_are_refused_whole_with_too_large() {
+fn oversized_batches_are_refused_whole_and_oversized_ops_alone() {
     let server = TestServer::start_with(|config| {
         config.max_ops_per_batch = 10;
         config.max_op_bytes = 1024;
@@ -101,8 +101,25 @@ fn oversized_batches_and_ops_are_refused_whole_with_too_large() {
             OpKind::PartUpsert,
             json!({"id": "p", "messageID": "msg_1", "type": "text", "text": "x".repeat(2000)}),
         ));
-        let err = writer.append(&batch("huge", ops)).await.unwrap_err();
-        assert_eq!(err.code(), Some(ErrorCode::TooLarge));
+        ops.push(OpSpec::new(
+            "after-huge",
+            OpKind::PartUpsert,
+            json!({"id": "q", "messageID": "msg_1", "type": "text", "text": "small"}),
+        ));
+        let ack = writer.append(&batch("huge", ops)).await.unwrap();
+        let huge = ack.results.iter().find(|r| r.op_id == "huge").unwrap();
+        match &huge.outcome {
+            OpOutcome::Rejected {
+                reason: RejectReason::TooLarge,
+                detail,
+            } => assert!(detail.contains("1024"), "names the limit: {detail}"),
+            other => panic!("the huge op was not refused alone: {other:?}"),
+        }
+        let after = ack.results.last().unwrap();
+        assert!(
+            matches!(after.outcome, OpOutcome::Applied(_)),
+            "the rest of the batch applies: {after:?}"
+        );
 
         let long_id = OpSpec::new(
             "o".repeat(129),
@@ -115,12 +132,13 @@ fn oversized_batches_and_ops_are_refused_whole_with_too_large() {
             .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
 
-        assert_eq!(writer.state().await.unwrap().cursor, 0, "nothing applied");
+        // The session, its message and the small part after the huge one.
+        assert_eq!(writer.state().await.unwrap().cursor, 3);
         let ack = writer
-            .append(&batch("ok", session_ops("ses_big", "msg_1", 1)))
+            .append(&batch("ok", session_ops("ses_big", "msg_2", 1)))
             .await
             .unwrap();
-        assert_eq!(ack.cursor, 3);
+        assert_eq!(ack.cursor, 5);
     });
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::viewer::{LoggedOp, Record, RecordKind};
-use capsync_shared::ops::OpKind;
+use capsync_shared::ops::{OpKind, model_record_id_of};
 
 /// A session with its models, diffs and messages (each with its parts, in order).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -103,7 +103,7 @@ impl SessionDocument {
     /// The same document with models, messages and each message's parts sorted by id,
     /// so two documents can be compared whatever order they were built in.
     pub fn sorted(mut self) -> Self {
-        self.models.sort_by(|a, b| record_id(a).cmp(record_id(b)));
+        self.models.sort_by_key(model_record_id_of);
         self.messages.sort_by(|a, b| a.id().cmp(b.id()));
         for message in &mut self.messages {
             message.parts.sort_by(|a, b| record_id(a).cmp(record_id(b)));
@@ -160,10 +160,11 @@ impl SessionDocument {
             OpKind::SessionUpsert => self.session = Some(Value::Object(payload)),
             OpKind::ModelUpsert => {
                 let model = Value::Object(payload);
+                let key = model_record_id_of(&model);
                 match self
                     .models
                     .iter_mut()
-                    .find(|m| record_id(m) == record_id(&model))
+                    .find(|m| model_record_id_of(m) == key)
                 {
                     Some(stored) => *stored = model,
                     None => self.models.push(model),
@@ -197,7 +198,9 @@ impl SessionDocument {
             }
             OpKind::MessageRemove => {
                 if let Some(id) = id("id", "messageID") {
+                    // Parts waiting for it go too, as on the server.
                     self.messages.retain(|m| m.id() != id);
+                    self.orphan_parts.retain(|p| part_message(p) != id);
                 }
             }
             OpKind::PartUpsert => {
@@ -334,6 +337,11 @@ mod tests {
         );
         apply(&mut doc, OpKind::ModelUpsert, json!({"id": "m", "v": 1}));
         apply(&mut doc, OpKind::ModelUpsert, json!({"id": "m", "v": 2}));
+        apply(
+            &mut doc,
+            OpKind::ModelUpsert,
+            json!({"id": "m", "providerID": "p", "v": 3}),
+        );
         apply(&mut doc, OpKind::DiffSet, json!([{"file": "a"}]));
         apply(&mut doc, OpKind::DiffSet, json!({"diffs": [{"file": "b"}]}));
         apply(
@@ -385,9 +393,15 @@ mod tests {
         );
         apply(&mut doc, OpKind::MessageRemove, json!({"messageID": "m3"}));
 
-        assert_eq!(doc.cursor, 16);
+        assert_eq!(doc.cursor, 17);
         assert_eq!(doc.title(), "T");
-        assert_eq!(doc.models, vec![json!({"id": "m", "v": 2})]);
+        assert_eq!(
+            doc.models,
+            vec![
+                json!({"id": "m", "v": 2}),
+                json!({"id": "m", "providerID": "p", "v": 3})
+            ]
+        );
         assert_eq!(doc.diffs, Some(json!([{"file": "b"}])));
         let ids: Vec<&str> = doc.messages.iter().map(MessageDocument::id).collect();
         assert_eq!(ids, ["m1", "m2"]);

@@ -55,14 +55,18 @@ pub struct PushReport {
 }
 
 impl PushReport {
-    /// Whether some op can never apply as sent (`invalid`, `opIdReused`) or still misses a dependency:
-    /// the input has a problem the caller must fix. `staleTransition` (an older state of
-    /// a finished message, e.g. from replaying an old export) does not count.
+    /// Whether some op can never apply as sent (`invalid`, `opIdReused`, `tooLarge`) or
+    /// still misses a dependency: the input has a problem the caller must fix.
+    /// `staleTransition` (an older state of a finished record, e.g. from replaying an old
+    /// export) does not count.
     pub fn has_errors(&self) -> bool {
         self.rejected.iter().any(|r| {
             matches!(
                 r.reason,
-                RejectReason::Invalid | RejectReason::MissingDependency | RejectReason::OpIdReused
+                RejectReason::Invalid
+                    | RejectReason::MissingDependency
+                    | RejectReason::OpIdReused
+                    | RejectReason::TooLarge
             )
         })
     }

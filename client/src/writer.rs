@@ -61,17 +61,20 @@ impl Batch {
 #[serde(rename_all = "camelCase")]
 pub enum RejectReason {
     /// An op id in the op's `dependsOn` is not applied yet: send it again after that op.
-    /// (Only `dependsOn`: a record the op refers to, such as a part's message, that does
-    /// not exist makes the op `Invalid`.)
+    /// (Only `dependsOn`: a part whose message has not arrived is kept, not refused.)
     MissingDependency,
     /// The op can never apply as sent; the detail says why (malformed payload, another
-    /// session's record, a part whose message does not exist, ...).
+    /// session's record, a delta to a part that does not exist, ...).
     Invalid,
-    /// It would move a completed or errored message back.
+    /// An older snapshot of a record than the one stored (a finished message or part
+    /// back to unfinished, a session to an older `time.updated`): no fault of the op's
+    /// author, the newer state is in the share.
     StaleTransition,
     /// The op id was applied before with other content (kind, payload or `dependsOn`): an
     /// op id names one change forever, so the first one stays and this one is refused.
     OpIdReused,
+    /// The op's payload is over the server's per-op limit; the rest of its batch applied.
+    TooLarge,
 }
 
 impl RejectReason {
@@ -81,6 +84,7 @@ impl RejectReason {
             Self::Invalid => "invalid",
             Self::StaleTransition => "staleTransition",
             Self::OpIdReused => "opIdReused",
+            Self::TooLarge => "tooLarge",
         }
     }
 }
@@ -98,6 +102,7 @@ impl From<WireReason> for RejectReason {
             WireReason::Invalid => Self::Invalid,
             WireReason::StaleTransition => Self::StaleTransition,
             WireReason::OpIdReused => Self::OpIdReused,
+            WireReason::TooLarge => Self::TooLarge,
         }
     }
 }

@@ -76,7 +76,8 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_MAX_OPS_PER_BATCH", default_value_t = DEFAULT_MAX_OPS_PER_BATCH)]
     pub max_ops_per_batch: usize,
 
-    /// Largest op payload in bytes; larger ops are refused with `tooLarge`.
+    /// Largest op payload in bytes; a larger op is refused alone with
+    /// `rejected(tooLarge)`, and the rest of its batch applies.
     #[arg(long, env = "CAPSYNC_MAX_OP_BYTES", default_value_t = DEFAULT_MAX_OP_BYTES)]
     pub max_op_bytes: usize,
 

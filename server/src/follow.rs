@@ -105,7 +105,7 @@ pub(crate) mod test_share {
         /// The agent that created the share (it may mint tokens for it).
         pub agent: Authority,
         pub viewer: Authority,
-        writer: Authority,
+        pub writer: Authority,
         /// Ops appended so far, to name the next ones uniquely.
         appended: usize,
     }

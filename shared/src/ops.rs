@@ -130,9 +130,47 @@ impl OpSpec {
     }
 }
 
+/// The record id of a model: `providerID/id`, as opencode names models
+/// (`anthropic/claude-sonnet-4`), so the same model id offered by two providers
+/// is two records. Just `id` when the model names no provider.
+pub fn model_record_id(id: &str, provider_id: Option<&str>) -> String {
+    match provider_id {
+        Some(provider) if !provider.is_empty() => format!("{provider}/{id}"),
+        _ => id.to_owned(),
+    }
+}
+
+/// [`model_record_id`] of a model record, `None` without a string `id`.
+pub fn model_record_id_of(model: &serde_json::Value) -> Option<String> {
+    let id = model.get("id")?.as_str()?;
+    Some(model_record_id(
+        id,
+        model.get("providerID").and_then(serde_json::Value::as_str),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn models_are_keyed_by_provider_and_id() {
+        let of = |v: serde_json::Value| model_record_id_of(&v);
+        assert_eq!(
+            of(serde_json::json!({"id": "x", "providerID": "openrouter"})).as_deref(),
+            Some("openrouter/x")
+        );
+        assert_eq!(
+            of(serde_json::json!({"id": "x", "providerID": "opencode"})).as_deref(),
+            Some("opencode/x")
+        );
+        assert_eq!(of(serde_json::json!({"id": "x"})).as_deref(), Some("x"));
+        assert_eq!(
+            of(serde_json::json!({"id": "x", "providerID": ""})).as_deref(),
+            Some("x")
+        );
+        assert_eq!(of(serde_json::json!({"id": 7})), None);
+    }
 
     #[test]
     fn kind_names_round_trip_through_str_and_serde() {

@@ -5,13 +5,16 @@
 //! - an op id already applied is a `duplicate` (at the cursor it was applied at);
 //! - an op that depends on itself is `invalid`; one whose `dependsOn` op is not applied is
 //!   `missingDependency`;
-//! - then the payload is checked and the stored records may refuse it: a part whose message
-//!   does not exist, a delta to a missing part or to a field that is not a string, an older
-//!   (non-terminal) upsert of a completed or errored message (`staleTransition`);
+//! - then the payload is checked and the stored records may refuse it: a delta to a missing
+//!   part or to a field that is not a string, or an older snapshot of a record
+//!   (`staleTransition`): a non-terminal upsert of a completed or errored message, a
+//!   `pending`/`running` tool part over a completed or errored one, a text or reasoning part
+//!   without `time.end` over one with it, a session with a smaller `time.updated`;
 //! - an applied op advances the cursor by exactly one.
 //!
 //! Effects: `session.upsert`, `message.upsert`, `part.upsert` and `model.upsert` replace their
-//! record; `message.remove` removes the message and its parts; `part.remove` removes a part
+//! record (a part whose message is missing is kept aside until it arrives; models are keyed by
+//! `providerID/id`); `message.remove` removes the message and its parts; `part.remove` removes a part
 //! (both apply even if nothing is there); `part.delta` appends to a string field of a part
 //! (default `"text"`, created when absent); `diff.set` replaces the session's diff list.
 //!
@@ -67,6 +70,8 @@ struct StoredMessage {
 struct StoredPart {
     message_id: String,
     json: Value,
+    /// A tool call completed or errored, or a text or reasoning part with `time.end`.
+    finished: bool,
 }
 
 /// The in-memory share.
@@ -164,6 +169,18 @@ impl Model {
                 if id != self.session_id {
                     return Err(invalid("another session"));
                 }
+                let updated = |session: &Value| {
+                    session
+                        .get("time")
+                        .and_then(|time| time.get("updated"))
+                        .and_then(Value::as_i64)
+                };
+                if let (Some(new), Some(stored)) =
+                    (updated(&payload), self.session.as_ref().and_then(updated))
+                    && new < stored
+                {
+                    return Err(reject(RejectReason::StaleTransition, "older session"));
+                }
                 self.session = Some(payload);
             }
             OpKind::MessageUpsert => {
@@ -198,14 +215,16 @@ impl Model {
                     return Err(invalid("part needs a type"));
                 }
                 self.same_session(obj)?;
-                if !self.messages.contains_key(&message_id) {
-                    return Err(invalid("part's message does not exist"));
+                let finished = is_finished_part(obj);
+                if !finished && self.parts.get(&id).is_some_and(|p| p.finished) {
+                    return Err(reject(RejectReason::StaleTransition, "part is finished"));
                 }
                 self.parts.insert(
                     id,
                     StoredPart {
                         message_id,
                         json: payload,
+                        finished,
                     },
                 );
             }
@@ -254,8 +273,16 @@ impl Model {
                 self.diffs = Some(Value::Array(diffs));
             }
             OpKind::ModelUpsert => {
-                let id = string_id(object(&payload)?, "id")?;
-                self.models.insert(id, payload);
+                let obj = object(&payload)?;
+                string_id(obj, "id")?;
+                if obj
+                    .get("providerID")
+                    .is_some_and(|p| !p.is_string() && !p.is_null())
+                {
+                    return Err(invalid("providerID is not a string"));
+                }
+                let key = capsync_shared::ops::model_record_id_of(&payload).expect("has an id");
+                self.models.insert(key, payload);
             }
         }
         Ok(())
@@ -285,9 +312,12 @@ impl Model {
             .enumerate()
             .map(|(i, id)| (id.clone(), i))
             .collect();
+        let mut orphan_parts = Vec::new();
         for part in self.parts.values() {
-            let i = index[&part.message_id];
-            messages[i].parts.push(part.json.clone());
+            match index.get(&part.message_id) {
+                Some(&i) => messages[i].parts.push(part.json.clone()),
+                None => orphan_parts.push(part.json.clone()),
+            }
         }
         SessionDocument {
             cursor: self.cursor(),
@@ -295,7 +325,7 @@ impl Model {
             models: self.models.values().cloned().collect(),
             diffs: self.diffs.clone(),
             messages,
-            orphan_parts: Vec::new(),
+            orphan_parts,
         }
     }
 }
@@ -331,6 +361,22 @@ fn either_id(obj: &Map<String, Value>, first: &str, second: &str) -> Result<Stri
     }
 }
 
+fn is_finished_part(part: &Map<String, Value>) -> bool {
+    match part.get("type").and_then(Value::as_str) {
+        Some("tool") => matches!(
+            part.get("state")
+                .and_then(|state| state.get("status"))
+                .and_then(Value::as_str),
+            Some("completed" | "error")
+        ),
+        Some("text" | "reasoning") => part
+            .get("time")
+            .and_then(|time| time.get("end"))
+            .is_some_and(Value::is_number),
+        _ => false,
+    }
+}
+
 fn is_terminal(message: &Map<String, Value>) -> bool {
     let completed = message
         .get("time")
@@ -362,8 +408,11 @@ pub fn document_difference(actual: &SessionDocument, expected: &SessionDocument)
             a.models, e.models
         ));
     }
-    if !a.orphan_parts.is_empty() {
-        return Some(format!("server has orphan parts {:?}", a.orphan_parts));
+    if a.orphan_parts != e.orphan_parts {
+        return Some(format!(
+            "parts without their message: server {:?}, model {:?}",
+            a.orphan_parts, e.orphan_parts
+        ));
     }
     let ids = |d: &SessionDocument| -> Vec<String> {
         d.messages.iter().map(|m| m.id().to_owned()).collect()

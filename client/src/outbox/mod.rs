@@ -178,8 +178,8 @@ pub enum RejectedReason {
     /// The op can never apply as sent (malformed payload, another session's record, a part
     /// whose message does not exist, ...).
     Invalid,
-    /// An older state of a message that has already completed or errored: no fault of the
-    /// op's author, the newer state is in the share.
+    /// An older snapshot of a record than the one in the share (see the server's
+    /// `staleTransition`): no fault of the op's author, the newer state is in the share.
     StaleTransition,
     /// The op alone exceeds a server limit.
     TooLarge,
@@ -327,6 +327,7 @@ mod tests {
             RejectReason::Invalid,
             RejectReason::StaleTransition,
             RejectReason::OpIdReused,
+            RejectReason::TooLarge,
         ] {
             assert!(RejectedReason::parse(reason.as_str()).is_some(), "{reason}");
         }

@@ -3,7 +3,8 @@
 //!
 //! Document shape (the same as `capsync snapshot --json`, plus `html`):
 //! `{"cursor", "session", "models", "diffs", "messages": [{"info", "parts"}],
-//!   "html": {partId: "<p>…</p>"}}`. Records are passed through as the agent
+//!   "orphanParts": [...], "html": {partId: "<p>…</p>"}}` (`orphanParts`: parts
+//! whose message has not arrived yet, not shown until it does). Records are passed through as the agent
 //! wrote them; only text parts get an `html` rendering, made here so the page
 //! never has to turn untrusted text into markup itself.
 
@@ -33,6 +34,7 @@ pub fn document(cursor: Cursor, records: &[Record]) -> Value {
     let mut diffs = Value::Null;
     let mut messages: Vec<(Value, Vec<Value>)> = Vec::new();
     let mut by_id: HashMap<&str, usize> = HashMap::new();
+    let mut orphans = Vec::new();
     let mut html = Map::new();
     for record in records {
         let value = parse(&record.json);
@@ -49,10 +51,12 @@ pub fn document(cursor: Cursor, records: &[Record]) -> Value {
                     let text = value.get("text").and_then(Value::as_str).unwrap_or("");
                     html.insert(record.id.clone(), markdown::render(text).into());
                 }
-                // The ledger sends a message's parts right after it; a part of
-                // a message removed between pages has nowhere to go.
-                if let Some(&i) = by_id.get(record.message_id.as_str()) {
-                    messages[i].1.push(value);
+                // The ledger sends a message's parts right after it, and
+                // parts whose message has not arrived at the end: the page
+                // keeps those aside until the message does.
+                match by_id.get(record.message_id.as_str()) {
+                    Some(&i) => messages[i].1.push(value),
+                    None => orphans.push(value),
                 }
             }
         }
@@ -67,6 +71,7 @@ pub fn document(cursor: Cursor, records: &[Record]) -> Value {
         "models": models,
         "diffs": diffs,
         "messages": messages,
+        "orphanParts": orphans,
         "html": html,
     })
 }

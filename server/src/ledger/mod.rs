@@ -9,6 +9,8 @@
 //! plus read connections). A PostgreSQL backend implements [`Backend`] later.
 
 pub mod lifecycle;
+pub mod oversize;
+pub mod progress;
 pub mod sqlite;
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
@@ -209,6 +211,8 @@ pub enum RejectReason {
     StaleTransition,
     /// The op id was applied before with other content.
     OpIdReused,
+    /// The payload is over the per-op limit (see [`oversize`]).
+    TooLarge,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -60,7 +60,6 @@ pub fn scope(scope: Result<wire::Scope, capnp::NotInSchema>) -> Result<RevokeSco
 /// Limits that shape a batch; checked before anything reaches the ledger.
 pub struct BatchLimits {
     pub max_ops: usize,
-    pub max_op_bytes: usize,
 }
 
 /// Reads and size-checks a batch. Content (JSON, ids, references) is the ledger's to judge.
@@ -91,14 +90,9 @@ pub fn batch(
                 op_id.len()
             )));
         }
+        // An op over the per-op limit is refused alone by the ledger
+        // (`ledger::oversize`); the message size limit bounds it here.
         let payload = text(op.get_payload())?;
-        if payload.len() > limits.max_op_bytes {
-            return Err(ServerError::too_large(format!(
-                "op {op_id} has a {}-byte payload; the limit is {} bytes",
-                payload.len(),
-                limits.max_op_bytes
-            )));
-        }
         let deps = op.get_depends_on()?;
         if deps.len() as usize > MAX_DEPENDS_ON {
             return Err(ServerError::too_large(format!(
@@ -289,6 +283,7 @@ pub fn fill_ack(ack: &Ack, mut out: ack::Builder<'_>) {
                     RejectReason::Invalid => wire::RejectReason::Invalid,
                     RejectReason::StaleTransition => wire::RejectReason::StaleTransition,
                     RejectReason::OpIdReused => wire::RejectReason::OpIdReused,
+                    RejectReason::TooLarge => wire::RejectReason::TooLarge,
                 });
                 rejection.set_detail(detail);
             }

@@ -11,6 +11,7 @@ use super::shares::{self, outcome};
 use super::viewer::ViewerImpl;
 use super::wire::{self, BatchLimits};
 use crate::error::ServerError;
+use crate::ledger::oversize::append_within_limit;
 use crate::ledger::{Ack, AuditEvent, Authority};
 use crate::presence::WriterPresence;
 
@@ -51,11 +52,16 @@ impl WriterImpl {
         let _in_flight = self.ctx.begin_batch()?;
         let limits = BatchLimits {
             max_ops: self.ctx.max_ops_per_batch,
-            max_op_bytes: self.ctx.max_op_bytes,
         };
         let batch = wire::batch(params.get()?.get_batch()?, &limits)?;
         let started = Instant::now();
-        let ack = self.ctx.ledger.append(self.auth.clone(), batch).await?;
+        let ack = append_within_limit(
+            &self.ctx.ledger,
+            self.auth.clone(),
+            batch,
+            self.ctx.max_op_bytes,
+        )
+        .await?;
         self.ctx.metrics.batch_committed(started.elapsed(), &ack);
         Ok(ack)
     }

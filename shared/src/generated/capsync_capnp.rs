@@ -18852,6 +18852,7 @@ pub enum RejectReason {
     Invalid = 1,
     StaleTransition = 2,
     OpIdReused = 3,
+    TooLarge = 4,
 }
 
 impl ::capnp::introspect::Introspect for RejectReason {
@@ -18868,6 +18869,7 @@ impl ::core::convert::TryFrom<u16> for RejectReason {
             1 => ::core::result::Result::Ok(Self::Invalid),
             2 => ::core::result::Result::Ok(Self::StaleTransition),
             3 => ::core::result::Result::Ok(Self::OpIdReused),
+            4 => ::core::result::Result::Ok(Self::TooLarge),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -18880,7 +18882,7 @@ impl ::capnp::traits::HasTypeId for RejectReason {
     const TYPE_ID: u64 = 0x90d3_4caf_f359_f503u64;
 }
 mod reject_reason {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 38] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 43] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(3, 245, 89, 243, 175, 76, 211, 144),
     ::capnp::word(14, 0, 0, 0, 2, 0, 0, 0),
@@ -18890,7 +18892,7 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 38] = [
     ::capnp::word(21, 0, 0, 0, 218, 0, 0, 0),
     ::capnp::word(33, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(29, 0, 0, 0, 103, 0, 0, 0),
+    ::capnp::word(29, 0, 0, 0, 127, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(99, 97, 112, 115, 121, 110, 99, 46),
@@ -18898,18 +18900,21 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 38] = [
     ::capnp::word(106, 101, 99, 116, 82, 101, 97, 115),
     ::capnp::word(111, 110, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(16, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(20, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(41, 0, 0, 0, 146, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 146, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(41, 0, 0, 0, 66, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 66, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(33, 0, 0, 0, 130, 0, 0, 0),
+    ::capnp::word(45, 0, 0, 0, 130, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(29, 0, 0, 0, 90, 0, 0, 0),
+    ::capnp::word(41, 0, 0, 0, 90, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(37, 0, 0, 0, 74, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(109, 105, 115, 115, 105, 110, 103, 68),
     ::capnp::word(101, 112, 101, 110, 100, 101, 110, 99),
@@ -18919,6 +18924,8 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 38] = [
     ::capnp::word(110, 115, 105, 116, 105, 111, 110, 0),
     ::capnp::word(111, 112, 73, 100, 82, 101, 117, 115),
     ::capnp::word(101, 100, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(116, 111, 111, 76, 97, 114, 103, 101),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

@@ -9,7 +9,6 @@ use sha2::{Digest, Sha256};
 
 use super::authority::{self, Access, ShareRow};
 use super::convert::{cursor_column, cursor_param};
-use super::records::KnownMessages;
 use super::{audit, payload, reclaim, records};
 use crate::ledger::{
     Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
@@ -51,7 +50,6 @@ pub(super) fn append(
         reclaim_compacted,
         cursor: share.cursor,
         applied_here: HashMap::new(),
-        known_messages: KnownMessages::default(),
     };
     let results = batch
         .ops
@@ -112,8 +110,6 @@ struct BatchRun<'a> {
     /// count for dedupe and dependencies exactly like ledger rows (they are
     /// ledger rows already; this just saves the lookups).
     applied_here: HashMap<&'a str, (Cursor, OpDigest)>,
-    /// Messages seen to exist during this batch.
-    known_messages: KnownMessages,
 }
 
 impl<'a> BatchRun<'a> {
@@ -200,12 +196,7 @@ impl<'a> BatchRun<'a> {
             Ok(effect) => effect,
             Err(reason) => return Ok(Err(rejected(RejectReason::Invalid, reason))),
         };
-        let refused = records::apply(
-            self.conn,
-            self.share.id.as_str(),
-            &effect,
-            &mut self.known_messages,
-        )?;
+        let refused = records::apply(self.conn, self.share.id.as_str(), &effect)?;
         Ok(refused.map_err(|refusal| rejected(refusal.reason, refusal.detail)))
     }
 

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::payload::{self, Effect};
 use super::reclaim::clear_compacted_output;
+use crate::ledger::progress;
 
 /// The session of the share the payloads are sent to: the sample export's, so
 /// that payloads taken from it are accepted and the fuzzer starts from there.
@@ -54,14 +55,23 @@ pub fn check_payload(kind: OpKind, payload: &str) {
         let stored = payload::parse(kind, &cleared, SESSION_ID);
         match (&verdict, &stored) {
             (
-                Ok(Effect::PartUpsert { id, message_id, .. }),
+                Ok(Effect::PartUpsert {
+                    id,
+                    message_id,
+                    finished,
+                    ..
+                }),
                 Ok(Effect::PartUpsert {
                     id: stored_id,
                     message_id: stored_message_id,
+                    finished: stored_finished,
                     json,
                 }),
             ) => {
-                assert_eq!((id, message_id), (stored_id, stored_message_id));
+                assert_eq!(
+                    (id, message_id, finished),
+                    (stored_id, stored_message_id, stored_finished)
+                );
                 assert_eq!(json, &cleared);
             }
             (Err(sent), Err(cleared)) => assert_eq!(sent, cleared),
@@ -97,20 +107,29 @@ fn check_effect(kind: OpKind, payload: &str, effect: &Effect) {
         record.get(name).and_then(Value::as_str).map(str::to_owned)
     };
     match effect {
-        Effect::Session { json } => {
+        Effect::Session { updated, json } => {
             assert_eq!(json, payload);
-            assert_eq!(field(&record(json), "id").as_deref(), Some(SESSION_ID));
+            let session = record(json);
+            assert_eq!(field(&session, "id").as_deref(), Some(SESSION_ID));
+            let time_updated = session.get("time").and_then(|time| time.get("updated"));
+            assert_eq!(*updated, progress::session_updated(time_updated));
         }
-        Effect::MessageUpsert { id, json, .. } => {
+        Effect::MessageUpsert { id, terminal, json } => {
             check_id(id);
             assert_eq!(json, payload);
             let message = record(json);
             assert_eq!(field(&message, "id").as_ref(), Some(id));
             assert!(message.get("role").is_some_and(Value::is_string));
+            let completed = message.get("time").and_then(|time| time.get("completed"));
+            assert_eq!(
+                *terminal,
+                progress::message_finished(completed, message.get("error"))
+            );
         }
         Effect::PartUpsert {
             id,
             message_id,
+            finished,
             json,
         } => {
             check_id(id);
@@ -119,12 +138,22 @@ fn check_effect(kind: OpKind, payload: &str, effect: &Effect) {
             let part = record(json);
             assert_eq!(field(&part, "id").as_ref(), Some(id));
             assert_eq!(field(&part, "messageID").as_ref(), Some(message_id));
-            assert!(part.get("type").is_some_and(Value::is_string));
+            let part_type = field(&part, "type").expect("a part has a string type");
+            let status = part.get("state").and_then(|state| state.get("status"));
+            let time_end = part.get("time").and_then(|time| time.get("end"));
+            assert_eq!(
+                *finished,
+                progress::part_finished(&part_type, status.and_then(Value::as_str), time_end)
+            );
         }
         Effect::ModelUpsert { id, json } => {
             check_id(id);
             assert_eq!(json, payload);
-            assert_eq!(field(&record(json), "id").as_ref(), Some(id));
+            let model = record(json);
+            assert_eq!(
+                capsync_shared::ops::model_record_id_of(&Value::Object(model)).as_ref(),
+                Some(id)
+            );
         }
         Effect::MessageRemove { id } | Effect::PartRemove { id } => check_id(id),
         Effect::PartDelta { id, field, .. } => {
@@ -245,6 +274,7 @@ mod tests {
                 Ok(Effect::PartUpsert {
                     id: "p".into(),
                     message_id: "m".into(),
+                    finished: false,
                     json: null_session.into(),
                 }),
             ),

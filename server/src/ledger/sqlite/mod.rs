@@ -39,6 +39,8 @@ mod tests;
 #[cfg(test)]
 mod tests_maintenance;
 #[cfg(test)]
+mod tests_out_of_order;
+#[cfg(test)]
 mod tests_prune;
 #[cfg(test)]
 mod tests_reclaim;

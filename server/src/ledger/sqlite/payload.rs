@@ -3,6 +3,7 @@
 //! Reasons returned here go to the agent as `rejected(invalid, reason)`: short
 //! sentences about its payload, never anything about the server.
 
+use crate::ledger::progress;
 use capsync_shared::OpKind;
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use std::borrow::Cow;
@@ -14,8 +15,10 @@ use serde_json::{Map, Value};
 /// What an op will do to the records, once the stored records agree (see `records`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Effect {
-    /// Replaces the session record.
+    /// Replaces the session record, unless the stored one was updated later.
     Session {
+        /// `time.updated` (see [`progress`]).
+        updated: Option<i64>,
         json: String,
     },
     /// Replaces a message; a terminal message only accepts terminal replacements.
@@ -28,10 +31,12 @@ pub(super) enum Effect {
     MessageRemove {
         id: String,
     },
-    /// Replaces a part; its message must exist.
+    /// Replaces a part, unless the stored one is finished and this one is not
+    /// (see [`progress`]). Its message may arrive later.
     PartUpsert {
         id: String,
         message_id: String,
+        finished: bool,
         json: String,
     },
     PartRemove {
@@ -80,7 +85,9 @@ pub(super) fn full_parse(kind: OpKind, payload: &str, session_id: &str) -> Resul
                     "session id {id} is not this share's session {session_id}"
                 ));
             }
+            let time = value.get("time");
             Ok(Effect::Session {
+                updated: progress::session_updated(time.and_then(|t| t.get("updated"))),
                 json: payload.to_owned(),
             })
         }
@@ -104,13 +111,19 @@ pub(super) fn full_parse(kind: OpKind, payload: &str, session_id: &str) -> Resul
             let obj = object(&value)?;
             let id = string_id(obj, "id")?;
             let message_id = string_id(obj, "messageID")?;
-            if !matches!(obj.get("type"), Some(Value::String(_))) {
+            let Some(Value::String(part_type)) = obj.get("type") else {
                 return Err("part needs a string \"type\"".to_owned());
-            }
+            };
             same_session(obj, session_id)?;
+            let status = obj
+                .get("state")
+                .and_then(|state| state.get("status"))
+                .and_then(Value::as_str);
+            let time_end = obj.get("time").and_then(|time| time.get("end"));
             Ok(Effect::PartUpsert {
                 id,
                 message_id,
+                finished: progress::part_finished(part_type, status, time_end),
                 json: payload.to_owned(),
             })
         }
@@ -119,10 +132,25 @@ pub(super) fn full_parse(kind: OpKind, payload: &str, session_id: &str) -> Resul
         }),
         OpKind::PartDelta => part_delta(object(&value)?),
         OpKind::DiffSet => diff_set(value),
-        OpKind::ModelUpsert => Ok(Effect::ModelUpsert {
-            id: string_id(object(&value)?, "id")?,
-            json: payload.to_owned(),
-        }),
+        OpKind::ModelUpsert => {
+            let obj = object(&value)?;
+            let id = string_id(obj, "id")?;
+            let provider = match obj.get("providerID") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(provider)) => Some(provider.as_str()),
+                Some(_) => return Err("\"providerID\" is not a string".to_owned()),
+            };
+            let key = capsync_shared::ops::model_record_id(&id, provider);
+            if key.len() > MAX_RECORD_ID_BYTES {
+                return Err(format!(
+                    "\"providerID\" and \"id\" together are longer than {MAX_RECORD_ID_BYTES} bytes"
+                ));
+            }
+            Ok(Effect::ModelUpsert {
+                id: key,
+                json: payload.to_owned(),
+            })
+        }
     }
 }
 
@@ -139,8 +167,9 @@ struct MessageHead<'a> {
     /// A map, not a struct: serde reads a struct from a JSON array too.
     #[serde(default)]
     time: Option<Map<String, Value>>,
+    /// Small in practice (a name and a message), and `null` reads as `None`.
     #[serde(default)]
-    error: Option<IgnoredAny>,
+    error: Option<Value>,
 }
 
 /// The fields a part upsert needs, borrowed from the payload.
@@ -150,11 +179,47 @@ struct PartHead<'a> {
     id: Cow<'a, str>,
     #[serde(rename = "messageID", borrow)]
     message_id: Cow<'a, str>,
-    /// Required to be a string; its value is not needed here.
     #[serde(rename = "type", borrow)]
-    _type: Cow<'a, str>,
+    part_type: Cow<'a, str>,
     #[serde(rename = "sessionID", borrow, default)]
     session_id: Option<Cow<'a, str>>,
+    /// A tool call's `state.status`, without reading its output into a `Value`.
+    #[serde(default)]
+    state: Option<StateStatus>,
+    #[serde(default)]
+    time: Option<Map<String, Value>>,
+}
+
+/// The `status` member of a part's `state` object (read from objects only, as
+/// the full parse reads it; the last of repeated members wins, as there).
+struct StateStatus(Option<Value>);
+
+impl<'de> Deserialize<'de> for StateStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StatusVisitor;
+
+        impl<'de> Visitor<'de> for StatusVisitor {
+            type Value = StateStatus;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<StateStatus, A::Error> {
+                let mut status = None;
+                while let Some(key) = members.next_key::<Cow<'de, str>>()? {
+                    if key == "status" {
+                        status = Some(members.next_value::<Value>()?);
+                    } else {
+                        members.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(StateStatus(status))
+            }
+        }
+
+        deserializer.deserialize_map(StatusVisitor)
+    }
 }
 
 /// The common, valid case of the hottest kinds without building a whole `Value`
@@ -172,22 +237,30 @@ fn fast_path(kind: OpKind, payload: &str, session_id: &str) -> Option<Effect> {
     match kind {
         OpKind::PartUpsert => {
             let head: PartHead<'_> = serde_json::from_str(payload).ok()?;
-            (id_ok(&head.id) && id_ok(&head.message_id) && session_ok(&head.session_id)).then(
-                || Effect::PartUpsert {
-                    id: head.id.into_owned(),
-                    message_id: head.message_id.into_owned(),
-                    json: payload.to_owned(),
-                },
-            )
+            if !(id_ok(&head.id) && id_ok(&head.message_id) && session_ok(&head.session_id)) {
+                return None;
+            }
+            let status = head.state.as_ref().and_then(|s| s.0.as_ref());
+            let time_end = head.time.as_ref().and_then(|time| time.get("end"));
+            Some(Effect::PartUpsert {
+                finished: progress::part_finished(
+                    &head.part_type,
+                    status.and_then(Value::as_str),
+                    time_end,
+                ),
+                id: head.id.into_owned(),
+                message_id: head.message_id.into_owned(),
+                json: payload.to_owned(),
+            })
         }
         OpKind::MessageUpsert => {
             let head: MessageHead<'_> = serde_json::from_str(payload).ok()?;
             (id_ok(&head.id) && session_ok(&head.session_id)).then(|| Effect::MessageUpsert {
                 id: head.id.into_owned(),
-                terminal: head
-                    .time
-                    .is_some_and(|time| time.get("completed").is_some_and(Value::is_number))
-                    || head.error.is_some(),
+                terminal: progress::message_finished(
+                    head.time.as_ref().and_then(|time| time.get("completed")),
+                    head.error.as_ref(),
+                ),
                 json: payload.to_owned(),
             })
         }
@@ -270,12 +343,10 @@ fn object(value: &Value) -> Result<&Map<String, Value>, String> {
 
 /// opencode marks a finished message with `time.completed`, a failed one with `error`.
 fn is_terminal(message: &Map<String, Value>) -> bool {
-    let completed = message
-        .get("time")
-        .and_then(|time| time.get("completed"))
-        .is_some_and(Value::is_number);
-    let errored = message.get("error").is_some_and(|e| !e.is_null());
-    completed || errored
+    progress::message_finished(
+        message.get("time").and_then(|time| time.get("completed")),
+        message.get("error"),
+    )
 }
 
 fn part_delta(obj: &Map<String, Value>) -> Result<Effect, String> {
@@ -399,7 +470,10 @@ mod tests {
         let text = r#"{"id": "ses_1", "title": "t"}"#;
         assert_eq!(
             parse(OpKind::SessionUpsert, text, SES),
-            Ok(Effect::Session { json: text.into() })
+            Ok(Effect::Session {
+                updated: None,
+                json: text.into()
+            })
         );
     }
 

@@ -3,13 +3,12 @@
 //! Each effect first checks what it needs from the stored records and only
 //! then writes, so a rejected op leaves nothing behind.
 
-use std::collections::HashSet;
-
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::errors::corrupt;
 use super::payload::Effect;
+use crate::ledger::progress::is_older;
 use crate::ledger::{LedgerResult, RejectReason};
 
 /// Why stored state refuses an otherwise well-formed op.
@@ -27,40 +26,48 @@ impl Refusal {
             detail,
         }
     }
-}
 
-/// Messages known to exist in the share while one batch is applied, so a batch
-/// of parts looks its message up once instead of once per part.
-#[derive(Debug, Default)]
-pub(super) struct KnownMessages(HashSet<String>);
+    fn stale(detail: String) -> Self {
+        Self {
+            reason: RejectReason::StaleTransition,
+            detail,
+        }
+    }
+}
 
 /// Applies `effect` to the records of `share_id`, or says why the stored state refuses it.
 pub(super) fn apply(
     conn: &Connection,
     share_id: &str,
     effect: &Effect,
-    known: &mut KnownMessages,
 ) -> LedgerResult<Result<(), Refusal>> {
     match effect {
-        Effect::Session { json } => {
+        Effect::Session { updated, json } => {
+            let stored: Option<Option<i64>> = conn
+                .prepare_cached("SELECT updated FROM sessions WHERE share_id = ?1")?
+                .query_row([share_id], |r| r.get(0))
+                .optional()?;
+            if is_older(*updated, stored.flatten()) {
+                return Ok(Err(Refusal::stale(
+                    "the session was already updated later (time.updated)".to_owned(),
+                )));
+            }
             conn.prepare_cached(
-                "INSERT INTO sessions (share_id, json) VALUES (?1, ?2)
-                 ON CONFLICT (share_id) DO UPDATE SET json = excluded.json",
+                "INSERT INTO sessions (share_id, updated, json) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (share_id) DO UPDATE
+                 SET updated = excluded.updated, json = excluded.json",
             )?
-            .execute(params![share_id, json])?;
+            .execute(params![share_id, updated, json])?;
         }
         Effect::MessageUpsert { id, terminal, json } => {
             let stored_terminal: Option<bool> = conn
                 .prepare_cached("SELECT terminal FROM messages WHERE share_id = ?1 AND id = ?2")?
                 .query_row(params![share_id, id], |r| r.get(0))
                 .optional()?;
-            if stored_terminal == Some(true) && !terminal {
-                return Ok(Err(Refusal {
-                    reason: RejectReason::StaleTransition,
-                    detail: format!(
-                        "message {id} is already completed or errored and cannot move back"
-                    ),
-                }));
+            if is_older(Some(*terminal), stored_terminal) {
+                return Ok(Err(Refusal::stale(format!(
+                    "message {id} is already completed or errored and cannot move back"
+                ))));
             }
             conn.prepare_cached(
                 "INSERT INTO messages (share_id, id, terminal, json) VALUES (?1, ?2, ?3, ?4)
@@ -68,38 +75,41 @@ pub(super) fn apply(
                  SET terminal = excluded.terminal, json = excluded.json",
             )?
             .execute(params![share_id, id, terminal, json])?;
-            known.0.insert(id.clone());
         }
         Effect::MessageRemove { id } => {
-            // Its parts go with it (ON DELETE CASCADE).
+            // Its parts go with it, including any that arrived before it.
+            conn.prepare_cached("DELETE FROM parts WHERE share_id = ?1 AND message_id = ?2")?
+                .execute(params![share_id, id])?;
             conn.prepare_cached("DELETE FROM messages WHERE share_id = ?1 AND id = ?2")?
                 .execute(params![share_id, id])?;
-            known.0.remove(id.as_str());
         }
         Effect::PartUpsert {
             id,
             message_id,
+            finished,
             json,
         } => {
-            let message_exists = known.0.contains(message_id.as_str())
-                || conn
-                    .prepare_cached("SELECT 1 FROM messages WHERE share_id = ?1 AND id = ?2")?
-                    .exists(params![share_id, message_id])?;
-            if message_exists {
-                known.0.insert(message_id.clone());
-            } else {
-                return Ok(Err(Refusal::invalid(format!(
-                    "part's message {message_id} does not exist in this share"
+            let stored_finished: Option<bool> = conn
+                .prepare_cached("SELECT finished FROM parts WHERE share_id = ?1 AND id = ?2")?
+                .query_row(params![share_id, id], |r| r.get(0))
+                .optional()?;
+            if is_older(Some(*finished), stored_finished) {
+                return Ok(Err(Refusal::stale(format!(
+                    "part {id} is already finished and cannot move back"
                 ))));
             }
-            // A part that moved to another message follows it: message_id is
-            // replaced along with the JSON.
+            // A part whose message has not arrived yet is kept: snapshots come
+            // concurrently, and a client that never resends would lose it. It
+            // shows once its message exists. A part that moved to another
+            // message follows it: message_id is replaced along with the JSON.
             conn.prepare_cached(
-                "INSERT INTO parts (share_id, id, message_id, json) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO parts (share_id, id, message_id, finished, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (share_id, id) DO UPDATE
-                 SET message_id = excluded.message_id, json = excluded.json",
+                 SET message_id = excluded.message_id, finished = excluded.finished,
+                     json = excluded.json",
             )?
-            .execute(params![share_id, id, message_id, json])?;
+            .execute(params![share_id, id, message_id, finished, json])?;
         }
         Effect::PartRemove { id } => {
             conn.prepare_cached("DELETE FROM parts WHERE share_id = ?1 AND id = ?2")?

@@ -25,7 +25,13 @@ pub(super) const WRITER_TEMP_STORE: &str = "MEMORY";
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_ARCHIVE, V3_LIFECYCLE, V4_OP_DIGEST];
+pub(super) const MIGRATIONS: &[&str] = &[
+    V1_INITIAL,
+    V2_ARCHIVE,
+    V3_LIFECYCLE,
+    V4_OP_DIGEST,
+    V5_OUT_OF_ORDER,
+];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -160,6 +166,47 @@ CREATE INDEX shares_by_session ON shares (session_id);
 /// answering `duplicate`, as they always did.
 const V4_OP_DIGEST: &str = r#"
 ALTER TABLE ops ADD COLUMN digest BLOB;
+"#;
+
+/// Snapshots that arrive out of order (issue 10; see `ledger::progress`):
+/// - `parts.finished`, `sessions.updated`: how far along the stored record is,
+///   so an older snapshot is refused without parsing the stored JSON. Filled
+///   here as `progress` defines them (a session's `time.updated` only when it
+///   is an integer: anything else orders nothing, as before).
+/// - Parts no longer need their message: one that arrives first is kept and
+///   joins it when it comes. They belong to their share instead, and removing
+///   a message removes its parts explicitly.
+/// - A model is keyed `providerID/id`, as opencode names models, so the same
+///   model id from two providers is two records.
+const V5_OUT_OF_ORDER: &str = r#"
+CREATE TABLE parts_v5 (
+    share_id   TEXT NOT NULL REFERENCES shares (id) ON DELETE CASCADE,
+    id         TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    finished   INTEGER NOT NULL CHECK (finished IN (0, 1)),
+    json       TEXT NOT NULL,
+    PRIMARY KEY (share_id, id)
+) STRICT;
+INSERT INTO parts_v5 (rowid, share_id, id, message_id, finished, json)
+SELECT rowid, share_id, id, message_id,
+    CASE json_extract(json, '$.type')
+        WHEN 'tool' THEN coalesce(json_extract(json, '$.state.status') IN ('completed', 'error'), 0)
+        WHEN 'text' THEN coalesce(json_type(json, '$.time.end') IN ('integer', 'real'), 0)
+        WHEN 'reasoning' THEN coalesce(json_type(json, '$.time.end') IN ('integer', 'real'), 0)
+        ELSE 0
+    END,
+    json
+FROM parts;
+DROP TABLE parts;
+ALTER TABLE parts_v5 RENAME TO parts;
+CREATE INDEX parts_by_message ON parts (share_id, message_id, id);
+
+ALTER TABLE sessions ADD COLUMN updated INTEGER;
+UPDATE sessions SET updated = json_extract(json, '$.time.updated')
+WHERE json_type(json, '$.time.updated') = 'integer';
+
+UPDATE OR IGNORE models SET id = json_extract(json, '$.providerID') || '/' || id
+WHERE json_type(json, '$.providerID') = 'text' AND json_extract(json, '$.providerID') <> '';
 "#;
 
 /// Opens the write connection, creating the database (and its directory) if

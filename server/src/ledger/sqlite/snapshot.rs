@@ -1,7 +1,8 @@
 //! Snapshot paging: a share's records in a fixed order, cut into byte-bounded pages with an opaque resume position.
 //!
-//! Order: the session, models by id, the diff list, then each message (by id)
-//! followed by its parts (by id). Every record has a sort key
+//! Order: the session, models by id, the diff list, each message (by id)
+//! followed by its parts (by id), then parts whose message has not arrived
+//! (by message id, then id; a viewer keeps them aside until it does). Every record has a sort key
 //! `(stage, key, sub)`; a page position is the key of the next record to
 //! emit, so resuming is a `>=` range query and records deleted between pages
 //! simply do not show up.
@@ -42,6 +43,8 @@ enum Stage {
     Models = 1,
     Diffs = 2,
     Messages = 3,
+    /// Parts whose message is not in the share (yet).
+    Orphans = 4,
 }
 
 /// The sort key of the next record to emit.
@@ -51,7 +54,8 @@ struct Position {
     /// Model id, or message id, to resume at (inclusive); "" from the stage's start.
     key: String,
     /// Within message `key`: the part id to resume at; "" means the message
-    /// itself has not been sent yet (ids are never empty).
+    /// itself has not been sent yet (ids are never empty). Among orphans,
+    /// the part id to resume at within message id `key`.
     sub: String,
 }
 
@@ -101,6 +105,7 @@ impl Position {
             "1" => Stage::Models,
             "2" => Stage::Diffs,
             "3" => Stage::Messages,
+            "4" => Stage::Orphans,
             _ => return None,
         };
         let text = |hex_text: &str| String::from_utf8(hex::decode(hex_text).ok()?).ok();
@@ -192,33 +197,53 @@ fn fill(
         }
     }
 
-    let (from_message, from_part) = from(Stage::Messages);
-    let mut messages = conn.prepare_cached(
-        "SELECT id, json FROM messages WHERE share_id = ?1 AND id >= ?2 ORDER BY id",
+    if start.stage <= Stage::Messages {
+        let (from_message, from_part) = from(Stage::Messages);
+        let mut messages = conn.prepare_cached(
+            "SELECT id, json FROM messages WHERE share_id = ?1 AND id >= ?2 ORDER BY id",
+        )?;
+        let mut rows = messages.query(params![share_id, from_message])?;
+        while let Some(row) = rows.next()? {
+            let message_id: String = row.get(0)?;
+            // Resuming inside this message: it was sent already, continue with its parts.
+            let first_part = if message_id == from_message {
+                from_part
+            } else {
+                ""
+            };
+            if first_part.is_empty()
+                && !filler.offer(RecordKind::Message, &message_id, "", row.get(1)?)
+            {
+                return Ok(Some(Position::at(Stage::Messages, &message_id, "")));
+            }
+            let mut parts = conn.prepare_cached(
+                "SELECT id, json FROM parts
+                 WHERE share_id = ?1 AND message_id = ?2 AND id >= ?3 ORDER BY id",
+            )?;
+            let mut part_rows = parts.query(params![share_id, message_id, first_part])?;
+            while let Some(part) = part_rows.next()? {
+                let part_id: String = part.get(0)?;
+                if !filler.offer(RecordKind::Part, &part_id, &message_id, part.get(1)?) {
+                    return Ok(Some(Position::at(Stage::Messages, &message_id, &part_id)));
+                }
+            }
+        }
+    }
+
+    let (from_message, from_part) = from(Stage::Orphans);
+    let mut orphans = conn.prepare_cached(
+        "SELECT p.message_id, p.id, p.json FROM parts p
+         WHERE p.share_id = ?1 AND (p.message_id, p.id) >= (?2, ?3)
+           AND NOT EXISTS (SELECT 1 FROM messages m
+                           WHERE m.share_id = p.share_id AND m.id = p.message_id)
+         ORDER BY p.message_id, p.id",
     )?;
-    let mut rows = messages.query(params![share_id, from_message])?;
+    let mut rows = orphans.query(params![share_id, from_message, from_part])?;
     while let Some(row) = rows.next()? {
         let message_id: String = row.get(0)?;
-        // Resuming inside this message: it was sent already, continue with its parts.
-        let first_part = if message_id == from_message {
-            from_part
-        } else {
-            ""
-        };
-        if first_part.is_empty() && !filler.offer(RecordKind::Message, &message_id, "", row.get(1)?)
-        {
-            return Ok(Some(Position::at(Stage::Messages, &message_id, "")));
-        }
-        let mut parts = conn.prepare_cached(
-            "SELECT id, json FROM parts
-             WHERE share_id = ?1 AND message_id = ?2 AND id >= ?3 ORDER BY id",
-        )?;
-        let mut part_rows = parts.query(params![share_id, message_id, first_part])?;
-        while let Some(part) = part_rows.next()? {
-            let part_id: String = part.get(0)?;
-            if !filler.offer(RecordKind::Part, &part_id, &message_id, part.get(1)?) {
-                return Ok(Some(Position::at(Stage::Messages, &message_id, &part_id)));
-            }
+        let part_id: String = row.get(1)?;
+        if !filler.offer(RecordKind::Part, &part_id, &message_id, row.get(2)?) {
+            return Ok(Some(Position::at(Stage::Orphans, &message_id, &part_id)));
         }
     }
     Ok(None)
@@ -235,6 +260,7 @@ mod tests {
             Position::at(Stage::Models, "gpt.5", ""),
             Position::at(Stage::Diffs, "", ""),
             Position::at(Stage::Messages, "msg_1", "prt.2"),
+            Position::at(Stage::Orphans, "msg_3", "prt.4"),
         ] {
             assert_eq!(Position::decode(&position.encode()).unwrap(), position);
         }
@@ -242,7 +268,9 @@ mod tests {
             Position::decode("").unwrap(),
             Position::at(Stage::Session, "", "")
         );
-        for garbage in ["x", "1.3.zz.", "2.1..", "1.9..", "1.1...", "1.1.ff."] {
+        for garbage in [
+            "x", "1.3.zz.", "2.1..", "1.9..", "1.5..", "1.1...", "1.1.ff.",
+        ] {
             assert!(
                 matches!(
                     Position::decode(garbage),
