@@ -261,6 +261,8 @@ fn the_page_is_served_with_a_strict_policy() {
                 "{csp}"
             );
             assert!(!csp.contains("unsafe-inline"));
+            // Images only from data: URLs (attachments embedded in the session).
+            assert!(csp.contains("img-src data:;"), "{csp}");
             assert_eq!(headers["referrer-policy"], "no-referrer");
             // The same page for any id: whether a share exists is for the API to say.
             assert_eq!(get(addr, "/s/sh_doesnotexist", None).2, body);
