@@ -41,7 +41,7 @@ let reloadNeeded = false;
 function loadDocument(snapshot) {
   doc.cursor = snapshot.cursor || 0;
   doc.session = snapshot.session || null;
-  doc.models = new Map((snapshot.models || []).map((m) => [idOf(m), m]));
+  doc.models = new Map((snapshot.models || []).map((m) => [modelKey(m), m]));
   doc.diffs = Array.isArray(snapshot.diffs) ? snapshot.diffs : null;
   doc.messages = new Map();
   doc.orphans = new Map();
@@ -51,7 +51,18 @@ function loadDocument(snapshot) {
       parts: new Map((m.parts || []).map((p) => [idOf(p), p])),
     });
   }
+  // Parts whose message has not arrived: kept aside until it does, as the server does.
+  for (const p of snapshot.orphanParts || []) {
+    const messageId = typeof p.messageID === "string" ? p.messageID : "";
+    partsOf(messageId).set(idOf(p), p);
+  }
   doc.html = new Map(Object.entries(snapshot.html || {}));
+}
+
+// A model's record key, as the server keys it: `providerID/id`, or `id` alone.
+function modelKey(m) {
+  const provider = m && typeof m.providerID === "string" ? m.providerID : "";
+  return provider ? provider + "/" + idOf(m) : idOf(m);
 }
 
 // The message id and parts map holding part `partId`, among messages and orphans.
@@ -81,7 +92,7 @@ function applyOp(op) {
       doc.session = p;
       return "";
     case "model.upsert":
-      doc.models.set(idOf(p), p);
+      doc.models.set(modelKey(p), p);
       return "";
     case "diff.set":
       doc.diffs = Array.isArray(p) ? p : Array.isArray(p.diffs) ? p.diffs : [];
