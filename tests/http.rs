@@ -14,6 +14,9 @@ use capsync_tests::client::{AgentClient, CreatedShare, OpKind, OpSpec, Scope};
 use capsync_tests::{TestServer, admin, agent, run_local, sample_share};
 use serde_json::{Value, json};
 
+#[path = "http_opencode.rs"]
+mod opencode;
+
 /// How long any one wait for the server may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(20);
 

@@ -30,6 +30,7 @@ pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP request body; every route today is a GET.
 pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 64 << 10;
+pub const DEFAULT_SYNC_MAX_BODY_BYTES: usize = 32 << 20;
 /// Commands waiting for the ledger's writer, and the bytes of batches among them.
 pub const DEFAULT_WRITE_QUEUE: usize = 1024;
 pub const DEFAULT_WRITE_QUEUE_BYTES: usize = 64 << 20;
@@ -209,9 +210,22 @@ pub struct Config {
           default_value = "10s")]
     pub http_header_timeout: Duration,
 
-    /// Largest HTTP request body, in bytes; larger requests get `413`.
+    /// Largest HTTP request body, in bytes; larger requests get `413`. opencode's
+    /// syncs have their own limit (`--sync-max-body-bytes`).
     #[arg(long, env = "CAPSYNC_HTTP_MAX_BODY_BYTES", default_value_t = DEFAULT_HTTP_MAX_BODY_BYTES)]
     pub http_max_body_bytes: usize,
+
+    /// Largest body of an opencode sync (`POST …/api/share/{id}/sync`), in bytes:
+    /// one second of a session's changes. Read only once the agent token in the
+    /// URL has been checked; larger syncs get `413`.
+    #[arg(long, env = "CAPSYNC_SYNC_MAX_BODY_BYTES", default_value_t = DEFAULT_SYNC_MAX_BODY_BYTES)]
+    pub sync_max_body_bytes: usize,
+
+    /// The origin share links start with, e.g. `https://share.example.com`
+    /// (behind a TLS proxy; no path, as `opencode import` wants links of the
+    /// form `<origin>/share/…`). Unset: `http://` and the host the request was sent to.
+    #[arg(long, env = "CAPSYNC_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
 
     /// How long a share's writer may be gone before the share page shows its
     /// still-running tool calls as interrupted (display only), e.g. `5m`.
@@ -283,6 +297,28 @@ pub struct Config {
 }
 
 /// The default for `--argon2-concurrency`: one verification per CPU.
+/// `--public-url`: an `http://` or `https://` origin, without a path:
+/// `opencode import` only takes links of the form `https://host/share/<id>`.
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() {
+        return Err("names no host".to_owned());
+    }
+    if rest.contains('/') {
+        return Err(
+            "must be an origin without a path (share links are <origin>/share/…)".to_owned(),
+        );
+    }
+    if url.contains(['?', '#', ' ']) {
+        return Err("must not contain a query, a fragment or spaces".to_owned());
+    }
+    Ok(url.to_owned())
+}
+
 pub fn default_argon2_concurrency() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -392,6 +428,8 @@ impl Default for Config {
             ),
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
             http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
+            sync_max_body_bytes: DEFAULT_SYNC_MAX_BODY_BYTES,
+            public_url: None,
             interrupted_after: DEFAULT_INTERRUPTED_AFTER,
             reclaim: true,
             auto_archive_after: DurationOrOff(None),
@@ -442,6 +480,28 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         config: Config,
+    }
+
+    #[test]
+    fn public_urls_are_origins() {
+        assert_eq!(
+            parse_public_url("https://share.example.com/").as_deref(),
+            Ok("https://share.example.com")
+        );
+        assert_eq!(
+            parse_public_url("http://h:8080").as_deref(),
+            Ok("http://h:8080")
+        );
+        for bad in [
+            "share.example.com",
+            "ftp://h",
+            "https://",
+            "https:///x",
+            "http://h/prefix",
+            "http://h?a",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct Metrics {
     /// 1 while the storage is full (writes refused with `storageFull`), else 0.
     storage_full: Gauge,
     storage_full_refusals: Counter,
+    /// Syncs from opencode's share client whose secret was good.
+    opencode_syncs: Counter,
+    /// Their items, by `outcome` (`applied`, `duplicate`, `rejected`).
+    opencode_items: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,6 +96,11 @@ impl Default for Metrics {
         let writes_overloaded = Counter::default();
         let storage_full = Gauge::default();
         let storage_full_refusals = Counter::default();
+        let opencode_syncs = Counter::default();
+        let opencode_items = Family::<Labels1, Counter>::default();
+        for outcome in ["applied", "duplicate", "rejected"] {
+            let _ = opencode_items.get_or_create(&[("outcome", outcome)]);
+        }
         // Both kinds show from the start, at 0, so dashboards need no special case.
         for via in [SubscriberVia::Rpc, SubscriberVia::Sse] {
             let _ = subscribers.get_or_create(&via_label(via));
@@ -181,6 +190,17 @@ impl Default for Metrics {
             "Writes refused with `storageFull`",
             storage_full_refusals.clone(),
         );
+        registry.register(
+            "opencode_syncs",
+            "Syncs from opencode's share client with a good secret",
+            opencode_syncs.clone(),
+        );
+        registry.register(
+            "opencode_items",
+            "Items of opencode syncs, by outcome (applied, duplicate, rejected: \
+             not kept, see the log)",
+            opencode_items.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             rpc_connections_total,
@@ -199,6 +219,8 @@ impl Default for Metrics {
             writes_overloaded,
             storage_full,
             storage_full_refusals,
+            opencode_syncs,
+            opencode_items,
         }
     }
 }
@@ -270,6 +292,17 @@ impl Metrics {
     /// Counts a live follower until the guard drops.
     pub fn subscriber(&self, via: SubscriberVia) -> GaugeGuard {
         GaugeGuard::new(self.subscribers.get_or_create(&via_label(via)).clone())
+    }
+
+    pub fn opencode_sync(&self) {
+        self.opencode_syncs.inc();
+    }
+
+    /// Counts one item of an opencode sync by its `outcome`.
+    pub fn opencode_item(&self, outcome: &'static str) {
+        self.opencode_items
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
     }
 
     /// Records one acked batch: how long its commit took and each op's outcome.

@@ -31,6 +31,10 @@ use crate::verified_secrets::VerifiedSecrets;
 pub enum Via {
     Rpc,
     Http,
+    /// opencode's share client, which calls once a second per shared session:
+    /// only refusals are audited, or the audit log would grow by a line per
+    /// call while nothing noteworthy happens.
+    HttpSync,
 }
 
 /// A token that passed every check, with its share's state at that moment.
@@ -151,7 +155,9 @@ impl Redeemer {
         };
         match verdict {
             Ok(redeemed) => {
-                self.audit(&Outcome::of("ok", Some(&redeemed.token)), peer, via);
+                if via != Via::HttpSync {
+                    self.audit(&Outcome::of("ok", Some(&redeemed.token)), peer, via);
+                }
                 Ok(redeemed)
             }
             Err(refusal) => {
@@ -286,6 +292,7 @@ impl Redeemer {
         let detail = match via {
             Via::Rpc => format!("peer={peer}"),
             Via::Http => format!("peer={peer} via=http"),
+            Via::HttpSync => format!("peer={peer} via=opencode"),
         };
         self.ledger.audit(AuditEvent {
             action: "redeem",

@@ -134,6 +134,10 @@ fn http_state(ctx: &Context, config: &Config, shutdown: CancellationToken) -> Ap
         interrupted_after: config.interrupted_after,
         streams: Arc::new(Semaphore::new(config.max_connections)),
         shutdown,
+        hasher: ctx.hasher.clone(),
+        max_op_bytes: config.max_op_bytes,
+        sync_max_body_bytes: config.sync_max_body_bytes,
+        public_url: config.public_url.clone(),
     }
 }
 

@@ -48,6 +48,20 @@ pub async fn share_reader(
 ) -> Result<ShareReader, ApiError> {
     // No token is not a guess: it costs no argon2 and no failed-redeem count.
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    let reader = viewer(app, token, peer).await?;
+    if reader.state.share_id != ShareId::from(share) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(reader)
+}
+
+/// Checks `token` as a viewer token of any share (the share link carries one).
+/// Another kind of token is told so; any other failure is the same `401`.
+pub async fn viewer(
+    app: &AppState,
+    token: &str,
+    peer: SocketAddr,
+) -> Result<ShareReader, ApiError> {
     if let Ok(sturdy) = token.parse::<SturdyRef>()
         && sturdy.kind != TokenKind::Viewer
     {
@@ -57,7 +71,7 @@ pub async fn share_reader(
     let Some(state) = redeemed.state.clone() else {
         return Err(ApiError::Unauthorized);
     };
-    if redeemed.token.kind != TokenKind::Viewer || state.share_id != ShareId::from(share) {
+    if redeemed.token.kind != TokenKind::Viewer {
         return Err(ApiError::Unauthorized);
     }
     Ok(ShareReader {

@@ -27,6 +27,8 @@ pub enum ApiError {
     /// The server's storage is full; retry after the wait.
     StorageFull(Duration),
     BadRequest(String),
+    /// A body over the limit (in bytes) of its route.
+    TooLarge(usize),
     /// The ops asked for were compacted; carries the share's compaction point.
     SnapshotRequired(Cursor),
     /// Details are in the server log.
@@ -110,6 +112,11 @@ impl IntoResponse for ApiError {
                 ),
             ),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, "invalidArgument", why),
+            Self::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "tooLarge",
+                format!("The request body is over this server's limit of {limit} bytes."),
+            ),
             Self::SnapshotRequired(point) => (
                 StatusCode::GONE,
                 "snapshotRequired",

@@ -27,6 +27,7 @@ mod error;
 mod events;
 pub(crate) mod fuzz;
 pub mod markdown;
+mod opencode;
 mod page;
 
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{debug, info};
 
+use crate::auth::SecretHasher;
 use crate::ledger::Ledger;
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Listener, Metrics};
@@ -70,6 +72,14 @@ pub struct AppState {
     /// Cancelled when the server shuts down: live streams end, so the
     /// graceful shutdown of the listener does not wait for them forever.
     pub shutdown: CancellationToken,
+    /// Mints the tokens of shares that opencode creates.
+    pub hasher: SecretHasher,
+    /// `--max-op-bytes`: the most one record of an opencode sync may take.
+    pub max_op_bytes: usize,
+    /// `--sync-max-body-bytes`.
+    pub sync_max_body_bytes: usize,
+    /// `--public-url`: where share links start, if not at the request's host.
+    pub public_url: Option<String>,
 }
 
 impl AppState {
@@ -100,14 +110,19 @@ impl AppState {
             interrupted_after: config.interrupted_after,
             streams: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
+            hasher: crate::auth::SecretHasher::new(256, 1)
+                .expect("valid argon2 parameters for tests"),
+            max_op_bytes: config.max_op_bytes,
+            sync_max_body_bytes: config.sync_max_body_bytes,
+            public_url: None,
         }
     }
 }
 
-/// The gateway's routes. Every route takes a body of at most `max_body_bytes`
-/// (larger ones get `413` before a handler runs).
+/// The gateway's routes. Every route but opencode's sync takes a body of at
+/// most `max_body_bytes` (larger ones get `413` before a handler runs).
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let limited = Router::new()
         .route("/", get(page::index))
         .route("/s/{share}", get(page::share_page))
         .route("/assets/page.js", get(page::script))
@@ -117,10 +132,13 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/api/shares/{share}/events", get(events::events))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(opencode::routes())
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    limited
+        .merge(opencode::sync_routes())
         .fallback(page::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), common))
-        .layer(RequestBodyLimitLayer::new(max_body_bytes))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
@@ -193,7 +211,7 @@ async fn common(State(state): State<AppState>, request: Request, next: Next) -> 
     state.metrics.http_request();
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    let path = loggable_path(request.uri().path());
     let mut response = next.run(request).await;
     debug!(%method, %path, status = response.status().as_u16(), elapsed = ?started.elapsed(), "http request");
     let headers = response.headers_mut();
@@ -214,6 +232,25 @@ async fn common(State(state): State<AppState>, request: Request, next: Next) -> 
     response
 }
 
+/// `path` with the tokens some routes carry in it left out: opencode's agent
+/// token (`/opencode/{token}/…`) and share links (`/share/{token}`,
+/// `/api/share/{token}/data`).
+fn loggable_path(path: &str) -> String {
+    let mut segments: Vec<&str> = path.split('/').collect();
+    // segments[0] is the empty string before the leading '/'.
+    let secret_at = match segments.get(1..3) {
+        Some(["opencode", _]) | Some(["share", _]) => Some(2),
+        Some(["api", "share"]) => Some(3),
+        _ => None,
+    };
+    if let Some(at) = secret_at
+        && at < segments.len()
+    {
+        segments[at] = "<token>";
+    }
+    segments.join("/")
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -227,4 +264,30 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_path;
+
+    #[test]
+    fn tokens_in_paths_are_left_out_of_logs() {
+        for (path, logged) in [
+            (
+                "/opencode/csagent_1_2/api/share",
+                "/opencode/<token>/api/share",
+            ),
+            (
+                "/opencode/csagent_1_2/api/share/sh_1/sync",
+                "/opencode/<token>/api/share/sh_1/sync",
+            ),
+            ("/share/csviewer_1_2", "/share/<token>"),
+            ("/api/share/csviewer_1_2/data", "/api/share/<token>/data"),
+            ("/api/shares/sh_1/snapshot", "/api/shares/sh_1/snapshot"),
+            ("/s/sh_1", "/s/sh_1"),
+            ("/opencode", "/opencode"),
+        ] {
+            assert_eq!(loggable_path(path), logged);
+        }
+    }
 }

@@ -15,6 +15,9 @@ use super::{Authority, ShareInfo};
 pub enum Operator {
     Admin(Authority),
     Scheduler,
+    /// The agent that owns the share, deleting that one share (opencode's
+    /// unshare). Any other lifecycle call, or another agent's share, is refused.
+    Owner(Authority),
 }
 
 /// Which shares a prune plan selects.

@@ -361,6 +361,19 @@ pub trait Backend: Send + Sync + 'static {
         viewer: NewToken,
     ) -> BoxFuture<'static, LedgerResult<ShareInfo>>;
 
+    /// [`Backend::create_share`], unless the agent `issuer` already owns a
+    /// visible, unarchived share of `share.session_id`: then `writer` and
+    /// `viewer` are stored for that share (at its current epochs) and it is
+    /// returned with `true`. One transaction, so concurrent calls for one
+    /// session make one share, and every token they hand out works.
+    fn create_or_join_share(
+        &self,
+        issuer: Authority,
+        share: NewShare,
+        writer: NewToken,
+        viewer: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<(ShareInfo, bool)>>;
+
     /// Applies a batch (see ARCHITECTURE.md, "appendOps"). Durable before it resolves.
     fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>>;
 

@@ -166,10 +166,33 @@ pub(super) fn check_global(
 }
 
 /// Checks who runs a lifecycle call: an admin's token, or the server itself.
+/// An owner may only delete its own shares (see [`check_deleter`]).
 pub(super) fn check_operator(conn: &Connection, op: &Operator, now: i64) -> LedgerResult<()> {
     match op {
         Operator::Admin(who) => check_global(conn, who, TokenKind::Admin, now),
         Operator::Scheduler => Ok(()),
+        Operator::Owner(_) => Err(LedgerError::PermissionDenied),
+    }
+}
+
+/// Checks who deletes a share owned by `owner` (`None`: no such share): an
+/// operator, or that owner. Another agent's share is `NotFound`, as for
+/// revocations, so an agent learns nothing about shares it does not own.
+pub(super) fn check_deleter(
+    conn: &Connection,
+    op: &Operator,
+    owner: Option<&TokenId>,
+    now: i64,
+) -> LedgerResult<()> {
+    match op {
+        Operator::Owner(who) => {
+            check_global(conn, who, TokenKind::Agent, now)?;
+            match owner {
+                Some(owner) if owner != &who.token_id => Err(LedgerError::NotFound),
+                _ => Ok(()),
+            }
+        }
+        op => check_operator(conn, op, now),
     }
 }
 

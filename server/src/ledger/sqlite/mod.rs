@@ -281,6 +281,18 @@ impl Backend for SqliteBackend {
         self.write(move |conn, now| shares::create(conn, &issuer, &share, &writer, &viewer, now))
     }
 
+    fn create_or_join_share(
+        &self,
+        issuer: Authority,
+        share: NewShare,
+        writer: NewToken,
+        viewer: NewToken,
+    ) -> BoxFuture<'static, LedgerResult<(ShareInfo, bool)>> {
+        self.write(move |conn, now| {
+            shares::create_or_join(conn, &issuer, &share, &writer, &viewer, now)
+        })
+    }
+
     fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>> {
         let share = writer.share.as_ref().map(|(id, _)| id.clone());
         let reclaim_compacted = self.reclaim_compacted;

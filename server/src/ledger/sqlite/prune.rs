@@ -1,6 +1,6 @@
 //! Prune planning, chunked share deletion, and archiving inactive shares.
 
-use capsync_shared::{Cursor, ShareId};
+use capsync_shared::{Cursor, ShareId, TokenId};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::authority::{self, SHARE_COLUMNS, ShareRow, VISIBLE};
@@ -173,14 +173,20 @@ pub(super) fn delete_step(
     max_rows: u32,
     now: i64,
 ) -> LedgerResult<DeleteStep> {
-    authority::check_operator(conn, op, now)?;
     let share = conn
-        .prepare_cached("SELECT cursor, deleting_at IS NOT NULL FROM shares WHERE id = ?1")?
+        .prepare_cached(
+            "SELECT cursor, deleting_at IS NOT NULL, owner_token_id FROM shares WHERE id = ?1",
+        )?
         .query_row([share_id.as_str()], |r| {
-            Ok((cursor_column(r, 0)?, r.get::<_, bool>(1)?))
+            Ok((
+                cursor_column(r, 0)?,
+                r.get::<_, bool>(1)?,
+                TokenId(r.get(2)?),
+            ))
         })
         .optional()?;
-    let Some((cursor, hidden)) = share else {
+    authority::check_deleter(conn, op, share.as_ref().map(|s| &s.2), now)?;
+    let Some((cursor, hidden, _)) = share else {
         return Err(LedgerError::NotFound);
     };
     if !hidden {

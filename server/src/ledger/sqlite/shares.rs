@@ -2,9 +2,9 @@
 
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use capsync_shared::{Cursor, Epoch, ShareId, TokenKind};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority::{self, ShareRow, load_share};
+use super::authority::{self, ShareRow, VISIBLE, load_share};
 use super::tokens::{self, StoredAs};
 use crate::ledger::{
     Authority, LedgerError, LedgerResult, NewShare, NewToken, RevokeScope, ShareInfo, ShareState,
@@ -65,6 +65,36 @@ pub(super) fn create(
         tokens::insert(conn, token, &stored, now)?;
     }
     Ok(row.info())
+}
+
+/// [`create`], or the agent's existing share of the same session with
+/// `writer` and `viewer` added to it (`true`).
+pub(super) fn create_or_join(
+    conn: &Connection,
+    issuer: &Authority,
+    share: &NewShare,
+    writer: &NewToken,
+    viewer: &NewToken,
+    now: i64,
+) -> LedgerResult<(ShareInfo, bool)> {
+    authority::check_global(conn, issuer, TokenKind::Agent, now)?;
+    let existing: Option<String> = conn
+        .prepare_cached(&format!(
+            "SELECT id FROM shares
+             WHERE session_id = ?1 AND owner_token_id = ?2 AND archived_at IS NULL AND {VISIBLE}
+             ORDER BY created_at, id LIMIT 1"
+        ))?
+        .query_row(params![share.session_id, issuer.token_id.as_str()], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let Some(existing) = existing.map(ShareId) else {
+        return create(conn, issuer, share, writer, viewer, now).map(|info| (info, false));
+    };
+    tokens::mint_for_share(conn, issuer, &existing, TokenKind::Writer, writer, now)?;
+    tokens::mint_for_share(conn, issuer, &existing, TokenKind::Viewer, viewer, now)?;
+    let row = load_share(conn, &existing)?.ok_or(LedgerError::NotFound)?;
+    Ok((row.info(), true))
 }
 
 /// Bumps the epochs of `scope`. An agent may only revoke shares it owns; any

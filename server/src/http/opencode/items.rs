@@ -1,0 +1,206 @@
+//! opencode's sync items as ops: each item a full snapshot of one record, its op id derived from its content.
+//!
+//! | item `type` | `data` | op |
+//! |---|---|---|
+//! | `session` | the session | `session.upsert` |
+//! | `message` | a message's info | `message.upsert` |
+//! | `part` | a part | `part.upsert` |
+//! | `session_diff` | an array of file diffs | `diff.set` |
+//! | `model` | an array of model records | one `model.upsert` each |
+//!
+//! An op id is `oc-` and 32 hex digits of the SHA-256 of the op kind and the
+//! payload, so the same snapshot sent twice is a `duplicate` and costs
+//! nothing, while any change is a new op. (A record that returns to exactly
+//! an earlier state is a duplicate of that earlier op and is not applied
+//! again: opencode's sessions and messages carry update times, so in practice
+//! only a diff list that a revert brings back would be affected, and the
+//! built-in client does not send reverts.)
+//!
+//! A `file` part whose inlined `data:` URL makes it larger than the per-op
+//! limit is kept without the URL, marked `"capsyncOmitted": {"bytes", "reason"}`
+//! for the page to show; any other record over the limit is refused alone.
+
+use capsync_shared::{OpId, OpKind};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::ledger::OpIn;
+
+/// One item of a sync, as ops, or why it cannot be kept.
+#[derive(Debug)]
+pub enum Mapped {
+    Ops(Vec<OpIn>),
+    Refused(String),
+}
+
+/// The ops of `item` (`{"type", "data"}`); `max_op_bytes` decides whether an
+/// inlined attachment is left out.
+pub fn map_item(item: &Value, max_op_bytes: usize) -> Mapped {
+    let (Some(kind), Some(data)) = (item.get("type").and_then(Value::as_str), item.get("data"))
+    else {
+        return Mapped::Refused("an item needs a string \"type\" and \"data\"".to_owned());
+    };
+    let one = |kind: OpKind, payload: &Value| Mapped::Ops(vec![op(kind, payload)]);
+    match kind {
+        "session" => one(OpKind::SessionUpsert, data),
+        "message" => one(OpKind::MessageUpsert, data),
+        "part" => match without_large_attachment(data, max_op_bytes) {
+            Some(kept) => one(OpKind::PartUpsert, &kept),
+            None => one(OpKind::PartUpsert, data),
+        },
+        "session_diff" => one(OpKind::DiffSet, data),
+        "model" => match data.as_array() {
+            Some(models) => Mapped::Ops(
+                models
+                    .iter()
+                    .map(|model| op(OpKind::ModelUpsert, model))
+                    .collect(),
+            ),
+            None => Mapped::Refused("a model item's data must be an array".to_owned()),
+        },
+        other => Mapped::Refused(format!("unknown item type {other:?}")),
+    }
+}
+
+/// The record's id, for reports: `id` of the data, else "".
+pub fn item_record_id(item: &Value) -> &str {
+    item.get("data")
+        .and_then(|data| data.get("id"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn op(kind: OpKind, payload: &Value) -> OpIn {
+    let payload = payload.to_string();
+    OpIn {
+        op_id: content_op_id(kind, &payload),
+        kind,
+        payload,
+        depends_on: Vec::new(),
+    }
+}
+
+/// `oc-` and 128 bits of the SHA-256 of the kind and the payload text.
+fn content_op_id(kind: OpKind, payload: &str) -> OpId {
+    let mut hash = Sha256::new();
+    hash.update(kind.as_str().as_bytes());
+    hash.update([0]);
+    hash.update(payload.as_bytes());
+    OpId(format!("oc-{}", hex::encode(&hash.finalize()[..16])))
+}
+
+/// A `file` part over `max_op_bytes` because of its `data:` URL, with the URL
+/// replaced by the `capsyncOmitted` marker; `None` for anything else.
+fn without_large_attachment(part: &Value, max_op_bytes: usize) -> Option<Value> {
+    if part.get("type").and_then(Value::as_str) != Some("file") {
+        return None;
+    }
+    let url = part.get("url").and_then(Value::as_str)?;
+    if !url.starts_with("data:") || part.to_string().len() <= max_op_bytes {
+        return None;
+    }
+    let mut kept = part.clone();
+    let fields = kept.as_object_mut()?;
+    fields.remove("url");
+    fields.insert(
+        "capsyncOmitted".to_owned(),
+        json!({"bytes": url.len(), "reason": "too large"}),
+    );
+    Some(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops(item: Value) -> Vec<OpIn> {
+        match map_item(&item, 1000) {
+            Mapped::Ops(ops) => ops,
+            Mapped::Refused(why) => panic!("{item} refused: {why}"),
+        }
+    }
+
+    #[test]
+    fn each_item_type_maps_to_its_op() {
+        let kinds = |item| ops(item).iter().map(|op| op.kind).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(json!({"type": "session", "data": {"id": "s"}})),
+            [OpKind::SessionUpsert]
+        );
+        assert_eq!(
+            kinds(json!({"type": "message", "data": {"id": "m"}})),
+            [OpKind::MessageUpsert]
+        );
+        assert_eq!(
+            kinds(json!({"type": "part", "data": {"id": "p"}})),
+            [OpKind::PartUpsert]
+        );
+        let diff =
+            json!({"file": "a", "patch": "", "additions": 1, "deletions": 0, "status": "modified"});
+        let diffs = ops(json!({"type": "session_diff", "data": [diff]}));
+        assert_eq!(diffs[0].kind, OpKind::DiffSet);
+        assert_eq!(
+            serde_json::from_str::<Value>(&diffs[0].payload).unwrap(),
+            json!([diff])
+        );
+        assert_eq!(
+            kinds(json!({"type": "model", "data": [{"id": "a"}, {"id": "b"}]})),
+            [OpKind::ModelUpsert, OpKind::ModelUpsert]
+        );
+    }
+
+    #[test]
+    fn op_ids_follow_content_only() {
+        let a = ops(json!({"type": "part", "data": {"id": "p", "text": "x"}}));
+        let again = ops(json!({"type": "part", "data": {"id": "p", "text": "x"}}));
+        let changed = ops(json!({"type": "part", "data": {"id": "p", "text": "y"}}));
+        let as_message = ops(json!({"type": "message", "data": {"id": "p", "text": "x"}}));
+        assert_eq!(a[0].op_id, again[0].op_id);
+        assert_ne!(a[0].op_id, changed[0].op_id);
+        assert_ne!(a[0].op_id, as_message[0].op_id);
+        assert!(a[0].op_id.as_str().starts_with("oc-"));
+        assert_eq!(a[0].op_id.as_str().len(), 3 + 32);
+    }
+
+    #[test]
+    fn unknown_or_malformed_items_are_refused() {
+        for item in [
+            json!({"type": "revert", "data": {}}),
+            json!({"type": "model", "data": {"id": "a"}}),
+            json!({"data": {}}),
+            json!({"type": "part"}),
+            json!("part"),
+        ] {
+            assert!(
+                matches!(map_item(&item, 1000), Mapped::Refused(_)),
+                "{item}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_part_too_large_for_its_data_url_is_kept_without_it() {
+        let url = format!("data:image/png;base64,{}", "A".repeat(2000));
+        let part = json!({"id": "p", "messageID": "m", "type": "file", "mime": "image/png",
+                          "filename": "shot.png", "url": url});
+        let kept = ops(json!({"type": "part", "data": part}));
+        let stored: Value = serde_json::from_str(&kept[0].payload).unwrap();
+        assert_eq!(stored.get("url"), None);
+        assert_eq!(stored["filename"], "shot.png");
+        assert_eq!(
+            stored["capsyncOmitted"],
+            json!({"bytes": url.len(), "reason": "too large"})
+        );
+        // Small enough: untouched. Large but not for a data URL: refused later, alone.
+        let small =
+            json!({"id": "p", "messageID": "m", "type": "file", "url": "data:image/png;base64,AA"});
+        let kept = ops(json!({"type": "part", "data": small}));
+        assert_eq!(
+            serde_json::from_str::<Value>(&kept[0].payload).unwrap(),
+            small
+        );
+        let text = json!({"id": "p", "messageID": "m", "type": "text", "text": "x".repeat(2000)});
+        let kept = ops(json!({"type": "part", "data": text}));
+        assert!(kept[0].payload.len() > 1000);
+    }
+}
