@@ -3,6 +3,7 @@
 //! the snapshot, revoke the viewers, and see the viewer fail while the writer works.
 
 use capsync_tests::{TestServer, capsync, json_of, run_local, sample_session_path};
+use serde_json::json;
 
 #[test]
 fn readme_walkthrough() {
@@ -32,6 +33,11 @@ fn readme_walkthrough() {
         let share_id = created["shareId"].as_str().unwrap().to_owned();
         let writer = created["writerToken"]["token"].as_str().unwrap().to_owned();
         let viewer = created["viewerToken"]["token"].as_str().unwrap().to_owned();
+        // The link: the --server host with the gateway's default port, the token in the fragment.
+        assert_eq!(
+            created["link"],
+            format!("http://127.0.0.1:7421/s/{share_id}#{viewer}")
+        );
 
         let pushed = json_of(&capsync(&server, &writer, &["--json", "push", sample]).await);
         let applied = pushed["applied"].as_u64().unwrap();
@@ -88,5 +94,65 @@ fn readme_walkthrough() {
             applied,
             "the writer keeps working"
         );
+    });
+}
+
+#[test]
+fn opencode_config_and_share_links_point_at_the_servers_pages() {
+    let server = TestServer::start();
+    let origin = format!("http://{}", server.http_addr());
+    run_local(async {
+        let admin = server.admin_token();
+        let minted = json_of(&capsync(&server, &admin, &["--json", "admin", "mint-agent"]).await);
+        let agent = minted["token"].as_str().unwrap().to_owned();
+
+        let config = capsync(
+            &server,
+            &agent,
+            &["--share-url", &origin, "opencode", "config"],
+        )
+        .await;
+        let config = json_of(&config);
+        let url = format!("{origin}/opencode/{agent}");
+        assert_eq!(config["enterprise"], json!({"url": url}));
+        // What opencode does with it: create a share there.
+        let mut created = ureq::post(format!("{url}/api/share"))
+            .header("Content-Type", "application/json")
+            .send(json!({"sessionID": "ses_cli"}).to_string())
+            .unwrap();
+        let created: serde_json::Value =
+            serde_json::from_str(&created.body_mut().read_to_string().unwrap()).unwrap();
+        let share_id = created["id"].as_str().unwrap();
+        assert!(
+            created["url"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{origin}/share/"))
+        );
+
+        // Viewer tokens come with their link, on stderr and in --json.
+        let args = ["--share-url", &origin, "share", "mint-viewer", share_id];
+        let human = capsync(&server, &agent, &args).await;
+        assert_eq!(human.code, 0, "{}", human.stderr);
+        let token = human.stdout.trim();
+        assert!(
+            token.starts_with("csviewer_"),
+            "the token alone: {}",
+            human.stdout
+        );
+        let link = format!("{origin}/s/{share_id}#{token}");
+        assert!(human.stderr.contains(&link), "{}", human.stderr);
+        let json = json_of(&capsync(&server, &agent, &[&["--json"][..], &args].concat()).await);
+        assert!(
+            json["link"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{origin}/s/{share_id}#csviewer_"))
+        );
+
+        // Only an agent token configures opencode.
+        let wrong = capsync(&server, &admin, &["opencode", "config"]).await;
+        assert_ne!(wrong.code, 0);
+        assert!(!wrong.stdout.contains("opencode/"), "{}", wrong.stdout);
     });
 }

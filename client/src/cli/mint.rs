@@ -30,7 +30,9 @@ pub async fn mint_viewer(
     let expires_at = args.expires.expires_at(capsync_shared::now_millis());
     let result = global.call(&conn, writer.mint_viewer(expires_at)).await;
     finish(conn).await;
-    print_minted(out, "viewer", writer.share_id(), &result?);
+    let minted = result?;
+    let link = global.share_link(writer.share_id(), &minted.token);
+    print_minted_viewer(out, writer.share_id(), &minted, &link);
     Ok(super::EXIT_OK)
 }
 
@@ -41,6 +43,19 @@ pub async fn save(global: &Global, out: &Output) -> Result<u8, ClientError> {
     finish(conn).await;
     print_minted(out, "writer", writer.share_id(), &result?);
     Ok(super::EXIT_OK)
+}
+
+/// [`print_minted`] for a viewer token, with its share link: on stderr (stdout
+/// keeps the token alone, for scripts), and as `link` with `--json`.
+pub(super) fn print_minted_viewer(out: &Output, share_id: &str, minted: &MintedToken, link: &str) {
+    out.note(format!(
+        "minted viewer token {} for share {share_id} (expires {})\nshare link: {link}",
+        minted.token_id,
+        format_expiry(minted.expires_at)
+    ));
+    let mut json = serde_json::to_value(minted).unwrap_or_default();
+    json["link"] = link.into();
+    out.result(&json, || minted.token.clone());
 }
 
 /// The token alone on stdout; what it is on stderr. With `--json`, the `MintedToken`.

@@ -14,6 +14,7 @@ mod lifecycle_report;
 mod link_status;
 mod live_text;
 mod mint;
+mod opencode;
 mod outbox_cmd;
 mod output;
 mod progress;
@@ -48,6 +49,8 @@ pub const EXIT_REJECTED: u8 = 3;
 
 /// Default server address.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7420";
+/// The port of the server's HTTP gateway (share pages) unless it was moved.
+pub const DEFAULT_SHARE_PORT: u16 = 7421;
 
 /// How long a closing handshake may take once a command's work is done.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -170,6 +173,17 @@ pub struct Global {
     )]
     pub token: Option<String>,
 
+    /// Where share links start: the server's share-page origin (its --public-url, or
+    /// http://HOST:7421 of its HTTP gateway). Default: http:// and the --server host, port 7421
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CAPSYNC_SHARE_URL",
+        value_name = "URL"
+    )]
+    pub share_url: Option<String>,
+
     /// Read the token from this file instead (first line; wins over --token)
     #[arg(
         long,
@@ -218,6 +232,10 @@ pub enum Command {
 
     /// Mint a fresh writer token for the share, same epoch and expiry (writer token)
     Save,
+
+    /// Share opencode sessions to this server: prints the opencode config (agent token)
+    #[command(subcommand)]
+    Opencode(opencode::OpencodeCommand),
 }
 
 /// `--scope` values.
@@ -289,6 +307,7 @@ pub async fn run(cli: &Cli, out: &Output) -> Result<u8, ClientError> {
         Command::Ops(args) => inspect::ops(global, out, args).await,
         Command::MintViewer(args) => mint::mint_viewer(global, out, args).await,
         Command::Save => mint::save(global, out).await,
+        Command::Opencode(command) => opencode::run(global, out, command).await,
     }
 }
 
@@ -342,6 +361,28 @@ where
 }
 
 impl Global {
+    /// Where share links start: `--share-url` without its trailing `/`, else
+    /// the server's host with the HTTP gateway's default port.
+    fn share_origin(&self) -> String {
+        match &self.share_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let host = self.server.host();
+                if host.contains(':') {
+                    format!("http://[{host}]:{DEFAULT_SHARE_PORT}")
+                } else {
+                    format!("http://{host}:{DEFAULT_SHARE_PORT}")
+                }
+            }
+        }
+    }
+
+    /// The share page of `share_id`, the viewer token in the URL fragment (never sent to
+    /// the server, so never in an access log).
+    fn share_link(&self, share_id: &str, viewer_token: &str) -> String {
+        format!("{}/s/{share_id}#{viewer_token}", self.share_origin())
+    }
+
     /// The token from `--token-file`, `--token` or `CAPSYNC_TOKEN`, checked for form and
     /// kind before anything is sent. Errors never include the token.
     fn token(&self, accepted: &[TokenKind]) -> Result<String, ClientError> {
@@ -633,6 +674,7 @@ mod tests {
             json: false,
             token: Some("csviewer_nothex_secret-value".into()),
             token_file: None,
+            share_url: None,
         };
         let err = global.token(&[TokenKind::Viewer]).unwrap_err().to_string();
         assert!(!err.contains("secret-value"), "{err}");

@@ -109,6 +109,8 @@ pub struct CreateArgs {
 #[serde(rename_all = "camelCase")]
 struct Created<'a> {
     share_id: &'a str,
+    /// The share page, the viewer token in its fragment.
+    link: &'a str,
     writer_token: &'a MintedToken,
     viewer_token: &'a MintedToken,
     info: &'a ShareInfo,
@@ -123,13 +125,14 @@ pub async fn run(global: &Global, out: &Output, command: &ShareCommand) -> Resul
     let (conn, redeemed) = global.redeem(&[TokenKind::Agent]).await?;
     let agent = redeemed.into_agent()?;
     let result = global
-        .call(&conn, run_with(&agent, out, command, new_share))
+        .call(&conn, run_with(global, &agent, out, command, new_share))
         .await;
     finish(conn).await;
     result.map(|()| super::EXIT_OK)
 }
 
 async fn run_with(
+    global: &Global,
     agent: &AgentClient,
     out: &Output,
     command: &ShareCommand,
@@ -139,15 +142,17 @@ async fn run_with(
         ShareCommand::Create(_) => {
             let share = new_share.expect("parsed before connecting");
             let created = agent.create_share(share).await?;
+            let link = global.share_link(&created.info.state.share_id, &created.viewer_token.token);
             let json = Created {
                 share_id: &created.info.state.share_id,
+                link: &link,
                 writer_token: &created.writer_token,
                 viewer_token: &created.viewer_token,
                 info: &created.info,
             };
             out.result(&json, || {
                 format!(
-                    "share:        {}\nsession:      {}\nwriter token: {}\nviewer token: {}  (expires {})",
+                    "share:        {}\nsession:      {}\nwriter token: {}\nviewer token: {}  (expires {})\nlink:         {link}",
                     created.info.state.share_id,
                     created.info.session_id,
                     created.writer_token.token,
@@ -175,7 +180,8 @@ async fn run_with(
         ShareCommand::MintViewer(args) => {
             let expires_at = args.expires.expires_at(capsync_shared::now_millis());
             let minted = agent.mint_viewer(&args.share_id, expires_at).await?;
-            super::mint::print_minted(out, "viewer", &args.share_id, &minted);
+            let link = global.share_link(&args.share_id, &minted.token);
+            super::mint::print_minted_viewer(out, &args.share_id, &minted, &link);
         }
     }
     Ok(())
