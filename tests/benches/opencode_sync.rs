@@ -63,7 +63,9 @@ fn main() {
         "  {} worker threads, {} s per run after 2 s of warm-up",
         args.workers, args.seconds
     );
-    println!("| sessions | syncs/s (median of 1 s windows) | p50 ms | p99 ms | first sync of a session p50 ms | items applied |");
+    println!(
+        "| sessions | syncs/s (median of 1 s windows) | p50 ms | p99 ms | first sync of a session p50 ms | items applied |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     for &sessions in &args.sessions {
         run(sessions, &args);
@@ -185,8 +187,10 @@ fn run(sessions: usize, args: &Args) {
     let warm = started + Duration::from_secs(2);
     let end = warm + Duration::from_secs(args.seconds);
     let done = done.lock().unwrap();
-    let measured: Vec<&(Instant, Duration)> =
-        done.iter().filter(|(at, _)| *at >= warm && *at < end).collect();
+    let measured: Vec<&(Instant, Duration)> = done
+        .iter()
+        .filter(|(at, _)| *at >= warm && *at < end)
+        .collect();
     let mut windows = vec![0u64; args.seconds as usize];
     for (at, _) in &measured {
         let second = at.duration_since(warm).as_secs() as usize;
