@@ -2,9 +2,10 @@
 //! driven over the DevTools protocol.
 //!
 //! It opens a share link and sees the existing messages; ops appended over RPC
-//! appear without a reload; when the writer leaves, its running tool call
-//! shows as interrupted; after the viewers are revoked the open page says so,
-//! and opening the link again shows a clear "no longer works" page.
+//! appear without a reload (a part sent before its message too); when the
+//! writer leaves, its running tool call shows as interrupted; after the viewers
+//! are revoked the open page says so, and opening the link again shows a clear
+//! "no longer works" page.
 //!
 //! A second test pushes a session holding every part type opencode 1.18
 //! produces (`tests/fixtures/every-part.json`, through `capsync push`) and
@@ -278,16 +279,18 @@ fn live_ops() -> Vec<OpSpec> {
     let user = "msg_01JD4K7M2QX9A7TS005";
     let assistant = "msg_01JD4K7M2QX9A7TS006";
     vec![
-        OpSpec::new(
-            "live:user",
-            OpKind::MessageUpsert,
-            json!({"id": user, "sessionID": SESSION, "role": "user", "time": {"created": 1763712100000_i64}}),
-        ),
+        // The part before its message, as concurrent snapshots may arrive: the
+        // server keeps it and the page shows it once the message is there.
         OpSpec::new(
             "live:user:text",
             OpKind::PartUpsert,
             json!({"id": "prt_live_01", "messageID": user, "sessionID": SESSION, "type": "text",
                    "text": "Also add a regression test for mixed-case emails, please."}),
+        ),
+        OpSpec::new(
+            "live:user",
+            OpKind::MessageUpsert,
+            json!({"id": user, "sessionID": SESSION, "role": "user", "time": {"created": 1763712100000_i64}}),
         ),
         OpSpec::new(
             "live:assistant",
