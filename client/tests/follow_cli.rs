@@ -294,7 +294,7 @@ fn follow_says_once_that_the_connection_is_lost_and_again_when_it_is_back() {
     );
     // While the server is away, something on its port takes each attempt and hangs up.
     // Three of them, then the server comes back.
-    let squatter = std::net::TcpListener::bind(server.addr()).unwrap();
+    let squatter = server.bind_again();
     let (taken, attempts) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for _ in 0..3 {

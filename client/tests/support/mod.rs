@@ -65,24 +65,30 @@ impl TestServer {
     /// Starts a stopped server again on the same data and the same address (the listener
     /// is bound before the server thread starts, so clients can connect at once).
     pub fn start_again(&mut self) {
+        let listener = self.bind_again();
+        self.handle =
+            Some(capsync_server::spawn(listener, self.config.clone()).expect("server restarts"));
+    }
+
+    /// Binds the stopped server's address: what [`TestServer::start_again`] listens
+    /// on, or something else that takes the port meanwhile. A client reconnecting
+    /// meanwhile can, rarely, connect to itself on the free port (Linux TCP
+    /// self-connect: its ephemeral port equals the port it dials); it lets go as soon
+    /// as it sees its own bytes, so a conflict is retried for a moment.
+    pub fn bind_again(&self) -> TcpListener {
         assert!(self.handle.is_none(), "the server is still running");
-        // std sets SO_REUSEADDR, so the old connections' TIME_WAIT does not block the port.
-        // A client reconnecting meanwhile can, rarely, connect to itself on the free port
-        // (Linux TCP self-connect: its ephemeral port equals the port it dials); it lets go
-        // as soon as it sees its own bytes, so a conflict is retried for a moment.
         let mut attempts = 0;
-        let listener = loop {
+        loop {
+            // std sets SO_REUSEADDR, so the old connections' TIME_WAIT does not block the port.
             match TcpListener::bind(self.addr) {
-                Ok(listener) => break listener,
+                Ok(listener) => return listener,
                 Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 Err(err) => panic!("bind the same address again: {err}"),
             }
-        };
-        self.handle =
-            Some(capsync_server::spawn(listener, self.config.clone()).expect("server restarts"));
+        }
     }
 
     /// [`TestServer::stop`], then [`TestServer::start_again`].
