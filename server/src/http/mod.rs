@@ -14,6 +14,7 @@
 //! | `GET /api/shares/{share}/ops?after=N&limit=M` | applied ops after a cursor (`410` below the compaction point) |
 //! | `GET /api/shares/{share}/events` | live updates ([`events`]) |
 //! | `GET /healthz`, `GET /metrics` | liveness, Prometheus text |
+//! | `/opencode/{agent token}/api/share…`, `GET /share/{token}`, `GET /api/share/{token}/data` | opencode's share client ([`opencode`]) |
 //!
 //! The API takes `Authorization: Bearer <viewer token>`. Headers, and so
 //! tokens, are never logged. Connections are served by [`connections`]: slots
