@@ -3,6 +3,10 @@
 //!
 //! The listener is bound before the server thread starts and `spawn` returns
 //! only once the server is ready, so no test waits or sleeps for readiness.
+//!
+//! Beside it: [`opencode`] runs the real opencode offline against the fake model
+//! server in [`fake_llm`]; [`proxy`] puts faults between a client and a server;
+//! [`model`] and [`workload`] are a reference model of a share and seeded agent work.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -333,6 +337,8 @@ pub async fn viewer_of(conn: &Connection, created: &CreatedShare) -> ViewerClien
         .expect("viewer capability")
 }
 
+pub mod fake_llm;
 pub mod model;
+pub mod opencode;
 pub mod proxy;
 pub mod workload;
