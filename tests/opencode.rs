@@ -1,8 +1,11 @@
 //! The real opencode (the npm package pinned in `tests/opencode/`) driven offline by the
 //! harness (`capsync_tests::opencode`) against the fake model (`capsync_tests::fake_llm`):
-//! a prompted session holds every kind of part the fake's script asks for; sharing,
-//! unsharing, importing a share link and `run --share` work against a stand-in share server;
-//! sessions prompted at once follow their own scripts, and a held stream waits.
+//! a prompted session holds every kind of part the fake's script asks for; shared to a real
+//! capsync server through opencode's built-in share client (its `enterprise.url` from
+//! `capsync opencode config`), capsync holds every record as opencode exports it, the link
+//! imports into another opencode, unsharing kills link and secret, auto-share's two creates
+//! make one working share, and a sync held back behind a newer one does not win; sessions
+//! prompted at once follow their own scripts, and a held stream waits.
 //!
 //! Without opencode installed the tests say they skipped; with `REQUIRE_OPENCODE=1` (as in
 //! CI) a missing opencode is a failure instead. Install it with
@@ -10,18 +13,19 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::routing::{delete, get, post};
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
 use capsync_tests::fake_llm::*;
 use capsync_tests::opencode::{self, MODEL_ID, OpenCode, PROVIDER_ID};
+use capsync_tests::{TestServer, admin, agent, run_local};
 use serde_json::{Value, json};
 
-/// Longest wait for the stand-in share server to receive something.
+/// Longest wait for capsync to hold what opencode has.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 const PROMPT: &str = "Please mark the task in notes.txt as done.";
@@ -166,78 +170,6 @@ fn a_prompted_session_exports_every_kind_of_part() {
 }
 
 #[test]
-fn share_unshare_import_and_run_against_a_stand_in_share_server() {
-    let Some(binary) = opencode::binary_or_skip() else {
-        return;
-    };
-    let llm = FakeLlm::builder()
-        .script_when(
-            "[one-shot]",
-            Script::new().turn(Turn::new().text("Nothing to do.")),
-        )
-        .start();
-    let shares = ShareServer::start();
-    let oc = OpenCode::builder(&binary, &llm)
-        .enterprise_url(shares.url())
-        .start();
-    let session = oc.create_session();
-    oc.prompt(&session, PROMPT);
-
-    // Sharing asks the share server for a share, and the link is the one it answered.
-    let url = oc.share(&session);
-    let share_id = shares.share_of(&session).expect("share created");
-    assert_eq!(url, format!("{}/share/{share_id}", shares.url()));
-    assert_eq!(oc.session(&session)["share"]["url"], url);
-    // Then the whole session goes to the share server, in batches (`POST …/sync`).
-    let exported = oc.export(&session);
-    let part_count: usize = exported["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| parts(m).len())
-        .sum();
-    shares.wait_for("every part synced", |shares| {
-        shares[&share_id].parts().len() == part_count
-    });
-
-    // A share link imports into another opencode (`GET /api/share/<id>/data`) as the same
-    // messages and parts.
-    let other = OpenCode::start(&binary, &llm);
-    assert_eq!(other.import(&url), session);
-    let imported = other.export(&session);
-    // Parts only, with their messages' ids: opencode updates the user message (its
-    // `summary.diffs`) in the background after a step, maybe after the export was taken.
-    let parts_by_message = |export: &Value| -> Vec<(Value, Value)> {
-        export["messages"]
-            .as_array()
-            .expect("messages")
-            .iter()
-            .map(|m| (m["info"]["id"].clone(), m["parts"].clone()))
-            .collect()
-    };
-    assert_eq!(parts_by_message(&imported), parts_by_message(&exported));
-
-    // Unsharing deletes the share on the server, with its secret.
-    oc.unshare(&session);
-    let requests = shares.requests();
-    let removal = requests
-        .iter()
-        .find(|r| r.0 == "DELETE")
-        .expect("DELETE request");
-    assert_eq!(removal.1, format!("/api/share/{share_id}"));
-    assert_eq!(removal.2["secret"], secret_of(&share_id));
-
-    // `run --share` shares its new session as it starts, and prints the link.
-    let run = oc.run("Anything to do? [one-shot]", true);
-    let run_session = run.session_id.expect("run's session");
-    let run_share = shares.share_of(&run_session).expect("run's share");
-    assert_eq!(
-        run.share_url,
-        Some(format!("{}/share/{run_share}", shares.url()))
-    );
-}
-
-#[test]
 fn sharing_fails_when_the_share_server_is_unreachable() {
     let Some(binary) = opencode::binary_or_skip() else {
         return;
@@ -345,206 +277,487 @@ fn text_of(parts: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// The stand-in's secret for a share (derived, so the test can check what opencode sends).
-fn secret_of(share_id: &str) -> String {
-    format!("secret-{share_id}")
+/// A capsync server with an agent, and the `enterprise.url` that points opencode at it
+/// (as `capsync opencode config` prints it).
+struct Capsync {
+    server: TestServer,
+    agent_token: String,
 }
 
-/// A stand-in for the share server opencode 1.18.33 talks to at `enterprise.url`, speaking
-/// its protocol as far as these tests need: `POST /api/share` `{sessionID}` →
-/// `{id, secret, url}`; `POST /api/share/<id>/sync` `{secret, data: [{type, data}]}`;
-/// `GET /api/share/<id>/data` → the synced items; `DELETE /api/share/<id>` `{secret}`.
-struct ShareServer {
-    addr: SocketAddr,
-    state: Arc<ShareState>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+impl Capsync {
+    fn start() -> Self {
+        let server = TestServer::start();
+        let agent_token = run_local(async {
+            let (conn, admin) = admin(&server).await;
+            agent(&conn, &admin).await.1
+        });
+        Self {
+            server,
+            agent_token,
+        }
+    }
 
-#[derive(Default)]
-struct ShareState {
-    /// Every request: method, path, JSON body.
-    requests: Mutex<Vec<(String, String, Value)>>,
-    shares: Mutex<BTreeMap<String, StoredShare>>,
-    /// Signalled whenever a request has been handled.
-    changed: Condvar,
-}
+    fn http(&self) -> SocketAddr {
+        self.server.http_addr()
+    }
 
-#[derive(Debug, Clone, Default)]
-struct StoredShare {
-    session_id: String,
-    /// The synced items by opencode's own key (`session`, `message/<id>`,
-    /// `part/<message>/<id>`, `session_diff`, `model`): a later item replaces an earlier one.
-    items: BTreeMap<String, Value>,
-}
+    fn enterprise_url(&self) -> String {
+        format!("http://{}/opencode/{}", self.http(), self.agent_token)
+    }
 
-impl StoredShare {
-    fn parts(&self) -> Vec<&Value> {
-        self.items
-            .iter()
-            .filter(|(key, _)| key.starts_with("part/"))
-            .map(|(_, item)| item)
-            .collect()
+    /// `GET /api/share/<token>/data` for a share link: status and items.
+    fn data(&self, link: &str) -> (u16, Value) {
+        let token = link.rsplit('/').next().expect("a link");
+        let mut response = http()
+            .get(format!("http://{}/api/share/{token}/data", self.http()))
+            .call()
+            .expect("HTTP request");
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().expect("body");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+
+    /// The agent's shares of `session`, as `capsync share list` lists them.
+    fn shares_of(&self, session: &str) -> Vec<String> {
+        run_local(async {
+            let conn = capsync_tests::client::connect(self.server.addr())
+                .await
+                .expect("connect");
+            let agent = conn
+                .redeem(&self.agent_token)
+                .await
+                .expect("redeem")
+                .into_agent()
+                .expect("agent");
+            let shares = agent.list_shares("", 100, false).await.expect("list");
+            shares
+                .shares
+                .into_iter()
+                .filter(|s| s.session_id == session)
+                .map(|s| s.state.share_id)
+                .collect()
+        })
+    }
+
+    /// The outcomes of the audit log's `action` lines, sorted.
+    fn audit(&self, action: &str) -> Vec<String> {
+        let db = rusqlite::Connection::open(self.server.data_dir().join("capsync.db"))
+            .expect("open the database");
+        let mut outcomes: Vec<String> = db
+            .prepare("SELECT outcome FROM audit WHERE action = ?1")
+            .expect("query")
+            .query_map([action], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("outcomes");
+        outcomes.sort();
+        outcomes
+    }
+
+    /// The share's records through the RPC API, as `capsync snapshot --json` prints them.
+    fn snapshot(&self, share_id: &str) -> Value {
+        run_local(async {
+            let conn = capsync_tests::client::connect(self.server.addr())
+                .await
+                .expect("connect");
+            let agent = conn
+                .redeem(&self.agent_token)
+                .await
+                .expect("redeem")
+                .into_agent()
+                .expect("agent");
+            let minted = agent.mint_viewer(share_id, None).await.expect("mint");
+            let viewer = conn
+                .redeem(&minted.token)
+                .await
+                .expect("redeem viewer")
+                .into_viewer()
+                .expect("viewer");
+            viewer
+                .snapshot()
+                .await
+                .expect("snapshot")
+                .to_document()
+                .to_json()
+        })
+    }
+
+    /// A counter of `/metrics` (the sum over its labels when `label` is empty).
+    fn metric(&self, name: &str, label: &str) -> f64 {
+        let mut response = http()
+            .get(format!("http://{}/metrics", self.http()))
+            .call()
+            .expect("metrics");
+        let text = response.body_mut().read_to_string().expect("body");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 
-impl ShareServer {
-    fn start() -> Self {
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(PATIENCE))
+        .build()
+        .into()
+}
+
+/// What the share protocol carries of a session, by record id: the session, every
+/// message's info and every part. From `opencode export` or from capsync's import data.
+#[derive(Debug, PartialEq)]
+struct Carried {
+    session: Value,
+    messages: BTreeMap<String, Value>,
+    parts: BTreeMap<String, Value>,
+}
+
+fn id_of(record: &Value) -> String {
+    record["id"].as_str().expect("record id").to_owned()
+}
+
+fn carried_by_export(export: &Value) -> Carried {
+    let mut messages = BTreeMap::new();
+    let mut parts = BTreeMap::new();
+    for message in export["messages"].as_array().expect("messages") {
+        messages.insert(id_of(&message["info"]), message["info"].clone());
+        for part in message["parts"].as_array().expect("parts") {
+            parts.insert(id_of(part), part.clone());
+        }
+    }
+    Carried {
+        session: export["info"].clone(),
+        messages,
+        parts,
+    }
+}
+
+fn carried_by_items(items: &Value) -> Carried {
+    let mut carried = Carried {
+        session: Value::Null,
+        messages: BTreeMap::new(),
+        parts: BTreeMap::new(),
+    };
+    for item in items.as_array().expect("items") {
+        let data = &item["data"];
+        match item["type"].as_str() {
+            Some("session") => carried.session = data.clone(),
+            Some("message") => {
+                carried.messages.insert(id_of(data), data.clone());
+            }
+            Some("part") => {
+                carried.parts.insert(id_of(data), data.clone());
+            }
+            _ => {}
+        }
+    }
+    carried
+}
+
+/// Waits until capsync holds every record of `session` exactly as opencode exports it
+/// (opencode syncs in one-second windows, and writes some records after a prompt returns).
+fn assert_capsync_holds_the_export(capsync: &Capsync, oc: &OpenCode, session: &str, link: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let expected = carried_by_export(&oc.export(session));
+        let (status, items) = capsync.data(link);
+        assert_eq!(status, 200, "{items}");
+        let held = carried_by_items(&items);
+        if held == expected {
+            return;
+        }
+        if Instant::now() > deadline {
+            let differing: Vec<&String> = expected
+                .parts
+                .keys()
+                .chain(expected.messages.keys())
+                .filter(|id| {
+                    held.parts.get(*id) != expected.parts.get(*id)
+                        && held.messages.get(*id) != expected.messages.get(*id)
+                })
+                .collect();
+            panic!(
+                "capsync does not hold the export after {PATIENCE:?}: session equal: {}, \
+                 records differing: {differing:?}\ncapsync: {held:#?}\nexport: {expected:#?}\n{}",
+                held.session == expected.session,
+                oc.transcript_tail(40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_session_shared_to_capsync_is_held_as_exported_imports_back_and_unshares() {
+    let Some(binary) = opencode::binary_or_skip() else {
+        return;
+    };
+    let capsync = Capsync::start();
+    let llm = FakeLlm::start();
+    let oc = OpenCode::builder(&binary, &llm)
+        .enterprise_url(capsync.enterprise_url())
+        .start();
+    let session = oc.create_session();
+    oc.prompt(&session, PROMPT);
+
+    let link = oc.share(&session);
+    let origin = format!("http://{}", capsync.http());
+    assert!(
+        link.starts_with(&format!("{origin}/share/csviewer_")),
+        "{link}"
+    );
+    assert_eq!(capsync.shares_of(&session).len(), 1);
+    // Text, reasoning, the bash and edit calls, steps and the patch: every record as opencode has it.
+    assert_capsync_holds_the_export(&capsync, &oc, &session, &link);
+    let export = oc.export(&session);
+    let types: std::collections::BTreeSet<&str> = export["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .flat_map(|m| types_of(parts(m)))
+        .collect();
+    for kind in [
+        "text",
+        "reasoning",
+        "tool",
+        "step-start",
+        "step-finish",
+        "patch",
+    ] {
+        assert!(
+            types.contains(kind),
+            "the session has no {kind} part: {types:?}"
+        );
+    }
+    assert_eq!(
+        capsync.metric("capsync_opencode_items_total", "rejected"),
+        0.0
+    );
+
+    // The link imports into another opencode as the same messages and parts.
+    let other = OpenCode::start(&binary, &llm);
+    assert_eq!(other.import(&link), session);
+    let imported = carried_by_export(&other.export(&session));
+    let expected = carried_by_export(&export);
+    assert_eq!(
+        imported.messages.keys().collect::<Vec<_>>(),
+        expected.messages.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(imported.parts, expected.parts);
+
+    // Unsharing deletes the share: the link and every token of it stop at once.
+    oc.unshare(&session);
+    assert_eq!(capsync.data(&link).0, 401);
+    assert!(capsync.shares_of(&session).is_empty());
+    let mut page = http().get(&link).call().expect("link");
+    assert_eq!(page.status().as_u16(), 404);
+    assert!(
+        page.body_mut()
+            .read_to_string()
+            .unwrap()
+            .contains("no longer works")
+    );
+    // Sharing again makes a new, working share.
+    let again = oc.share(&session);
+    assert_ne!(again, link);
+    assert_capsync_holds_the_export(&capsync, &oc, &session, &again);
+}
+
+#[test]
+fn auto_share_sends_two_creates_and_every_sync_still_applies() {
+    let Some(binary) = opencode::binary_or_skip() else {
+        return;
+    };
+    let capsync = Capsync::start();
+    let llm = FakeLlm::start();
+    let oc = OpenCode::builder(&binary, &llm)
+        .enterprise_url(capsync.enterprise_url())
+        .config(json!({"share": "auto"}))
+        .start();
+    // `opencode run` with auto-share creates the share twice at once.
+    let run = oc.run(PROMPT, false);
+    let session = run.session_id.expect("run's session");
+    assert_eq!(
+        capsync.shares_of(&session).len(),
+        1,
+        "one share for the session"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    // (Audit lines are written with the next write; the syncs are such writes.)
+    while capsync.audit("create_share").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            capsync.audit("create_share")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(capsync.audit("create_share"), ["joined", "ok"]);
+    // Whichever answer opencode kept, its secret worked: every sync was taken, none
+    // refused, and what reached capsync is opencode's session (the run may exit before
+    // its last second is sent, so only the first records are sure to be there).
+    assert!(capsync.metric("capsync_opencode_syncs_total", "") >= 1.0);
+    let failed: Vec<String> = capsync
+        .audit("redeem")
+        .into_iter()
+        .filter(|outcome| outcome != "ok")
+        .collect();
+    assert!(failed.is_empty(), "failed redeems: {failed:?}");
+    assert_eq!(
+        capsync.metric("capsync_opencode_items_total", "rejected"),
+        0.0
+    );
+    let share_id = &capsync.shares_of(&session)[0];
+    let held = capsync.snapshot(share_id);
+    assert_eq!(held["session"]["id"], session);
+    assert!(!held["messages"].as_array().expect("messages").is_empty());
+}
+
+/// An HTTP relay in front of capsync that holds back the first sync whose body matches,
+/// so the next sync overtakes it, as when the server is slow for one call. It only
+/// delays: capsync answers everything.
+struct SlowRelay {
+    addr: SocketAddr,
+    /// The held sync's answer, once capsync gave it.
+    held_answer: Arc<Mutex<Option<Value>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+#[derive(Clone)]
+struct Relay {
+    target: SocketAddr,
+    hold_if: &'static str,
+    hold_for: Duration,
+    held: Arc<Mutex<bool>>,
+    held_answer: Arc<Mutex<Option<Value>>>,
+}
+
+impl SlowRelay {
+    fn start(target: SocketAddr, hold_if: &'static str, hold_for: Duration) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
         listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("address");
-        let state = Arc::new(ShareState::default());
-        let app = Router::new()
-            .route("/api/share", post(create_share))
-            .route("/api/share/{id}/sync", post(sync_share))
-            .route("/api/share/{id}/data", get(share_data))
-            .route("/api/share/{id}", delete(remove_share))
-            .with_state((state.clone(), addr));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                tokio::select! {
-                    _ = axum::serve(listener, app) => {}
-                    _ = stopped => {}
-                }
-            });
+        let held_answer = Arc::new(Mutex::new(None));
+        let relay = Relay {
+            target,
+            hold_if,
+            hold_for,
+            held: Arc::default(),
+            held_answer: held_answer.clone(),
+        };
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let app = Router::new().fallback(forward).with_state(relay);
+            axum::serve(listener, app).await.expect("relay");
         });
         Self {
             addr,
-            state,
-            stop: Some(stop),
-            thread: Some(thread),
+            held_answer,
+            _runtime: runtime,
         }
     }
+}
 
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
+async fn forward(
+    State(relay): State<Relay>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let hold = uri.path().ends_with("/sync") && text.contains(relay.hold_if) && {
+        let mut held = relay.held.lock().expect("lock");
+        !std::mem::replace(&mut *held, true)
+    };
+    if hold {
+        tokio::time::sleep(relay.hold_for).await;
     }
-
-    fn requests(&self) -> Vec<(String, String, Value)> {
-        self.state.requests.lock().expect("lock").clone()
+    let url = format!("http://{}{}", relay.target, uri);
+    let (status, answer) = tokio::task::spawn_blocking(move || {
+        let request = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url)
+            .header("Content-Type", "application/json")
+            .body(text)
+            .expect("request");
+        let mut response = http().run(request).expect("capsync answers");
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().expect("body"))
+    })
+    .await
+    .expect("relay call");
+    if hold {
+        *relay.held_answer.lock().expect("lock") = serde_json::from_str(&answer).ok();
     }
+    (StatusCode::from_u16(status).expect("status"), answer)
+}
 
-    /// The share created for `session_id`, if any.
-    fn share_of(&self, session_id: &str) -> Option<String> {
-        let shares = self.state.shares.lock().expect("lock");
-        shares
-            .iter()
-            .find(|(_, share)| share.session_id == session_id)
-            .map(|(id, _)| id.clone())
-    }
-
-    /// Waits until `done` holds for the stored shares.
-    fn wait_for(&self, what: &str, done: impl Fn(&BTreeMap<String, StoredShare>) -> bool) {
-        let shares = self.state.shares.lock().expect("lock");
-        let (shares, timeout) = self
-            .state
-            .changed
-            .wait_timeout_while(shares, PATIENCE, |shares| !done(shares))
-            .expect("lock");
+#[test]
+fn a_sync_held_back_behind_a_newer_one_does_not_win() {
+    let Some(binary) = opencode::binary_or_skip() else {
+        return;
+    };
+    let capsync = Capsync::start();
+    // A command that runs long enough for opencode to sync the call while it runs.
+    let script = Script::new()
+        .turn(Turn::new().bash("sleep 2 && echo slow done", "Waits"))
+        .turn(Turn::new().text("Done waiting."));
+    let llm = FakeLlm::builder().script(script).start();
+    let relay = SlowRelay::start(
+        capsync.http(),
+        "\"status\":\"running\"",
+        Duration::from_secs(4),
+    );
+    let oc = OpenCode::builder(&binary, &llm)
+        .enterprise_url(format!(
+            "http://{}/opencode/{}",
+            relay.addr, capsync.agent_token
+        ))
+        .start();
+    let session = oc.create_session();
+    let link = oc.share(&session);
+    oc.prompt(&session, "Wait for the slow command.");
+    // The running snapshot reached capsync after the completed one, and was refused alone.
+    let deadline = Instant::now() + PATIENCE;
+    let answer = loop {
+        if let Some(answer) = relay.held_answer.lock().expect("lock").clone() {
+            break answer;
+        }
         assert!(
-            !timeout.timed_out(),
-            "waited {PATIENCE:?} for {what}; stored: {shares:#?}"
+            Instant::now() < deadline,
+            "no sync with a running tool call was held"
         );
-    }
-}
-
-impl Drop for ShareServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-type ShareApp = State<(Arc<ShareState>, SocketAddr)>;
-
-/// Records a request and wakes [`ShareServer::wait_for`].
-fn record(state: &ShareState, method: &str, path: String, body: &Bytes) -> Value {
-    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    state
-        .requests
-        .lock()
-        .expect("lock")
-        .push((method.to_owned(), path, body.clone()));
-    body
-}
-
-async fn create_share(State((state, addr)): ShareApp, body: Bytes) -> axum::Json<Value> {
-    let body = record(&state, "POST", "/api/share".into(), &body);
-    let session_id = body["sessionID"].as_str().unwrap_or_default().to_owned();
-    // Share ids from the session id's tail: unique enough here, and stable in messages.
-    let id = format!("shr{}", &session_id[session_id.len().saturating_sub(10)..]);
-    state.shares.lock().expect("lock").insert(
-        id.clone(),
-        StoredShare {
-            session_id,
-            items: BTreeMap::new(),
-        },
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stale: Vec<&Value> = answer["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .filter(|r| r["reason"] == "staleTransition" && r["type"] == "part")
+        .collect();
+    assert!(
+        !stale.is_empty(),
+        "the held running snapshot was refused: {answer}"
     );
-    state.changed.notify_all();
-    axum::Json(
-        json!({"id": id, "secret": secret_of(&id), "url": format!("http://{addr}/share/{id}")}),
-    )
-}
-
-async fn sync_share(
-    State((state, _)): ShareApp,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> axum::Json<Value> {
-    let body = record(&state, "POST", format!("/api/share/{id}/sync"), &body);
-    if body["secret"] == secret_of(&id) {
-        let mut shares = state.shares.lock().expect("lock");
-        if let Some(share) = shares.get_mut(&id) {
-            for item in body["data"].as_array().into_iter().flatten() {
-                let data = &item["data"];
-                let key = match item["type"].as_str().unwrap_or_default() {
-                    "message" => format!("message/{}", data["id"].as_str().unwrap_or_default()),
-                    "part" => format!(
-                        "part/{}/{}",
-                        data["messageID"].as_str().unwrap_or_default(),
-                        data["id"].as_str().unwrap_or_default()
-                    ),
-                    other => other.to_owned(),
-                };
-                share.items.insert(key, item.clone());
-            }
-        }
-    }
-    state.changed.notify_all();
-    axum::Json(json!({}))
-}
-
-async fn share_data(State((state, _)): ShareApp, Path(id): Path<String>) -> axum::Json<Value> {
-    record(
-        &state,
-        "GET",
-        format!("/api/share/{id}/data"),
-        &Bytes::new(),
-    );
-    let shares = state.shares.lock().expect("lock");
-    let items: Vec<Value> = shares
-        .get(&id)
-        .map(|share| share.items.values().cloned().collect())
-        .unwrap_or_default();
-    axum::Json(Value::Array(items))
-}
-
-async fn remove_share(
-    State((state, _)): ShareApp,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> axum::Json<Value> {
-    record(&state, "DELETE", format!("/api/share/{id}"), &body);
-    state.changed.notify_all();
-    axum::Json(json!({}))
+    // The link is the relay's; capsync's own pages hold the same token.
+    let link = link.replace(&relay.addr.to_string(), &capsync.http().to_string());
+    assert_capsync_holds_the_export(&capsync, &oc, &session, &link);
+    let export = oc.export(&session);
+    let bash = export["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .flat_map(|m| parts(m).iter())
+        .find(|p| p["tool"] == "bash")
+        .expect("the bash call");
+    assert_eq!(bash["state"]["status"], "completed");
 }

@@ -244,12 +244,12 @@ fn per_op_outcomes_and_whole_batch_failures() {
             vec![
                 OpSpec::new("s", OpKind::SessionUpsert, json!({"id": "ses_1"})),
                 OpSpec::new("bad", OpKind::SessionUpsert, json!({"id": "other"})),
-                // The server refuses a part whose message does not exist as `invalid`:
+                // The server refuses a delta to a part that does not exist as `invalid`:
                 // `missingDependency` is only about `dependsOn`.
                 OpSpec::new(
                     "p",
-                    OpKind::PartUpsert,
-                    json!({"id": "p", "messageID": "nope", "type": "text"}),
+                    OpKind::PartDelta,
+                    json!({"partID": "nope", "delta": "x"}),
                 ),
                 OpSpec {
                     depends_on: vec!["later".into()],
@@ -353,7 +353,7 @@ fn push_resends_ops_whose_dependency_comes_later() {
             },
             message("m2"),
             OpSpec::new("bad2", OpKind::SessionUpsert, json!({"id": "zzz"})),
-            // The same order without `dependsOn` is refused as invalid, and not resent.
+            // The same order without `dependsOn`: the part is kept until its message comes.
             text_part("p3", "m3"),
             message("m3"),
             // A dependency that never comes: given up once a round makes no progress.
@@ -364,10 +364,10 @@ fn push_resends_ops_whose_dependency_comes_later() {
         ];
         let report = push_ops(&writer, &ops, 10, |_| {}).await.unwrap();
         assert_eq!(report.ops, 6);
-        assert_eq!(report.applied, 3, "{report:?}");
+        assert_eq!(report.applied, 4, "{report:?}");
         // The first round, the round that applies p2, and one that makes no progress.
         assert_eq!(report.batches, 3, "{report:?}");
-        assert_eq!(report.cursor, 3);
+        assert_eq!(report.cursor, 4);
         let rejected: Vec<_> = report
             .rejected
             .iter()
@@ -377,7 +377,6 @@ fn push_resends_ops_whose_dependency_comes_later() {
             rejected,
             vec![
                 ("bad2", RejectReason::Invalid),
-                ("part:p3", RejectReason::Invalid),
                 ("msg:m4", RejectReason::MissingDependency),
             ]
         );
@@ -385,8 +384,7 @@ fn push_resends_ops_whose_dependency_comes_later() {
 
         // Pushing the same list again: what applied is a duplicate, the rest is refused again.
         let again = push_ops(&writer, &ops, 10, |_| {}).await.unwrap();
-        assert_eq!((again.applied, again.duplicates), (1, 3), "{again:?}");
-        // p3's message exists now, so p3 applies this time.
+        assert_eq!((again.applied, again.duplicates), (0, 4), "{again:?}");
         assert_eq!(again.rejected.len(), 2);
         assert_eq!(again.cursor, 4);
     });
