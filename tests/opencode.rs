@@ -4,8 +4,10 @@
 //! capsync server through opencode's built-in share client (its `enterprise.url` from
 //! `capsync opencode config`), capsync holds every record as opencode exports it, the link
 //! imports into another opencode, unsharing kills link and secret, auto-share's two creates
-//! make one working share, and a sync held back behind a newer one does not win; sessions
-//! prompted at once follow their own scripts, and a held stream waits.
+//! make one working share, a sync held back behind a newer one does not win, and the share
+//! page shows the real session in headless Chromium (screenshots in
+//! `target/test-screenshots/3*.png`); sessions prompted at once follow their own scripts,
+//! and a held stream waits.
 //!
 //! Without opencode installed the tests say they skipped; with `REQUIRE_OPENCODE=1` (as in
 //! CI) a missing opencode is a failure instead. Install it with
@@ -760,4 +762,126 @@ fn a_sync_held_back_behind_a_newer_one_does_not_win() {
         .find(|p| p["tool"] == "bash")
         .expect("the bash call");
     assert_eq!(bash["state"]["status"], "completed");
+}
+
+#[path = "browser_driver.rs"]
+#[allow(dead_code)] // The driver's screenshots of single elements are the page tests'.
+mod browser_driver;
+
+/// The text of the first element matching `selector`, or `null`.
+fn text_at(selector: &str) -> String {
+    format!(
+        "((document.querySelector({}) || {{}}).textContent ?? null)",
+        json!(selector)
+    )
+}
+
+#[test]
+fn a_real_opencode_session_on_the_share_page() {
+    let Some(binary) = opencode::binary_or_skip() else {
+        return;
+    };
+    let Some(chromium) = browser_driver::chromium_or_skip() else {
+        return;
+    };
+    let capsync = Capsync::start();
+    let llm = FakeLlm::start();
+    let oc = OpenCode::builder(&binary, &llm)
+        .enterprise_url(capsync.enterprise_url())
+        .start();
+    let session = oc.create_session();
+    oc.prompt(&session, PROMPT);
+    oc.wait_for_session(&session, "the generated title", |s| {
+        s["title"] == DEFAULT_TITLE
+    });
+    let link = oc.share(&session);
+    assert_capsync_holds_the_export(&capsync, &oc, &session, &link);
+
+    let mut browser = browser_driver::Browser::launch(&chromium);
+    // The link as opencode printed it: on to the page, the token into the fragment.
+    let page = browser.open(&link);
+    run_local(async {
+        browser_driver::wait_for(
+            &mut browser,
+            &page,
+            "the session",
+            &format!(
+                "document.body.innerText.includes({}) && document.querySelector('[data-tool=edit]') !== null",
+                // (Its markdown is rendered: the backticks are gone.)
+                json!("now says the task is done")
+            ),
+        )
+        .await;
+    });
+    let checks: Vec<(&str, String, Value)> = vec![
+        ("opens at the top", "window.scrollY".into(), json!(0)),
+        ("the title", text_at("#title"), json!(DEFAULT_TITLE)),
+        (
+            "the prompt",
+            format!("document.body.innerText.includes({})", json!(PROMPT)),
+            json!(true),
+        ),
+        (
+            "reasoning",
+            format!(
+                "{}.includes({})",
+                text_at(".part-reasoning"),
+                json!(CODING_REASONING)
+            ),
+            json!(true),
+        ),
+        (
+            "text",
+            format!("document.body.innerText.includes({})", json!(CODING_TEXT)),
+            json!(true),
+        ),
+        (
+            "bash: command",
+            text_at("[data-tool=bash] .bash-command"),
+            json!(format!("$ {CODING_COMMAND}")),
+        ),
+        (
+            "bash: output",
+            format!(
+                "{}.includes({})",
+                text_at("[data-tool=bash] .tool-output"),
+                json!(CODING_COMMAND_OUTPUT.trim())
+            ),
+            json!(true),
+        ),
+        (
+            "edit: the changed line",
+            "document.querySelectorAll('[data-tool=edit] pre.diff .line.add').length > 0".into(),
+            json!(true),
+        ),
+        (
+            "steps",
+            "document.querySelectorAll('.part-step-finish').length > 0".into(),
+            json!(true),
+        ),
+        (
+            "patch: files touched",
+            format!(
+                "{}.includes({})",
+                text_at(".part-patch"),
+                json!(CODING_FILE)
+            ),
+            json!(true),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, expression, expected) in &checks {
+        let got = browser.eval(&page, expression);
+        if &got != expected {
+            wrong.push(format!("{what}: {got} (expected {expected})"));
+        }
+    }
+    browser.screenshot(&page, "30-real-opencode-session.png");
+    browser.screenshot_of_window(&page, "31-real-opencode-session-top.png");
+    assert!(
+        wrong.is_empty(),
+        "the page of a real opencode session:\n{}\nit shows:\n{}",
+        wrong.join("\n"),
+        browser.eval(&page, "document.body.innerText")
+    );
 }
