@@ -579,19 +579,33 @@ mod tests {
                 .is_rejected()
         );
         let part = json!({"id": "p", "messageID": "m", "type": "text"});
-        assert!(
-            m.apply(&op("2", OpKind::PartUpsert, part.clone()))
-                .is_rejected(),
-            "no message yet"
+        assert_eq!(
+            m.apply(&op("2", OpKind::PartUpsert, part.clone())),
+            Outcome::Applied(2),
+            "kept before its message"
         );
+        assert_eq!(m.document().orphan_parts, [part]);
         m.apply(&op(
             "3",
             OpKind::MessageUpsert,
             json!({"id": "m", "role": "assistant"}),
         ));
+        assert!(m.document().orphan_parts.is_empty());
         assert_eq!(
-            m.apply(&op("2", OpKind::PartUpsert, part)),
-            Outcome::Applied(3),
+            m.document().messages[0].parts.len(),
+            1,
+            "joined its message"
+        );
+        let delta = op("d", OpKind::PartDelta, json!({"partID": "q", "delta": "x"}));
+        assert!(m.apply(&delta).is_rejected(), "no part q yet");
+        m.apply(&op(
+            "q",
+            OpKind::PartUpsert,
+            json!({"id": "q", "messageID": "m", "type": "text"}),
+        ));
+        assert_eq!(
+            m.apply(&delta),
+            Outcome::Applied(5),
             "a rejected op id can apply later"
         );
         m.apply(&op(
@@ -610,7 +624,7 @@ mod tests {
                 OpKind::PartDelta,
                 json!({"partID": "p", "delta": "ab"})
             )),
-            Outcome::Duplicate(4)
+            Outcome::Duplicate(6)
         );
         assert_eq!(m.document().messages[0].parts[0]["text"], "abc");
         m.apply(&op(
@@ -631,7 +645,7 @@ mod tests {
         m.apply(&op("9", OpKind::MessageRemove, json!({"messageID": "m"})));
         let doc = m.document();
         assert!(doc.messages.is_empty());
-        assert_eq!(doc.cursor, 8);
+        assert_eq!(doc.cursor, 10);
         let mut dep = op("10", OpKind::ModelUpsert, json!({"id": "gpt"}));
         dep.depends_on = vec!["11".into()];
         assert!(matches!(
