@@ -390,6 +390,26 @@ fn the_share_page_shows_every_part_type() {
             "{pushed}"
         );
 
+        // The sub-agent's session of the fixture's task call, shared too: the
+        // task links to it, and this page's token opens it.
+        let child = json_of(
+            &capsync(
+                &server,
+                &agent_token,
+                &[
+                    "--json",
+                    "share",
+                    "create",
+                    "--session-id",
+                    "ses_1f0c3b41effeTz9wA6nHk3Uq2c",
+                    "--parent-session-id",
+                    &session,
+                ],
+            )
+            .await,
+        );
+        let child = child["shareId"].as_str().unwrap().to_owned();
+
         let page = browser.open(&format!("http://{http}/s/{share}#{viewer_token}"));
         wait_for(
             &mut browser,
@@ -462,6 +482,7 @@ fn the_share_page_shows_every_part_type() {
             ("running: its url", "document.querySelector('[data-tool=webfetch] a.tool-title').href".into(), json!("https://www.rfc-editor.org/rfc/rfc6585#section-4")),
             ("task: description", text_of("[data-tool=task] .tool-title"), json!("Check the limiter for races")),
             ("task: agent and child session", format!("{0}.includes('@explore') && {0}.includes('session ses_1f0c3b41effeTz9wA6nHk3Uq2c')", text_of("[data-tool=task] .chips")), json!(true)),
+            ("task: link to the child share, with this page's token", "document.querySelector('[data-tool=task] a.child-link').getAttribute('href')".into(), json!(format!("/s/{child}#{viewer_token}"))),
             ("task: result", format!("{}.startsWith('No races')", text_of("[data-tool=task] .task-result")), json!(true)),
             ("apply_patch: files", "[...document.querySelectorAll('[data-tool=apply_patch] .file-line')].map(l => l.querySelector('.file-op').textContent + ' ' + l.querySelector('.file').textContent).join(',')".into(), json!("M tests/test_login.py,A tests/conftest.py")),
             ("step-start: one per step", "document.querySelectorAll('.part-step-start').length".into(), json!(4)),

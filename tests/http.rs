@@ -725,3 +725,54 @@ fn the_gateway_can_be_turned_off() {
     assert_eq!("off".parse::<HttpListen>().unwrap(), HttpListen::Off);
     assert!("nonsense".parse::<HttpListen>().is_err());
 }
+
+#[test]
+fn a_shares_viewers_read_its_sub_agents_shares_and_nothing_else() {
+    let server = TestServer::start();
+    let addr = server.http_addr();
+    run_local(async {
+        let (conn, admin) = admin(&server).await;
+        let (owner, _) = agent(&conn, &admin).await;
+        let (stranger, _) = agent(&conn, &admin).await;
+        let parent = capsync_tests::child_share(&owner, "ses_parent", "prj", None).await;
+        let child =
+            capsync_tests::child_share(&owner, "ses_child", "prj", Some("ses_parent")).await;
+        let grandchild =
+            capsync_tests::child_share(&owner, "ses_grandchild", "prj", Some("ses_child")).await;
+        let foreign =
+            capsync_tests::child_share(&stranger, "ses_foreign", "prj", Some("ses_parent")).await;
+        let id = |s: &CreatedShare| s.info.state.share_id.clone();
+        let token = parent.viewer_token.token.clone();
+        let snapshot = |share: String, token: String| async move {
+            tokio::task::spawn_blocking(move || {
+                get(addr, &format!("/api/shares/{share}/snapshot"), Some(&token))
+            })
+            .await
+            .unwrap()
+        };
+
+        // The parent's page lists its child, and its token reads it.
+        let (status, _, body) = snapshot(id(&parent), token.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["children"], json!({"ses_child": id(&child)}));
+        let (status, _, body) = snapshot(id(&child), token.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        // The child's own page, read with the parent's token, offers no further children.
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["children"], json!({}));
+        // Not a grandchild, not another agent's share, not the parent with the child's token.
+        assert_eq!(snapshot(id(&grandchild), token.clone()).await.0, 401);
+        assert_eq!(snapshot(id(&foreign), token.clone()).await.0, 401);
+        let child_token = child.viewer_token.token.clone();
+        assert_eq!(snapshot(id(&parent), child_token.clone()).await.0, 401);
+        assert_eq!(snapshot(id(&child), child_token).await.0, 200);
+
+        // Revoking the parent's viewers ends the child's reading through them too.
+        owner
+            .revoke_share(&id(&parent), Scope::Viewers)
+            .await
+            .unwrap();
+        assert_eq!(snapshot(id(&child), token).await.0, 401);
+    });
+}

@@ -23,7 +23,8 @@ use crate::presence::{PresenceView, last_change};
 /// How often a snapshot is read again when the share changed between its pages.
 const SNAPSHOT_ATTEMPTS: usize = 5;
 
-/// The share's whole document (see [`document::document`]) with `shareId` and `presence`.
+/// The share's whole document (see [`document::document`]) with `shareId`, `presence`
+/// and `children` (sub-agents' sessions shared along with it: session id → share id).
 pub async fn snapshot(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -36,6 +37,18 @@ pub async fn snapshot(
     // The state read with the token check; the snapshot may be a few ops newer.
     let last_change = last_change(&reader.state);
     doc["shareId"] = share.clone().into();
+    // Sub-agents' sessions shared along with this one, by session id: the page
+    // links their task calls there (the same token reads them).
+    let children = if reader.own_share {
+        app.ledger.child_shares(reader.authority.clone()).await?
+    } else {
+        Vec::new()
+    };
+    doc["children"] = children
+        .into_iter()
+        .map(|child| (child.session_id, Value::from(child.state.share_id.0)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     doc["presence"] = presence(&app, &ShareId::from(share), last_change);
     Ok(Json(doc))
 }

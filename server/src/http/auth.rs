@@ -20,6 +20,9 @@ pub struct ShareReader {
     /// Re-checked by the ledger on every read, so a revocation stops this reader too.
     pub authority: Authority,
     pub state: ShareState,
+    /// Whether the token is the share's own (not its parent's): only then are
+    /// its child shares readable with it as well.
+    pub own_share: bool,
 }
 
 /// The token of `Authorization: Bearer <token>`, if there is one.
@@ -33,7 +36,7 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Checks the request's bearer token for reading `share`. A viewer token of
-/// that share passes. Another kind of token is told so (its prefix says what
+/// that share passes, and one of its parent share (see `Backend::child_shares`). Another kind of token is told so (its prefix says what
 /// it is, so that tells the caller nothing it did not send); any other failure
 /// is the same `401`.
 ///
@@ -49,10 +52,26 @@ pub async fn share_reader(
     // No token is not a guess: it costs no argon2 and no failed-redeem count.
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
     let reader = viewer(app, token, peer).await?;
-    if reader.state.share_id != ShareId::from(share) {
-        return Err(ApiError::Unauthorized);
+    let share = ShareId::from(share);
+    if reader.state.share_id == share {
+        return Ok(reader);
     }
-    Ok(reader)
+    // A child share (a sub-agent's session) of the token's share: the ledger
+    // decides, and checks the parent's viewer epoch on every later read too.
+    let authority = Authority {
+        share: reader.authority.share.map(|(_, epoch)| (share, epoch)),
+        ..reader.authority
+    };
+    let state = app
+        .ledger
+        .share_state(authority.clone())
+        .await
+        .map_err(|_| ApiError::Unauthorized)?;
+    Ok(ShareReader {
+        authority,
+        state,
+        own_share: false,
+    })
 }
 
 /// Checks `token` as a viewer token of any share (the share link carries one).
@@ -77,6 +96,7 @@ pub async fn viewer(
     Ok(ShareReader {
         authority: redeemed.authority(),
         state,
+        own_share: true,
     })
 }
 

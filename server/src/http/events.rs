@@ -416,6 +416,7 @@ mod tests {
         let reader = ShareReader {
             authority: share.viewer.clone(),
             state: share.state().await,
+            own_share: true,
         };
         // As resumed with `Last-Event-ID: 2`, an id from before the compaction.
         let live = Live::new(app, reader, Cursor(2), None, permit);

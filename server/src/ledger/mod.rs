@@ -377,8 +377,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Applies a batch (see ARCHITECTURE.md, "appendOps"). Durable before it resolves.
     fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>>;
 
-    /// The share's state; any writer or viewer authority of the share.
+    /// The share's state; any writer or viewer authority of the share. A viewer
+    /// token's authority over a child share of its own (see `child_shares`) reads too.
     fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>>;
+
+    /// Shares of the sessions that `who`'s share started (sub-agents), kept by the
+    /// same owner. A viewer of the parent may read them, with an authority naming the
+    /// child share and the parent's viewer epoch; revoking the parent's viewers
+    /// ends that too.
+    fn child_shares(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>>;
 
     /// Shares ordered by id after `after`: all of them for admin, its own for an agent.
     /// Archived shares only with `include_archived`.

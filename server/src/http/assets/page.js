@@ -30,6 +30,9 @@ const doc = {
   // The server's snapshot holds them once the message exists, so the page does too.
   orphans: new Map(),
   html: new Map(), // text part id -> server-rendered HTML
+  // Sub-agents' sessions shared along with this one: session id -> share id.
+  // This page's token reads them too.
+  children: new Map(),
 };
 let presence = null;
 let clockOffset = 0; // server clock minus ours, in ms
@@ -57,6 +60,7 @@ function loadDocument(snapshot) {
     partsOf(messageId).set(idOf(p), p);
   }
   doc.html = new Map(Object.entries(snapshot.html || {}));
+  doc.children = new Map(Object.entries(obj(snapshot.children)).filter(([, id]) => typeof id === "string"));
 }
 
 // A model's record key, as the server keys it: `providerID/id`, or `id` alone.

@@ -11,6 +11,14 @@
 
 // The input's simple fields on one line ("command: pytest -q · path: src"),
 // each cut to its first line; the whole input is in the collapsible JSON.
+// A link to a sub-agent's share, opened with this page's own token (the
+// server lets a share's viewers read its children).
+function childLink(shareId) {
+  const link = el("a", "chip child-link", "open its session");
+  link.href = "/s/" + encodeURIComponent(shareId) + "#" + encodeURIComponent(token);
+  return link;
+}
+
 function inputSummary(input, title) {
   const items = [];
   for (const [key, value] of Object.entries(obj(input))) {
@@ -202,6 +210,7 @@ const TOOL_VIEWS = {
       c.input.subagent_type ? el("span", "agent-chip", "@" + str(c.input.subagent_type)) : null,
       model.modelID ? str(model.modelID) : null,
       session ? el("span", "chip mono", "session " + session) : null,
+      session && doc.children.has(session) ? childLink(doc.children.get(session)) : null,
     )];
     if (c.input.prompt) nodes.push(collapsible(c.id + ":prompt", "Prompt", el("div", "plain", str(c.input.prompt)), false));
     const result = taskResult(c.output);

@@ -56,6 +56,17 @@ impl ShareRow {
         })
     }
 
+    /// Whether this share holds a session that `parent`'s session started (a
+    /// sub-agent's), shared by the same owner. A viewer of `parent` may read it:
+    /// a sub-agent's work is part of the session it was started for, and
+    /// revoking `parent`'s viewers ends that too.
+    pub fn is_child_of(&self, parent: &ShareRow) -> bool {
+        !parent.session_id.is_empty()
+            && self.parent_session_id == parent.session_id
+            && self.owner_token_id == parent.owner_token_id
+            && self.id != parent.id
+    }
+
     pub fn state(&self) -> ShareState {
         ShareState {
             share_id: self.id.clone(),
@@ -227,15 +238,43 @@ pub(super) fn check_share(
     };
     let share = load_share(conn, share_id)?.ok_or(LedgerError::NotFound)?;
     let token = check_token(conn, who, now)?;
-    if token.share_id.as_ref() != Some(share_id) {
-        return Err(LedgerError::PermissionDenied);
-    }
+    // Whose epochs the capability answers to: its own share's, or, for a
+    // viewer token reading a child share, its parent's.
+    let issued_for = if token.share_id.as_ref() == Some(share_id) {
+        share.clone()
+    } else {
+        let parent = match (&token.share_id, access, token.kind) {
+            (Some(parent), Access::Read, TokenKind::Viewer) => load_share(conn, parent)?,
+            _ => None,
+        };
+        parent
+            .filter(|parent| share.is_child_of(parent))
+            .ok_or(LedgerError::PermissionDenied)?
+    };
     let current = match who.kind {
-        TokenKind::Writer => share.writer_epoch,
-        _ => share.viewer_epoch,
+        TokenKind::Writer => issued_for.writer_epoch,
+        _ => issued_for.viewer_epoch,
     };
     if *epoch != current {
         return Err(LedgerError::Revoked);
     }
     Ok(share)
+}
+
+/// Visible shares of the sessions `parent` started (sub-agents), with the same
+/// owner: what `parent`'s viewers may read along with it.
+pub(super) fn children(conn: &Connection, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>> {
+    if parent.session_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SHARE_COLUMNS} FROM shares
+         WHERE parent_session_id = ?1 AND owner_token_id = ?2 AND {VISIBLE}
+         ORDER BY session_id, id"
+    ))?;
+    let rows = stmt.query_map(
+        rusqlite::params![parent.session_id, parent.owner_token_id.as_str()],
+        ShareRow::from_row,
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

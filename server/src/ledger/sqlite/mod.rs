@@ -313,6 +313,10 @@ impl Backend for SqliteBackend {
         self.read(move |conn, now| reads::share_state(conn, &who, now))
     }
 
+    fn child_shares(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
+        self.read(move |conn, now| reads::child_shares(conn, &who, now))
+    }
+
     fn list_shares(
         &self,
         who: Authority,

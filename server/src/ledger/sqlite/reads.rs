@@ -77,6 +77,19 @@ pub(super) fn share_state(
     Ok(authority::check_share(conn, who, Access::Read, now)?.state())
 }
 
+/// The child shares `who`'s share's viewers may read (see `authority::children`).
+pub(super) fn child_shares(
+    conn: &Connection,
+    who: &Authority,
+    now: i64,
+) -> LedgerResult<Vec<ShareInfo>> {
+    let parent = authority::check_share(conn, who, Access::Read, now)?;
+    Ok(authority::children(conn, &parent)?
+        .iter()
+        .map(|child| child.info())
+        .collect())
+}
+
 /// Shares with id > `after` in id order: all for an admin, its own for an agent;
 /// archived ones only with `include_archived`.
 pub(super) fn list_shares(
