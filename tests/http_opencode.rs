@@ -1,8 +1,8 @@
 //! opencode's share protocol against a real server, as its built-in client
 //! speaks it: create (twice at once), sync with snapshots out of order, the
-//! share link and import data, unshare killing link and secret, and no token
-//! in the logs. (The real opencode binary drives the same routes in
-//! `tests/opencode.rs`.)
+//! share link and import data, unshare (and revocation) killing link and
+//! secret, and no token in the logs. (The real opencode binary drives the same
+//! routes in `tests/opencode.rs`.)
 
 use std::net::SocketAddr;
 
@@ -330,4 +330,42 @@ fn unsharing_kills_the_link_and_the_secret_at_once() {
     for prefix in ["csagent_", "cswriter_", "csviewer_"] {
         assert!(!text.contains(prefix), "a token was logged:\n{text}");
     }
+}
+
+#[test]
+fn revoking_the_shares_viewers_or_writers_kills_the_link_or_the_secret() {
+    let server = TestServer::start();
+    let addr = server.http_addr();
+    let agent_token = run_local(async {
+        let (conn, admin) = admin(&server).await;
+        agent(&conn, &admin).await.1
+    });
+    let base = base(addr, &agent_token);
+    let share = create(&base, "ses_oc");
+    let id = share["id"].as_str().unwrap().to_owned();
+    let secret = share["secret"].as_str().unwrap();
+    let url = share["url"].as_str().unwrap();
+    assert_eq!(sync(&base, &share, secret, json!([session(1, "t")])).0, 200);
+    assert_eq!(import_data(addr, url).0, 200);
+    let revoke = |scope| {
+        run_local(async {
+            let conn = capsync_tests::client::connect(server.addr()).await.unwrap();
+            let agent = conn
+                .redeem(&agent_token)
+                .await
+                .unwrap()
+                .into_agent()
+                .unwrap();
+            agent.revoke_share(&id, scope).await.unwrap();
+        })
+    };
+    // The owner revokes the viewers: the link dies at once, the secret still syncs.
+    revoke(capsync_tests::client::Scope::Viewers);
+    assert_eq!(import_data(addr, url).0, 401);
+    let link_path = url.strip_prefix(&format!("http://{addr}")).unwrap();
+    assert_eq!(get(addr, link_path, None).0, 404);
+    assert_eq!(sync(&base, &share, secret, json!([session(2, "t")])).0, 200);
+    // Then the writers: the secret is refused.
+    revoke(capsync_tests::client::Scope::Writers);
+    assert_eq!(sync(&base, &share, secret, json!([session(3, "t")])).0, 401);
 }
