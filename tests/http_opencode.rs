@@ -302,6 +302,11 @@ fn unsharing_kills_the_link_and_the_secret_at_once() {
             format!("/s/{id}#{viewer}")
         );
         assert_eq!(import_data(addr, url).0, 200);
+        // opencode has no connection to watch: its syncs count as a writer there.
+        let (status, _, body) = get(addr, &format!("/api/shares/{id}/snapshot"), Some(viewer));
+        assert_eq!(status, 200, "{body}");
+        let snapshot: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(snapshot["presence"]["writerConnected"], true, "{body}");
 
         let (status, _) = send(
             "DELETE",

@@ -3,7 +3,9 @@
 //!
 //! A `ShareWriter` counts as connected for as long as its capability object
 //! lives (it holds a [`WriterPresence`] guard), so a dropped connection
-//! disconnects its writers without any explicit call. Viewers read this to show
+//! disconnects its writers without any explicit call. A writer over HTTP
+//! (opencode's share client) has no connection to watch: it counts as
+//! connected for [`HTTP_WRITER_WINDOW_MS`] after each sync. Viewers read this to show
 //! whether the session is still being written, and to show tool calls of a
 //! share whose writer left long ago as interrupted. Display only: nothing here
 //! changes stored records, and it is not persisted (after a restart, "gone
@@ -26,12 +28,19 @@ pub struct Presence {
     changed: Arc<watch::Sender<u64>>,
 }
 
+/// How long an HTTP writer counts as connected after its last sync. opencode
+/// syncs within a second of any change, and a turn rarely goes a minute
+/// without one.
+pub const HTTP_WRITER_WINDOW_MS: i64 = 60_000;
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
     /// Writer capabilities alive now.
     writers: usize,
     /// Unix ms when the count last dropped to zero.
     last_disconnect: Option<i64>,
+    /// Unix ms of the last sync from an HTTP writer.
+    last_sync: Option<i64>,
 }
 
 /// A share's writer presence at one moment.
@@ -40,6 +49,8 @@ pub struct WriterStatus {
     pub writers: usize,
     /// Unix ms when the last writer went away; `None` if none did since the server started.
     pub last_disconnect: Option<i64>,
+    /// Unix ms of the last sync from an HTTP writer; `None` if none since the server started.
+    pub last_sync: Option<i64>,
 }
 
 impl Default for Presence {
@@ -62,12 +73,30 @@ impl Presence {
         }
     }
 
+    /// Counts an HTTP writer of `share` as connected for the next
+    /// [`HTTP_WRITER_WINDOW_MS`]. Followers hear of it only when it was not
+    /// connected already: one sync a second must not wake every stream.
+    pub fn writer_synced(&self, share: &ShareId) {
+        let now = now_millis();
+        let newly = {
+            let mut shares = self.lock();
+            let entry = shares.entry(share.clone()).or_default();
+            let was = entry.last_sync.is_some_and(|at| within_window(at, now));
+            entry.last_sync = Some(now);
+            !was
+        };
+        if newly {
+            self.bump();
+        }
+    }
+
     /// The writer status of `share` now.
     pub fn status(&self, share: &ShareId) -> WriterStatus {
         let entry = self.lock().get(share).copied().unwrap_or_default();
         WriterStatus {
             writers: entry.writers,
             last_disconnect: entry.last_disconnect,
+            last_sync: entry.last_sync,
         }
     }
 
@@ -118,9 +147,9 @@ impl PresenceView {
         interrupted_after_ms: i64,
         now: i64,
     ) -> Self {
-        let writer_gone_since = status.gone_since(last_change);
+        let writer_gone_since = status.gone_since(last_change, now);
         Self {
-            writer_connected: status.writers > 0,
+            writer_connected: status.connected(now),
             last_change,
             writer_gone_since,
             interrupted: is_interrupted(writer_gone_since, interrupted_after_ms, now),
@@ -154,17 +183,35 @@ impl Drop for WriterPresence {
     }
 }
 
+fn within_window(synced_at: i64, now: i64) -> bool {
+    now.saturating_sub(synced_at) < HTTP_WRITER_WINDOW_MS
+}
+
 impl WriterStatus {
+    /// Whether a writer counts as connected at `now`: a live capability, or an
+    /// HTTP writer's sync within the window.
+    pub fn connected(&self, now: i64) -> bool {
+        self.writers > 0 || self.last_sync.is_some_and(|at| within_window(at, now))
+    }
+
+    /// When (Unix ms) an HTTP writer that counts as connected now stops counting,
+    /// if no live capability keeps the share connected anyway.
+    pub fn connected_until(&self, now: i64) -> Option<i64> {
+        let at = self.last_sync?;
+        (self.writers == 0 && within_window(at, now)).then(|| at + HTTP_WRITER_WINDOW_MS)
+    }
+
     /// Since when (Unix ms) no writer has been connected, given the share's last
-    /// change: a change means a writer was there then. `None` while one is connected.
-    pub fn gone_since(&self, last_change: Option<i64>) -> Option<i64> {
-        if self.writers > 0 {
+    /// change: a change means a writer was there then, as does a sync. `None`
+    /// while one is connected.
+    pub fn gone_since(&self, last_change: Option<i64>, now: i64) -> Option<i64> {
+        if self.connected(now) {
             return None;
         }
-        match (self.last_disconnect, last_change) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
+        [self.last_disconnect, last_change, self.last_sync]
+            .into_iter()
+            .flatten()
+            .max()
     }
 }
 
@@ -188,8 +235,8 @@ mod tests {
         let status = presence.status(&share);
         assert_eq!(status.writers, 0);
         let gone = status.last_disconnect.expect("disconnect time");
-        assert_eq!(status.gone_since(Some(gone - 10)), Some(gone));
-        assert_eq!(status.gone_since(Some(gone + 10)), Some(gone + 10));
+        assert_eq!(status.gone_since(Some(gone - 10), gone), Some(gone));
+        assert_eq!(status.gone_since(Some(gone + 10), gone), Some(gone + 10));
         assert_eq!(presence.status(&ShareId::from("other")).writers, 0);
     }
 
@@ -198,13 +245,52 @@ mod tests {
         let status = WriterStatus {
             writers: 0,
             last_disconnect: None,
+            last_sync: None,
         };
-        assert_eq!(status.gone_since(Some(5)), Some(5));
-        assert_eq!(status.gone_since(None), None);
+        assert_eq!(status.gone_since(Some(5), 10), Some(5));
+        assert_eq!(status.gone_since(None, 10), None);
         let connected = WriterStatus {
             writers: 1,
             last_disconnect: Some(1),
+            last_sync: None,
         };
-        assert_eq!(connected.gone_since(Some(5)), None);
+        assert_eq!(connected.gone_since(Some(5), 10), None);
+    }
+
+    #[test]
+    fn an_http_writer_counts_as_connected_for_a_while_after_each_sync() {
+        let presence = Presence::default();
+        let share = ShareId::from("sh_1");
+        let mut changes = presence.subscribe();
+        presence.writer_synced(&share);
+        assert!(changes.has_changed().unwrap(), "the first sync is news");
+        changes.mark_unchanged();
+        presence.writer_synced(&share);
+        assert!(
+            !changes.has_changed().unwrap(),
+            "later ones within the window are not"
+        );
+
+        let status = presence.status(&share);
+        let synced = status.last_sync.expect("sync time");
+        assert!(status.connected(synced));
+        assert_eq!(status.gone_since(Some(synced - 5), synced), None);
+        assert_eq!(
+            status.connected_until(synced),
+            Some(synced + HTTP_WRITER_WINDOW_MS)
+        );
+        let later = synced + HTTP_WRITER_WINDOW_MS;
+        assert!(!status.connected(later));
+        assert_eq!(status.connected_until(later), None);
+        assert_eq!(status.gone_since(Some(synced - 5), later), Some(synced));
+        assert_eq!(
+            PresenceView::new(status, Some(synced - 5), 1000, later + 1000),
+            PresenceView {
+                writer_connected: false,
+                last_change: Some(synced - 5),
+                writer_gone_since: Some(synced),
+                interrupted: true,
+            }
+        );
     }
 }

@@ -258,12 +258,17 @@ impl Live {
         }
     }
 
-    /// When (Unix ms) running tool calls will count as interrupted, if they
-    /// do not yet and no writer is connected.
+    /// When (Unix ms) the presence changes by itself: an HTTP writer's window
+    /// ends, or running tool calls count as interrupted (if they do not yet and
+    /// no writer is connected).
     fn interrupt_deadline(&self) -> Option<i64> {
         let status = self.app.presence.status(&self.share);
-        let gone = status.gone_since(self.last_change)?;
-        (!is_interrupted(&self.app, Some(gone), now_millis()))
+        let now = now_millis();
+        if let Some(until) = status.connected_until(now) {
+            return Some(until);
+        }
+        let gone = status.gone_since(self.last_change, now)?;
+        (!is_interrupted(&self.app, Some(gone), now))
             .then(|| gone.saturating_add(self.app.interrupted_after_ms()))
     }
 }

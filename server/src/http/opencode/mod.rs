@@ -206,6 +206,7 @@ async fn sync(
         return Err(ApiError::Unauthorized);
     }
     app.metrics.opencode_sync();
+    app.presence.writer_synced(&share_id);
 
     let mut ops = Vec::new();
     // For each item: its ops' places in `ops`, or why it was refused.
