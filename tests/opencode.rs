@@ -885,3 +885,94 @@ fn a_real_opencode_session_on_the_share_page() {
         browser.eval(&page, "document.body.innerText")
     );
 }
+
+/// The plugin in `opencode/` (the first step of shipping sessions durably).
+fn journal_plugin() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("opencode/capsync-journal.js")
+}
+
+#[test]
+fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
+    let Some(binary) = opencode::binary_or_skip() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().expect("scratch");
+    let journal = scratch.path().join("journal.jsonl");
+    let llm = FakeLlm::start();
+    let started = Instant::now();
+    let oc = OpenCode::builder(&binary, &llm)
+        .config(json!({"plugin": [[
+            format!("file://{}", journal_plugin().display()),
+            {"journal": journal.to_str().expect("UTF-8 path")}
+        ]]}))
+        .start();
+    println!(
+        "opencode with the plugin started in {:?}",
+        started.elapsed()
+    );
+    let session = oc.create_session();
+    oc.prompt(&session, PROMPT);
+    oc.wait_for_session(&session, "the generated title", |s| {
+        s["title"] == DEFAULT_TITLE
+    });
+    let export = oc.export(&session);
+
+    let text = std::fs::read_to_string(&journal).expect("the journal");
+    let events: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("one JSON object a line"))
+        .map(|entry| entry["event"].clone())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| e["id"].as_str().is_some_and(|id| !id.is_empty()))
+    );
+    let types: std::collections::BTreeSet<&str> =
+        events.iter().filter_map(|e| e["type"].as_str()).collect();
+    for kind in [
+        "session.created",
+        "session.updated",
+        "message.updated",
+        "message.part.updated",
+        "message.part.delta",
+    ] {
+        assert!(types.contains(kind), "no {kind} in the journal: {types:?}");
+    }
+    // The streamed text is there as deltas, which the built-in share client never sends.
+    let streamed: String = events
+        .iter()
+        .filter(|e| e["type"] == "message.part.delta" && e["properties"]["field"] == "text")
+        .filter_map(|e| e["properties"]["delta"].as_str())
+        .collect();
+    assert!(streamed.contains(CODING_TEXT), "{streamed}");
+    // The last journaled version of each part is the one opencode exports.
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for event in events
+        .iter()
+        .filter(|e| e["type"] == "message.part.updated")
+    {
+        let part = &event["properties"]["part"];
+        last.insert(id_of(part), part.clone());
+    }
+    let exported = carried_by_export(&export).parts;
+    assert_eq!(
+        last.keys().collect::<Vec<_>>(),
+        exported.keys().collect::<Vec<_>>()
+    );
+    for (id, part) in &exported {
+        assert_eq!(&last[id], part, "part {id}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&journal)
+            .expect("journal")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the journal is the user's only: {mode:o}");
+    }
+}
