@@ -6,8 +6,9 @@
 //! imports into another opencode, unsharing kills link and secret, auto-share's two creates
 //! make one working share, a sync held back behind a newer one does not win, and the share
 //! page shows the real session in headless Chromium (screenshots in
-//! `target/test-screenshots/3*.png`); sessions prompted at once follow their own scripts,
-//! and a held stream waits.
+//! `target/test-screenshots/3*.png`); capsync's journal plugin (`opencode/`) records every
+//! change as opencode publishes it; sessions prompted at once follow their own scripts, and
+//! a held stream waits.
 //!
 //! Without opencode installed the tests say they skipped; with `REQUIRE_OPENCODE=1` (as in
 //! CI) a missing opencode is a failure instead. Install it with
