@@ -5,6 +5,7 @@
 //! - [`ids`]: newtype ids and counters (`ShareId`, `TokenId`, `OpId`, `Cursor`, `Epoch`).
 //! - [`token`]: the sturdy-ref string format (kind prefix, token id, secret).
 //! - [`ops`]: op kinds and the JSON form of ops used by files and the CLI.
+//! - [`opencode`]: what an opencode record means as ops.
 //! - [`error`]: the wire error codes, mirrored as a Rust enum.
 //! - [`limits`]: protocol limits both sides must agree on.
 
@@ -18,6 +19,7 @@ pub mod capsync_capnp;
 pub mod error;
 pub mod ids;
 pub mod limits;
+pub mod opencode;
 pub mod ops;
 pub mod token;
 

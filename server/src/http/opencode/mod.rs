@@ -21,8 +21,6 @@
 //! no-referrer` keeps it out of `Referer` headers and the page moves it into
 //! the URL fragment at once. Unsharing or revoking the share kills the link.
 
-mod items;
-
 use std::net::SocketAddr;
 
 use axum::Json;
@@ -44,13 +42,13 @@ use super::error::ApiError;
 use crate::error::ServerError;
 use crate::ledger::oversize::append_within_limit;
 use crate::ledger::{
-    AuditEvent, Authority, BatchIn, LedgerError, NewShare, OpOutcome, OpResult, Operator,
+    AuditEvent, Authority, BatchIn, LedgerError, NewShare, OpIn, OpOutcome, OpResult, Operator,
     RecordKind, RejectReason,
 };
 use crate::lifecycle;
 use crate::redeem::Via;
 
-use items::{Mapped, item_record_id, map_item};
+use capsync_shared::opencode::{Mapped, item_record_id, map_item};
 
 /// The routes whose bodies stay small (under `--http-max-body-bytes`).
 pub fn routes() -> Router<AppState> {
@@ -215,7 +213,12 @@ async fn sync(
         match map_item(item, app.max_op_bytes) {
             Mapped::Ops(mapped) => {
                 let start = ops.len();
-                ops.extend(mapped);
+                ops.extend(mapped.into_iter().map(|op| OpIn {
+                    op_id: op.op_id,
+                    kind: op.kind,
+                    payload: op.payload,
+                    depends_on: Vec::new(),
+                }));
                 places.push(Ok(start..ops.len()));
             }
             Mapped::Refused(why) => places.push(Err(why)),

@@ -1,4 +1,7 @@
-//! opencode's sync items as ops: each item a full snapshot of one record, its op id derived from its content.
+//! What an opencode record means as ops, in one place: the server's drop-in
+//! share API maps opencode's sync items with it, and so will anything else that
+//! ships opencode sessions. Each item is a full snapshot of one record, its op id
+//! derived from its content.
 //!
 //! | item `type` | `data` | op |
 //! |---|---|---|
@@ -20,16 +23,23 @@
 //! limit is kept without the URL, marked `"capsyncOmitted": {"bytes", "reason"}`
 //! for the page to show; any other record over the limit is refused alone.
 
-use capsync_shared::{OpId, OpKind};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::ledger::OpIn;
+use crate::{OpId, OpKind};
+
+/// One op of an opencode record, its payload as the JSON text to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordOp {
+    pub op_id: OpId,
+    pub kind: OpKind,
+    pub payload: String,
+}
 
 /// One item of a sync, as ops, or why it cannot be kept.
 #[derive(Debug)]
 pub enum Mapped {
-    Ops(Vec<OpIn>),
+    Ops(Vec<RecordOp>),
     Refused(String),
 }
 
@@ -70,13 +80,12 @@ pub fn item_record_id(item: &Value) -> &str {
         .unwrap_or("")
 }
 
-fn op(kind: OpKind, payload: &Value) -> OpIn {
+fn op(kind: OpKind, payload: &Value) -> RecordOp {
     let payload = payload.to_string();
-    OpIn {
+    RecordOp {
         op_id: content_op_id(kind, &payload),
         kind,
         payload,
-        depends_on: Vec::new(),
     }
 }
 
@@ -113,7 +122,7 @@ fn without_large_attachment(part: &Value, max_op_bytes: usize) -> Option<Value> 
 mod tests {
     use super::*;
 
-    fn ops(item: Value) -> Vec<OpIn> {
+    fn ops(item: Value) -> Vec<RecordOp> {
         match map_item(&item, 1000) {
             Mapped::Ops(ops) => ops,
             Mapped::Refused(why) => panic!("{item} refused: {why}"),
