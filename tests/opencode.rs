@@ -967,6 +967,44 @@ fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
     for (id, part) in &exported {
         assert_eq!(&last[id], part, "part {id}");
     }
+    // Mapped to ops (`capsync_shared::opencode::map_event`) and applied in journal
+    // order, the session's events build exactly what opencode exports.
+    let mut doc = capsync_tests::client::SessionDocument::default();
+    let mut op_ids = std::collections::HashSet::new();
+    for event in &events {
+        let Some(mapped) = capsync_shared::opencode::map_event(event, 1 << 20) else {
+            continue;
+        };
+        let mapped = mapped.unwrap_or_else(|why| panic!("{event} not mapped: {why}"));
+        if mapped.session_id != session {
+            continue;
+        }
+        for op in mapped.ops {
+            assert!(
+                op_ids.insert(op.op_id.0.clone()),
+                "op id {} twice",
+                op.op_id.0
+            );
+            let cursor = doc.cursor + 1;
+            doc.apply(&capsync_tests::client::LoggedOp {
+                cursor,
+                op_id: op.op_id.0,
+                kind: op.kind,
+                payload: op.payload,
+                applied_at: 0,
+            });
+        }
+    }
+    let built: BTreeMap<String, Value> = doc
+        .messages
+        .iter()
+        .flat_map(|m| m.parts.iter())
+        .map(|p| (id_of(p), p.clone()))
+        .collect();
+    assert_eq!(
+        built, exported,
+        "the journal, shipped, gives the export's parts"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;

@@ -1,7 +1,8 @@
 //! What an opencode record means as ops, in one place: the server's drop-in
-//! share API maps opencode's sync items with it, and so will anything else that
-//! ships opencode sessions. Each item is a full snapshot of one record, its op id
-//! derived from its content.
+//! share API maps opencode's sync items with it ([`map_item`]: each item a full
+//! snapshot of one record, its op id derived from its content), and the events
+//! capsync's opencode plugin journals go through the same mapping ([`map_event`]:
+//! op ids from event ids, plus text deltas and removals, which only events carry).
 //!
 //! | item `type` | `data` | op |
 //! |---|---|---|
@@ -118,6 +119,113 @@ fn without_large_attachment(part: &Value, max_op_bytes: usize) -> Option<Value> 
     Some(kept)
 }
 
+/// The ops of one opencode bus event, as its plugin journals it, for the share of
+/// `session_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventOps {
+    pub session_id: String,
+    pub ops: Vec<RecordOp>,
+}
+
+/// The ops of a bus event `{id, type, properties}`: full snapshots as [`map_item`]
+/// maps them, plus what only the event stream carries (text deltas, removals).
+/// Op ids come from the event id (`oce-<id>`), so an event journaled twice, or a
+/// journal read again, is a duplicate. `None` for an event that changes no share.
+pub fn map_event(event: &Value, max_op_bytes: usize) -> Option<Result<EventOps, String>> {
+    let kind = event.get("type")?.as_str()?;
+    let props = event.get("properties").unwrap_or(&Value::Null);
+    let field = |name: &str| props.get(name).and_then(Value::as_str).unwrap_or("");
+    let (session_id, item) = match kind {
+        "session.created" | "session.updated" => {
+            let info = props.get("info")?;
+            let id = info
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or(field("sessionID"));
+            (id, json!({"type": "session", "data": info}))
+        }
+        "message.updated" => {
+            let info = props.get("info")?;
+            let id = info
+                .get("sessionID")
+                .and_then(Value::as_str)
+                .unwrap_or(field("sessionID"));
+            (id, json!({"type": "message", "data": info}))
+        }
+        "message.part.updated" => {
+            let part = props.get("part")?;
+            let id = part
+                .get("sessionID")
+                .and_then(Value::as_str)
+                .unwrap_or(field("sessionID"));
+            (id, json!({"type": "part", "data": part}))
+        }
+        "session.diff" => (
+            field("sessionID"),
+            json!({"type": "session_diff", "data": props.get("diff")?}),
+        ),
+        "message.part.delta" => (
+            field("sessionID"),
+            json!({"type": "delta", "data": {"partID": field("partID"), "messageID": field("messageID"),
+                   "field": props.get("field").cloned().unwrap_or(Value::Null), "delta": field("delta")}}),
+        ),
+        "message.removed" => (
+            field("sessionID"),
+            json!({"type": "message.removed", "data": {"messageID": field("messageID")}}),
+        ),
+        "message.part.removed" => (
+            field("sessionID"),
+            json!({"type": "part.removed", "data": {"partID": field("partID")}}),
+        ),
+        _ => return None,
+    };
+    Some(event_ops(event, session_id, &item, max_op_bytes))
+}
+
+fn event_ops(
+    event: &Value,
+    session_id: &str,
+    item: &Value,
+    max_op_bytes: usize,
+) -> Result<EventOps, String> {
+    let event_id = event.get("id").and_then(Value::as_str).unwrap_or("");
+    // `oce-` plus the id must fit an op id.
+    if event_id.is_empty() || event_id.len() > crate::limits::MAX_OP_ID_BYTES - 8 {
+        return Err("an event needs an id of at most 120 bytes".to_owned());
+    }
+    if session_id.is_empty() {
+        return Err("the event names no session".to_owned());
+    }
+    let single = |kind: OpKind| {
+        vec![RecordOp {
+            op_id: OpId(String::new()),
+            kind,
+            payload: item["data"].to_string(),
+        }]
+    };
+    let mut ops = match item["type"].as_str() {
+        Some("delta") => single(OpKind::PartDelta),
+        Some("message.removed") => single(OpKind::MessageRemove),
+        Some("part.removed") => single(OpKind::PartRemove),
+        _ => match map_item(item, max_op_bytes) {
+            Mapped::Ops(ops) => ops,
+            Mapped::Refused(why) => return Err(why),
+        },
+    };
+    let many = ops.len() > 1;
+    for (i, op) in ops.iter_mut().enumerate() {
+        op.op_id = OpId(if many {
+            format!("oce-{event_id}.{i}")
+        } else {
+            format!("oce-{event_id}")
+        });
+    }
+    Ok(EventOps {
+        session_id: session_id.to_owned(),
+        ops,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +235,71 @@ mod tests {
             Mapped::Ops(ops) => ops,
             Mapped::Refused(why) => panic!("{item} refused: {why}"),
         }
+    }
+
+    fn event_ops(event: Value) -> EventOps {
+        map_event(&event, 1000)
+            .expect("a share event")
+            .unwrap_or_else(|why| panic!("{event} refused: {why}"))
+    }
+
+    #[test]
+    fn bus_events_map_to_ops_named_by_their_event_ids() {
+        let part = json!({"id": "prt_1", "messageID": "msg_1", "sessionID": "ses_1", "type": "text", "text": ""});
+        let upsert = event_ops(json!({"id": "evt_1", "type": "message.part.updated",
+                                      "properties": {"sessionID": "ses_1", "part": part}}));
+        assert_eq!(upsert.session_id, "ses_1");
+        assert_eq!(upsert.ops.len(), 1);
+        assert_eq!(upsert.ops[0].op_id.as_str(), "oce-evt_1");
+        assert_eq!(upsert.ops[0].kind, OpKind::PartUpsert);
+        assert_eq!(
+            serde_json::from_str::<Value>(&upsert.ops[0].payload).unwrap(),
+            part
+        );
+
+        let delta = event_ops(json!({"id": "evt_2", "type": "message.part.delta",
+            "properties": {"sessionID": "ses_1", "messageID": "msg_1", "partID": "prt_1", "field": "text", "delta": "Hel"}}));
+        assert_eq!(delta.ops[0].kind, OpKind::PartDelta);
+        assert_eq!(
+            serde_json::from_str::<Value>(&delta.ops[0].payload).unwrap(),
+            json!({"partID": "prt_1", "messageID": "msg_1", "field": "text", "delta": "Hel"})
+        );
+        let removed = event_ops(json!({"id": "evt_3", "type": "message.part.removed",
+            "properties": {"sessionID": "ses_1", "messageID": "msg_1", "partID": "prt_1"}}));
+        assert_eq!(removed.ops[0].kind, OpKind::PartRemove);
+        let message_gone = event_ops(json!({"id": "evt_4", "type": "message.removed",
+            "properties": {"sessionID": "ses_1", "messageID": "msg_1"}}));
+        assert_eq!(message_gone.ops[0].kind, OpKind::MessageRemove);
+        let session = event_ops(json!({"id": "evt_5", "type": "session.updated",
+            "properties": {"sessionID": "ses_1", "info": {"id": "ses_1", "title": "t"}}}));
+        assert_eq!(
+            (session.session_id.as_str(), session.ops[0].kind),
+            ("ses_1", OpKind::SessionUpsert)
+        );
+        let diff = event_ops(json!({"id": "evt_6", "type": "session.diff",
+            "properties": {"sessionID": "ses_1", "diff": []}}));
+        assert_eq!(diff.ops[0].kind, OpKind::DiffSet);
+
+        // Events that change no share, and events that cannot be shipped.
+        assert!(
+            map_event(
+                &json!({"id": "evt_7", "type": "session.idle", "properties": {}}),
+                1000
+            )
+            .is_none()
+        );
+        assert!(map_event(&json!({"type": "message.updated", "properties": {"info": {"id": "m", "sessionID": "s"}}}), 1000)
+            .expect("a share event")
+            .is_err(), "no event id");
+        assert!(
+            map_event(
+                &json!({"id": "e", "type": "message.part.delta", "properties": {"partID": "p"}}),
+                1000
+            )
+            .expect("a share event")
+            .is_err(),
+            "no session"
+        );
     }
 
     #[test]
