@@ -921,12 +921,14 @@ fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
     });
     let export = oc.export(&session);
 
-    let text = std::fs::read_to_string(&journal).expect("the journal");
-    let events: Vec<Value> = text
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).expect("one JSON object a line"))
-        .map(|entry| entry["event"].clone())
-        .collect();
+    let read = capsync_tests::client::opencode_journal::read_journal(&journal, 0, usize::MAX)
+        .expect("the journal");
+    assert!(read.unreadable.is_empty(), "{:?}", read.unreadable);
+    assert_eq!(
+        read.next,
+        std::fs::metadata(&journal).expect("journal").len()
+    );
+    let events: Vec<Value> = read.entries.into_iter().map(|e| e.event).collect();
     assert!(
         events
             .iter()
