@@ -207,15 +207,23 @@ mod tests {
         );
     }
 
-    /// Writes the seeds into `fuzz/corpus/export_reader/` (run once by hand,
-    /// then fuzz and minimise): `cargo test -p capsync-client fuzzing -- --ignored`.
+    /// Every seed is in `fuzz/corpus/export_reader/` as `seed-<name>`, as built
+    /// today. `CAPSYNC_WRITE_SEEDS=1 cargo test -p capsync-client fuzzing` writes
+    /// them again first (then fuzz and minimise, keeping the named files).
     #[test]
-    #[ignore = "writes into the source tree"]
-    fn write_seed_corpus() {
+    fn the_seeds_are_in_the_checked_in_corpus() {
+        let write = std::env::var("CAPSYNC_WRITE_SEEDS").as_deref() == Ok("1");
         let dir = corpus_dir();
-        std::fs::create_dir_all(&dir).unwrap();
         for (name, data) in seeds() {
-            std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+            let path = dir.join(format!("seed-{name}"));
+            if write {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &data).unwrap();
+            }
+            let stored = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (CAPSYNC_WRITE_SEEDS=1 writes it)", path.display())
+            });
+            assert_eq!(stored, data, "{} differs from its seed", path.display());
         }
     }
 }

@@ -382,15 +382,24 @@ mod tests {
         }
     }
 
-    /// Writes the seeds into `fuzz/corpus/` (run once by hand, then fuzz and
-    /// minimise): `cargo test -p capsync-server fuzzing -- --ignored`.
+    /// Every seed is in `fuzz/corpus/` as `seed-<name>`, so a seed added here
+    /// cannot be missing there. (By name only: seeds carry fresh random tokens.)
+    /// `CAPSYNC_WRITE_SEEDS=1 cargo test -p capsync-server fuzzing` writes them
+    /// again first (then fuzz and minimise, keeping the named files).
     #[test]
-    #[ignore = "writes into the source tree"]
-    fn write_seed_corpus() {
+    fn the_seeds_are_in_the_checked_in_corpus() {
+        let write = std::env::var("CAPSYNC_WRITE_SEEDS").as_deref() == Ok("1");
         for (target, name, data) in seeds() {
-            let dir = corpus_dir(target);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+            let path = corpus_dir(target).join(format!("seed-{name}"));
+            if write {
+                std::fs::create_dir_all(corpus_dir(target)).unwrap();
+                std::fs::write(&path, &data).unwrap();
+            }
+            assert!(
+                path.is_file(),
+                "{} is missing (CAPSYNC_WRITE_SEEDS=1 writes it)",
+                path.display()
+            );
         }
     }
 
