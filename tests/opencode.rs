@@ -323,18 +323,29 @@ impl Capsync {
         )
     }
 
+    /// The agent on a connection of its own.
+    async fn agent_client(
+        &self,
+    ) -> (
+        capsync_tests::client::Connection,
+        capsync_tests::client::AgentClient,
+    ) {
+        let conn = capsync_tests::client::connect(self.server.addr())
+            .await
+            .expect("connect");
+        let agent = conn
+            .redeem(&self.agent_token)
+            .await
+            .expect("redeem")
+            .into_agent()
+            .expect("agent");
+        (conn, agent)
+    }
+
     /// The agent's shares of `session`, as `capsync share list` lists them.
     fn shares_of(&self, session: &str) -> Vec<String> {
         run_local(async {
-            let conn = capsync_tests::client::connect(self.server.addr())
-                .await
-                .expect("connect");
-            let agent = conn
-                .redeem(&self.agent_token)
-                .await
-                .expect("redeem")
-                .into_agent()
-                .expect("agent");
+            let (_conn, agent) = self.agent_client().await;
             let shares = agent.list_shares("", 100, false).await.expect("list");
             shares
                 .shares
@@ -363,15 +374,7 @@ impl Capsync {
     /// The share's records through the RPC API, as `capsync snapshot --json` prints them.
     fn snapshot(&self, share_id: &str) -> Value {
         run_local(async {
-            let conn = capsync_tests::client::connect(self.server.addr())
-                .await
-                .expect("connect");
-            let agent = conn
-                .redeem(&self.agent_token)
-                .await
-                .expect("redeem")
-                .into_agent()
-                .expect("agent");
+            let (conn, agent) = self.agent_client().await;
             let minted = agent.mint_viewer(share_id, None).await.expect("mint");
             let viewer = conn
                 .redeem(&minted.token)
