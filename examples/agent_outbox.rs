@@ -39,7 +39,7 @@ fn main() -> Result<()> {
                 project_id: "prj_demo".into(),
                 parent_session_id: None,
                 title: "Outbox demo".into(),
-                viewer_expires_at: None,
+                ..NewShare::default()
             })
             .await?;
         let share_id = share.info.state.share_id.clone();

@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 project_id: export.project_id().to_owned(),
                 parent_session_id: export.parent_id().map(str::to_owned),
                 title: export.title().to_owned(),
-                viewer_expires_at: None,
+                ..NewShare::default()
             })
             .await?;
         let share_id = created.info.state.share_id.clone();

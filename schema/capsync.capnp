@@ -357,8 +357,14 @@ struct StatsResult {
 interface Agent {
   # Creates a share for one agent session. The writer capability is live at
   # once; the two tokens are its sturdy refs (writer, and a read-only viewer).
+  # With `joinExisting`, a visible, unarchived share of `sessionId` that this
+  # agent token already created is returned instead (with new tokens for it,
+  # `joined` set): a client that lost the answer to an earlier call, or that
+  # shares a session another client of the same agent shared (opencode's
+  # built-in share client and capsync's plugin), gets the same share.
   createShare @0 (sessionId :Text, projectId :Text, parentSessionId :Text,
-                  title :Text, viewerExpiresAt :Int64) -> (result :CreateShareResult);
+                  title :Text, viewerExpiresAt :Int64, joinExisting :Bool)
+              -> (result :CreateShareResult);
 
   # The shares this agent token created, ordered by share id, paged. Archived
   # shares are left out unless `includeArchived` is set.
@@ -388,6 +394,7 @@ struct CreatedShare {
   writerToken @1 :MintedToken;
   viewerToken @2 :MintedToken;
   info @3 :ShareInfo;
+  joined @4 :Bool;   # an existing share was returned (`joinExisting`)
 }
 
 # ---------------------------------------------------------------------------

@@ -39,6 +39,9 @@ pub struct NewShare {
     pub title: String,
     /// When the viewer token minted with the share expires (Unix ms); `None` for never.
     pub viewer_expires_at: Option<i64>,
+    /// Return the share of `session_id` this agent token already created, if there is
+    /// one (visible and not archived), with new tokens for it, instead of a second share.
+    pub join_existing: bool,
 }
 
 /// A freshly created share: its live writer plus its two sturdy refs.
@@ -51,6 +54,8 @@ pub struct CreatedShare {
     /// A read-only link to hand to people.
     pub viewer_token: MintedToken,
     pub info: ShareInfo,
+    /// The share existed already ([`NewShare::join_existing`]).
+    pub joined: bool,
 }
 
 impl AgentClient {
@@ -85,6 +90,7 @@ impl AgentClient {
             params.set_parent_session_id(share.parent_session_id.as_deref().unwrap_or(""));
             params.set_title(share.title.as_str());
             params.set_viewer_expires_at(wire_time(share.viewer_expires_at));
+            params.set_join_existing(share.join_existing);
         }
         let response = request.send().promise.await?;
         let created = ok_or_fail!(create_share_result, response.get()?.get_result()?);
@@ -102,6 +108,7 @@ impl AgentClient {
             writer_token,
             viewer_token,
             info,
+            joined: created.get_joined(),
         })
     }
 

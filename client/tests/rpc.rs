@@ -573,6 +573,61 @@ fn agents_mint_writer_and_viewer_tokens_for_their_own_shares() {
 }
 
 #[test]
+fn create_share_can_join_the_agents_existing_share_of_a_session() {
+    let server = TestServer::start();
+    run_local(async {
+        let (conn, admin) = support::admin(&server).await;
+        let agent = support::agent(&conn, &admin).await;
+        let join = |session: &str| NewShare {
+            join_existing: true,
+            ..new_share(session)
+        };
+        let first = agent.create_share(join("ses_1")).await.unwrap();
+        assert!(!first.joined, "nothing to join yet");
+        let share_id = first.info.state.share_id.clone();
+        let again = agent.create_share(join("ses_1")).await.unwrap();
+        assert!(again.joined);
+        assert_eq!(again.info.state.share_id, share_id);
+        assert_ne!(again.writer_token.token, first.writer_token.token);
+
+        // Both writer tokens (and both live writers) write to the one share.
+        let op = |i: u32| OpSpec::new(format!("d{i}"), OpKind::DiffSet, json!([]));
+        first
+            .writer
+            .append(&Batch::new("a", vec![op(1)]))
+            .await
+            .unwrap();
+        let redeemed = conn
+            .redeem(&again.writer_token.token)
+            .await
+            .unwrap()
+            .into_writer()
+            .unwrap();
+        let ack = redeemed
+            .append(&Batch::new("b", vec![op(2)]))
+            .await
+            .unwrap();
+        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(2));
+
+        // Without joining, a second share; another agent never joins this agent's share.
+        let separate = agent.create_share(new_share("ses_1")).await.unwrap();
+        assert_ne!(separate.info.state.share_id, share_id);
+        let other = support::agent(&conn, &admin).await;
+        let theirs = other.create_share(join("ses_1")).await.unwrap();
+        assert!(!theirs.joined);
+        assert_ne!(theirs.info.state.share_id, share_id);
+
+        // An archived share is not joined: the session gets a new one.
+        let archived = agent.create_share(join("ses_2")).await.unwrap();
+        let archived_id = archived.info.state.share_id;
+        admin.archive_share(&archived_id).await.unwrap();
+        let after_archive = agent.create_share(join("ses_2")).await.unwrap();
+        assert!(!after_archive.joined);
+        assert_ne!(after_archive.info.state.share_id, archived_id);
+    });
+}
+
+#[test]
 fn snapshot_pages_report_the_cursor_they_were_read_at() {
     let server = TestServer::start();
     run_local(async {

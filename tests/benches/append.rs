@@ -466,7 +466,7 @@ impl BenchAgent {
                 project_id: "prj_test".into(),
                 parent_session_id: None,
                 title: format!("bench agent {index}"),
-                viewer_expires_at: None,
+                ..NewShare::default()
             })
             .await?;
         let writer = created.writer;

@@ -80,7 +80,7 @@ fn main() {
             project_id: "prj_bench".into(),
             parent_session_id: None,
             title: "bench".into(),
-            viewer_expires_at: None,
+            ..NewShare::default()
         };
 
         let db = config.database_path();

@@ -450,7 +450,7 @@ impl<'a> BenchWriter<'a> {
                 project_id: "prj_test".into(),
                 parent_session_id: None,
                 title: format!("subscribe bench {index}"),
-                viewer_expires_at: None,
+                ..NewShare::default()
             })
             .await?;
         let setup = Batch::new(

@@ -174,7 +174,7 @@ pub async fn child_share(
             project_id: project_id.to_owned(),
             parent_session_id: parent_session_id.map(str::to_owned),
             title: format!("test session {session_id}"),
-            viewer_expires_at: None,
+            ..NewShare::default()
         })
         .await
         .expect("create share")
@@ -297,7 +297,7 @@ pub async fn sample_share(agent: &AgentClient) -> CreatedShare {
             project_id: export.project_id().to_owned(),
             parent_session_id: None,
             title: export.title().to_owned(),
-            viewer_expires_at: None,
+            ..NewShare::default()
         })
         .await
         .expect("create share");

@@ -213,6 +213,7 @@ fn new_share(args: &CreateArgs) -> Result<NewShare, ClientError> {
         parent_session_id: parent_session_id.filter(|p| !p.is_empty()),
         title: from(&args.title, SessionExport::title),
         viewer_expires_at: args.viewer_expires.expires_at(capsync_shared::now_millis()),
+        join_existing: false,
     })
 }
 

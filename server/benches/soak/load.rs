@@ -132,7 +132,7 @@ impl Agent {
                 project_id: "prj_soak".into(),
                 parent_session_id: None,
                 title: format!("soak agent {index}"),
-                viewer_expires_at: None,
+                ..NewShare::default()
             })
             .await?;
         let setup = Batch::new(

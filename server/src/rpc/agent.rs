@@ -67,31 +67,47 @@ impl agent::Server for AgentImpl {
         mut results: agent::CreateShareResults,
     ) -> Result<(), capnp::Error> {
         let created = async {
-            let (share, viewer_expires_at) = read_new_share(params.get()?)?;
+            let p = params.get()?;
+            let join_existing = p.get_join_existing();
+            let (share, viewer_expires_at) = read_new_share(p)?;
             let hasher = &self.ctx.hasher;
             let (writer_token, writer_row) =
                 hasher.mint(TokenKind::Writer, None, String::new()).await?;
             let (viewer_token, viewer_row) = hasher
                 .mint(TokenKind::Viewer, viewer_expires_at, String::new())
                 .await?;
-            let info = self
-                .ctx
-                .ledger
-                .create_share(self.auth.clone(), share, writer_row, viewer_row)
-                .await?;
-            Ok::<_, ServerError>((info, writer_token, viewer_token, viewer_expires_at))
+            let ledger = &self.ctx.ledger;
+            let auth = self.auth.clone();
+            let (info, joined) = if join_existing {
+                ledger
+                    .create_or_join_share(auth, share, writer_row, viewer_row)
+                    .await?
+            } else {
+                (
+                    ledger
+                        .create_share(auth, share, writer_row, viewer_row)
+                        .await?,
+                    false,
+                )
+            };
+            let minted = (writer_token, viewer_token, viewer_expires_at);
+            Ok::<_, ServerError>((info, joined, minted))
         }
         .await;
         self.ctx.audit(AuditEvent {
             action: "create_share",
             token_id: Some(self.auth.token_id.clone()),
             share_id: created.as_ref().ok().map(|c| c.0.state.share_id.clone()),
-            outcome: outcome(&created).to_owned(),
+            outcome: match &created {
+                Ok((_, true, _)) => "joined",
+                _ => outcome(&created),
+            }
+            .to_owned(),
             detail: String::new(),
         });
         let result = results.get().init_result();
         match created {
-            Ok((info, writer_token, viewer_token, viewer_expires_at)) => {
+            Ok((info, joined, (writer_token, viewer_token, viewer_expires_at))) => {
                 let mut ok = result.init_ok();
                 let writer_auth = Authority {
                     token_id: writer_token.id.clone(),
@@ -115,7 +131,8 @@ impl agent::Server for AgentImpl {
                     viewer_expires_at,
                     ok.reborrow().init_viewer_token(),
                 );
-                wire::fill_info(&info, ok.init_info());
+                wire::fill_info(&info, ok.reborrow().init_info());
+                ok.set_joined(joined);
             }
             Err(err) => err.fill(result.init_failure()),
         }

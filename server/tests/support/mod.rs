@@ -225,7 +225,7 @@ pub async fn share(
             project_id: String::new(),
             parent_session_id: None,
             title: String::new(),
-            viewer_expires_at: None,
+            ..capsync_client::NewShare::default()
         })
         .await
         .unwrap()
