@@ -33,6 +33,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 const PROMPT: &str = "Please mark the task in notes.txt as done.";
 
+mod opencode_plugin;
+
 #[test]
 fn a_prompted_session_exports_every_kind_of_part() {
     let Some(binary) = opencode::binary_or_skip() else {
@@ -285,6 +287,9 @@ fn text_of(parts: &Value) -> Vec<&str> {
 struct Capsync {
     server: TestServer,
     agent_token: String,
+    /// Where the server first listened (kept by [`TestServer::start_again_at`]).
+    rpc_addr: SocketAddr,
+    http_addr: SocketAddr,
 }
 
 impl Capsync {
@@ -295,13 +300,15 @@ impl Capsync {
             agent(&conn, &admin).await.1
         });
         Self {
+            rpc_addr: server.addr(),
+            http_addr: server.http_addr(),
             server,
             agent_token,
         }
     }
 
     fn http(&self) -> SocketAddr {
-        self.server.http_addr()
+        self.http_addr
     }
 
     fn enterprise_url(&self) -> String {
@@ -904,7 +911,7 @@ fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
         return;
     };
     let scratch = tempfile::tempdir().expect("scratch");
-    let journal = scratch.path().join("journal.jsonl");
+    let journal = scratch.path().join("journal");
     let llm = FakeLlm::start();
     let started = Instant::now();
     let oc = OpenCode::builder(&binary, &llm)
@@ -924,14 +931,21 @@ fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
     });
     let export = oc.export(&session);
 
-    let read = capsync_tests::client::opencode_journal::read_journal(&journal, 0, usize::MAX)
-        .expect("the journal");
-    assert!(read.unreadable.is_empty(), "{:?}", read.unreadable);
-    assert_eq!(
-        read.next,
-        std::fs::metadata(&journal).expect("journal").len()
-    );
-    let events: Vec<Value> = read.entries.into_iter().map(|e| e.event).collect();
+    // One segment per plugin instance (`opencode export` ran one more).
+    let segments = capsync_tests::client::opencode::journal::segments(&journal).expect("segments");
+    assert!(!segments.is_empty());
+    let mut events: Vec<Value> = Vec::new();
+    for segment in &segments {
+        let read =
+            capsync_tests::client::opencode::journal::read_journal(&segment.path, 0, usize::MAX)
+                .expect("the journal");
+        assert!(read.unreadable.is_empty(), "{:?}", read.unreadable);
+        assert_eq!(
+            read.next,
+            std::fs::metadata(&segment.path).expect("segment").len()
+        );
+        events.extend(read.entries.into_iter().map(|e| e.event));
+    }
     assert!(
         events
             .iter()
@@ -1013,10 +1027,18 @@ fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&journal)
-            .expect("journal")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "the journal is the user's only: {mode:o}");
+        for path in std::iter::once(journal.clone()).chain(segments.iter().map(|s| s.path.clone()))
+        {
+            let mode = std::fs::metadata(&path)
+                .expect("journal")
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is the user's only: {mode:o}",
+                path.display()
+            );
+        }
     }
 }

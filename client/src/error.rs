@@ -142,6 +142,24 @@ impl ClientError {
         }
     }
 
+    /// Whether trying again later may succeed: the network, a timeout, or the server
+    /// `overloaded`, `rateLimited`, `internal` or out of storage (`storageFull`). A
+    /// protocol the server does not implement is not transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Remote { code, .. } => matches!(
+                code,
+                ErrorCode::Overloaded
+                    | ErrorCode::RateLimited
+                    | ErrorCode::Internal
+                    | ErrorCode::StorageFull
+            ),
+            Self::Rpc(e) => e.kind != capnp::ErrorKind::Unimplemented,
+            Self::Timeout { .. } | Self::Connect { .. } | Self::Io(_) => true,
+            _ => false,
+        }
+    }
+
     /// The transport error kind, for [`ClientError::Rpc`].
     pub fn rpc_kind(&self) -> Option<capnp::ErrorKind> {
         match self {

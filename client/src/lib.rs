@@ -23,8 +23,8 @@
 //! - [`document`]: a snapshot as one structured JSON document.
 //! - [`export`]: an opencode-style session export as ops with content-addressed ids.
 //! - [`ops_file`]: reading ops files (JSON array or JSON Lines) and detecting exports.
-//! - [`opencode_journal`]: reading the journal of capsync's opencode plugin, whole lines
-//!   from an offset.
+//! - [`opencode`]: the journal capsync's opencode plugin writes, and the shipper that sends
+//!   it to the server exactly once.
 //! - [`push`]: sending ops in deterministic batches and summing up the acks.
 //! - [`outbox`]: the agent's durable outbox ([`Outbox`]), a SQLite file of its own: ops wait
 //!   there until acked; batches are persisted, so a retry (even after a crash) carries the
@@ -56,7 +56,7 @@ pub mod expiry;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod opencode_journal;
+pub mod opencode;
 pub mod ops_file;
 pub mod outbox;
 mod peer_watch;

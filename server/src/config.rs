@@ -9,7 +9,7 @@ use crate::ledger::Durability;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_DATA_DIR: &str = "capsync-data";
 pub const DEFAULT_MAX_OPS_PER_BATCH: usize = 1000;
-pub const DEFAULT_MAX_OP_BYTES: usize = 1 << 20;
+pub use capsync_shared::limits::DEFAULT_MAX_OP_BYTES;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// An eighth of the slots: a laptop's agent, viewers and browser fit many

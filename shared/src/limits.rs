@@ -9,6 +9,10 @@ pub const MAX_BATCH_ID_BYTES: usize = 128;
 /// Most `dependsOn` entries on one op.
 pub const MAX_DEPENDS_ON: usize = 64;
 
+/// The server's default limit on one op's payload, in bytes (`--max-op-bytes`). Clients
+/// that shrink what they send to fit (opencode attachments) aim below it.
+pub const DEFAULT_MAX_OP_BYTES: usize = 1 << 20;
+
 /// Longest id of a session, message, part or model, in bytes.
 pub const MAX_RECORD_ID_BYTES: usize = 256;
 

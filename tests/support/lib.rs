@@ -77,6 +77,17 @@ impl TestServer {
         }
     }
 
+    /// Starts the server again on the same data and the same two ports it had (after
+    /// [`TestServer::stop`]): for clients that keep its address, like the opencode
+    /// plugin's shipper. `rpc` and `http` are the addresses it had.
+    pub fn start_again_at(&mut self, rpc: SocketAddr, http: SocketAddr) {
+        assert!(self.handle.is_none(), "stop the server first");
+        let mut config = self.config.clone();
+        config.http_listen = capsync_server::config::HttpListen::On(http);
+        let listener = TcpListener::bind(rpc).expect("bind the old RPC port again");
+        self.handle = Some(capsync_server::spawn(listener, config).expect("server starts"));
+    }
+
     /// Stops the server and starts a new one on the same data (on a new port).
     pub fn restart(&mut self) {
         self.stop();

@@ -129,6 +129,10 @@ pub struct OpenCodeBuilder {
     files: BTreeMap<PathBuf, String>,
     /// Merged over the generated config, objects key by key.
     config: Value,
+    /// More environment for every opencode process (and what they start).
+    extra_env: Vec<(String, String)>,
+    /// Commands run in the project, with opencode's environment, before it starts.
+    setup: Vec<(PathBuf, Vec<String>)>,
 }
 
 impl OpenCodeBuilder {
@@ -148,6 +152,22 @@ impl OpenCodeBuilder {
     /// Config merged over the generated `opencode.json` (objects merge key by key).
     pub fn config(mut self, extra: Value) -> Self {
         merge(&mut self.config, extra);
+        self
+    }
+
+    /// An environment variable for every opencode process, and so for what they start.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs `program args` in the committed project, with opencode's environment, before
+    /// opencode starts (`capsync opencode install --project .`); it must succeed.
+    pub fn setup(mut self, program: impl Into<PathBuf>, args: &[&str]) -> Self {
+        self.setup.push((
+            program.into(),
+            args.iter().map(|a| (*a).to_owned()).collect(),
+        ));
         self
     }
 
@@ -187,6 +207,8 @@ impl OpenCode {
             enterprise_url: None,
             files: BTreeMap::from([(PathBuf::from(CODING_FILE), CODING_FILE_BEFORE.to_owned())]),
             config: json!({}),
+            extra_env: Vec::new(),
+            setup: Vec::new(),
         }
     }
 
@@ -201,9 +223,26 @@ impl OpenCode {
         for dir in [&home, &project, &tmp] {
             std::fs::create_dir_all(dir).expect("create dir");
         }
-        let env = environment(&home, &tmp);
+        let mut env = environment(&home, &tmp);
+        env.extend(builder.extra_env.iter().cloned());
         write_config(&home, &builder);
         init_project(&project, &builder.files, &env);
+        for (program, args) in &builder.setup {
+            let out = Command::new(program)
+                .args(args)
+                .current_dir(&project)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+            assert!(
+                out.status.success(),
+                "{} {args:?}: {}\n{}",
+                program.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
 
         let mut command = Command::new(&builder.binary);
         // Port 0: opencode tries its default 4096, else takes a free one, and says which.
@@ -281,6 +320,14 @@ impl OpenCode {
             self.assert_running();
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Ends `opencode serve` (SIGKILL to its process group; what it started in a
+    /// session of its own lives on). Its API answers nothing afterwards; one-shot commands
+    /// still run.
+    pub fn stop_serve(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = kill_tree(&mut child);
     }
 
     /// Where opencode's HTTP API is: `http://127.0.0.1:PORT`.
@@ -770,6 +817,10 @@ fn spawn(
 
 /// Kills the process group of `child`, then reaps it.
 fn kill_tree(child: &mut Child) -> std::io::Result<ExitStatus> {
+    // Reaped already: its process group id may belong to someone else by now.
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
     let pid = rustix::process::Pid::from_child(child);
     if rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).is_err() {
         let _ = child.kill();

@@ -233,7 +233,7 @@ pub enum Command {
     /// Mint a fresh writer token for the share, same epoch and expiry (writer token)
     Save,
 
-    /// Share opencode sessions to this server: prints the opencode config (agent token)
+    /// Share opencode sessions here: its built-in share client (config), or capsync's plugin (install)
     #[command(subcommand)]
     Opencode(opencode::OpencodeCommand),
 }

@@ -372,7 +372,7 @@ async fn follow(
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-fn stop_signal() -> Result<impl Future<Output = ()>, ClientError> {
+pub(super) fn stop_signal() -> Result<impl Future<Output = ()>, ClientError> {
     #[cfg(unix)]
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     Ok(async move {

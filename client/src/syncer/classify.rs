@@ -48,6 +48,12 @@ fn not_capsync(error: &ClientError) -> SyncError {
 }
 
 pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
+    if error.is_transient() {
+        return ConnectFailure::Retry {
+            message: error.to_string(),
+            retry_after: error.retry_after(),
+        };
+    }
     match error {
         ClientError::Remote { code, .. } => match code {
             ErrorCode::Revoked => ConnectFailure::Fatal(SyncError::Revoked(REVOKED.into())),
@@ -56,13 +62,6 @@ pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
             ErrorCode::PermissionDenied => ConnectFailure::Fatal(SyncError::PermissionDenied(
                 "the writer token was not accepted (unknown, wrong, expired or revoked); mint a new one (capsync share mint-writer)".into(),
             )),
-            ErrorCode::Overloaded
-            | ErrorCode::RateLimited
-            | ErrorCode::Internal
-            | ErrorCode::StorageFull => ConnectFailure::Retry {
-                message: error.to_string(),
-                retry_after: error.retry_after(),
-            },
             _ => ConnectFailure::Fatal(SyncError::Stopped(format!(
                 "redeeming the writer token failed: {error}"
             ))),
@@ -76,10 +75,7 @@ pub(super) fn connect_failure(error: &ClientError) -> ConnectFailure {
         ClientError::Rpc(_)
         | ClientError::Timeout { .. }
         | ClientError::Connect { .. }
-        | ClientError::Io(_) => ConnectFailure::Retry {
-            message: error.to_string(),
-            retry_after: None,
-        },
+        | ClientError::Io(_) => unreachable!("transient errors are retried above"),
         ClientError::WrongKind { .. } => ConnectFailure::Fatal(SyncError::Stopped(format!(
             "{error}: the syncer needs the share's writer token"
         ))),

@@ -1,4 +1,10 @@
-//! `capsync opencode config`: the opencode configuration that shares its sessions to this server.
+//! `capsync opencode`: share opencode's sessions to this server, through opencode's own
+//! share client (`config`) or through capsync's plugin (`install`, `ship`, `status`,
+//! `uninstall`).
+
+mod install;
+mod ship;
+mod status;
 
 use capsync_shared::TokenKind;
 use serde_json::json;
@@ -6,6 +12,10 @@ use serde_json::json;
 use super::output::Output;
 use super::{Global, finish};
 use crate::error::ClientError;
+
+pub use install::{InstallArgs, UninstallArgs};
+pub use ship::ShipArgs;
+pub use status::StatusArgs;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum OpencodeCommand {
@@ -17,6 +27,18 @@ pub enum OpencodeCommand {
     /// The token is checked with the server first.
     #[command(verbatim_doc_comment)]
     Config,
+
+    // About and long help come from the args struct's doc comment.
+    Install(InstallArgs),
+
+    // About and long help come from the args struct's doc comment.
+    Ship(ShipArgs),
+
+    // About and long help come from the args struct's doc comment.
+    Status(StatusArgs),
+
+    // About and long help come from the args struct's doc comment.
+    Uninstall(UninstallArgs),
 }
 
 pub async fn run(
@@ -43,6 +65,10 @@ pub async fn run(
             });
             Ok(super::EXIT_OK)
         }
+        OpencodeCommand::Install(args) => install::install(global, out, args).await,
+        OpencodeCommand::Ship(args) => ship::run(global, out, args).await,
+        OpencodeCommand::Status(args) => status::run(out, args).await,
+        OpencodeCommand::Uninstall(args) => install::uninstall(out, args),
     }
 }
 
