@@ -60,7 +60,7 @@ fn prompt_time(binary: &std::path::Path, llm: &FakeLlm, with_plugin: bool) -> Du
     if with_plugin {
         builder = builder.config(json!({"plugin": [[
             format!("file://{}", plugin().display()),
-            {"journal": journal.path().join("journal.jsonl").to_str().expect("UTF-8 path")}
+            {"journal": journal.path().join("journal").to_str().expect("UTF-8 path")}
         ]]}));
     }
     let oc = builder.start();
@@ -120,13 +120,7 @@ const ns = Number(process.hrtime.bigint() - started);
 console.log((ns / {events} / 1000).toFixed(1));"#,
         plugin = json!(format!("file://{}", plugin().display())),
         dir = json!(scratch.path().to_str().expect("UTF-8 path")),
-        journal = json!(
-            scratch
-                .path()
-                .join("bench.jsonl")
-                .to_str()
-                .expect("UTF-8 path")
-        ),
+        journal = json!(scratch.path().join("journal").to_str().expect("UTF-8 path")),
         events = args.events,
     );
     let output = Command::new("node")

@@ -429,8 +429,14 @@ impl Shipper {
         Ok(self.sessions.get_mut(session_id).expect("inserted above"))
     }
 
-    /// What a session's info says: its parent, project and title, and whether opencode
-    /// shows a share link for it.
+    /// What a session's info says: its parent, project and title, and the share link
+    /// opencode shows for it.
+    ///
+    /// A link that is new for the session means opencode's share client made a new share
+    /// (`/share`, or auto-sharing): it is shipped to (again, after an unshare). A missing
+    /// link says nothing: opencode keeps publishing its in-memory session, link and all,
+    /// after an unshare, and before a share the link is not there yet either. Whether a
+    /// share still exists is the server's to say (the syncer stops when it is gone).
     async fn note_session(&mut self, info: &Value) -> Result<(), ShipperError> {
         let Some(id) = info.get("id").and_then(Value::as_str) else {
             return Ok(());
@@ -441,24 +447,26 @@ impl Shipper {
                 .unwrap_or("")
                 .to_owned()
         };
-        let shared = info
+        let url = info
             .pointer("/share/url")
             .and_then(Value::as_str)
-            .is_some_and(|url| !url.is_empty());
+            .unwrap_or("");
         let before = self.row(id).await?.clone();
         let mut row = before.clone();
         row.project_id = text("projectID");
         row.parent_id = text("parentID");
         row.title = text("title");
-        row.shared_in_opencode = shared;
-        let unshared = before.shared_in_opencode && !shared;
-        if unshared && self.options.share == ShareMode::Manual {
-            // opencode's share client deleted the share; a later /share makes a new one,
-            // fed from a new outbox (the old one is bound to the deleted share).
-            tracing::info!(session = id, "unshared in opencode; no longer shipped");
-            self.close(id, true).await;
-            row.share = None;
-            row.generation += 1;
+        if !url.is_empty() && url != before.opencode_share_url {
+            row.opencode_share_url = url.to_owned();
+            if before.share.is_some() || before.stopped.is_some() {
+                // Shared anew: a new share, fed from a new outbox (the old one is bound
+                // to the old share).
+                tracing::info!(session = id, "shared again in opencode");
+                self.close(id, true).await;
+                row.share = None;
+                row.stopped = None;
+                row.generation += 1;
+            }
         }
         if row != before {
             self.state.save(&row).await?;
@@ -553,7 +561,7 @@ impl Shipper {
                 // Shared in opencode, or started by a session that is (a sub-agent).
                 let mut current = row;
                 for _ in 0..32 {
-                    if current.shared_in_opencode {
+                    if !current.opencode_share_url.is_empty() {
                         return true;
                     }
                     match self.sessions.get(&current.parent_id) {
@@ -583,36 +591,31 @@ impl Shipper {
                 Ok(agent) => agent,
                 Err(error) => return self.agent_failed(error),
             };
-            let new_share = NewShare {
-                session_id: row.session_id.clone(),
-                project_id: row.project_id.clone(),
-                parent_session_id: Some(row.parent_id.clone()).filter(|p| !p.is_empty()),
-                title: row.title.clone(),
-                viewer_expires_at: None,
-                join_existing: true,
-            };
             let created = match &self.agent {
                 Some((conn, _)) => {
-                    conn.with_call_timeout(self.options.call_timeout, agent.create_share(new_share))
+                    conn.with_call_timeout(self.options.call_timeout, obtain_share(&agent, &row))
                         .await
                 }
-                None => agent.create_share(new_share).await,
+                None => obtain_share(&agent, &row).await,
             };
             match created {
-                Ok(created) => {
+                Ok(Some(share)) => {
                     self.agent_backoff.reset();
                     tracing::info!(
                         session = %row.session_id,
-                        share = %created.info.state.share_id,
-                        joined = created.joined,
+                        share = %share.share_id,
                         "shipping the session to its share"
                     );
                     let mut row = row;
-                    row.share = Some(ShareTokens {
-                        share_id: created.info.state.share_id.clone(),
-                        writer_token: created.writer_token.token,
-                        viewer_token: created.viewer_token.token,
-                    });
+                    row.share = Some(share);
+                    self.state.save(&row).await?;
+                    self.sessions.insert(row.session_id.clone(), row);
+                }
+                Ok(None) => {
+                    self.agent_backoff.reset();
+                    tracing::info!(session = %row.session_id, "the share opencode made for the session is gone (unshared); not shipped");
+                    let mut row = row;
+                    row.stopped = Some("its share was deleted (unshared in opencode)".to_owned());
                     self.state.save(&row).await?;
                     self.sessions.insert(row.session_id.clone(), row);
                 }
@@ -781,6 +784,55 @@ impl Shipper {
         }
         if let Some((conn, _)) = self.agent.take() {
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+        }
+    }
+}
+
+/// The share `row` ships to, with tokens for the shipper. A session opencode shows a
+/// share link for ships to that share (opencode's share client made it with the same
+/// agent token): `None` when it no longer exists, since a share deleted by an unshare must
+/// not come back. Any other session gets the agent's share of it, created if needed.
+async fn obtain_share(
+    agent: &AgentClient,
+    row: &SessionRow,
+) -> Result<Option<ShareTokens>, ClientError> {
+    if row.opencode_share_url.is_empty() {
+        let created = agent
+            .create_share(NewShare {
+                session_id: row.session_id.clone(),
+                project_id: row.project_id.clone(),
+                parent_session_id: Some(row.parent_id.clone()).filter(|p| !p.is_empty()),
+                title: row.title.clone(),
+                viewer_expires_at: None,
+                join_existing: true,
+            })
+            .await?;
+        return Ok(Some(ShareTokens {
+            share_id: created.info.state.share_id,
+            writer_token: created.writer_token.token,
+            viewer_token: created.viewer_token.token,
+        }));
+    }
+    let mut after = String::new();
+    loop {
+        let page = agent.list_shares(&after, 0, false).await?;
+        if let Some(found) = page
+            .shares
+            .iter()
+            .find(|share| share.session_id == row.session_id)
+        {
+            let share_id = found.state.share_id.clone();
+            let writer = agent.mint_writer(&share_id, None).await?;
+            let viewer = agent.mint_viewer(&share_id, None).await?;
+            return Ok(Some(ShareTokens {
+                share_id,
+                writer_token: writer.token,
+                viewer_token: viewer.token,
+            }));
+        }
+        match page.next_after {
+            Some(next) => after = next,
+            None => return Ok(None),
         }
     }
 }

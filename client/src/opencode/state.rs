@@ -28,8 +28,8 @@ CREATE TABLE sessions (
     -- '' for a session that no other started.
     parent_id    TEXT NOT NULL DEFAULT '',
     title        TEXT NOT NULL DEFAULT '',
-    -- opencode shows a share link for it (`share.url` in its last journaled info).
-    shared_in_opencode INTEGER NOT NULL DEFAULT 0,
+    -- The newest share link opencode showed for it (`share.url` of its journaled info).
+    opencode_share_url TEXT NOT NULL DEFAULT '',
     share_id     TEXT,
     writer_token TEXT,
     viewer_token TEXT,
@@ -49,7 +49,8 @@ pub struct SessionRow {
     pub project_id: String,
     pub parent_id: String,
     pub title: String,
-    pub shared_in_opencode: bool,
+    /// The newest share link opencode showed for the session ("" for none yet).
+    pub opencode_share_url: String,
     pub share: Option<ShareTokens>,
     pub generation: u32,
     pub stopped: Option<String>,
@@ -184,7 +185,7 @@ impl ShipperState {
     pub async fn sessions(&self) -> Result<Vec<SessionRow>, StateError> {
         self.blocking(|conn| {
             let mut statement = conn.prepare(
-                "SELECT session_id, project_id, parent_id, title, shared_in_opencode, share_id,
+                "SELECT session_id, project_id, parent_id, title, opencode_share_url, share_id,
                         writer_token, viewer_token, generation, stopped, deleted
                  FROM sessions ORDER BY session_id",
             )?;
@@ -202,7 +203,7 @@ impl ShipperState {
                     project_id: r.get(1)?,
                     parent_id: r.get(2)?,
                     title: r.get(3)?,
-                    shared_in_opencode: r.get(4)?,
+                    opencode_share_url: r.get(4)?,
                     share,
                     generation: r.get(8)?,
                     stopped: r.get(9)?,
@@ -221,12 +222,12 @@ impl ShipperState {
         self.blocking(move |conn| {
             let share = row.share.as_ref();
             conn.execute(
-                "INSERT INTO sessions (session_id, project_id, parent_id, title, shared_in_opencode,
+                "INSERT INTO sessions (session_id, project_id, parent_id, title, opencode_share_url,
                                        share_id, writer_token, viewer_token, generation, stopped, deleted)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (session_id) DO UPDATE SET
                     project_id = excluded.project_id, parent_id = excluded.parent_id,
-                    title = excluded.title, shared_in_opencode = excluded.shared_in_opencode,
+                    title = excluded.title, opencode_share_url = excluded.opencode_share_url,
                     share_id = excluded.share_id, writer_token = excluded.writer_token,
                     viewer_token = excluded.viewer_token, generation = excluded.generation,
                     stopped = excluded.stopped, deleted = excluded.deleted",
@@ -235,7 +236,7 @@ impl ShipperState {
                     row.project_id,
                     row.parent_id,
                     row.title,
-                    row.shared_in_opencode,
+                    row.opencode_share_url,
                     share.map(|s| s.share_id.as_str()),
                     share.map(|s| s.writer_token.as_str()),
                     share.map(|s| s.viewer_token.as_str()),
