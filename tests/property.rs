@@ -97,6 +97,8 @@ struct Builder {
     messages: Vec<(String, bool)>,
     /// Live parts: id, message id, whether a tool part.
     parts: Vec<(String, String, bool)>,
+    /// Parts rewritten as finished (completed tool calls): a delta to them is stale.
+    finished_parts: HashSet<String>,
     next: usize,
 }
 
@@ -182,6 +184,9 @@ impl Builder {
                     json!({"id": id, "messageID": msg_id, "type": "text", "text": format!("rewritten {}", self.next)})
                 };
                 self.next += 1;
+                if tool {
+                    self.finished_parts.insert(id.clone());
+                }
                 self.push(&msg_id, OpKind::PartUpsert, payload);
             }
             Action::Delta {
@@ -193,6 +198,9 @@ impl Builder {
                     return;
                 };
                 let (id, msg_id, _) = self.parts[i].clone();
+                if self.finished_parts.contains(&id) {
+                    return;
+                }
                 let payload = if summary {
                     json!({"partID": id, "delta": text, "field": "summary"})
                 } else {

@@ -249,6 +249,9 @@ impl Model {
                 let Some(part) = self.parts.get_mut(&id) else {
                     return Err(invalid("part does not exist"));
                 };
+                if part.finished {
+                    return Err(reject(RejectReason::StaleTransition, "part is finished"));
+                }
                 let stored = part.json.as_object_mut().expect("parts are objects");
                 match stored.get_mut(field) {
                     None => {

@@ -12,6 +12,9 @@
 //! | text or reasoning part | `time.end` is a number | one without `time.end` over one with it |
 //! | session | a larger `time.updated` | a smaller `time.updated` |
 //!
+//! A `part.delta` to a finished part is refused the same way: the finished
+//! snapshot holds the whole text, and the delta would add its piece twice.
+//!
 //! Snapshots equally far along replace each other (the newest arrival wins),
 //! and a record without the field never counts as older or newer.
 

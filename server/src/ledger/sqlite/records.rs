@@ -147,15 +147,22 @@ fn part_delta(
     field: &str,
     delta: &str,
 ) -> LedgerResult<Result<(), Refusal>> {
-    let stored: Option<String> = conn
-        .prepare_cached("SELECT json FROM parts WHERE share_id = ?1 AND id = ?2")?
-        .query_row(params![share_id, id], |r| r.get(0))
+    let stored: Option<(String, bool)> = conn
+        .prepare_cached("SELECT json, finished FROM parts WHERE share_id = ?1 AND id = ?2")?
+        .query_row(params![share_id, id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let Some(stored) = stored else {
+    let Some((stored, finished)) = stored else {
         return Ok(Err(Refusal::invalid(format!(
             "part {id} does not exist in this share"
         ))));
     };
+    // A finished part's snapshot holds its whole text already: a delta sent before the
+    // end (arriving late, from another writer of the share) would add it a second time.
+    if finished {
+        return Ok(Err(Refusal::stale(format!(
+            "part {id} is finished; its stored snapshot has the whole text"
+        ))));
+    }
     let mut part: Value =
         serde_json::from_str(&stored).map_err(|e| corrupt(format!("part {id}: {e}")))?;
     let Some(obj) = part.as_object_mut() else {

@@ -860,6 +860,31 @@ async fn part_deltas_append_durably() {
 }
 
 #[tokio::test]
+async fn a_delta_to_a_finished_part_is_stale_and_adds_nothing() {
+    let fx = Fixture::new().await;
+    let finished = json!({"id": "prt_1", "messageID": "msg_1", "type": "text",
+                          "text": "Hello", "time": {"start": 1, "end": 2}});
+    let ack = fx
+        .append(vec![
+            op("m", OpKind::MessageUpsert, message("msg_1")),
+            op("p", OpKind::PartUpsert, finished),
+            op(
+                "late",
+                OpKind::PartDelta,
+                json!({"partID": "prt_1", "delta": "lo"}),
+            ),
+        ])
+        .await;
+    assert_eq!(outcomes(&ack)[..2], applied(&[1, 2]));
+    let detail = rejection(&ack.results[2].outcome, RejectReason::StaleTransition);
+    assert!(detail.contains("finished"), "{detail}");
+    let (records, _) = fx.snapshot(1 << 20).await;
+    let part = records.iter().find(|r| r.kind == RecordKind::Part).unwrap();
+    let value: Value = serde_json::from_str(&part.json).unwrap();
+    assert_eq!(value["text"], "Hello");
+}
+
+#[tokio::test]
 async fn diff_set_replaces_the_whole_list() {
     let fx = Fixture::new().await;
     fx.append(vec![op(

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use capsync_shared::{Cursor, OpId, OpKind};
-use serde_json::Value;
 
 use super::tests::Fixture;
 use super::{SqliteBackend, SqliteOptions};
 use crate::ledger::{
     Backend, LedgerError, LedgerResult, OpIn, OpOutcome, Operator, ReclaimStep, RecordKind,
+    RejectReason,
 };
 
 /// The output of every part in these tests: easy to look for in the raw file.
@@ -247,20 +247,28 @@ async fn with_reclaim_on_a_compacted_tool_part_is_stored_without_output_or_attac
 }
 
 #[tokio::test]
-async fn a_delta_on_a_compacted_part_is_applied_as_sent() {
+async fn a_delta_on_a_compacted_part_is_stale_and_changes_nothing() {
     let fx = Fixture::new().await;
     write_parts(&fx).await;
+    let before = stored_parts(&fx)["prt_a_compacted"].clone();
     let delta = r#"{"partID":"prt_a_compacted","field":"note","delta":"kept"}"#;
     let ack = fx
         .append(vec![raw("o_delta", OpKind::PartDelta, delta)])
         .await;
-    assert!(matches!(ack.results[0].outcome, OpOutcome::Applied(_)));
-
-    assert_eq!(ledger_payloads(&fx).await["o_delta"], delta);
-    let part: Value = serde_json::from_str(&stored_parts(&fx)["prt_a_compacted"]).unwrap();
-    assert_eq!(part["note"], "kept");
-    assert_eq!(part["state"]["output"], "");
-    assert_eq!(part["state"]["input"]["command"], "cat big.log");
+    // A compacted tool call is finished: its snapshot is the whole record.
+    assert!(
+        matches!(
+            ack.results[0].outcome,
+            OpOutcome::Rejected {
+                reason: RejectReason::StaleTransition,
+                ..
+            }
+        ),
+        "{:?}",
+        ack.results[0].outcome
+    );
+    assert!(!ledger_payloads(&fx).await.contains_key("o_delta"));
+    assert_eq!(stored_parts(&fx)["prt_a_compacted"], before);
 }
 
 #[tokio::test]
