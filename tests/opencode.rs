@@ -378,17 +378,26 @@ impl Capsync {
         outcomes
     }
 
+    /// A viewer of the share (a token minted by its agent), on `conn`.
+    async fn viewer(
+        &self,
+        conn: &capsync_tests::client::Connection,
+        agent: &capsync_tests::client::AgentClient,
+        share_id: &str,
+    ) -> capsync_tests::client::ViewerClient {
+        let minted = agent.mint_viewer(share_id, None).await.expect("mint");
+        conn.redeem(&minted.token)
+            .await
+            .expect("redeem viewer")
+            .into_viewer()
+            .expect("viewer")
+    }
+
     /// The share's records through the RPC API, as `capsync snapshot --json` prints them.
     fn snapshot(&self, share_id: &str) -> Value {
         run_local(async {
             let (conn, agent) = self.agent_client().await;
-            let minted = agent.mint_viewer(share_id, None).await.expect("mint");
-            let viewer = conn
-                .redeem(&minted.token)
-                .await
-                .expect("redeem viewer")
-                .into_viewer()
-                .expect("viewer");
+            let viewer = self.viewer(&conn, &agent, share_id).await;
             viewer
                 .snapshot()
                 .await
@@ -427,6 +436,21 @@ struct Carried {
     session: Value,
     messages: BTreeMap<String, Value>,
     parts: BTreeMap<String, Value>,
+}
+
+impl Carried {
+    /// The ids of `expected`'s messages and parts that this holds otherwise (or not at all).
+    fn differing<'a>(&self, expected: &'a Carried) -> Vec<&'a String> {
+        expected
+            .parts
+            .keys()
+            .chain(expected.messages.keys())
+            .filter(|id| {
+                self.parts.get(*id) != expected.parts.get(*id)
+                    && self.messages.get(*id) != expected.messages.get(*id)
+            })
+            .collect()
+    }
 }
 
 fn id_of(record: &Value) -> String {
@@ -484,19 +508,11 @@ fn assert_capsync_holds_the_export(capsync: &Capsync, oc: &OpenCode, session: &s
             return;
         }
         if Instant::now() > deadline {
-            let differing: Vec<&String> = expected
-                .parts
-                .keys()
-                .chain(expected.messages.keys())
-                .filter(|id| {
-                    held.parts.get(*id) != expected.parts.get(*id)
-                        && held.messages.get(*id) != expected.messages.get(*id)
-                })
-                .collect();
             panic!(
                 "capsync does not hold the export after {PATIENCE:?}: session equal: {}, \
-                 records differing: {differing:?}\ncapsync: {held:#?}\nexport: {expected:#?}\n{}",
+                 records differing: {:?}\ncapsync: {held:#?}\nexport: {expected:#?}\n{}",
                 held.session == expected.session,
+                held.differing(&expected),
                 oc.transcript_tail(40)
             );
         }

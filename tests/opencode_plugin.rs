@@ -124,19 +124,11 @@ fn assert_share_is_the_export(
     let held = carried_by_document(&capsync.snapshot(&shares[0]));
     let expected = carried_by_export(export);
     if held != expected {
-        let differing: Vec<&String> = expected
-            .parts
-            .keys()
-            .chain(expected.messages.keys())
-            .filter(|id| {
-                held.parts.get(*id) != expected.parts.get(*id)
-                    && held.messages.get(*id) != expected.messages.get(*id)
-            })
-            .collect();
         panic!(
-            "the share is not the export: session equal: {}, records differing: {differing:?}\n\
+            "the share is not the export: session equal: {}, records differing: {:?}\n\
              share: {held:#?}\nexport: {expected:#?}\n{}",
             held.session == expected.session,
+            held.differing(&expected),
             shipper_log(oc)
         );
     }
@@ -216,6 +208,12 @@ fn a_session_while_the_server_is_down_arrives_once_it_is_up_with_no_opencode_run
         "{status:#}\n{}",
         shipper_log(&oc)
     );
+    let row = status["sessions"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["sessionId"] == session.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{status:#}\n{}", shipper_log(&oc)));
+    assert_eq!(row["state"], "waiting", "{status:#}");
 
     capsync
         .server
@@ -250,13 +248,7 @@ fn wait_share_matches(capsync: &Capsync, oc: &OpenCode, session: &str) -> String
 fn share_log(capsync: &Capsync, share_id: &str) -> Vec<capsync_tests::client::LoggedOp> {
     run_local(async {
         let (conn, agent) = capsync.agent_client().await;
-        let minted = agent.mint_viewer(share_id, None).await.expect("mint");
-        let viewer = conn
-            .redeem(&minted.token)
-            .await
-            .expect("redeem viewer")
-            .into_viewer()
-            .expect("viewer");
+        let viewer = capsync.viewer(&conn, &agent, share_id).await;
         let mut ops = Vec::new();
         loop {
             let page = viewer
@@ -324,13 +316,7 @@ fn a_viewer_sees_the_text_as_it_streams_before_the_part_ends() {
     };
     let streamed = run_local(async {
         let (conn, agent) = capsync.agent_client().await;
-        let minted = agent.mint_viewer(&share, None).await.expect("mint");
-        let viewer = conn
-            .redeem(&minted.token)
-            .await
-            .expect("redeem")
-            .into_viewer()
-            .expect("viewer");
+        let viewer = capsync.viewer(&conn, &agent, &share).await;
         let mut live = viewer.subscribe(0).await.expect("subscribe");
         let mut streamed = String::new();
         let deadline = tokio::time::Instant::now() + SHIP_PATIENCE;

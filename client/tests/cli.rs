@@ -902,3 +902,145 @@ fn a_rate_limited_redeem_says_when_to_retry() {
     assert_eq!(stderr(&out), format!("error: {message}\n"));
     assert!(!stderr(&out).contains(&unknown));
 }
+
+#[test]
+fn opencode_install_writes_the_plugin_and_a_private_token_and_uninstall_removes_them() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = TestServer::start();
+    let agent = mint_agent(&server);
+    let scratch = tempfile::tempdir().unwrap();
+    let project = scratch.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    let project_arg = project.to_str().unwrap();
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    let out = capsync(
+        &server,
+        Some(&agent),
+        &[
+            "--json",
+            "opencode",
+            "install",
+            "--project",
+            project_arg,
+            "--share",
+            "auto",
+        ],
+    );
+    assert_ok(&out);
+    let report = json_out(&out);
+    let dir = project.join(".opencode/capsync");
+    let plugin = project.join(".opencode/plugin/capsync.js");
+    assert_eq!(report["plugin"], plugin.to_str().unwrap());
+    assert_eq!(report["dir"], dir.to_str().unwrap());
+    assert_eq!(report["share"], "auto");
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("token")), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("token")).unwrap().trim(),
+        agent
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join(".gitignore"))
+            .unwrap()
+            .lines()
+            .last(),
+        Some("*")
+    );
+    // The plugin carries its settings (the shipper's command line among them), never the token.
+    let source = std::fs::read_to_string(&plugin).unwrap();
+    assert!(!source.contains(&agent), "the token is in the plugin file");
+    assert!(source.contains(r#""share":"auto""#), "{source}");
+    assert!(
+        source.contains(&format!(r#""--dir","{}""#, dir.display())),
+        "{source}"
+    );
+    assert!(!stdout(&out).contains(&agent));
+
+    // Nothing journaled yet.
+    let out = capsync(
+        &server,
+        None,
+        &["--json", "opencode", "status", "--project", project_arg],
+    );
+    assert_ok(&out);
+    let status = json_out(&out);
+    assert_eq!(status["shipperRunning"], false);
+    assert_eq!(status["sessions"], json!([]));
+
+    // A bad token writes nothing.
+    let elsewhere = scratch.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let out = capsync(
+        &server,
+        Some("csagent_0000000000000000_0000"),
+        &[
+            "opencode",
+            "install",
+            "--project",
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!elsewhere.join(".opencode").exists());
+
+    // Uninstall keeps the directory (the token, what was not sent) unless --purge.
+    let out = capsync(
+        &server,
+        None,
+        &["opencode", "uninstall", "--project", project_arg],
+    );
+    assert_ok(&out);
+    assert!(!plugin.exists());
+    assert!(dir.join("token").exists());
+    assert!(stdout(&out).contains("--purge"), "{}", stdout(&out));
+    let out = capsync(
+        &server,
+        None,
+        &["opencode", "uninstall", "--project", project_arg, "--purge"],
+    );
+    assert_ok(&out);
+    assert!(!dir.exists());
+}
+
+#[test]
+fn opencode_install_global_uses_the_xdg_directories_opencode_uses() {
+    let server = TestServer::start();
+    let agent = mint_agent(&server);
+    let home = tempfile::tempdir().unwrap();
+    let out = command(
+        &server.addr().to_string(),
+        Some(&agent),
+        &["--json", "opencode", "install", "--global"],
+    )
+    .env("HOME", home.path())
+    .env_remove("XDG_CONFIG_HOME")
+    .env_remove("XDG_STATE_HOME")
+    .output()
+    .unwrap();
+    assert_ok(&out);
+    let report = json_out(&out);
+    assert_eq!(report["share"], "manual", "the default");
+    let plugin = home.path().join(".config/opencode/plugin/capsync.js");
+    let dir = home.path().join(".local/state/capsync/opencode");
+    assert_eq!(report["plugin"], plugin.to_str().unwrap());
+    assert_eq!(report["dir"], dir.to_str().unwrap());
+    assert!(plugin.exists() && dir.join("token").exists());
+
+    // XDG variables win, as they do for opencode.
+    let config = home.path().join("cfg");
+    let state = home.path().join("st");
+    let out = command(
+        &server.addr().to_string(),
+        Some(&agent),
+        &["--json", "opencode", "install", "--global"],
+    )
+    .env("HOME", home.path())
+    .env("XDG_CONFIG_HOME", &config)
+    .env("XDG_STATE_HOME", &state)
+    .output()
+    .unwrap();
+    assert_ok(&out);
+    assert!(config.join("opencode/plugin/capsync.js").exists());
+    assert!(state.join("capsync/opencode/token").exists());
+}

@@ -883,6 +883,20 @@ fn remove_outbox_files(path: &Path) {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn one_shipper_per_directory_and_the_second_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock(dir.path()).await.unwrap().expect("the lock is free");
+        let started = Instant::now();
+        assert!(lock(dir.path()).await.unwrap().is_none(), "taken");
+        assert!(
+            started.elapsed() >= LOCK_WAIT,
+            "it waited for the first to end"
+        );
+        drop(first);
+        assert!(lock(dir.path()).await.unwrap().is_some(), "free again");
+    }
+
     #[test]
     fn outbox_names_are_plain_file_names() {
         let row = |id: &str, generation| SessionRow {

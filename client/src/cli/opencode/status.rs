@@ -40,7 +40,8 @@ struct SessionStatus {
     parent_session_id: Option<String>,
     share_id: Option<String>,
     link: Option<String>,
-    /// `shipping`, `notShared`, `stopped` or `deleted`.
+    /// `shipping`; `waiting` (to be shipped once the server answers); `notShared`
+    /// (manual: not shared in opencode); `stopped`; `deleted` (in opencode).
     state: &'static str,
     stopped: Option<String>,
 }
@@ -79,6 +80,9 @@ async fn read_status(dir: &std::path::Path, installed: &Installed) -> Result<Sta
                 "stopped"
             } else if row.share.is_some() {
                 "shipping"
+            } else if installed.share == "auto" || !row.opencode_share_url.is_empty() {
+                // To be shipped: its share is made once the server answers.
+                "waiting"
             } else {
                 "notShared"
             };
@@ -145,6 +149,7 @@ fn human(status: &Status) -> String {
             ("shipping", Some(link), _) => link.clone(),
             ("stopped", _, Some(why)) => format!("stopped: {why}"),
             ("deleted", _, _) => "deleted in opencode".to_owned(),
+            ("waiting", _, _) => "waiting for the server to make its share".to_owned(),
             _ => "not shared (share it in opencode with /share)".to_owned(),
         };
         lines.push(format!("{}{title}{child}: {what}", session.session_id));
