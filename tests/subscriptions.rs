@@ -349,7 +349,11 @@ fn a_stalled_listener_is_dropped_as_lagged_while_the_writer_and_other_viewers_ca
 
 #[test]
 fn revoking_viewers_ends_their_subscriptions_at_once_with_revoked() {
-    let server = TestServer::start();
+    // With the periodic recheck an hour away, only the revocation's announcement can
+    // end the subscriptions within the test's patience.
+    let server = TestServer::start_with(|config| {
+        config.follow_recheck = std::time::Duration::from_secs(3600)
+    });
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -370,7 +374,6 @@ fn revoking_viewers_ends_their_subscriptions_at_once_with_revoked() {
         let (_v2conn, second) = redeem_viewer(&server, &minted.token).await;
         let mut second_live = second.subscribe(5).await.unwrap();
 
-        let started = Instant::now();
         admin.revoke_token(&minted.token_id).await.unwrap();
         let end = ended(&mut second_live).await;
         assert_eq!(end.reason, EndReason::Revoked, "{}", end.message);
@@ -383,12 +386,6 @@ fn revoking_viewers_ends_their_subscriptions_at_once_with_revoked() {
         let end = ended(&mut live).await;
         assert_eq!(end.reason, EndReason::Revoked, "{}", end.message);
         assert_eq!(end.cursor, 5);
-        // Announced on commit, not found by the follower's periodic recheck.
-        assert!(
-            started.elapsed() < capsync_server::follow::RECHECK_INTERVAL / 2,
-            "revocation took {:?} to end the subscriptions",
-            started.elapsed()
-        );
         assert!(live.next().await.is_none());
 
         let again = viewer.subscribe(5).await;

@@ -48,6 +48,7 @@ pub const DEFAULT_ARGON2_ITERATIONS: u32 = 2;
 pub const DEFAULT_SUBSCRIBER_WINDOW: usize = 8;
 /// How long one `ops` call may stay unanswered before its subscriber is dropped as lagged.
 pub const DEFAULT_SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FOLLOW_RECHECK: Duration = Duration::from_secs(15);
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
 /// How long a share's writer may be gone before its running tool calls show as interrupted.
 pub const DEFAULT_INTERRUPTED_AFTER: Duration = Duration::from_secs(5 * 60);
@@ -197,6 +198,13 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_SUBSCRIBER_TIMEOUT", value_parser = humantime::parse_duration,
           default_value = "10s")]
     pub subscriber_timeout: Duration,
+
+    /// How often a live follower (RPC subscription, event stream) with nothing new
+    /// checks its token again: an expired token stops it within this time. Commits
+    /// wake followers at once; this only bounds how long nothing is checked.
+    #[arg(long, env = "CAPSYNC_FOLLOW_RECHECK", value_parser = humantime::parse_duration,
+          default_value = "15s")]
+    pub follow_recheck: Duration,
 
     /// Address of the HTTP gateway (share pages, JSON API, live events, `/healthz`,
     /// `/metrics`), or `off` to run without it.
@@ -423,6 +431,7 @@ impl Default for Config {
             storage_reserve_bytes: DEFAULT_STORAGE_RESERVE_BYTES,
             subscriber_window: DEFAULT_SUBSCRIBER_WINDOW,
             subscriber_timeout: DEFAULT_SUBSCRIBER_TIMEOUT,
+            follow_recheck: DEFAULT_FOLLOW_RECHECK,
             http_listen: HttpListen::On(
                 DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
             ),

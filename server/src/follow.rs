@@ -13,10 +13,6 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::ledger::{Authority, Changed, Ledger, LedgerError, LedgerResult, LoggedOp};
 
-/// How often an idle follower re-checks its authority even without any
-/// announcement, so an expired token stops a follower within this time.
-pub const RECHECK_INTERVAL: Duration = Duration::from_secs(15);
-
 /// A cursor into one share's ledger that advances as ops are pulled.
 pub struct Follower {
     ledger: Ledger,
@@ -27,11 +23,21 @@ pub struct Follower {
     /// Subscribed before the first read, so a commit between a read that found
     /// nothing and the wait that follows it is never missed.
     changes: broadcast::Receiver<Changed>,
+    /// How often an idle follower checks its authority again without any
+    /// announcement (`--follow-recheck`), so an expired token stops it in time.
+    recheck: Duration,
 }
 
 impl Follower {
-    /// Follows the share of `auth` (a viewer or writer authority) from after `after`.
-    pub fn new(ledger: Ledger, auth: Authority, after: Cursor, page: u32) -> Self {
+    /// Follows the share of `auth` (a viewer or writer authority) from after `after`,
+    /// checking again every `recheck` when nothing is announced.
+    pub fn new(
+        ledger: Ledger,
+        auth: Authority,
+        after: Cursor,
+        page: u32,
+        recheck: Duration,
+    ) -> Self {
         let changes = ledger.changes();
         Self {
             ledger,
@@ -39,6 +45,7 @@ impl Follower {
             cursor: after,
             page: page.max(1),
             changes,
+            recheck,
         }
     }
 
@@ -78,7 +85,7 @@ impl Follower {
                 }
             }
         };
-        match tokio::time::timeout(RECHECK_INTERVAL, wait).await {
+        match tokio::time::timeout(self.recheck, wait).await {
             Ok(result) => result,
             Err(_) => Ok(()),
         }
@@ -235,13 +242,25 @@ mod tests {
         assert_eq!(point, Cursor(5));
         share.append(2).await;
 
-        let mut behind = Follower::new(share.ledger.clone(), share.viewer.clone(), Cursor(4), 10);
+        let mut behind = Follower::new(
+            share.ledger.clone(),
+            share.viewer.clone(),
+            Cursor(4),
+            10,
+            crate::config::DEFAULT_FOLLOW_RECHECK,
+        );
         match behind.next().await {
             Err(LedgerError::SnapshotRequired(at)) => assert_eq!(at, point),
             other => panic!("expected SnapshotRequired, got {other:?}"),
         }
 
-        let mut at_point = Follower::new(share.ledger.clone(), share.viewer.clone(), point, 10);
+        let mut at_point = Follower::new(
+            share.ledger.clone(),
+            share.viewer.clone(),
+            point,
+            10,
+            crate::config::DEFAULT_FOLLOW_RECHECK,
+        );
         let cursors: Vec<u64> = at_point
             .next()
             .await

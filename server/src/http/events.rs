@@ -150,6 +150,7 @@ impl Live {
             reader.authority.clone(),
             after,
             OPS_PER_EVENT,
+            app.follow_recheck,
         );
         let mut live = Self {
             share: reader.state.share_id.clone(),

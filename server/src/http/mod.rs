@@ -81,6 +81,8 @@ pub struct AppState {
     pub sync_max_body_bytes: usize,
     /// `--public-url`: where share links start, if not at the request's host.
     pub public_url: Option<String>,
+    /// `--follow-recheck`: see [`crate::follow::Follower`].
+    pub follow_recheck: std::time::Duration,
 }
 
 impl AppState {
@@ -116,6 +118,7 @@ impl AppState {
             max_op_bytes: config.max_op_bytes,
             sync_max_body_bytes: config.sync_max_body_bytes,
             public_url: None,
+            follow_recheck: config.follow_recheck,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Context {
     /// go unanswered (see [`super::subscription`]).
     pub subscriber_window: usize,
     pub subscriber_timeout: Duration,
+    /// `--follow-recheck`: see [`crate::follow::Follower`].
+    pub follow_recheck: Duration,
     /// After how long without a writer running tool calls count as interrupted (presence).
     pub interrupted_after_ms: i64,
     /// Set once shutdown starts: new batches are refused with `overloaded` so
@@ -86,6 +88,7 @@ impl Context {
             logs,
             subscriber_window: config.subscriber_window.max(1),
             subscriber_timeout: config.subscriber_timeout,
+            follow_recheck: config.follow_recheck,
             interrupted_after_ms: i64::try_from(config.interrupted_after.as_millis())
                 .unwrap_or(i64::MAX),
             draining: Cell::new(false),

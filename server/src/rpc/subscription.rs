@@ -64,7 +64,7 @@ pub fn start(
     from: Cursor,
     listener: op_listener::Client,
 ) -> subscription::Client {
-    let follower = Follower::new(ctx.ledger.clone(), auth, from, PAGE);
+    let follower = Follower::new(ctx.ledger.clone(), auth, from, PAGE, ctx.follow_recheck);
     let limits = Limits {
         window: ctx.subscriber_window.max(1),
         timeout: ctx.subscriber_timeout,

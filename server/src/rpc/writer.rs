@@ -49,21 +49,27 @@ impl WriterImpl {
     }
 
     async fn append(&self, params: &share_writer::AppendOpsParams) -> Result<Ack, ServerError> {
-        let _in_flight = self.ctx.begin_batch()?;
         let limits = BatchLimits {
             max_ops: self.ctx.max_ops_per_batch,
         };
         let batch = wire::batch(params.get()?.get_batch()?, &limits)?;
-        let started = Instant::now();
-        let ack = append_within_limit(
-            &self.ctx.ledger,
-            self.auth.clone(),
-            batch,
-            self.ctx.max_op_bytes,
-        )
-        .await?;
-        self.ctx.metrics.batch_committed(started.elapsed(), &ack);
-        Ok(ack)
+        let (ctx, auth) = (Rc::clone(&self.ctx), self.auth.clone());
+        // The append runs to its end in a task of its own. A caller that cancels the
+        // call (a timeout, a dropped connection) does not undo a commit, so the commit
+        // is still counted (and, by the ledger, announced to followers).
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_local(async move {
+            let result = async {
+                let _in_flight = ctx.begin_batch()?;
+                let started = Instant::now();
+                let ack = append_within_limit(&ctx.ledger, auth, batch, ctx.max_op_bytes).await?;
+                ctx.metrics.batch_committed(started.elapsed(), &ack);
+                Ok(ack)
+            }
+            .await;
+            let _ = done_tx.send(result);
+        });
+        done.await.unwrap_or_else(|_| Err(ServerError::internal()))
     }
 
     /// Mints a share token of `kind` with this capability's authority.

@@ -180,22 +180,30 @@ impl SqliteBackend {
         })
     }
 
-    /// Resolves like `work`; once it has committed, announces what it changed.
-    fn announce<T: Send + 'static>(
+    /// [`write`](Self::write) for work holding `bytes` of payload while queued that, once
+    /// committed, announces what `change` says it changed. The writer thread announces
+    /// right after the commit, so followers hear of it even when the caller no longer
+    /// waits (a cancelled call, a dropped connection).
+    fn write_announced<T, F>(
         &self,
-        work: BoxFuture<'static, LedgerResult<T>>,
+        bytes: usize,
+        write: F,
         change: impl FnOnce(&T) -> Option<Changed> + Send + 'static,
-    ) -> BoxFuture<'static, LedgerResult<T>> {
+    ) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
+    {
         let changes = self.changes.clone();
-        async move {
-            let result = work.await;
-            if let Some(changed) = result.as_ref().ok().and_then(change) {
+        let announce = Box::new(move |done: &T| {
+            if let Some(changed) = change(done) {
                 // No receivers is fine: nobody is subscribed.
                 let _ = changes.send(changed);
             }
-            result
-        }
-        .boxed()
+        });
+        self.writer
+            .submit_then(bytes, move |conn| write(conn, now_millis()), announce)
+            .boxed()
     }
 
     /// Runs `write` on the writer thread in the next group transaction.
@@ -208,17 +216,6 @@ impl SqliteBackend {
         // moment the work happens, not when it was queued.
         self.writer
             .submit(move |conn| write(conn, now_millis()))
-            .boxed()
-    }
-
-    /// [`write`](Self::write) for work holding `bytes` of payload while queued.
-    fn write_sized<T, F>(&self, bytes: usize, write: F) -> BoxFuture<'static, LedgerResult<T>>
-    where
-        T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
-    {
-        self.writer
-            .submit_sized(bytes, move |conn| write(conn, now_millis()))
             .boxed()
     }
 
@@ -297,16 +294,17 @@ impl Backend for SqliteBackend {
         let share = writer.share.as_ref().map(|(id, _)| id.clone());
         let reclaim_compacted = self.reclaim_compacted;
         let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
-        let work = self.write_sized(bytes, move |conn, now| {
-            apply::append(conn, &writer, &batch, reclaim_compacted, now)
-        });
-        self.announce(work, move |ack| {
-            let applied = ack
-                .results
-                .iter()
-                .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
-            share.filter(|_| applied).map(Changed::Share)
-        })
+        self.write_announced(
+            bytes,
+            move |conn, now| apply::append(conn, &writer, &batch, reclaim_compacted, now),
+            move |ack| {
+                let applied = ack
+                    .results
+                    .iter()
+                    .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
+                share.filter(|_| applied).map(Changed::Share)
+            },
+        )
     }
 
     fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>> {
@@ -350,8 +348,11 @@ impl Backend for SqliteBackend {
         scope: RevokeScope,
     ) -> BoxFuture<'static, LedgerResult<ShareState>> {
         let changed = Changed::Share(share_id.clone());
-        let work = self.write(move |conn, now| shares::revoke(conn, &who, &share_id, scope, now));
-        self.announce(work, move |_| Some(changed))
+        self.write_announced(
+            0,
+            move |conn, now| shares::revoke(conn, &who, &share_id, scope, now),
+            move |_| Some(changed),
+        )
     }
 
     fn revoke_token(
@@ -359,8 +360,11 @@ impl Backend for SqliteBackend {
         who: Authority,
         token_id: TokenId,
     ) -> BoxFuture<'static, LedgerResult<()>> {
-        let work = self.write(move |conn, now| tokens::revoke(conn, &who, &token_id, now));
-        self.announce(work, |_| Some(Changed::Tokens))
+        self.write_announced(
+            0,
+            move |conn, now| tokens::revoke(conn, &who, &token_id, now),
+            |_| Some(Changed::Tokens),
+        )
     }
 
     fn snapshot_page(
@@ -397,14 +401,13 @@ impl Backend for SqliteBackend {
         max_rows: u32,
     ) -> BoxFuture<'static, LedgerResult<DeleteStep>> {
         let changed = Changed::Share(share_id.clone());
-        let work = self.write(move |conn, now| {
-            prune::delete_step(conn, &op, &share_id, expect_cursor, max_rows, now)
-        });
         // Every step announces: the first one hid the share, and its followers
         // must learn it is gone; later announcements cost a recheck at most.
-        self.announce(work, move |step| {
-            (*step != DeleteStep::Changed).then_some(changed)
-        })
+        self.write_announced(
+            0,
+            move |conn, now| prune::delete_step(conn, &op, &share_id, expect_cursor, max_rows, now),
+            move |step| (*step != DeleteStep::Changed).then_some(changed),
+        )
     }
 
     fn unfinished_deletions(&self) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {

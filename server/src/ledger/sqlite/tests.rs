@@ -14,8 +14,9 @@ use tempfile::TempDir;
 use super::schema::{SCHEMA_VERSION, V1_INITIAL};
 use super::{Durability, SqliteBackend, SqliteOptions};
 use crate::ledger::{
-    Ack, AuditEvent, Authority, Backend, BatchIn, DeleteStep, Ledger, LedgerError, LedgerResult,
-    NewShare, NewToken, OpIn, OpOutcome, Operator, Record, RecordKind, RejectReason, RevokeScope,
+    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, DeleteStep, Ledger, LedgerError,
+    LedgerResult, NewShare, NewToken, OpIn, OpOutcome, Operator, Record, RecordKind, RejectReason,
+    RevokeScope,
 };
 
 const SESSION: &str = "ses_1";
@@ -857,6 +858,27 @@ async fn part_deltas_append_durably() {
         )])
         .await;
     assert_eq!(outcomes(&ack), [OpOutcome::Duplicate(Cursor(3))]);
+}
+
+#[tokio::test]
+async fn an_append_whose_caller_stops_waiting_is_still_announced() {
+    let fx = Fixture::new().await;
+    let mut changes = fx.backend.changes();
+    // The command is queued when the call is made; the caller then gives up at once,
+    // as a cancelled RPC call or a dropped connection does.
+    drop(fx.backend.append(
+        fx.writer.clone(),
+        batch(vec![op("d1", OpKind::DiffSet, json!([]))]),
+    ));
+    let changed = tokio::time::timeout(std::time::Duration::from_secs(60), changes.recv())
+        .await
+        .expect("announced after the commit")
+        .expect("a change");
+    assert!(
+        matches!(changed, Changed::Share(ref id) if *id == fx.share),
+        "{changed:?}"
+    );
+    assert_eq!(fx.cursor().await, Cursor(1), "and committed");
 }
 
 #[tokio::test]

@@ -149,12 +149,18 @@ trait Job: Send {
     fn finish(self: Box<Self>, commit: &Result<(), LedgerError>);
 }
 
+/// Called on the writer thread with a job's result once its group has committed.
+pub(super) type OnCommit<T> = Box<dyn FnOnce(&T) + Send>;
+
 struct Pending<T, F> {
     /// Taken when run.
     work: Option<F>,
     /// The work's result, held back until the commit is known.
     result: Option<LedgerResult<T>>,
     reply: oneshot::Sender<LedgerResult<T>>,
+    /// Runs after the commit whether or not anyone still waits for the reply: what
+    /// a commit announces must not depend on its caller staying around.
+    on_commit: Option<OnCommit<T>>,
     /// Its place in the queue, freed when the job is done with.
     ticket: Ticket,
 }
@@ -200,6 +206,9 @@ where
             (Ok(()), Some(result)) => result,
             (Ok(()), None) => Err(LedgerError::Storage("command was not run".into())),
         };
+        if let (Ok(value), Some(on_commit)) = (&result, self.on_commit) {
+            on_commit(value);
+        }
         // The caller may have given up waiting; nothing to do then.
         let _ = self.reply.send(result);
     }
@@ -260,21 +269,24 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Job, 0)
+        self.queue(work, Command::Job, 0, None)
     }
 
-    /// [`submit`](Self::submit) for work that holds `bytes` of payload while it
-    /// waits: counted against the queue's byte limit.
-    pub fn submit_sized<T, F>(
+    /// [`submit`](Self::submit) for work that holds `bytes` of payload while it waits
+    /// (counted against the queue's byte limit), with `on_commit` run on the writer thread
+    /// with the result once the transaction has committed: also when the caller has
+    /// stopped waiting (a cancelled call, a dropped connection).
+    pub fn submit_then<T, F>(
         &self,
         bytes: usize,
         work: F,
+        on_commit: OnCommit<T>,
     ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Job, bytes)
+        self.queue(work, Command::Job, bytes, Some(on_commit))
     }
 
     /// Queues `work` to run alone, in autocommit mode (VACUUM and truncating
@@ -285,7 +297,7 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Exclusive, 0)
+        self.queue(work, Command::Exclusive, 0, None)
     }
 
     /// Queues `work` as the command `kind` makes of it, and waits for its reply.
@@ -294,6 +306,7 @@ impl Writer {
         work: F,
         kind: fn(Box<dyn Job>) -> Command,
         bytes: usize,
+        on_commit: Option<OnCommit<T>>,
     ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
     where
         T: Send + 'static,
@@ -307,6 +320,7 @@ impl Writer {
                 work: Some(work),
                 result: None,
                 reply,
+                on_commit,
                 ticket,
             };
             self.commands
