@@ -23,9 +23,7 @@ use capsync_tests::client::{OpKind, OpSpec, Scope};
 use capsync_tests::{TestServer, admin, agent, batch, capsync, json_of, run_local, sample_share};
 use serde_json::{Value, json};
 
-#[path = "browser_driver.rs"]
-mod browser_driver;
-use browser_driver::{Browser, chromium_or_skip, wait_for};
+use crate::browser_driver::{Browser, chromium_or_skip, wait_for};
 
 fn body_has(text: &str) -> String {
     format!("document.body.innerText.includes({})", json!(text))

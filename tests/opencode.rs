@@ -791,10 +791,6 @@ fn a_sync_held_back_behind_a_newer_one_does_not_win() {
     assert_eq!(bash["state"]["status"], "completed");
 }
 
-#[path = "browser_driver.rs"]
-#[allow(dead_code)] // The driver's screenshots of single elements are the page tests'.
-mod browser_driver;
-
 /// The text of the first element matching `selector`, or `null`.
 fn text_at(selector: &str) -> String {
     format!(
@@ -808,7 +804,7 @@ fn a_real_opencode_session_on_the_share_page() {
     let Some(binary) = opencode::binary_or_skip() else {
         return;
     };
-    let Some(chromium) = browser_driver::chromium_or_skip() else {
+    let Some(chromium) = crate::browser_driver::chromium_or_skip() else {
         return;
     };
     let capsync = Capsync::start();
@@ -824,11 +820,11 @@ fn a_real_opencode_session_on_the_share_page() {
     let link = oc.share(&session);
     assert_capsync_holds_the_export(&capsync, &oc, &session, &link);
 
-    let mut browser = browser_driver::Browser::launch(&chromium);
+    let mut browser = crate::browser_driver::Browser::launch(&chromium);
     // The link as opencode printed it: on to the page, the token into the fragment.
     let page = browser.open(&link);
     run_local(async {
-        browser_driver::wait_for(
+        crate::browser_driver::wait_for(
             &mut browser,
             &page,
             "the session",

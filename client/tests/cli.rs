@@ -1,7 +1,7 @@
 //! The `capsync` binary against the real server (started on 127.0.0.1:0 by
 //! `support::TestServer`): output, exit codes, errors.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

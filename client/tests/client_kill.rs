@@ -6,7 +6,7 @@
 //! seed is printed; `CAPSYNC_FAULT_SEED=<seed>` repeats a run) and aimed right after the
 //! server's cursor moves, when an ack is on its way back and may not be marked yet.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};

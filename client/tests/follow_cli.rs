@@ -3,7 +3,7 @@
 //! are revoked; the readable form, where streamed text continues its line; and what it
 //! says on stderr while the connection is down.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! `support::TestServer`): connect, redeem, every capability wrapper, per-op outcomes,
 //! `push_ops`, paging, failures.
 
-mod support;
+use crate::support;
 
 use std::cell::Cell;
 use std::rc::Rc;

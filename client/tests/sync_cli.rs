@@ -3,7 +3,7 @@
 //! stopping on SIGTERM, exit codes on rejected ops and a revoked token, and the outbox
 //! status a script reads.
 
-mod support;
+use crate::support;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! 127.0.0.1:0): volume, a server restart mid-way, a server that is down at first, revoked
 //! and refused tokens, replays, dependencies, rejections and oversized batches.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::time::Duration;
