@@ -600,3 +600,57 @@ fn presence_tells_viewers_whether_a_writer_is_connected() {
         assert_eq!(err.code(), Some(capsync_client::ErrorCode::Revoked));
     });
 }
+
+/// A counter of the server's `/metrics`.
+fn metric(server: &TestServer, name: &str) -> f64 {
+    let mut response = ureq::get(format!("http://{}/metrics", server.http_addr()))
+        .call()
+        .expect("GET /metrics");
+    let text = response.body_mut().read_to_string().expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn an_append_cancelled_at_once_is_applied_announced_and_counted() {
+    use futures::FutureExt as _;
+    // With the periodic recheck an hour away, only the commit's own announcement can
+    // wake the follower within the test's patience.
+    let server = TestServer::start_with(|config| config.follow_recheck = Duration::from_secs(3600));
+    run_local(async {
+        let (_conn, created) = setup(&server, "ses_cancel").await;
+        let (_vconn, viewer) = redeem_viewer(&server, &created.viewer_token.token).await;
+        let at = viewer.state().await.unwrap().cursor;
+        let mut live = viewer.subscribe(at).await.unwrap();
+        let applied_before = metric(&server, "capsync_ops_applied_total");
+
+        // A writer sends a batch and gives up on the call at once, as a call timeout
+        // does: the request goes out, then the cancellation right behind it.
+        let wconn = capsync_client::connect(server.addr()).await.unwrap();
+        let writer = wconn
+            .redeem(&created.writer_token.token)
+            .await
+            .unwrap()
+            .into_writer()
+            .unwrap();
+        let cancelled = batch("cancelled", parts("ses_cancel", 0, 1));
+        assert!(
+            writer.append(&cancelled).now_or_never().is_none(),
+            "the call waits for its answer"
+        );
+
+        let ops = collect_until(&mut live, at + 1).await;
+        assert_eq!(ops[0].op_id, cancelled.ops[0].op_id, "{ops:?}");
+        // Counted as applied, once the append's own task has the ack.
+        let counted = guarded("the commit counted", async {
+            loop {
+                if metric(&server, "capsync_ops_applied_total") == applied_before + 1.0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        counted.await;
+    });
+}

@@ -1,10 +1,12 @@
 //! `ShareWriter`: appends ops to one share, mints viewers and sturdy refs to itself.
 
+use std::future::Future;
 use std::rc::Rc;
 use std::time::Instant;
 
 use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::share_writer;
+use tokio::sync::oneshot;
 
 use super::context::Context;
 use super::shares::{self, outcome};
@@ -48,16 +50,21 @@ impl WriterImpl {
         });
     }
 
-    async fn append(&self, params: &share_writer::AppendOpsParams) -> Result<Ack, ServerError> {
+    /// Starts appending the call's batch and returns where its ack will arrive. The
+    /// append runs in a task of its own, started when the call arrives: a call the client
+    /// cancels at once (a timeout, a dropped connection) is still applied, counted and
+    /// announced to followers, just like one whose answer is lost on the way back. The
+    /// client's retry then finds every op a duplicate.
+    fn start_append(
+        &self,
+        params: &share_writer::AppendOpsParams,
+    ) -> Result<oneshot::Receiver<Result<Ack, ServerError>>, ServerError> {
         let limits = BatchLimits {
             max_ops: self.ctx.max_ops_per_batch,
         };
         let batch = wire::batch(params.get()?.get_batch()?, &limits)?;
         let (ctx, auth) = (Rc::clone(&self.ctx), self.auth.clone());
-        // The append runs to its end in a task of its own. A caller that cancels the
-        // call (a timeout, a dropped connection) does not undo a commit, so the commit
-        // is still counted (and, by the ledger, announced to followers).
-        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let (done_tx, done) = oneshot::channel();
         tokio::task::spawn_local(async move {
             let result = async {
                 let _in_flight = ctx.begin_batch()?;
@@ -69,7 +76,7 @@ impl WriterImpl {
             .await;
             let _ = done_tx.send(result);
         });
-        done.await.unwrap_or_else(|_| Err(ServerError::internal()))
+        Ok(done)
     }
 
     /// Mints a share token of `kind` with this capability's authority.
@@ -92,34 +99,42 @@ impl WriterImpl {
 }
 
 impl share_writer::Server for WriterImpl {
-    async fn append_ops(
+    fn append_ops(
         self: Rc<Self>,
         params: share_writer::AppendOpsParams,
         mut results: share_writer::AppendOpsResults,
-    ) -> Result<(), capnp::Error> {
-        let appended = self.append(&params).await;
-        // A successful append's audit line is written by the ledger, in the
-        // batch's own transaction; failures are audited here.
-        if let Err(err) = &appended {
-            let batch_id = params
-                .get()
-                .and_then(|p| p.get_batch())
-                .and_then(|b| b.get_batch_id())
-                .ok()
-                .and_then(|t| t.to_str().ok().map(str::to_owned))
-                .unwrap_or_default();
-            self.audit(
-                "append",
-                err.code.as_str(),
-                format!("batch={batch_id} {err}"),
-            );
+    ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
+        // Not an `async fn`: the append must start now, not at the future's first poll,
+        // which a cancelled call never gets.
+        let started = self.start_append(&params);
+        async move {
+            let appended = match started {
+                Ok(done) => done.await.unwrap_or_else(|_| Err(ServerError::internal())),
+                Err(err) => Err(err),
+            };
+            // A successful append's audit line is written by the ledger, in the
+            // batch's own transaction; failures are audited here.
+            if let Err(err) = &appended {
+                let batch_id = params
+                    .get()
+                    .and_then(|p| p.get_batch())
+                    .and_then(|b| b.get_batch_id())
+                    .ok()
+                    .and_then(|t| t.to_str().ok().map(str::to_owned))
+                    .unwrap_or_default();
+                self.audit(
+                    "append",
+                    err.code.as_str(),
+                    format!("batch={batch_id} {err}"),
+                );
+            }
+            let result = results.get().init_result();
+            match appended {
+                Ok(ack) => wire::fill_ack(&ack, result.init_ack()),
+                Err(err) => err.fill(result.init_failure()),
+            }
+            Ok(())
         }
-        let result = results.get().init_result();
-        match appended {
-            Ok(ack) => wire::fill_ack(&ack, result.init_ack()),
-            Err(err) => err.fill(result.init_failure()),
-        }
-        Ok(())
     }
 
     async fn mint_viewer(
