@@ -279,12 +279,12 @@ fn write_canonical(value: &Value, out: &mut String) {
 }
 
 /// Lowercase hex SHA-256.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// A serde_json error's message without its " at line L column C" tail (callers say where).
-pub(crate) fn serde_message(e: &serde_json::Error) -> String {
+pub fn serde_message(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match text.rsplit_once(" at line ") {
         Some((message, _)) => message.to_owned(),

@@ -1,5 +1,5 @@
 //! capsync client library: connect to a capsync server, redeem sturdy refs, and drive the
-//! capabilities they give; plus the `capsync` command line built on it.
+//! capabilities they give.
 //!
 //! A tour:
 //! - [`connection`]: [`connect`] (must run on a tokio `LocalSet`), [`Connection::redeem`],
@@ -33,7 +33,8 @@
 //!   reconnect and re-redeem, stopping for good on a revoked or refused token ([`Syncer`];
 //!   [`Syncer::fatal`] says why, as a [`SyncError`]).
 //! - [`expiry`]: `--expires 30d` style arguments.
-//! - [`cli`]: the `capsync` command (the binary in `src/bin/capsync.rs` only calls it).
+//!
+//! The `capsync` command line is the `capsync-cli` crate (`cli/`), built on this library.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), capsync_client::ClientError> {
@@ -48,7 +49,6 @@
 
 pub mod admin;
 pub mod agent;
-pub mod cli;
 pub mod connection;
 pub mod document;
 pub mod error;

@@ -3,5 +3,5 @@
 //! plugin with it, and the plugin runs it as the shipper.
 
 fn main() -> std::process::ExitCode {
-    capsync_tests::client::cli::main()
+    capsync_tests::cli::main()
 }

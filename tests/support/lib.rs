@@ -129,8 +129,9 @@ pub fn sample_session_path() -> PathBuf {
         .join("examples/sessions/fix-login-bug.json")
 }
 
+pub use capsync_cli as cli;
+use capsync_cli::{CliRun, run_args};
 pub use capsync_client as client;
-use capsync_client::cli::{CliRun, run_args};
 use capsync_client::{
     AdminClient, AgentClient, Batch, Connection, CreatedShare, NewShare, OpKind, OpSpec,
     ViewerClient,

@@ -51,7 +51,7 @@ const READ_BYTES: usize = 1 << 20;
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Which sessions are shipped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShareMode {
     /// Every session, sub-agent sessions included.
     Auto,

@@ -14,7 +14,7 @@ pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(300);
 /// hammered); the random half spreads agents that lost the same server at the same moment,
 /// so they do not all come back in lockstep when it restarts.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     /// Failures since the last success.
@@ -22,7 +22,7 @@ pub(crate) struct Backoff {
 }
 
 impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+    pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             max,
@@ -33,14 +33,14 @@ impl Backoff {
     /// The wait before the next attempt; counts one more failure. `retry_after` is the
     /// server's hint, if the failure carried one ([`crate::ClientError::retry_after`]): the
     /// wait is at least that (up to [`RETRY_AFTER_CAP`]), even beyond the usual cap.
-    pub(crate) fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
+    pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         let delay = delay(self.initial, self.max, self.failures, rand::random::<f64>());
         self.failures = self.failures.saturating_add(1);
         at_least_the_hint(delay, retry_after)
     }
 
     /// After a success: the next failure waits about `initial` again.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.failures = 0;
     }
 }

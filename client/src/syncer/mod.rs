@@ -35,7 +35,7 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod backoff;
+pub mod backoff;
 mod classify;
 mod worker;
 

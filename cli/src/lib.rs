@@ -33,11 +33,11 @@ use std::time::Duration;
 use capsync_shared::{SturdyRef, TokenKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::connection::{ClientOptions, Connection, Redeemed, connect_with};
-use crate::error::ClientError;
-use crate::server_addr::ServerAddr;
-use crate::types::Scope;
 use args::{ServerAddrParser, parse_duration};
+use capsync_client::connection::{ClientOptions, Connection, Redeemed, connect_with};
+use capsync_client::error::ClientError;
+use capsync_client::server_addr::ServerAddr;
+use capsync_client::types::Scope;
 pub use output::{Captured, Output};
 
 /// Exit code of success.
@@ -547,7 +547,7 @@ mod tests {
             Command::Admin(admin::AdminCommand::MintAgent { expires, .. }) => {
                 assert_eq!(
                     expires,
-                    crate::expiry::Expiry::In(std::time::Duration::from_secs(30 * 86_400))
+                    capsync_client::expiry::Expiry::In(std::time::Duration::from_secs(30 * 86_400))
                 );
             }
             other => panic!("{other:?}"),
@@ -571,7 +571,7 @@ mod tests {
                 assert_eq!(args.share_id, "sh_1");
                 assert_eq!(
                     args.expires,
-                    crate::expiry::Expiry::In(std::time::Duration::from_secs(30 * 86_400))
+                    capsync_client::expiry::Expiry::In(std::time::Duration::from_secs(30 * 86_400))
                 );
             }
             other => panic!("{other:?}"),
@@ -580,7 +580,7 @@ mod tests {
         match cli.command {
             Command::Share(share::ShareCommand::MintViewer(args)) => {
                 assert_eq!(args.share_id, "sh_2");
-                assert_eq!(args.expires, crate::expiry::Expiry::Never);
+                assert_eq!(args.expires, capsync_client::expiry::Expiry::Never);
             }
             other => panic!("{other:?}"),
         }
@@ -592,7 +592,7 @@ mod tests {
         let cli = Cli::try_parse_from(["capsync", "admin", "prune"]).unwrap();
         match cli.command {
             Command::Admin(admin::AdminCommand::Prune(args)) => {
-                assert_eq!(args.older_than, crate::types::DEFAULT_PRUNE_AGE);
+                assert_eq!(args.older_than, capsync_client::types::DEFAULT_PRUNE_AGE);
                 assert!(!args.children && !args.archived_only && !args.dry_run && !args.vacuum);
             }
             other => panic!("{other:?}"),
@@ -647,7 +647,7 @@ mod tests {
                 older_than,
                 dry_run,
             }) => {
-                assert_eq!(older_than, crate::types::DEFAULT_PRUNE_AGE);
+                assert_eq!(older_than, capsync_client::types::DEFAULT_PRUNE_AGE);
                 assert!(dry_run);
             }
             other => panic!("{other:?}"),

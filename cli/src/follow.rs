@@ -12,12 +12,12 @@ use super::live_text::LiveText;
 use super::output::Output;
 use super::render;
 use super::{Global, finish};
-use crate::connection::Connection;
-use crate::error::ClientError;
-use crate::resume::Rebased;
-use crate::subscribe::{EndReason, LiveEvent};
-use crate::syncer::backoff::Backoff;
-use crate::viewer::{LoggedOp, ViewerClient};
+use capsync_client::connection::Connection;
+use capsync_client::error::ClientError;
+use capsync_client::resume::Rebased;
+use capsync_client::subscribe::{EndReason, LiveEvent};
+use capsync_client::syncer::backoff::Backoff;
+use capsync_client::viewer::{LoggedOp, ViewerClient};
 
 /// First wait after a failure; doubles up to [`BACKOFF_MAX`] (with jitter).
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -439,7 +439,7 @@ mod tests {
             serde_json::from_str::<Value>(&line).unwrap(),
             json!({"cursor": 7, "opId": "o7", "kind": "part.delta", "payload": {"partID": "p", "delta": "x"}, "appliedAt": 5})
         );
-        let ops = crate::parse_ops(&format!("{line}{line}")).unwrap();
+        let ops = capsync_client::parse_ops(&format!("{line}{line}")).unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(ops[0].op_id, "o7");
         assert_eq!(ops[0].kind, OpKind::PartDelta);

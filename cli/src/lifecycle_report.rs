@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use super::admin::bytes;
-use crate::expiry::format_time;
-use crate::types::{CompactReport, PruneReport, ReclaimReport, ShareInfo, VacuumReport};
+use capsync_client::expiry::format_time;
+use capsync_client::types::{CompactReport, PruneReport, ReclaimReport, ShareInfo, VacuumReport};
 
 /// What a prune deleted (or would delete): a table of the shares, the totals, then
 /// anything left alone that the operator should know about.
@@ -185,7 +185,7 @@ fn millis(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{PruneReason, PruneTotals, PrunedShare, ShareState};
+    use capsync_client::types::{PruneReason, PruneTotals, PrunedShare, ShareState};
 
     const DAY: i64 = 86_400_000;
     /// 2025-01-31T00:00:00Z.

@@ -1,4 +1,4 @@
-//! `capsync opencode ship`: the shipper the plugin starts (see [`crate::opencode::shipper`]).
+//! `capsync opencode ship`: the shipper the plugin starts (see [`capsync_client::opencode::shipper`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,8 +9,12 @@ use super::super::args::parse_duration;
 use super::super::output::Output;
 use super::super::sync::stop_signal;
 use super::super::{EXIT_OK, Global};
-use crate::error::ClientError;
-use crate::opencode::shipper::{self, ShareMode, ShipperEnd, ShipperError, ShipperOptions};
+use capsync_client::error::ClientError;
+use capsync_client::opencode::shipper::{
+    self, ShareMode, ShipperEnd, ShipperError, ShipperOptions,
+};
+
+use super::ShareArg;
 
 /// The shipper's log is cut back to nothing at start once it is this large.
 const LOG_LIMIT_BYTES: u64 = 4 << 20;
@@ -34,8 +38,8 @@ pub struct ShipArgs {
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
     /// Which sessions are shipped
-    #[arg(long, value_enum, default_value_t = ShareMode::Manual)]
-    pub share: ShareMode,
+    #[arg(long, value_enum, default_value_t = ShareArg::Manual)]
+    pub share: ShareArg,
     /// How often to look at the journal for new lines
     #[arg(long, env = "CAPSYNC_OPENCODE_POLL", default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
     pub poll: Duration,
@@ -56,14 +60,14 @@ pub async fn run(global: &Global, out: &Output, args: &ShipArgs) -> Result<u8, C
     trim_log(&args.dir.join("shipper.log"));
     init_logging();
     let mut options = ShipperOptions::new(&args.dir, global.server.to_string(), token);
-    options.share = args.share;
+    options.share = ShareMode::from(args.share);
     options.connection = global.client_options();
     options.call_timeout = global.call_timeout;
     options.poll = args.poll;
     options.linger = args.linger;
     options.keep_drained = args.keep_drained;
     options.max_op_bytes = args.max_op_bytes;
-    tracing::info!(dir = %args.dir.display(), share = args.share.as_str(), server = %global.server, "shipper started");
+    tracing::info!(dir = %args.dir.display(), share = ShareMode::from(args.share).as_str(), server = %global.server, "shipper started");
     let end = shipper::ship(options, stop).await.map_err(|e| match e {
         ShipperError::AgentRefused(error) => error,
         other => ClientError::invalid(other.to_string()),

@@ -645,7 +645,7 @@ fn the_command_line_runs_in_process_with_captured_output() {
             let mut full = vec!["capsync", "--server", &addr];
             full.extend(args);
             let full: Vec<String> = full.into_iter().map(str::to_owned).collect();
-            capsync_client::cli::run_args(full)
+            capsync_cli::run_args(full)
         };
 
         let minted = run(vec!["--token", &admin, "admin", "mint-agent"]).await;

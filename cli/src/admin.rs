@@ -8,10 +8,10 @@ use clap::Subcommand;
 use super::lifecycle::{self, PruneArgs, parse_age};
 use super::output::Output;
 use super::{Global, ScopeArg, finish};
-use crate::admin::AdminClient;
-use crate::error::ClientError;
-use crate::expiry::{Expiry, format_expiry};
-use crate::types::{ShareList, Stats};
+use capsync_client::admin::AdminClient;
+use capsync_client::error::ClientError;
+use capsync_client::expiry::{Expiry, format_expiry};
+use capsync_client::types::{ShareList, Stats};
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {

@@ -4,9 +4,9 @@ use capsync_shared::TokenKind;
 
 use super::output::Output;
 use super::{Global, finish};
-use crate::error::ClientError;
-use crate::expiry::{Expiry, format_expiry};
-use crate::types::MintedToken;
+use capsync_client::error::ClientError;
+use capsync_client::expiry::{Expiry, format_expiry};
+use capsync_client::types::MintedToken;
 
 /// Mint a read-only viewer token for the share (writer token)
 ///

@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use serde::Serialize;
 
-use crate::error::ClientError;
+use capsync_client::error::ClientError;
 
 /// Text a run printed, when its output is captured instead of written to the terminal.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -11,11 +11,13 @@ use serde_json::json;
 
 use super::super::output::Output;
 use super::super::{EXIT_OK, Global, finish};
-use crate::error::ClientError;
-use crate::opencode::shipper::ShareMode;
+use capsync_client::error::ClientError;
+use capsync_client::opencode::shipper::ShareMode;
+
+use super::ShareArg;
 
 /// The plugin, as the repository ships it; `install` fills in its settings.
-const PLUGIN_SOURCE: &str = include_str!("../../../../opencode/capsync-journal.js");
+const PLUGIN_SOURCE: &str = include_str!("../../../opencode/capsync-journal.js");
 
 /// The line of [`PLUGIN_SOURCE`] that `install` replaces with the settings.
 const SETTINGS_LINE: &str = "const INSTALLED = {};";
@@ -69,8 +71,8 @@ pub struct InstallArgs {
     #[command(flatten)]
     pub target: Target,
     /// Which sessions are shipped
-    #[arg(long, value_enum, default_value_t = ShareMode::Manual)]
-    pub share: ShareMode,
+    #[arg(long, value_enum, default_value_t = ShareArg::Manual)]
+    pub share: ShareArg,
 }
 
 /// Remove capsync's opencode plugin (no token)
@@ -193,6 +195,7 @@ impl Installed {
 
 pub async fn install(global: &Global, out: &Output, args: &InstallArgs) -> Result<u8, ClientError> {
     let layout = Layout::of(&args.target)?;
+    let share = ShareMode::from(args.share);
     // The token must work before anything is written.
     let (conn, redeemed) = global.redeem(&[TokenKind::Agent]).await?;
     redeemed.into_agent()?;
@@ -222,7 +225,7 @@ pub async fn install(global: &Global, out: &Output, args: &InstallArgs) -> Resul
         log: dir.join("shipper.log"),
         server: global.server.to_string(),
         share_origin: global.share_origin(),
-        share: args.share.as_str().to_owned(),
+        share: share.as_str().to_owned(),
         shipper: vec![
             exe.to_owned(),
             "--server".into(),
@@ -234,7 +237,7 @@ pub async fn install(global: &Global, out: &Output, args: &InstallArgs) -> Resul
             "--dir".into(),
             path_text(dir)?,
             "--share".into(),
-            args.share.as_str().into(),
+            share.as_str().into(),
         ],
     };
 
@@ -276,7 +279,7 @@ pub async fn install(global: &Global, out: &Output, args: &InstallArgs) -> Resul
             installed.dir.display(),
             installed.log.display(),
             installed.share,
-            match args.share {
+            match share {
                 ShareMode::Manual => "the ones you /share in opencode, with their sub-agent sessions",
                 ShareMode::Auto => "every session, sub-agent sessions included",
             },

@@ -12,9 +12,9 @@ use serde::Serialize;
 use super::output::Output;
 use super::progress::Progress;
 use super::{EXIT_REJECTED, Global, finish};
-use crate::error::ClientError;
-use crate::ops_file::{DetectedFormat, InputFormat, read_push_input};
-use crate::push::{DEFAULT_BATCH_SIZE, PushReport, push_ops};
+use capsync_client::error::ClientError;
+use capsync_client::ops_file::{DetectedFormat, InputFormat, read_push_input};
+use capsync_client::push::{DEFAULT_BATCH_SIZE, PushReport, push_ops};
 
 /// Push an ops file or a session export into a share, in batches (writer token)
 ///
@@ -173,8 +173,8 @@ fn report_text(report: &PushReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::push::RejectedOp;
-    use crate::writer::RejectReason;
+    use capsync_client::push::RejectedOp;
+    use capsync_client::writer::RejectReason;
     use capsync_shared::OpKind;
 
     #[test]

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::document::{MessageDocument, SessionDocument};
-use crate::expiry::format_time;
+use capsync_client::document::{MessageDocument, SessionDocument};
+use capsync_client::expiry::format_time;
 
 /// Part types that are bookkeeping, not content; left out of the readable view.
 pub(super) const QUIET_PARTS: [&str; 4] = ["step-start", "step-finish", "snapshot", "patch"];

@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use super::output::Output;
 use super::sync::default_outbox_path;
-use crate::error::ClientError;
-use crate::expiry::format_time;
-use crate::{Outbox, OutboxError, OutboxStatus, RejectedEntry};
+use capsync_client::error::ClientError;
+use capsync_client::expiry::format_time;
+use capsync_client::{Outbox, OutboxError, OutboxStatus, RejectedEntry};
 
 const OUTBOX_EXAMPLES: &str = "\
 Examples:

@@ -8,8 +8,8 @@ use capsync_shared::ops::OpKind;
 use serde_json::Value;
 
 use super::render::{self, QUIET_PARTS, str_at};
-use crate::document::{SessionDocument, record_id};
-use crate::viewer::LoggedOp;
+use capsync_client::document::{SessionDocument, record_id};
+use capsync_client::viewer::LoggedOp;
 
 /// Turns ops into text for people as they arrive, printing each change once: a new
 /// message's header, a tool call when its status changes, text as it grows (deltas and
@@ -416,7 +416,7 @@ mod tests {
     fn a_snapshot_counts_as_printed() {
         let doc = SessionDocument {
             cursor: 3,
-            messages: vec![crate::document::MessageDocument {
+            messages: vec![capsync_client::document::MessageDocument {
                 info: json!({"id": "m1", "role": "user"}),
                 parts: vec![json!({"id": "t", "messageID": "m1", "type": "text", "text": "hi"})],
             }],
@@ -441,8 +441,10 @@ mod tests {
 
     #[test]
     fn a_newer_snapshot_prints_only_what_changed_once() {
-        let message =
-            |info: Value, parts: Vec<Value>| crate::document::MessageDocument { info, parts };
+        let message = |info: Value, parts: Vec<Value>| capsync_client::document::MessageDocument {
+            info,
+            parts,
+        };
         let before = SessionDocument {
             cursor: 3,
             session: Some(json!({"id": "ses", "title": "Old"})),

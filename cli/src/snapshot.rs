@@ -5,7 +5,7 @@ use capsync_shared::limits::{DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_SNAPSHOT_PAGE_BYTE
 
 use super::output::Output;
 use super::{Global, finish};
-use crate::error::ClientError;
+use capsync_client::error::ClientError;
 
 /// Print a share's current state: the session with its messages (viewer or writer token)
 ///

@@ -20,9 +20,9 @@ use super::progress::Progress;
 use super::push::FormatArg;
 use super::sync_source::Source;
 use super::{EXIT_OK, EXIT_REJECTED, Global};
-use crate::error::ClientError;
-use crate::ops_file::DetectedFormat;
-use crate::{
+use capsync_client::error::ClientError;
+use capsync_client::ops_file::DetectedFormat;
+use capsync_client::{
     Outbox, RejectedReason, SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer,
 };
 
@@ -259,7 +259,7 @@ pub fn default_outbox_path(source: &Path) -> PathBuf {
 }
 
 /// Queues ops; the count newly queued.
-async fn enqueue(outbox: &Outbox, ops: Vec<crate::OpSpec>) -> Result<u64, ClientError> {
+async fn enqueue(outbox: &Outbox, ops: Vec<capsync_client::OpSpec>) -> Result<u64, ClientError> {
     if ops.is_empty() {
         return Ok(0);
     }

@@ -11,9 +11,29 @@ use serde_json::json;
 
 use super::output::Output;
 use super::{Global, finish};
-use crate::error::ClientError;
+use capsync_client::error::ClientError;
 
 pub use install::{InstallArgs, UninstallArgs};
+
+use capsync_client::opencode::shipper::ShareMode;
+
+/// `--share`: which sessions the plugin's shipper ships.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShareArg {
+    /// Every session, sub-agent sessions included
+    Auto,
+    /// Sessions shared in opencode (/share), with their sub-agent sessions
+    Manual,
+}
+
+impl From<ShareArg> for ShareMode {
+    fn from(share: ShareArg) -> Self {
+        match share {
+            ShareArg::Auto => ShareMode::Auto,
+            ShareArg::Manual => ShareMode::Manual,
+        }
+    }
+}
 pub use ship::ShipArgs;
 pub use status::StatusArgs;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 
-use crate::server_addr::ServerAddr;
+use capsync_client::server_addr::ServerAddr;
 
 /// Parses `--server` (and `CAPSYNC_SERVER`) into a [`ServerAddr`]. Unlike clap's own
 /// parsers, its errors do not repeat the value: a share-page link pasted by mistake

@@ -21,9 +21,9 @@ use capsync_shared::limits::{MAX_DEPENDS_ON, MAX_OP_ID_BYTES};
 use capsync_shared::ops::OpSpec;
 use serde_json::Value;
 
-use crate::error::ClientError;
-use crate::export::{serde_message, sha256_hex};
-use crate::ops_file::{DetectedFormat, InputFormat, read_push_input};
+use capsync_client::error::ClientError;
+use capsync_client::export::{serde_message, sha256_hex};
+use capsync_client::ops_file::{DetectedFormat, InputFormat, read_push_input};
 
 /// How the source is read, decided from its first content and kept from then on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,9 @@ use capsync_shared::TokenKind;
 
 use super::output::Output;
 use super::{Global, finish};
-use crate::error::ClientError;
-use crate::expiry::format_time;
-use crate::viewer::{OpsPage, ViewerClient};
+use capsync_client::error::ClientError;
+use capsync_client::expiry::format_time;
+use capsync_client::viewer::{OpsPage, ViewerClient};
 
 /// List the ops applied to a share, in cursor order (viewer or writer token)
 ///
@@ -40,7 +40,7 @@ pub async fn state(global: &Global, out: &Output) -> Result<u8, ClientError> {
         .redeem(&[TokenKind::Writer, TokenKind::Viewer])
         .await?;
     let result = match redeemed {
-        crate::Redeemed::Writer(writer) => global.call(&conn, writer.state()).await,
+        capsync_client::Redeemed::Writer(writer) => global.call(&conn, writer.state()).await,
         other => global.call(&conn, other.into_reader()?.state()).await,
     };
     finish(conn).await;

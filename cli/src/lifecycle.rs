@@ -7,10 +7,10 @@ use std::time::Duration;
 use super::lifecycle_report::{compact_text, prune_text, reclaim_text, vacuum_text};
 use super::output::Output;
 use super::progress::Progress;
-use crate::admin::AdminClient;
-use crate::error::ClientError;
-use crate::progress_listener::ProgressFn;
-use crate::types::PruneOptions;
+use capsync_client::admin::AdminClient;
+use capsync_client::error::ClientError;
+use capsync_client::progress_listener::ProgressFn;
+use capsync_client::types::PruneOptions;
 
 /// Arguments of `capsync admin prune`.
 #[derive(Debug, clap::Args)]

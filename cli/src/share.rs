@@ -11,11 +11,11 @@ use serde::Serialize;
 use super::admin::{ListArgs, list_pages};
 use super::output::Output;
 use super::{Global, ScopeArg, finish};
-use crate::agent::{AgentClient, NewShare};
-use crate::error::ClientError;
-use crate::expiry::{Expiry, format_expiry, format_time};
-use crate::export::SessionExport;
-use crate::types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
+use capsync_client::agent::{AgentClient, NewShare};
+use capsync_client::error::ClientError;
+use capsync_client::expiry::{Expiry, format_expiry, format_time};
+use capsync_client::export::SessionExport;
+use capsync_client::types::{MintedToken, Scope, ShareInfo, ShareList, ShareState};
 
 #[derive(Debug, Subcommand)]
 pub enum ShareCommand {

@@ -6,9 +6,9 @@ use serde::Serialize;
 use super::super::EXIT_OK;
 use super::super::output::Output;
 use super::install::{Installed, Layout, Target};
-use crate::error::ClientError;
-use crate::opencode::journal;
-use crate::opencode::state::ShipperState;
+use capsync_client::error::ClientError;
+use capsync_client::opencode::journal;
+use capsync_client::opencode::state::ShipperState;
 
 /// List the sessions capsync's opencode plugin shipped, their shares and links (no token)
 ///

@@ -1,0 +1,5 @@
+//! The `capsync` command; everything lives in the `capsync_cli` library.
+
+fn main() -> std::process::ExitCode {
+    capsync_cli::main()
+}
