@@ -6,9 +6,9 @@ use std::path::Path;
 use capsync_shared::TokenKind;
 
 use crate::StartError;
-use crate::auth::SecretHasher;
 use crate::error::ServerError;
 use crate::ledger::Ledger;
+use crate::secret_hasher::SecretHasher;
 
 /// Creates an admin token if the database has none, writing it to `path`.
 /// Returns whether it created one.

@@ -12,7 +12,7 @@
 //!   slots per listener and per address, accepting with back-off, and reading
 //!   RPC frames so memory follows bytes received (a small allowance before a
 //!   token is redeemed, a shared budget for large frames).
-//! - [`auth`]: argon2id hashing of token secrets, off the RPC thread, a bounded
+//! - [`secret_hasher`]: argon2id hashing of token secrets, off the RPC thread, a bounded
 //!   number at once; [`redeem`]: the token check both gateways use;
 //!   [`rate_limit`]: what failed redeems may cost, per address and per token
 //!   id; [`verified_secrets`]: secrets that verified recently, so they cost no
@@ -30,7 +30,6 @@
 //!   what callers are told when something fails.
 
 pub mod admin_token;
-pub mod auth;
 pub mod config;
 pub mod data_dir;
 pub mod error;
@@ -47,6 +46,7 @@ pub mod presence;
 pub mod rate_limit;
 pub mod redeem;
 pub mod rpc;
+pub mod secret_hasher;
 pub mod server;
 pub mod verified_secrets;
 

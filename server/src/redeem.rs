@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use capsync_shared::{ShareId, SturdyRef, TokenId, TokenKind, now_millis};
 use tracing::Level;
 
-use crate::auth::SecretHasher;
 use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Authority, Ledger, ShareState, StoredToken};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::address_group;
 use crate::rate_limit::{Limited, RedeemLimiter};
+use crate::secret_hasher::SecretHasher;
 use crate::verified_secrets::VerifiedSecrets;
 
 /// Which gateway a redeem came through, for the audit line.

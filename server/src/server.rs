@@ -17,7 +17,6 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Level, debug, info, warn};
 
-use crate::auth::SecretHasher;
 use crate::config::Config;
 use crate::data_dir::DataDirLock;
 use crate::http::{AppState, BUSY_RESPONSE, HttpGateway, HttpSettings};
@@ -28,6 +27,7 @@ use crate::net::{
     AcceptPolicy, Accepted, Acceptor, ConnectionSlots, ConnectionState, FrameGate, FrameLimits,
 };
 use crate::rpc::{Context, GatewayImpl};
+use crate::secret_hasher::SecretHasher;
 use crate::{StartError, admin_token};
 
 /// How long shutdown waits for each connection to close cleanly.

@@ -157,8 +157,8 @@ mod tests {
     use capsync_shared::TokenKind;
 
     use super::*;
-    use crate::auth::SecretHasher;
     use crate::follow::test_share::TestShare;
+    use crate::secret_hasher::SecretHasher;
 
     #[tokio::test]
     async fn ops_below_the_compaction_point_are_gone_and_at_it_are_served() {

@@ -47,13 +47,13 @@ use tokio_util::sync::CancellationToken;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{debug, info};
 
-use crate::auth::SecretHasher;
 use crate::ledger::Ledger;
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Listener, Metrics};
 use crate::net::{AcceptPolicy, Acceptor};
 use crate::presence::Presence;
 use crate::redeem::Redeemer;
+use crate::secret_hasher::SecretHasher;
 
 pub use connections::BUSY_RESPONSE;
 
@@ -94,8 +94,8 @@ impl AppState {
     #[cfg(test)]
     fn for_tests(ledger: Ledger) -> Self {
         let config = crate::config::Config::default();
-        let hasher =
-            crate::auth::SecretHasher::new(256, 1).expect("valid argon2 parameters for tests");
+        let hasher = crate::secret_hasher::SecretHasher::new(256, 1)
+            .expect("valid argon2 parameters for tests");
         let metrics = Metrics::default();
         let logs = LogLimiter::new(config.log_summary_interval);
         Self {
@@ -113,7 +113,7 @@ impl AppState {
             interrupted_after: config.interrupted_after,
             streams: Arc::new(Semaphore::new(config.max_connections)),
             shutdown: CancellationToken::new(),
-            hasher: crate::auth::SecretHasher::new(256, 1)
+            hasher: crate::secret_hasher::SecretHasher::new(256, 1)
                 .expect("valid argon2 parameters for tests"),
             max_op_bytes: config.max_op_bytes,
             sync_max_body_bytes: config.sync_max_body_bytes,

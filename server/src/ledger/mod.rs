@@ -8,16 +8,16 @@
 //! [`sqlite`] is the embedded backend (one writer thread with group commit,
 //! plus read connections). A PostgreSQL backend implements [`Backend`] later.
 
-pub mod lifecycle;
+pub mod lifecycle_steps;
 pub mod oversize;
-pub mod progress;
+pub mod record_progress;
 pub mod sqlite;
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
-pub use lifecycle::{
+pub use lifecycle_steps::{
     Checkpoint, CompactPosition, CompactStep, DeleteStep, IncrementalVacuum, Operator,
     PlannedShare, PruneFilter, PrunePlan, PruneReason, PruneSelect, ReclaimStep, ShareFootprint,
     VacuumReport,
@@ -445,7 +445,7 @@ pub trait Backend: Send + Sync + 'static {
     /// receiver that falls behind gets `Lagged` and should recheck everything.
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed>;
 
-    // Lifecycle (see [`lifecycle`]): `crate::lifecycle` drives these bounded
+    // Lifecycle (see [`lifecycle_steps`]): `crate::lifecycle` drives these bounded
     // steps; each is one short transaction.
 
     /// Plans a prune in one read transaction: which shares, and what each holds.

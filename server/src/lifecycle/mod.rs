@@ -3,7 +3,7 @@
 //! the server's scheduled maintenance alike.
 //!
 //! The backend offers steps that are each one short write transaction
-//! (`crate::ledger::lifecycle`); the loops, progress and logging live here, so
+//! (`crate::ledger::lifecycle_steps`); the loops, progress and logging live here, so
 //! every backend gets them the same way.
 
 mod compact;

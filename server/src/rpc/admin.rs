@@ -7,7 +7,7 @@ use capsync_shared::capsync_capnp::{admin, prune_options, share_info_result};
 use capsync_shared::{ShareId, TokenId, TokenKind};
 
 use super::context::Context;
-use super::progress::Forwarder;
+use super::progress_listener::Forwarder;
 use super::shares::{self, outcome};
 use super::wire;
 use crate::error::ServerError;
@@ -417,9 +417,9 @@ mod tests {
     };
 
     use super::*;
-    use crate::auth::SecretHasher;
     use crate::config::Config;
     use crate::follow::test_share::TestShare;
+    use crate::secret_hasher::SecretHasher;
 
     /// The `Admin` capability of the share's admin, called locally.
     fn admin(share: &TestShare) -> admin::Client {

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::auth::SecretHasher;
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Ledger};
@@ -15,6 +14,7 @@ use crate::metrics::{GaugeGuard, Metrics, SubscriberVia};
 use crate::presence::Presence;
 use crate::rate_limit::RedeemLimiter;
 use crate::redeem::Redeemer;
+use crate::secret_hasher::SecretHasher;
 
 /// Audit actions also logged at info (see [`Context::audit`]).
 const SECURITY_ACTIONS: &[&str] = &[

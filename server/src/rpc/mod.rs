@@ -10,7 +10,7 @@ mod agent;
 mod context;
 pub(crate) mod fuzz;
 mod gateway;
-mod progress;
+mod progress_listener;
 mod shares;
 mod subscription;
 mod viewer;

@@ -251,10 +251,10 @@ mod tests {
     use tokio::task::LocalSet;
 
     use super::*;
-    use crate::auth::SecretHasher;
     use crate::config::Config;
     use crate::follow::test_share::TestShare;
     use crate::rpc::viewer::ViewerImpl;
+    use crate::secret_hasher::SecretHasher;
 
     /// What the test listener heard, in order.
     enum Heard {

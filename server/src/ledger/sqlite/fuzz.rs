@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::payload::{self, Effect};
 use super::reclaim::clear_compacted_output;
-use crate::ledger::progress;
+use crate::ledger::record_progress as progress;
 
 /// The session of the share the payloads are sent to: the sample export's, so
 /// that payloads taken from it are accepted and the fuzzer starts from there.

@@ -3,7 +3,7 @@
 //! Reasons returned here go to the agent as `rejected(invalid, reason)`: short
 //! sentences about its payload, never anything about the server.
 
-use crate::ledger::progress;
+use crate::ledger::record_progress as progress;
 use capsync_shared::OpKind;
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use std::borrow::Cow;

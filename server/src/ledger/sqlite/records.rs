@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::errors::corrupt;
 use super::payload::Effect;
-use crate::ledger::progress::is_older;
+use crate::ledger::record_progress::is_older;
 use crate::ledger::{LedgerResult, RejectReason};
 
 /// Why stored state refuses an otherwise well-formed op.
