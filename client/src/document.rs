@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::viewer::{LoggedOp, Record, RecordKind};
+use crate::types::{LoggedOp, Record, RecordKind};
 use capsync_shared::ops::{OpKind, model_record_id_of};
 
 /// A session with its models, diffs and messages (each with its parts, in order).

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use capsync_shared::{ErrorCode, TokenKind};
 
-use crate::outbox::OutboxError;
+use crate::outbox::error::OutboxError;
 use crate::peer_watch::ForeignReply;
-use crate::syncer::SyncError;
+use crate::syncer::error::SyncError;
 
 /// Everything a client call can fail with.
 ///

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::document::SessionDocument;
 use crate::export::{SessionExport, op_id};
 use crate::ops_file::{InputFormat, read_push_input};
-use crate::viewer::LoggedOp;
+use crate::types::LoggedOp;
 
 /// What a fuzz input's first byte picks, as `capsync push --format` does.
 const FORMATS: [InputFormat; 3] = [InputFormat::Auto, InputFormat::Ops, InputFormat::Export];

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::error::ClientError;
-use crate::viewer::{LoggedOp, logged_ops};
+use crate::types::LoggedOp;
 use crate::wire::{self, ok_or_fail};
 
 /// Pages that may wait in the queue ahead of an `ops` call before the call returns.
@@ -242,7 +242,7 @@ impl op_listener::Server for Listener {
         params: op_listener::OpsParams,
         _results: op_listener::OpsResults,
     ) -> Result<(), capnp::Error> {
-        let ops = logged_ops(params.get()?.get_ops()?).map_err(to_capnp)?;
+        let ops = wire::logged_ops(params.get()?.get_ops()?).map_err(to_capnp)?;
         let Some(first) = ops.first().map(|op| op.cursor) else {
             return Ok(());
         };

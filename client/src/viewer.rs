@@ -5,13 +5,13 @@ use capsync_shared::capsync_capnp::{
     snapshot_result,
 };
 use capsync_shared::limits::DEFAULT_SNAPSHOT_PAGE_BYTES;
-use capsync_shared::ops::OpKind;
 use serde::Serialize;
 
 use crate::document::SessionDocument;
 use crate::error::ClientError;
 use crate::subscribe::LiveOps;
 use crate::types::ShareState;
+pub use crate::types::{LoggedOp, Record, RecordKind};
 use crate::wire::{self, ok_or_fail};
 
 /// How many times [`ViewerClient::snapshot`] starts over when the share changes under it.
@@ -41,18 +41,6 @@ impl std::fmt::Debug for ViewerClient {
     }
 }
 
-/// What a stored record is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum RecordKind {
-    Session,
-    Model,
-    /// The whole diff list, as one JSON array.
-    Diffs,
-    Message,
-    Part,
-}
-
 impl From<WireRecordKind> for RecordKind {
     fn from(kind: WireRecordKind) -> Self {
         match kind {
@@ -63,19 +51,6 @@ impl From<WireRecordKind> for RecordKind {
             WireRecordKind::Part => Self::Part,
         }
     }
-}
-
-/// A stored record of the session, as the agent last wrote it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    pub kind: RecordKind,
-    /// Record id; "" for the session and the diffs.
-    pub id: String,
-    /// The message a part belongs to; "" for other kinds.
-    pub message_id: String,
-    /// The record's JSON text.
-    pub json: String,
 }
 
 /// One page of a snapshot.
@@ -105,19 +80,6 @@ impl Snapshot {
     pub fn to_document(&self) -> SessionDocument {
         SessionDocument::from_records(self.cursor, &self.records)
     }
-}
-
-/// One applied op as the ledger keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LoggedOp {
-    pub cursor: u64,
-    pub op_id: String,
-    pub kind: OpKind,
-    /// The payload's JSON text as the agent sent it.
-    pub payload: String,
-    /// Unix milliseconds.
-    pub applied_at: i64,
 }
 
 /// A page of applied ops.
@@ -256,7 +218,7 @@ impl ViewerClient {
         let response = request.send().promise.await?;
         let page = ok_or_fail!(ops_result, response.get()?.get_result()?);
         Ok(OpsPage {
-            ops: logged_ops(page.get_ops()?)?,
+            ops: wire::logged_ops(page.get_ops()?)?,
             cursor: page.get_cursor(),
         })
     }
@@ -314,21 +276,4 @@ pub struct Presence {
     /// No writer for longer than the server's `--interrupted-after`: running tool
     /// calls will not finish and should be shown as interrupted.
     pub interrupted: bool,
-}
-
-/// A list of logged ops as the client's type (`opsSince` pages and subscription calls).
-pub(crate) fn logged_ops(
-    list: capnp::struct_list::Reader<'_, capsync_shared::capsync_capnp::logged_op::Owned>,
-) -> Result<Vec<LoggedOp>, ClientError> {
-    list.iter()
-        .map(|op| {
-            Ok(LoggedOp {
-                cursor: op.get_cursor(),
-                op_id: wire::text(op.get_op_id())?,
-                kind: op.get_kind()?.into(),
-                payload: wire::text(op.get_payload())?,
-                applied_at: op.get_applied_at(),
-            })
-        })
-        .collect()
 }

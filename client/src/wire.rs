@@ -10,8 +10,8 @@ use capsync_shared::capsync_capnp::{
 
 use crate::error::ClientError;
 use crate::types::{
-    CompactReport, MintedToken, PruneReason, PruneReport, PruneTotals, PrunedShare, ReclaimReport,
-    ShareInfo, ShareState, VacuumReport, nonempty, nonzero_time,
+    CompactReport, LoggedOp, MintedToken, PruneReason, PruneReport, PruneTotals, PrunedShare,
+    ReclaimReport, ShareInfo, ShareState, VacuumReport, nonempty, nonzero_time,
 };
 
 /// Unpacks a `union { ok @0 :T; failure @1 :Failure; }` reader: the `ok` reader, or an early
@@ -208,6 +208,23 @@ pub(crate) fn compact_report(r: compact_report::Reader<'_>) -> CompactReport {
         ops: r.get_ops(),
         bytes: r.get_bytes(),
     }
+}
+
+/// A list of logged ops as the client's type (`opsSince` pages and subscription calls).
+pub(crate) fn logged_ops(
+    list: capnp::struct_list::Reader<'_, capsync_shared::capsync_capnp::logged_op::Owned>,
+) -> Result<Vec<LoggedOp>, ClientError> {
+    list.iter()
+        .map(|op| {
+            Ok(LoggedOp {
+                cursor: op.get_cursor(),
+                op_id: text(op.get_op_id())?,
+                kind: op.get_kind()?.into(),
+                payload: text(op.get_payload())?,
+                applied_at: op.get_applied_at(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use super::batching::{finish, in_flight_batch};
 use super::{
     AckSummary, Outbox, OutboxBatch, OutboxError, batch_state, cursor_to_sql, now, op_state,
 };
-use crate::writer::{Ack, OpOutcome, RejectReason};
+use crate::types::{Ack, OpOutcome, RejectReason};
 
 impl Outbox {
     /// Records the server's ack of `batch`, in one transaction: applied and duplicate ops

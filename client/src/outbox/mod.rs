@@ -25,7 +25,7 @@
 mod acks;
 mod batching;
 mod enqueue;
-mod error;
+pub(crate) mod error;
 mod meta;
 mod schema;
 mod status;
@@ -38,8 +38,6 @@ use capsync_shared::ops::OpSpec;
 use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::Notify;
-
-use crate::writer::Batch;
 
 pub use batching::MAX_BATCH_BYTES;
 pub use enqueue::MAX_PAYLOAD_BYTES;
@@ -108,14 +106,6 @@ pub struct OutboxBatch {
     pub ops: Vec<OpSpec>,
     /// Failed attempts so far (0 on the first send).
     pub attempts: u32,
-}
-
-impl OutboxBatch {
-    /// The batch as [`crate::WriterClient::append`] takes it. No `expectedCursor`: the
-    /// outbox relies on per-op-id dedupe, not on fencing.
-    pub fn to_batch(&self) -> Batch {
-        Batch::new(self.batch_id.clone(), self.ops.clone())
-    }
 }
 
 /// What one ack did to the batch's ops.
@@ -306,7 +296,7 @@ fn cursor_to_sql(cursor: u64) -> Result<i64, OutboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::writer::RejectReason;
+    use crate::types::RejectReason;
 
     #[test]
     fn rejected_reasons_read_back_and_serialize_as_stored() {

@@ -37,6 +37,7 @@
 
 pub mod backoff;
 mod classify;
+pub(crate) mod error;
 mod worker;
 
 use std::time::Duration;
@@ -45,8 +46,9 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 use crate::connection::ClientOptions;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::Outbox;
 use crate::push::DEFAULT_BATCH_SIZE;
+pub use error::SyncError;
 
 /// How a syncer reaches its share, and how it paces itself.
 #[derive(Clone)]
@@ -164,28 +166,6 @@ impl SyncStatus {
             retries: 0,
         }
     }
-}
-
-/// Why a syncer stopped for good.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SyncError {
-    /// The writer token (or the live capability) was revoked.
-    #[error("{0}")]
-    Revoked(String),
-    /// The token is not accepted (unknown, wrong, expired or revoked; the server does
-    /// not say which), or may not append.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The outbox failed, or feeds another share ([`OutboxError::WrongShare`]).
-    #[error("{0}")]
-    Outbox(#[from] OutboxError),
-    /// Another syncer, in this process or another, is sending from the same outbox file.
-    #[error("{0}")]
-    Busy(String),
-    /// Anything else that retrying cannot fix (a token of the wrong kind, a deleted share, a
-    /// server that does not speak the protocol), or the task ended.
-    #[error("{0}")]
-    Stopped(String),
 }
 
 /// What `wait_idle` watches, besides the public status.

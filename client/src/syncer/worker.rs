@@ -17,7 +17,7 @@ use super::{Control, SyncError, SyncOptions, SyncState, SyncStatus};
 use crate::connection::Connection;
 use crate::outbox::{Outbox, OutboxBatch, OutboxStatus, Refusal};
 use crate::server_addr::ServerAddr;
-use crate::writer::WriterClient;
+use crate::writer::{Batch, WriterClient};
 
 /// How long closing a dropped connection may take before it is abandoned.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -206,7 +206,7 @@ impl Worker {
             self.publish(SyncState::Syncing, Counts::Read).await;
         }
         let limit = self.options.call_timeout;
-        let error = match tokio::time::timeout(limit, writer.append(&batch.to_batch())).await {
+        let error = match tokio::time::timeout(limit, writer.append(&wire_batch(&batch))).await {
             Ok(Ok(ack)) => {
                 let summary = self.outbox.record_ack(&batch, &ack).await?;
                 debug!(batch = %batch.batch_id, applied = summary.applied, duplicates = summary.duplicates,
@@ -416,4 +416,10 @@ fn close(conn: Connection) {
     tokio::task::spawn_local(async move {
         let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, conn.disconnect()).await;
     });
+}
+
+/// The outbox's batch as [`crate::WriterClient::append`] takes it. No `expectedCursor`:
+/// the outbox relies on per-op-id dedupe, not on fencing.
+fn wire_batch(batch: &OutboxBatch) -> Batch {
+    Batch::new(batch.batch_id.clone(), batch.ops.clone())
 }
