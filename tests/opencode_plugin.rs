@@ -15,8 +15,47 @@ const CAPSYNC: &str = env!("CARGO_BIN_EXE_capsync-under-test");
 const SHIP_PATIENCE: Duration = Duration::from_secs(120);
 
 /// opencode with capsync's plugin installed in its project by `capsync opencode install`.
-fn opencode_with_plugin(binary: &Path, llm: &FakeLlm, capsync: &Capsync, share: &str) -> OpenCode {
-    plugin_builder(binary, llm, capsync, capsync.rpc_addr, share).start()
+fn opencode_with_plugin(
+    binary: &Path,
+    llm: &FakeLlm,
+    capsync: &Capsync,
+    share: &str,
+) -> WithShipper {
+    WithShipper(plugin_builder(binary, llm, capsync, capsync.rpc_addr, share).start())
+}
+
+/// opencode whose project's shipper is stopped (SIGTERM, as a user would) when the test
+/// ends, before the project is deleted: a test that ends with the server gone must not
+/// leave a shipper retrying for its `--linger`.
+struct WithShipper(OpenCode);
+
+impl std::ops::Deref for WithShipper {
+    type Target = OpenCode;
+    fn deref(&self) -> &OpenCode {
+        &self.0
+    }
+}
+
+impl Drop for WithShipper {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + PATIENCE;
+        while let Some(pid) = try_plugin_status(self.0.project_dir())
+            .ok()
+            .and_then(|status| status["shipperPid"].as_i64())
+        {
+            if let Some(pid) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            if Instant::now() > deadline {
+                eprintln!("the shipper (pid {pid}) did not stop on SIGTERM");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// [`opencode_with_plugin`] to be started, the shipper reaching the server at `server`.
@@ -55,13 +94,20 @@ fn plugin_builder(
 
 /// `capsync opencode status --project DIR --json`.
 fn plugin_status(project: &Path) -> Value {
+    try_plugin_status(project).unwrap_or_else(|why| panic!("capsync opencode status: {why}"))
+}
+
+/// [`plugin_status`] without panicking (for `Drop`, which may run while a test panics).
+fn try_plugin_status(project: &Path) -> Result<Value, String> {
     let out = std::process::Command::new(CAPSYNC)
         .args(["--json", "opencode", "status", "--project"])
         .arg(project)
         .output()
-        .expect("run capsync");
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("{out:?}"));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
 /// Waits until no shipper runs for `project` (everything sent, or given up).
@@ -590,7 +636,7 @@ fn cut_and_delayed_connections_lose_and_duplicate_nothing() {
     let proxy = capsync_tests::proxy::FaultProxy::start(capsync.rpc_addr, 11);
     let control = proxy.control();
     let llm = FakeLlm::start();
-    let oc = plugin_builder(&binary, &llm, &capsync, proxy.addr(), "auto").start();
+    let oc = WithShipper(plugin_builder(&binary, &llm, &capsync, proxy.addr(), "auto").start());
     let session = oc.create_session();
     let pending = oc.prompt_async(&session, PROMPT);
     // Faults while the session runs: cut connections, cut requests and responses,

@@ -27,6 +27,8 @@ pub struct StatusArgs {
 struct Status {
     dir: String,
     shipper_running: bool,
+    /// The running shipper's process id.
+    shipper_pid: Option<u32>,
     /// Journal bytes not yet read into the outboxes.
     unread_bytes: u64,
     sessions: Vec<SessionStatus>,
@@ -102,33 +104,38 @@ async fn read_status(dir: &std::path::Path, installed: &Installed) -> Result<Sta
             }
         })
         .collect();
+    let shipper = running_shipper(dir);
     Ok(Status {
         dir: dir.display().to_string(),
-        shipper_running: shipper_running(dir),
+        shipper_running: shipper.is_some(),
+        shipper_pid: shipper.flatten(),
         unread_bytes,
         sessions,
     })
 }
 
-/// Whether a shipper holds the directory's lock.
-fn shipper_running(dir: &std::path::Path) -> bool {
-    let Ok(file) = std::fs::File::options()
-        .write(true)
-        .open(dir.join("shipper.lock"))
-    else {
-        return false;
-    };
-    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+/// `Some` while a shipper holds the directory's lock, with its process id if it wrote one.
+fn running_shipper(dir: &std::path::Path) -> Option<Option<u32>> {
+    let path = dir.join("shipper.lock");
+    let file = std::fs::File::options().write(true).open(&path).ok()?;
+    match file.try_lock() {
+        Err(std::fs::TryLockError::WouldBlock) => Some(
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse().ok()),
+        ),
+        _ => None,
+    }
 }
 
 fn human(status: &Status) -> String {
     let mut lines = vec![format!(
         "{}: shipper {}, {} journal bytes unread",
         status.dir,
-        if status.shipper_running {
-            "running"
-        } else {
-            "not running"
+        match (status.shipper_running, status.shipper_pid) {
+            (true, Some(pid)) => format!("running (pid {pid})"),
+            (true, None) => "running".to_owned(),
+            (false, _) => "not running".to_owned(),
         },
         status.unread_bytes
     )];

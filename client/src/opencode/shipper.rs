@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -204,7 +205,14 @@ async fn lock(dir: &Path) -> Result<Option<std::fs::File>, ShipperError> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match file.try_lock() {
-            Ok(()) => return Ok(Some(file)),
+            Ok(()) => {
+                // Who holds it, for `capsync opencode status` (and whoever must stop it).
+                let mut holder = &file;
+                let _ = file
+                    .set_len(0)
+                    .and_then(|()| writeln!(holder, "{}", std::process::id()));
+                return Ok(Some(file));
+            }
             Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -887,6 +895,12 @@ mod tests {
     async fn one_shipper_per_directory_and_the_second_waits_for_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let first = lock(dir.path()).await.unwrap().expect("the lock is free");
+        let holder = std::fs::read_to_string(dir.path().join("shipper.lock")).unwrap();
+        assert_eq!(
+            holder.trim(),
+            std::process::id().to_string(),
+            "names its holder"
+        );
         let started = Instant::now();
         assert!(lock(dir.path()).await.unwrap().is_none(), "taken");
         assert!(
