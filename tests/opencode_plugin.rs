@@ -294,41 +294,8 @@ fn wait_share_matches(capsync: &Capsync, oc: &OpenCode, session: &str) -> String
 fn share_log(capsync: &Capsync, share_id: &str) -> Vec<capsync_tests::client::LoggedOp> {
     run_local(async {
         let (conn, agent) = capsync.agent_client().await;
-        let viewer = capsync.viewer(&conn, &agent, share_id).await;
-        let mut ops = Vec::new();
-        loop {
-            let page = viewer
-                .ops_since(
-                    ops.last()
-                        .map_or(0, |op: &capsync_tests::client::LoggedOp| op.cursor),
-                    1000,
-                )
-                .await
-                .expect("opsSince");
-            if page.ops.is_empty() {
-                return ops;
-            }
-            ops.extend(page.ops);
-        }
+        capsync_tests::model::read_log(&capsync.viewer(&conn, &agent, share_id).await).await
     })
-}
-
-/// The log is gap-free (cursors 1, 2, …) and no op id appears twice.
-fn assert_log_applied_once(log: &[capsync_tests::client::LoggedOp]) {
-    let mut seen = std::collections::HashSet::new();
-    for (i, op) in log.iter().enumerate() {
-        assert_eq!(
-            op.cursor,
-            i as u64 + 1,
-            "a gap in the log before {}",
-            op.op_id
-        );
-        assert!(
-            seen.insert(op.op_id.clone()),
-            "op {} applied twice",
-            op.op_id
-        );
-    }
 }
 
 #[test]
@@ -564,7 +531,7 @@ fn opencode_killed_mid_stream_loses_nothing_journaled_and_the_session_continues(
             .iter()
             .any(|t| t.contains("Picking up where we stopped."))
     );
-    assert_log_applied_once(&share_log(&capsync, &share));
+    capsync_tests::model::check_log(&share_log(&capsync, &share));
 }
 
 fn text_of_all(carried: &Carried) -> Vec<String> {
@@ -624,7 +591,7 @@ fn a_revert_and_an_unrevert_leave_the_share_as_opencode_has_the_session() {
         "the reverted reply is gone"
     );
     let share = wait_share_matches(&capsync, &oc, &session);
-    assert_log_applied_once(&share_log(&capsync, &share));
+    capsync_tests::model::check_log(&share_log(&capsync, &share));
 }
 
 #[test]
@@ -660,7 +627,7 @@ fn cut_and_delayed_connections_lose_and_duplicate_nothing() {
     let counts = faults.join().expect("fault thread");
     let share = wait_share_matches(&capsync, &oc, &session);
     assert!(counts.disruptive() > 0, "faults happened: {counts:?}");
-    assert_log_applied_once(&share_log(&capsync, &share));
+    capsync_tests::model::check_log(&share_log(&capsync, &share));
     println!("faults: {counts:?}");
 }
 

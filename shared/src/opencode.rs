@@ -135,31 +135,19 @@ pub fn map_event(event: &Value, max_op_bytes: usize) -> Option<Result<EventOps, 
     let kind = event.get("type")?.as_str()?;
     let props = event.get("properties").unwrap_or(&Value::Null);
     let field = |name: &str| props.get(name).and_then(Value::as_str).unwrap_or("");
+    // A record snapshot under `key`, of the session its `session_key` names.
+    let record = |key: &str, item_type: &str, session_key: &str| {
+        let data = props.get(key)?;
+        let session = data
+            .get(session_key)
+            .and_then(Value::as_str)
+            .unwrap_or(field("sessionID"));
+        Some((session, json!({"type": item_type, "data": data})))
+    };
     let (session_id, item) = match kind {
-        "session.created" | "session.updated" => {
-            let info = props.get("info")?;
-            let id = info
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or(field("sessionID"));
-            (id, json!({"type": "session", "data": info}))
-        }
-        "message.updated" => {
-            let info = props.get("info")?;
-            let id = info
-                .get("sessionID")
-                .and_then(Value::as_str)
-                .unwrap_or(field("sessionID"));
-            (id, json!({"type": "message", "data": info}))
-        }
-        "message.part.updated" => {
-            let part = props.get("part")?;
-            let id = part
-                .get("sessionID")
-                .and_then(Value::as_str)
-                .unwrap_or(field("sessionID"));
-            (id, json!({"type": "part", "data": part}))
-        }
+        "session.created" | "session.updated" => record("info", "session", "id")?,
+        "message.updated" => record("info", "message", "sessionID")?,
+        "message.part.updated" => record("part", "part", "sessionID")?,
         "session.diff" => (
             field("sessionID"),
             json!({"type": "session_diff", "data": props.get("diff")?}),

@@ -236,6 +236,9 @@ struct Shipper {
     agent_retry_at: Instant,
     /// When a running opencode last wrote to (or held) the journal.
     last_writer: Instant,
+    /// How far each segment was read, as stored in the state file: only this shipper
+    /// writes it, so it is read from the file once per segment, not on every poll.
+    offsets: HashMap<String, u64>,
 }
 
 impl Shipper {
@@ -255,6 +258,7 @@ impl Shipper {
             agent_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
             agent_retry_at: Instant::now(),
             last_writer: Instant::now(),
+            offsets: HashMap::new(),
         };
         // Outboxes a previous run left with ops in them.
         let ids: Vec<String> = shipper.sessions.keys().cloned().collect();
@@ -329,7 +333,10 @@ impl Shipper {
     /// Reads `segment` to its last whole line; returns where that ends and whether the
     /// segment is sealed.
     async fn read_segment(&mut self, segment: &Segment) -> Result<(u64, bool), ShipperError> {
-        let mut offset = self.state.offset(&segment.name).await?;
+        let mut offset = match self.offsets.get(&segment.name) {
+            Some(&offset) => offset,
+            None => self.state.offset(&segment.name).await?,
+        };
         loop {
             let path = segment.path.clone();
             let read = tokio::task::spawn_blocking(move || {
@@ -351,6 +358,7 @@ impl Shipper {
             let progressed = read.next > offset;
             if progressed {
                 self.state.set_offset(&segment.name, read.next).await?;
+                self.offsets.insert(segment.name.clone(), read.next);
                 offset = read.next;
             }
             if read.sealed || !progressed {
@@ -361,7 +369,18 @@ impl Shipper {
 
     /// Deletes a segment read to its end: its ops are in the outboxes.
     async fn finish_segment(&mut self, segment: &Segment, offset: u64) -> Result<(), ShipperError> {
-        let len = std::fs::metadata(&segment.path).map_or(offset, |m| m.len());
+        let path = segment.path.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(len),
+            }
+        })
+        .await
+        .map_err(|e| ShipperError::Io(e.to_string()))?;
+        let len =
+            removed.map_err(|e| ShipperError::Io(format!("{}: {e}", segment.path.display())))?;
         if len > offset {
             tracing::warn!(
                 segment = %segment.name,
@@ -369,14 +388,8 @@ impl Shipper {
                 "the journal ends in an unfinished line (opencode was killed while writing it); it is dropped"
             );
         }
-        match std::fs::remove_file(&segment.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(ShipperError::Io(format!("{}: {e}", segment.path.display())));
-            }
-        }
         self.state.forget_segment(&segment.name).await?;
+        self.offsets.remove(&segment.name);
         tracing::debug!(segment = %segment.name, "journal segment shipped to the outboxes and deleted");
         Ok(())
     }
