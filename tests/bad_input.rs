@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use capsync_client::{ErrorCode, OpKind, OpOutcome, OpSpec, RejectReason};
+use capsync_shared::Cursor;
 use capsync_tests::{TestServer, admin, agent, batch, run_local, session_ops, share, text_part_op};
 use serde_json::json;
 
@@ -53,7 +54,7 @@ fn malformed_payloads_are_rejected_per_op_and_the_rest_applies() {
                 other => panic!("{} was not rejected as invalid: {other:?}", result.op_id),
             }
         }
-        assert_eq!(ack.results[7].outcome, OpOutcome::Applied(4));
+        assert_eq!(ack.results[7].outcome, OpOutcome::Applied(Cursor(4)));
         assert_eq!(ack.cursor, 4);
 
         // JSON that does not even parse travels as text: send it raw.

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use capsync_client::{ErrorCode, OpKind, OpOutcome, OpSpec, RejectReason};
+use capsync_shared::Cursor;
 use capsync_tests::{
     TestServer, admin, agent, batch, message_op, run_local, session_ops, share, text_part_op,
 };
@@ -21,7 +22,12 @@ fn append_then_resend_the_same_batch_changes_nothing() {
         let first = writer.append(&batch("b1", ops.clone())).await.unwrap();
         assert_eq!(first.cursor, 5);
         let applied: Vec<_> = first.results.iter().map(|r| r.outcome.clone()).collect();
-        assert_eq!(applied, (1..=5).map(OpOutcome::Applied).collect::<Vec<_>>());
+        assert_eq!(
+            applied,
+            (1..=5)
+                .map(|c| OpOutcome::Applied(Cursor(c)))
+                .collect::<Vec<_>>()
+        );
 
         let viewer = writer.viewer();
         let before = viewer.snapshot().await.unwrap();
@@ -30,7 +36,9 @@ fn append_then_resend_the_same_batch_changes_nothing() {
         let dups: Vec<_> = again.results.iter().map(|r| r.outcome.clone()).collect();
         assert_eq!(
             dups,
-            (1..=5).map(OpOutcome::Duplicate).collect::<Vec<_>>(),
+            (1..=5)
+                .map(|c| OpOutcome::Duplicate(Cursor(c)))
+                .collect::<Vec<_>>(),
             "each op reports the cursor it was first applied at"
         );
         let after = viewer.snapshot().await.unwrap();
@@ -110,10 +118,10 @@ fn depends_on_orders_ops_and_missing_dependencies_are_retryable() {
             .append(&batch("deps", vec![a, b, c.clone()]))
             .await
             .unwrap();
-        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(3));
+        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(Cursor(3)));
         assert_eq!(
             ack.results[1].outcome,
-            OpOutcome::Applied(4),
+            OpOutcome::Applied(Cursor(4)),
             "b's dependency came earlier in the batch"
         );
         assert!(matches!(
@@ -131,7 +139,7 @@ fn depends_on_orders_ops_and_missing_dependencies_are_retryable() {
         let retry = writer.append(&batch("deps-retry", vec![c])).await.unwrap();
         assert_eq!(
             retry.results[0].outcome,
-            OpOutcome::Applied(6),
+            OpOutcome::Applied(Cursor(6)),
             "c applies once d is in"
         );
     });
@@ -202,7 +210,7 @@ fn concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once()
                         .results
                         .iter()
                         .map(|r| match r.outcome {
-                            OpOutcome::Applied(c) => c,
+                            OpOutcome::Applied(c) => c.0,
                             ref other => panic!("unexpected {other:?}"),
                         })
                         .collect();
@@ -237,7 +245,7 @@ fn concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once()
                     after + 1,
                     "ops come back in cursor order without gaps"
                 );
-                after = op.cursor;
+                after = op.cursor.0;
                 assert!(
                     seen.insert(op.op_id.clone()),
                     "op {} logged twice",
@@ -282,7 +290,7 @@ fn restart_keeps_tokens_and_the_cursor_continues() {
             .await
             .unwrap();
         assert_eq!(
-            (replay.cursor, replay.duplicates()),
+            (replay.cursor.0, replay.duplicates()),
             (4, 4),
             "dedupe survives a restart"
         );
@@ -293,7 +301,7 @@ fn restart_keeps_tokens_and_the_cursor_continues() {
             ))
             .await
             .unwrap();
-        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(5));
+        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(Cursor(5)));
         let viewer = conn
             .redeem(&viewer_token)
             .await

@@ -49,7 +49,7 @@ fn cursors(outcomes: &[OpOutcome]) -> Vec<u64> {
     outcomes
         .iter()
         .map(|o| match o {
-            OpOutcome::Applied(c) | OpOutcome::Duplicate(c) => *c,
+            OpOutcome::Applied(c) | OpOutcome::Duplicate(c) => c.0,
             other => panic!("unexpected {other:?}"),
         })
         .collect()
@@ -391,8 +391,10 @@ fn ten_thousand_ops_through_a_hundred_faults_arrive_exactly_once_and_match_the_m
 
         // What the outbox recorded as acked is exactly the server's log, cursor for cursor.
         let acked: HashSet<(String, u64)> = outbox.acked().await.unwrap().into_iter().collect();
-        let logged: HashSet<(String, u64)> =
-            log.iter().map(|op| (op.op_id.clone(), op.cursor)).collect();
+        let logged: HashSet<(String, u64)> = log
+            .iter()
+            .map(|op| (op.op_id.0.clone(), op.cursor.0))
+            .collect();
         assert_eq!(acked.len(), ops.len());
         assert!(
             acked == logged,

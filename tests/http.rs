@@ -432,7 +432,7 @@ fn events_replay_the_backlog_follow_live_and_resume() {
                 ))
                 .await
                 .unwrap();
-            assert_eq!(ack.cursor, 25);
+            assert_eq!(ack.cursor.0, 25);
             let live = ops_until(&rx, 25);
             assert_eq!(live[0]["html"], "<p>Streaming</p>\n");
             assert_eq!(live[1]["html"], "<p>Streaming <strong>now</strong></p>\n");

@@ -1016,10 +1016,10 @@ fn the_journal_plugin_records_every_change_as_opencode_publishes_it() {
                 "op id {} twice",
                 op.op_id.0
             );
-            let cursor = doc.cursor + 1;
+            let cursor = doc.cursor.0 + 1;
             doc.apply(&capsync_tests::client::LoggedOp {
-                cursor,
-                op_id: op.op_id.0,
+                cursor: capsync_shared::Cursor(cursor),
+                op_id: op.op_id,
                 kind: op.kind,
                 payload: op.payload,
                 applied_at: 0,

@@ -20,6 +20,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
 use capsync_client::{LoggedOp, OpKind, OpOutcome, OpSpec, Snapshot, WriterClient};
+use capsync_shared::Cursor;
 use capsync_tests::model::{Model, check_log, document_difference, model_from_log, read_log};
 use capsync_tests::workload::seed;
 use capsync_tests::{TestServer, admin, agent, batch, run_local, share};
@@ -316,7 +317,11 @@ async fn send(writer: &WriterClient, id: &str, ops: Vec<OpSpec>, seen: &mut Seen
         .expect("append");
     assert_eq!(ack.results.len(), ops.len());
     for (op, result) in ops.iter().zip(ack.results) {
-        assert_eq!(result.op_id, op.op_id, "results come in batch order");
+        assert_eq!(
+            result.op_id.as_str(),
+            op.op_id,
+            "results come in batch order"
+        );
         seen.entry(op.op_id.clone())
             .or_default()
             .push(result.outcome);
@@ -472,11 +477,11 @@ fn check(
                 OpOutcome::Rejected { .. } => continue,
             };
             prop_assert!(
-                at >= 1 && at as usize <= logged.len(),
+                at >= Cursor(1) && at.0 as usize <= logged.len(),
                 "{op_id} acked at {at}"
             );
             prop_assert_eq!(
-                &logged[at as usize - 1],
+                &logged[at.0 as usize - 1],
                 op_id,
                 "the ack's cursor is the log's"
             );

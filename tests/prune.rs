@@ -422,8 +422,8 @@ fn prune_and_incremental_vacuum_while_writers_append_lose_no_acked_op() {
             loop {
                 let page = viewer.ops_since(after, 0).await.unwrap();
                 let Some(last) = page.ops.last() else { break };
-                after = last.cursor;
-                stored.extend(page.ops.iter().map(|op| op.op_id.clone()));
+                after = last.cursor.0;
+                stored.extend(page.ops.iter().map(|op| op.op_id.0.clone()));
             }
             let acked: BTreeSet<String> = acked.into_iter().collect();
             assert!(acked.is_subset(&stored), "an acked op is missing");

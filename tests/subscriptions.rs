@@ -79,7 +79,7 @@ async fn append_parts(
             .await
             .unwrap();
         assert_eq!(ack.applied(), size);
-        cursor = ack.cursor;
+        cursor = ack.cursor.0;
     }
     cursor
 }
@@ -87,7 +87,7 @@ async fn append_parts(
 /// Events until the op at `cursor` arrived; panics on an `Ended`.
 async fn collect_until(live: &mut LiveOps, cursor: u64) -> Vec<LoggedOp> {
     let mut ops: Vec<LoggedOp> = Vec::new();
-    while ops.last().map_or(live.cursor(), |op| op.cursor) < cursor {
+    while ops.last().map_or(live.cursor(), |op| op.cursor.0) < cursor {
         match guarded("ops", live.next()).await {
             Some(LiveEvent::Ops(page)) => ops.extend(page),
             other => panic!("expected ops up to cursor {cursor}, got {other:?}"),
@@ -106,7 +106,7 @@ async fn ended(live: &mut LiveOps) -> capsync_client::Ended {
 
 #[track_caller]
 fn assert_contiguous(ops: &[LoggedOp], from: u64, to: u64) {
-    let cursors: Vec<u64> = ops.iter().map(|op| op.cursor).collect();
+    let cursors: Vec<u64> = ops.iter().map(|op| op.cursor.0).collect();
     let expected: Vec<u64> = (from..=to).collect();
     assert!(
         cursors == expected,
@@ -120,7 +120,7 @@ fn assert_contiguous(ops: &[LoggedOp], from: u64, to: u64) {
 /// The same ops, op for op, as the server's log holds them.
 #[track_caller]
 fn assert_same_as_log(ops: &[LoggedOp], log: &[LoggedOp]) {
-    let first = ops.first().map_or(1, |op| op.cursor) as usize;
+    let first = ops.first().map_or(1, |op| op.cursor.0) as usize;
     assert_eq!(ops, &log[first - 1..first - 1 + ops.len()]);
 }
 
@@ -157,7 +157,7 @@ fn a_viewer_that_resumes_from_its_last_cursor_gets_exactly_the_ops_it_missed() {
         let mut live = viewer.subscribe(0).await.unwrap();
         let seen = collect_until(&mut live, 52).await;
         assert_contiguous(&seen, 1, 52);
-        let last = seen.last().unwrap().cursor;
+        let last = seen.last().unwrap().cursor.0;
 
         // The viewer's connection goes away; the writer carries on.
         guarded("disconnect", first_conn.disconnect())
@@ -438,7 +438,7 @@ fn a_snapshot_at_c_then_subscribe_c_rebuilds_exactly_the_writers_state() {
                     .append(&batch(&format!("tail-{i}"), chunk.to_vec()))
                     .await
                     .unwrap();
-                cursor = ack.cursor;
+                cursor = ack.cursor.0;
                 // Let the viewer in between commits.
                 tokio::task::yield_now().await;
             }
@@ -641,7 +641,7 @@ fn an_append_cancelled_at_once_is_applied_announced_and_counted() {
         );
 
         let ops = collect_until(&mut live, at + 1).await;
-        assert_eq!(ops[0].op_id, cancelled.ops[0].op_id, "{ops:?}");
+        assert_eq!(ops[0].op_id.as_str(), cancelled.ops[0].op_id, "{ops:?}");
         // Counted as applied, once the append's own task has the ack.
         let counted = guarded("the commit counted", async {
             loop {

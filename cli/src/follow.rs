@@ -351,10 +351,10 @@ impl Follow<'_> {
     /// Prints one op unless it was printed before; `Ok(true)` once `--until` is reached.
     fn op(&mut self, op: &LoggedOp) -> Result<bool, Stop> {
         let cursor = self.cursor.unwrap_or(0);
-        if op.cursor <= cursor {
+        if op.cursor.0 <= cursor {
             return Ok(false);
         }
-        if op.cursor != cursor + 1 {
+        if op.cursor.0 != cursor + 1 {
             // Cursors have no gaps, so the server skipped something: ask again from here.
             return Err(Stop::retry(format!(
                 "expected the op at cursor {} but got {}",
@@ -367,8 +367,8 @@ impl Follow<'_> {
             None => json_line(&op_json(op)),
         };
         self.print(&text)?;
-        self.cursor = Some(op.cursor);
-        Ok(self.until.is_some_and(|until| op.cursor >= until))
+        self.cursor = Some(op.cursor.0);
+        Ok(self.until.is_some_and(|until| op.cursor.0 >= until))
     }
 
     fn print(&self, text: &str) -> Result<(), Stop> {
@@ -428,7 +428,7 @@ mod tests {
     #[test]
     fn json_op_lines_are_an_ops_file() {
         let op = LoggedOp {
-            cursor: 7,
+            cursor: capsync_shared::Cursor(7),
             op_id: "o7".into(),
             kind: OpKind::PartDelta,
             payload: json!({"partID": "p", "delta": "x"}).to_string(),

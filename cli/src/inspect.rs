@@ -70,7 +70,7 @@ pub async fn ops(global: &Global, out: &Output, args: &OpsArgs) -> Result<u8, Cl
 async fn read_ops(viewer: &ViewerClient, args: &OpsArgs) -> Result<OpsPage, ClientError> {
     let mut page = viewer.ops_since(args.after, args.limit).await?;
     while args.all && page.has_more() {
-        let after = page.ops.last().map_or(args.after, |op| op.cursor);
+        let after = page.ops.last().map_or(args.after, |op| op.cursor.0);
         let mut more = viewer.ops_since(after, args.limit).await?;
         if more.ops.is_empty() {
             break;
@@ -97,7 +97,7 @@ fn ops_text(page: &OpsPage, payloads: bool) -> String {
         }
         text.push('\n');
     }
-    let shown = page.ops.last().map_or(0, |op| op.cursor);
+    let shown = page.ops.last().map_or(0, |op| op.cursor.0);
     if page.has_more() {
         let _ = write!(
             text,

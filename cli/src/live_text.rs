@@ -4,7 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
-use capsync_shared::ops::OpKind;
+use capsync_shared::model::{self, Effect};
+use capsync_shared::ops::model_record_id_of;
 use serde_json::Value;
 
 use super::render::{self, QUIET_PARTS, str_at};
@@ -40,7 +41,7 @@ impl LiveText {
             title: doc.title().to_owned(),
             ..Self::default()
         };
-        live.models = doc.models.iter().map(|m| record_id(m).to_owned()).collect();
+        live.models = doc.models.iter().filter_map(model_record_id_of).collect();
         for message in &doc.messages {
             let id = message.id().to_owned();
             if message.info.get("error").is_some_and(|e| !e.is_null()) {
@@ -76,38 +77,29 @@ impl LiveText {
     /// The text for one op (possibly empty, possibly ending mid-line).
     pub(super) fn op(&mut self, op: &LoggedOp) -> String {
         let mut out = String::new();
-        let payload: Value = serde_json::from_str(&op.payload).unwrap_or(Value::Null);
         self.doc.apply(op);
-        match op.kind {
-            OpKind::SessionUpsert => {
-                self.session(str_at(&payload, "/title").unwrap_or(""), &mut out);
+        // The ids an op names, as the server read them; the record is its payload.
+        let Ok(effect) = model::op::parse(op.kind, &op.payload, None) else {
+            return out;
+        };
+        let record = || serde_json::from_str::<Value>(&op.payload).unwrap_or(Value::Null);
+        match effect {
+            Effect::Session { .. } => {
+                self.session(str_at(&record(), "/title").unwrap_or(""), &mut out);
             }
-            OpKind::ModelUpsert => self.model(str_at(&payload, "/id").unwrap_or("?"), &mut out),
-            OpKind::DiffSet => self.diffs(&mut out),
-            OpKind::MessageUpsert => self.message(&payload, &mut out),
-            OpKind::MessageRemove => {
-                let id = str_at(&payload, "/id")
-                    .or_else(|| str_at(&payload, "/messageID"))
-                    .unwrap_or("?");
-                self.removed("message", id, &mut out);
+            Effect::ModelUpsert { id, .. } => self.model(&id, &mut out),
+            Effect::DiffSet { .. } => self.diffs(&mut out),
+            Effect::MessageUpsert { .. } => self.message(&record(), &mut out),
+            Effect::MessageRemove { id } => self.removed("message", &id, &mut out),
+            Effect::PartUpsert { .. } => self.part(&record(), &mut out),
+            Effect::PartRemove { id } => self.removed("part", &id, &mut out),
+            Effect::PartDelta { id, field, delta } if field == "text" => {
+                let part = self.doc.part(&id).cloned();
+                let message = part.as_ref().map_or("", |p| part_message(p)).to_owned();
+                let prefix = prefix(part.as_ref());
+                self.stream(&id, &message, prefix, &delta, &mut out);
             }
-            OpKind::PartUpsert => self.part(&payload, &mut out),
-            OpKind::PartRemove => {
-                let id = str_at(&payload, "/partID")
-                    .or_else(|| str_at(&payload, "/id"))
-                    .unwrap_or("?");
-                self.removed("part", id, &mut out);
-            }
-            OpKind::PartDelta => {
-                let field = str_at(&payload, "/field").unwrap_or("text");
-                let id = str_at(&payload, "/partID").or_else(|| str_at(&payload, "/id"));
-                if let (Some(id), Some(delta), "text") = (id, str_at(&payload, "/delta"), field) {
-                    let part = self.find_part(id);
-                    let message = part.as_ref().map_or("", |p| part_message(p)).to_owned();
-                    let prefix = prefix(part.as_ref());
-                    self.stream(id, &message, prefix, delta, &mut out);
-                }
-            }
+            Effect::PartDelta { .. } => {}
         }
         out
     }
@@ -132,7 +124,7 @@ impl LiveText {
             .doc
             .models
             .iter()
-            .map(|m| record_id(m).to_owned())
+            .filter_map(model_record_id_of)
             .collect();
         for model in &models {
             self.model(model, &mut out);
@@ -283,15 +275,6 @@ impl LiveText {
             out.push('\n');
         }
     }
-
-    fn find_part(&self, id: &str) -> Option<Value> {
-        self.doc
-            .messages
-            .iter()
-            .flat_map(|m| &m.parts)
-            .find(|p| record_id(p) == id)
-            .cloned()
-    }
 }
 
 /// Messages of `old` that `new` no longer has, and parts of the remaining messages
@@ -337,6 +320,7 @@ fn prefix(part: Option<&Value>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use capsync_shared::ops::OpKind;
     use serde_json::json;
 
     struct Log {
@@ -357,8 +341,8 @@ mod tests {
         fn op(&mut self, kind: OpKind, payload: Value) -> &mut Self {
             self.cursor += 1;
             let op = LoggedOp {
-                cursor: self.cursor,
-                op_id: format!("op{}", self.cursor),
+                cursor: capsync_shared::Cursor(self.cursor),
+                op_id: format!("op{}", self.cursor).into(),
                 kind,
                 payload: payload.to_string(),
                 applied_at: 0,
@@ -415,7 +399,7 @@ mod tests {
     #[test]
     fn a_snapshot_counts_as_printed() {
         let doc = SessionDocument {
-            cursor: 3,
+            cursor: capsync_shared::Cursor(3),
             messages: vec![capsync_client::document::MessageDocument {
                 info: json!({"id": "m1", "role": "user"}),
                 parts: vec![json!({"id": "t", "messageID": "m1", "type": "text", "text": "hi"})],
@@ -446,7 +430,7 @@ mod tests {
             parts,
         };
         let before = SessionDocument {
-            cursor: 3,
+            cursor: capsync_shared::Cursor(3),
             session: Some(json!({"id": "ses", "title": "Old"})),
             models: vec![json!({"id": "model-a"})],
             messages: vec![
@@ -466,7 +450,7 @@ mod tests {
             ..SessionDocument::default()
         };
         let after = SessionDocument {
-            cursor: 9,
+            cursor: capsync_shared::Cursor(9),
             session: Some(json!({"id": "ses", "title": "New"})),
             models: vec![json!({"id": "model-a"}), json!({"id": "model-b"})],
             messages: vec![
@@ -501,7 +485,7 @@ mod tests {
             "the same state again prints nothing"
         );
         let op = LoggedOp {
-            cursor: 10,
+            cursor: capsync_shared::Cursor(10),
             op_id: "op10".into(),
             kind: OpKind::PartDelta,
             payload: json!({"partID": "r", "delta": " now"}).to_string(),

@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn renders_messages_with_their_parts() {
         let doc = SessionDocument {
-            cursor: 5,
+            cursor: capsync_shared::Cursor(5),
             session: Some(json!({"id": "ses_1", "title": "Fix the build"})),
             models: vec![json!({"id": "model-a"})],
             diffs: Some(json!([{"file": "a.rs", "additions": 2, "deletions": 1}])),

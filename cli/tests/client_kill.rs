@@ -220,7 +220,7 @@ fn kill_9_between_sending_and_marking_the_ack_loses_nothing_and_applies_nothing_
     let applied: Vec<&str> = log.iter().map(|op| op.op_id.as_str()).collect();
     assert_eq!(applied.len(), expected.len(), "ops lost or applied twice");
     assert_eq!(applied, expected);
-    let cursors: Vec<u64> = log.iter().map(|op| op.cursor).collect();
+    let cursors: Vec<u64> = log.iter().map(|op| op.cursor.0).collect();
     assert_eq!(cursors, (1..=total).collect::<Vec<_>>(), "cursor has gaps");
 
     // No delta applied twice: every text is exactly its deltas, once each, in order.
@@ -250,7 +250,10 @@ fn kill_9_between_sending_and_marking_the_ack_loses_nothing_and_applies_nothing_
         )
     });
     acked.sort_by_key(|(_, cursor)| *cursor);
-    let logged: Vec<(String, u64)> = log.into_iter().map(|op| (op.op_id, op.cursor)).collect();
+    let logged: Vec<(String, u64)> = log
+        .into_iter()
+        .map(|op| (op.op_id.0, op.cursor.0))
+        .collect();
     assert_eq!(acked, logged);
     assert_eq!(
         (

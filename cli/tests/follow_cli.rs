@@ -186,7 +186,7 @@ async fn append(writer: &WriterClient, id: &str, ops: Vec<OpSpec>) -> u64 {
     let count = ops.len();
     let ack = writer.append(&Batch::new(id, ops)).await.unwrap();
     assert_eq!(ack.applied(), count, "{ack:?}");
-    ack.cursor
+    ack.cursor.0
 }
 
 /// `deltas` deltas to part `prt_1`, numbered from `first`.

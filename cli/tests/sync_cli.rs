@@ -175,7 +175,7 @@ fn sync_once_follows_a_growing_ops_file_between_runs() {
     assert_eq!(summary["lastAckedCursor"], 71);
 
     let log = run_local(share_log(&server, &writer));
-    let cursors: Vec<u64> = log.iter().map(|op| op.cursor).collect();
+    let cursors: Vec<u64> = log.iter().map(|op| op.cursor.0).collect();
     assert_eq!(cursors, (1..=71).collect::<Vec<_>>());
     let ids: Vec<&str> = log.iter().map(|op| op.op_id.as_str()).collect();
     let expected: Vec<String> = lines

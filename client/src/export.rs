@@ -213,7 +213,7 @@ impl SessionExport {
     /// (cursor 0), e.g. to compare with a snapshot's [`SessionDocument`].
     pub fn to_document(&self) -> SessionDocument {
         SessionDocument {
-            cursor: 0,
+            cursor: capsync_shared::Cursor(0),
             session: Some(self.session.clone()),
             models: self.models.clone(),
             diffs: self.diffs.clone(),

@@ -50,7 +50,10 @@
 pub mod admin;
 pub mod agent;
 pub mod connection;
-pub mod document;
+/// A snapshot as one structured JSON document (defined in `capsync_shared::model`).
+pub mod document {
+    pub use capsync_shared::model::document::*;
+}
 pub mod error;
 pub mod expiry;
 pub mod export;

@@ -140,7 +140,7 @@ pub async fn push_ops(
                 ))));
             }
             report.batches += 1;
-            report.cursor = ack.cursor;
+            report.cursor = ack.cursor.0;
             for (op, result) in batch.ops.iter().zip(&ack.results) {
                 match &result.outcome {
                     OpOutcome::Applied(_) => report.applied += 1,

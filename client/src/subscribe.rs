@@ -197,10 +197,10 @@ impl Inbox {
             let ops: Vec<LoggedOp> = entry
                 .remove()
                 .into_iter()
-                .filter(|op| op.cursor > taken)
+                .filter(|op| op.cursor.0 > taken)
                 .collect();
             if let Some(last) = ops.last() {
-                self.taken = last.cursor;
+                self.taken = last.cursor.0;
                 return Some(LiveEvent::Ops(ops));
             }
         }
@@ -243,7 +243,7 @@ impl op_listener::Server for Listener {
         _results: op_listener::OpsResults,
     ) -> Result<(), capnp::Error> {
         let ops = wire::logged_ops(params.get()?.get_ops()?).map_err(to_capnp)?;
-        let Some(first) = ops.first().map(|op| op.cursor) else {
+        let Some(first) = ops.first().map(|op| op.cursor.0) else {
             return Ok(());
         };
         {
@@ -251,7 +251,7 @@ impl op_listener::Server for Listener {
             if inbox.consumer_gone {
                 return Err(gone());
             }
-            if ops.last().is_some_and(|op| op.cursor > inbox.taken) {
+            if ops.last().is_some_and(|op| op.cursor.0 > inbox.taken) {
                 inbox.pages.insert(first, ops);
             }
         }
@@ -340,8 +340,8 @@ mod tests {
 
     fn op(cursor: u64) -> LoggedOp {
         LoggedOp {
-            cursor,
-            op_id: format!("op{cursor}"),
+            cursor: capsync_shared::Cursor(cursor),
+            op_id: format!("op{cursor}").into(),
             kind: OpKind::PartDelta,
             payload: "{}".into(),
             applied_at: 0,
@@ -360,7 +360,7 @@ mod tests {
 
     fn cursors(event: Option<LiveEvent>) -> Vec<u64> {
         match event {
-            Some(LiveEvent::Ops(ops)) => ops.iter().map(|op| op.cursor).collect(),
+            Some(LiveEvent::Ops(ops)) => ops.iter().map(|op| op.cursor.0).collect(),
             other => panic!("expected ops, got {other:?}"),
         }
     }

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use capsync_shared::ops::{OpKind, OpSpec};
+pub use capsync_shared::model::{
+    Ack, LoggedOp, OpOutcome, OpResult, Record, RecordKind, RejectReason,
+};
+use capsync_shared::ops::OpSpec;
 use serde::Serialize;
 
 /// The live state of a share (`ShareState` in the schema).
@@ -315,6 +318,28 @@ pub(crate) fn nonempty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// A batch of ops, applied by the server in order, in one transaction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch {
+    /// Client-chosen, for tracing retries in the server's log (at most 128 bytes).
+    pub batch_id: String,
+    pub ops: Vec<OpSpec>,
+    /// When set and the share's cursor differs, the whole batch is refused with
+    /// `cursorConflict` (the error carries the current cursor). Fences a stale writer.
+    pub expected_cursor: Option<u64>,
+}
+
+impl Batch {
+    pub fn new(batch_id: impl Into<String>, ops: Vec<OpSpec>) -> Self {
+        Self {
+            batch_id: batch_id.into(),
+            ops,
+            expected_cursor: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,164 +370,5 @@ mod tests {
             serde_json::json!({"shareId": "sh_1", "cursor": 3, "writerEpoch": 1, "viewerEpoch": 2})
         );
         assert_eq!(serde_json::to_value(Scope::All).unwrap(), "all");
-    }
-}
-
-/// What a stored record is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum RecordKind {
-    Session,
-    Model,
-    /// The whole diff list, as one JSON array.
-    Diffs,
-    Message,
-    Part,
-}
-
-/// A stored record of the session, as the agent last wrote it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    pub kind: RecordKind,
-    /// Record id; "" for the session and the diffs.
-    pub id: String,
-    /// The message a part belongs to; "" for other kinds.
-    pub message_id: String,
-    /// The record's JSON text.
-    pub json: String,
-}
-
-/// One applied op as the ledger keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LoggedOp {
-    pub cursor: u64,
-    pub op_id: String,
-    pub kind: OpKind,
-    /// The payload's JSON text as the agent sent it.
-    pub payload: String,
-    /// Unix milliseconds.
-    pub applied_at: i64,
-}
-
-/// A batch of ops, applied by the server in order, in one transaction.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Batch {
-    /// Client-chosen, for tracing retries in the server's log (at most 128 bytes).
-    pub batch_id: String,
-    pub ops: Vec<OpSpec>,
-    /// When set and the share's cursor differs, the whole batch is refused with
-    /// `cursorConflict` (the error carries the current cursor). Fences a stale writer.
-    pub expected_cursor: Option<u64>,
-}
-
-impl Batch {
-    pub fn new(batch_id: impl Into<String>, ops: Vec<OpSpec>) -> Self {
-        Self {
-            batch_id: batch_id.into(),
-            ops,
-            expected_cursor: None,
-        }
-    }
-}
-
-/// Why the server refused one op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum RejectReason {
-    /// An op id in the op's `dependsOn` is not applied yet: send it again after that op.
-    /// (Only `dependsOn`: a part whose message has not arrived is kept, not refused.)
-    MissingDependency,
-    /// The op can never apply as sent; the detail says why (malformed payload, another
-    /// session's record, a delta to a part that does not exist, ...).
-    Invalid,
-    /// An older snapshot of a record than the one stored (a finished message or part
-    /// back to unfinished, a session to an older `time.updated`): no fault of the op's
-    /// author, the newer state is in the share.
-    StaleTransition,
-    /// The op id was applied before with other content (kind, payload or `dependsOn`): an
-    /// op id names one change forever, so the first one stays and this one is refused.
-    OpIdReused,
-    /// The op's payload is over the server's per-op limit; the rest of its batch applied.
-    TooLarge,
-}
-
-impl RejectReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::MissingDependency => "missingDependency",
-            Self::Invalid => "invalid",
-            Self::StaleTransition => "staleTransition",
-            Self::OpIdReused => "opIdReused",
-            Self::TooLarge => "tooLarge",
-        }
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What happened to one op.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum OpOutcome {
-    /// Applied now, at this cursor.
-    Applied(u64),
-    /// Already in the ledger, applied at this cursor; nothing changed.
-    Duplicate(u64),
-    Rejected {
-        reason: RejectReason,
-        detail: String,
-    },
-}
-
-/// One op's result, in batch order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OpResult {
-    pub op_id: String,
-    pub outcome: OpOutcome,
-}
-
-/// The server's answer to a batch, sent only once the batch is durable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Ack {
-    /// The share's cursor after this batch.
-    pub cursor: u64,
-    /// One per op, in batch order.
-    pub results: Vec<OpResult>,
-}
-
-impl Ack {
-    pub fn applied(&self) -> usize {
-        self.count(|o| matches!(o, OpOutcome::Applied(_)))
-    }
-
-    pub fn duplicates(&self) -> usize {
-        self.count(|o| matches!(o, OpOutcome::Duplicate(_)))
-    }
-
-    pub fn rejected(&self) -> usize {
-        self.count(|o| matches!(o, OpOutcome::Rejected { .. }))
-    }
-
-    /// The rejected ops with their reason and detail.
-    pub fn rejections(&self) -> impl Iterator<Item = (&str, RejectReason, &str)> {
-        self.results.iter().filter_map(|r| match &r.outcome {
-            OpOutcome::Rejected { reason, detail } => {
-                Some((r.op_id.as_str(), *reason, detail.as_str()))
-            }
-            _ => None,
-        })
-    }
-
-    fn count(&self, pred: impl Fn(&OpOutcome) -> bool) -> usize {
-        self.results.iter().filter(|r| pred(&r.outcome)).count()
     }
 }

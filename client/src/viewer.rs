@@ -1,8 +1,7 @@
 //! `ViewerClient`: read a share's state (paged snapshot), its applied ops, and its cursor.
 
 use capsync_shared::capsync_capnp::{
-    RecordKind as WireRecordKind, ops_result, presence_result, share_state_result, share_viewer,
-    snapshot_result,
+    ops_result, presence_result, share_state_result, share_viewer, snapshot_result,
 };
 use capsync_shared::limits::DEFAULT_SNAPSHOT_PAGE_BYTES;
 use serde::Serialize;
@@ -41,18 +40,6 @@ impl std::fmt::Debug for ViewerClient {
     }
 }
 
-impl From<WireRecordKind> for RecordKind {
-    fn from(kind: WireRecordKind) -> Self {
-        match kind {
-            WireRecordKind::Session => Self::Session,
-            WireRecordKind::Model => Self::Model,
-            WireRecordKind::Diffs => Self::Diffs,
-            WireRecordKind::Message => Self::Message,
-            WireRecordKind::Part => Self::Part,
-        }
-    }
-}
-
 /// One page of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -78,7 +65,7 @@ impl Snapshot {
     /// The records as one structured document (session, models, diffs, messages with their
     /// parts in order), for display and for comparing states.
     pub fn to_document(&self) -> SessionDocument {
-        SessionDocument::from_records(self.cursor, &self.records)
+        SessionDocument::from_records(capsync_shared::Cursor(self.cursor), &self.records)
     }
 }
 
@@ -95,7 +82,7 @@ pub struct OpsPage {
 impl OpsPage {
     /// Whether the server has ops past this page.
     pub fn has_more(&self) -> bool {
-        self.ops.last().is_some_and(|op| op.cursor < self.cursor)
+        self.ops.last().is_some_and(|op| op.cursor.0 < self.cursor)
     }
 }
 

@@ -217,8 +217,8 @@ pub(crate) fn logged_ops(
     list.iter()
         .map(|op| {
             Ok(LoggedOp {
-                cursor: op.get_cursor(),
-                op_id: text(op.get_op_id())?,
+                cursor: capsync_shared::Cursor(op.get_cursor()),
+                op_id: capsync_shared::OpId(text(op.get_op_id())?),
                 kind: op.get_kind()?.into(),
                 payload: text(op.get_payload())?,
                 applied_at: op.get_applied_at(),

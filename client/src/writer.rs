@@ -1,9 +1,9 @@
 //! `WriterClient`: append batches of ops to one share, mint viewer links, save a sturdy ref.
 
 use capsync_shared::capsync_capnp::{
-    RejectReason as WireReason, append_result, mint_result, op_result, share_state_result,
-    share_writer,
+    append_result, mint_result, op_result, share_state_result, share_writer,
 };
+use capsync_shared::{Cursor, OpId};
 
 use crate::error::ClientError;
 pub use crate::types::{Ack, Batch, OpOutcome, OpResult, RejectReason};
@@ -30,18 +30,6 @@ impl std::fmt::Debug for WriterClient {
             .field("token_id", &self.token_id)
             .field("share_id", &self.state.share_id)
             .finish_non_exhaustive()
-    }
-}
-
-impl From<WireReason> for RejectReason {
-    fn from(reason: WireReason) -> Self {
-        match reason {
-            WireReason::MissingDependency => Self::MissingDependency,
-            WireReason::Invalid => Self::Invalid,
-            WireReason::StaleTransition => Self::StaleTransition,
-            WireReason::OpIdReused => Self::OpIdReused,
-            WireReason::TooLarge => Self::TooLarge,
-        }
     }
 }
 
@@ -125,8 +113,8 @@ impl WriterClient {
             .iter()
             .map(|r| {
                 let outcome = match r.which()? {
-                    op_result::Which::Applied(cursor) => OpOutcome::Applied(cursor),
-                    op_result::Which::Duplicate(cursor) => OpOutcome::Duplicate(cursor),
+                    op_result::Which::Applied(cursor) => OpOutcome::Applied(Cursor(cursor)),
+                    op_result::Which::Duplicate(cursor) => OpOutcome::Duplicate(Cursor(cursor)),
                     op_result::Which::Rejected(rejection) => {
                         let rejection = rejection?;
                         OpOutcome::Rejected {
@@ -136,13 +124,13 @@ impl WriterClient {
                     }
                 };
                 Ok(OpResult {
-                    op_id: wire::text(r.get_op_id())?,
+                    op_id: OpId(wire::text(r.get_op_id())?),
                     outcome,
                 })
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
         Ok(Ack {
-            cursor: ack.get_cursor(),
+            cursor: Cursor(ack.get_cursor()),
             results,
         })
     }

@@ -9,6 +9,7 @@ use capsync_client::{
     Ack, Enqueued, OpKind, OpOutcome, OpResult, OpSpec, Outbox, OutboxBatch, OutboxError, Refusal,
     RejectReason, RejectedReason,
 };
+use capsync_shared::{Cursor, OpId};
 use serde_json::json;
 
 fn op(id: &str) -> OpSpec {
@@ -29,13 +30,13 @@ fn ids(batch: &OutboxBatch) -> Vec<&str> {
 fn ack(batch: &OutboxBatch, cursor: u64, outcomes: Vec<OpOutcome>) -> Ack {
     assert_eq!(batch.ops.len(), outcomes.len());
     Ack {
-        cursor,
+        cursor: Cursor(cursor),
         results: batch
             .ops
             .iter()
             .zip(outcomes)
             .map(|(op, outcome)| OpResult {
-                op_id: op.op_id.clone(),
+                op_id: OpId(op.op_id.clone()),
                 outcome,
             })
             .collect(),
@@ -45,7 +46,7 @@ fn ack(batch: &OutboxBatch, cursor: u64, outcomes: Vec<OpOutcome>) -> Ack {
 /// Every op applied, at cursors following `after`.
 fn all_applied(batch: &OutboxBatch, after: u64) -> Ack {
     let outcomes = (1..=batch.ops.len() as u64)
-        .map(|i| OpOutcome::Applied(after + i))
+        .map(|i| OpOutcome::Applied(Cursor(after + i)))
         .collect();
     ack(batch, after + batch.ops.len() as u64, outcomes)
 }
@@ -343,7 +344,7 @@ async fn an_ack_settles_every_op_and_the_cursor_in_one_transaction() {
     let mut renamed = all_applied(&batch, 10);
     renamed.results[2].op_id = "other".into();
     let mut overflow = all_applied(&batch, 10);
-    overflow.results[3].outcome = OpOutcome::Applied(u64::MAX);
+    overflow.results[3].outcome = OpOutcome::Applied(Cursor(u64::MAX));
     for bad in [short, renamed, overflow] {
         let err = outbox.record_ack(&batch, &bad).await.unwrap_err();
         assert!(matches!(err, OutboxError::Invalid(_)), "{err}");
@@ -354,8 +355,8 @@ async fn an_ack_settles_every_op_and_the_cursor_in_one_transaction() {
         &batch,
         12,
         vec![
-            OpOutcome::Applied(12),
-            OpOutcome::Duplicate(3),
+            OpOutcome::Applied(Cursor(12)),
+            OpOutcome::Duplicate(Cursor(3)),
             rejected(RejectReason::Invalid, "payload is not a JSON object"),
             rejected(
                 RejectReason::StaleTransition,
@@ -747,23 +748,23 @@ mod model {
                 .iter()
                 .map(|op| {
                     let outcome = if let Some(&at) = self.applied.get(&op.op_id) {
-                        OpOutcome::Duplicate(at)
+                        OpOutcome::Duplicate(Cursor(at))
                     } else if op.depends_on.iter().any(|d| !self.applied.contains_key(d)) {
                         rejected(RejectReason::MissingDependency, "missing")
                     } else {
                         let at = self.order.len() as u64 + 1;
                         self.applied.insert(op.op_id.clone(), at);
                         self.order.push(op.op_id.clone());
-                        OpOutcome::Applied(at)
+                        OpOutcome::Applied(Cursor(at))
                     };
                     OpResult {
-                        op_id: op.op_id.clone(),
+                        op_id: OpId(op.op_id.clone()),
                         outcome,
                     }
                 })
                 .collect();
             Ack {
-                cursor: self.order.len() as u64,
+                cursor: Cursor(self.order.len() as u64),
                 results,
             }
         }

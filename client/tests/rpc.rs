@@ -13,6 +13,7 @@ use capsync_client::{
     OpSpec, RejectReason, Scope, SessionExport, TimeoutStage, TokenKind, WriterClient, connect,
     connect_with, push_ops,
 };
+use capsync_shared::Cursor;
 use serde_json::json;
 use support::peers::HoldingRelay;
 use support::{TestServer, run_local};
@@ -184,10 +185,10 @@ fn a_share_round_trip_through_every_capability() {
         // Ops since a cursor, paged, exactly as they were sent.
         let page = viewer.ops_since(2, 3).await.unwrap();
         assert_eq!(page.cursor, first.cursor);
-        let cursors: Vec<u64> = page.ops.iter().map(|op| op.cursor).collect();
+        let cursors: Vec<u64> = page.ops.iter().map(|op| op.cursor.0).collect();
         assert_eq!(cursors, vec![3, 4, 5]);
         assert!(page.has_more());
-        assert_eq!(page.ops[0].op_id, ops[2].op_id);
+        assert_eq!(page.ops[0].op_id.as_str(), ops[2].op_id);
         assert_eq!(page.ops[0].kind, ops[2].kind);
         assert!(page.ops[0].applied_at > 0);
         let payload: serde_json::Value = serde_json::from_str(&page.ops[0].payload).unwrap();
@@ -276,9 +277,9 @@ fn per_op_outcomes_and_whole_batch_failures() {
         assert_eq!(ack.cursor, 2);
         assert_eq!(ack.results.len(), 7);
         assert_eq!((ack.applied(), ack.duplicates(), ack.rejected()), (2, 1, 4));
-        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(1));
-        assert_eq!(ack.results[4].outcome, OpOutcome::Applied(2));
-        assert_eq!(ack.results[5].outcome, OpOutcome::Duplicate(1));
+        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(Cursor(1)));
+        assert_eq!(ack.results[4].outcome, OpOutcome::Applied(Cursor(2)));
+        assert_eq!(ack.results[5].outcome, OpOutcome::Duplicate(Cursor(1)));
         assert_eq!(
             rejection(&ack.results[1].outcome),
             Some((
@@ -541,7 +542,7 @@ fn agents_mint_writer_and_viewer_tokens_for_their_own_shares() {
         assert_eq!(writer.state_at_redeem().writer_epoch, 1);
         assert_eq!(writer.expires_at(), Some(4_000_000_000_000));
         let ack = writer.append(&Batch::new("b", vec![op(1)])).await.unwrap();
-        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(1));
+        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(Cursor(1)));
 
         // Same for viewers.
         agent.revoke_share(&share_id, Scope::Viewers).await.unwrap();
@@ -607,7 +608,7 @@ fn create_share_can_join_the_agents_existing_share_of_a_session() {
             .append(&Batch::new("b", vec![op(2)]))
             .await
             .unwrap();
-        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(2));
+        assert_eq!(ack.results[0].outcome, OpOutcome::Applied(Cursor(2)));
 
         // Without joining, a second share; another agent never joins this agent's share.
         let separate = agent.create_share(new_share("ses_1")).await.unwrap();

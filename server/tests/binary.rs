@@ -119,8 +119,8 @@ fn sigterm_drains_batches_in_flight_and_every_acked_op_survives_a_restart() {
         loop {
             let page = viewer.ops_since(after, 5000).await.unwrap();
             for op in &page.ops {
-                after = op.cursor;
-                logged.insert(op.op_id.clone());
+                after = op.cursor.0;
+                logged.insert(op.op_id.0.clone());
             }
             if !page.has_more() {
                 break;

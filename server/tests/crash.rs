@@ -324,7 +324,7 @@ fn kill_9_under_load_loses_nothing_the_outbox_saw_acked() {
             let logged: HashMap<String, u64> = read_log(&writer.viewer())
                 .await
                 .into_iter()
-                .map(|op| (op.op_id, op.cursor))
+                .map(|op| (op.op_id.0, op.cursor.0))
                 .collect();
             for (op_id, cursor) in &acked {
                 assert_eq!(
@@ -350,15 +350,17 @@ fn kill_9_under_load_loses_nothing_the_outbox_saw_acked() {
         let log = read_log(&viewer).await;
         assert_log_holds_exactly(&log, ops.iter().map(|op| op.op_id.as_str()));
         let expected = Model::from_ops(session_id, &ops);
-        let logged: Vec<String> = log.iter().map(|op| op.op_id.clone()).collect();
+        let logged: Vec<String> = log.iter().map(|op| op.op_id.0.clone()).collect();
         assert_eq!(logged, expected.log(), "ops applied out of order");
         assert_same_document(
             &viewer.snapshot().await.unwrap().to_document(),
             &expected.document(),
         );
         let acked: HashSet<(String, u64)> = outbox.acked().await.unwrap().into_iter().collect();
-        let logged: HashSet<(String, u64)> =
-            log.into_iter().map(|op| (op.op_id, op.cursor)).collect();
+        let logged: HashSet<(String, u64)> = log
+            .into_iter()
+            .map(|op| (op.op_id.0, op.cursor.0))
+            .collect();
         assert!(
             acked == logged,
             "the outbox's acks differ from the server's log"

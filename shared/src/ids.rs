@@ -28,6 +28,18 @@ macro_rules! text_id {
             }
         }
 
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
         impl From<&str> for $name {
             fn from(s: &str) -> Self {
                 Self(s.to_owned())
@@ -62,6 +74,13 @@ impl ShareId {
 )]
 #[serde(transparent)]
 pub struct Cursor(pub u64);
+
+/// A cursor is a count of ops: comparing it with a plain count reads naturally.
+impl PartialEq<u64> for Cursor {
+    fn eq(&self, other: &u64) -> bool {
+        self.0 == *other
+    }
+}
 
 impl fmt::Display for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -5,6 +5,8 @@
 //! - [`ids`]: newtype ids and counters (`ShareId`, `TokenId`, `OpId`, `Cursor`, `Epoch`).
 //! - [`token`]: the sturdy-ref string format (kind prefix, token id, secret).
 //! - [`ops`]: op kinds and the JSON form of ops used by files and the CLI.
+//! - [`model`]: what an op means and what it does to a share's records (the
+//!   plain types, the parsed op, the "newer" rules, a document that applies ops).
 //! - [`opencode`]: what an opencode record means as ops.
 //! - [`error`]: the wire error codes, mirrored as a Rust enum.
 //! - [`limits`]: protocol limits both sides must agree on.
@@ -19,6 +21,7 @@ pub mod capsync_capnp;
 pub mod error;
 pub mod ids;
 pub mod limits;
+pub mod model;
 pub mod opencode;
 pub mod ops;
 pub mod token;

@@ -256,7 +256,7 @@ async fn latency_run(
                 match event {
                     LiveEvent::Ops(ops) => {
                         let now = Instant::now();
-                        let (first, end) = (ops[0].cursor, ops[ops.len() - 1].cursor);
+                        let (first, end) = (ops[0].cursor.0, ops[ops.len() - 1].cursor.0);
                         record.borrow_mut().push((first, end, now));
                         if end >= last {
                             return Ok(());
@@ -463,7 +463,7 @@ impl<'a> BenchWriter<'a> {
             conn,
             writer: created.writer,
             viewer_token: created.viewer_token.token,
-            cursor: ack.cursor,
+            cursor: ack.cursor.0,
             next_seq: 0,
             workload,
         })
@@ -482,11 +482,11 @@ impl<'a> BenchWriter<'a> {
             let batch = Batch::new(format!("b-{}-{first}", self.index), ops);
             let ack = self.writer.append(&batch).await?;
             let at = Instant::now();
-            if ack.applied() != size || ack.cursor != self.cursor + size as u64 {
+            if ack.applied() != size || ack.cursor.0 != self.cursor + size as u64 {
                 return Err(format!("unexpected ack: {ack:?}").into());
             }
-            self.cursor = ack.cursor;
-            acks.push((ack.cursor, at));
+            self.cursor = ack.cursor.0;
+            acks.push((ack.cursor.0, at));
         }
         Ok(acks)
     }

@@ -46,7 +46,7 @@ impl Outcome {
     pub fn matches(&self, server: &OpOutcome) -> bool {
         match (self, server) {
             (Self::Applied(a), OpOutcome::Applied(b))
-            | (Self::Duplicate(a), OpOutcome::Duplicate(b)) => a == b,
+            | (Self::Duplicate(a), OpOutcome::Duplicate(b)) => *a == b.0,
             (Self::Rejected(a, _), OpOutcome::Rejected { reason: b, .. }) => a == b,
             _ => false,
         }
@@ -323,7 +323,7 @@ impl Model {
             }
         }
         SessionDocument {
-            cursor: self.cursor(),
+            cursor: capsync_shared::Cursor(self.cursor()),
             session: self.session.clone(),
             models: self.models.values().cloned().collect(),
             diffs: self.diffs.clone(),
@@ -474,7 +474,7 @@ pub async fn read_log(viewer: &ViewerClient) -> Vec<LoggedOp> {
     loop {
         let page = viewer.ops_since(after, 0).await.expect("opsSince");
         if let Some(last) = page.ops.last() {
-            after = last.cursor;
+            after = last.cursor.0;
         }
         let more = page.has_more();
         log.extend(page.ops);
@@ -491,7 +491,7 @@ pub fn check_log(log: &[LoggedOp]) -> Vec<String> {
     let mut seen = HashSet::new();
     for (i, op) in log.iter().enumerate() {
         assert_eq!(
-            op.cursor,
+            op.cursor.0,
             i as u64 + 1,
             "the log has a gap or is out of order before op {}",
             op.op_id
@@ -502,7 +502,7 @@ pub fn check_log(log: &[LoggedOp]) -> Vec<String> {
             op.op_id
         );
     }
-    log.iter().map(|op| op.op_id.clone()).collect()
+    log.iter().map(|op| op.op_id.0.clone()).collect()
 }
 
 /// Checks that the log holds exactly `expected` (each once, any order) and nothing else.
@@ -539,7 +539,7 @@ pub fn model_from_log(session_id: &str, log: &[LoggedOp], ops: &HashMap<String, 
     let mut model = Model::new(session_id);
     for logged in log {
         let op = ops
-            .get(&logged.op_id)
+            .get(logged.op_id.as_str())
             .unwrap_or_else(|| panic!("logged op {} was never sent", logged.op_id));
         assert_eq!(
             logged.kind, op.kind,
@@ -552,7 +552,7 @@ pub fn model_from_log(session_id: &str, log: &[LoggedOp], ops: &HashMap<String, 
         let outcome = model.apply(op);
         assert_eq!(
             outcome,
-            Outcome::Applied(logged.cursor),
+            Outcome::Applied(logged.cursor.0),
             "the server applied op {} at cursor {} but the model says {outcome:?}",
             op.op_id,
             logged.cursor
@@ -648,7 +648,7 @@ mod tests {
         m.apply(&op("9", OpKind::MessageRemove, json!({"messageID": "m"})));
         let doc = m.document();
         assert!(doc.messages.is_empty());
-        assert_eq!(doc.cursor, 10);
+        assert_eq!(doc.cursor.0, 10);
         let mut dep = op("10", OpKind::ModelUpsert, json!({"id": "gpt"}));
         dep.depends_on = vec!["11".into()];
         assert!(matches!(

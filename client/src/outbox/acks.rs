@@ -39,7 +39,7 @@ impl Outbox {
                 if let Some(((_, op_id), result)) = members
                     .iter()
                     .zip(&ack.results)
-                    .find(|((_, op_id), result)| *op_id != result.op_id)
+                    .find(|((_, op_id), result)| op_id.as_str() != result.op_id.as_str())
                 {
                     return Err(OutboxError::invalid(format!(
                         "the ack of batch {batch_id} answers op {} where the batch has {op_id}",
@@ -48,7 +48,7 @@ impl Outbox {
                 }
                 let at = now();
                 let mut summary = AckSummary {
-                    cursor: ack.cursor,
+                    cursor: ack.cursor.0,
                     ..AckSummary::default()
                 };
                 let mut released = 0;
@@ -81,7 +81,7 @@ impl Outbox {
                                 seq,
                                 op_state::ACKED,
                                 outcome,
-                                cursor_to_sql(*cursor)?,
+                                cursor_to_sql(cursor.0)?,
                                 at
                             ])?;
                             released += release.execute(params![
@@ -119,7 +119,7 @@ impl Outbox {
                 drop((acked, release, settle));
                 finish(&tx, id, batch_state::DONE, "")?;
                 tx.prepare_cached("UPDATE meta SET last_cursor = ?1, last_error = NULL")?
-                    .execute([cursor_to_sql(ack.cursor)?])?;
+                    .execute([cursor_to_sql(ack.cursor.0)?])?;
                 tx.commit()?;
                 Ok((summary, released))
             })

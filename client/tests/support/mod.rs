@@ -201,7 +201,7 @@ pub async fn share_log(server: &TestServer, token: &str) -> Vec<capsync_client::
     loop {
         let after = ops
             .last()
-            .map_or(0, |op: &capsync_client::LoggedOp| op.cursor);
+            .map_or(0, |op: &capsync_client::LoggedOp| op.cursor.0);
         let page = reader.ops_since(after, 0).await.expect("opsSince");
         let more = page.has_more();
         ops.extend(page.ops);

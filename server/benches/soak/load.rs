@@ -379,7 +379,7 @@ async fn rpc_viewer_session(
         tokio::select! {
             event = live.next() => match event {
                 Some(LiveEvent::Ops(ops)) => {
-                    let seen = slot.advance(ops.iter().map(|op| op.cursor), "rpc", stats);
+                    let seen = slot.advance(ops.iter().map(|op| op.cursor.0), "rpc", stats);
                     stats.count(|m| m.rpc_delivered += seen);
                 }
                 Some(LiveEvent::Ended(ended)) => {

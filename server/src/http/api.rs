@@ -15,15 +15,15 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::share_reader;
-use super::document;
 use super::error::ApiError;
+use super::page_data::{self, ReadOp};
 use crate::ledger::{Authority, Ledger, Record};
 use crate::presence::{PresenceView, last_change};
 
 /// How often a snapshot is read again when the share changed between its pages.
 const SNAPSHOT_ATTEMPTS: usize = 5;
 
-/// The share's whole document (see [`document::document`]) with `shareId`, `presence`
+/// The share's whole document (see [`page_data::document`]) with `shareId`, `presence`
 /// and `children` (sub-agents' sessions shared along with it: session id → share id).
 pub async fn snapshot(
     State(app): State<AppState>,
@@ -33,7 +33,7 @@ pub async fn snapshot(
 ) -> Result<Json<Value>, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
     let (cursor, records) = read_snapshot(&app.ledger, &reader.authority).await?;
-    let mut doc = document::document(cursor, &records);
+    let mut doc = page_data::document(cursor, &records);
     // The state read with the token check; the snapshot may be a few ops newer.
     let last_change = last_change(&reader.state);
     doc["shareId"] = share.clone().into();
@@ -87,7 +87,7 @@ pub async fn ops(
         .ledger
         .ops_since(reader.authority, Cursor(query.after), limit)
         .await?;
-    let ops: Vec<Value> = page.ops.iter().map(document::op_json).collect();
+    let ops: Vec<Value> = page.ops.iter().map(|op| ReadOp::new(op).json).collect();
     Ok(Json(json!({"cursor": page.cursor.0, "ops": ops})))
 }
 

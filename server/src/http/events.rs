@@ -4,7 +4,7 @@
 //! cursor in `Last-Event-ID` (or `?after=N`, or 0). Events:
 //! - `hello`: `{"cursor", "presence"}` once, first;
 //! - `ops` (`id:` the cursor of its last op): `{"ops": [...]}` in cursor order,
-//!   each op as in the ops API plus `html` for text parts (see [`LiveText`]);
+//!   each op as in the ops API plus `html` for text parts (see [`LiveHtml`]);
 //!   a reconnect with the last id seen resumes exactly after it;
 //! - `presence`: whenever the writer connects, leaves, or has been gone long
 //!   enough for running tool calls to count as interrupted;
@@ -39,8 +39,9 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use super::AppState;
 use super::api::{self, is_interrupted};
 use super::auth::{ShareReader, share_reader};
-use super::document::{self, LiveText, Lookup};
 use super::error::{ApiError, snapshot_required_message};
+use super::live_html::{LiveHtml, Lookup};
+use super::page_data::ReadOp;
 use crate::follow::Follower;
 use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp, RecordKind};
 use crate::metrics::{GaugeGuard, SubscriberVia};
@@ -122,7 +123,7 @@ struct Live {
     share: ShareId,
     authority: Authority,
     next_ops: NextOps,
-    text: LiveText,
+    text: LiveHtml,
     presence: watch::Receiver<u64>,
     /// False once the presence sender is gone (shutdown): stop waiting on it.
     presence_open: bool,
@@ -156,7 +157,7 @@ impl Live {
             share: reader.state.share_id.clone(),
             authority: reader.authority,
             next_ops: next_ops(follower),
-            text: LiveText::default(),
+            text: LiveHtml::default(),
             presence: app.presence.subscribe(),
             presence_open: true,
             presence_sent: None,
@@ -218,7 +219,7 @@ impl Live {
         let Some(last) = ops.last() else { return };
         let id = last.cursor.0.to_string();
         self.last_change = Some(last.applied_at);
-        let mut ops: Vec<Value> = ops.iter().map(document::op_json).collect();
+        let mut ops: Vec<ReadOp> = ops.iter().map(ReadOp::new).collect();
         let unknown = self.text.unknown_parts(&ops);
         if !unknown.is_empty() {
             match look_up_parts(&self.app, &self.authority, &unknown).await {
@@ -231,6 +232,7 @@ impl Live {
         for op in &mut ops {
             self.text.apply(op);
         }
+        let ops: Vec<Value> = ops.into_iter().map(|op| op.json).collect();
         self.pending
             .push_back(json_event("ops", &json!({"ops": ops})).id(id));
         self.send_presence_if_changed();

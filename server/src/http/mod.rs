@@ -23,13 +23,14 @@
 mod api;
 mod auth;
 mod connections;
-mod document;
 mod error;
 mod events;
 pub(crate) mod fuzz;
+mod live_html;
 pub mod markdown;
 mod opencode;
 mod page;
+mod page_data;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,13 +10,16 @@
 
 pub mod lifecycle_steps;
 pub mod oversize;
-pub mod record_progress;
+pub mod rules;
 pub mod sqlite;
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
+pub use capsync_shared::model::{
+    Ack, LoggedOp, OpOutcome, OpResult, Record, RecordKind, RejectReason,
+};
 pub use lifecycle_steps::{
     Checkpoint, CompactPosition, CompactStep, DeleteStep, IncrementalVacuum, Operator,
     PlannedShare, PruneFilter, PrunePlan, PruneReason, PruneSelect, ReclaimStep, ShareFootprint,
@@ -204,64 +207,6 @@ pub struct BatchIn {
     pub expected_cursor: Option<Cursor>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RejectReason {
-    MissingDependency,
-    Invalid,
-    StaleTransition,
-    /// The op id was applied before with other content.
-    OpIdReused,
-    /// The payload is over the per-op limit (see [`oversize`]).
-    TooLarge,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OpOutcome {
-    /// Applied by this batch at this cursor.
-    Applied(Cursor),
-    /// Already in the ledger, applied at this cursor; nothing changed.
-    Duplicate(Cursor),
-    Rejected {
-        reason: RejectReason,
-        detail: String,
-    },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpResult {
-    pub op_id: OpId,
-    pub outcome: OpOutcome,
-}
-
-/// The answer to an append, sent only once its transaction is durable.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ack {
-    /// The share's cursor after this batch.
-    pub cursor: Cursor,
-    /// One per op, in batch order.
-    pub results: Vec<OpResult>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecordKind {
-    Session,
-    Model,
-    Diffs,
-    Message,
-    Part,
-}
-
-/// One stored record of a share's session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub kind: RecordKind,
-    /// Empty for session and diffs.
-    pub id: String,
-    /// Set for parts.
-    pub message_id: String,
-    pub json: String,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotPage {
     /// The share's cursor when this page was read.
@@ -269,16 +214,6 @@ pub struct SnapshotPage {
     pub records: Vec<Record>,
     /// Opaque position of the next page; empty at the end.
     pub next_page: String,
-}
-
-/// One applied op as the ledger keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoggedOp {
-    pub cursor: Cursor,
-    pub op_id: OpId,
-    pub kind: OpKind,
-    pub payload: String,
-    pub applied_at: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

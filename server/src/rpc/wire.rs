@@ -12,8 +12,7 @@ use capsync_shared::{Cursor, OpId};
 use crate::error::ServerError;
 use crate::ledger::{
     Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, PlannedShare, PruneReason, Record,
-    RecordKind, RejectReason, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
-    VacuumReport,
+    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, VacuumReport,
 };
 use crate::lifecycle::{CompactReport, PruneReport, ReclaimReport};
 use crate::presence::PresenceView;
@@ -278,13 +277,7 @@ pub fn fill_ack(ack: &Ack, mut out: ack::Builder<'_>) {
             OpOutcome::Duplicate(cursor) => entry.set_duplicate(cursor.0),
             OpOutcome::Rejected { reason, detail } => {
                 let mut rejection = entry.init_rejected();
-                rejection.set_reason(match reason {
-                    RejectReason::MissingDependency => wire::RejectReason::MissingDependency,
-                    RejectReason::Invalid => wire::RejectReason::Invalid,
-                    RejectReason::StaleTransition => wire::RejectReason::StaleTransition,
-                    RejectReason::OpIdReused => wire::RejectReason::OpIdReused,
-                    RejectReason::TooLarge => wire::RejectReason::TooLarge,
-                });
+                rejection.set_reason((*reason).into());
                 rejection.set_detail(detail);
             }
         }
@@ -292,13 +285,7 @@ pub fn fill_ack(ack: &Ack, mut out: ack::Builder<'_>) {
 }
 
 fn fill_record(rec: &Record, mut out: record::Builder<'_>) {
-    out.set_kind(match rec.kind {
-        RecordKind::Session => wire::RecordKind::Session,
-        RecordKind::Model => wire::RecordKind::Model,
-        RecordKind::Diffs => wire::RecordKind::Diffs,
-        RecordKind::Message => wire::RecordKind::Message,
-        RecordKind::Part => wire::RecordKind::Part,
-    });
+    out.set_kind(rec.kind.into());
     out.set_id(&rec.id);
     out.set_message_id(&rec.message_id);
     out.set_json(&rec.json);

@@ -627,8 +627,8 @@ async fn logged_op_ids(addr: SocketAddr, viewer_token: &str) -> std::collections
     loop {
         let page = viewer.ops_since(after, 5000).await.unwrap();
         for op in &page.ops {
-            after = op.cursor;
-            ids.insert(op.op_id.clone());
+            after = op.cursor.0;
+            ids.insert(op.op_id.0.clone());
         }
         if !page.has_more() {
             return ids;

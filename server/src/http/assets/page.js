@@ -87,73 +87,74 @@ function partsOf(messageId) {
   return doc.orphans.get(messageId);
 }
 
-// Applies one op as the server did (see the README's op kinds); returns the
-// id of the message to redraw, "" for the header, or null.
+// Applies one op as the server did. The server sends each op with its
+// `effect` (capsync_shared::model::op::Effect: the record it touches, read from
+// the payload by the same code that validated it), so this only keeps records;
+// the record itself is the op's payload. Returns the id of the message to
+// redraw, "" for the header, or null.
 function applyOp(op) {
-  const p = op.payload || {};
-  switch (op.kind) {
-    case "session.upsert":
-      doc.session = p;
+  const e = op.effect;
+  const record = op.payload;
+  if (!e || typeof e !== "object") return null;
+  switch (e.type) {
+    case "session":
+      doc.session = record;
       return "";
-    case "model.upsert":
-      doc.models.set(modelKey(p), p);
+    case "modelUpsert":
+      doc.models.set(e.id, record);
       return "";
-    case "diff.set":
-      doc.diffs = Array.isArray(p) ? p : Array.isArray(p.diffs) ? p.diffs : [];
+    case "diffSet":
+      doc.diffs = Array.isArray(e.diffs) ? e.diffs : [];
       return "";
-    case "message.upsert": {
-      const existing = doc.messages.get(p.id);
-      const parts = existing ? existing.parts : doc.orphans.get(p.id) || new Map();
-      doc.orphans.delete(p.id);
+    case "messageUpsert": {
+      const existing = doc.messages.get(e.id);
+      const parts = existing ? existing.parts : doc.orphans.get(e.id) || new Map();
+      doc.orphans.delete(e.id);
       // Tool views show paths relative to the message's project root: when
       // that changed, its parts are drawn again (usage updates keep them).
-      if (!existing || rootOf(existing) !== rootOf({ info: p })) {
+      if (!existing || rootOf(existing) !== rootOf({ info: record })) {
         for (const partId of parts.keys()) partNodes.delete(partId);
       }
-      doc.messages.set(p.id, { info: p, parts });
-      return p.id;
+      doc.messages.set(e.id, { info: record, parts });
+      return e.id;
     }
-    case "message.remove": {
-      const id = str(p.id) || str(p.messageID);
-      const message = doc.messages.get(id);
+    case "messageRemove": {
+      const message = doc.messages.get(e.id);
       for (const partId of message ? message.parts.keys() : []) {
         doc.html.delete(partId);
         partNodes.delete(partId);
       }
-      doc.messages.delete(id);
-      doc.orphans.delete(id);
-      return id;
+      doc.messages.delete(e.id);
+      doc.orphans.delete(e.id);
+      return e.id;
     }
-    case "part.upsert": {
-      const [oldMessage, oldParts] = findPart(p.id);
-      if (oldParts && oldMessage !== p.messageID) {
-        oldParts.delete(p.id);
+    case "partUpsert": {
+      const [oldMessage, oldParts] = findPart(e.id);
+      if (oldParts && oldMessage !== e.messageId) {
+        oldParts.delete(e.id);
         redraw(oldMessage);
       }
-      partsOf(str(p.messageID)).set(p.id, p);
-      if (typeof op.html === "string") doc.html.set(p.id, op.html);
-      else doc.html.delete(p.id);
-      partNodes.delete(p.id);
-      return p.messageID;
+      partsOf(e.messageId).set(e.id, record);
+      if (typeof op.html === "string") doc.html.set(e.id, op.html);
+      else doc.html.delete(e.id);
+      partNodes.delete(e.id);
+      return e.messageId;
     }
-    case "part.remove": {
-      const id = str(p.partID) || str(p.id);
-      const [messageId, parts] = findPart(id);
-      if (parts) parts.delete(id);
-      doc.html.delete(id);
-      partNodes.delete(id);
+    case "partRemove": {
+      const [messageId, parts] = findPart(e.id);
+      if (parts) parts.delete(e.id);
+      doc.html.delete(e.id);
+      partNodes.delete(e.id);
       return messageId;
     }
-    case "part.delta": {
-      const id = str(p.partID) || str(p.id);
-      const field = str(p.field) || "text";
-      const [messageId, parts] = findPart(id);
+    case "partDelta": {
+      const [messageId, parts] = findPart(e.id);
       if (!parts) return null;
-      const part = parts.get(id);
-      part[field] = str(part[field]) + str(p.delta);
-      if (typeof op.html === "string") doc.html.set(id, op.html);
-      else if (field === "text") doc.html.delete(id); // stale: show the raw text instead
-      partNodes.delete(id);
+      const part = parts.get(e.id);
+      part[e.field] = str(part[e.field]) + e.delta;
+      if (typeof op.html === "string") doc.html.set(e.id, op.html);
+      else if (e.field === "text") doc.html.delete(e.id); // stale: show the raw text instead
+      partNodes.delete(e.id);
       return messageId;
     }
     default:

@@ -9,11 +9,13 @@ use sha2::{Digest, Sha256};
 
 use super::authority::{self, Access, ShareRow};
 use super::convert::{cursor_column, cursor_param};
-use super::{audit, payload, reclaim, records};
+use super::{audit, records};
+use crate::ledger::rules::compacted_output::clear_compacted_output;
 use crate::ledger::{
     Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
     RejectReason,
 };
+use capsync_shared::model;
 
 /// What an append on an archived share is told.
 pub(super) const ARCHIVED: &str = "share is archived; unarchive it to append";
@@ -175,7 +177,7 @@ impl<'a> BatchRun<'a> {
     fn stored_payload<'p>(&self, op: &'p OpIn) -> Cow<'p, str> {
         if self.reclaim_compacted
             && op.kind == OpKind::PartUpsert
-            && let Some(cleared) = reclaim::clear_compacted_output(&op.payload)
+            && let Some(cleared) = clear_compacted_output(&op.payload)
         {
             return Cow::Owned(cleared);
         }
@@ -192,7 +194,7 @@ impl<'a> BatchRun<'a> {
                 )));
             }
         }
-        let effect = match payload::parse(op.kind, payload, &self.share.session_id) {
+        let effect = match model::op::parse(op.kind, payload, Some(&self.share.session_id)) {
             Ok(effect) => effect,
             Err(reason) => return Ok(Err(rejected(RejectReason::Invalid, reason))),
         };

@@ -6,9 +6,9 @@ use capsync_shared::OpKind;
 use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use serde_json::Value;
 
-use super::payload::{self, Effect};
-use super::reclaim::clear_compacted_output;
-use crate::ledger::record_progress as progress;
+use crate::ledger::rules::compacted_output::clear_compacted_output;
+use capsync_shared::model::op as payload;
+use capsync_shared::model::{Effect, progress};
 
 /// The session of the share the payloads are sent to: the sample export's, so
 /// that payloads taken from it are accepted and the fuzzer starts from there.
@@ -37,11 +37,11 @@ pub(crate) fn encode(kind: OpKind, payload: &str) -> Vec<u8> {
 
 /// Runs `payload` through what an append does with it and checks the result.
 pub fn check_payload(kind: OpKind, payload: &str) {
-    let verdict = payload::parse(kind, payload, SESSION_ID);
+    let verdict = payload::parse(kind, payload, Some(SESSION_ID));
     // The fast path may only ever answer what the full parse would.
     assert_eq!(
         verdict,
-        payload::full_parse(kind, payload, SESSION_ID),
+        payload::full_parse(kind, payload, Some(SESSION_ID)),
         "the fast path disagrees with the full parse on {kind} {payload:?}"
     );
     if let Ok(effect) = &verdict {
@@ -52,7 +52,7 @@ pub fn check_payload(kind: OpKind, payload: &str) {
         && let Some(cleared) = clear_compacted_output(payload)
     {
         check_cleared(payload, &cleared);
-        let stored = payload::parse(kind, &cleared, SESSION_ID);
+        let stored = payload::parse(kind, &cleared, Some(SESSION_ID));
         match (&verdict, &stored) {
             (
                 Ok(Effect::PartUpsert {
@@ -171,7 +171,7 @@ fn check_effect(kind: OpKind, payload: &str, effect: &Effect) {
             );
             // The stored list, sent again (a snapshot pushed back), is stored unchanged.
             assert_eq!(
-                payload::parse(kind, json, SESSION_ID).as_ref(),
+                payload::parse(kind, json, Some(SESSION_ID)).as_ref(),
                 Ok(effect),
                 "diffs {json:?} change when sent again"
             );
@@ -281,7 +281,7 @@ mod tests {
         ];
         for (kind, payload, expected) in cases {
             assert_eq!(
-                payload::parse(kind, payload, SESSION_ID),
+                payload::parse(kind, payload, Some(SESSION_ID)),
                 expected,
                 "{payload}"
             );
@@ -296,12 +296,12 @@ mod tests {
     #[test]
     fn stored_diffs_read_back_as_the_same_numbers() {
         let sent = format!(r#"[{{"additions":{}2}}]"#, "9".repeat(87));
-        let Ok(Effect::DiffSet { json }) = payload::parse(OpKind::DiffSet, &sent, SESSION_ID)
+        let Ok(Effect::DiffSet { json }) = payload::parse(OpKind::DiffSet, &sent, Some(SESSION_ID))
         else {
             panic!("{sent} was refused");
         };
         assert_eq!(
-            payload::parse(OpKind::DiffSet, &json, SESSION_ID),
+            payload::parse(OpKind::DiffSet, &json, Some(SESSION_ID)),
             Ok(Effect::DiffSet { json: json.clone() })
         );
         op_payload(&encode(OpKind::DiffSet, &sent));

@@ -21,7 +21,6 @@ mod convert;
 mod errors;
 pub(crate) mod fuzz;
 mod maintenance;
-mod payload;
 mod pool;
 mod prune;
 mod reads;

@@ -7,9 +7,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::errors::corrupt;
-use super::payload::Effect;
-use crate::ledger::record_progress::is_older;
 use crate::ledger::{LedgerResult, RejectReason};
+use capsync_shared::model::Effect;
+use capsync_shared::model::progress::is_older;
 
 /// Why stored state refuses an otherwise well-formed op.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -168,7 +168,7 @@ const V4_OP_DIGEST: &str = r#"
 ALTER TABLE ops ADD COLUMN digest BLOB;
 "#;
 
-/// Snapshots that arrive out of order (issue 10; see `ledger::record_progress`):
+/// Snapshots that arrive out of order (issue 10; see `capsync_shared::model::progress`):
 /// - `parts.finished`, `sessions.updated`: how far along the stored record is,
 ///   so an older snapshot is refused without parsing the stored JSON. Filled
 ///   here as `progress` defines them (a session's `time.updated` only when it

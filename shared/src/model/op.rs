@@ -1,30 +1,49 @@
-//! Op payloads: parses an op's JSON and checks everything that does not depend on stored records.
+//! What an op means: parses an op's payload into the [`Effect`] it has on a share's
+//! records, checking everything that does not depend on stored records.
+//!
+//! The server's ledger validates every op with [`parse`] before applying it; the
+//! client's [`SessionDocument`](super::document::SessionDocument), the server's share
+//! page data and live streams read applied ops through it too, so the op kinds'
+//! fields (which id a record carries, the two spellings of a remove, a delta's default
+//! field, a model's record key) are read in this one place.
 //!
 //! Reasons returned here go to the agent as `rejected(invalid, reason)`: short
 //! sentences about its payload, never anything about the server.
 
-use crate::ledger::record_progress as progress;
-use capsync_shared::OpKind;
-use capsync_shared::limits::MAX_RECORD_ID_BYTES;
+use super::progress;
+use crate::OpKind;
+use crate::limits::MAX_RECORD_ID_BYTES;
 use std::borrow::Cow;
 
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-/// What an op will do to the records, once the stored records agree (see `records`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Effect {
+/// What an op does to a share's records, once the stored records agree (the
+/// stale-transition rules of [`progress`]).
+///
+/// Serialized (without the record JSON, which is the op's payload) it is the
+/// `effect` member of an op in the HTTP API and live stream: the page reads ids and
+/// fields from there instead of knowing each kind's payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum Effect {
     /// Replaces the session record, unless the stored one was updated later.
     Session {
         /// `time.updated` (see [`progress`]).
         updated: Option<i64>,
+        #[serde(skip)]
         json: String,
     },
     /// Replaces a message; a terminal message only accepts terminal replacements.
     MessageUpsert {
         id: String,
         terminal: bool,
+        #[serde(skip)]
         json: String,
     },
     /// Removes a message and its parts.
@@ -37,6 +56,7 @@ pub(super) enum Effect {
         id: String,
         message_id: String,
         finished: bool,
+        #[serde(skip)]
         json: String,
     },
     PartRemove {
@@ -50,22 +70,49 @@ pub(super) enum Effect {
     },
     /// Replaces the whole diff list with this JSON array.
     DiffSet {
+        /// The list as one JSON array (from either accepted form).
+        #[serde(rename = "diffs", serialize_with = "json_text")]
         json: String,
     },
+    /// Replaces a model; `id` is its record key (see [`crate::ops::model_record_id`]).
     ModelUpsert {
         id: String,
+        #[serde(skip)]
         json: String,
     },
+}
+
+/// Writes JSON text as the value it holds (`null` if it holds none).
+fn json_text<S: Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serde_json::from_str::<Value>(text)
+        .unwrap_or(Value::Null)
+        .serialize(serializer)
+}
+
+impl Effect {
+    /// The record's JSON as it is stored: the payload for upserts, the normalized
+    /// list for `diff.set`; `None` for removes and deltas.
+    pub fn record_json(&self) -> Option<&str> {
+        match self {
+            Self::Session { json, .. }
+            | Self::MessageUpsert { json, .. }
+            | Self::PartUpsert { json, .. }
+            | Self::DiffSet { json }
+            | Self::ModelUpsert { json, .. } => Some(json),
+            Self::MessageRemove { .. } | Self::PartRemove { .. } | Self::PartDelta { .. } => None,
+        }
+    }
 }
 
 /// Fields a delta may not touch: they are the part's identity, mirrored in its row.
 const PROTECTED_PART_FIELDS: [&str; 4] = ["id", "messageID", "sessionID", "type"];
 
-/// Parses `payload` for an op of `kind` in a share mirroring `session_id`.
+/// Parses `payload` for an op of `kind` in a share mirroring `session_id`
+/// (`None`: any session, for reading ops a server already applied).
 ///
 /// Upserts keep the agent's JSON text as it was sent, so viewers see exactly
 /// what the agent wrote.
-pub(super) fn parse(kind: OpKind, payload: &str, session_id: &str) -> Result<Effect, String> {
+pub fn parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Result<Effect, String> {
     if let Some(effect) = fast_path(kind, payload, session_id) {
         return Ok(effect);
     }
@@ -74,13 +121,15 @@ pub(super) fn parse(kind: OpKind, payload: &str, session_id: &str) -> Result<Eff
 
 /// The precise verdict on any payload, building its whole `Value`: what
 /// [`fast_path`] must agree with wherever it answers.
-pub(super) fn full_parse(kind: OpKind, payload: &str, session_id: &str) -> Result<Effect, String> {
+pub fn full_parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Result<Effect, String> {
     let value: Value =
         serde_json::from_str(payload).map_err(|_| "payload is not valid JSON".to_owned())?;
     match kind {
         OpKind::SessionUpsert => {
             let id = string_id(object(&value)?, "id")?;
-            if id != session_id {
+            if let Some(session_id) = session_id
+                && id != session_id
+            {
                 return Err(format!(
                     "session id {id} is not this share's session {session_id}"
                 ));
@@ -140,7 +189,7 @@ pub(super) fn full_parse(kind: OpKind, payload: &str, session_id: &str) -> Resul
                 Some(Value::String(provider)) => Some(provider.as_str()),
                 Some(_) => return Err("\"providerID\" is not a string".to_owned()),
             };
-            let key = capsync_shared::ops::model_record_id(&id, provider);
+            let key = crate::ops::model_record_id(&id, provider);
             if key.len() > MAX_RECORD_ID_BYTES {
                 return Err(format!(
                     "\"providerID\" and \"id\" together are longer than {MAX_RECORD_ID_BYTES} bytes"
@@ -225,15 +274,17 @@ impl<'de> Deserialize<'de> for StateStatus {
 /// The common, valid case of the hottest kinds without building a whole `Value`
 /// (a measurable share of the writer's time). `None` for anything unusual: the
 /// full parse below then gives the precise verdict and message.
-fn fast_path(kind: OpKind, payload: &str, session_id: &str) -> Option<Effect> {
+fn fast_path(kind: OpKind, payload: &str, session_id: Option<&str>) -> Option<Effect> {
     if !matches!(kind, OpKind::PartUpsert | OpKind::MessageUpsert)
         || serde_json::from_str::<CheckedObject>(payload).is_err()
     {
         return None;
     }
     let id_ok = |id: &str| !id.is_empty() && id.len() <= MAX_RECORD_ID_BYTES;
-    let session_ok =
-        |sid: &Option<Cow<'_, str>>| sid.as_deref().is_none_or(|sid| sid == session_id);
+    let session_ok = |sid: &Option<Cow<'_, str>>| {
+        sid.as_deref()
+            .is_none_or(|sid| session_id.is_none_or(|session_id| sid == session_id))
+    };
     match kind {
         OpKind::PartUpsert => {
             let head: PartHead<'_> = serde_json::from_str(payload).ok()?;
@@ -418,15 +469,16 @@ fn check_id(field: &str, id: &str) -> Result<String, String> {
 }
 
 /// A `sessionID`, when present, must name the share's session.
-fn same_session(obj: &Map<String, Value>, session_id: &str) -> Result<(), String> {
-    match obj.get("sessionID") {
+fn same_session(obj: &Map<String, Value>, session_id: Option<&str>) -> Result<(), String> {
+    match (obj.get("sessionID"), session_id) {
         // Null reads as absent, as the fast path (and the client's export reader) read it.
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(id)) if id == session_id => Ok(()),
-        Some(Value::String(id)) => Err(format!(
+        (None | Some(Value::Null), _) => Ok(()),
+        (Some(Value::String(_)), None) => Ok(()),
+        (Some(Value::String(id)), Some(session_id)) if id == session_id => Ok(()),
+        (Some(Value::String(id)), Some(session_id)) => Err(format!(
             "sessionID {id} is not this share's session {session_id}"
         )),
-        Some(_) => Err("\"sessionID\" is not a string".to_owned()),
+        (Some(_), _) => Err("\"sessionID\" is not a string".to_owned()),
     }
 }
 
@@ -434,7 +486,7 @@ fn same_session(obj: &Map<String, Value>, session_id: &str) -> Result<(), String
 mod tests {
     use super::*;
 
-    const SES: &str = "ses_1";
+    const SES: Option<&str> = Some("ses_1");
 
     fn invalid(kind: OpKind, payload: &str) -> String {
         match parse(kind, payload, SES) {

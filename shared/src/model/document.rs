@@ -1,25 +1,28 @@
-//! A share's records as one structured JSON document, for display and for comparing states.
+//! A share's records as one structured JSON document: built from a snapshot, kept
+//! current by applying logged ops, for display and for comparing states.
 //!
 //! Shape (also what `capsync snapshot --json` prints):
 //! `{"cursor": 12, "session": {...}|null, "models": [...], "diffs": [...]|null,
 //!   "messages": [{"info": {...}, "parts": [...]}]}`.
 //! Apart from `cursor` and the key `session` (an export calls it `info`), this is the
-//! export format of [`crate::export`], so a snapshot document can be pushed back as an
-//! export.
+//! export format of the client's `export` module, so a snapshot document can be pushed
+//! back as an export. The server's share page data has this shape too (plus `html`).
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::types::{LoggedOp, Record, RecordKind};
-use capsync_shared::ops::{OpKind, model_record_id_of};
+use super::op::{self, Effect};
+use super::types::{LoggedOp, Record, RecordKind};
+use crate::Cursor;
+use crate::ops::model_record_id_of;
 
 /// A session with its models, diffs and messages (each with its parts, in order).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SessionDocument {
     /// The share's cursor the document reflects (0 when built from an export).
-    pub cursor: u64,
+    pub cursor: Cursor,
     /// The session record; `None` before any `session.upsert`.
     pub session: Option<Value>,
     pub models: Vec<Value>,
@@ -53,7 +56,7 @@ pub fn record_id(record: &Value) -> &str {
 impl SessionDocument {
     /// Builds the document from snapshot records (in the server's order). A record whose
     /// text is not JSON is kept as a JSON string rather than dropped.
-    pub fn from_records(cursor: u64, records: &[Record]) -> Self {
+    pub fn from_records(cursor: Cursor, records: &[Record]) -> Self {
         let mut doc = Self {
             cursor,
             ..Self::default()
@@ -117,8 +120,8 @@ impl SessionDocument {
     pub fn same_content(&self, other: &Self) -> bool {
         let mut a = self.clone().sorted();
         let mut b = other.clone().sorted();
-        a.cursor = 0;
-        b.cursor = 0;
+        a.cursor = Cursor(0);
+        b.cursor = Cursor(0);
         a == b
     }
 
@@ -128,66 +131,48 @@ impl SessionDocument {
     }
 
     /// Applies one op of the share's log (as `opsSince` and subscriptions deliver them)
-    /// with the server's effects, and moves `cursor` to the op's. A snapshot at cursor C
-    /// plus every op after C, applied in order, holds the same records as a snapshot
-    /// taken then.
+    /// with the server's effects ([`op::parse`]), and moves `cursor` to the op's. A
+    /// snapshot at cursor C plus every op after C, applied in order, holds the same
+    /// records as a snapshot taken then.
     ///
     /// Returns false, changing nothing, for an op at or below the document's cursor:
     /// it is already in the document. The log holds only ops the server applied, so
-    /// nothing is validated here; an op whose payload the server could not have applied
-    /// only moves the cursor.
+    /// the stored records' rules are not checked again; an op whose payload the server
+    /// could not have applied (or whose payload compaction dropped) only moves the cursor.
     pub fn apply(&mut self, op: &LoggedOp) -> bool {
         if op.cursor <= self.cursor {
             return false;
         }
         self.cursor = op.cursor;
-        let payload = match serde_json::from_str::<Value>(&op.payload) {
-            Ok(Value::Object(payload)) => payload,
-            // `diff.set` also takes the bare array.
-            Ok(diffs @ Value::Array(_)) if op.kind == OpKind::DiffSet => {
-                self.diffs = Some(diffs);
-                return true;
-            }
-            _ => return true,
-        };
-        let id = |first: &str, second: &str| -> Option<String> {
-            match (payload.get(first), payload.get(second)) {
-                (Some(Value::String(id)), _) | (None, Some(Value::String(id))) => Some(id.clone()),
-                _ => None,
-            }
-        };
-        match op.kind {
-            OpKind::SessionUpsert => self.session = Some(Value::Object(payload)),
-            OpKind::ModelUpsert => {
-                let model = Value::Object(payload);
-                let key = model_record_id_of(&model);
+        if let Ok(effect) = op::parse(op.kind, &op.payload, None) {
+            self.apply_effect(effect);
+        }
+        true
+    }
+
+    /// Applies an effect whose record JSON is its payload.
+    fn apply_effect(&mut self, effect: Effect) {
+        let record = |json: &str| serde_json::from_str::<Value>(json).unwrap_or(Value::Null);
+        match effect {
+            Effect::Session { json, .. } => self.session = Some(record(&json)),
+            Effect::ModelUpsert { id, json } => {
+                let model = record(&json);
                 match self
                     .models
                     .iter_mut()
-                    .find(|m| model_record_id_of(m) == key)
+                    .find(|m| model_record_id_of(m).as_deref() == Some(id.as_str()))
                 {
                     Some(stored) => *stored = model,
                     None => self.models.push(model),
                 }
             }
-            OpKind::DiffSet => {
-                self.diffs = match payload.get("diffs") {
-                    Some(diffs @ Value::Array(_)) => Some(diffs.clone()),
-                    _ => self.diffs.take(),
-                };
-            }
-            OpKind::MessageUpsert => {
-                let info = Value::Object(payload);
-                match self
-                    .messages
-                    .iter_mut()
-                    .find(|m| m.id() == record_id(&info))
-                {
+            Effect::DiffSet { json } => self.diffs = Some(record(&json)),
+            Effect::MessageUpsert { id, json, .. } => {
+                let info = record(&json);
+                match self.messages.iter_mut().find(|m| m.id() == id) {
                     Some(message) => message.info = info,
                     None => {
-                        // Parts that arrived before their message (never in a consistent
-                        // log, but snapshots tolerate it too) join it now.
-                        let id = record_id(&info).to_owned();
+                        // Parts that arrived before their message join it now.
                         let (parts, orphans) = std::mem::take(&mut self.orphan_parts)
                             .into_iter()
                             .partition(|p| part_message(p) == id);
@@ -196,60 +181,56 @@ impl SessionDocument {
                     }
                 }
             }
-            OpKind::MessageRemove => {
-                if let Some(id) = id("id", "messageID") {
-                    // Parts waiting for it go too, as on the server.
-                    self.messages.retain(|m| m.id() != id);
-                    self.orphan_parts.retain(|p| part_message(p) != id);
-                }
+            Effect::MessageRemove { id } => {
+                // Parts waiting for it go too, as on the server.
+                self.messages.retain(|m| m.id() != id);
+                self.orphan_parts.retain(|p| part_message(p) != id);
             }
-            OpKind::PartUpsert => {
-                let part = Value::Object(payload);
-                let part_id = record_id(&part).to_owned();
-                let message_id = part_message(&part).to_owned();
+            Effect::PartUpsert {
+                id,
+                message_id,
+                json,
+                ..
+            } => {
+                let part = record(&json);
                 // In place while it stays in its message, so the parts keep their order.
                 if let Some(stored) = self
                     .messages
                     .iter_mut()
                     .find(|m| m.id() == message_id)
-                    .and_then(|m| m.parts.iter_mut().find(|p| record_id(p) == part_id))
+                    .and_then(|m| m.parts.iter_mut().find(|p| record_id(p) == id))
                 {
                     *stored = part;
-                    return true;
+                    return;
                 }
-                self.remove_part(&part_id);
+                self.remove_part(&id);
                 match self.messages.iter_mut().find(|m| m.id() == message_id) {
                     Some(message) => message.parts.push(part),
                     None => self.orphan_parts.push(part),
                 }
             }
-            OpKind::PartRemove => {
-                if let Some(id) = id("partID", "id") {
-                    self.remove_part(&id);
-                }
-            }
-            OpKind::PartDelta => {
-                let (Some(id), Some(Value::String(delta))) =
-                    (id("partID", "id"), payload.get("delta"))
-                else {
-                    return true;
-                };
-                let field = match payload.get("field") {
-                    Some(Value::String(field)) => field.as_str(),
-                    _ => "text",
-                };
+            Effect::PartRemove { id } => self.remove_part(&id),
+            Effect::PartDelta { id, field, delta } => {
                 if let Some(Value::Object(part)) = self.part_mut(&id) {
-                    match part.get_mut(field) {
-                        Some(Value::String(text)) => text.push_str(delta),
+                    match part.get_mut(&field) {
+                        Some(Value::String(text)) => text.push_str(&delta),
                         None => {
-                            part.insert(field.to_owned(), Value::String(delta.clone()));
+                            part.insert(field, Value::String(delta));
                         }
                         Some(_) => {}
                     }
                 }
             }
         }
-        true
+    }
+
+    /// The part with this id, wherever it is.
+    pub fn part(&self, id: &str) -> Option<&Value> {
+        self.messages
+            .iter()
+            .flat_map(|m| m.parts.iter())
+            .chain(self.orphan_parts.iter())
+            .find(|p| record_id(p) == id)
     }
 
     /// Removes the part with this id wherever it is.
@@ -277,6 +258,7 @@ fn part_message(part: &Value) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::OpKind;
     use serde_json::json;
 
     fn record(kind: RecordKind, id: &str, message_id: &str, json: Value) -> Record {
@@ -305,8 +287,8 @@ mod tests {
             record(RecordKind::Message, "msg2", "", json!({"id": "msg2"})),
             record(RecordKind::Part, "p3", "gone", json!({"id": "p3"})),
         ];
-        let doc = SessionDocument::from_records(9, &records);
-        assert_eq!(doc.cursor, 9);
+        let doc = SessionDocument::from_records(Cursor(9), &records);
+        assert_eq!(doc.cursor, Cursor(9));
         assert_eq!(doc.title(), "T");
         assert_eq!(doc.models, vec![json!({"id": "m1"})]);
         assert_eq!(doc.diffs, Some(json!([{"file": "a"}])));
@@ -323,8 +305,8 @@ mod tests {
         let mut apply = |doc: &mut SessionDocument, kind: OpKind, payload: Value| {
             cursor += 1;
             doc.apply(&LoggedOp {
-                cursor,
-                op_id: format!("op{cursor}"),
+                cursor: Cursor(cursor),
+                op_id: format!("op{cursor}").into(),
                 kind,
                 payload: payload.to_string(),
                 applied_at: 0,
@@ -393,7 +375,7 @@ mod tests {
         );
         apply(&mut doc, OpKind::MessageRemove, json!({"messageID": "m3"}));
 
-        assert_eq!(doc.cursor, 17);
+        assert_eq!(doc.cursor, Cursor(17));
         assert_eq!(doc.title(), "T");
         assert_eq!(
             doc.models,
@@ -417,7 +399,7 @@ mod tests {
         // An op the document already holds changes nothing.
         let before = doc.clone();
         let old = LoggedOp {
-            cursor: 3,
+            cursor: Cursor(3),
             op_id: "op3".into(),
             kind: OpKind::SessionUpsert,
             payload: json!({"id": "s", "title": "old"}).to_string(),
@@ -430,7 +412,7 @@ mod tests {
     #[test]
     fn same_content_ignores_order_and_cursor() {
         let a = SessionDocument {
-            cursor: 3,
+            cursor: Cursor(3),
             messages: vec![
                 MessageDocument {
                     info: json!({"id": "b"}),
@@ -444,7 +426,7 @@ mod tests {
             ..Default::default()
         };
         let mut b = a.clone().sorted();
-        b.cursor = 5;
+        b.cursor = Cursor(5);
         assert!(a.same_content(&b));
         b.messages[0].info = json!({"id": "a", "x": 1});
         assert!(!a.same_content(&b));

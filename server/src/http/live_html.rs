@@ -1,0 +1,263 @@
+//! The HTML of text parts as a live stream changes them: a `part.delta` is sent with
+//! the rendering of the part's whole text after it, so the page never renders markdown.
+
+use std::collections::{HashMap, HashSet};
+
+use capsync_shared::Cursor;
+use capsync_shared::model::Effect;
+use serde_json::Value;
+
+use super::markdown;
+use super::page_data::{ReadOp, markdown_text};
+
+/// How many text parts one live stream remembers the text of. A part that
+/// fell out is looked up again if it gets another delta.
+const REMEMBERED_PARTS: usize = 64;
+
+/// The current text of the markdown parts a live stream has seen.
+#[derive(Default)]
+pub struct LiveHtml {
+    parts: HashMap<String, Remembered>,
+    /// Bumped on every use, to drop the least recently used part first.
+    clock: u64,
+}
+
+struct Remembered {
+    message_id: String,
+    /// `None`: not a markdown part (a delta to it gets no HTML).
+    text: Option<String>,
+    /// The text already includes every op up to this cursor.
+    as_of: Cursor,
+    used: u64,
+}
+
+/// A part's stored record, with the cursor it reflects: what [`LiveHtml::learn`]
+/// needs for a delta to a part the stream has not seen.
+pub struct Lookup {
+    pub message_id: String,
+    pub part: Value,
+    pub as_of: Cursor,
+}
+
+impl LiveHtml {
+    /// Part ids that `ops` append text to but that are not remembered, nor
+    /// upserted by an earlier op in `ops`.
+    pub fn unknown_parts(&self, ops: &[ReadOp]) -> Vec<String> {
+        let mut upserted = HashSet::new();
+        let mut unknown = Vec::new();
+        for op in ops {
+            match &op.effect {
+                Some(Effect::PartUpsert { id, .. }) => {
+                    upserted.insert(id.as_str());
+                }
+                Some(Effect::PartDelta { id, field, .. })
+                    if field == "text"
+                        && !self.parts.contains_key(id)
+                        && !upserted.contains(id.as_str())
+                        && !unknown.contains(id) =>
+                {
+                    unknown.push(id.clone());
+                }
+                _ => {}
+            }
+        }
+        unknown
+    }
+
+    /// Remembers parts looked up for [`LiveHtml::unknown_parts`]; ids not
+    /// found are remembered as having no text, so they are not looked up again.
+    pub fn learn(&mut self, ids: Vec<String>, mut found: HashMap<String, Lookup>, as_of: Cursor) {
+        for id in ids {
+            let entry = match found.remove(&id) {
+                Some(lookup) => Remembered {
+                    message_id: lookup.message_id,
+                    text: markdown_text(&lookup.part).map(str::to_owned),
+                    as_of: lookup.as_of,
+                    used: 0,
+                },
+                None => Remembered {
+                    message_id: String::new(),
+                    text: None,
+                    as_of,
+                    used: 0,
+                },
+            };
+            self.remember(id, entry);
+        }
+    }
+
+    /// Adds `"html"` to an op that upserts or appends to a text part: the HTML
+    /// of the part's whole text after the op.
+    pub fn apply(&mut self, op: &mut ReadOp) {
+        let html = match &op.effect {
+            Some(Effect::PartUpsert { id, message_id, .. }) => {
+                let entry = Remembered {
+                    message_id: message_id.clone(),
+                    text: markdown_text(&op.json["payload"]).map(str::to_owned),
+                    as_of: op.cursor,
+                    used: 0,
+                };
+                let html = entry.text.as_deref().map(markdown::render);
+                self.remember(id.clone(), entry);
+                html
+            }
+            Some(Effect::PartDelta { id, field, delta }) if field == "text" => {
+                self.clock += 1;
+                let clock = self.clock;
+                self.parts.get_mut(id).and_then(|entry| {
+                    entry.used = clock;
+                    let text = entry.text.as_mut()?;
+                    // Already in a text read at a later cursor: don't add it twice.
+                    if op.cursor > entry.as_of {
+                        text.push_str(delta);
+                        entry.as_of = op.cursor;
+                    }
+                    Some(markdown::render(text))
+                })
+            }
+            Some(Effect::PartRemove { id }) => {
+                self.parts.remove(id);
+                None
+            }
+            Some(Effect::MessageRemove { id }) => {
+                self.parts.retain(|_, p| &p.message_id != id);
+                None
+            }
+            _ => None,
+        };
+        if let (Some(html), Some(obj)) = (html, op.json.as_object_mut()) {
+            obj.insert("html".into(), html.into());
+        }
+    }
+
+    fn remember(&mut self, id: String, mut entry: Remembered) {
+        self.clock += 1;
+        entry.used = self.clock;
+        self.parts.insert(id, entry);
+        if self.parts.len() > REMEMBERED_PARTS
+            && let Some(oldest) = self
+                .parts
+                .iter()
+                .min_by_key(|(_, p)| p.used)
+                .map(|(id, _)| id.clone())
+        {
+            self.parts.remove(&oldest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::LoggedOp;
+    use capsync_shared::{OpId, OpKind};
+    use serde_json::json;
+
+    fn op(cursor: u64, kind: OpKind, payload: Value) -> ReadOp {
+        ReadOp::new(&LoggedOp {
+            cursor: Cursor(cursor),
+            op_id: OpId::from(format!("op{cursor}")),
+            kind,
+            payload: payload.to_string(),
+            applied_at: 1000 + cursor as i64,
+        })
+    }
+
+    /// `op` as the live stream sends it.
+    fn applied(live: &mut LiveHtml, mut op: ReadOp) -> Value {
+        live.apply(&mut op);
+        op.json
+    }
+
+    #[test]
+    fn deltas_get_the_html_of_the_whole_text() {
+        let mut live = LiveHtml::default();
+        let upsert = op(
+            1,
+            OpKind::PartUpsert,
+            json!({"id": "p", "messageID": "m", "type": "text", "text": "a"}),
+        );
+        assert_eq!(applied(&mut live, upsert)["html"], "<p>a</p>\n");
+        let delta = || {
+            op(
+                2,
+                OpKind::PartDelta,
+                json!({"partID": "p", "delta": " *b*"}),
+            )
+        };
+        assert!(live.unknown_parts(&[delta()]).is_empty());
+        let out = applied(&mut live, delta());
+        assert_eq!(out["html"], "<p>a <em>b</em></p>\n");
+        assert_eq!(out["payload"]["delta"], " *b*");
+        let other_field = op(
+            3,
+            OpKind::PartDelta,
+            json!({"partID": "p", "delta": "x", "field": "note"}),
+        );
+        assert!(applied(&mut live, other_field).get("html").is_none());
+    }
+
+    #[test]
+    fn a_looked_up_part_is_not_appended_to_twice() {
+        let mut live = LiveHtml::default();
+        let read = || {
+            vec![
+                op(5, OpKind::PartDelta, json!({"partID": "p", "delta": "b"})),
+                op(6, OpKind::PartDelta, json!({"partID": "p", "delta": "c"})),
+                op(7, OpKind::PartDelta, json!({"partID": "q", "delta": "z"})),
+            ]
+        };
+        let unknown = live.unknown_parts(&read());
+        assert_eq!(unknown, vec!["p".to_owned(), "q".to_owned()]);
+        // The lookup read the part at cursor 5: "a" + "b".
+        let found = HashMap::from([(
+            "p".to_owned(),
+            Lookup {
+                message_id: "m".into(),
+                part: json!({"id": "p", "type": "text", "text": "ab"}),
+                as_of: Cursor(5),
+            },
+        )]);
+        live.learn(unknown, found, Cursor(7));
+        let mut ops = read().into_iter();
+        assert_eq!(
+            applied(&mut live, ops.next().unwrap())["html"],
+            "<p>ab</p>\n"
+        );
+        assert_eq!(
+            applied(&mut live, ops.next().unwrap())["html"],
+            "<p>abc</p>\n"
+        );
+        assert!(
+            applied(&mut live, ops.next().unwrap())
+                .get("html")
+                .is_none()
+        );
+        assert!(
+            live.unknown_parts(&read()).is_empty(),
+            "not looked up twice"
+        );
+    }
+
+    #[test]
+    fn remembers_a_bounded_number_of_parts() {
+        let mut live = LiveHtml::default();
+        for i in 0..(REMEMBERED_PARTS as u64 + 10) {
+            applied(
+                &mut live,
+                op(
+                    i + 1,
+                    OpKind::PartUpsert,
+                    json!({"id": format!("p{i}"), "messageID": "m", "type": "text", "text": ""}),
+                ),
+            );
+        }
+        assert_eq!(live.parts.len(), REMEMBERED_PARTS);
+        assert!(!live.parts.contains_key("p0"));
+        applied(
+            &mut live,
+            op(1000, OpKind::MessageRemove, json!({"id": "m"})),
+        );
+        assert!(live.parts.is_empty());
+    }
+}

@@ -1,0 +1,187 @@
+//! The narrow storage interface the rules run on: rows as the rules see them, and
+//! [`LedgerTx`], the reads and writes of one transaction.
+//!
+//! An engine opens a transaction, hands the rules a [`LedgerTx`] over it, and
+//! commits when they return `Ok` (an `Err` rolls everything back). Every method
+//! works inside that transaction; none commits.
+
+use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
+
+use crate::ledger::{AuditEvent, LedgerResult, ShareInfo, ShareState};
+
+/// A share row as stored.
+#[derive(Clone, Debug)]
+pub struct ShareRow {
+    pub id: ShareId,
+    /// Session-scoped payloads must name this session.
+    pub session_id: String,
+    pub project_id: String,
+    pub parent_session_id: String,
+    pub title: String,
+    /// The agent token that created the share: only it (or an admin) may revoke it.
+    pub owner_token_id: TokenId,
+    pub cursor: Cursor,
+    pub writer_epoch: Epoch,
+    pub viewer_epoch: Epoch,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// When an admin archived the share; `None` while it is not. Archived shares refuse appends.
+    pub archived_at: Option<i64>,
+    /// Ops up to this cursor lost their payload to ledger compaction.
+    pub compacted_through: Cursor,
+}
+
+impl ShareRow {
+    /// Whether this share holds a session that `parent`'s session started (a
+    /// sub-agent's), shared by the same owner. A viewer of `parent` may read it:
+    /// a sub-agent's work is part of the session it was started for, and
+    /// revoking `parent`'s viewers ends that too.
+    pub fn is_child_of(&self, parent: &ShareRow) -> bool {
+        !parent.session_id.is_empty()
+            && self.parent_session_id == parent.session_id
+            && self.owner_token_id == parent.owner_token_id
+            && self.id != parent.id
+    }
+
+    pub fn state(&self) -> ShareState {
+        ShareState {
+            share_id: self.id.clone(),
+            cursor: self.cursor,
+            writer_epoch: self.writer_epoch,
+            viewer_epoch: self.viewer_epoch,
+            updated_at: self.updated_at,
+        }
+    }
+
+    pub fn info(&self) -> ShareInfo {
+        ShareInfo {
+            state: self.state(),
+            session_id: self.session_id.clone(),
+            project_id: self.project_id.clone(),
+            parent_session_id: self.parent_session_id.clone(),
+            title: self.title.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            owner_token_id: self.owner_token_id.clone(),
+            archived_at: self.archived_at,
+        }
+    }
+}
+
+/// The parts of a token row that decide whether it still grants anything.
+#[derive(Clone, Debug)]
+pub struct TokenGrant {
+    pub kind: TokenKind,
+    /// Set for writer and viewer tokens.
+    pub share_id: Option<ShareId>,
+    /// Unix ms; `None` never expires.
+    pub expires_at: Option<i64>,
+    pub revoked: bool,
+}
+
+/// An op to record in a share's ledger at a cursor.
+pub struct LedgerEntry<'a> {
+    pub cursor: Cursor,
+    pub op_id: &'a OpId,
+    pub kind: OpKind,
+    /// What is stored: the agent's payload, or with reclaim, a compacted tool part cleared.
+    pub payload: &'a str,
+    /// The writer token that applied it.
+    pub token_id: &'a TokenId,
+    pub batch_id: &'a str,
+    pub applied_at: i64,
+    /// The digest of the op's content as sent (see the append rules).
+    pub digest: &'a [u8],
+}
+
+/// A stored part's state, as the records rules need it.
+pub struct StoredPart {
+    pub json: String,
+    pub finished: bool,
+}
+
+/// The reads and writes of one transaction, as the engine-neutral rules use them.
+///
+/// Shares and tokens: only visible shares (a share whose deletion has begun is
+/// gone). Records: keyed by share and record id.
+pub trait LedgerTx {
+    /// The visible share with this id.
+    fn share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>>;
+
+    /// [`LedgerTx::share`], and holds the share's lock until the transaction ends,
+    /// so no other transaction appends to it (assigns cursors) meanwhile. An engine
+    /// that runs one write transaction at a time needs no more than a read.
+    fn lock_share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>>;
+
+    /// Visible shares of the sessions `parent` started (sub-agents), with its
+    /// owner, ordered by session id then share id.
+    fn children(&mut self, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>>;
+
+    /// What the token with this id grants; `None` if it does not exist (any more).
+    fn token_grant(&mut self, id: &TokenId) -> LedgerResult<Option<TokenGrant>>;
+
+    // The ledger of ops.
+
+    /// Records `entry` unless the share already has an op with its id: `true`
+    /// when recorded. The "already?" answer and the record are one step.
+    fn claim_op(&mut self, share: &ShareId, entry: &LedgerEntry<'_>) -> LedgerResult<bool>;
+
+    /// Removes the op recorded at `cursor` (a claim whose op was then refused).
+    fn release_op(&mut self, share: &ShareId, cursor: Cursor) -> LedgerResult<()>;
+
+    /// The cursor and content digest of an op id in the share's ledger (the
+    /// digest is `None` for ops recorded before digests were kept).
+    fn logged_op(
+        &mut self,
+        share: &ShareId,
+        op_id: &OpId,
+    ) -> LedgerResult<Option<(Cursor, Option<Vec<u8>>)>>;
+
+    /// Moves the share's cursor (and its last-change time) after an append.
+    fn set_cursor(&mut self, share: &ShareId, cursor: Cursor, updated_at: i64) -> LedgerResult<()>;
+
+    // The records of a share's session.
+
+    /// `Some(updated)` when the session record exists (`updated` may be unknown).
+    fn session_updated(&mut self, share: &ShareId) -> LedgerResult<Option<Option<i64>>>;
+    fn put_session(
+        &mut self,
+        share: &ShareId,
+        updated: Option<i64>,
+        json: &str,
+    ) -> LedgerResult<()>;
+
+    /// Whether the message is stored as terminal; `None` when it is not stored.
+    fn message_terminal(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>>;
+    fn put_message(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        terminal: bool,
+        json: &str,
+    ) -> LedgerResult<()>;
+    /// Removes a message and every part stored under it.
+    fn remove_message(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
+
+    /// Whether the part is stored as finished; `None` when it is not stored.
+    fn part_finished(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>>;
+    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>>;
+    /// Stores a part (replacing one with its id, which may have had another message).
+    fn put_part(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        message_id: &str,
+        finished: bool,
+        json: &str,
+    ) -> LedgerResult<()>;
+    /// Replaces a stored part's JSON, keeping its message and finished flag.
+    fn set_part_json(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()>;
+    fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
+
+    fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()>;
+    fn put_model(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()>;
+
+    /// Adds an audit line, committed with the transaction.
+    fn audit(&mut self, event: &AuditEvent, at: i64) -> LedgerResult<()>;
+}
