@@ -3,7 +3,13 @@
 //!
 //! - [`store`]: the rows the rules read and [`store::LedgerTx`], one transaction's
 //!   reads and writes, which each engine implements.
+//! - [`authority`]: who may do what, checked in the transaction that does it.
+//! - [`append`]: applying a batch exactly once, with gap-free cursors.
+//! - [`records`]: what an op's effect does to the stored records.
 //! - [`compacted_output`]: what reclaim clears from a compacted tool part.
 
+pub mod append;
+pub mod authority;
 pub mod compacted_output;
+pub mod records;
 pub mod store;

@@ -8,8 +8,9 @@
 use capsync_shared::{Cursor, ShareId};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority;
 use super::convert::{cursor_column, cursor_param};
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority;
 use crate::ledger::{CompactPosition, CompactStep, LedgerResult, Operator};
 
 /// One step of a compaction pass, resuming at `from` (`None` to start): drops
@@ -27,7 +28,7 @@ pub(super) fn step(
     dry_run: bool,
     now: i64,
 ) -> LedgerResult<CompactStep> {
-    authority::check_operator(conn, op, now)?;
+    authority::check_operator(&mut SqliteTx::new(conn), op, now)?;
     let mut report = CompactStep {
         total_shares: visible_shares(conn)?,
         ..CompactStep::default()

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
-use super::authority;
 use super::reads::{file_size, wal_path};
 use super::schema::{BUSY_TIMEOUT, WRITER_TEMP_STORE};
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority;
 use crate::ledger::{
     Checkpoint, IncrementalVacuum, LedgerError, LedgerResult, Operator, VacuumReport,
 };
@@ -25,7 +26,7 @@ pub(super) fn vacuum(
     now: i64,
 ) -> LedgerResult<VacuumReport> {
     let started = Instant::now();
-    authority::check_operator(conn, op, now)?;
+    authority::check_operator(&mut SqliteTx::new(conn), op, now)?;
     let bytes_before = stored_bytes(db_path);
     // VACUUM copies the database through the log: starting from an empty log
     // keeps the -wal file from holding the old pages and the new copy at once.

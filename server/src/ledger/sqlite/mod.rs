@@ -3,9 +3,11 @@
 //! - [`schema`]: connection pragmas and versioned migrations.
 //! - [`writer`]: the writer thread and its group-commit loop.
 //! - [`pool`]: read-only connections lent to blocking tasks.
-//! - [`authority`]: token, share and epoch checks, run inside each call's transaction.
-//! - [`apply`], [`payload`], [`records`]: append semantics, payload validation, materialized records.
-//! - [`tokens`], [`shares`], [`audit`]: the other writes.
+//! - [`tx`]: the engine-neutral rules' storage interface
+//!   ([`LedgerTx`](crate::ledger::rules::store::LedgerTx)) over a SQLite transaction;
+//!   authority, appends and records are the rules' ([`crate::ledger::rules`]).
+//! - [`share_rows`]: reading share rows.
+//! - [`tokens`], [`shares`]: the other writes.
 //! - [`reads`], [`snapshot`]: the other reads, and snapshot paging.
 //! - [`prune`], [`reclaim`], [`compact`], [`maintenance`]: the lifecycle steps
 //!   (plan and chunked deletion, clearing compacted tool output, dropping old
@@ -13,9 +15,6 @@
 //! - [`storage`]: a full disk (or `--max-database-bytes`): refusing, the
 //!   reserve file, recovering by itself.
 
-mod apply;
-mod audit;
-mod authority;
 mod compact;
 mod convert;
 mod errors;
@@ -25,12 +24,13 @@ mod pool;
 mod prune;
 mod reads;
 mod reclaim;
-mod records;
 mod schema;
+mod share_rows;
 mod shares;
 mod snapshot;
 mod storage;
 mod tokens;
+mod tx;
 mod writer;
 
 #[cfg(test)]
@@ -53,6 +53,7 @@ use futures::future::BoxFuture;
 
 use self::pool::ReadPool;
 use self::storage::{Reserve, StorageWatch};
+use self::tx::SqliteTx;
 use self::writer::{QueueLimits, Writer};
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Checkpoint, CompactPosition,
@@ -60,6 +61,7 @@ use super::{
     NewShare, NewToken, OpOutcome, Operator, OpsPage, PruneFilter, PrunePlan, ReclaimStep,
     RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StoredToken, VacuumReport,
 };
+use crate::ledger::rules;
 use crate::metrics::Metrics;
 
 /// How hard a commit waits for the disk before the ack is sent.
@@ -295,7 +297,15 @@ impl Backend for SqliteBackend {
         let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
         self.write_announced(
             bytes,
-            move |conn, now| apply::append(conn, &writer, &batch, reclaim_compacted, now),
+            move |conn, now| {
+                rules::append::append(
+                    &mut SqliteTx::new(conn),
+                    &writer,
+                    &batch,
+                    reclaim_compacted,
+                    now,
+                )
+            },
             move |ack| {
                 let applied = ack
                     .results

@@ -3,9 +3,11 @@
 use capsync_shared::{Cursor, ShareId, TokenId};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority::{self, SHARE_COLUMNS, ShareRow, VISIBLE};
 use super::convert::cursor_column;
 use super::errors::corrupt;
+use super::share_rows::{SHARE_COLUMNS, VISIBLE, share_from_row};
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority;
 use crate::ledger::{
     DeleteStep, LedgerError, LedgerResult, Operator, PlannedShare, PruneFilter, PrunePlan,
     PruneReason, PruneSelect, ShareFootprint,
@@ -73,7 +75,7 @@ pub(super) fn plan(
     filter: &PruneFilter,
     now: i64,
 ) -> LedgerResult<PrunePlan> {
-    authority::check_operator(conn, op, now)?;
+    authority::check_operator(&mut SqliteTx::new(conn), op, now)?;
     let select = match filter.select {
         PruneSelect::Roots => ROOTS,
         PruneSelect::Children => CHILDREN,
@@ -92,7 +94,7 @@ pub(super) fn plan(
              WHERE id IN (SELECT id FROM planned) ORDER BY id"
         ))?
         .query_map(filter_params, |r| {
-            Ok((ShareRow::from_row(r)?, r.get::<_, bool>("selected")?))
+            Ok((share_from_row(r)?, r.get::<_, bool>("selected")?))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let shares = rows
@@ -121,9 +123,7 @@ pub(super) fn plan(
                AND id NOT IN (SELECT id FROM planned)
              ORDER BY id"
         ))?
-        .query_map(filter_params, |r| {
-            ShareRow::from_row(r).map(|row| row.info())
-        })?
+        .query_map(filter_params, |r| share_from_row(r).map(|row| row.info()))?
         .collect::<Result<Vec<_>, _>>()?
     };
     Ok(PrunePlan {
@@ -185,7 +185,12 @@ pub(super) fn delete_step(
             ))
         })
         .optional()?;
-    authority::check_deleter(conn, op, share.as_ref().map(|s| &s.2), now)?;
+    authority::check_deleter(
+        &mut SqliteTx::new(conn),
+        op,
+        share.as_ref().map(|s| &s.2),
+        now,
+    )?;
     let Some((cursor, hidden, _)) = share else {
         return Err(LedgerError::NotFound);
     };
@@ -237,7 +242,7 @@ pub(super) fn archive_inactive(
     limit: u32,
     now: i64,
 ) -> LedgerResult<Vec<ShareId>> {
-    authority::check_operator(conn, op, now)?;
+    authority::check_operator(&mut SqliteTx::new(conn), op, now)?;
     let ids = conn
         .prepare_cached(&format!(
             "SELECT id FROM shares

@@ -5,9 +5,12 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority::{self, Access, SHARE_COLUMNS, ShareRow, VISIBLE};
 use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
+use super::share_rows::{SHARE_COLUMNS, VISIBLE, share_from_row};
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority::{self, Access};
+use crate::ledger::rules::store::{LedgerTx, ShareRow};
 use crate::ledger::{
     Authority, LedgerError, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, Stats,
     StoredToken,
@@ -74,20 +77,18 @@ pub(super) fn share_state(
     who: &Authority,
     now: i64,
 ) -> LedgerResult<ShareState> {
-    Ok(authority::check_share(conn, who, Access::Read, now)?.state())
+    Ok(authority::check_share(&mut SqliteTx::new(conn), who, Access::Read, now)?.state())
 }
 
-/// The child shares `who`'s share's viewers may read (see `authority::children`).
+/// The child shares `who`'s share's viewers may read (see [`ShareRow::is_child_of`]).
 pub(super) fn child_shares(
     conn: &Connection,
     who: &Authority,
     now: i64,
 ) -> LedgerResult<Vec<ShareInfo>> {
-    let parent = authority::check_share(conn, who, Access::Read, now)?;
-    Ok(authority::children(conn, &parent)?
-        .iter()
-        .map(|child| child.info())
-        .collect())
+    let mut tx = SqliteTx::new(conn);
+    let parent = authority::check_share(&mut tx, who, Access::Read, now)?;
+    Ok(tx.children(&parent)?.iter().map(ShareRow::info).collect())
 }
 
 /// Shares with id > `after` in id order: all for an admin, its own for an agent;
@@ -100,14 +101,14 @@ pub(super) fn list_shares(
     include_archived: bool,
     now: i64,
 ) -> LedgerResult<Vec<ShareInfo>> {
-    authority::check_admin_or_agent(conn, who, now)?;
+    authority::check_admin_or_agent(&mut SqliteTx::new(conn), who, now)?;
     let rows = if who.kind == TokenKind::Admin {
         conn.prepare_cached(&format!(
             "SELECT {SHARE_COLUMNS} FROM shares
              WHERE id > ?1 AND (?3 OR archived_at IS NULL) AND {VISIBLE}
              ORDER BY id LIMIT ?2"
         ))?
-        .query_map(params![after, limit, include_archived], ShareRow::from_row)?
+        .query_map(params![after, limit, include_archived], share_from_row)?
         .collect::<Result<Vec<_>, _>>()?
     } else {
         conn.prepare_cached(&format!(
@@ -117,7 +118,7 @@ pub(super) fn list_shares(
         ))?
         .query_map(
             params![who.token_id.as_str(), after, limit, include_archived],
-            ShareRow::from_row,
+            share_from_row,
         )?
         .collect::<Result<Vec<_>, _>>()?
     };
@@ -132,7 +133,7 @@ pub(super) fn ops_since(
     limit: u32,
     now: i64,
 ) -> LedgerResult<OpsPage> {
-    let share = authority::check_share(conn, who, Access::Read, now)?;
+    let share = authority::check_share(&mut SqliteTx::new(conn), who, Access::Read, now)?;
     // A cursor the share never reached cannot be "caught up" from: whoever
     // holds it is talking to another (or a restored) server, and must be told.
     if after > share.cursor {
@@ -190,7 +191,7 @@ pub(super) fn stats(
     db_path: &Path,
     now: i64,
 ) -> LedgerResult<Stats> {
-    authority::check_global(conn, who, TokenKind::Admin, now)?;
+    authority::check_global(&mut SqliteTx::new(conn), who, TokenKind::Admin, now)?;
     let pragma = |name: &str| -> LedgerResult<u64> {
         let value: i64 = conn.pragma_query_value(None, name, |r| r.get(0))?;
         Ok(u64::try_from(value).unwrap_or(0))

@@ -4,7 +4,8 @@
 
 use rusqlite::{Connection, params};
 
-use super::authority;
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority;
 use crate::ledger::rules::compacted_output::clear_compacted_output;
 use crate::ledger::{LedgerResult, Operator, ReclaimStep};
 
@@ -37,7 +38,7 @@ pub(super) fn step(
     dry_run: bool,
     now: i64,
 ) -> LedgerResult<ReclaimStep> {
-    authority::check_operator(conn, op, now)?;
+    authority::check_operator(&mut SqliteTx::new(conn), op, now)?;
     let total: i64 = conn
         .prepare_cached("SELECT coalesce(max(rowid), 0) FROM parts")?
         .query_row([], |r| r.get(0))?;

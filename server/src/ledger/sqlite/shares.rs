@@ -4,8 +4,11 @@ use capsync_shared::limits::MAX_RECORD_ID_BYTES;
 use capsync_shared::{Cursor, Epoch, ShareId, TokenKind};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority::{self, ShareRow, VISIBLE, load_share};
+use super::share_rows::{VISIBLE, load_share};
 use super::tokens::{self, StoredAs};
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority;
+use crate::ledger::rules::store::ShareRow;
 use crate::ledger::{
     Authority, LedgerError, LedgerResult, NewShare, NewToken, RevokeScope, ShareInfo, ShareState,
 };
@@ -19,7 +22,7 @@ pub(super) fn create(
     viewer: &NewToken,
     now: i64,
 ) -> LedgerResult<ShareInfo> {
-    authority::check_global(conn, issuer, TokenKind::Agent, now)?;
+    authority::check_global(&mut SqliteTx::new(conn), issuer, TokenKind::Agent, now)?;
     // session.upsert must name this id, so a share with an unusable one could never hold a session.
     if share.session_id.is_empty() || share.session_id.len() > MAX_RECORD_ID_BYTES {
         return Err(LedgerError::InvalidArgument(format!(
@@ -77,7 +80,7 @@ pub(super) fn create_or_join(
     viewer: &NewToken,
     now: i64,
 ) -> LedgerResult<(ShareInfo, bool)> {
-    authority::check_global(conn, issuer, TokenKind::Agent, now)?;
+    authority::check_global(&mut SqliteTx::new(conn), issuer, TokenKind::Agent, now)?;
     let existing: Option<String> = conn
         .prepare_cached(&format!(
             "SELECT id FROM shares
@@ -106,7 +109,7 @@ pub(super) fn revoke(
     scope: RevokeScope,
     now: i64,
 ) -> LedgerResult<ShareState> {
-    authority::check_admin_or_agent(conn, who, now)?;
+    authority::check_admin_or_agent(&mut SqliteTx::new(conn), who, now)?;
     let share = load_share(conn, share_id)?.ok_or(LedgerError::NotFound)?;
     if who.kind == TokenKind::Agent && share.owner_token_id != who.token_id {
         return Err(LedgerError::NotFound);
@@ -134,7 +137,7 @@ pub(super) fn set_archived(
     archived: bool,
     now: i64,
 ) -> LedgerResult<ShareInfo> {
-    authority::check_global(conn, who, TokenKind::Admin, now)?;
+    authority::check_global(&mut SqliteTx::new(conn), who, TokenKind::Admin, now)?;
     let updated = conn
         .prepare_cached(
             "UPDATE shares SET archived_at = CASE WHEN ?2 THEN coalesce(archived_at, ?3) END

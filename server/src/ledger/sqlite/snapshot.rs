@@ -9,7 +9,8 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::authority::{self, Access};
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority::{self, Access};
 use crate::ledger::{Authority, LedgerError, LedgerResult, Record, RecordKind, SnapshotPage};
 
 /// Reads one page starting at `page` ("" for the first), in the caller's read transaction.
@@ -20,7 +21,7 @@ pub(super) fn page(
     max_bytes: u32,
     now: i64,
 ) -> LedgerResult<SnapshotPage> {
-    let share = authority::check_share(conn, who, Access::Read, now)?;
+    let share = authority::check_share(&mut SqliteTx::new(conn), who, Access::Read, now)?;
     let start = Position::decode(page)?;
     let mut filler = Filler {
         records: Vec::new(),

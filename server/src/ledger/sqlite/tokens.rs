@@ -3,7 +3,9 @@
 use capsync_shared::{Epoch, ShareId, TokenId, TokenKind};
 use rusqlite::{Connection, params};
 
-use super::authority::{self, Access};
+use super::share_rows::load_share;
+use super::tx::SqliteTx;
+use crate::ledger::rules::authority::{self, Access};
 use crate::ledger::{Authority, LedgerError, LedgerResult, Minted, NewToken};
 
 /// Stores `token` as a `kind` token issued by `issuer`, if the chain
@@ -17,7 +19,7 @@ pub(super) fn mint(
 ) -> LedgerResult<Minted> {
     match (issuer.kind, kind) {
         (TokenKind::Admin, TokenKind::Agent) => {
-            authority::check_global(conn, issuer, TokenKind::Admin, now)?;
+            authority::check_global(&mut SqliteTx::new(conn), issuer, TokenKind::Admin, now)?;
             let stored = StoredAs {
                 kind,
                 share_id: None,
@@ -28,7 +30,8 @@ pub(super) fn mint(
             Ok(stored.minted())
         }
         (TokenKind::Writer, TokenKind::Writer | TokenKind::Viewer) => {
-            let share = authority::check_share(conn, issuer, Access::Write, now)?;
+            let share =
+                authority::check_share(&mut SqliteTx::new(conn), issuer, Access::Write, now)?;
             // The issuer's epoch was just checked to be the current writer epoch,
             // so a saved writer lives exactly as long as the capability it saves.
             let epoch = match kind {
@@ -58,8 +61,8 @@ pub(super) fn mint_for_share(
     token: &NewToken,
     now: i64,
 ) -> LedgerResult<Minted> {
-    authority::check_admin_or_agent(conn, issuer, now)?;
-    let share = authority::load_share(conn, share_id)?.ok_or(LedgerError::NotFound)?;
+    authority::check_admin_or_agent(&mut SqliteTx::new(conn), issuer, now)?;
+    let share = load_share(conn, share_id)?.ok_or(LedgerError::NotFound)?;
     if issuer.kind == TokenKind::Agent && share.owner_token_id != issuer.token_id {
         return Err(LedgerError::NotFound);
     }
@@ -100,7 +103,7 @@ pub(super) fn revoke(
     token_id: &TokenId,
     now: i64,
 ) -> LedgerResult<()> {
-    authority::check_global(conn, who, TokenKind::Admin, now)?;
+    authority::check_global(&mut SqliteTx::new(conn), who, TokenKind::Admin, now)?;
     let changed = conn
         .prepare_cached("UPDATE tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1")?
         .execute(params![token_id.as_str(), now])?;

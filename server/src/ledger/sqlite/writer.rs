@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::audit;
 use super::storage::StorageWatch;
+use super::tx::SqliteTx;
+use crate::ledger::rules::store::LedgerTx;
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult};
 
 /// Audit lines waiting at most; more are dropped until the writer catches up.
@@ -567,11 +568,13 @@ fn commit_group(
                 }
             }
             for (event, at) in audits {
-                let full = in_savepoint(conn, |conn| match audit::insert(conn, event, *at) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(error = %e, action = event.action, "audit line not written");
-                        false
+                let full = in_savepoint(conn, |conn| {
+                    match SqliteTx::new(conn).audit(event, *at) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, action = event.action, "audit line not written");
+                            false
+                        }
                     }
                 })?;
                 if full {

@@ -1,37 +1,41 @@
-//! Append semantics: authority, cursor fence, then per op dedupe, dependencies, validation and application.
+//! Appending a batch exactly once: the writer's authority, the archive refusal,
+//! the cursor fence, then per op dedupe by op id, dependencies, validation,
+//! the records' rules and the next cursor, all in the caller's transaction.
+//!
+//! The share is locked by the authority check ([`Access::Write`]), so cursors
+//! are given out gap-free however many transactions (or servers) append at once.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use capsync_shared::model::op;
 use capsync_shared::{Cursor, OpId, OpKind};
-use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use super::authority::{self, Access, ShareRow};
-use super::convert::{cursor_column, cursor_param};
-use super::{audit, records};
-use crate::ledger::rules::compacted_output::clear_compacted_output;
+use super::authority::{self, Access};
+use super::compacted_output::clear_compacted_output;
+use super::records;
+use super::store::{LedgerEntry, LedgerTx, ShareRow};
 use crate::ledger::{
     Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
     RejectReason,
 };
-use capsync_shared::model;
 
 /// What an append on an archived share is told.
-pub(super) const ARCHIVED: &str = "share is archived; unarchive it to append";
+pub const ARCHIVED: &str = "share is archived; unarchive it to append";
 
-/// Applies `batch` inside the caller's transaction (see ARCHITECTURE.md, "appendOps").
+/// Applies `batch` inside the caller's transaction.
 ///
 /// With `reclaim_compacted`, a part upsert of a compacted tool part is stored
 /// (in the ledger and in the parts) with its output and attachments cleared.
-pub(super) fn append(
-    conn: &Connection,
+pub fn append(
+    tx: &mut impl LedgerTx,
     writer: &Authority,
     batch: &BatchIn,
     reclaim_compacted: bool,
     now: i64,
 ) -> LedgerResult<Ack> {
-    let share = authority::check_share(conn, writer, Access::Write, now)?;
+    let share = authority::check_share(tx, writer, Access::Write, now)?;
     // Archived means read-only: a writer that still runs must not silently
     // revive a share an admin put away (checked in the same transaction as the
     // archive flag, so no append slips past an archive that committed first).
@@ -44,7 +48,7 @@ pub(super) fn append(
         return Err(LedgerError::CursorConflict(share.cursor));
     }
     let mut run = BatchRun {
-        conn,
+        tx,
         share: &share,
         writer,
         batch_id: &batch.batch_id,
@@ -65,40 +69,35 @@ pub(super) fn append(
         .collect::<LedgerResult<Vec<_>>>()?;
     let cursor = run.cursor;
     if cursor != share.cursor {
-        conn.prepare_cached("UPDATE shares SET cursor = ?2, updated_at = ?3 WHERE id = ?1")?
-            .execute(params![share.id.as_str(), cursor_param(cursor)?, now])?;
+        tx.set_cursor(&share.id, cursor, now)?;
     }
     let ack = Ack { cursor, results };
     // The audit line commits with the batch: atomic with it, and no second
     // transaction (and fsync) per append.
-    audit::insert(conn, &append_audit(writer, batch, &ack), now)?;
+    tx.audit(&append_audit(writer, batch, &ack), now)?;
     Ok(ack)
 }
 
 fn append_audit(writer: &Authority, batch: &BatchIn, ack: &Ack) -> AuditEvent {
-    let (mut applied, mut duplicate, mut rejected) = (0, 0, 0);
-    for result in &ack.results {
-        match result.outcome {
-            OpOutcome::Applied(_) => applied += 1,
-            OpOutcome::Duplicate(_) => duplicate += 1,
-            OpOutcome::Rejected { .. } => rejected += 1,
-        }
-    }
     AuditEvent {
         action: "append",
         token_id: Some(writer.token_id.clone()),
         share_id: writer.share.as_ref().map(|(id, _)| id.clone()),
         outcome: "ok".into(),
         detail: format!(
-            "batch={} cursor={} applied={applied} duplicate={duplicate} rejected={rejected}",
-            batch.batch_id, ack.cursor
+            "batch={} cursor={} applied={} duplicate={} rejected={}",
+            batch.batch_id,
+            ack.cursor,
+            ack.applied(),
+            ack.duplicates(),
+            ack.rejected()
         ),
     }
 }
 
 /// One batch being applied.
-struct BatchRun<'a> {
-    conn: &'a Connection,
+struct BatchRun<'a, T> {
+    tx: &'a mut T,
     share: &'a ShareRow,
     /// Recorded on every ledger row it applies.
     writer: &'a Authority,
@@ -114,7 +113,7 @@ struct BatchRun<'a> {
     applied_here: HashMap<&'a str, (Cursor, OpDigest)>,
 }
 
-impl<'a> BatchRun<'a> {
+impl<'a, T: LedgerTx> BatchRun<'a, T> {
     fn op(&mut self, op: &'a OpIn) -> LedgerResult<OpOutcome> {
         let digest = OpDigest::of(op);
         if let Some((at, first)) = self.applied_here.get(op.op_id.as_str()) {
@@ -131,27 +130,26 @@ impl<'a> BatchRun<'a> {
         // same probe that records the op, instead of a lookup before it. An op
         // refused below gives its claim back.
         let cursor = Cursor(self.cursor.0 + 1);
-        let claimed = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at, digest)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (share_id, op_id) DO NOTHING",
-            )?
-            .execute(params![
-                self.share.id.as_str(),
-                cursor_param(cursor)?,
-                op.op_id.as_str(),
-                op.kind.as_str(),
-                payload.as_ref(),
-                self.writer.token_id.as_str(),
-                self.batch_id,
-                self.now,
-                digest.0.as_slice(),
-            ])?
-            == 1;
-        if !claimed {
-            let (at, first) = self.applied_with_digest(&op.op_id)?;
+        let entry = LedgerEntry {
+            cursor,
+            op_id: &op.op_id,
+            kind: op.kind,
+            payload: &payload,
+            token_id: &self.writer.token_id,
+            batch_id: self.batch_id,
+            applied_at: self.now,
+            digest: &digest.0,
+        };
+        if !self.tx.claim_op(&self.share.id, &entry)? {
+            let (at, first) = self
+                .tx
+                .logged_op(&self.share.id, &op.op_id)?
+                .ok_or_else(|| {
+                    LedgerError::Storage(format!(
+                        "op {} conflicted but is not in the ledger",
+                        op.op_id
+                    ))
+                })?;
             return Ok(repeated(op, at, first.as_deref(), &digest));
         }
         match self.check_and_apply(op, &payload)? {
@@ -162,9 +160,7 @@ impl<'a> BatchRun<'a> {
                 Ok(OpOutcome::Applied(cursor))
             }
             Err(outcome) => {
-                self.conn
-                    .prepare_cached("DELETE FROM ops WHERE share_id = ?1 AND cursor = ?2")?
-                    .execute(params![self.share.id.as_str(), cursor_param(cursor)?])?;
+                self.tx.release_op(&self.share.id, cursor)?;
                 Ok(outcome)
             }
         }
@@ -187,48 +183,27 @@ impl<'a> BatchRun<'a> {
     /// Dependencies, payload and stored state, then the record write; or the rejection.
     fn check_and_apply(&mut self, op: &OpIn, payload: &str) -> LedgerResult<Result<(), OpOutcome>> {
         for dependency in &op.depends_on {
-            if self.applied_at(dependency)?.is_none() {
+            if !self.is_applied(dependency)? {
                 return Ok(Err(rejected(
                     RejectReason::MissingDependency,
                     format!("depends on op {dependency}, which is not applied in this share"),
                 )));
             }
         }
-        let effect = match model::op::parse(op.kind, payload, Some(&self.share.session_id)) {
+        let effect = match op::parse(op.kind, payload, Some(&self.share.session_id)) {
             Ok(effect) => effect,
             Err(reason) => return Ok(Err(rejected(RejectReason::Invalid, reason))),
         };
-        let refused = records::apply(self.conn, self.share.id.as_str(), &effect)?;
+        let refused = records::apply(self.tx, &self.share.id, &effect)?;
         Ok(refused.map_err(|refusal| rejected(refusal.reason, refusal.detail)))
     }
 
-    /// The cursor and content digest of an op id already in the ledger
-    /// (the digest is `None` for ops applied before digests were kept).
-    fn applied_with_digest(&self, op_id: &OpId) -> LedgerResult<(Cursor, Option<Vec<u8>>)> {
-        self.conn
-            .prepare_cached("SELECT cursor, digest FROM ops WHERE share_id = ?1 AND op_id = ?2")?
-            .query_row(params![self.share.id.as_str(), op_id.as_str()], |r| {
-                Ok((cursor_column(r, 0)?, r.get(1)?))
-            })
-            .optional()?
-            .ok_or_else(|| {
-                LedgerError::Storage(format!("op {op_id} conflicted but is not in the ledger"))
-            })
-    }
-
-    /// The cursor `op_id` was applied at in this share, if it was.
-    fn applied_at(&self, op_id: &OpId) -> LedgerResult<Option<Cursor>> {
-        if let Some((cursor, _)) = self.applied_here.get(op_id.as_str()) {
-            return Ok(Some(*cursor));
+    /// Whether `op_id` is applied in this share (in this batch or before).
+    fn is_applied(&mut self, op_id: &OpId) -> LedgerResult<bool> {
+        if self.applied_here.contains_key(op_id.as_str()) {
+            return Ok(true);
         }
-        let cursor = self
-            .conn
-            .prepare_cached("SELECT cursor FROM ops WHERE share_id = ?1 AND op_id = ?2")?
-            .query_row(params![self.share.id.as_str(), op_id.as_str()], |r| {
-                cursor_column(r, 0)
-            })
-            .optional()?;
-        Ok(cursor)
+        Ok(self.tx.logged_op(&self.share.id, op_id)?.is_some())
     }
 }
 

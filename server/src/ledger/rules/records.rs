@@ -1,0 +1,139 @@
+//! Materialized records: applies a parsed [`Effect`] to a share's stored session,
+//! messages, parts, diffs and models, by the stale-transition rules of
+//! [`progress`](capsync_shared::model::progress).
+//!
+//! Each effect first checks what it needs from the stored records and only
+//! then writes, so a refused op leaves nothing behind.
+
+use capsync_shared::ShareId;
+use capsync_shared::model::Effect;
+use capsync_shared::model::progress::is_older;
+use serde_json::Value;
+
+use super::store::LedgerTx;
+use crate::ledger::{LedgerError, LedgerResult, RejectReason};
+
+/// Why stored state refuses an otherwise well-formed op.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RejectReason,
+    /// A short sentence for the agent.
+    pub detail: String,
+}
+
+impl Refusal {
+    fn invalid(detail: String) -> Self {
+        Self {
+            reason: RejectReason::Invalid,
+            detail,
+        }
+    }
+
+    fn stale(detail: String) -> Self {
+        Self {
+            reason: RejectReason::StaleTransition,
+            detail,
+        }
+    }
+}
+
+/// Applies `effect` to the records of `share`, or says why the stored state refuses it.
+pub fn apply(
+    tx: &mut impl LedgerTx,
+    share: &ShareId,
+    effect: &Effect,
+) -> LedgerResult<Result<(), Refusal>> {
+    match effect {
+        Effect::Session { updated, json } => {
+            if is_older(*updated, tx.session_updated(share)?.flatten()) {
+                return Ok(Err(Refusal::stale(
+                    "the session was already updated later (time.updated)".to_owned(),
+                )));
+            }
+            tx.put_session(share, *updated, json)?;
+        }
+        Effect::MessageUpsert { id, terminal, json } => {
+            if is_older(Some(*terminal), tx.message_terminal(share, id)?) {
+                return Ok(Err(Refusal::stale(format!(
+                    "message {id} is already completed or errored and cannot move back"
+                ))));
+            }
+            tx.put_message(share, id, *terminal, json)?;
+        }
+        // Its parts go with it, including any that arrived before it.
+        Effect::MessageRemove { id } => tx.remove_message(share, id)?,
+        Effect::PartUpsert {
+            id,
+            message_id,
+            finished,
+            json,
+        } => {
+            if is_older(Some(*finished), tx.part_finished(share, id)?) {
+                return Ok(Err(Refusal::stale(format!(
+                    "part {id} is already finished and cannot move back"
+                ))));
+            }
+            // A part whose message has not arrived yet is kept: snapshots come
+            // concurrently, and a client that never resends would lose it. It
+            // shows once its message exists. A part that moved to another
+            // message follows it: message_id is replaced along with the JSON.
+            tx.put_part(share, id, message_id, *finished, json)?;
+        }
+        Effect::PartRemove { id } => tx.remove_part(share, id)?,
+        Effect::PartDelta { id, field, delta } => {
+            return part_delta(tx, share, id, field, delta);
+        }
+        Effect::DiffSet { json } => tx.put_diffs(share, json)?,
+        Effect::ModelUpsert { id, json } => tx.put_model(share, id, json)?,
+    }
+    Ok(Ok(()))
+}
+
+/// Appends to a string field of a stored part.
+///
+/// The stored JSON is parsed and written back whole, so the cost grows with
+/// the part's size; object keys come back in sorted order.
+fn part_delta(
+    tx: &mut impl LedgerTx,
+    share: &ShareId,
+    id: &str,
+    field: &str,
+    delta: &str,
+) -> LedgerResult<Result<(), Refusal>> {
+    let Some(stored) = tx.part(share, id)? else {
+        return Ok(Err(Refusal::invalid(format!(
+            "part {id} does not exist in this share"
+        ))));
+    };
+    // A finished part's snapshot holds its whole text already: a delta sent before the
+    // end (arriving late, from another writer of the share) would add it a second time.
+    if stored.finished {
+        return Ok(Err(Refusal::stale(format!(
+            "part {id} is finished; its stored snapshot has the whole text"
+        ))));
+    }
+    let mut part: Value =
+        serde_json::from_str(&stored.json).map_err(|e| corrupt(format!("part {id}: {e}")))?;
+    let Some(obj) = part.as_object_mut() else {
+        return Err(corrupt(format!("part {id} is not a JSON object")));
+    };
+    match obj.get_mut(field) {
+        None => {
+            obj.insert(field.to_owned(), Value::String(delta.to_owned()));
+        }
+        Some(Value::String(text)) => text.push_str(delta),
+        Some(_) => {
+            return Ok(Err(Refusal::invalid(format!(
+                "part {id}'s field \"{field}\" is not a string"
+            ))));
+        }
+    }
+    let json = serde_json::to_string(&part).map_err(|e| corrupt(format!("part {id}: {e}")))?;
+    tx.set_part_json(share, id, &json)?;
+    Ok(Ok(()))
+}
+
+/// A stored value that the rules' own writes could not have produced.
+pub fn corrupt(what: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(format!("unexpected stored data: {what}"))
+}

@@ -1,0 +1,279 @@
+//! [`LedgerTx`] over SQLite: the rules' reads and writes as statements on the
+//! connection whose transaction is open (the writer's group transaction, or a
+//! pooled reader's read transaction).
+
+use capsync_shared::{Cursor, OpId, ShareId, TokenId, TokenKind};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::convert::{cursor_column, cursor_param};
+use super::errors::corrupt;
+use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
+use crate::ledger::rules::store::{LedgerEntry, LedgerTx, ShareRow, StoredPart, TokenGrant};
+use crate::ledger::{AuditEvent, LedgerResult};
+
+/// The rules' view of one SQLite transaction.
+pub(super) struct SqliteTx<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> SqliteTx<'c> {
+    pub fn new(conn: &'c Connection) -> Self {
+        Self { conn }
+    }
+}
+
+impl LedgerTx for SqliteTx<'_> {
+    fn share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>> {
+        share_rows::load_share(self.conn, id)
+    }
+
+    /// One writer thread runs every write transaction, one at a time: reading
+    /// the row is all the locking a share needs.
+    fn lock_share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>> {
+        share_rows::load_share(self.conn, id)
+    }
+
+    fn children(&mut self, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>> {
+        if parent.session_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {SHARE_COLUMNS} FROM shares
+             WHERE parent_session_id = ?1 AND owner_token_id = ?2 AND {VISIBLE}
+             ORDER BY session_id, id"
+        ))?;
+        let rows = stmt.query_map(
+            params![parent.session_id, parent.owner_token_id.as_str()],
+            share_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn token_grant(&mut self, id: &TokenId) -> LedgerResult<Option<TokenGrant>> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, share_id, expires_at, revoked_at IS NOT NULL FROM tokens WHERE id = ?1",
+            )?
+            .query_row([id.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })
+            .optional()?;
+        row.map(|(kind, share_id, expires_at, revoked)| {
+            Ok(TokenGrant {
+                kind: TokenKind::parse(&kind)
+                    .ok_or_else(|| corrupt(format!("token kind {kind:?}")))?,
+                share_id: share_id.map(ShareId),
+                expires_at,
+                revoked,
+            })
+        })
+        .transpose()
+    }
+
+    fn claim_op(&mut self, share: &ShareId, entry: &LedgerEntry<'_>) -> LedgerResult<bool> {
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at, digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (share_id, op_id) DO NOTHING",
+            )?
+            .execute(params![
+                share.as_str(),
+                cursor_param(entry.cursor)?,
+                entry.op_id.as_str(),
+                entry.kind.as_str(),
+                entry.payload,
+                entry.token_id.as_str(),
+                entry.batch_id,
+                entry.applied_at,
+                entry.digest,
+            ])?;
+        Ok(inserted == 1)
+    }
+
+    fn release_op(&mut self, share: &ShareId, cursor: Cursor) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("DELETE FROM ops WHERE share_id = ?1 AND cursor = ?2")?
+            .execute(params![share.as_str(), cursor_param(cursor)?])?;
+        Ok(())
+    }
+
+    fn logged_op(
+        &mut self,
+        share: &ShareId,
+        op_id: &OpId,
+    ) -> LedgerResult<Option<(Cursor, Option<Vec<u8>>)>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT cursor, digest FROM ops WHERE share_id = ?1 AND op_id = ?2")?
+            .query_row(params![share.as_str(), op_id.as_str()], |r| {
+                Ok((cursor_column(r, 0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    fn set_cursor(&mut self, share: &ShareId, cursor: Cursor, updated_at: i64) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("UPDATE shares SET cursor = ?2, updated_at = ?3 WHERE id = ?1")?
+            .execute(params![share.as_str(), cursor_param(cursor)?, updated_at])?;
+        Ok(())
+    }
+
+    fn session_updated(&mut self, share: &ShareId) -> LedgerResult<Option<Option<i64>>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT updated FROM sessions WHERE share_id = ?1")?
+            .query_row([share.as_str()], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn put_session(
+        &mut self,
+        share: &ShareId,
+        updated: Option<i64>,
+        json: &str,
+    ) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sessions (share_id, updated, json) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (share_id) DO UPDATE
+                 SET updated = excluded.updated, json = excluded.json",
+            )?
+            .execute(params![share.as_str(), updated, json])?;
+        Ok(())
+    }
+
+    fn message_terminal(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT terminal FROM messages WHERE share_id = ?1 AND id = ?2")?
+            .query_row(params![share.as_str(), id], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn put_message(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        terminal: bool,
+        json: &str,
+    ) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO messages (share_id, id, terminal, json) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (share_id, id) DO UPDATE
+                 SET terminal = excluded.terminal, json = excluded.json",
+            )?
+            .execute(params![share.as_str(), id, terminal, json])?;
+        Ok(())
+    }
+
+    fn remove_message(&mut self, share: &ShareId, id: &str) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("DELETE FROM parts WHERE share_id = ?1 AND message_id = ?2")?
+            .execute(params![share.as_str(), id])?;
+        self.conn
+            .prepare_cached("DELETE FROM messages WHERE share_id = ?1 AND id = ?2")?
+            .execute(params![share.as_str(), id])?;
+        Ok(())
+    }
+
+    fn part_finished(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT finished FROM parts WHERE share_id = ?1 AND id = ?2")?
+            .query_row(params![share.as_str(), id], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT json, finished FROM parts WHERE share_id = ?1 AND id = ?2")?
+            .query_row(params![share.as_str(), id], |r| {
+                Ok(StoredPart {
+                    json: r.get(0)?,
+                    finished: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_part(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        message_id: &str,
+        finished: bool,
+        json: &str,
+    ) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO parts (share_id, id, message_id, finished, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (share_id, id) DO UPDATE
+                 SET message_id = excluded.message_id, finished = excluded.finished,
+                     json = excluded.json",
+            )?
+            .execute(params![share.as_str(), id, message_id, finished, json])?;
+        Ok(())
+    }
+
+    fn set_part_json(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("UPDATE parts SET json = ?3 WHERE share_id = ?1 AND id = ?2")?
+            .execute(params![share.as_str(), id, json])?;
+        Ok(())
+    }
+
+    fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("DELETE FROM parts WHERE share_id = ?1 AND id = ?2")?
+            .execute(params![share.as_str(), id])?;
+        Ok(())
+    }
+
+    fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO diffs (share_id, json) VALUES (?1, ?2)
+                 ON CONFLICT (share_id) DO UPDATE SET json = excluded.json",
+            )?
+            .execute(params![share.as_str(), json])?;
+        Ok(())
+    }
+
+    fn put_model(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO models (share_id, id, json) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (share_id, id) DO UPDATE SET json = excluded.json",
+            )?
+            .execute(params![share.as_str(), id, json])?;
+        Ok(())
+    }
+
+    fn audit(&mut self, event: &AuditEvent, at: i64) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (at, action, token_id, share_id, outcome, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                at,
+                event.action,
+                event.token_id.as_ref().map(|t| t.as_str()),
+                event.share_id.as_ref().map(|s| s.as_str()),
+                event.outcome,
+                event.detail,
+            ])?;
+        Ok(())
+    }
+}
