@@ -7,7 +7,7 @@
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 
-use crate::ledger::{AuditEvent, LedgerResult, ShareInfo, ShareState};
+use crate::ledger::{AuditEvent, LedgerResult, NewToken, ShareInfo, ShareState};
 
 /// A share row as stored.
 #[derive(Clone, Debug)]
@@ -79,6 +79,17 @@ pub struct TokenGrant {
     pub revoked: bool,
 }
 
+/// Where a new token row sits in the attenuation chain.
+pub struct StoredToken<'a> {
+    pub kind: TokenKind,
+    /// Set for writer and viewer tokens.
+    pub share_id: Option<&'a ShareId>,
+    /// The share's epoch of the token's scope when it was minted.
+    pub epoch: Epoch,
+    /// Who minted it, for the audit trail; `None` for the bootstrap admin token.
+    pub issued_by: Option<&'a TokenId>,
+}
+
 /// An op to record in a share's ledger at a cursor.
 pub struct LedgerEntry<'a> {
     pub cursor: Cursor,
@@ -117,8 +128,40 @@ pub trait LedgerTx {
     /// owner, ordered by session id then share id.
     fn children(&mut self, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>>;
 
+    /// The agent's oldest visible, unarchived share of `session_id`.
+    fn open_share_of_session(
+        &mut self,
+        owner: &TokenId,
+        session_id: &str,
+    ) -> LedgerResult<Option<ShareId>>;
+
+    /// Holds a lock on the agent's session until the transaction ends, so two
+    /// transactions cannot both find no share of it and each create one.
+    fn lock_session(&mut self, owner: &TokenId, session_id: &str) -> LedgerResult<()>;
+
+    /// Stores a new share (its cursor 0, epochs 0).
+    fn insert_share(&mut self, share: &ShareRow) -> LedgerResult<()>;
+
+    fn set_epochs(&mut self, share: &ShareId, writers: Epoch, viewers: Epoch) -> LedgerResult<()>;
+
+    fn set_archived_at(&mut self, share: &ShareId, archived_at: Option<i64>) -> LedgerResult<()>;
+
     /// What the token with this id grants; `None` if it does not exist (any more).
     fn token_grant(&mut self, id: &TokenId) -> LedgerResult<Option<TokenGrant>>;
+
+    fn insert_token(
+        &mut self,
+        token: &NewToken,
+        stored: &StoredToken<'_>,
+        now: i64,
+    ) -> LedgerResult<()>;
+
+    /// Marks the token revoked (keeping an earlier revocation time); `false` if
+    /// there is no such token.
+    fn revoke_token(&mut self, id: &TokenId, now: i64) -> LedgerResult<bool>;
+
+    /// Marks every live admin token revoked.
+    fn revoke_admin_tokens(&mut self, now: i64) -> LedgerResult<()>;
 
     // The ledger of ops.
 

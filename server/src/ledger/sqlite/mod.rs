@@ -7,7 +7,6 @@
 //!   ([`LedgerTx`](crate::ledger::rules::store::LedgerTx)) over a SQLite transaction;
 //!   authority, appends and records are the rules' ([`crate::ledger::rules`]).
 //! - [`share_rows`]: reading share rows.
-//! - [`tokens`], [`shares`]: the other writes.
 //! - [`reads`], [`snapshot`]: the other reads, and snapshot paging.
 //! - [`prune`], [`reclaim`], [`compact`], [`maintenance`]: the lifecycle steps
 //!   (plan and chunked deletion, clearing compacted tool output, dropping old
@@ -26,10 +25,8 @@ mod reads;
 mod reclaim;
 mod schema;
 mod share_rows;
-mod shares;
 mod snapshot;
 mod storage;
-mod tokens;
 mod tx;
 mod writer;
 
@@ -246,7 +243,9 @@ impl Backend for SqliteBackend {
         kind: TokenKind,
         token: NewToken,
     ) -> BoxFuture<'static, LedgerResult<Minted>> {
-        self.write(move |conn, now| tokens::mint(conn, &issuer, kind, &token, now))
+        self.write(move |conn, now| {
+            rules::tokens::mint(&mut SqliteTx::new(conn), &issuer, kind, &token, now)
+        })
     }
 
     fn mint_for_share(
@@ -257,12 +256,21 @@ impl Backend for SqliteBackend {
         token: NewToken,
     ) -> BoxFuture<'static, LedgerResult<Minted>> {
         self.write(move |conn, now| {
-            tokens::mint_for_share(conn, &issuer, &share_id, kind, &token, now)
+            rules::tokens::mint_for_share(
+                &mut SqliteTx::new(conn),
+                &issuer,
+                &share_id,
+                kind,
+                &token,
+                now,
+            )
         })
     }
 
     fn replace_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<()>> {
-        self.write(move |conn, now| tokens::replace_admin(conn, &token, now))
+        self.write(move |conn, now| {
+            rules::tokens::replace_admin(&mut SqliteTx::new(conn), &token, now)
+        })
     }
 
     fn has_admin_token(&self) -> BoxFuture<'static, LedgerResult<bool>> {
@@ -276,7 +284,16 @@ impl Backend for SqliteBackend {
         writer: NewToken,
         viewer: NewToken,
     ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
-        self.write(move |conn, now| shares::create(conn, &issuer, &share, &writer, &viewer, now))
+        self.write(move |conn, now| {
+            rules::shares::create(
+                &mut SqliteTx::new(conn),
+                &issuer,
+                &share,
+                &writer,
+                &viewer,
+                now,
+            )
+        })
     }
 
     fn create_or_join_share(
@@ -287,7 +304,14 @@ impl Backend for SqliteBackend {
         viewer: NewToken,
     ) -> BoxFuture<'static, LedgerResult<(ShareInfo, bool)>> {
         self.write(move |conn, now| {
-            shares::create_or_join(conn, &issuer, &share, &writer, &viewer, now)
+            rules::shares::create_or_join(
+                &mut SqliteTx::new(conn),
+                &issuer,
+                &share,
+                &writer,
+                &viewer,
+                now,
+            )
         })
     }
 
@@ -342,7 +366,9 @@ impl Backend for SqliteBackend {
         share_id: ShareId,
         archived: bool,
     ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
-        self.write(move |conn, now| shares::set_archived(conn, &who, &share_id, archived, now))
+        self.write(move |conn, now| {
+            rules::shares::set_archived(&mut SqliteTx::new(conn), &who, &share_id, archived, now)
+        })
     }
 
     fn stats(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Stats>> {
@@ -359,7 +385,9 @@ impl Backend for SqliteBackend {
         let changed = Changed::Share(share_id.clone());
         self.write_announced(
             0,
-            move |conn, now| shares::revoke(conn, &who, &share_id, scope, now),
+            move |conn, now| {
+                rules::shares::revoke(&mut SqliteTx::new(conn), &who, &share_id, scope, now)
+            },
             move |_| Some(changed),
         )
     }
@@ -371,7 +399,7 @@ impl Backend for SqliteBackend {
     ) -> BoxFuture<'static, LedgerResult<()>> {
         self.write_announced(
             0,
-            move |conn, now| tokens::revoke(conn, &who, &token_id, now),
+            move |conn, now| rules::tokens::revoke(&mut SqliteTx::new(conn), &who, &token_id, now),
             |_| Some(Changed::Tokens),
         )
     }

@@ -2,14 +2,16 @@
 //! connection whose transaction is open (the writer's group transaction, or a
 //! pooled reader's read transaction).
 
-use capsync_shared::{Cursor, OpId, ShareId, TokenId, TokenKind};
+use capsync_shared::{Cursor, Epoch, OpId, ShareId, TokenId, TokenKind};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
-use crate::ledger::rules::store::{LedgerEntry, LedgerTx, ShareRow, StoredPart, TokenGrant};
-use crate::ledger::{AuditEvent, LedgerResult};
+use crate::ledger::rules::store::{
+    LedgerEntry, LedgerTx, ShareRow, StoredPart, StoredToken, TokenGrant,
+};
+use crate::ledger::{AuditEvent, LedgerResult, NewToken};
 
 /// The rules' view of one SQLite transaction.
 pub(super) struct SqliteTx<'c> {
@@ -47,6 +49,107 @@ impl LedgerTx for SqliteTx<'_> {
             share_from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn open_share_of_session(
+        &mut self,
+        owner: &TokenId,
+        session_id: &str,
+    ) -> LedgerResult<Option<ShareId>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id FROM shares
+                 WHERE session_id = ?1 AND owner_token_id = ?2 AND archived_at IS NULL AND {VISIBLE}
+                 ORDER BY created_at, id LIMIT 1"
+            ))?
+            .query_row(params![session_id, owner.as_str()], |r| r.get(0))
+            .optional()?
+            .map(ShareId))
+    }
+
+    /// Write transactions run one at a time on the writer thread: nothing to lock.
+    fn lock_session(&mut self, _owner: &TokenId, _session_id: &str) -> LedgerResult<()> {
+        Ok(())
+    }
+
+    fn insert_share(&mut self, share: &ShareRow) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO shares (id, session_id, project_id, parent_session_id, title,
+                                     owner_token_id, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                share.id.as_str(),
+                share.session_id,
+                share.project_id,
+                share.parent_session_id,
+                share.title,
+                share.owner_token_id.as_str(),
+                share.created_at,
+                share.updated_at,
+            ])?;
+        Ok(())
+    }
+
+    fn set_epochs(&mut self, share: &ShareId, writers: Epoch, viewers: Epoch) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("UPDATE shares SET writer_epoch = ?2, viewer_epoch = ?3 WHERE id = ?1")?
+            .execute(params![share.as_str(), writers.0, viewers.0])?;
+        Ok(())
+    }
+
+    fn set_archived_at(&mut self, share: &ShareId, archived_at: Option<i64>) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached("UPDATE shares SET archived_at = ?2 WHERE id = ?1")?
+            .execute(params![share.as_str(), archived_at])?;
+        Ok(())
+    }
+
+    fn insert_token(
+        &mut self,
+        token: &NewToken,
+        stored: &StoredToken<'_>,
+        now: i64,
+    ) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tokens
+                     (id, kind, share_id, epoch, secret_hash, label, expires_at, issued_by, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                token.id.as_str(),
+                stored.kind.as_str(),
+                stored.share_id.map(ShareId::as_str),
+                stored.epoch.0,
+                token.secret_hash,
+                token.label,
+                token.expires_at,
+                stored.issued_by.map(TokenId::as_str),
+                now,
+            ])?;
+        Ok(())
+    }
+
+    fn revoke_token(&mut self, id: &TokenId, now: i64) -> LedgerResult<bool> {
+        let changed = self
+            .conn
+            .prepare_cached(
+                "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1",
+            )?
+            .execute(params![id.as_str(), now])?;
+        Ok(changed > 0)
+    }
+
+    fn revoke_admin_tokens(&mut self, now: i64) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE tokens SET revoked_at = ?1 WHERE kind = 'admin' AND revoked_at IS NULL",
+            )?
+            .execute([now])?;
+        Ok(())
     }
 
     fn token_grant(&mut self, id: &TokenId) -> LedgerResult<Option<TokenGrant>> {
