@@ -6,6 +6,7 @@
 //! - [`authority`]: who may do what, checked in the transaction that does it.
 //! - [`append`]: applying a batch exactly once, with gap-free cursors.
 //! - [`records`]: what an op's effect does to the stored records.
+//! - [`reads`]: reads under authority, and the catch-up cursor rules.
 //! - [`tokens`], [`shares`]: minting along the attenuation chain, creating,
 //!   joining, revoking and archiving shares.
 //! - [`compacted_output`]: what reclaim clears from a compacted tool part.
@@ -13,6 +14,7 @@
 pub mod append;
 pub mod authority;
 pub mod compacted_output;
+pub mod reads;
 pub mod records;
 pub mod shares;
 pub mod store;

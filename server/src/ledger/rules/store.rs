@@ -7,7 +7,7 @@
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 
-use crate::ledger::{AuditEvent, LedgerResult, NewToken, ShareInfo, ShareState};
+use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareInfo, ShareState};
 
 /// A share row as stored.
 #[derive(Clone, Debug)]
@@ -128,6 +128,16 @@ pub trait LedgerTx {
     /// owner, ordered by session id then share id.
     fn children(&mut self, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>>;
 
+    /// Visible shares ordered by id after `after`, at most `limit`: those of
+    /// `owner` only when given, archived ones only with `include_archived`.
+    fn list_shares(
+        &mut self,
+        owner: Option<&TokenId>,
+        after: &str,
+        limit: u32,
+        include_archived: bool,
+    ) -> LedgerResult<Vec<ShareRow>>;
+
     /// The agent's oldest visible, unarchived share of `session_id`.
     fn open_share_of_session(
         &mut self,
@@ -179,6 +189,14 @@ pub trait LedgerTx {
         share: &ShareId,
         op_id: &OpId,
     ) -> LedgerResult<Option<(Cursor, Option<Vec<u8>>)>>;
+
+    /// Logged ops with cursor > `after`, in cursor order, at most `limit`.
+    fn ops_after(
+        &mut self,
+        share: &ShareId,
+        after: Cursor,
+        limit: u32,
+    ) -> LedgerResult<Vec<LoggedOp>>;
 
     /// Moves the share's cursor (and its last-change time) after an append.
     fn set_cursor(&mut self, share: &ShareId, cursor: Cursor, updated_at: i64) -> LedgerResult<()>;

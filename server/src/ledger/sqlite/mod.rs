@@ -341,11 +341,11 @@ impl Backend for SqliteBackend {
     }
 
     fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>> {
-        self.read(move |conn, now| reads::share_state(conn, &who, now))
+        self.read(move |conn, now| rules::reads::share_state(&mut SqliteTx::new(conn), &who, now))
     }
 
     fn child_shares(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
-        self.read(move |conn, now| reads::child_shares(conn, &who, now))
+        self.read(move |conn, now| rules::reads::child_shares(&mut SqliteTx::new(conn), &who, now))
     }
 
     fn list_shares(
@@ -356,7 +356,14 @@ impl Backend for SqliteBackend {
         include_archived: bool,
     ) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
         self.read(move |conn, now| {
-            reads::list_shares(conn, &who, &after, limit, include_archived, now)
+            rules::reads::list_shares(
+                &mut SqliteTx::new(conn),
+                &who,
+                &after,
+                limit,
+                include_archived,
+                now,
+            )
         })
     }
 
@@ -419,7 +426,9 @@ impl Backend for SqliteBackend {
         after: Cursor,
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<OpsPage>> {
-        self.read(move |conn, now| reads::ops_since(conn, &who, after, limit, now))
+        self.read(move |conn, now| {
+            rules::reads::ops_since(&mut SqliteTx::new(conn), &who, after, limit, now)
+        })
     }
 
     fn plan_prune(

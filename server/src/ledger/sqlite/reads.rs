@@ -1,20 +1,15 @@
-//! Read queries: token lookup, share state and listings, catch-up from the ledger, and stats.
+//! SQLite's own reads: token lookup for redeeming, the admin-token check, and stats.
 
-use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
+use capsync_shared::{Epoch, ShareId, TokenId, TokenKind};
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension};
 
-use super::convert::{cursor_column, cursor_param};
+use super::convert::cursor_column;
 use super::errors::corrupt;
-use super::share_rows::{SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::tx::SqliteTx;
-use crate::ledger::rules::authority::{self, Access};
-use crate::ledger::rules::store::{LedgerTx, ShareRow};
-use crate::ledger::{
-    Authority, LedgerError, LedgerResult, LoggedOp, OpsPage, ShareInfo, ShareState, Stats,
-    StoredToken,
-};
+use crate::ledger::rules::authority;
+use crate::ledger::{Authority, LedgerResult, ShareState, Stats, StoredToken};
 
 /// The token row with its share's current state; no authority needed.
 pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option<StoredToken>> {
@@ -70,117 +65,6 @@ pub(super) fn has_admin_token(conn: &Connection, now: i64) -> LedgerResult<bool>
              WHERE kind = 'admin' AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at >= ?1)",
         )?
         .exists([now])?)
-}
-
-pub(super) fn share_state(
-    conn: &Connection,
-    who: &Authority,
-    now: i64,
-) -> LedgerResult<ShareState> {
-    Ok(authority::check_share(&mut SqliteTx::new(conn), who, Access::Read, now)?.state())
-}
-
-/// The child shares `who`'s share's viewers may read (see [`ShareRow::is_child_of`]).
-pub(super) fn child_shares(
-    conn: &Connection,
-    who: &Authority,
-    now: i64,
-) -> LedgerResult<Vec<ShareInfo>> {
-    let mut tx = SqliteTx::new(conn);
-    let parent = authority::check_share(&mut tx, who, Access::Read, now)?;
-    Ok(tx.children(&parent)?.iter().map(ShareRow::info).collect())
-}
-
-/// Shares with id > `after` in id order: all for an admin, its own for an agent;
-/// archived ones only with `include_archived`.
-pub(super) fn list_shares(
-    conn: &Connection,
-    who: &Authority,
-    after: &str,
-    limit: u32,
-    include_archived: bool,
-    now: i64,
-) -> LedgerResult<Vec<ShareInfo>> {
-    authority::check_admin_or_agent(&mut SqliteTx::new(conn), who, now)?;
-    let rows = if who.kind == TokenKind::Admin {
-        conn.prepare_cached(&format!(
-            "SELECT {SHARE_COLUMNS} FROM shares
-             WHERE id > ?1 AND (?3 OR archived_at IS NULL) AND {VISIBLE}
-             ORDER BY id LIMIT ?2"
-        ))?
-        .query_map(params![after, limit, include_archived], share_from_row)?
-        .collect::<Result<Vec<_>, _>>()?
-    } else {
-        conn.prepare_cached(&format!(
-            "SELECT {SHARE_COLUMNS} FROM shares
-             WHERE owner_token_id = ?1 AND id > ?2 AND (?4 OR archived_at IS NULL) AND {VISIBLE}
-             ORDER BY id LIMIT ?3"
-        ))?
-        .query_map(
-            params![who.token_id.as_str(), after, limit, include_archived],
-            share_from_row,
-        )?
-        .collect::<Result<Vec<_>, _>>()?
-    };
-    Ok(rows.iter().map(ShareRow::info).collect())
-}
-
-/// Applied ops with cursor > `after`, at most `limit`, with the cursor they were read at.
-pub(super) fn ops_since(
-    conn: &Connection,
-    who: &Authority,
-    after: Cursor,
-    limit: u32,
-    now: i64,
-) -> LedgerResult<OpsPage> {
-    let share = authority::check_share(&mut SqliteTx::new(conn), who, Access::Read, now)?;
-    // A cursor the share never reached cannot be "caught up" from: whoever
-    // holds it is talking to another (or a restored) server, and must be told.
-    if after > share.cursor {
-        return Err(LedgerError::CursorAhead {
-            asked: after,
-            cursor: share.cursor,
-        });
-    }
-    // Below the compaction point payloads are gone: a gap the caller must fill
-    // with a snapshot, never one it is handed silently.
-    if after < share.compacted_through {
-        return Err(LedgerError::SnapshotRequired(share.compacted_through));
-    }
-    let ops = conn
-        .prepare_cached(
-            "SELECT cursor, op_id, kind, payload, applied_at FROM ops
-             WHERE share_id = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
-        )?
-        .query_map(
-            params![share.id.as_str(), cursor_param(after)?, limit],
-            |r| {
-                Ok((
-                    cursor_column(r, 0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            },
-        )?
-        .map(|row| {
-            let (cursor, op_id, kind, payload, applied_at) = row?;
-            Ok(LoggedOp {
-                cursor,
-                op_id: OpId(op_id),
-                kind: kind
-                    .parse::<OpKind>()
-                    .map_err(|_| corrupt(format!("op kind {kind:?}")))?,
-                payload,
-                applied_at,
-            })
-        })
-        .collect::<LedgerResult<Vec<_>>>()?;
-    Ok(OpsPage {
-        ops,
-        cursor: share.cursor,
-    })
 }
 
 /// Admin only: sizes from the pragmas and the files, counts from aggregates.

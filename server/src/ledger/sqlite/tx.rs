@@ -2,7 +2,7 @@
 //! connection whose transaction is open (the writer's group transaction, or a
 //! pooled reader's read transaction).
 
-use capsync_shared::{Cursor, Epoch, OpId, ShareId, TokenId, TokenKind};
+use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::convert::{cursor_column, cursor_param};
@@ -11,7 +11,7 @@ use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use crate::ledger::rules::store::{
     LedgerEntry, LedgerTx, ShareRow, StoredPart, StoredToken, TokenGrant,
 };
-use crate::ledger::{AuditEvent, LedgerResult, NewToken};
+use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken};
 
 /// The rules' view of one SQLite transaction.
 pub(super) struct SqliteTx<'c> {
@@ -49,6 +49,40 @@ impl LedgerTx for SqliteTx<'_> {
             share_from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn list_shares(
+        &mut self,
+        owner: Option<&TokenId>,
+        after: &str,
+        limit: u32,
+        include_archived: bool,
+    ) -> LedgerResult<Vec<ShareRow>> {
+        let rows = match owner {
+            None => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {SHARE_COLUMNS} FROM shares
+                     WHERE id > ?1 AND (?3 OR archived_at IS NULL) AND {VISIBLE}
+                     ORDER BY id LIMIT ?2"
+                ))?
+                .query_map(params![after, limit, include_archived], share_from_row)?
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(owner) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {SHARE_COLUMNS} FROM shares
+                     WHERE owner_token_id = ?1 AND id > ?2 AND (?4 OR archived_at IS NULL)
+                       AND {VISIBLE}
+                     ORDER BY id LIMIT ?3"
+                ))?
+                .query_map(
+                    params![owner.as_str(), after, limit, include_archived],
+                    share_from_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
     }
 
     fn open_share_of_session(
@@ -220,6 +254,41 @@ impl LedgerTx for SqliteTx<'_> {
                 Ok((cursor_column(r, 0)?, r.get(1)?))
             })
             .optional()?)
+    }
+
+    fn ops_after(
+        &mut self,
+        share: &ShareId,
+        after: Cursor,
+        limit: u32,
+    ) -> LedgerResult<Vec<LoggedOp>> {
+        self.conn
+            .prepare_cached(
+                "SELECT cursor, op_id, kind, payload, applied_at FROM ops
+                 WHERE share_id = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+            )?
+            .query_map(params![share.as_str(), cursor_param(after)?, limit], |r| {
+                Ok((
+                    cursor_column(r, 0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .map(|row| {
+                let (cursor, op_id, kind, payload, applied_at) = row?;
+                Ok(LoggedOp {
+                    cursor,
+                    op_id: OpId(op_id),
+                    kind: kind
+                        .parse::<OpKind>()
+                        .map_err(|_| corrupt(format!("op kind {kind:?}")))?,
+                    payload,
+                    applied_at,
+                })
+            })
+            .collect()
     }
 
     fn set_cursor(&mut self, share: &ShareId, cursor: Cursor, updated_at: i64) -> LedgerResult<()> {

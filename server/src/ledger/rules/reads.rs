@@ -1,0 +1,67 @@
+//! Reads under authority: a share's state, its children, listings, and catch-up
+//! from the ledger with the cursor rules (a cursor the share never reached, or
+//! one below its compaction point, is an error the caller must hear).
+
+use capsync_shared::{Cursor, TokenKind};
+
+use super::authority::{self, Access};
+use super::store::{LedgerTx, ShareRow};
+use crate::ledger::{Authority, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState};
+
+pub fn share_state(tx: &mut impl LedgerTx, who: &Authority, now: i64) -> LedgerResult<ShareState> {
+    Ok(authority::check_share(tx, who, Access::Read, now)?.state())
+}
+
+/// The child shares `who`'s share's viewers may read (see [`ShareRow::is_child_of`]).
+pub fn child_shares(
+    tx: &mut impl LedgerTx,
+    who: &Authority,
+    now: i64,
+) -> LedgerResult<Vec<ShareInfo>> {
+    let parent = authority::check_share(tx, who, Access::Read, now)?;
+    Ok(tx.children(&parent)?.iter().map(ShareRow::info).collect())
+}
+
+/// Shares ordered by id after `after`: every share for an admin, its own for an
+/// agent; archived ones only with `include_archived`.
+pub fn list_shares(
+    tx: &mut impl LedgerTx,
+    who: &Authority,
+    after: &str,
+    limit: u32,
+    include_archived: bool,
+    now: i64,
+) -> LedgerResult<Vec<ShareInfo>> {
+    authority::check_admin_or_agent(tx, who, now)?;
+    let owner = (who.kind == TokenKind::Agent).then_some(&who.token_id);
+    let rows = tx.list_shares(owner, after, limit, include_archived)?;
+    Ok(rows.iter().map(ShareRow::info).collect())
+}
+
+/// Applied ops with cursor > `after`, at most `limit`, with the cursor they were read at.
+pub fn ops_since(
+    tx: &mut impl LedgerTx,
+    who: &Authority,
+    after: Cursor,
+    limit: u32,
+    now: i64,
+) -> LedgerResult<OpsPage> {
+    let share = authority::check_share(tx, who, Access::Read, now)?;
+    // A cursor the share never reached cannot be "caught up" from: whoever
+    // holds it is talking to another (or a restored) server, and must be told.
+    if after > share.cursor {
+        return Err(LedgerError::CursorAhead {
+            asked: after,
+            cursor: share.cursor,
+        });
+    }
+    // Below the compaction point payloads are gone: a gap the caller must fill
+    // with a snapshot, never one it is handed silently.
+    if after < share.compacted_through {
+        return Err(LedgerError::SnapshotRequired(share.compacted_through));
+    }
+    Ok(OpsPage {
+        ops: tx.ops_after(&share.id, after, limit)?,
+        cursor: share.cursor,
+    })
+}
