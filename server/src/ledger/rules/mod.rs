@@ -7,6 +7,7 @@
 //! - [`append`]: applying a batch exactly once, with gap-free cursors.
 //! - [`records`]: what an op's effect does to the stored records.
 //! - [`reads`]: reads under authority, and the catch-up cursor rules.
+//! - [`snapshot`]: the snapshot order and its byte-bounded pages.
 //! - [`tokens`], [`shares`]: minting along the attenuation chain, creating,
 //!   joining, revoking and archiving shares.
 //! - [`compacted_output`]: what reclaim clears from a compacted tool part.
@@ -17,5 +18,6 @@ pub mod compacted_output;
 pub mod reads;
 pub mod records;
 pub mod shares;
+pub mod snapshot;
 pub mod store;
 pub mod tokens;

@@ -111,6 +111,14 @@ pub struct StoredPart {
     pub finished: bool,
 }
 
+/// Where an ordered read of records starts: at a key (a page's resume
+/// position), or just after one (the next batch of the same page).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyFrom<K> {
+    AtLeast(K),
+    After(K),
+}
+
 /// The reads and writes of one transaction, as the engine-neutral rules use them.
 ///
 /// Shares and tokens: only visible shares (a share whose deletion has begun is
@@ -241,6 +249,40 @@ pub trait LedgerTx {
     fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
 
     fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()>;
+
+    // Records in snapshot order, a batch at a time.
+
+    fn session_json(&mut self, share: &ShareId) -> LedgerResult<Option<String>>;
+    fn diffs_json(&mut self, share: &ShareId) -> LedgerResult<Option<String>>;
+    /// Models by id: `(id, json)`.
+    fn models_from(
+        &mut self,
+        share: &ShareId,
+        from: &KeyFrom<String>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String)>>;
+    /// Messages by id: `(id, json)`.
+    fn messages_from(
+        &mut self,
+        share: &ShareId,
+        from: &KeyFrom<String>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String)>>;
+    /// One message's parts by id: `(id, json)`.
+    fn parts_from(
+        &mut self,
+        share: &ShareId,
+        message_id: &str,
+        from: &KeyFrom<String>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String)>>;
+    /// Parts whose message is not stored, by message id then id: `(message id, id, json)`.
+    fn orphan_parts_from(
+        &mut self,
+        share: &ShareId,
+        from: &KeyFrom<(String, String)>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String, String)>>;
     fn put_model(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()>;
 
     /// Adds an audit line, committed with the transaction.

@@ -7,7 +7,7 @@
 //!   ([`LedgerTx`](crate::ledger::rules::store::LedgerTx)) over a SQLite transaction;
 //!   authority, appends and records are the rules' ([`crate::ledger::rules`]).
 //! - [`share_rows`]: reading share rows.
-//! - [`reads`], [`snapshot`]: the other reads, and snapshot paging.
+//! - [`reads`]: token lookup and stats.
 //! - [`prune`], [`reclaim`], [`compact`], [`maintenance`]: the lifecycle steps
 //!   (plan and chunked deletion, clearing compacted tool output, dropping old
 //!   ledger payloads) and vacuum, incremental vacuum and checkpoints.
@@ -25,7 +25,6 @@ mod reads;
 mod reclaim;
 mod schema;
 mod share_rows;
-mod snapshot;
 mod storage;
 mod tx;
 mod writer;
@@ -417,7 +416,9 @@ impl Backend for SqliteBackend {
         page: String,
         max_bytes: u32,
     ) -> BoxFuture<'static, LedgerResult<SnapshotPage>> {
-        self.read(move |conn, now| snapshot::page(conn, &who, &page, max_bytes, now))
+        self.read(move |conn, now| {
+            rules::snapshot::page(&mut SqliteTx::new(conn), &who, &page, max_bytes, now)
+        })
     }
 
     fn ops_since(

@@ -9,9 +9,17 @@ use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use crate::ledger::rules::store::{
-    LedgerEntry, LedgerTx, ShareRow, StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, ShareRow, StoredPart, StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken};
+
+/// The comparison and key of an ordered read's start.
+fn bound<K>(from: &KeyFrom<K>) -> (&'static str, &K) {
+    match from {
+        KeyFrom::AtLeast(key) => (">=", key),
+        KeyFrom::After(key) => (">", key),
+    }
+}
 
 /// The rules' view of one SQLite transaction.
 pub(super) struct SqliteTx<'c> {
@@ -420,6 +428,96 @@ impl LedgerTx for SqliteTx<'_> {
             )?
             .execute(params![share.as_str(), json])?;
         Ok(())
+    }
+
+    fn session_json(&mut self, share: &ShareId) -> LedgerResult<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT json FROM sessions WHERE share_id = ?1")?
+            .query_row([share.as_str()], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn diffs_json(&mut self, share: &ShareId) -> LedgerResult<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT json FROM diffs WHERE share_id = ?1")?
+            .query_row([share.as_str()], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn models_from(
+        &mut self,
+        share: &ShareId,
+        from: &KeyFrom<String>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String)>> {
+        let (op, key) = bound(from);
+        let sql = format!(
+            "SELECT id, json FROM models WHERE share_id = ?1 AND id {op} ?2 ORDER BY id LIMIT ?3"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![share.as_str(), key, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn messages_from(
+        &mut self,
+        share: &ShareId,
+        from: &KeyFrom<String>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String)>> {
+        let (op, key) = bound(from);
+        let sql = format!(
+            "SELECT id, json FROM messages WHERE share_id = ?1 AND id {op} ?2 ORDER BY id LIMIT ?3"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![share.as_str(), key, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn parts_from(
+        &mut self,
+        share: &ShareId,
+        message_id: &str,
+        from: &KeyFrom<String>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String)>> {
+        let (op, key) = bound(from);
+        let sql = format!(
+            "SELECT id, json FROM parts
+             WHERE share_id = ?1 AND message_id = ?2 AND id {op} ?3 ORDER BY id LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![share.as_str(), message_id, key, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn orphan_parts_from(
+        &mut self,
+        share: &ShareId,
+        from: &KeyFrom<(String, String)>,
+        limit: u32,
+    ) -> LedgerResult<Vec<(String, String, String)>> {
+        let (op, (message_id, part_id)) = bound(from);
+        let sql = format!(
+            "SELECT p.message_id, p.id, p.json FROM parts p
+             WHERE p.share_id = ?1 AND (p.message_id, p.id) {op} (?2, ?3)
+               AND NOT EXISTS (SELECT 1 FROM messages m
+                               WHERE m.share_id = p.share_id AND m.id = p.message_id)
+             ORDER BY p.message_id, p.id LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![share.as_str(), message_id, part_id, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn put_model(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()> {

@@ -1,4 +1,5 @@
-//! Snapshot paging: a share's records in a fixed order, cut into byte-bounded pages with an opaque resume position.
+//! Snapshot paging: a share's records in a fixed order, cut into byte-bounded
+//! pages with an opaque resume position, read through [`LedgerTx`] in batches.
 //!
 //! Order: the session, models by id, the diff list, each message (by id)
 //! followed by its parts (by id), then parts whose message has not arrived
@@ -7,28 +8,31 @@
 //! emit, so resuming is a `>=` range query and records deleted between pages
 //! simply do not show up.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::authority::{self, Access};
+use super::store::{KeyFrom, LedgerTx};
+use capsync_shared::ShareId;
 
-use super::tx::SqliteTx;
-use crate::ledger::rules::authority::{self, Access};
 use crate::ledger::{Authority, LedgerError, LedgerResult, Record, RecordKind, SnapshotPage};
 
+/// Records read from storage at a time while filling a page.
+const BATCH: u32 = 64;
+
 /// Reads one page starting at `page` ("" for the first), in the caller's read transaction.
-pub(super) fn page(
-    conn: &Connection,
+pub fn page(
+    tx: &mut impl LedgerTx,
     who: &Authority,
     page: &str,
     max_bytes: u32,
     now: i64,
 ) -> LedgerResult<SnapshotPage> {
-    let share = authority::check_share(&mut SqliteTx::new(conn), who, Access::Read, now)?;
+    let share = authority::check_share(tx, who, Access::Read, now)?;
     let start = Position::decode(page)?;
     let mut filler = Filler {
         records: Vec::new(),
         used: 0,
         max: usize::try_from(max_bytes).unwrap_or(usize::MAX),
     };
-    let next = fill(conn, share.id.as_str(), &start, &mut filler)?;
+    let next = fill(tx, &share.id, &start, &mut filler)?;
     Ok(SnapshotPage {
         // Read in the same transaction as the records, so they match it.
         cursor: share.cursor,
@@ -147,8 +151,8 @@ impl Filler {
 
 /// Fills `filler` from `start`; returns where the next page starts, `None` at the end.
 fn fill(
-    conn: &Connection,
-    share_id: &str,
+    tx: &mut impl LedgerTx,
+    share: &ShareId,
     start: &Position,
     filler: &mut Filler,
 ) -> LedgerResult<Option<Position>> {
@@ -161,93 +165,105 @@ fn fill(
         }
     };
 
-    if start.stage <= Stage::Session {
-        let session: Option<String> = conn
-            .prepare_cached("SELECT json FROM sessions WHERE share_id = ?1")?
-            .query_row([share_id], |r| r.get(0))
-            .optional()?;
-        if let Some(json) = session
-            && !filler.offer(RecordKind::Session, "", "", json)
-        {
-            return Ok(Some(Position::at(Stage::Session, "", "")));
-        }
+    if start.stage <= Stage::Session
+        && let Some(json) = tx.session_json(share)?
+        && !filler.offer(RecordKind::Session, "", "", json)
+    {
+        return Ok(Some(Position::at(Stage::Session, "", "")));
     }
 
     if start.stage <= Stage::Models {
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, json FROM models WHERE share_id = ?1 AND id >= ?2 ORDER BY id",
-        )?;
-        let mut rows = stmt.query(params![share_id, from(Stage::Models).0])?;
-        while let Some(row) = rows.next()? {
-            let id: String = row.get(0)?;
-            if !filler.offer(RecordKind::Model, &id, "", row.get(1)?) {
-                return Ok(Some(Position::at(Stage::Models, &id, "")));
+        let mut next = KeyFrom::AtLeast(from(Stage::Models).0.to_owned());
+        loop {
+            let models = tx.models_from(share, &next, BATCH)?;
+            let more = models.len() == BATCH as usize;
+            for (id, json) in models {
+                if !filler.offer(RecordKind::Model, &id, "", json) {
+                    return Ok(Some(Position::at(Stage::Models, &id, "")));
+                }
+                next = KeyFrom::After(id);
+            }
+            if !more {
+                break;
             }
         }
     }
 
-    if start.stage <= Stage::Diffs {
-        let diffs: Option<String> = conn
-            .prepare_cached("SELECT json FROM diffs WHERE share_id = ?1")?
-            .query_row([share_id], |r| r.get(0))
-            .optional()?;
-        if let Some(json) = diffs
-            && !filler.offer(RecordKind::Diffs, "", "", json)
-        {
-            return Ok(Some(Position::at(Stage::Diffs, "", "")));
-        }
+    if start.stage <= Stage::Diffs
+        && let Some(json) = tx.diffs_json(share)?
+        && !filler.offer(RecordKind::Diffs, "", "", json)
+    {
+        return Ok(Some(Position::at(Stage::Diffs, "", "")));
     }
 
     if start.stage <= Stage::Messages {
         let (from_message, from_part) = from(Stage::Messages);
-        let mut messages = conn.prepare_cached(
-            "SELECT id, json FROM messages WHERE share_id = ?1 AND id >= ?2 ORDER BY id",
-        )?;
-        let mut rows = messages.query(params![share_id, from_message])?;
-        while let Some(row) = rows.next()? {
-            let message_id: String = row.get(0)?;
-            // Resuming inside this message: it was sent already, continue with its parts.
-            let first_part = if message_id == from_message {
-                from_part
-            } else {
-                ""
-            };
-            if first_part.is_empty()
-                && !filler.offer(RecordKind::Message, &message_id, "", row.get(1)?)
-            {
-                return Ok(Some(Position::at(Stage::Messages, &message_id, "")));
-            }
-            let mut parts = conn.prepare_cached(
-                "SELECT id, json FROM parts
-                 WHERE share_id = ?1 AND message_id = ?2 AND id >= ?3 ORDER BY id",
-            )?;
-            let mut part_rows = parts.query(params![share_id, message_id, first_part])?;
-            while let Some(part) = part_rows.next()? {
-                let part_id: String = part.get(0)?;
-                if !filler.offer(RecordKind::Part, &part_id, &message_id, part.get(1)?) {
+        let mut next = KeyFrom::AtLeast(from_message.to_owned());
+        loop {
+            let messages = tx.messages_from(share, &next, BATCH)?;
+            let more = messages.len() == BATCH as usize;
+            for (message_id, json) in messages {
+                // Resuming inside this message: it was sent already, continue with its parts.
+                let first_part = if message_id == from_message {
+                    from_part
+                } else {
+                    ""
+                };
+                if first_part.is_empty()
+                    && !filler.offer(RecordKind::Message, &message_id, "", json)
+                {
+                    return Ok(Some(Position::at(Stage::Messages, &message_id, "")));
+                }
+                if let Some(part_id) = fill_parts(tx, share, &message_id, first_part, filler)? {
                     return Ok(Some(Position::at(Stage::Messages, &message_id, &part_id)));
                 }
+                next = KeyFrom::After(message_id);
+            }
+            if !more {
+                break;
             }
         }
     }
 
     let (from_message, from_part) = from(Stage::Orphans);
-    let mut orphans = conn.prepare_cached(
-        "SELECT p.message_id, p.id, p.json FROM parts p
-         WHERE p.share_id = ?1 AND (p.message_id, p.id) >= (?2, ?3)
-           AND NOT EXISTS (SELECT 1 FROM messages m
-                           WHERE m.share_id = p.share_id AND m.id = p.message_id)
-         ORDER BY p.message_id, p.id",
-    )?;
-    let mut rows = orphans.query(params![share_id, from_message, from_part])?;
-    while let Some(row) = rows.next()? {
-        let message_id: String = row.get(0)?;
-        let part_id: String = row.get(1)?;
-        if !filler.offer(RecordKind::Part, &part_id, &message_id, row.get(2)?) {
-            return Ok(Some(Position::at(Stage::Orphans, &message_id, &part_id)));
+    let mut next = KeyFrom::AtLeast((from_message.to_owned(), from_part.to_owned()));
+    loop {
+        let orphans = tx.orphan_parts_from(share, &next, BATCH)?;
+        let more = orphans.len() == BATCH as usize;
+        for (message_id, part_id, json) in orphans {
+            if !filler.offer(RecordKind::Part, &part_id, &message_id, json) {
+                return Ok(Some(Position::at(Stage::Orphans, &message_id, &part_id)));
+            }
+            next = KeyFrom::After((message_id, part_id));
+        }
+        if !more {
+            return Ok(None);
         }
     }
-    Ok(None)
+}
+
+/// The parts of one message from `first` on; the id to resume at if the page is full.
+fn fill_parts(
+    tx: &mut impl LedgerTx,
+    share: &ShareId,
+    message_id: &str,
+    first: &str,
+    filler: &mut Filler,
+) -> LedgerResult<Option<String>> {
+    let mut next = KeyFrom::AtLeast(first.to_owned());
+    loop {
+        let parts = tx.parts_from(share, message_id, &next, BATCH)?;
+        let more = parts.len() == BATCH as usize;
+        for (part_id, json) in parts {
+            if !filler.offer(RecordKind::Part, &part_id, message_id, json) {
+                return Ok(Some(part_id));
+            }
+            next = KeyFrom::After(part_id);
+        }
+        if !more {
+            return Ok(None);
+        }
+    }
 }
 
 #[cfg(test)]
