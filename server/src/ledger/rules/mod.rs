@@ -8,6 +8,7 @@
 //! - [`records`]: what an op's effect does to the stored records.
 //! - [`reads`]: reads under authority, and the catch-up cursor rules.
 //! - [`snapshot`]: the snapshot order and its byte-bounded pages.
+//! - [`prune`]: which shares a prune takes, bounded deletion steps, archiving.
 //! - [`tokens`], [`shares`]: minting along the attenuation chain, creating,
 //!   joining, revoking and archiving shares.
 //! - [`compacted_output`]: what reclaim clears from a compacted tool part.
@@ -15,6 +16,7 @@
 pub mod append;
 pub mod authority;
 pub mod compacted_output;
+pub mod prune;
 pub mod reads;
 pub mod records;
 pub mod shares;

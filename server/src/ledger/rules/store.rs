@@ -7,7 +7,9 @@
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 
-use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareInfo, ShareState};
+use crate::ledger::{
+    AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint, ShareInfo, ShareState,
+};
 
 /// A share row as stored.
 #[derive(Clone, Debug)]
@@ -111,6 +113,14 @@ pub struct StoredPart {
     pub finished: bool,
 }
 
+/// A share as its deletion sees it, hidden or not.
+pub struct ShareBeingDeleted {
+    pub cursor: Cursor,
+    pub owner: TokenId,
+    /// Its deletion has begun: no call finds it any more.
+    pub hidden: bool,
+}
+
 /// Where an ordered read of records starts: at a key (a page's resume
 /// position), or just after one (the next batch of the same page).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +155,37 @@ pub trait LedgerTx {
         limit: u32,
         include_archived: bool,
     ) -> LedgerResult<Vec<ShareRow>>;
+
+    // Lifecycle.
+
+    /// Visible shares last changed before `before` (archived ones only, if asked).
+    fn inactive_shares(&mut self, before: i64, archived_only: bool) -> LedgerResult<Vec<ShareRow>>;
+
+    /// Ids of visible, unarchived shares last changed before `before`, oldest
+    /// first (then by id), at most `limit`.
+    fn unarchived_inactive(&mut self, before: i64, limit: u32) -> LedgerResult<Vec<ShareId>>;
+
+    /// Whether a visible share holds `session_id`.
+    fn session_is_shared(&mut self, session_id: &str) -> LedgerResult<bool>;
+
+    /// Visible shares whose parent session is `session_id`, whoever owns them.
+    fn shares_of_parent_session(&mut self, session_id: &str) -> LedgerResult<Vec<ShareRow>>;
+
+    /// What deleting the share removes, from aggregates.
+    fn footprint(&mut self, share: &ShareId) -> LedgerResult<ShareFootprint>;
+
+    /// The share, visible or with its deletion begun.
+    fn share_being_deleted(&mut self, share: &ShareId) -> LedgerResult<Option<ShareBeingDeleted>>;
+
+    /// Begins a deletion: hides the share from every call and deletes its tokens.
+    fn hide_share(&mut self, share: &ShareId, now: i64) -> LedgerResult<()>;
+
+    /// Deletes at most `max_rows` rows of a hidden share's records and ledger;
+    /// when none are left, the share itself (`true`).
+    fn delete_share_rows(&mut self, share: &ShareId, max_rows: u32) -> LedgerResult<bool>;
+
+    /// Shares whose deletion began but did not finish, by id.
+    fn hidden_shares(&mut self) -> LedgerResult<Vec<ShareId>>;
 
     /// The agent's oldest visible, unarchived share of `session_id`.
     fn open_share_of_session(

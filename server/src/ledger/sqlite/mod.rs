@@ -58,6 +58,7 @@ use super::{
     RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StoredToken, VacuumReport,
 };
 use crate::ledger::rules;
+use crate::ledger::rules::store::LedgerTx;
 use crate::metrics::Metrics;
 
 /// How hard a commit waits for the disk before the ack is sent.
@@ -437,7 +438,7 @@ impl Backend for SqliteBackend {
         op: Operator,
         filter: PruneFilter,
     ) -> BoxFuture<'static, LedgerResult<PrunePlan>> {
-        self.read(move |conn, now| prune::plan(conn, &op, &filter, now))
+        self.read(move |conn, now| rules::prune::plan(&mut SqliteTx::new(conn), &op, &filter, now))
     }
 
     fn delete_share_step(
@@ -452,13 +453,22 @@ impl Backend for SqliteBackend {
         // must learn it is gone; later announcements cost a recheck at most.
         self.write_announced(
             0,
-            move |conn, now| prune::delete_step(conn, &op, &share_id, expect_cursor, max_rows, now),
+            move |conn, now| {
+                rules::prune::delete_step(
+                    &mut SqliteTx::new(conn),
+                    &op,
+                    &share_id,
+                    expect_cursor,
+                    max_rows,
+                    now,
+                )
+            },
             move |step| (*step != DeleteStep::Changed).then_some(changed),
         )
     }
 
     fn unfinished_deletions(&self) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
-        self.read(|conn, _| prune::unfinished(conn))
+        self.read(|conn, _| SqliteTx::new(conn).hidden_shares())
     }
 
     fn archive_inactive(
@@ -467,7 +477,15 @@ impl Backend for SqliteBackend {
         inactive_before: i64,
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
-        self.write(move |conn, now| prune::archive_inactive(conn, &op, inactive_before, limit, now))
+        self.write(move |conn, now| {
+            rules::prune::archive_inactive(
+                &mut SqliteTx::new(conn),
+                &op,
+                inactive_before,
+                limit,
+                now,
+            )
+        })
     }
 
     fn reclaim_step(

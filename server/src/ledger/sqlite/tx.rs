@@ -7,11 +7,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
+use super::prune;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, ShareRow, StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, ShareBeingDeleted, ShareRow, StoredPart, StoredToken,
+    TokenGrant,
 };
-use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken};
+use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
 /// The comparison and key of an ordered read's start.
 fn bound<K>(from: &KeyFrom<K>) -> (&'static str, &K) {
@@ -91,6 +93,42 @@ impl LedgerTx for SqliteTx<'_> {
                 .collect::<Result<Vec<_>, _>>()?,
         };
         Ok(rows)
+    }
+
+    fn inactive_shares(&mut self, before: i64, archived_only: bool) -> LedgerResult<Vec<ShareRow>> {
+        prune::inactive(self.conn, before, archived_only)
+    }
+
+    fn unarchived_inactive(&mut self, before: i64, limit: u32) -> LedgerResult<Vec<ShareId>> {
+        prune::unarchived_inactive(self.conn, before, limit)
+    }
+
+    fn session_is_shared(&mut self, session_id: &str) -> LedgerResult<bool> {
+        prune::session_is_shared(self.conn, session_id)
+    }
+
+    fn shares_of_parent_session(&mut self, session_id: &str) -> LedgerResult<Vec<ShareRow>> {
+        prune::of_parent_session(self.conn, session_id)
+    }
+
+    fn footprint(&mut self, share: &ShareId) -> LedgerResult<ShareFootprint> {
+        prune::footprint(self.conn, share)
+    }
+
+    fn share_being_deleted(&mut self, share: &ShareId) -> LedgerResult<Option<ShareBeingDeleted>> {
+        prune::being_deleted(self.conn, share)
+    }
+
+    fn hide_share(&mut self, share: &ShareId, now: i64) -> LedgerResult<()> {
+        prune::hide(self.conn, share, now)
+    }
+
+    fn delete_share_rows(&mut self, share: &ShareId, max_rows: u32) -> LedgerResult<bool> {
+        prune::delete_rows(self.conn, share, max_rows)
+    }
+
+    fn hidden_shares(&mut self) -> LedgerResult<Vec<ShareId>> {
+        prune::hidden(self.conn)
     }
 
     fn open_share_of_session(
