@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::ledger::Durability;
+use crate::ledger::sqlite::Durability;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_DATA_DIR: &str = "capsync-data";

@@ -100,9 +100,9 @@ pub(crate) mod test_share {
     use tempfile::TempDir;
 
     use crate::ledger::{
-        Authority, BatchIn, Ledger, NewShare, NewToken, OpIn, Operator, ShareState, SqliteOptions,
-        sqlite,
+        Authority, BatchIn, Ledger, NewShare, NewToken, OpIn, Operator, ShareState, sqlite,
     };
+    use sqlite::SqliteOptions;
 
     pub struct TestShare {
         /// Keeps the database directory alive for the test.

@@ -20,7 +20,8 @@ use tracing::{Level, debug, info, warn};
 use crate::config::Config;
 use crate::data_dir::DataDirLock;
 use crate::http::{AppState, BUSY_RESPONSE, HttpGateway, HttpSettings};
-use crate::ledger::{self, Ledger, SqliteOptions};
+use crate::ledger::sqlite::SqliteOptions;
+use crate::ledger::{self, Ledger};
 use crate::lifecycle::{self, Schedule};
 use crate::metrics::{Listener, Metrics};
 use crate::net::{

@@ -150,24 +150,3 @@ pub struct VacuumReport {
     pub bytes_after: u64,
     pub duration_ms: u64,
 }
-
-/// What one incremental-vacuum step did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IncrementalVacuum {
-    /// Pages given back to the file system by this step.
-    pub freed_pages: u64,
-    /// Free pages still left.
-    pub free_pages: u64,
-    /// How long the step held the writer, in microseconds.
-    pub elapsed_us: u64,
-}
-
-/// What a checkpoint did (`PRAGMA wal_checkpoint(TRUNCATE)`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Checkpoint {
-    /// A reader kept the log from being fully copied and truncated; try again later.
-    pub busy: bool,
-    /// Frames in the log, and how many were copied into the database.
-    pub log_frames: u64,
-    pub checkpointed_frames: u64,
-}

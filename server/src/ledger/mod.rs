@@ -21,11 +21,9 @@ pub use capsync_shared::model::{
     Ack, LoggedOp, OpOutcome, OpResult, Record, RecordKind, RejectReason,
 };
 pub use lifecycle_steps::{
-    Checkpoint, CompactPosition, CompactStep, DeleteStep, IncrementalVacuum, Operator,
-    PlannedShare, PruneFilter, PrunePlan, PruneReason, PruneSelect, ReclaimStep, ShareFootprint,
-    VacuumReport,
+    CompactPosition, CompactStep, DeleteStep, Operator, PlannedShare, PruneFilter, PrunePlan,
+    PruneReason, PruneSelect, ReclaimStep, ShareFootprint, VacuumReport,
 };
-pub use sqlite::{Durability, SqliteOptions};
 
 /// Why a ledger call did not do its work. Maps onto the wire `ErrorCode`; the
 /// `Storage` text is for the server log only, never for callers.
@@ -53,7 +51,8 @@ pub enum LedgerError {
     /// the share's compaction point, the lowest `after` still served.
     #[error("snapshot required: ops up to cursor {0} were compacted")]
     SnapshotRequired(Cursor),
-    /// SQLite stayed busy past its timeout (another process holds the database).
+    /// The engine's locks stayed taken past its timeout (SQLite: another process
+    /// holds the database); worth a retry.
     #[error("database busy")]
     Busy,
     /// Too much work is already waiting for the writer; nothing was queued.
@@ -114,18 +113,10 @@ pub struct ShareInfo {
 }
 
 /// Sizes and counts of the whole store (mirrors `Stats`), from aggregates, never by loading rows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stats {
-    /// Bytes of the main database file.
-    pub db_file_bytes: u64,
-    /// Bytes of the write-ahead log (0 when there is none): large means checkpoints lag.
-    pub wal_file_bytes: u64,
-    pub page_size: u64,
-    pub page_count: u64,
-    /// Pages on the freelist: allocated on disk, holding no data.
-    pub free_pages: u64,
-    /// `free_pages * page_size`: what an incremental vacuum would give back to the OS.
-    pub reclaimable_bytes: u64,
+    /// What the storage engine says of its own files.
+    pub storage: StorageStats,
     /// Shares of a session without a parent.
     pub root_shares: u64,
     /// Shares of a child (sub-agent) session.
@@ -143,6 +134,12 @@ pub struct Stats {
     /// Bytes of output and attachments still stored in tool parts marked
     /// compacted: what `reclaim` would clear.
     pub reclaimable_output_bytes: u64,
+}
+
+/// The storage engine's own numbers, one variant per engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageStats {
+    Sqlite(sqlite::SqliteStats),
 }
 
 /// A token row as stored. `secret_hash` is an argon2id PHC string.
@@ -436,20 +433,15 @@ pub trait Backend: Send + Sync + 'static {
         dry_run: bool,
     ) -> BoxFuture<'static, LedgerResult<CompactStep>>;
 
-    /// Checkpoint (truncate), `VACUUM`, checkpoint again; `Busy` if the log stays busy.
+    /// Gives the space of deleted data back to the file system now (SQLite:
+    /// checkpoint, `VACUUM`, checkpoint; `Busy` if the log stays busy).
     fn vacuum(&self, op: Operator) -> BoxFuture<'static, LedgerResult<VacuumReport>>;
 
-    /// Gives at most `max_pages` free pages back to the file system, in one short write.
-    fn incremental_vacuum(
-        &self,
-        max_pages: u32,
-    ) -> BoxFuture<'static, LedgerResult<IncrementalVacuum>>;
-
-    /// `wal_checkpoint(TRUNCATE)`, waiting for readers no longer than `max_wait`.
-    fn checkpoint(
-        &self,
-        max_wait: std::time::Duration,
-    ) -> BoxFuture<'static, LedgerResult<Checkpoint>>;
+    /// One round of the engine's own upkeep, each step within `budget` of
+    /// holding up writers (SQLite: a WAL checkpoint, then incremental-vacuum
+    /// steps). The scheduler calls it on every housekeeping tick; an engine that
+    /// needs none does nothing.
+    fn upkeep(&self, budget: std::time::Duration) -> BoxFuture<'static, LedgerResult<()>>;
 
     /// Queues an audit line; written with the next transaction. Never fails the caller.
     fn audit(&self, event: AuditEvent);

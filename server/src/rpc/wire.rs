@@ -12,7 +12,7 @@ use capsync_shared::{Cursor, OpId};
 use crate::error::ServerError;
 use crate::ledger::{
     Ack, BatchIn, LoggedOp, OpIn, OpOutcome, OpsPage, PlannedShare, PruneReason, Record,
-    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, VacuumReport,
+    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StorageStats, VacuumReport,
 };
 use crate::lifecycle::{CompactReport, PruneReport, ReclaimReport};
 use crate::presence::PresenceView;
@@ -157,12 +157,16 @@ pub fn fill_info(info: &ShareInfo, mut out: share_info::Builder<'_>) {
 }
 
 pub fn fill_stats(stats: &Stats, mut out: stats::Builder<'_>) {
-    out.set_db_file_bytes(stats.db_file_bytes);
-    out.set_wal_file_bytes(stats.wal_file_bytes);
-    out.set_page_size(stats.page_size);
-    out.set_page_count(stats.page_count);
-    out.set_free_pages(stats.free_pages);
-    out.set_reclaimable_bytes(stats.reclaimable_bytes);
+    match &stats.storage {
+        StorageStats::Sqlite(sqlite) => {
+            out.set_db_file_bytes(sqlite.db_file_bytes);
+            out.set_wal_file_bytes(sqlite.wal_file_bytes);
+            out.set_page_size(sqlite.page_size);
+            out.set_page_count(sqlite.page_count);
+            out.set_free_pages(sqlite.free_pages);
+            out.set_reclaimable_bytes(sqlite.free_pages * sqlite.page_size);
+        }
+    }
     out.set_root_shares(stats.root_shares);
     out.set_child_shares(stats.child_shares);
     out.set_archived_shares(stats.archived_shares);

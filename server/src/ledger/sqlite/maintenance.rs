@@ -1,4 +1,5 @@
-//! Vacuum, incremental vacuum and checkpoints, run by the writer thread.
+//! SQLite's own upkeep: vacuum, incremental vacuum and checkpoints, run by the
+//! writer thread, and the adaptive step size that keeps each within its budget.
 //!
 //! `vacuum` and `checkpoint` are exclusive writer commands (autocommit: neither
 //! can run inside a transaction); `incremental_vacuum` is an ordinary one.
@@ -12,9 +13,46 @@ use super::reads::{file_size, wal_path};
 use super::schema::{BUSY_TIMEOUT, WRITER_TEMP_STORE};
 use super::tx::SqliteTx;
 use crate::ledger::rules::authority;
-use crate::ledger::{
-    Checkpoint, IncrementalVacuum, LedgerError, LedgerResult, Operator, VacuumReport,
-};
+use crate::ledger::{LedgerError, LedgerResult, Operator, VacuumReport};
+
+/// Incremental-vacuum steps start this small and adapt to the time budget.
+pub(super) const FIRST_VACUUM_PAGES: u32 = 64;
+const MAX_VACUUM_PAGES: u32 = 1 << 16;
+/// Longest one upkeep round may keep stepping before it waits for the next one.
+pub(super) const UPKEEP_ROUND: Duration = Duration::from_secs(2);
+
+/// What one incremental-vacuum step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IncrementalVacuum {
+    /// Pages given back to the file system by this step.
+    pub freed_pages: u64,
+    /// Free pages still left.
+    pub free_pages: u64,
+    /// How long the step held the writer, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// What a checkpoint did (`PRAGMA wal_checkpoint(TRUNCATE)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// A reader kept the log from being fully copied and truncated; try again later.
+    pub busy: bool,
+    /// Frames in the log, and how many were copied into the database.
+    pub log_frames: u64,
+    pub checkpointed_frames: u64,
+}
+
+/// The next step's page count: halved when a step overran the budget, doubled
+/// when it used less than a quarter of it.
+pub(super) fn next_step_pages(pages: u32, took: Duration, budget: Duration) -> u32 {
+    if took > budget {
+        (pages / 2).max(1)
+    } else if took < budget / 4 {
+        pages.saturating_mul(2).min(MAX_VACUUM_PAGES)
+    } else {
+        pages
+    }
+}
 
 /// Checkpoint, `VACUUM`, checkpoint: rewrites the database without its free
 /// pages and hands the space back. `Busy` if a reader keeps the log from being
@@ -120,4 +158,22 @@ fn free_pages(conn: &Connection) -> LedgerResult<u64> {
 /// The database file plus its log (`<path>-wal`); a missing file counts as empty.
 fn stored_bytes(db_path: &Path) -> u64 {
     file_size(db_path) + file_size(&wal_path(db_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vacuum_steps_shrink_when_over_budget_and_grow_when_well_under() {
+        let budget = Duration::from_millis(20);
+        assert_eq!(next_step_pages(64, Duration::from_millis(30), budget), 32);
+        assert_eq!(next_step_pages(1, Duration::from_millis(30), budget), 1);
+        assert_eq!(next_step_pages(64, Duration::from_millis(1), budget), 128);
+        assert_eq!(
+            next_step_pages(MAX_VACUUM_PAGES, Duration::ZERO, budget),
+            MAX_VACUUM_PAGES
+        );
+        assert_eq!(next_step_pages(64, Duration::from_millis(10), budget), 64);
+    }
 }

@@ -42,20 +42,25 @@ mod tests_reclaim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use capsync_shared::{Cursor, ShareId, TokenId, TokenKind, now_millis};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use tracing::{debug, warn};
 
+pub use self::maintenance::{Checkpoint, IncrementalVacuum};
 use self::pool::ReadPool;
+pub use self::reads::SqliteStats;
 use self::storage::{Reserve, StorageWatch};
 use self::tx::SqliteTx;
 use self::writer::{QueueLimits, Writer};
 use super::{
-    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, Checkpoint, CompactPosition,
-    CompactStep, DeleteStep, IncrementalVacuum, Ledger, LedgerError, LedgerResult, Minted,
-    NewShare, NewToken, OpOutcome, Operator, OpsPage, PruneFilter, PrunePlan, ReclaimStep,
-    RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StoredToken, VacuumReport,
+    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, CompactPosition, CompactStep,
+    DeleteStep, Ledger, LedgerError, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator,
+    OpsPage, PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage,
+    Stats, StoredToken, VacuumReport,
 };
 use crate::ledger::rules;
 use crate::ledger::rules::store::LedgerTx;
@@ -127,7 +132,7 @@ pub fn open(options: SqliteOptions) -> Result<Ledger, LedgerError> {
 /// to the pool; both check the caller's authority in their own transaction.
 struct SqliteBackend {
     /// All writes, in call order, group-committed.
-    writer: Writer,
+    writer: Arc<Writer>,
     /// Announces committed changes to live subscribers.
     changes: tokio::sync::broadcast::Sender<Changed>,
     /// All reads, concurrent with each other and with the writer (WAL).
@@ -136,6 +141,8 @@ struct SqliteBackend {
     path: Arc<PathBuf>,
     /// Whether appends store compacted tool parts without their output (`SqliteOptions::reclaim_compacted`).
     reclaim_compacted: bool,
+    /// Pages per incremental-vacuum step, adapted so a step takes about the upkeep budget.
+    vacuum_pages: Arc<AtomicU32>,
 }
 
 impl SqliteBackend {
@@ -170,11 +177,12 @@ impl SqliteBackend {
         // Subscribers that fall this far behind get `Lagged` and recheck everything.
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         Ok(Self {
-            writer,
+            writer: Arc::new(writer),
             changes,
             reads,
             path: Arc::new(options.path.clone()),
             reclaim_compacted: options.reclaim_compacted,
+            vacuum_pages: Arc::new(AtomicU32::new(maintenance::FIRST_VACUUM_PAGES)),
         })
     }
 
@@ -217,6 +225,26 @@ impl SqliteBackend {
             .boxed()
     }
 
+    /// `wal_checkpoint(TRUNCATE)`, waiting for readers no longer than `max_wait`.
+    #[cfg(test)]
+    pub(super) fn checkpoint(
+        &self,
+        max_wait: Duration,
+    ) -> BoxFuture<'static, LedgerResult<Checkpoint>> {
+        self.writer
+            .exclusive(move |conn| maintenance::checkpoint(conn, max_wait))
+            .boxed()
+    }
+
+    /// Gives at most `max_pages` free pages back to the file system, in one short write.
+    #[cfg(test)]
+    pub(super) fn incremental_vacuum(
+        &self,
+        max_pages: u32,
+    ) -> BoxFuture<'static, LedgerResult<IncrementalVacuum>> {
+        self.write(move |conn, _| maintenance::incremental_vacuum(conn, max_pages))
+    }
+
     /// Runs `read` in one read transaction on a pooled connection.
     fn read<T, F>(&self, read: F) -> BoxFuture<'static, LedgerResult<T>>
     where
@@ -229,6 +257,41 @@ impl SqliteBackend {
         self.reads
             .read(move |conn| read(conn, now_millis()))
             .boxed()
+    }
+}
+
+/// Incremental-vacuum steps until no free pages are left or the round's time
+/// is up, each step sized to take about `budget`.
+async fn give_back_free_pages(
+    writer: &Writer,
+    pages: &AtomicU32,
+    budget: Duration,
+) -> LedgerResult<()> {
+    let started = Instant::now();
+    let mut freed = 0;
+    loop {
+        let max_pages = pages.load(Ordering::Relaxed);
+        let step = writer
+            .submit(move |conn| maintenance::incremental_vacuum(conn, max_pages))
+            .await?;
+        freed += step.freed_pages;
+        pages.store(
+            maintenance::next_step_pages(max_pages, Duration::from_micros(step.elapsed_us), budget),
+            Ordering::Relaxed,
+        );
+        if step.free_pages == 0
+            || step.freed_pages == 0
+            || started.elapsed() > maintenance::UPKEEP_ROUND
+        {
+            if freed > 0 {
+                debug!(
+                    freed_pages = freed,
+                    free_pages = step.free_pages,
+                    "incremental vacuum"
+                );
+            }
+            return Ok(());
+        }
     }
 }
 
@@ -536,20 +599,27 @@ impl Backend for SqliteBackend {
             .boxed()
     }
 
-    fn incremental_vacuum(
-        &self,
-        max_pages: u32,
-    ) -> BoxFuture<'static, LedgerResult<IncrementalVacuum>> {
-        self.write(move |conn, _| maintenance::incremental_vacuum(conn, max_pages))
-    }
-
-    fn checkpoint(
-        &self,
-        max_wait: std::time::Duration,
-    ) -> BoxFuture<'static, LedgerResult<Checkpoint>> {
-        self.writer
-            .exclusive(move |conn| maintenance::checkpoint(conn, max_wait))
-            .boxed()
+    fn upkeep(&self, budget: Duration) -> BoxFuture<'static, LedgerResult<()>> {
+        let (writer, vacuum_pages) = (Arc::clone(&self.writer), Arc::clone(&self.vacuum_pages));
+        async move {
+            let checkpoint = writer
+                .exclusive(move |conn| maintenance::checkpoint(conn, budget))
+                .await;
+            // The same steps as `checkpoint` and `incremental_vacuum`, on a writer
+            // this future owns, so the round outlives no borrow of the backend.
+            match checkpoint {
+                Ok(done) if done.busy => {
+                    debug!(
+                        frames = done.log_frames,
+                        "checkpoint could not finish: readers active"
+                    )
+                }
+                Ok(done) => debug!(frames = done.checkpointed_frames, "checkpointed the log"),
+                Err(err) => warn!(error = %err, "checkpoint failed"),
+            }
+            give_back_free_pages(&writer, &vacuum_pages, budget).await
+        }
+        .boxed()
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {

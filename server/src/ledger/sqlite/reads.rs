@@ -9,7 +9,21 @@ use super::convert::cursor_column;
 use super::errors::corrupt;
 use super::tx::SqliteTx;
 use crate::ledger::rules::authority;
-use crate::ledger::{Authority, LedgerResult, ShareState, Stats, StoredToken};
+use crate::ledger::{Authority, LedgerResult, ShareState, Stats, StorageStats, StoredToken};
+
+/// What SQLite says of its files (the `StorageStats` of this engine).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SqliteStats {
+    /// Bytes of the main database file.
+    pub db_file_bytes: u64,
+    /// Bytes of the write-ahead log (0 when there is none): large means checkpoints lag.
+    pub wal_file_bytes: u64,
+    pub page_size: u64,
+    pub page_count: u64,
+    /// Pages on the freelist: allocated on disk, holding no data; what an
+    /// incremental vacuum gives back to the file system.
+    pub free_pages: u64,
+}
 
 /// The token row with its share's current state; no authority needed.
 pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option<StoredToken>> {
@@ -108,12 +122,13 @@ pub(super) fn stats(
         )?
         .query_row([], |r| Ok((count(r.get(0)?), count(r.get(1)?))))?;
     Ok(Stats {
-        db_file_bytes: file_size(db_path),
-        wal_file_bytes: file_size(&wal_path(db_path)),
-        page_size,
-        page_count,
-        free_pages,
-        reclaimable_bytes: free_pages * page_size,
+        storage: StorageStats::Sqlite(SqliteStats {
+            db_file_bytes: file_size(db_path),
+            wal_file_bytes: file_size(&wal_path(db_path)),
+            page_size,
+            page_count,
+            free_pages,
+        }),
         root_shares,
         child_shares,
         archived_shares,

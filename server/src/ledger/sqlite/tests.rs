@@ -13,6 +13,7 @@ use tempfile::TempDir;
 
 use super::schema::{SCHEMA_VERSION, V1_INITIAL};
 use super::{Durability, SqliteBackend, SqliteOptions};
+use crate::ledger::StorageStats;
 use crate::ledger::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, DeleteStep, Ledger, LedgerError,
     LedgerResult, NewShare, NewToken, OpIn, OpOutcome, Operator, Record, RecordKind, RejectReason,
@@ -2109,13 +2110,13 @@ async fn stats_count_a_known_dataset() {
     assert_eq!(stats.parts, 2);
     assert_eq!(stats.ledger_ops, 5);
     assert_eq!(stats.ledger_payload_bytes, payload_bytes as u64);
-    assert!(stats.page_size >= 512);
-    assert!(stats.page_count > 0);
-    assert_eq!(stats.reclaimable_bytes, stats.free_pages * stats.page_size);
+    let StorageStats::Sqlite(sqlite) = &stats.storage;
+    assert!(sqlite.page_size >= 512);
+    assert!(sqlite.page_count > 0);
     let on_disk = std::fs::metadata(fx.path()).unwrap().len();
-    assert_eq!(stats.db_file_bytes, on_disk);
+    assert_eq!(sqlite.db_file_bytes, on_disk);
     assert!(
-        stats.wal_file_bytes > 0,
+        sqlite.wal_file_bytes > 0,
         "writes since the last checkpoint are in the WAL"
     );
 
