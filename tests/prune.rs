@@ -12,7 +12,7 @@ use capsync_client::{
     AgentClient, ClientError, CreatedShare, ErrorCode, PruneOptions, PruneReport,
 };
 use capsync_tests::{
-    TestServer, admin, agent, backdate, batch, capsync, child_share, database_check, json_of,
+    TestServer, admin, agent, ago, batch, capsync, child_share, database_check, json_of,
     rows_of_share, run_local, session_ops, share, viewer_of,
 };
 use serde_json::Value;
@@ -45,19 +45,19 @@ async fn aged_share(
     parts: usize,
     age: Duration,
 ) -> CreatedShare {
-    let created = child_share(agent, session, project, parent).await;
-    created
-        .writer
-        .append(&batch(
-            "fill",
-            session_ops(session, &format!("msg_{session}"), parts),
-        ))
-        .await
-        .expect("fill share");
-    if !age.is_zero() {
-        backdate(server, &created.info.state.share_id, age);
-    }
-    created
+    ago(server, age, async {
+        let created = child_share(agent, session, project, parent).await;
+        created
+            .writer
+            .append(&batch(
+                "fill",
+                session_ops(session, &format!("msg_{session}"), parts),
+            ))
+            .await
+            .expect("fill share");
+        created
+    })
+    .await
 }
 
 #[test]

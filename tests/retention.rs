@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use capsync_client::{ClientError, ErrorCode, OpKind, OpSpec, ProgressUpdate, RecordKind};
 use capsync_tests::{
-    TestServer, admin, agent, backdate, batch, capsync, child_share, database_check, message_op,
+    TestServer, admin, agent, ago, batch, capsync, child_share, database_check, message_op,
     run_local, session_ops, share, viewer_of,
 };
 use serde_json::{Value, json};
@@ -158,15 +158,17 @@ fn compaction_keeps_op_ids_and_sends_viewers_below_it_to_a_snapshot() {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
-        let created = share(&agent, "ses_c").await;
-        let id = created.info.state.share_id.clone();
         let old_ops = session_ops("ses_c", "msg_1", 4);
-        created
-            .writer
-            .append(&batch("old", old_ops.clone()))
-            .await
-            .unwrap();
-        backdate(&server, &id, 40 * DAY);
+        let created = ago(&server, 40 * DAY, async {
+            let created = share(&agent, "ses_c").await;
+            created
+                .writer
+                .append(&batch("old", old_ops.clone()))
+                .await
+                .unwrap();
+            created
+        })
+        .await;
         created
             .writer
             .append(&batch("new", vec![message_op("ses_c", "msg_2", "user")]))
@@ -224,12 +226,15 @@ fn the_automatic_lifecycle_archives_inactive_shares_and_drops_old_children() {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
-        let idle = share(&agent, "ses_idle").await;
+        let idle = ago(&server, 31 * DAY, share(&agent, "ses_idle")).await;
         let busy = share(&agent, "ses_busy").await;
-        let old_child = child_share(&agent, "ses_kid_old", "prj_x", Some("ses_busy")).await;
+        let old_child = ago(
+            &server,
+            8 * DAY,
+            child_share(&agent, "ses_kid_old", "prj_x", Some("ses_busy")),
+        )
+        .await;
         let new_child = child_share(&agent, "ses_kid_new", "prj_x", Some("ses_busy")).await;
-        backdate(&server, &idle.info.state.share_id, 31 * DAY);
-        backdate(&server, &old_child.info.state.share_id, 8 * DAY);
 
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -295,13 +300,15 @@ fn the_cli_compacts_and_reclaims_with_json_reports() {
         let token = server.admin_token();
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
-        let created = share(&agent, "ses_cli").await;
-        created
-            .writer
-            .append(&batch("b", session_ops("ses_cli", "msg_1", 3)))
-            .await
-            .unwrap();
-        backdate(&server, &created.info.state.share_id, 3 * DAY);
+        ago(&server, 3 * DAY, async {
+            let created = share(&agent, "ses_cli").await;
+            created
+                .writer
+                .append(&batch("b", session_ops("ses_cli", "msg_1", 3)))
+                .await
+                .unwrap();
+        })
+        .await;
         let compact = capsync(
             &server,
             &token,

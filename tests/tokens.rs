@@ -3,7 +3,9 @@
 
 use capsync_client::{ClientError, ErrorCode, Scope};
 use capsync_shared::capsync_capnp::share_writer;
-use capsync_shared::now_millis;
+use std::time::Duration;
+
+use capsync_server::clock::Clock;
 use capsync_tests::{TestServer, admin, agent, batch, run_local, session_ops, share, text_part_op};
 
 fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> Option<ErrorCode> {
@@ -179,12 +181,14 @@ fn a_viewer_can_neither_append_nor_mint() {
 
 #[test]
 fn an_expired_token_fails_to_redeem_and_its_live_capability_stops() {
-    let server = TestServer::start();
+    // The server reads time from a clock the test moves: expiry without waiting.
+    let clock = Clock::manual(capsync_shared::now_millis());
+    let server = TestServer::start_with(|config| config.clock = clock.clone());
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
         let created = share(&agent, "ses_exp").await;
-        let expires_at = now_millis() + 1500;
+        let expires_at = clock.now_millis() + 60_000;
         let minted = created.writer.mint_viewer(Some(expires_at)).await.unwrap();
         assert_eq!(minted.expires_at, Some(expires_at));
         let viewer = conn
@@ -195,9 +199,13 @@ fn an_expired_token_fails_to_redeem_and_its_live_capability_stops() {
             .unwrap();
         assert_eq!(viewer.state().await.unwrap().cursor, 0);
 
-        // Waiting for wall-clock time to pass, not for readiness.
-        let wait = u64::try_from(expires_at - now_millis() + 50).unwrap_or(0);
-        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(
+            viewer.state().await.unwrap().cursor,
+            0,
+            "a second before its expiry the token still works"
+        );
+        clock.advance(Duration::from_secs(2));
 
         assert_eq!(
             code(conn.redeem(&minted.token).await),

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::ledger::sqlite::Durability;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -302,6 +303,10 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_LOG_SUMMARY_INTERVAL", value_parser = humantime::parse_duration,
           default_value = "10s")]
     pub log_summary_interval: Duration,
+
+    /// Where "now" comes from: the system clock, except in tests that move time by hand.
+    #[arg(skip)]
+    pub clock: Clock,
 }
 
 /// The default for `--argon2-concurrency`: one verification per CPU.
@@ -448,6 +453,7 @@ impl Default for Config {
             housekeeping_interval: DEFAULT_HOUSEKEEPING_INTERVAL,
             housekeeping_budget: DEFAULT_HOUSEKEEPING_BUDGET,
             log_summary_interval: DEFAULT_LOG_SUMMARY_INTERVAL,
+            clock: Clock::system(),
         }
     }
 }

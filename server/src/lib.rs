@@ -30,6 +30,7 @@
 //!   what callers are told when something fails.
 
 pub mod admin_token;
+pub mod clock;
 pub mod config;
 pub mod data_dir;
 pub mod error;

@@ -14,9 +14,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use capsync_shared::{ShareId, now_millis};
+use capsync_shared::ShareId;
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::ledger::ShareState;
 
 /// Live writer counts of every share, shared by the RPC side (which counts)
@@ -26,6 +27,8 @@ pub struct Presence {
     shares: Arc<Mutex<HashMap<ShareId, Entry>>>,
     /// Bumped on every connect and disconnect, so followers can wait for a change.
     changed: Arc<watch::Sender<u64>>,
+    /// When writers connect, disconnect and sync.
+    clock: Clock,
 }
 
 /// How long an HTTP writer counts as connected after its last sync. opencode
@@ -55,14 +58,25 @@ pub struct WriterStatus {
 
 impl Default for Presence {
     fn default() -> Self {
-        Self {
-            shares: Arc::default(),
-            changed: Arc::new(watch::channel(0).0),
-        }
+        Self::new(Clock::system())
     }
 }
 
 impl Presence {
+    /// No writers yet; times read from `clock`.
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            shares: Arc::default(),
+            changed: Arc::new(watch::channel(0).0),
+            clock,
+        }
+    }
+
+    /// The clock presence times are read from.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Counts one writer of `share` as connected until the guard drops.
     pub fn writer_connected(&self, share: ShareId) -> WriterPresence {
         self.lock().entry(share.clone()).or_default().writers += 1;
@@ -77,7 +91,7 @@ impl Presence {
     /// [`HTTP_WRITER_WINDOW_MS`]. Followers hear of it only when it was not
     /// connected already: one sync a second must not wake every stream.
     pub fn writer_synced(&self, share: &ShareId) {
-        let now = now_millis();
+        let now = self.clock.now_millis();
         let newly = {
             let mut shares = self.lock();
             let entry = shares.entry(share.clone()).or_default();
@@ -111,7 +125,7 @@ impl Presence {
             if let Some(entry) = shares.get_mut(share) {
                 entry.writers = entry.writers.saturating_sub(1);
                 if entry.writers == 0 {
-                    entry.last_disconnect = Some(now_millis());
+                    entry.last_disconnect = Some(self.clock.now_millis());
                 }
             }
         }

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use capsync_shared::{ShareId, SturdyRef, TokenId, TokenKind, now_millis};
+use capsync_shared::{ShareId, SturdyRef, TokenId, TokenKind};
 use tracing::Level;
 
 use crate::error::ServerError;
@@ -219,19 +219,22 @@ impl Redeemer {
             }
             self.verified.insert(&stored.id, sturdy.secret());
         }
-        Ok(Self::check_standing(sturdy, stored))
+        Ok(self.check_standing(sturdy, stored))
     }
 
     /// Kind, revocation, expiry and epoch of a token whose secret matched. A
     /// failure here is a stale token, not a guess: it counts against nothing.
-    fn check_standing(sturdy: &SturdyRef, stored: StoredToken) -> Result<Redeemed, Outcome> {
+    fn check_standing(&self, sturdy: &SturdyRef, stored: StoredToken) -> Result<Redeemed, Outcome> {
         if stored.kind != sturdy.kind {
             return Err(Outcome::of("kind_mismatch", Some(&stored)));
         }
         if stored.revoked {
             return Err(Outcome::of("revoked", Some(&stored)));
         }
-        if stored.expires_at.is_some_and(|at| at <= now_millis()) {
+        if stored
+            .expires_at
+            .is_some_and(|at| at <= self.ledger.clock().now_millis())
+        {
             return Err(Outcome::of("expired", Some(&stored)));
         }
         let state = match stored.kind {

@@ -47,6 +47,7 @@ pub fn open_ledger(config: &Config, metrics: &Metrics) -> Result<Ledger, StartEr
         max_database_bytes: (config.max_database_bytes > 0).then_some(config.max_database_bytes),
         reserve_bytes: config.storage_reserve_bytes,
         metrics: metrics.clone(),
+        clock: config.clock.clone(),
     })
     .map_err(StartError::Ledger)
 }

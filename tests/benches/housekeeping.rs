@@ -27,8 +27,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use capsync_server::Config;
+use capsync_server::clock::Clock;
 use capsync_tests::client::{self, Batch, NewShare, PruneOptions, WriterClient};
-use capsync_tests::{backdate_in, run_local, session_ops};
+use capsync_tests::{run_local, session_ops};
 use clap::Parser;
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -55,6 +56,9 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::for_tests(dir.path().join("data"));
     config.housekeeping_interval = Duration::from_millis(10);
+    // The aged shares are filled with the clock two months back.
+    config.clock = Clock::shifted();
+    let clock = config.clock.clone();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server = capsync_server::spawn(listener, config.clone()).expect("server");
     let addr = server.addr();
@@ -83,7 +87,7 @@ fn main() {
             ..NewShare::default()
         };
 
-        let db = config.database_path();
+        clock.rewind(60 * DAY);
         for i in 0..args.shares {
             let session = format!("ses_old{i}");
             let created = agent
@@ -100,8 +104,8 @@ fn main() {
                     .await
                     .expect("fill");
             }
-            backdate_in(&db, &created.info.state.share_id, 60 * DAY);
         }
+        clock.advance(60 * DAY);
         let live = agent
             .create_share(new_share("ses_live".into()))
             .await

@@ -11,6 +11,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
+use capsync_server::clock::Clock;
 use capsync_server::{Config, ServerHandle};
 
 /// A running server plus the data directory it owns. Dropping it shuts the
@@ -32,6 +33,8 @@ impl TestServer {
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::for_tests(dir.path().join("data"));
+        // The system's time, which a test may shift (see `ago`).
+        config.clock = Clock::shifted();
         adjust(&mut config);
         let handle = Some(spawn(&config));
         Self {
@@ -39,6 +42,11 @@ impl TestServer {
             dir,
             config,
         }
+    }
+
+    /// The server's clock (see [`ago`]).
+    pub fn clock(&self) -> &Clock {
+        &self.config.clock
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -192,33 +200,19 @@ pub async fn child_share(
         .expect("create share")
 }
 
-/// Makes a share look `age` old: its last change, and when each of its ops was
-/// applied, move back by `age`. Tests cannot wait 30 days, so they write the
-/// server's database directly (WAL lets a second connection write beside the
-/// running server, which re-reads these columns on every call).
-pub fn backdate(server: &TestServer, share_id: &str, age: std::time::Duration) {
-    backdate_in(&server.database_path(), share_id, age);
-}
-
-/// [`backdate`] for the database file at `db`.
-pub fn backdate_in(db: &Path, share_id: &str, age: std::time::Duration) {
-    let conn = rusqlite::Connection::open(db).expect("open database");
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .expect("busy timeout");
-    let ms = i64::try_from(age.as_millis()).expect("age in ms");
-    let changed = conn
-        .execute(
-            "UPDATE shares SET updated_at = updated_at - ?2, created_at = created_at - ?2
-             WHERE id = ?1",
-            rusqlite::params![share_id, ms],
-        )
-        .expect("backdate share");
-    assert_eq!(changed, 1, "share {share_id} not in the database");
-    conn.execute(
-        "UPDATE ops SET applied_at = applied_at - ?2 WHERE share_id = ?1",
-        rusqlite::params![share_id, ms],
-    )
-    .expect("backdate ops");
+/// Runs `work` as if it happened `age` ago: the server's clock is moved back
+/// for it and forward again after, so what `work` stores (a share's creation,
+/// its last change, when its ops were applied) is `age` old. Tests cannot wait
+/// 30 days, and the clock is the server's own, whatever stores its data.
+pub async fn ago<T>(
+    server: &TestServer,
+    age: std::time::Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    server.clock().rewind(age);
+    let out = work.await;
+    server.clock().advance(age);
+    out
 }
 
 /// Rows of `table` whose `share_id` is `share_id`, read from the database file.

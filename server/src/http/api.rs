@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use capsync_shared::limits::{DEFAULT_OPS_PAGE, DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_OPS_PAGE};
-use capsync_shared::{Cursor, ShareId, now_millis};
+use capsync_shared::{Cursor, ShareId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -128,7 +128,7 @@ pub async fn read_snapshot(
 /// `{"writerConnected", "lastChange", "writerGoneSince", "interrupted",
 ///   "interruptedAfterMs", "serverTime"}` (times in Unix ms).
 pub fn presence(app: &AppState, share: &ShareId, last_change: Option<i64>) -> Value {
-    let now = now_millis();
+    let now = app.presence.clock().now_millis();
     let view = PresenceView::new(
         app.presence.status(share),
         last_change,

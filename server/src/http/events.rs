@@ -30,7 +30,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use capsync_shared::limits::DEFAULT_SNAPSHOT_PAGE_BYTES;
-use capsync_shared::{Cursor, ShareId, now_millis};
+use capsync_shared::{Cursor, ShareId};
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -42,6 +42,7 @@ use super::auth::{ShareReader, share_reader};
 use super::error::{ApiError, snapshot_required_message};
 use super::live_html::{LiveHtml, Lookup};
 use super::page_data::ReadOp;
+use crate::clock::Clock;
 use crate::follow::Follower;
 use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp, RecordKind};
 use crate::metrics::{GaugeGuard, SubscriberVia};
@@ -202,7 +203,7 @@ impl Live {
                 }
                 self.send_presence_if_changed();
             }
-            () = sleep_until_ms(deadline.unwrap_or(0)), if deadline.is_some() => {
+            () = sleep_until_ms(self.app.presence.clock(), deadline.unwrap_or(0)), if deadline.is_some() => {
                 self.send_presence_if_changed();
             }
             (follower, ops) = &mut self.next_ops => match ops {
@@ -266,7 +267,7 @@ impl Live {
     /// no writer is connected).
     fn interrupt_deadline(&self) -> Option<i64> {
         let status = self.app.presence.status(&self.share);
-        let now = now_millis();
+        let now = self.app.presence.clock().now_millis();
         if let Some(until) = status.connected_until(now) {
             return Some(until);
         }
@@ -301,8 +302,8 @@ fn presence_key(presence: &Value) -> Value {
     ])
 }
 
-async fn sleep_until_ms(at: i64) {
-    let wait = at.saturating_sub(now_millis()).max(0);
+async fn sleep_until_ms(clock: &Clock, at: i64) {
+    let wait = at.saturating_sub(clock.now_millis()).max(0);
     // Rounded up so the deadline has surely passed on waking.
     tokio::time::sleep(Duration::from_millis(wait.unsigned_abs() + 1)).await;
 }

@@ -17,6 +17,8 @@ use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
+use crate::clock::Clock;
+
 pub use capsync_shared::model::{
     Ack, LoggedOp, OpOutcome, OpResult, Record, RecordKind, RejectReason,
 };
@@ -453,18 +455,31 @@ pub trait Backend: Send + Sync + 'static {
 
 /// The handle the RPC layer holds: cheap to clone, `Send`, backend-agnostic.
 #[derive(Clone)]
-pub struct Ledger(Arc<dyn Backend>);
+pub struct Ledger {
+    backend: Arc<dyn Backend>,
+    /// The clock the backend judges time by, for callers that compute cutoffs.
+    clock: Clock,
+}
 
 impl Ledger {
-    pub fn new(backend: impl Backend) -> Self {
-        Self(Arc::new(backend))
+    /// A handle to `backend`, which reads the time from `clock`.
+    pub fn new(backend: impl Backend, clock: Clock) -> Self {
+        Self {
+            backend: Arc::new(backend),
+            clock,
+        }
+    }
+
+    /// The clock the ledger stamps and judges time by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 }
 
 impl std::ops::Deref for Ledger {
     type Target = dyn Backend;
     fn deref(&self) -> &Self::Target {
-        &*self.0
+        &*self.backend
     }
 }
 

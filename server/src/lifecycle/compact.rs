@@ -33,7 +33,7 @@ pub async fn compact_ledger(
 ) -> LedgerResult<CompactReport> {
     let mut report = CompactReport {
         dry_run,
-        cutoff: cutoff(older_than),
+        cutoff: cutoff(ledger, older_than),
         ..CompactReport::default()
     };
     let (mut from, mut visited) = (None, 0);

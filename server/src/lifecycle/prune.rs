@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use capsync_shared::now_millis;
-
 use super::{ProgressSink, delete_share};
 use crate::ledger::{
     Ledger, LedgerError, LedgerResult, Operator, PlannedShare, PruneFilter, PruneSelect,
@@ -51,7 +49,7 @@ pub async fn prune(
 ) -> LedgerResult<PruneReport> {
     let filter = PruneFilter {
         select: PruneSelect::Roots,
-        inactive_before: cutoff(options.older_than),
+        inactive_before: cutoff(ledger, options.older_than),
         archived_only: options.archived_only,
         with_children: options.children,
     };
@@ -62,10 +60,10 @@ pub async fn prune(
     Ok(report)
 }
 
-/// Unix ms of `now - age`, saturating for absurd ages.
-pub(super) fn cutoff(age: Duration) -> i64 {
+/// Unix ms of `now - age` on the ledger's clock, saturating for absurd ages.
+pub(super) fn cutoff(ledger: &Ledger, age: Duration) -> i64 {
     let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-    now_millis().saturating_sub(age)
+    ledger.clock().now_millis().saturating_sub(age)
 }
 
 /// Plans with `filter`, then (unless `dry_run`) deletes every planned share that

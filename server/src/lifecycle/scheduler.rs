@@ -102,7 +102,7 @@ async fn finish_deletions(ledger: &Ledger) {
 async fn lifecycle_round(ledger: &Ledger, schedule: &Schedule) -> LedgerResult<()> {
     let op = Operator::Scheduler;
     if let Some(after) = schedule.auto_archive_after {
-        let before = cutoff(after);
+        let before = cutoff(ledger, after);
         loop {
             let archived = ledger
                 .archive_inactive(op.clone(), before, ARCHIVE_STEP)
@@ -118,7 +118,7 @@ async fn lifecycle_round(ledger: &Ledger, schedule: &Schedule) -> LedgerResult<(
     if let Some(retention) = schedule.child_retention {
         let filter = PruneFilter {
             select: PruneSelect::Children,
-            inactive_before: cutoff(retention),
+            inactive_before: cutoff(ledger, retention),
             archived_only: false,
             // A child's own sub-agents go with it rather than being left orphaned.
             with_children: true,

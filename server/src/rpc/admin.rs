@@ -79,10 +79,11 @@ impl AdminImpl {
 /// `mintAgent`'s label and expiry.
 pub(super) fn read_mint_agent(
     p: admin::mint_agent_params::Reader<'_>,
+    now: i64,
 ) -> Result<(String, Option<i64>), ServerError> {
     Ok((
         wire::text(p.get_label())?,
-        wire::optional_time(p.get_expires_at(), "expiresAt")?,
+        wire::optional_time(p.get_expires_at(), "expiresAt", now)?,
     ))
 }
 
@@ -108,7 +109,7 @@ impl admin::Server for AdminImpl {
         let request = params
             .get()
             .map_err(ServerError::from)
-            .and_then(read_mint_agent);
+            .and_then(|p| read_mint_agent(p, self.ctx.ledger.clock().now_millis()));
         let minted = async {
             let (label, expires_at) = request?;
             let (token, row) = self

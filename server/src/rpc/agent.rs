@@ -29,6 +29,7 @@ impl AgentImpl {
 
 pub(super) fn read_new_share(
     p: agent::create_share_params::Reader<'_>,
+    now: i64,
 ) -> Result<(NewShare, Option<i64>), ServerError> {
     let share = NewShare {
         share_id: ShareId::random(),
@@ -56,7 +57,7 @@ pub(super) fn read_new_share(
             "title is longer than {MAX_TITLE_BYTES} bytes"
         )));
     }
-    let viewer_expires_at = wire::optional_time(p.get_viewer_expires_at(), "viewerExpiresAt")?;
+    let viewer_expires_at = wire::optional_time(p.get_viewer_expires_at(), "viewerExpiresAt", now)?;
     Ok((share, viewer_expires_at))
 }
 
@@ -69,7 +70,8 @@ impl agent::Server for AgentImpl {
         let created = async {
             let p = params.get()?;
             let join_existing = p.get_join_existing();
-            let (share, viewer_expires_at) = read_new_share(p)?;
+            let (share, viewer_expires_at) =
+                read_new_share(p, self.ctx.ledger.clock().now_millis())?;
             let hasher = &self.ctx.hasher;
             let (writer_token, writer_row) =
                 hasher.mint(TokenKind::Writer, None, String::new()).await?;

@@ -78,12 +78,12 @@ impl Context {
             logs.clone(),
         );
         Self {
+            presence: Presence::new(ledger.clock().clone()),
             ledger,
             hasher,
             max_ops_per_batch: config.max_ops_per_batch,
             max_op_bytes: config.max_op_bytes,
             redeemer,
-            presence: Presence::default(),
             metrics,
             logs,
             subscriber_window: config.subscriber_window.max(1),

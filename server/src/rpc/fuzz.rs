@@ -115,7 +115,7 @@ fn read(method: usize, message: &Message) -> Result<(), ServerError> {
         1 => {
             let p: admin::mint_agent_params::Reader<'_> = message.get_root()?;
             let before = now_millis();
-            let (_label, expires_at) = admin_rpc::read_mint_agent(p)?;
+            let (_label, expires_at) = admin_rpc::read_mint_agent(p, now_millis())?;
             check_expiry(p.get_expires_at(), expires_at, before);
         }
         2 => {
@@ -183,7 +183,7 @@ fn read(method: usize, message: &Message) -> Result<(), ServerError> {
         13 => {
             let p: agent::create_share_params::Reader<'_> = message.get_root()?;
             let before = now_millis();
-            let (share, viewer_expires_at) = agent_rpc::read_new_share(p)?;
+            let (share, viewer_expires_at) = agent_rpc::read_new_share(p, now_millis())?;
             assert!(!share.session_id.is_empty());
             for id in [
                 &share.session_id,
@@ -225,7 +225,11 @@ fn read(method: usize, message: &Message) -> Result<(), ServerError> {
             let p: share_writer::mint_viewer_params::Reader<'_> = message.get_root()?;
             let before = now_millis();
             let millis = p.get_expires_at();
-            check_expiry(millis, wire::optional_time(millis, "expiresAt")?, before);
+            check_expiry(
+                millis,
+                wire::optional_time(millis, "expiresAt", now_millis())?,
+                before,
+            );
         }
         20 => {
             let _: share_writer::save_params::Reader<'_> = message.get_root()?;
@@ -290,7 +294,7 @@ fn mint(
     let before = now_millis();
     check_expiry(
         expires_at,
-        wire::optional_time(expires_at, "expiresAt")?,
+        wire::optional_time(expires_at, "expiresAt", now_millis())?,
         before,
     );
     Ok(())

@@ -106,7 +106,8 @@ pub async fn mint(
     let share_id = wire::text(share_id).map(ShareId);
     let minted = async {
         let share_id = share_id.clone()?;
-        let expires_at = wire::optional_time(expires_at, "expiresAt")?;
+        let expires_at =
+            wire::optional_time(expires_at, "expiresAt", ctx.ledger.clock().now_millis())?;
         let (token, row) = ctx.hasher.mint(kind, expires_at, String::new()).await?;
         ctx.ledger
             .mint_for_share(auth.clone(), share_id, kind, row)

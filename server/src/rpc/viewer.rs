@@ -3,11 +3,11 @@
 
 use std::rc::Rc;
 
+use capsync_shared::Cursor;
 use capsync_shared::capsync_capnp::share_viewer;
 use capsync_shared::limits::{
     DEFAULT_OPS_PAGE, DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_OPS_PAGE, MAX_SNAPSHOT_PAGE_BYTES,
 };
-use capsync_shared::{Cursor, now_millis};
 
 use super::context::Context;
 use super::{shares, subscription, wire};
@@ -121,7 +121,7 @@ impl share_viewer::Server for ViewerImpl {
                 self.ctx.presence.status(&state.share_id),
                 last_change,
                 self.ctx.interrupted_after_ms,
-                now_millis(),
+                self.ctx.ledger.clock().now_millis(),
             ))
         }
         .await;

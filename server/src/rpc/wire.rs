@@ -25,12 +25,12 @@ pub fn text(field: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, Ser
         .map_err(|_| ServerError::invalid("text field is not valid UTF-8"))
 }
 
-/// An expiry: `0` on the wire means "never"; a time not in the future is refused,
+/// An expiry: `0` on the wire means "never"; a time not after `now` is refused,
 /// since a token that is dead on arrival is always a mistake.
-pub fn optional_time(millis: i64, what: &str) -> Result<Option<i64>, ServerError> {
+pub fn optional_time(millis: i64, what: &str, now: i64) -> Result<Option<i64>, ServerError> {
     match millis {
         0 => Ok(None),
-        t if t <= capsync_shared::now_millis() => Err(ServerError::invalid(format!(
+        t if t <= now => Err(ServerError::invalid(format!(
             "{what} must be in the future (Unix milliseconds), or 0 for never"
         ))),
         t => Ok(Some(t)),

@@ -143,7 +143,11 @@ impl share_writer::Server for WriterImpl {
         mut results: share_writer::MintViewerResults,
     ) -> Result<(), capnp::Error> {
         let minted = async {
-            let expires_at = wire::optional_time(params.get()?.get_expires_at(), "expiresAt")?;
+            let expires_at = wire::optional_time(
+                params.get()?.get_expires_at(),
+                "expiresAt",
+                self.ctx.ledger.clock().now_millis(),
+            )?;
             let (token, id) = self.mint(TokenKind::Viewer, expires_at).await?;
             Ok::<_, ServerError>((token, id, expires_at))
         }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use capsync_shared::{Cursor, ShareId, TokenId, TokenKind, now_millis};
+use capsync_shared::{Cursor, ShareId, TokenId, TokenKind};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tracing::{debug, warn};
@@ -62,6 +62,7 @@ use super::{
     OpsPage, PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage,
     Stats, StoredToken, VacuumReport,
 };
+use crate::clock::Clock;
 use crate::ledger::rules;
 use crate::ledger::rules::store::LedgerTx;
 use crate::metrics::Metrics;
@@ -101,6 +102,8 @@ pub struct SqliteOptions {
     pub reserve_bytes: u64,
     /// Where write refusals and the storage-full state are counted.
     pub metrics: Metrics,
+    /// Where "now" comes from (token expiry, the time an op was applied).
+    pub clock: Clock,
 }
 
 impl SqliteOptions {
@@ -119,13 +122,14 @@ impl SqliteOptions {
             max_database_bytes: None,
             reserve_bytes: 0,
             metrics: Metrics::default(),
+            clock: Clock::system(),
         }
     }
 }
 
 /// Opens (creating and migrating if needed) the database and starts the writer thread.
 pub fn open(options: SqliteOptions) -> Result<Ledger, LedgerError> {
-    SqliteBackend::open(&options).map(Ledger::new)
+    SqliteBackend::open(&options).map(|backend| Ledger::new(backend, options.clock.clone()))
 }
 
 /// The [`Backend`] over one SQLite file. Writes go to the writer thread, reads
@@ -143,6 +147,7 @@ struct SqliteBackend {
     reclaim_compacted: bool,
     /// Pages per incremental-vacuum step, adapted so a step takes about the upkeep budget.
     vacuum_pages: Arc<AtomicU32>,
+    clock: Clock,
 }
 
 impl SqliteBackend {
@@ -183,6 +188,7 @@ impl SqliteBackend {
             path: Arc::new(options.path.clone()),
             reclaim_compacted: options.reclaim_compacted,
             vacuum_pages: Arc::new(AtomicU32::new(maintenance::FIRST_VACUUM_PAGES)),
+            clock: options.clock.clone(),
         })
     }
 
@@ -207,8 +213,9 @@ impl SqliteBackend {
                 let _ = changes.send(changed);
             }
         });
+        let clock = self.clock.clone();
         self.writer
-            .submit_then(bytes, move |conn| write(conn, now_millis()), announce)
+            .submit_then(bytes, move |conn| write(conn, clock.now_millis()), announce)
             .boxed()
     }
 
@@ -220,8 +227,9 @@ impl SqliteBackend {
     {
         // The clock is read when the command runs, so expiry is judged at the
         // moment the work happens, not when it was queued.
+        let clock = self.clock.clone();
         self.writer
-            .submit(move |conn| write(conn, now_millis()))
+            .submit(move |conn| write(conn, clock.now_millis()))
             .boxed()
     }
 
@@ -255,7 +263,10 @@ impl SqliteBackend {
             return futures::future::ready(Err(LedgerError::Closed)).boxed();
         }
         self.reads
-            .read(move |conn| read(conn, now_millis()))
+            .read({
+                let clock = self.clock.clone();
+                move |conn| read(conn, clock.now_millis())
+            })
             .boxed()
     }
 }
@@ -595,7 +606,10 @@ impl Backend for SqliteBackend {
     fn vacuum(&self, op: Operator) -> BoxFuture<'static, LedgerResult<VacuumReport>> {
         let path = Arc::clone(&self.path);
         self.writer
-            .exclusive(move |conn| maintenance::vacuum(conn, &op, &path, now_millis()))
+            .exclusive({
+                let clock = self.clock.clone();
+                move |conn| maintenance::vacuum(conn, &op, &path, clock.now_millis())
+            })
             .boxed()
     }
 
@@ -627,7 +641,7 @@ impl Backend for SqliteBackend {
     }
 
     fn audit(&self, event: AuditEvent) {
-        self.writer.audit(event);
+        self.writer.audit(event, self.clock.now_millis());
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {

@@ -1901,7 +1901,7 @@ async fn dropping_the_last_handle_stops_the_writer_after_queued_work() {
     let mut stopped = backend.writer.stopped();
     let pending = backend.append(writer, batch(vec![model_op("o1")]));
     let backend = Arc::into_inner(backend).expect("the only handle");
-    drop(Ledger::new(backend));
+    drop(Ledger::new(backend, crate::clock::Clock::system()));
     assert_eq!(outcomes(&pending.await.unwrap()), applied(&[1]));
     stopped.wait_for(|stopped| *stopped).await.unwrap();
 

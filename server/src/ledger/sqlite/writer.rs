@@ -339,8 +339,7 @@ impl Writer {
 
     /// Queues an audit line. Never blocks or fails the caller: when the writer
     /// is far behind (or closed), the line is dropped with a warning.
-    pub fn audit(&self, event: AuditEvent) {
-        let at = capsync_shared::now_millis();
+    pub fn audit(&self, event: AuditEvent, at: i64) {
         let gauge = &self.queue;
         if gauge.audits.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_AUDITS {
             gauge.audits.fetch_sub(1, Ordering::AcqRel);
