@@ -43,6 +43,7 @@ pub mod lifecycle;
 pub mod log_limit;
 pub mod metrics;
 pub mod net;
+pub mod node;
 pub mod presence;
 pub mod rate_limit;
 pub mod redeem;

@@ -22,13 +22,19 @@ use crate::ledger::ShareState;
 
 /// Live writer counts of every share, shared by the RPC side (which counts)
 /// and the HTTP gateway (which reads). Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Presence {
-    shares: Arc<Mutex<HashMap<ShareId, Entry>>>,
-    /// Bumped on every connect and disconnect, so followers can wait for a change.
-    changed: Arc<watch::Sender<u64>>,
+    board: Arc<dyn PresenceBoard>,
     /// When writers connect, disconnect and sync.
     clock: Clock,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence")
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long an HTTP writer counts as connected after its last sync. opencode
@@ -36,9 +42,32 @@ pub struct Presence {
 /// without one.
 pub const HTTP_WRITER_WINDOW_MS: i64 = 60_000;
 
+/// Where writer presence is kept: in this process's memory ([`LocalPresence`]);
+/// see [`crate::node`] for what several processes serving one database need.
+/// Times are Unix ms from the server's clock.
+pub trait PresenceBoard: Send + Sync + 'static {
+    /// One more writer of `share` is connected.
+    fn connected(&self, share: &ShareId);
+    /// One writer of `share` went away at `at`.
+    fn disconnected(&self, share: &ShareId, at: i64);
+    /// An HTTP writer of `share` synced at `at`; `true` when it was not counted
+    /// as connected just before.
+    fn synced(&self, share: &ShareId, at: i64) -> bool;
+    fn status(&self, share: &ShareId) -> WriterStatus;
+    /// Changes on every connect, disconnect and newly counted sync.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+/// Presence in this process's memory.
+#[derive(Debug)]
+pub struct LocalPresence {
+    shares: Mutex<HashMap<ShareId, Entry>>,
+    /// Bumped on every change, so followers can wait for one.
+    changed: watch::Sender<u64>,
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
-    /// Writer capabilities alive now.
     writers: usize,
     /// Unix ms when the count last dropped to zero.
     last_disconnect: Option<i64>,
@@ -56,6 +85,73 @@ pub struct WriterStatus {
     pub last_sync: Option<i64>,
 }
 
+impl Default for LocalPresence {
+    fn default() -> Self {
+        Self {
+            shares: Mutex::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl LocalPresence {
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShareId, Entry>> {
+        // Counts stay usable even if a holder panicked: they are display only.
+        self.shares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl PresenceBoard for LocalPresence {
+    fn connected(&self, share: &ShareId) {
+        self.lock().entry(share.clone()).or_default().writers += 1;
+        self.bump();
+    }
+
+    fn disconnected(&self, share: &ShareId, at: i64) {
+        {
+            let mut shares = self.lock();
+            if let Some(entry) = shares.get_mut(share) {
+                entry.writers = entry.writers.saturating_sub(1);
+                if entry.writers == 0 {
+                    entry.last_disconnect = Some(at);
+                }
+            }
+        }
+        self.bump();
+    }
+
+    fn synced(&self, share: &ShareId, at: i64) -> bool {
+        let newly = {
+            let mut shares = self.lock();
+            let entry = shares.entry(share.clone()).or_default();
+            let was = entry.last_sync.is_some_and(|last| within_window(last, at));
+            entry.last_sync = Some(at);
+            !was
+        };
+        if newly {
+            self.bump();
+        }
+        newly
+    }
+
+    fn status(&self, share: &ShareId) -> WriterStatus {
+        let entry = self.lock().get(share).copied().unwrap_or_default();
+        WriterStatus {
+            writers: entry.writers,
+            last_disconnect: entry.last_disconnect,
+            last_sync: entry.last_sync,
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
 impl Default for Presence {
     fn default() -> Self {
         Self::new(Clock::system())
@@ -63,13 +159,14 @@ impl Default for Presence {
 }
 
 impl Presence {
-    /// No writers yet; times read from `clock`.
+    /// No writers yet, kept in this process ([`LocalPresence`]); times read from `clock`.
     pub fn new(clock: Clock) -> Self {
-        Self {
-            shares: Arc::default(),
-            changed: Arc::new(watch::channel(0).0),
-            clock,
-        }
+        Self::on(Arc::new(LocalPresence::default()), clock)
+    }
+
+    /// Presence kept on `board`.
+    pub fn on(board: Arc<dyn PresenceBoard>, clock: Clock) -> Self {
+        Self { board, clock }
     }
 
     /// The clock presence times are read from.
@@ -79,8 +176,7 @@ impl Presence {
 
     /// Counts one writer of `share` as connected until the guard drops.
     pub fn writer_connected(&self, share: ShareId) -> WriterPresence {
-        self.lock().entry(share.clone()).or_default().writers += 1;
-        self.bump();
+        self.board.connected(&share);
         WriterPresence {
             presence: self.clone(),
             share,
@@ -91,54 +187,21 @@ impl Presence {
     /// [`HTTP_WRITER_WINDOW_MS`]. Followers hear of it only when it was not
     /// connected already: one sync a second must not wake every stream.
     pub fn writer_synced(&self, share: &ShareId) {
-        let now = self.clock.now_millis();
-        let newly = {
-            let mut shares = self.lock();
-            let entry = shares.entry(share.clone()).or_default();
-            let was = entry.last_sync.is_some_and(|at| within_window(at, now));
-            entry.last_sync = Some(now);
-            !was
-        };
-        if newly {
-            self.bump();
-        }
+        self.board.synced(share, self.clock.now_millis());
     }
 
     /// The writer status of `share` now.
     pub fn status(&self, share: &ShareId) -> WriterStatus {
-        let entry = self.lock().get(share).copied().unwrap_or_default();
-        WriterStatus {
-            writers: entry.writers,
-            last_disconnect: entry.last_disconnect,
-            last_sync: entry.last_sync,
-        }
+        self.board.status(share)
     }
 
     /// Wakes on every connect or disconnect of any share's writers.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.board.subscribe()
     }
 
     fn disconnected(&self, share: &ShareId) {
-        {
-            let mut shares = self.lock();
-            if let Some(entry) = shares.get_mut(share) {
-                entry.writers = entry.writers.saturating_sub(1);
-                if entry.writers == 0 {
-                    entry.last_disconnect = Some(self.clock.now_millis());
-                }
-            }
-        }
-        self.bump();
-    }
-
-    fn bump(&self) {
-        self.changed.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ShareId, Entry>> {
-        // Counts stay usable even if a holder panicked: they are display only.
-        self.shares.lock().unwrap_or_else(|e| e.into_inner())
+        self.board.disconnected(share, self.clock.now_millis());
     }
 }
 

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use capsync_shared::TokenId;
@@ -157,6 +158,54 @@ impl RedeemLimiter {
                 .record(address_group(peer), now),
             token_now_limited: self.wrong_secret_by_token.record(id, now),
         }
+    }
+}
+
+/// Where failed redeems are counted, by address and by token id. One
+/// process counts in its own memory ([`LocalRedeemFailures`]); see
+/// [`crate::node`] for what several processes serving one database do.
+pub trait RedeemFailures: Send + Sync + 'static {
+    /// Before checking a token whose id is unknown (or that is malformed).
+    fn check_unknown(&self, peer: IpAddr) -> Result<(), Limited>;
+    /// Before verifying the secret of an existing token `id`.
+    fn check_known(&self, peer: IpAddr, id: &TokenId) -> Result<(), Limited>;
+    /// A malformed token or an unknown id from `peer`.
+    fn record_unknown(&self, peer: IpAddr) -> Recorded;
+    /// A wrong secret for the existing token `id`, from `peer`.
+    fn record_wrong_secret(&self, peer: IpAddr, id: TokenId) -> Recorded;
+}
+
+/// [`RedeemLimiter`]'s buckets in this process's memory, behind a std mutex:
+/// both gateways share them, and no lock is held across an await.
+#[derive(Debug)]
+pub struct LocalRedeemFailures(Mutex<RedeemLimiter>);
+
+impl LocalRedeemFailures {
+    pub fn new(limiter: RedeemLimiter) -> Self {
+        Self(Mutex::new(limiter))
+    }
+
+    fn buckets(&self) -> std::sync::MutexGuard<'_, RedeemLimiter> {
+        // A panic while holding it cannot leave the counts inconsistent enough to matter.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RedeemFailures for LocalRedeemFailures {
+    fn check_unknown(&self, peer: IpAddr) -> Result<(), Limited> {
+        self.buckets().check_unknown(peer)
+    }
+
+    fn check_known(&self, peer: IpAddr, id: &TokenId) -> Result<(), Limited> {
+        self.buckets().check_known(peer, id)
+    }
+
+    fn record_unknown(&self, peer: IpAddr) -> Recorded {
+        self.buckets().record_unknown(peer)
+    }
+
+    fn record_wrong_secret(&self, peer: IpAddr, id: TokenId) -> Recorded {
+        self.buckets().record_wrong_secret(peer, id)
     }
 }
 

@@ -12,7 +12,7 @@
 //! Everything here is `Send`: the HTTP gateway runs on plain tokio tasks.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use capsync_shared::{ShareId, SturdyRef, TokenId, TokenKind};
 use tracing::Level;
@@ -22,7 +22,7 @@ use crate::ledger::{AuditEvent, Authority, Ledger, ShareState, StoredToken};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::address_group;
-use crate::rate_limit::{Limited, RedeemLimiter};
+use crate::rate_limit::{Limited, RedeemFailures};
 use crate::secret_hasher::SecretHasher;
 use crate::verified_secrets::VerifiedSecrets;
 
@@ -64,8 +64,8 @@ impl Redeemed {
 pub struct Redeemer {
     ledger: Ledger,
     hasher: SecretHasher,
-    /// Failed redeems per address and per token id. A std mutex: it is never held across an await.
-    limiter: Arc<Mutex<RedeemLimiter>>,
+    /// Failed redeems per address and per token id.
+    limiter: Arc<dyn RedeemFailures>,
     verified: Arc<VerifiedSecrets>,
     metrics: Metrics,
     logs: LogLimiter,
@@ -93,14 +93,14 @@ impl Redeemer {
     pub fn new(
         ledger: Ledger,
         hasher: SecretHasher,
-        limiter: RedeemLimiter,
+        limiter: Arc<dyn RedeemFailures>,
         metrics: Metrics,
         logs: LogLimiter,
     ) -> Self {
         Self {
             ledger,
             hasher,
-            limiter: Arc::new(Mutex::new(limiter)),
+            limiter,
             verified: Arc::new(VerifiedSecrets::new()),
             metrics,
             logs,
@@ -167,11 +167,6 @@ impl Redeemer {
         }
     }
 
-    fn limiter(&self) -> std::sync::MutexGuard<'_, RedeemLimiter> {
-        // A panic while holding it cannot leave the counts inconsistent enough to matter.
-        self.limiter.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A malformed token, or one whose id no token has: it fails, after as long
     /// as a wrong secret takes (so ids cannot be told apart by timing while the
     /// address has failures left). Refused unchecked once they are used up.
@@ -180,12 +175,12 @@ impl Redeemer {
         sturdy: Option<&SturdyRef>,
         peer: SocketAddr,
     ) -> Result<(), ServerError> {
-        let checked = self.limiter().check_unknown(peer.ip());
+        let checked = self.limiter.check_unknown(peer.ip());
         checked.map_err(|limited| self.limited(limited, peer))?;
         self.hasher
             .verify(sturdy.map_or("", |s| s.secret()), None)
             .await;
-        let recorded = self.limiter().record_unknown(peer.ip());
+        let recorded = self.limiter.record_unknown(peer.ip());
         if recorded.address_now_limited {
             self.limiting_started(peer, "malformed or unknown tokens");
         }
@@ -201,12 +196,12 @@ impl Redeemer {
         peer: SocketAddr,
     ) -> Result<Result<Redeemed, Outcome>, ServerError> {
         if !self.verified.contains(&stored.id, sturdy.secret()) {
-            let checked = self.limiter().check_known(peer.ip(), &stored.id);
+            let checked = self.limiter.check_known(peer.ip(), &stored.id);
             checked.map_err(|limited| self.limited(limited, peer))?;
             let hash = Some(stored.secret_hash.clone());
             if !self.hasher.verify(sturdy.secret(), hash).await {
                 let recorded = self
-                    .limiter()
+                    .limiter
                     .record_wrong_secret(peer.ip(), stored.id.clone());
                 if recorded.address_now_limited {
                     self.limiting_started(peer, "wrong secrets");
@@ -319,6 +314,7 @@ mod tests {
 
     use super::*;
     use crate::follow::test_share::TestShare;
+    use crate::rate_limit::{LocalRedeemFailures, RedeemLimiter};
 
     #[tokio::test]
     async fn a_redeem_whose_caller_hangs_up_still_counts() {
@@ -326,7 +322,10 @@ mod tests {
         let redeemer = Redeemer::new(
             share.ledger.clone(),
             SecretHasher::new(256, 1).unwrap(),
-            RedeemLimiter::new(1, Duration::from_secs(3600)),
+            Arc::new(LocalRedeemFailures::new(RedeemLimiter::new(
+                1,
+                Duration::from_secs(3600),
+            ))),
             Metrics::default(),
             LogLimiter::new(Duration::from_secs(10)),
         );
@@ -338,7 +337,7 @@ mod tests {
         // The check finishes anyway and its failure counts: the next one is limited.
         let limited = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                if redeemer.limiter().check_unknown(peer.ip()).is_err() {
+                if redeemer.limiter.check_unknown(peer.ip()).is_err() {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -27,6 +27,7 @@ use crate::metrics::{Listener, Metrics};
 use crate::net::{
     AcceptPolicy, Accepted, Acceptor, ConnectionSlots, ConnectionState, FrameGate, FrameLimits,
 };
+use crate::node::NodeServices;
 use crate::rpc::{Context, GatewayImpl};
 use crate::secret_hasher::SecretHasher;
 use crate::{StartError, admin_token};
@@ -81,6 +82,8 @@ pub struct Prepared {
     http: Option<HttpGateway>,
     /// Stops the HTTP gateway (and its live streams) when the server shuts down.
     http_shutdown: CancellationToken,
+    /// What this process would share with other server processes.
+    node: NodeServices,
     /// Held until the server stops, so no second server opens the same data.
     _lock: DataDirLock,
 }
@@ -95,7 +98,14 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     if admin_token::ensure(&ledger, &hasher, &admin_path).await? {
         info!(path = %admin_path.display(), "created the admin token; it is in this file (owner-only)");
     }
-    let ctx = Rc::new(Context::new(ledger.clone(), hasher, &config, metrics));
+    let node = NodeServices::sole_process(&config);
+    let ctx = Rc::new(Context::with_node(
+        ledger.clone(),
+        hasher,
+        &config,
+        metrics,
+        &node,
+    ));
     let http_shutdown = CancellationToken::new();
     let http = match config.http_listen.addr() {
         Some(addr) => {
@@ -121,6 +131,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         ctx,
         http,
         http_shutdown,
+        node,
         _lock: lock,
     })
 }
@@ -172,6 +183,7 @@ impl Prepared {
             ctx,
             http,
             http_shutdown,
+            node,
             ..
         } = self;
         // Plain tokio tasks, beside the LocalSet: everything the gateway holds is `Send`.
@@ -188,6 +200,7 @@ impl Prepared {
         let maintenance = tokio::spawn(lifecycle::scheduler::run(
             ledger.clone(),
             Schedule::from_config(&config),
+            Arc::clone(&node.leadership),
             maintenance_stop.clone(),
         ));
         let logs_stop = CancellationToken::new();

@@ -103,7 +103,12 @@ impl AppState {
             redeemer: Redeemer::new(
                 ledger.clone(),
                 hasher,
-                crate::rate_limit::RedeemLimiter::new(config.redeem_failures, config.redeem_window),
+                std::sync::Arc::new(crate::rate_limit::LocalRedeemFailures::new(
+                    crate::rate_limit::RedeemLimiter::new(
+                        config.redeem_failures,
+                        config.redeem_window,
+                    ),
+                )),
                 metrics.clone(),
                 logs.clone(),
             ),

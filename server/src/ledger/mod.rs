@@ -286,6 +286,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether an unrevoked, unexpired admin token exists.
     fn has_admin_token(&self) -> BoxFuture<'static, LedgerResult<bool>>;
 
+    /// Stores `token` as the admin token unless a live one exists (`true` if
+    /// stored). One transaction under a lock, so servers starting at once on
+    /// one database create one admin token between them.
+    fn create_first_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<bool>>;
+
     /// Creates a share owned by the agent `issuer`, with its first writer and viewer tokens.
     fn create_share(
         &self,

@@ -3,6 +3,7 @@
 //! the automatic lifecycle (auto-archive, child retention, ledger compaction)
 //! when configured.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
@@ -13,6 +14,7 @@ use super::prune::{cutoff, prune_filtered};
 use super::{ProgressSink, compact_ledger, delete_share};
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerResult, Operator, PruneFilter, PruneSelect};
+use crate::node::Leadership;
 
 /// Shares one auto-archive step archives at most.
 const ARCHIVE_STEP: u32 = 500;
@@ -50,9 +52,16 @@ impl Schedule {
 
 /// Runs maintenance until `shutdown` is cancelled. A failed round is logged and
 /// tried again at the next tick: maintenance never stops the server.
-pub async fn run(ledger: Ledger, schedule: Schedule, shutdown: CancellationToken) {
+pub async fn run(
+    ledger: Ledger,
+    schedule: Schedule,
+    leadership: Arc<dyn Leadership>,
+    shutdown: CancellationToken,
+) {
     let work = async {
-        finish_deletions(&ledger).await;
+        if leadership.lead().await {
+            finish_deletions(&ledger).await;
+        }
         let mut housekeeping_tick = tokio::time::interval(schedule.housekeeping_interval);
         let mut lifecycle_tick = tokio::time::interval(schedule.lifecycle_interval);
         housekeeping_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -63,11 +72,17 @@ pub async fn run(ledger: Ledger, schedule: Schedule, shutdown: CancellationToken
         loop {
             tokio::select! {
                 _ = housekeeping_tick.tick() => {
+                    if !leadership.lead().await {
+                        continue;
+                    }
                     if let Err(err) = ledger.upkeep(schedule.housekeeping_budget).await {
                         warn!(error = %err, "storage upkeep failed; retrying next time");
                     }
                 }
                 _ = lifecycle_tick.tick(), if schedule.lifecycle_enabled() => {
+                    if !leadership.lead().await {
+                        continue;
+                    }
                     if let Err(err) = lifecycle_round(&ledger, &schedule).await {
                         warn!(error = %err, "automatic lifecycle round failed; retrying next time");
                     }

@@ -2,6 +2,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -11,8 +12,8 @@ use crate::error::ServerError;
 use crate::ledger::{AuditEvent, Ledger};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{GaugeGuard, Metrics, SubscriberVia};
+use crate::node::NodeServices;
 use crate::presence::Presence;
-use crate::rate_limit::RedeemLimiter;
 use crate::redeem::Redeemer;
 use crate::secret_hasher::SecretHasher;
 
@@ -68,17 +69,30 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context for a server alone on its data ([`NodeServices::sole_process`]).
     pub fn new(ledger: Ledger, hasher: SecretHasher, config: &Config, metrics: Metrics) -> Self {
+        let node = NodeServices::sole_process(config);
+        Self::with_node(ledger, hasher, config, metrics, &node)
+    }
+
+    /// A context whose shared state (presence, failed-redeem limits) is `node`'s.
+    pub fn with_node(
+        ledger: Ledger,
+        hasher: SecretHasher,
+        config: &Config,
+        metrics: Metrics,
+        node: &NodeServices,
+    ) -> Self {
         let logs = LogLimiter::new(config.log_summary_interval);
         let redeemer = Redeemer::new(
             ledger.clone(),
             hasher.clone(),
-            RedeemLimiter::new(config.redeem_failures, config.redeem_window),
+            Arc::clone(&node.redeem_failures),
             metrics.clone(),
             logs.clone(),
         );
         Self {
-            presence: Presence::new(ledger.clock().clone()),
+            presence: node.presence.clone(),
             ledger,
             hasher,
             max_ops_per_batch: config.max_ops_per_batch,

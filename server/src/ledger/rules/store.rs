@@ -222,6 +222,13 @@ pub trait LedgerTx {
     /// Marks every live admin token revoked.
     fn revoke_admin_tokens(&mut self, now: i64) -> LedgerResult<()>;
 
+    /// Whether an unrevoked admin token that has not expired by `now` exists.
+    fn has_live_admin_token(&mut self, now: i64) -> LedgerResult<bool>;
+
+    /// Holds the bootstrap lock until the transaction ends, so two servers
+    /// starting at once cannot both find no admin token and each create one.
+    fn lock_bootstrap(&mut self) -> LedgerResult<()>;
+
     // The ledger of ops.
 
     /// Records `entry` unless the share already has an op with its id: `true`

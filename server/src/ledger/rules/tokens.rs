@@ -101,6 +101,26 @@ pub fn replace_admin(tx: &mut impl LedgerTx, token: &NewToken, now: i64) -> Ledg
     tx.insert_token(token, &stored, now)
 }
 
+/// Stores `token` as the admin token unless a live one exists; `true` if stored.
+pub fn create_first_admin(
+    tx: &mut impl LedgerTx,
+    token: &NewToken,
+    now: i64,
+) -> LedgerResult<bool> {
+    tx.lock_bootstrap()?;
+    if tx.has_live_admin_token(now)? {
+        return Ok(false);
+    }
+    let stored = StoredToken {
+        kind: TokenKind::Admin,
+        share_id: None,
+        epoch: Epoch(0),
+        issued_by: None,
+    };
+    tx.insert_token(token, &stored, now)?;
+    Ok(true)
+}
+
 /// Admin only. Revoking an already revoked token keeps its first revocation time.
 pub fn revoke(
     tx: &mut impl LedgerTx,

@@ -348,7 +348,13 @@ impl Backend for SqliteBackend {
     }
 
     fn has_admin_token(&self) -> BoxFuture<'static, LedgerResult<bool>> {
-        self.read(reads::has_admin_token)
+        self.read(|conn, now| SqliteTx::new(conn).has_live_admin_token(now))
+    }
+
+    fn create_first_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<bool>> {
+        self.write(move |conn, now| {
+            rules::tokens::create_first_admin(&mut SqliteTx::new(conn), &token, now)
+        })
     }
 
     fn create_share(

@@ -72,15 +72,6 @@ pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option
     }))
 }
 
-pub(super) fn has_admin_token(conn: &Connection, now: i64) -> LedgerResult<bool> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT 1 FROM tokens
-             WHERE kind = 'admin' AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at >= ?1)",
-        )?
-        .exists([now])?)
-}
-
 /// Admin only: sizes from the pragmas and the files, counts from aggregates.
 /// Every number is one statement's answer; nothing here loads rows into memory.
 pub(super) fn stats(

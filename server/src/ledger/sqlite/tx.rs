@@ -232,6 +232,21 @@ impl LedgerTx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn has_live_admin_token(&mut self, now: i64) -> LedgerResult<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM tokens
+                 WHERE kind = 'admin' AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at >= ?1)",
+            )?
+            .exists([now])?)
+    }
+
+    /// Write transactions run one at a time on the writer thread: nothing to lock.
+    fn lock_bootstrap(&mut self) -> LedgerResult<()> {
+        Ok(())
+    }
+
     fn token_grant(&mut self, id: &TokenId) -> LedgerResult<Option<TokenGrant>> {
         let row = self
             .conn
