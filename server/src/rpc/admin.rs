@@ -4,8 +4,9 @@
 use std::rc::Rc;
 
 use capsync_shared::capsync_capnp::{admin, prune_options, share_info_result};
-use capsync_shared::{ShareId, TokenId, TokenKind};
+use capsync_shared::{ShareId, SturdyRef, TokenId, TokenKind};
 
+use super::answer::answer;
 use super::context::Context;
 use super::progress_listener::Forwarder;
 use super::shares::{self, outcome};
@@ -29,18 +30,29 @@ impl AdminImpl {
         Operator::Admin(self.auth.clone())
     }
 
-    fn audit(
+    /// Audits a finished call as `action`: `asked` says what was asked, and on
+    /// success `done` adds what the call did.
+    fn audit<T>(
         &self,
         action: &'static str,
         share_id: Option<ShareId>,
-        outcome: &str,
-        detail: String,
+        result: &Result<T, ServerError>,
+        asked: String,
+        done: impl FnOnce(&T) -> String,
     ) {
+        let mut detail = asked;
+        if let Ok(value) = result {
+            let done = done(value);
+            if !done.is_empty() && !detail.is_empty() {
+                detail.push(' ');
+            }
+            detail.push_str(&done);
+        }
         self.ctx.audit(AuditEvent {
             action,
             token_id: Some(self.auth.token_id.clone()),
             share_id,
-            outcome: outcome.to_owned(),
+            outcome: outcome(result).to_owned(),
             detail,
         });
     }
@@ -68,11 +80,10 @@ impl AdminImpl {
         } else {
             "unarchive_share"
         };
-        self.audit(action, share_id.ok(), outcome(&done), String::new());
-        match done {
-            Ok(info) => wire::fill_info(&info, out.init_ok()),
-            Err(err) => err.fill(out.init_failure()),
-        }
+        self.audit(action, share_id.ok(), &done, String::new(), |_| {
+            String::new()
+        });
+        answer!(out, done, |info, ok| wire::fill_info(&info, ok));
     }
 }
 
@@ -124,21 +135,16 @@ impl admin::Server for AdminImpl {
             Ok::<_, ServerError>((token, expires_at))
         }
         .await;
-        let detail = match &minted {
-            Ok((token, _)) => format!("new_token={}", token.id),
-            Err(_) => String::new(),
-        };
-        self.audit("mint", None, outcome(&minted), detail);
-        let result = results.get().init_result();
-        match minted {
-            Ok((token, expires_at)) => wire::fill_minted(
-                &token.expose(),
-                token.id.as_str(),
-                expires_at,
-                result.init_ok(),
-            ),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        self.audit("mint", None, &minted, String::new(), |(token, _)| {
+            format!("new_token={}", token.id)
+        });
+        answer!(
+            results.get().init_result(),
+            minted,
+            |(token, expires_at): (SturdyRef, _), ok| {
+                wire::fill_minted(&token.expose(), token.id.as_str(), expires_at, ok)
+            }
+        );
         Ok(())
     }
 
@@ -174,12 +180,8 @@ impl admin::Server for AdminImpl {
                 })
         }
         .await;
-        self.audit("revoke_token", None, outcome(&revoked), target);
-        let mut result = results.get().init_result();
-        match revoked {
-            Ok(()) => result.set_ok(()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        self.audit("revoke_token", None, &revoked, target, |_| String::new());
+        answer!(results.get().init_result(), revoked);
         Ok(())
     }
 
@@ -216,12 +218,10 @@ impl admin::Server for AdminImpl {
             Ok::<_, ServerError>(())
         }
         .await;
-        self.audit("delete_share", share, outcome(&deleted), String::new());
-        let mut result = results.get().init_result();
-        match deleted {
-            Ok(()) => result.set_ok(()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        self.audit("delete_share", share, &deleted, String::new(), |_| {
+            String::new()
+        });
+        answer!(results.get().init_result(), deleted);
         Ok(())
     }
 
@@ -258,11 +258,9 @@ impl admin::Server for AdminImpl {
             .stats(self.auth.clone())
             .await
             .map_err(ServerError::from);
-        let result = results.get().init_result();
-        match stats {
-            Ok(stats) => wire::fill_stats(&stats, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        answer!(results.get().init_result(), stats, |stats, ok| {
+            wire::fill_stats(&stats, ok)
+        });
         Ok(())
     }
 
@@ -294,22 +292,19 @@ impl admin::Server for AdminImpl {
             Ok::<_, ServerError>(report?)
         }
         .await;
-        if let Ok(report) = &pruned {
-            detail.push_str(&format!(
-                " shares={} ops={} bytes={} kept_children={} skipped={}",
+        self.audit("prune", None, &pruned, detail, |report| {
+            format!(
+                "shares={} ops={} bytes={} kept_children={} skipped={}",
                 report.shares.len(),
                 report.totals.ops,
                 report.totals.bytes,
                 report.kept_children.len(),
                 report.skipped.len()
-            ));
-        }
-        self.audit("prune", None, outcome(&pruned), detail);
-        let result = results.get().init_result();
-        match pruned {
-            Ok(report) => wire::fill_prune_report(&report, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+            )
+        });
+        answer!(results.get().init_result(), pruned, |report, ok| {
+            wire::fill_prune_report(&report, ok)
+        });
         Ok(())
     }
 
@@ -324,19 +319,15 @@ impl admin::Server for AdminImpl {
             .vacuum(self.operator())
             .await
             .map_err(ServerError::from);
-        let detail = match &vacuumed {
-            Ok(report) => format!(
+        self.audit("vacuum", None, &vacuumed, String::new(), |report| {
+            format!(
                 "bytes_before={} bytes_after={} duration_ms={}",
                 report.bytes_before, report.bytes_after, report.duration_ms
-            ),
-            Err(_) => String::new(),
-        };
-        self.audit("vacuum", None, outcome(&vacuumed), detail);
-        let result = results.get().init_result();
-        match vacuumed {
-            Ok(report) => wire::fill_vacuum(&report, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+            )
+        });
+        answer!(results.get().init_result(), vacuumed, |report, ok| {
+            wire::fill_vacuum(&report, ok)
+        });
         Ok(())
     }
 
@@ -357,18 +348,15 @@ impl admin::Server for AdminImpl {
             Ok::<_, ServerError>(report?)
         }
         .await;
-        if let Ok(report) = &reclaimed {
-            detail.push_str(&format!(
-                " parts_scanned={} parts_cleared={} bytes={}",
+        self.audit("reclaim", None, &reclaimed, detail, |report| {
+            format!(
+                "parts_scanned={} parts_cleared={} bytes={}",
                 report.parts_scanned, report.parts_cleared, report.bytes_reclaimed
-            ));
-        }
-        self.audit("reclaim", None, outcome(&reclaimed), detail);
-        let result = results.get().init_result();
-        match reclaimed {
-            Ok(report) => wire::fill_reclaim_report(&report, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+            )
+        });
+        answer!(results.get().init_result(), reclaimed, |report, ok| {
+            wire::fill_reclaim_report(&report, ok)
+        });
         Ok(())
     }
 
@@ -391,18 +379,15 @@ impl admin::Server for AdminImpl {
             Ok::<_, ServerError>(report?)
         }
         .await;
-        if let Ok(report) = &compacted {
-            detail.push_str(&format!(
-                " shares={} ops={} bytes={}",
+        self.audit("compact_ledger", None, &compacted, detail, |report| {
+            format!(
+                "shares={} ops={} bytes={}",
                 report.shares, report.ops, report.bytes
-            ));
-        }
-        self.audit("compact_ledger", None, outcome(&compacted), detail);
-        let result = results.get().init_result();
-        match compacted {
-            Ok(report) => wire::fill_compact_report(&report, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+            )
+        });
+        answer!(results.get().init_result(), compacted, |report, ok| {
+            wire::fill_compact_report(&report, ok)
+        });
         Ok(())
     }
 }

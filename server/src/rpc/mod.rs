@@ -7,6 +7,7 @@
 
 mod admin;
 mod agent;
+mod answer;
 mod context;
 pub(crate) mod fuzz;
 mod gateway;

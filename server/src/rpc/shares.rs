@@ -5,6 +5,7 @@ use capsync_shared::capsync_capnp::{mint_result, share_list_result, share_state_
 use capsync_shared::limits::{DEFAULT_LIST_PAGE, MAX_LIST_PAGE};
 use capsync_shared::{ShareId, TokenKind};
 
+use super::answer::answer;
 use super::context::Context;
 use super::wire;
 use crate::error::ServerError;
@@ -48,10 +49,9 @@ pub async fn list(
         Ok::<_, ServerError>((shares, more))
     }
     .await;
-    match listed {
-        Ok((shares, more)) => wire::fill_list(&shares, more, out.init_ok()),
-        Err(err) => err.fill(out.init_failure()),
-    }
+    answer!(out, listed, |(shares, more): (Vec<_>, _), ok| {
+        wire::fill_list(&shares, more, ok)
+    });
 }
 
 /// A listing's page size: 0 means the default, and anything above the cap is capped.
@@ -88,10 +88,7 @@ pub async fn revoke(
         outcome: outcome(&revoked).to_owned(),
         detail: String::new(),
     });
-    match revoked {
-        Ok(state) => wire::fill_state(&state, out.init_ok()),
-        Err(err) => err.fill(out.init_failure()),
-    }
+    answer!(out, revoked, |state, ok| wire::fill_state(&state, ok));
 }
 
 /// Mints a writer or viewer token for a share the caller owns (or any, for an admin).

@@ -9,6 +9,7 @@ use capsync_shared::limits::{
     DEFAULT_OPS_PAGE, DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_OPS_PAGE, MAX_SNAPSHOT_PAGE_BYTES,
 };
 
+use super::answer::answer;
 use super::context::Context;
 use super::{shares, subscription, wire};
 use crate::error::ServerError;
@@ -68,11 +69,9 @@ impl share_viewer::Server for ViewerImpl {
             )
         }
         .await;
-        let result = results.get().init_result();
-        match page {
-            Ok(page) => wire::fill_snapshot(&page, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        answer!(results.get().init_result(), page, |page, ok| {
+            wire::fill_snapshot(&page, ok)
+        });
         Ok(())
     }
 
@@ -91,11 +90,11 @@ impl share_viewer::Server for ViewerImpl {
             )
         }
         .await;
-        let result = results.get().init_result();
-        match page {
-            Ok(page) => wire::fill_ops(&page, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        answer!(
+            results.get().init_result(),
+            page,
+            |page, ok| wire::fill_ops(&page, ok)
+        );
         Ok(())
     }
 
@@ -125,11 +124,9 @@ impl share_viewer::Server for ViewerImpl {
             ))
         }
         .await;
-        let result = results.get().init_result();
-        match view {
-            Ok(view) => wire::fill_presence(&view, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        answer!(results.get().init_result(), view, |view, ok| {
+            wire::fill_presence(&view, ok)
+        });
         Ok(())
     }
 

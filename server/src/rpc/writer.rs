@@ -8,6 +8,7 @@ use capsync_shared::TokenKind;
 use capsync_shared::capsync_capnp::share_writer;
 use tokio::sync::oneshot;
 
+use super::answer::answer;
 use super::context::Context;
 use super::shares::{self, outcome};
 use super::viewer::ViewerImpl;
@@ -178,11 +179,11 @@ impl share_writer::Server for WriterImpl {
             .map(|m| format!("new_writer={}", m.1))
             .unwrap_or_default();
         self.audit("mint", outcome(&minted), detail);
-        let result = results.get().init_result();
-        match minted {
-            Ok((token, id)) => wire::fill_minted(&token, &id, self.expires_at, result.init_ok()),
-            Err(err) => err.fill(result.init_failure()),
-        }
+        answer!(
+            results.get().init_result(),
+            minted,
+            |(token, id): (String, String), ok| wire::fill_minted(&token, &id, self.expires_at, ok)
+        );
         Ok(())
     }
 
