@@ -12,12 +12,15 @@ pub mod lifecycle_steps;
 pub mod oversize;
 pub mod rules;
 pub mod sqlite;
+pub mod storage_stats;
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
 use crate::clock::Clock;
+
+pub use storage_stats::{SqliteStats, StorageStats};
 
 pub use capsync_shared::model::{
     Ack, LoggedOp, OpOutcome, OpResult, Record, RecordKind, RejectReason,
@@ -136,12 +139,6 @@ pub struct Stats {
     /// Bytes of output and attachments still stored in tool parts marked
     /// compacted: what `reclaim` would clear.
     pub reclaimable_output_bytes: u64,
-}
-
-/// The storage engine's own numbers, one variant per engine.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StorageStats {
-    Sqlite(sqlite::SqliteStats),
 }
 
 /// A token row as stored. `secret_hash` is an argon2id PHC string.

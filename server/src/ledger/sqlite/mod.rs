@@ -52,7 +52,6 @@ use tracing::{debug, warn};
 
 pub use self::maintenance::{Checkpoint, IncrementalVacuum};
 use self::pool::ReadPool;
-pub use self::reads::SqliteStats;
 use self::storage::{Reserve, StorageWatch};
 use self::tx::SqliteTx;
 use self::writer::{QueueLimits, Writer};

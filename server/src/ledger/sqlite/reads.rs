@@ -9,21 +9,9 @@ use super::convert::cursor_column;
 use super::errors::corrupt;
 use super::tx::SqliteTx;
 use crate::ledger::rules::authority;
-use crate::ledger::{Authority, LedgerResult, ShareState, Stats, StorageStats, StoredToken};
-
-/// What SQLite says of its files (the `StorageStats` of this engine).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SqliteStats {
-    /// Bytes of the main database file.
-    pub db_file_bytes: u64,
-    /// Bytes of the write-ahead log (0 when there is none): large means checkpoints lag.
-    pub wal_file_bytes: u64,
-    pub page_size: u64,
-    pub page_count: u64,
-    /// Pages on the freelist: allocated on disk, holding no data; what an
-    /// incremental vacuum gives back to the file system.
-    pub free_pages: u64,
-}
+use crate::ledger::{
+    Authority, LedgerResult, ShareState, SqliteStats, Stats, StorageStats, StoredToken,
+};
 
 /// The token row with its share's current state; no authority needed.
 pub(super) fn find_token(conn: &Connection, id: &TokenId) -> LedgerResult<Option<StoredToken>> {
