@@ -237,7 +237,7 @@ fn per_op_outcomes_and_whole_batch_failures() {
     let server = TestServer::start();
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let writer = agent.create_share(new_share("ses_1")).await.unwrap().writer;
 
         let batch = Batch::new(
@@ -343,7 +343,7 @@ fn push_resends_ops_whose_dependency_comes_later() {
     let server = TestServer::start();
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let writer = agent.create_share(new_share("ses_1")).await.unwrap().writer;
 
         let ops = vec![
@@ -396,7 +396,7 @@ fn push_splits_batches_the_server_refuses_as_too_large() {
     let server = TestServer::start_with(|config| config.max_ops_per_batch = 2);
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let writer = agent.create_share(new_share("ses_1")).await.unwrap().writer;
 
         let mut ops = vec![message("m")];
@@ -512,7 +512,7 @@ fn agents_mint_writer_and_viewer_tokens_for_their_own_shares() {
     let server = TestServer::start();
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let created = agent.create_share(new_share("ses_1")).await.unwrap();
         let share_id = created.info.state.share_id.clone();
         let op = |i: u32| OpSpec::new(format!("d{i}"), OpKind::DiffSet, json!([]));
@@ -560,7 +560,7 @@ fn agents_mint_writer_and_viewer_tokens_for_their_own_shares() {
         assert_eq!(viewer.state().await.unwrap().cursor, 1);
 
         // Another agent cannot mint for this share, nor can anyone for a share that does not exist.
-        let other = support::agent(&conn, &admin).await;
+        let (other, _) = support::agent(&conn, &admin).await;
         for (who, share) in [(&other, share_id.as_str()), (&agent, "sh_nope")] {
             let err = who.mint_writer(share, None).await.unwrap_err();
             assert_eq!(err.code(), Some(ErrorCode::NotFound), "{share}: {err}");
@@ -578,7 +578,7 @@ fn create_share_can_join_the_agents_existing_share_of_a_session() {
     let server = TestServer::start();
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let join = |session: &str| NewShare {
             join_existing: true,
             ..new_share(session)
@@ -613,7 +613,7 @@ fn create_share_can_join_the_agents_existing_share_of_a_session() {
         // Without joining, a second share; another agent never joins this agent's share.
         let separate = agent.create_share(new_share("ses_1")).await.unwrap();
         assert_ne!(separate.info.state.share_id, share_id);
-        let other = support::agent(&conn, &admin).await;
+        let (other, _) = support::agent(&conn, &admin).await;
         let theirs = other.create_share(join("ses_1")).await.unwrap();
         assert!(!theirs.joined);
         assert_ne!(theirs.info.state.share_id, share_id);
@@ -633,7 +633,7 @@ fn snapshot_pages_report_the_cursor_they_were_read_at() {
     let server = TestServer::start();
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let writer = agent.create_share(new_share("ses_1")).await.unwrap().writer;
         push_ops(&writer, &sample_export().to_ops(), 0, |_| {})
             .await
@@ -688,7 +688,7 @@ fn snapshots_start_over_while_a_writer_keeps_appending() {
     });
     run_local(async {
         let (conn, admin) = support::admin(&server).await;
-        let agent = support::agent(&conn, &admin).await;
+        let (agent, _) = support::agent(&conn, &admin).await;
         let created = agent.create_share(new_share("ses_1")).await.unwrap();
         let mut ops = sample_export().to_ops();
         ops.extend((0..60).map(|i| text_part(&format!("base_{i:03}"), "msg_1")));

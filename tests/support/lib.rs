@@ -14,13 +14,18 @@ use std::path::{Path, PathBuf};
 use capsync_server::clock::Clock;
 use capsync_server::{Config, ServerHandle};
 
-/// A running server plus the data directory it owns. Dropping it shuts the
-/// server down, then deletes the directory (database, `-wal`, `-shm`, token file).
+/// A running server plus the data directory it owns: the one server fixture of
+/// every test in the workspace. Dropping it shuts the server down, then deletes
+/// the directory (database, `-wal`, `-shm`, token file).
 pub struct TestServer {
     handle: Option<ServerHandle>,
-    /// Kept across restarts; deleted when the fixture drops.
-    dir: tempfile::TempDir,
     config: Config,
+    /// The RPC address, kept across [`TestServer::restart`], so clients that know
+    /// only the address (a syncer, a shipper) find the server again.
+    addr: SocketAddr,
+    /// Kept across restarts; deleted when the fixture drops (after the server
+    /// stopped: field order).
+    dir: tempfile::TempDir,
 }
 
 impl TestServer {
@@ -36,11 +41,14 @@ impl TestServer {
         // The system's time, which a test may shift (see `ago`).
         config.clock = Clock::shifted();
         adjust(&mut config);
-        let handle = Some(spawn(&config));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let handle = capsync_server::spawn(listener, config.clone()).expect("server starts");
         Self {
-            handle,
-            dir,
+            handle: Some(handle),
             config,
+            addr,
+            dir,
         }
     }
 
@@ -49,17 +57,17 @@ impl TestServer {
         &self.config.clock
     }
 
+    /// The RPC address; the same after a restart.
     pub fn addr(&self) -> SocketAddr {
-        self.handle.as_ref().expect("server running").addr()
+        self.addr
     }
 
     /// The HTTP gateway's address (`Config::for_tests` serves it on a free port).
     pub fn http_addr(&self) -> SocketAddr {
         self.handle
             .as_ref()
-            .expect("server running")
-            .http_addr()
-            .expect("HTTP gateway on")
+            .and_then(ServerHandle::http_addr)
+            .expect("the test server runs its HTTP gateway")
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -79,15 +87,45 @@ impl TestServer {
     }
 
     /// Graceful shutdown (drain, disconnect, flush), keeping the data directory.
+    /// Blocks until the server is down: call it from `spawn_blocking` while
+    /// clients on this thread's `LocalSet` must keep running.
     pub fn stop(&mut self) {
         if let Some(handle) = self.handle.take() {
             handle.shutdown().expect("clean shutdown");
         }
     }
 
-    /// Starts the server again on the same data and the same two ports it had (after
-    /// [`TestServer::stop`]): for clients that keep its address, like the opencode
-    /// plugin's shipper. `rpc` and `http` are the addresses it had.
+    /// Starts a stopped server again on the same data and the same RPC address.
+    pub fn start_again(&mut self) {
+        let listener = self.bind_again();
+        self.handle =
+            Some(capsync_server::spawn(listener, self.config.clone()).expect("server restarts"));
+    }
+
+    /// Binds the stopped server's RPC address: what [`TestServer::start_again`]
+    /// listens on, or something else that takes the port meanwhile. A client
+    /// reconnecting meanwhile can, rarely, connect to itself on the free port
+    /// (Linux TCP self-connect: its ephemeral port equals the port it dials); it
+    /// lets go as soon as it sees its own bytes, so a conflict is retried for a moment.
+    pub fn bind_again(&self) -> TcpListener {
+        assert!(self.handle.is_none(), "the server is still running");
+        let mut attempts = 0;
+        loop {
+            // std sets SO_REUSEADDR, so the old connections' TIME_WAIT does not block the port.
+            match TcpListener::bind(self.addr) {
+                Ok(listener) => return listener,
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(err) => panic!("bind the same address again: {err}"),
+            }
+        }
+    }
+
+    /// Starts the server again on the same data and the same two ports it had
+    /// (after [`TestServer::stop`]): for clients that keep both addresses, like
+    /// the opencode plugin's shipper. `rpc` and `http` are the addresses it had.
     pub fn start_again_at(&mut self, rpc: SocketAddr, http: SocketAddr) {
         assert!(self.handle.is_none(), "stop the server first");
         let mut config = self.config.clone();
@@ -96,10 +134,10 @@ impl TestServer {
         self.handle = Some(capsync_server::spawn(listener, config).expect("server starts"));
     }
 
-    /// Stops the server and starts a new one on the same data (on a new port).
+    /// [`TestServer::stop`], then [`TestServer::start_again`] on the same address.
     pub fn restart(&mut self) {
         self.stop();
-        self.handle = Some(spawn(&self.config));
+        self.start_again();
     }
 
     /// The temporary directory holding the data dir, for scratch files.
@@ -110,13 +148,15 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.stop();
+        if let Some(handle) = self.handle.take() {
+            let stopped = handle.shutdown();
+            // Not while unwinding from a failed assertion: a second panic would
+            // abort the whole test binary and hide which test failed.
+            if !std::thread::panicking() {
+                stopped.expect("clean shutdown");
+            }
+        }
     }
-}
-
-fn spawn(config: &Config) -> ServerHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    capsync_server::spawn(listener, config.clone()).expect("server starts")
 }
 
 /// Runs an async test body on a current-thread runtime inside a `LocalSet`,
