@@ -9,12 +9,14 @@
 //! - [`reads`]: reads under authority, and the catch-up cursor rules.
 //! - [`snapshot`]: the snapshot order and its byte-bounded pages.
 //! - [`prune`]: which shares a prune takes, bounded deletion steps, archiving.
+//! - [`compact`]: ledger compaction, which keeps the compacted ops a prefix.
 //! - [`tokens`], [`shares`]: minting along the attenuation chain, creating,
 //!   joining, revoking and archiving shares.
 //! - [`compacted_output`]: what reclaim clears from a compacted tool part.
 
 pub mod append;
 pub mod authority;
+pub mod compact;
 pub mod compacted_output;
 pub mod prune;
 pub mod reads;

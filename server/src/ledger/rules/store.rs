@@ -107,6 +107,13 @@ pub struct LedgerEntry<'a> {
     pub digest: &'a [u8],
 }
 
+/// Where an op sits and what it weighs, for compaction.
+pub struct OpFootprint {
+    pub cursor: Cursor,
+    pub applied_at: i64,
+    pub payload_bytes: u64,
+}
+
 /// A stored part's state, as the records rules need it.
 pub struct StoredPart {
     pub json: String,
@@ -186,6 +193,29 @@ pub trait LedgerTx {
 
     /// Shares whose deletion began but did not finish, by id.
     fn hidden_shares(&mut self) -> LedgerResult<Vec<ShareId>>;
+
+    /// How many shares are visible.
+    fn visible_share_count(&mut self) -> LedgerResult<u64>;
+
+    /// The first visible share from `from` in id order, with its compaction point.
+    fn next_share(&mut self, from: &KeyFrom<String>) -> LedgerResult<Option<(ShareId, Cursor)>>;
+
+    /// The ops after `after` in cursor order, at most `limit`: where each is and what it weighs.
+    fn op_footprints(
+        &mut self,
+        share: &ShareId,
+        after: Cursor,
+        limit: u32,
+    ) -> LedgerResult<Vec<OpFootprint>>;
+
+    /// Empties the payloads of the share's ops in `(after, through]` and moves
+    /// its compaction point to `through`.
+    fn drop_payloads(
+        &mut self,
+        share: &ShareId,
+        after: Cursor,
+        through: Cursor,
+    ) -> LedgerResult<()>;
 
     /// The agent's oldest visible, unarchived share of `session_id`.
     fn open_share_of_session(

@@ -591,8 +591,8 @@ impl Backend for SqliteBackend {
         dry_run: bool,
     ) -> BoxFuture<'static, LedgerResult<CompactStep>> {
         let step = move |conn: &rusqlite::Connection, now| {
-            compact::step(
-                conn,
+            rules::compact::step(
+                &mut SqliteTx::new(conn),
                 &op,
                 applied_before,
                 from.as_ref(),

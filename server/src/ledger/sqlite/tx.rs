@@ -7,11 +7,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
-use super::prune;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
+use super::{compact, prune};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, ShareBeingDeleted, ShareRow, StoredPart, StoredToken,
-    TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, OpFootprint, ShareBeingDeleted, ShareRow, StoredPart,
+    StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -129,6 +129,32 @@ impl LedgerTx for SqliteTx<'_> {
 
     fn hidden_shares(&mut self) -> LedgerResult<Vec<ShareId>> {
         prune::hidden(self.conn)
+    }
+
+    fn visible_share_count(&mut self) -> LedgerResult<u64> {
+        compact::visible_shares(self.conn)
+    }
+
+    fn next_share(&mut self, from: &KeyFrom<String>) -> LedgerResult<Option<(ShareId, Cursor)>> {
+        compact::next_share(self.conn, from)
+    }
+
+    fn op_footprints(
+        &mut self,
+        share: &ShareId,
+        after: Cursor,
+        limit: u32,
+    ) -> LedgerResult<Vec<OpFootprint>> {
+        compact::op_footprints(self.conn, share, after, limit)
+    }
+
+    fn drop_payloads(
+        &mut self,
+        share: &ShareId,
+        after: Cursor,
+        through: Cursor,
+    ) -> LedgerResult<()> {
+        compact::drop_payloads(self.conn, share, after, through)
     }
 
     fn open_share_of_session(
