@@ -135,10 +135,17 @@ fn announced_message_sizes_cost_no_memory_before_or_after_a_redeem() {
                 .unwrap();
             assert_eq!(ack.applied(), 1);
         }
-        let page = redeemed[0].2.ops_since(0, 100).await;
-        // That viewer's connection is stuck behind its own half-sent message;
-        // a fresh one reads fine.
-        drop(page);
+        // That viewer's connection is stuck behind its own half-sent message:
+        // its calls go unanswered (a fresh connection reads fine, below).
+        let stuck = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            redeemed[0].2.ops_since(0, 100),
+        )
+        .await;
+        assert!(
+            stuck.is_err(),
+            "a call behind a half-sent message was answered"
+        );
         let conn = capsync_client::connect(server.addr).await.unwrap();
         let viewer = conn
             .redeem(&created.viewer_token.token)
