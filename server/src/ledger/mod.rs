@@ -7,7 +7,11 @@
 //!
 //! [`sqlite`] is the embedded backend (one writer thread with group commit,
 //! plus read connections). A PostgreSQL backend implements [`Backend`] later.
+//! The behaviour every backend owes its callers is tested once, engine-neutral,
+//! by the contract suite (`contract`, test builds only), which each backend runs.
 
+#[cfg(test)]
+pub(crate) mod contract;
 pub mod lifecycle_steps;
 pub mod oversize;
 pub mod rules;

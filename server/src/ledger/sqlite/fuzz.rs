@@ -216,20 +216,7 @@ fn check_cleared(sent: &str, cleared: &str) {
 
 #[cfg(test)]
 mod tests {
-    use capsync_shared::OpId;
-
-    use super::super::tests::{Fixture, batch};
     use super::*;
-    use crate::ledger::{Backend, OpIn, OpOutcome, RejectReason};
-
-    fn raw_op(id: &str, kind: OpKind, payload: &str) -> OpIn {
-        OpIn {
-            op_id: OpId::from(id),
-            kind,
-            payload: payload.to_owned(),
-            depends_on: Vec::new(),
-        }
-    }
 
     /// The fast path answers exactly as the full parse on the payloads it used
     /// to read differently: `op_payload` found a number beyond f64 in a
@@ -307,48 +294,8 @@ mod tests {
         op_payload(&encode(OpKind::DiffSet, &sent));
     }
 
-    /// Found by `op_payload` (see above): such a part used to be stored, and
-    /// the next `part.delta` on it found stored JSON it cannot read and failed
-    /// its whole batch as an internal error, on every retry.
-    #[tokio::test]
-    async fn a_part_the_full_parse_refuses_is_not_stored_and_cannot_poison_its_deltas() {
-        let fx = Fixture::new().await;
-        let message = r#"{"id":"msg_1","role":"user"}"#;
-        for (part, delta) in [
-            (
-                r#"["prt_1","msg_1","text"]"#,
-                r#"{"partID":"prt_1","delta":"x"}"#,
-            ),
-            (
-                r#"{"id":"prt_2","messageID":"msg_1","type":"text","n":1e999}"#,
-                r#"{"partID":"prt_2","delta":"x"}"#,
-            ),
-        ] {
-            let ack = fx
-                .backend
-                .append(
-                    fx.writer.clone(),
-                    batch(vec![
-                        raw_op(&format!("m-{part}"), OpKind::MessageUpsert, message),
-                        raw_op(&format!("p-{part}"), OpKind::PartUpsert, part),
-                        raw_op(&format!("d-{part}"), OpKind::PartDelta, delta),
-                    ]),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("a batch with part {part} failed: {e}"));
-            for result in &ack.results[1..] {
-                assert!(
-                    matches!(
-                        result.outcome,
-                        OpOutcome::Rejected {
-                            reason: RejectReason::Invalid,
-                            ..
-                        }
-                    ),
-                    "{part}: {:?}",
-                    result.outcome
-                );
-            }
-        }
-    }
+    // Also found by `op_payload`: a part the full parse refuses must not be
+    // stored, or its deltas fail their whole batch. That goes through the
+    // `Backend` seam, so it is a contract case: `crate::ledger::contract::append::
+    // a_part_the_full_parse_refuses_is_not_stored_and_cannot_poison_its_deltas`.
 }

@@ -30,15 +30,13 @@ mod tx;
 mod writer;
 
 #[cfg(test)]
+mod contract;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_maintenance;
 #[cfg(test)]
-mod tests_out_of_order;
-#[cfg(test)]
 mod tests_prune;
-#[cfg(test)]
-mod tests_reclaim;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,18 +1,16 @@
-//! Reclaiming compacted tool output, on write and in a retroactive pass, through the `Backend` API on real files.
+//! Contract cases of reclaiming compacted tool output: clearing it on write
+//! (the `reclaim` setting) and in a retroactive pass of bounded steps.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use capsync_shared::{Cursor, OpId, OpKind};
+use capsync_shared::{Cursor, OpKind};
 
-use super::tests::Fixture;
-use super::{SqliteBackend, SqliteOptions};
+use super::{Fixture, raw_op as raw};
 use crate::ledger::{
-    Backend, LedgerError, LedgerResult, OpIn, OpOutcome, Operator, ReclaimStep, RecordKind,
-    RejectReason,
+    LedgerError, LedgerResult, OpOutcome, Operator, ReclaimStep, RecordKind, RejectReason,
 };
 
-/// The output of every part in these tests: easy to look for in the raw file.
+/// The output of every part in these cases: easy to look for in what is stored.
 const BIG_OUTPUT: &str = "BIG OUTPUT line 1\nline 2 \"quoted\" déjà vu";
 const ATTACHMENTS: &str =
     r#"[{"type":"file","mime":"image/png","url":"data:image/png;base64,AAAA"}]"#;
@@ -34,15 +32,6 @@ fn text_part(id: &str) -> String {
     format!(
         r#"{{"id":"{id}","messageID":"msg_1","sessionID":"ses_1","type":"text","text":"after compaction","state":{{"output":{output},"time":{{"compacted":3}}}}}}"#
     )
-}
-
-fn raw(id: &str, kind: OpKind, payload: &str) -> OpIn {
-    OpIn {
-        op_id: OpId::from(id),
-        kind,
-        payload: payload.to_owned(),
-        depends_on: Vec::new(),
-    }
 }
 
 /// The parts of a reclaim test, by id: what each was sent as.
@@ -125,30 +114,6 @@ async fn write_parts(fx: &Fixture) {
     assert_eq!(ack.cursor, Cursor(count as u64));
 }
 
-/// A fixture whose backend stores parts as sent (`reclaim_compacted: false`).
-async fn without_reclaim() -> Fixture {
-    let mut fx = Fixture::new().await;
-    fx.backend.close().await;
-    let options = SqliteOptions {
-        read_connections: 2,
-        reclaim_compacted: false,
-        ..SqliteOptions::new(fx.path())
-    };
-    fx.backend = Arc::new(SqliteBackend::open(&options).unwrap());
-    fx
-}
-
-/// Every part as stored, by id.
-fn stored_parts(fx: &Fixture) -> BTreeMap<String, String> {
-    let conn = fx.raw();
-    let mut select = conn.prepare("SELECT id, json FROM parts").unwrap();
-    select
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-}
-
 /// Every part as a snapshot shows it, by id.
 async fn snapshot_parts(fx: &Fixture) -> BTreeMap<String, String> {
     let (records, _) = fx.snapshot(1 << 20).await;
@@ -172,9 +137,13 @@ async fn ledger_payloads(fx: &Fixture) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Bytes of all parts' JSON text.
-fn part_bytes(fx: &Fixture) -> i64 {
-    fx.count("SELECT coalesce(sum(length(CAST(json AS BLOB))), 0) FROM parts")
+/// Bytes of all parts' JSON text, as a snapshot shows it.
+async fn part_bytes(fx: &Fixture) -> u64 {
+    snapshot_parts(fx)
+        .await
+        .values()
+        .map(|json| json.len() as u64)
+        .sum()
 }
 
 async fn reclaimable_output_bytes(fx: &Fixture) -> u64 {
@@ -221,14 +190,13 @@ async fn pass(fx: &Fixture, op: &Operator, max_parts: u32, dry_run: bool) -> Led
     }
 }
 
-#[tokio::test]
-async fn with_reclaim_on_a_compacted_tool_part_is_stored_without_output_or_attachments() {
-    let fx = Fixture::new().await;
+pub(crate) async fn with_reclaim_on_a_compacted_tool_part_is_stored_without_output_or_attachments(
+    fx: Fixture,
+) {
     write_parts(&fx).await;
 
     let expected = cleared_parts();
     assert_eq!(snapshot_parts(&fx).await, expected);
-    assert_eq!(stored_parts(&fx), expected);
     // The ledger row holds the cleared JSON too: a viewer replaying ops sees
     // what a snapshot shows, and the output is not on disk anywhere.
     let payloads = ledger_payloads(&fx).await;
@@ -236,7 +204,10 @@ async fn with_reclaim_on_a_compacted_tool_part_is_stored_without_output_or_attac
         assert_eq!(&payloads[&format!("o_{id}")], json, "{id}");
     }
     assert_eq!(
-        fx.count("SELECT count(*) FROM ops WHERE instr(payload, 'data:image/png') > 0"),
+        payloads
+            .values()
+            .filter(|payload| payload.contains("data:image/png"))
+            .count(),
         1,
         "only the part that is not compacted keeps its attachments"
     );
@@ -246,11 +217,9 @@ async fn with_reclaim_on_a_compacted_tool_part_is_stored_without_output_or_attac
     assert_eq!(nothing_left.totals(), (4, 0, 0));
 }
 
-#[tokio::test]
-async fn a_delta_on_a_compacted_part_is_stale_and_changes_nothing() {
-    let fx = Fixture::new().await;
+pub(crate) async fn a_delta_on_a_compacted_part_is_stale_and_changes_nothing(fx: Fixture) {
     write_parts(&fx).await;
-    let before = stored_parts(&fx)["prt_a_compacted"].clone();
+    let before = snapshot_parts(&fx).await["prt_a_compacted"].clone();
     let delta = r#"{"partID":"prt_a_compacted","field":"note","delta":"kept"}"#;
     let ack = fx
         .append(vec![raw("o_delta", OpKind::PartDelta, delta)])
@@ -268,12 +237,11 @@ async fn a_delta_on_a_compacted_part_is_stale_and_changes_nothing() {
         ack.results[0].outcome
     );
     assert!(!ledger_payloads(&fx).await.contains_key("o_delta"));
-    assert_eq!(stored_parts(&fx)["prt_a_compacted"], before);
+    assert_eq!(snapshot_parts(&fx).await["prt_a_compacted"], before);
 }
 
-#[tokio::test]
-async fn with_reclaim_off_parts_are_stored_as_sent() {
-    let fx = without_reclaim().await;
+pub(crate) async fn with_reclaim_off_parts_are_stored_as_sent(fx: Fixture) {
+    let fx = fx.reopen_without_reclaim().await;
     write_parts(&fx).await;
 
     let sent: BTreeMap<String, String> = sent_parts()
@@ -287,12 +255,11 @@ async fn with_reclaim_off_parts_are_stored_as_sent() {
     }
 }
 
-#[tokio::test]
-async fn the_retroactive_pass_clears_exactly_the_compacted_tool_parts() {
-    let fx = without_reclaim().await;
+pub(crate) async fn the_retroactive_pass_clears_exactly_the_compacted_tool_parts(fx: Fixture) {
+    let fx = fx.reopen_without_reclaim().await;
     write_parts(&fx).await;
-    let before = stored_parts(&fx);
-    let bytes_before = part_bytes(&fx);
+    let before = snapshot_parts(&fx).await;
+    let bytes_before = part_bytes(&fx).await;
     let payloads_before = ledger_payloads(&fx).await;
     assert!(reclaimable_output_bytes(&fx).await > 0);
     let admin = Operator::Admin(fx.admin.clone());
@@ -306,24 +273,26 @@ async fn the_retroactive_pass_clears_exactly_the_compacted_tool_parts() {
     assert!(dry.steps.iter().all(|s| s.total == total));
     assert!(dry.steps.windows(2).all(|w| w[0].position < w[1].position));
     assert_eq!(dry.steps.last().unwrap().position, total);
-    assert_eq!(stored_parts(&fx), before, "a dry run changes nothing");
+    assert_eq!(
+        snapshot_parts(&fx).await,
+        before,
+        "a dry run changes nothing"
+    );
 
     let real = pass(&fx, &admin, 2, false).await.unwrap();
     assert_eq!(real.totals(), dry.totals());
-    assert_eq!(stored_parts(&fx), cleared_parts());
-    assert_eq!(real.bytes, (bytes_before - part_bytes(&fx)) as u64);
+    assert_eq!(snapshot_parts(&fx).await, cleared_parts());
+    assert_eq!(real.bytes, bytes_before - part_bytes(&fx).await);
     assert_eq!(reclaimable_output_bytes(&fx).await, 0);
     // The pass leaves the ledger to ledger compaction.
     assert_eq!(ledger_payloads(&fx).await, payloads_before);
 
     let again = pass(&fx, &admin, 2, false).await.unwrap();
     assert_eq!(again.totals(), (4, 0, 0));
-    assert_eq!(stored_parts(&fx), cleared_parts());
+    assert_eq!(snapshot_parts(&fx).await, cleared_parts());
 }
 
-#[tokio::test]
-async fn a_pass_over_no_parts_ends_at_once() {
-    let fx = Fixture::new().await;
+pub(crate) async fn a_pass_over_no_parts_ends_at_once(fx: Fixture) {
     let step = fx
         .backend
         .reclaim_step(Operator::Scheduler, 0, 10, false)
@@ -332,9 +301,8 @@ async fn a_pass_over_no_parts_ends_at_once() {
     assert_eq!(step, ReclaimStep::default());
 }
 
-#[tokio::test]
-async fn only_admins_and_the_scheduler_may_reclaim() {
-    let fx = without_reclaim().await;
+pub(crate) async fn only_admins_and_the_scheduler_may_reclaim(fx: Fixture) {
+    let fx = fx.reopen_without_reclaim().await;
     write_parts(&fx).await;
     for who in [fx.agent.clone(), fx.writer.clone(), fx.viewer.clone()] {
         for dry_run in [true, false] {
