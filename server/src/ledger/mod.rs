@@ -122,6 +122,10 @@ pub struct ShareInfo {
 }
 
 /// Sizes and counts of the whole store (mirrors `Stats`), from aggregates, never by loading rows.
+///
+/// Share counts (and `compacted_ops`) take visible shares only; the row counts
+/// (`messages`, `parts`, `ledger_ops`, payload bytes) count what is stored,
+/// including the rows of a share whose deletion is still under way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stats {
     /// What the storage engine says of its own files.
@@ -254,7 +258,12 @@ pub enum Changed {
 }
 
 /// What a storage engine implements. Each method does its whole work in one
-/// transaction, with the authority checked inside it.
+/// transaction, with the authority checked inside it, through the rules of
+/// [`rules`] over the engine's [`rules::store::LedgerTx`].
+///
+/// Work starts when the method is called, not when its future is first polled,
+/// and dropping the future does not cancel it: a write a caller stopped waiting
+/// for still commits and is still announced (the contract suite checks both).
 pub trait Backend: Send + Sync + 'static {
     /// The token row with this id, with its share's current state. No authority:
     /// this is how a redeem starts.

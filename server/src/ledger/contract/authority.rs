@@ -309,6 +309,49 @@ pub(crate) async fn minted_tokens_follow_the_chain_and_the_current_epochs(fx: Fi
     );
 }
 
+/// The first admin token is decided in one transaction: of two servers
+/// starting at once on one database, one stores its token, the other none.
+pub(crate) async fn only_the_first_admin_token_is_created(fx: Fixture) {
+    let (_dir, backend) = fx.empty_store();
+    let (first, second) = futures::join!(
+        backend.create_first_admin_token(token("adm-a")),
+        backend.create_first_admin_token(token("adm-b")),
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert!(first != second, "exactly one creates: {first} {second}");
+    let (won, lost) = if first {
+        ("adm-a", "adm-b")
+    } else {
+        ("adm-b", "adm-a")
+    };
+    let r = backend
+        .list_shares(
+            authority(won, TokenKind::Admin, None),
+            String::new(),
+            10,
+            false,
+        )
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    let r = backend
+        .list_shares(
+            authority(lost, TokenKind::Admin, None),
+            String::new(),
+            10,
+            false,
+        )
+        .await;
+    assert!(matches!(r, Err(LedgerError::Revoked)), "{r:?}");
+    // With a live admin token there is nothing to create.
+    assert!(
+        !backend
+            .create_first_admin_token(token("adm-c"))
+            .await
+            .unwrap()
+    );
+    backend.close().await;
+}
+
 pub(crate) async fn replacing_the_admin_token_revokes_the_old_one(fx: Fixture) {
     let (_dir, backend) = fx.empty_store();
     assert!(!backend.has_admin_token().await.unwrap());

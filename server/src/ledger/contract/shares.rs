@@ -245,6 +245,29 @@ pub(crate) async fn owners_and_admins_mint_tokens_for_a_share_at_its_current_epo
 }
 
 /// Not covered by the engine tests this suite started from.
+/// A share whose parent session is its own session (a client's mistake, or a
+/// loop) is not its own child: listing children never returns the share itself.
+pub(crate) async fn a_share_is_never_its_own_child(fx: Fixture) {
+    fx.backend
+        .create_share(
+            fx.agent.clone(),
+            NewShare {
+                share_id: ShareId::from("sh_loop"),
+                session_id: "ses_loop".into(),
+                project_id: "prj".into(),
+                parent_session_id: "ses_loop".into(),
+                title: "its own parent".into(),
+            },
+            token("w-loop"),
+            token("v-loop"),
+        )
+        .await
+        .unwrap();
+    let viewer = authority("v-loop", TokenKind::Viewer, Some(("sh_loop", 0)));
+    let children = fx.backend.child_shares(viewer).await.unwrap();
+    assert!(children.is_empty(), "{:?}", ids(&children));
+}
+
 pub(crate) async fn a_parents_viewer_reads_its_child_shares_until_its_viewers_are_revoked(
     fx: Fixture,
 ) {

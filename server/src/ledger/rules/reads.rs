@@ -19,7 +19,13 @@ pub fn child_shares(
     now: i64,
 ) -> LedgerResult<Vec<ShareInfo>> {
     let parent = authority::check_share(tx, who, Access::Read, now)?;
-    Ok(tx.children(&parent)?.iter().map(ShareRow::info).collect())
+    // The rule decides, whatever the engine's query returned.
+    Ok(tx
+        .children(&parent)?
+        .iter()
+        .filter(|child| child.is_child_of(&parent))
+        .map(ShareRow::info)
+        .collect())
 }
 
 /// Shares ordered by id after `after`: every share for an admin, its own for an

@@ -139,7 +139,9 @@ pub enum KeyFrom<K> {
 /// The reads and writes of one transaction, as the engine-neutral rules use them.
 ///
 /// Shares and tokens: only visible shares (a share whose deletion has begun is
-/// gone). Records: keyed by share and record id.
+/// gone). Records: keyed by share and record id. Ids compare as bytes wherever
+/// an order is asked for (SQLite's `BINARY`; PostgreSQL needs `COLLATE "C"`),
+/// which the contract suite checks.
 pub trait LedgerTx {
     /// The visible share with this id.
     fn share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>>;
@@ -150,7 +152,7 @@ pub trait LedgerTx {
     fn lock_share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>>;
 
     /// Visible shares of the sessions `parent` started (sub-agents), with its
-    /// owner, ordered by session id then share id.
+    /// owner, other than `parent` itself, ordered by session id then share id.
     fn children(&mut self, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>>;
 
     /// Visible shares ordered by id after `after`, at most `limit`: those of

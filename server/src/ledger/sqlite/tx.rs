@@ -51,11 +51,15 @@ impl LedgerTx for SqliteTx<'_> {
         }
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {SHARE_COLUMNS} FROM shares
-             WHERE parent_session_id = ?1 AND owner_token_id = ?2 AND {VISIBLE}
+             WHERE parent_session_id = ?1 AND owner_token_id = ?2 AND id <> ?3 AND {VISIBLE}
              ORDER BY session_id, id"
         ))?;
         let rows = stmt.query_map(
-            params![parent.session_id, parent.owner_token_id.as_str()],
+            params![
+                parent.session_id,
+                parent.owner_token_id.as_str(),
+                parent.id.as_str()
+            ],
             share_from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
