@@ -6,7 +6,7 @@ use capsync_shared::TokenKind;
 use clap::Subcommand;
 
 use super::lifecycle::{self, PruneArgs, parse_age};
-use super::output::Output;
+use super::output::{Output, bytes};
 use super::{Global, ScopeArg, finish};
 use capsync_client::admin::AdminClient;
 use capsync_client::error::ClientError;
@@ -280,21 +280,6 @@ pub fn stats_text(s: &Stats) -> String {
         .map(|(name, value)| format!("{name:<18} {value}"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Exact bytes, with a binary-unit approximation once that is easier to read.
-pub(super) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{n} B ({value:.1} {})", UNITS[unit])
 }
 
 /// One page, or with `--all` every page joined into one list.

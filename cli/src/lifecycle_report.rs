@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::admin::bytes;
+use super::output::bytes;
 use capsync_client::expiry::format_time;
 use capsync_client::types::{CompactReport, PruneReport, ReclaimReport, ShareInfo, VacuumReport};
 

@@ -8,10 +8,19 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::output::Output;
-use super::sync::default_outbox_path;
 use capsync_client::error::ClientError;
 use capsync_client::expiry::format_time;
 use capsync_client::{Outbox, OutboxError, OutboxStatus, RejectedEntry};
+
+/// What the default outbox path appends to SOURCE.
+pub const OUTBOX_SUFFIX: &str = ".capsync-outbox";
+
+/// `SOURCE.capsync-outbox`, next to SOURCE.
+pub fn default_outbox_path(source: &Path) -> PathBuf {
+    let mut name = source.as_os_str().to_owned();
+    name.push(OUTBOX_SUFFIX);
+    PathBuf::from(name)
+}
 
 const OUTBOX_EXAMPLES: &str = "\
 Examples:

@@ -175,6 +175,21 @@ fn to_json<T: Serialize>(value: &T) -> String {
     })
 }
 
+/// Exact bytes, with a binary-unit approximation once that is easier to read.
+pub(super) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{n} B ({value:.1} {})", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use capsync_shared::TokenKind;
 use serde::Serialize;
 
 use super::args::parse_duration;
-use super::outbox_cmd::{open_outbox, outbox_error};
+use super::outbox_cmd::{default_outbox_path, open_outbox, outbox_error};
 use super::output::Output;
 use super::progress::Progress;
 use super::push::FormatArg;
@@ -25,9 +25,6 @@ use capsync_client::ops_file::DetectedFormat;
 use capsync_client::{
     Outbox, RejectedReason, SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer,
 };
-
-/// What the default outbox path appends to SOURCE.
-pub const OUTBOX_SUFFIX: &str = ".capsync-outbox";
 
 /// Keep a share in step with a file that grows or changes, until stopped (writer token)
 ///
@@ -249,13 +246,6 @@ pub async fn run(global: &Global, out: &Output, args: &SyncArgs) -> Result<u8, C
     } else {
         EXIT_OK
     })
-}
-
-/// `SOURCE.capsync-outbox`, next to SOURCE.
-pub fn default_outbox_path(source: &Path) -> PathBuf {
-    let mut name = source.as_os_str().to_owned();
-    name.push(OUTBOX_SUFFIX);
-    PathBuf::from(name)
 }
 
 /// Queues ops; the count newly queued.
