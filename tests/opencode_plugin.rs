@@ -284,6 +284,16 @@ fn wait_share_matches(capsync: &Capsync, oc: &OpenCode, session: &str) -> String
             return shares[0].clone();
         }
         if Instant::now() > deadline {
+            // What each writer sent, for the failure's story (deltas left out).
+            if shares.len() == 1 {
+                eprintln!("--- the share's log, without deltas ---");
+                for op in share_log(capsync, &shares[0]) {
+                    if op.kind != capsync_shared::OpKind::PartDelta {
+                        let head: String = op.payload.chars().take(160).collect();
+                        eprintln!("{} {} {} {head}", op.cursor, op.op_id, op.kind);
+                    }
+                }
+            }
             assert_share_is_the_export(capsync, oc, session, &live_export(oc, session));
         }
         std::thread::sleep(Duration::from_millis(200));
