@@ -22,13 +22,13 @@ fn cutoff(fx: &Fixture) -> i64 {
     fx.now() - i64::try_from((7 * DAY).as_millis()).unwrap()
 }
 
-fn admin(fx: &Fixture) -> Operator {
+pub(crate) fn admin(fx: &Fixture) -> Operator {
     Operator::Admin(fx.admin.clone())
 }
 
 /// Creates share `id` of `session` (a child of `parent` unless empty) in
 /// `project`, owned by the fixture's agent; returns its writer.
-async fn add_share(
+pub(crate) async fn add_share(
     fx: &Fixture,
     id: &str,
     session: &str,
@@ -61,7 +61,7 @@ fn viewer(id: &str) -> Authority {
 
 /// The ops of a session with a model, a diff list and `messages` messages of
 /// `parts_per_message` text parts each.
-fn session_ops(session: &str, messages: usize, parts_per_message: usize) -> Vec<OpIn> {
+pub(crate) fn session_ops(session: &str, messages: usize, parts_per_message: usize) -> Vec<OpIn> {
     let mut ops = vec![
         op(
             "o-ses",
@@ -93,7 +93,7 @@ fn session_ops(session: &str, messages: usize, parts_per_message: usize) -> Vec<
 }
 
 /// Appends `ops` as `writer`; returns the share's cursor after them.
-async fn populate(fx: &Fixture, writer: &Authority, ops: Vec<OpIn>) -> Cursor {
+pub(crate) async fn populate(fx: &Fixture, writer: &Authority, ops: Vec<OpIn>) -> Cursor {
     fx.backend
         .append(writer.clone(), batch(ops))
         .await

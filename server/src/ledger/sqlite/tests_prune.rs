@@ -3,13 +3,12 @@
 //! plans, deletion and archiving through the seam are the contract suite's
 //! (`crate::ledger::contract::prune`).
 
-use capsync_shared::{OpKind, ShareId, TokenKind};
+use capsync_shared::ShareId;
 use rusqlite::Connection;
-use serde_json::json;
 
 use super::tests::Fixture;
-use crate::ledger::contract::{authority, batch, model_op, op, token};
-use crate::ledger::{Authority, DeleteStep, LedgerError, NewShare, OpIn, Operator};
+use crate::ledger::contract::prune::{add_share, admin, populate, session_ops};
+use crate::ledger::{DeleteStep, LedgerError, Operator};
 
 /// Tables holding a share's rows, with the column naming the share.
 const SHARE_TABLES: [(&str, &str); 8] = [
@@ -26,68 +25,6 @@ const SHARE_TABLES: [(&str, &str); 8] = [
 /// Rows the cascade from the share row removes besides the row itself: its
 /// session and its diffs.
 const CASCADED_SINGLE_ROWS: i64 = 2;
-
-fn admin(fx: &Fixture) -> Operator {
-    Operator::Admin(fx.admin.clone())
-}
-
-/// Creates root share `id` of `session`, owned by the fixture's agent; returns its writer.
-async fn add_share(fx: &Fixture, id: &str, session: &str) -> Authority {
-    let share = NewShare {
-        share_id: ShareId::from(id),
-        session_id: session.into(),
-        project_id: "p".into(),
-        parent_session_id: String::new(),
-        title: format!("share {id}"),
-    };
-    fx.backend
-        .create_share(
-            fx.agent.clone(),
-            share,
-            token(&format!("w-{id}")),
-            token(&format!("v-{id}")),
-        )
-        .await
-        .unwrap();
-    authority(&format!("w-{id}"), TokenKind::Writer, Some((id, 0)))
-}
-
-/// The ops of a session with a model, a diff list and `messages` messages of
-/// `parts_per_message` text parts each.
-fn session_ops(session: &str, messages: usize, parts_per_message: usize) -> Vec<OpIn> {
-    let mut ops = vec![
-        op(
-            "o-ses",
-            OpKind::SessionUpsert,
-            json!({"id": session, "title": "t"}),
-        ),
-        model_op("model-a"),
-        model_op("model-b"),
-        op("o-diff", OpKind::DiffSet, json!([{"file": "src/main.rs"}])),
-    ];
-    for m in 0..messages {
-        let message = format!("msg_{m}");
-        ops.push(op(
-            &format!("o-{message}"),
-            OpKind::MessageUpsert,
-            json!({"id": message, "role": "assistant", "sessionID": session}),
-        ));
-        for p in 0..parts_per_message {
-            let part = format!("prt_{m}_{p}");
-            ops.push(op(
-                &format!("o-{part}"),
-                OpKind::PartUpsert,
-                json!({"id": part, "messageID": message, "sessionID": session,
-                       "type": "text", "text": "x".repeat(10 * (p + 1))}),
-            ));
-        }
-    }
-    ops
-}
-
-async fn populate(fx: &Fixture, writer: &Authority, ops: Vec<OpIn>) {
-    fx.backend.append(writer.clone(), batch(ops)).await.unwrap();
-}
 
 /// Rows of share `id` in `table`, whose `column` names the share.
 fn count_rows(conn: &Connection, table: &str, column: &str, id: &str) -> i64 {
@@ -122,7 +59,7 @@ fn assert_database_consistent(fx: &Fixture) {
 #[tokio::test]
 async fn a_deletion_in_small_steps_deletes_at_most_max_rows_rows_of_the_tables() {
     let fx = Fixture::new().await;
-    let other = add_share(&fx, "sh_2", "ses_2").await;
+    let other = add_share(&fx, "sh_2", "ses_2", "", "p").await;
     populate(&fx, &fx.writer, session_ops("ses_1", 4, 3)).await;
     populate(&fx, &other, session_ops("ses_2", 2, 2)).await;
     let raw = fx.raw();

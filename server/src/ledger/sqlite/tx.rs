@@ -23,6 +23,26 @@ fn bound<K>(from: &KeyFrom<K>) -> (&'static str, &K) {
     }
 }
 
+/// `(id, json)` of a share's rows of `table` (models or messages) in id order,
+/// from `from`, at most `limit`.
+fn records_by_id(
+    conn: &Connection,
+    table: &str,
+    share: &ShareId,
+    from: &KeyFrom<String>,
+    limit: u32,
+) -> LedgerResult<Vec<(String, String)>> {
+    let (op, key) = bound(from);
+    let sql = format!(
+        "SELECT id, json FROM {table} WHERE share_id = ?1 AND id {op} ?2 ORDER BY id LIMIT ?3"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![share.as_str(), key, limit], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// The rules' view of one SQLite transaction.
 pub(super) struct SqliteTx<'c> {
     conn: &'c Connection,
@@ -535,15 +555,7 @@ impl LedgerTx for SqliteTx<'_> {
         from: &KeyFrom<String>,
         limit: u32,
     ) -> LedgerResult<Vec<(String, String)>> {
-        let (op, key) = bound(from);
-        let sql = format!(
-            "SELECT id, json FROM models WHERE share_id = ?1 AND id {op} ?2 ORDER BY id LIMIT ?3"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![share.as_str(), key, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        records_by_id(self.conn, "models", share, from, limit)
     }
 
     fn messages_from(
@@ -552,15 +564,7 @@ impl LedgerTx for SqliteTx<'_> {
         from: &KeyFrom<String>,
         limit: u32,
     ) -> LedgerResult<Vec<(String, String)>> {
-        let (op, key) = bound(from);
-        let sql = format!(
-            "SELECT id, json FROM messages WHERE share_id = ?1 AND id {op} ?2 ORDER BY id LIMIT ?3"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![share.as_str(), key, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        records_by_id(self.conn, "messages", share, from, limit)
     }
 
     fn parts_from(
