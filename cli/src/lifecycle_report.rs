@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::output::bytes;
+use super::output::{bytes, short_bytes};
 use capsync_client::expiry::format_time;
 use capsync_client::types::{CompactReport, PruneReport, ReclaimReport, ShareInfo, VacuumReport};
 
@@ -156,21 +156,6 @@ fn title(share: &ShareInfo) -> &str {
 /// "1 share", "3 shares".
 fn count(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
-}
-
-/// Bytes in a table cell: exact below a KiB, one decimal in binary units above.
-fn short_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// A duration in milliseconds, in seconds once that reads better.

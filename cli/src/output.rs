@@ -177,6 +177,14 @@ fn to_json<T: Serialize>(value: &T) -> String {
 
 /// Exact bytes, with a binary-unit approximation once that is easier to read.
 pub(super) fn bytes(n: u64) -> String {
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    format!("{n} B ({})", short_bytes(n))
+}
+
+/// Bytes in a table cell: exact below a KiB, one decimal in binary units above.
+pub(super) fn short_bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if n < 1024 {
         return format!("{n} B");
@@ -187,7 +195,7 @@ pub(super) fn bytes(n: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    format!("{n} B ({value:.1} {})", UNITS[unit])
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]

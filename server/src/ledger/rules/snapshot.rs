@@ -8,10 +8,10 @@
 //! emit, so resuming is a `>=` range query and records deleted between pages
 //! simply do not show up.
 
-use super::authority::{self, Access};
-use super::store::{KeyFrom, LedgerTx};
 use capsync_shared::ShareId;
 
+use super::authority::{self, Access};
+use super::store::{KeyFrom, LedgerTx};
 use crate::ledger::{Authority, LedgerError, LedgerResult, Record, RecordKind, SnapshotPage};
 
 /// Records read from storage at a time while filling a page.
