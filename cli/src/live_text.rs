@@ -79,19 +79,21 @@ impl LiveText {
         let mut out = String::new();
         self.doc.apply(op);
         // The ids an op names, as the server read them; the record is its payload.
-        let Ok(effect) = model::op::parse(op.kind, &op.payload, None) else {
+        let Ok(record) = serde_json::from_str::<Value>(&op.payload) else {
             return out;
         };
-        let record = || serde_json::from_str::<Value>(&op.payload).unwrap_or(Value::Null);
+        let Ok(effect) = model::op::parse_value(op.kind, &op.payload, &record, None) else {
+            return out;
+        };
         match effect {
             Effect::Session { .. } => {
-                self.session(str_at(&record(), "/title").unwrap_or(""), &mut out);
+                self.session(str_at(&record, "/title").unwrap_or(""), &mut out);
             }
             Effect::ModelUpsert { id, .. } => self.model(&id, &mut out),
             Effect::DiffSet { .. } => self.diffs(&mut out),
-            Effect::MessageUpsert { .. } => self.message(&record(), &mut out),
+            Effect::MessageUpsert { .. } => self.message(&record, &mut out),
             Effect::MessageRemove { id } => self.removed("message", &id, &mut out),
-            Effect::PartUpsert { .. } => self.part(&record(), &mut out),
+            Effect::PartUpsert { .. } => self.part(&record, &mut out),
             Effect::PartRemove { id } => self.removed("part", &id, &mut out),
             Effect::PartDelta { id, field, delta } if field == "text" => {
                 let part = self.doc.part(&id).cloned();

@@ -9,4 +9,5 @@ mod support;
 mod cli;
 mod client_kill;
 mod follow_cli;
+mod process_output;
 mod sync_cli;

@@ -13,14 +13,13 @@
 //! | failed-redeem limits | [`RedeemFailures`] | [`LocalRedeemFailures`]: buckets in memory |
 //! | lifecycle leadership | [`Leadership`] | [`SoleProcess`]: always the leader |
 //! | bootstrap (admin token) | `admin_token::ensure` over `Backend::create_first_admin_token` | one transaction decides; the token file is this node's |
-//! | the clock | [`Clock`] | the system clock |
+//! | the clock | [`Clock`](crate::clock::Clock), `Config::clock` | the system clock |
 
 use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use crate::clock::Clock;
 use crate::config::Config;
 pub use crate::presence::{LocalPresence, Presence, PresenceBoard};
 use crate::rate_limit::RedeemLimiter;
@@ -47,12 +46,12 @@ impl Leadership for SoleProcess {
 }
 
 /// What a server process is given for the state it would share with others.
+/// (The clock is the config's, `Config::clock`, shared with the ledger.)
 #[derive(Clone)]
 pub struct NodeServices {
     pub presence: Presence,
     pub redeem_failures: Arc<dyn RedeemFailures>,
     pub leadership: Arc<dyn Leadership>,
-    pub clock: Clock,
 }
 
 impl NodeServices {
@@ -65,15 +64,12 @@ impl NodeServices {
                 config.redeem_window,
             ))),
             leadership: Arc::new(SoleProcess),
-            clock: config.clock.clone(),
         }
     }
 }
 
 impl std::fmt::Debug for NodeServices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeServices")
-            .field("clock", &self.clock)
-            .finish_non_exhaustive()
+        f.debug_struct("NodeServices").finish_non_exhaustive()
     }
 }

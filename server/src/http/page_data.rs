@@ -57,9 +57,14 @@ pub struct ReadOp {
 
 impl ReadOp {
     pub fn new(op: &LoggedOp) -> Self {
-        let effect = op::parse(op.kind, &op.payload, None).ok();
-        let payload =
-            serde_json::from_str(&op.payload).unwrap_or_else(|_| Value::String(op.payload.clone()));
+        // Parsed once: the payload as the page receives it, and what it means.
+        let (payload, effect) = match serde_json::from_str::<Value>(&op.payload) {
+            Ok(payload) => {
+                let effect = op::parse_value(op.kind, &op.payload, &payload, None).ok();
+                (payload, effect)
+            }
+            Err(_) => (Value::String(op.payload.clone()), None),
+        };
         let json = json!({
             "cursor": op.cursor.0,
             "opId": op.op_id.as_str(),

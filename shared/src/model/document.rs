@@ -144,19 +144,21 @@ impl SessionDocument {
             return false;
         }
         self.cursor = op.cursor;
-        if let Ok(effect) = op::parse(op.kind, &op.payload, None) {
-            self.apply_effect(effect);
+        // The payload is parsed once: for the effect, and as the record it stores.
+        if let Ok(payload) = serde_json::from_str::<Value>(&op.payload)
+            && let Ok(effect) = op::parse_value(op.kind, &op.payload, &payload, None)
+        {
+            self.apply_effect(effect, payload);
         }
         true
     }
 
-    /// Applies an effect whose record JSON is its payload.
-    fn apply_effect(&mut self, effect: Effect) {
-        let record = |json: &str| serde_json::from_str::<Value>(json).unwrap_or(Value::Null);
+    /// Applies `effect`, whose record (for upserts) is `payload`.
+    fn apply_effect(&mut self, effect: Effect, payload: Value) {
         match effect {
-            Effect::Session { json, .. } => self.session = Some(record(&json)),
-            Effect::ModelUpsert { id, json } => {
-                let model = record(&json);
+            Effect::Session { .. } => self.session = Some(payload),
+            Effect::ModelUpsert { id, .. } => {
+                let model = payload;
                 match self
                     .models
                     .iter_mut()
@@ -166,9 +168,12 @@ impl SessionDocument {
                     None => self.models.push(model),
                 }
             }
-            Effect::DiffSet { json } => self.diffs = Some(record(&json)),
-            Effect::MessageUpsert { id, json, .. } => {
-                let info = record(&json);
+            // The list as stored: the payload's array, from either accepted form.
+            Effect::DiffSet { json } => {
+                self.diffs = Some(serde_json::from_str(&json).unwrap_or(Value::Null));
+            }
+            Effect::MessageUpsert { id, .. } => {
+                let info = payload;
                 match self.messages.iter_mut().find(|m| m.id() == id) {
                     Some(message) => message.info = info,
                     None => {
@@ -186,13 +191,8 @@ impl SessionDocument {
                 self.messages.retain(|m| m.id() != id);
                 self.orphan_parts.retain(|p| part_message(p) != id);
             }
-            Effect::PartUpsert {
-                id,
-                message_id,
-                json,
-                ..
-            } => {
-                let part = record(&json);
+            Effect::PartUpsert { id, message_id, .. } => {
+                let part = payload;
                 // In place while it stays in its message, so the parts keep their order.
                 if let Some(stored) = self
                     .messages

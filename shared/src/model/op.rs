@@ -124,9 +124,20 @@ pub fn parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Result<Ef
 pub fn full_parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Result<Effect, String> {
     let value: Value =
         serde_json::from_str(payload).map_err(|_| "payload is not valid JSON".to_owned())?;
+    parse_value(kind, payload, &value, session_id)
+}
+
+/// [`full_parse`] of a payload a reader has already parsed into `value` (from
+/// the text `payload`), so an op read for display is parsed once.
+pub fn parse_value(
+    kind: OpKind,
+    payload: &str,
+    value: &Value,
+    session_id: Option<&str>,
+) -> Result<Effect, String> {
     match kind {
         OpKind::SessionUpsert => {
-            let id = string_id(object(&value)?, "id")?;
+            let id = string_id(object(value)?, "id")?;
             if let Some(session_id) = session_id
                 && id != session_id
             {
@@ -141,7 +152,7 @@ pub fn full_parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Resu
             })
         }
         OpKind::MessageUpsert => {
-            let obj = object(&value)?;
+            let obj = object(value)?;
             let id = string_id(obj, "id")?;
             if !matches!(obj.get("role"), Some(Value::String(_))) {
                 return Err("message needs a string \"role\"".to_owned());
@@ -154,10 +165,10 @@ pub fn full_parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Resu
             })
         }
         OpKind::MessageRemove => Ok(Effect::MessageRemove {
-            id: either_id(object(&value)?, "id", "messageID")?,
+            id: either_id(object(value)?, "id", "messageID")?,
         }),
         OpKind::PartUpsert => {
-            let obj = object(&value)?;
+            let obj = object(value)?;
             let id = string_id(obj, "id")?;
             let message_id = string_id(obj, "messageID")?;
             let Some(Value::String(part_type)) = obj.get("type") else {
@@ -177,12 +188,12 @@ pub fn full_parse(kind: OpKind, payload: &str, session_id: Option<&str>) -> Resu
             })
         }
         OpKind::PartRemove => Ok(Effect::PartRemove {
-            id: either_id(object(&value)?, "partID", "id")?,
+            id: either_id(object(value)?, "partID", "id")?,
         }),
-        OpKind::PartDelta => part_delta(object(&value)?),
+        OpKind::PartDelta => part_delta(object(value)?),
         OpKind::DiffSet => diff_set(value),
         OpKind::ModelUpsert => {
-            let obj = object(&value)?;
+            let obj = object(value)?;
             let id = string_id(obj, "id")?;
             let provider = match obj.get("providerID") {
                 None | Some(Value::Null) => None,
@@ -420,10 +431,10 @@ fn part_delta(obj: &Map<String, Value>) -> Result<Effect, String> {
     })
 }
 
-fn diff_set(value: Value) -> Result<Effect, String> {
+fn diff_set(value: &Value) -> Result<Effect, String> {
     let diffs = match value {
         Value::Array(diffs) => diffs,
-        Value::Object(mut obj) => match obj.remove("diffs") {
+        Value::Object(obj) => match obj.get("diffs") {
             Some(Value::Array(diffs)) => diffs,
             _ => return Err("diff.set needs {\"diffs\": [...]} or an array".to_owned()),
         },
@@ -432,7 +443,7 @@ fn diff_set(value: Value) -> Result<Effect, String> {
     if let Some(i) = diffs.iter().position(|d| !d.is_object()) {
         return Err(format!("diff {i} is not a JSON object"));
     }
-    let json = serde_json::to_string(&diffs)
+    let json = serde_json::to_string(diffs)
         .map_err(|_| "diff list cannot be stored as JSON".to_owned())?;
     Ok(Effect::DiffSet { json })
 }

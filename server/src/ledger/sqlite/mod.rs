@@ -617,13 +617,12 @@ impl Backend for SqliteBackend {
     }
 
     fn upkeep(&self, budget: Duration) -> BoxFuture<'static, LedgerResult<()>> {
+        // The writer is owned by the future, so the round outlives no borrow of the backend.
         let (writer, vacuum_pages) = (Arc::clone(&self.writer), Arc::clone(&self.vacuum_pages));
         async move {
             let checkpoint = writer
                 .exclusive(move |conn| maintenance::checkpoint(conn, budget))
                 .await;
-            // The same steps as `checkpoint` and `incremental_vacuum`, on a writer
-            // this future owns, so the round outlives no borrow of the backend.
             match checkpoint {
                 Ok(done) if done.busy => {
                     debug!(
