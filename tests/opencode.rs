@@ -500,7 +500,7 @@ fn carried_by_items(items: &Value) -> Carried {
 fn assert_capsync_holds_the_export(capsync: &Capsync, oc: &OpenCode, session: &str, link: &str) {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let expected = carried_by_export(&oc.export(session));
+        let expected = carried_by_export(&oc.export_live(session));
         let (status, items) = capsync.data(link);
         assert_eq!(status, 200, "{items}");
         let held = carried_by_items(&items);

@@ -487,6 +487,17 @@ impl OpenCode {
         })
     }
 
+    /// The session as the running `opencode serve` answers it, in the shape of
+    /// [`Self::export`] (`opencode export` reads the same two things: the session and its
+    /// messages with their parts). Two HTTP calls where `export` starts a process that costs
+    /// seconds of CPU: for checks that poll.
+    pub fn export_live(&self, session_id: &str) -> Value {
+        json!({
+            "info": self.session(session_id),
+            "messages": self.messages(session_id),
+        })
+    }
+
     /// `opencode import <url>` into this project: the id of the imported session.
     pub fn import(&self, url: &str) -> String {
         self.try_import(url)
