@@ -403,9 +403,9 @@ struct CreatedShare {
 enum OpKind {
   sessionUpsert @0;  # "session.upsert": the session record (its id must be the share's session)
   messageUpsert @1;  # "message.upsert": a message record; terminal messages do not move back
-  messageRemove @2;  # "message.remove": {"id"} or {"messageID"}; removes the message and its parts (applied even if absent)
-  partUpsert @3;     # "part.upsert": a part record; its message must exist
-  partRemove @4;     # "part.remove": {"id"} or {"partID"} (applied even if absent)
+  messageRemove @2;  # "message.remove": {"id"} or {"messageID"}; removes the message and its parts for good (applied even if absent)
+  partUpsert @3;     # "part.upsert": a part record; one that arrives before its message is kept until the message does
+  partRemove @4;     # "part.remove": {"id"} or {"partID"}; removes the part for good (applied even if absent)
   partDelta @5;      # "part.delta": {"partID", "delta", "field"?}: appends text to a part's field (default "text")
   diffSet @6;        # "diff.set": {"diffs": [...]}, or a bare array: replaces the session's file diffs
   modelUpsert @7;    # "model.upsert": a model record with an "id"
@@ -432,7 +432,8 @@ enum RejectReason {
   invalid @1;            # the op can never apply as sent: `detail` says why
   staleTransition @2;    # would move a record back: an older snapshot of it than the one stored
                          # (a finished message, tool call, text or reasoning part back to unfinished;
-                         # a session to an older `time.updated`). See README, "Out-of-order snapshots".
+                         # a session to an older `time.updated`), or a snapshot of a removed message or
+                         # part, or of a part of a removed message. See README, "Out-of-order snapshots".
   opIdReused @3;         # the op id was already applied in this share with other content (kind, payload
                          # or dependsOn); an op id names one change forever. The first op stays applied.
   tooLarge @4;           # the op's payload is over the server's per-op limit (`--max-op-bytes`);

@@ -15,7 +15,8 @@
 //! Effects: `session.upsert`, `message.upsert`, `part.upsert` and `model.upsert` replace their
 //! record (a part whose message is missing is kept aside until it arrives; models are keyed by
 //! `providerID/id`); `message.remove` removes the message and its parts; `part.remove` removes a part
-//! (both apply even if nothing is there); `part.delta` appends to a string field of a part
+//! (both apply even if nothing is there, and are final: a later upsert of a removed message,
+//! of a part of one, or of a removed part is `staleTransition`); `part.delta` appends to a string field of a part
 //! (default `"text"`, created when absent); `diff.set` replaces the session's diff list.
 //!
 //! This file uses only `capsync_client`, `capsync_shared` and `serde_json`, so the server's
@@ -85,6 +86,9 @@ pub struct Model {
     diffs: Option<Value>,
     messages: BTreeMap<String, StoredMessage>,
     parts: BTreeMap<String, StoredPart>,
+    /// Ids of removed messages and parts: removal is final.
+    removed_messages: HashSet<String>,
+    removed_parts: HashSet<String>,
     /// Op id -> the cursor it was applied at: permanent dedupe, and dependencies.
     applied: HashMap<String, u64>,
     /// Applied op ids in cursor order (`log[i]` was applied at cursor `i + 1`).
@@ -101,6 +105,8 @@ impl Model {
             diffs: None,
             messages: BTreeMap::new(),
             parts: BTreeMap::new(),
+            removed_messages: HashSet::new(),
+            removed_parts: HashSet::new(),
             applied: HashMap::new(),
             log: Vec::new(),
         }
@@ -190,6 +196,9 @@ impl Model {
                     return Err(invalid("message needs a role"));
                 }
                 self.same_session(obj)?;
+                if self.removed_messages.contains(&id) {
+                    return Err(reject(RejectReason::StaleTransition, "message was removed"));
+                }
                 let terminal = is_terminal(obj);
                 if !terminal && self.messages.get(&id).is_some_and(|m| m.terminal) {
                     return Err(reject(RejectReason::StaleTransition, "message is final"));
@@ -206,6 +215,7 @@ impl Model {
                 let id = either_id(object(&payload)?, "id", "messageID")?;
                 self.messages.remove(&id);
                 self.parts.retain(|_, part| part.message_id != id);
+                self.removed_messages.insert(id);
             }
             OpKind::PartUpsert => {
                 let obj = object(&payload)?;
@@ -215,6 +225,9 @@ impl Model {
                     return Err(invalid("part needs a type"));
                 }
                 self.same_session(obj)?;
+                if self.removed_parts.contains(&id) || self.removed_messages.contains(&message_id) {
+                    return Err(reject(RejectReason::StaleTransition, "part was removed"));
+                }
                 let finished = is_finished_part(obj);
                 if !finished && self.parts.get(&id).is_some_and(|p| p.finished) {
                     return Err(reject(RejectReason::StaleTransition, "part is finished"));
@@ -231,6 +244,7 @@ impl Model {
             OpKind::PartRemove => {
                 let id = either_id(object(&payload)?, "partID", "id")?;
                 self.parts.remove(&id);
+                self.removed_parts.insert(id);
             }
             OpKind::PartDelta => {
                 let obj = object(&payload)?;
@@ -649,6 +663,24 @@ mod tests {
         let doc = m.document();
         assert!(doc.messages.is_empty());
         assert_eq!(doc.cursor.0, 10);
+        // Removed is final, for the message and for its parts.
+        for (id, kind, payload) in [
+            (
+                "12",
+                OpKind::MessageUpsert,
+                json!({"id": "m", "role": "user"}),
+            ),
+            (
+                "13",
+                OpKind::PartUpsert,
+                json!({"id": "p", "messageID": "m", "type": "text"}),
+            ),
+        ] {
+            assert!(matches!(
+                m.apply(&op(id, kind, payload)),
+                Outcome::Rejected(RejectReason::StaleTransition, _)
+            ));
+        }
         let mut dep = op("10", OpKind::ModelUpsert, json!({"id": "gpt"}));
         dep.depends_on = vec!["11".into()];
         assert!(matches!(

@@ -420,6 +420,7 @@ macro_rules! ledger_contract {
                 append::a_part_the_full_parse_refuses_is_not_stored_and_cannot_poison_its_deltas,
                 records::completed_or_errored_messages_do_not_move_back,
                 records::parts_follow_their_message_and_are_removed_with_it,
+                records::removed_messages_and_parts_stay_removed,
                 records::part_deltas_append_durably,
                 records::a_delta_to_a_finished_part_is_stale_and_adds_nothing,
                 records::diff_set_replaces_the_whole_list,

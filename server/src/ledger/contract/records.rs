@@ -4,7 +4,9 @@
 use capsync_shared::{Cursor, OpKind};
 use serde_json::{Value, json};
 
-use super::{Fixture, applied, completed_message, message, op, outcomes, part, raw_op, rejection};
+use super::{
+    Fixture, applied, batch, completed_message, message, op, outcomes, part, raw_op, rejection,
+};
 use crate::ledger::{OpOutcome, Record, RecordKind, RejectReason};
 
 /// The record of `kind` with `id` ("" for the session and the diffs), parsed, as a snapshot shows it.
@@ -75,14 +77,80 @@ pub(crate) async fn completed_or_errored_messages_do_not_move_back(fx: Fixture) 
     assert!(detail.contains("msg_2"), "{detail}");
     let msg_1 = stored(&fx, RecordKind::Message, "msg_1").await;
     assert_eq!(msg_1["error"]["name"], "Aborted");
-    // A message removed and sent again starts over.
+}
+
+pub(crate) async fn removed_messages_and_parts_stay_removed(fx: Fixture) {
     let ack = fx
         .append(vec![
-            op("r", OpKind::MessageRemove, json!({"messageID": "msg_1"})),
-            op("m5", OpKind::MessageUpsert, message("msg_1")),
+            op("m1", OpKind::MessageUpsert, message("msg_1")),
+            op("p1", OpKind::PartUpsert, part("prt_1", "msg_1")),
+            op("p2", OpKind::PartUpsert, part("prt_2", "msg_1")),
+            op("m2", OpKind::MessageUpsert, message("msg_2")),
+            op("p3", OpKind::PartUpsert, part("prt_3", "msg_2")),
+            op("r1", OpKind::MessageRemove, json!({"messageID": "msg_1"})),
+            op("r2", OpKind::PartRemove, json!({"partID": "prt_3"})),
         ])
         .await;
-    assert_eq!(outcomes(&ack), applied(&[5, 6]));
+    assert_eq!(outcomes(&ack), applied(&[1, 2, 3, 4, 5, 6, 7]));
+
+    // Snapshots taken before the removals, arriving after them (even a terminal one):
+    // the message, a part of it, a new part of it, and the removed part of a kept message.
+    let ack = fx
+        .append(vec![
+            op("late1", OpKind::MessageUpsert, completed_message("msg_1")),
+            op("late2", OpKind::PartUpsert, part("prt_1", "msg_1")),
+            op("late3", OpKind::PartUpsert, part("prt_9", "msg_1")),
+            op("late4", OpKind::PartUpsert, part("prt_3", "msg_2")),
+            op(
+                "late5",
+                OpKind::PartDelta,
+                json!({"partID": "prt_2", "delta": "more"}),
+            ),
+            // A part removed before it ever arrived stays out too.
+            op("r3", OpKind::PartRemove, json!({"id": "prt_4"})),
+            op("late6", OpKind::PartUpsert, part("prt_4", "msg_2")),
+            // What was not removed still changes.
+            op("p4", OpKind::PartUpsert, part("prt_5", "msg_2")),
+        ])
+        .await;
+    let results = outcomes(&ack);
+    for (i, removed) in [(0, "msg_1"), (1, "msg_1"), (2, "msg_1"), (3, "prt_3")] {
+        let detail = rejection(&results[i], RejectReason::StaleTransition);
+        assert!(
+            detail.contains(removed) && detail.contains("removed"),
+            "{i}: {detail}"
+        );
+    }
+    rejection(&results[4], RejectReason::Invalid);
+    assert_eq!(results[5], OpOutcome::Applied(Cursor(8)));
+    rejection(&results[6], RejectReason::StaleTransition);
+    assert_eq!(results[7], OpOutcome::Applied(Cursor(9)));
+
+    let (records, _) = fx.snapshot(1 << 20).await;
+    let held: Vec<(RecordKind, &str)> = records
+        .iter()
+        .filter(|r| matches!(r.kind, RecordKind::Message | RecordKind::Part))
+        .map(|r| (r.kind, r.id.as_str()))
+        .collect();
+    assert_eq!(
+        held,
+        [(RecordKind::Message, "msg_2"), (RecordKind::Part, "prt_5")]
+    );
+
+    // Removal is per share: another share of the same session takes the same ids.
+    let (other, _) = fx.new_share(&fx.agent, "sh_2").await;
+    let ack = fx
+        .backend
+        .append(
+            other,
+            batch(vec![
+                op("m1", OpKind::MessageUpsert, message("msg_1")),
+                op("p1", OpKind::PartUpsert, part("prt_1", "msg_1")),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&ack), applied(&[1, 2]));
 }
 
 pub(crate) async fn parts_follow_their_message_and_are_removed_with_it(fx: Fixture) {

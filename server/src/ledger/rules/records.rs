@@ -3,14 +3,16 @@
 //! [`progress`](capsync_shared::model::progress).
 //!
 //! Each effect first checks what it needs from the stored records and only
-//! then writes, so a refused op leaves nothing behind.
+//! then writes, so a refused op leaves nothing behind. Removing a message or a part is
+//! final: its id stays removed in the share (a later snapshot of it, or of a part of a
+//! removed message, is a stale transition).
 
 use capsync_shared::ShareId;
 use capsync_shared::model::Effect;
 use capsync_shared::model::progress::is_older;
 use serde_json::Value;
 
-use super::store::LedgerTx;
+use super::store::{LedgerTx, Removable};
 use crate::ledger::{LedgerError, LedgerResult, RejectReason};
 
 /// Why stored state refuses an otherwise well-formed op.
@@ -53,6 +55,9 @@ pub fn apply(
             tx.put_session(share, *updated, json)?;
         }
         Effect::MessageUpsert { id, terminal, json } => {
+            if tx.was_removed(share, Removable::Message, id)? {
+                return Ok(Err(removed("message", id)));
+            }
             if is_older(Some(*terminal), tx.message_terminal(share, id)?) {
                 return Ok(Err(Refusal::stale(format!(
                     "message {id} is already completed or errored and cannot move back"
@@ -61,13 +66,22 @@ pub fn apply(
             tx.put_message(share, id, *terminal, json)?;
         }
         // Its parts go with it, including any that arrived before it.
-        Effect::MessageRemove { id } => tx.remove_message(share, id)?,
+        Effect::MessageRemove { id } => {
+            tx.remove_message(share, id)?;
+            tx.mark_removed(share, Removable::Message, id)?;
+        }
         Effect::PartUpsert {
             id,
             message_id,
             finished,
             json,
         } => {
+            if tx.was_removed(share, Removable::Part, id)? {
+                return Ok(Err(removed("part", id)));
+            }
+            if tx.was_removed(share, Removable::Message, message_id)? {
+                return Ok(Err(removed("message", message_id)));
+            }
             if is_older(Some(*finished), tx.part_finished(share, id)?) {
                 return Ok(Err(Refusal::stale(format!(
                     "part {id} is already finished and cannot move back"
@@ -79,7 +93,10 @@ pub fn apply(
             // message follows it: message_id is replaced along with the JSON.
             tx.put_part(share, id, message_id, *finished, json)?;
         }
-        Effect::PartRemove { id } => tx.remove_part(share, id)?,
+        Effect::PartRemove { id } => {
+            tx.remove_part(share, id)?;
+            tx.mark_removed(share, Removable::Part, id)?;
+        }
         Effect::PartDelta { id, field, delta } => {
             return part_delta(tx, share, id, field, delta);
         }
@@ -87,6 +104,17 @@ pub fn apply(
         Effect::ModelUpsert { id, json } => tx.put_model(share, id, json)?,
     }
     Ok(Ok(()))
+}
+
+/// A snapshot of a record the share has removed. Removal is final: opencode never reuses
+/// an id, and its own share client never sends removals but keeps each record's latest
+/// snapshot for a second before sending it, so with a second writer on the share (the
+/// plugin's shipper) a snapshot taken just before a removal can arrive after it and would
+/// bring back what the session no longer has.
+fn removed(kind: &str, id: &str) -> Refusal {
+    Refusal::stale(format!(
+        "{kind} {id} was removed from this share; a removed record does not come back"
+    ))
 }
 
 /// Appends to a string field of a stored part.

@@ -120,6 +120,23 @@ pub struct StoredPart {
     pub finished: bool,
 }
 
+/// The records whose removal is final: once removed, an id of this kind stays removed
+/// in its share (see [`super::records`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removable {
+    Message,
+    Part,
+}
+
+impl Removable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::Part => "part",
+        }
+    }
+}
+
 /// A share as its deletion sees it, hidden or not.
 pub struct ShareBeingDeleted {
     pub cursor: Cursor,
@@ -329,6 +346,11 @@ pub trait LedgerTx {
     fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
 
     fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()>;
+
+    /// Records that `id` was removed from the share, for good.
+    fn mark_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<()>;
+    /// Whether `id` was removed from the share.
+    fn was_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<bool>;
 
     // Records in snapshot order, a batch at a time.
 

@@ -33,7 +33,7 @@ const FOOTPRINT: &str = "
 /// Tables a deletion empties a chunk at a time, in an order that never leaves a
 /// row whose parent is gone: parts before their messages, everything before the
 /// share. Sessions and diffs hold one row each and go with the share row.
-const CHUNKED_TABLES: [&str; 4] = ["ops", "parts", "messages", "models"];
+const CHUNKED_TABLES: [&str; 5] = ["ops", "parts", "messages", "models", "removed"];
 
 /// What deleting `share_id` removes, from aggregates.
 pub(super) fn footprint(conn: &Connection, share_id: &ShareId) -> LedgerResult<ShareFootprint> {

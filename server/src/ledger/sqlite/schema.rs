@@ -31,6 +31,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     V3_LIFECYCLE,
     V4_OP_DIGEST,
     V5_OUT_OF_ORDER,
+    V6_REMOVED,
 ];
 
 /// The schema version this build writes.
@@ -207,6 +208,18 @@ WHERE json_type(json, '$.time.updated') = 'integer';
 
 UPDATE OR IGNORE models SET id = json_extract(json, '$.providerID') || '/' || id
 WHERE json_type(json, '$.providerID') = 'text' AND json_extract(json, '$.providerID') <> '';
+"#;
+
+/// Removed is final (see `rules::records`): the ids of the messages and parts a share has
+/// removed, so a snapshot taken before the removal and arriving after it (another writer of
+/// the share, a retry) cannot bring the record back. `kind` is `message` or `part`.
+const V6_REMOVED: &str = r#"
+CREATE TABLE removed (
+    share_id TEXT NOT NULL REFERENCES shares (id) ON DELETE CASCADE,
+    kind     TEXT NOT NULL CHECK (kind IN ('message', 'part')),
+    id       TEXT NOT NULL,
+    PRIMARY KEY (share_id, kind, id)
+) STRICT;
 "#;
 
 /// Opens the write connection, creating the database (and its directory) if

@@ -10,8 +10,8 @@ use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, OpFootprint, ShareBeingDeleted, ShareRow, StoredPart,
-    StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, OpFootprint, Removable, ShareBeingDeleted, ShareRow,
+    StoredPart, StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -521,6 +521,22 @@ impl LedgerTx for SqliteTx<'_> {
             .prepare_cached("DELETE FROM parts WHERE share_id = ?1 AND id = ?2")?
             .execute(params![share.as_str(), id])?;
         Ok(())
+    }
+
+    fn mark_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO removed (share_id, kind, id) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![share.as_str(), kind.as_str(), id])?;
+        Ok(())
+    }
+
+    fn was_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM removed WHERE share_id = ?1 AND kind = ?2 AND id = ?3")?
+            .exists(params![share.as_str(), kind.as_str(), id])?)
     }
 
     fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()> {
