@@ -12,6 +12,7 @@
 
 #[cfg(test)]
 pub(crate) mod contract;
+pub mod engine;
 pub mod lifecycle_steps;
 pub mod oversize;
 pub mod rules;

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use capsync_shared::{Cursor, ShareId, TokenId, TokenKind};
+use capsync_shared::TokenId;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tracing::{debug, warn};
@@ -53,15 +53,12 @@ use self::pool::ReadPool;
 use self::storage::{Reserve, StorageWatch};
 use self::tx::SqliteTx;
 use self::writer::{QueueLimits, Writer};
+use super::engine::{Engine, RulesBackend};
 use super::{
-    Ack, AuditEvent, Authority, Backend, BatchIn, Changed, CompactPosition, CompactStep,
-    DeleteStep, Ledger, LedgerError, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator,
-    OpsPage, PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage,
+    AuditEvent, Authority, Changed, Ledger, LedgerError, LedgerResult, Operator, ReclaimStep,
     Stats, StoredToken, VacuumReport,
 };
 use crate::clock::Clock;
-use crate::ledger::rules;
-use crate::ledger::rules::store::LedgerTx;
 use crate::metrics::Metrics;
 
 /// How hard a commit waits for the disk before the ack is sent.
@@ -129,9 +126,18 @@ pub fn open(options: SqliteOptions) -> Result<Ledger, LedgerError> {
     SqliteBackend::open(&options).map(|backend| Ledger::new(backend, options.clock.clone()))
 }
 
-/// The [`Backend`] over one SQLite file. Writes go to the writer thread, reads
+/// The rules over SQLite.
+pub(super) type SqliteBackend = RulesBackend<SqliteEngine>;
+
+impl SqliteBackend {
+    pub(super) fn open(options: &SqliteOptions) -> LedgerResult<Self> {
+        SqliteEngine::open(options).map(|engine| Self::new(engine, options.reclaim_compacted))
+    }
+}
+
+/// The [`Engine`] over one SQLite file. Writes go to the writer thread, reads
 /// to the pool; both check the caller's authority in their own transaction.
-struct SqliteBackend {
+pub(super) struct SqliteEngine {
     /// All writes, in call order, group-committed.
     writer: Arc<Writer>,
     /// Announces committed changes to live subscribers.
@@ -140,14 +146,12 @@ struct SqliteBackend {
     reads: Arc<ReadPool>,
     /// The database file, for `stats` (file sizes are not visible through SQL).
     path: Arc<PathBuf>,
-    /// Whether appends store compacted tool parts without their output (`SqliteOptions::reclaim_compacted`).
-    reclaim_compacted: bool,
     /// Pages per incremental-vacuum step, adapted so a step takes about the upkeep budget.
     vacuum_pages: Arc<AtomicU32>,
     clock: Clock,
 }
 
-impl SqliteBackend {
+impl SqliteEngine {
     fn open(options: &SqliteOptions) -> LedgerResult<Self> {
         let conn = schema::open_writer(&options.path, options.durability)?;
         if let Some(bytes) = options.max_database_bytes {
@@ -183,41 +187,13 @@ impl SqliteBackend {
             changes,
             reads,
             path: Arc::new(options.path.clone()),
-            reclaim_compacted: options.reclaim_compacted,
             vacuum_pages: Arc::new(AtomicU32::new(maintenance::FIRST_VACUUM_PAGES)),
             clock: options.clock.clone(),
         })
     }
 
-    /// [`write`](Self::write) for work holding `bytes` of payload while queued that, once
-    /// committed, announces what `change` says it changed. The writer thread announces
-    /// right after the commit, so followers hear of it even when the caller no longer
-    /// waits (a cancelled call, a dropped connection).
-    fn write_announced<T, F>(
-        &self,
-        bytes: usize,
-        write: F,
-        change: impl FnOnce(&T) -> Option<Changed> + Send + 'static,
-    ) -> BoxFuture<'static, LedgerResult<T>>
-    where
-        T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
-    {
-        let changes = self.changes.clone();
-        let announce = Box::new(move |done: &T| {
-            if let Some(changed) = change(done) {
-                // No receivers is fine: nobody is subscribed.
-                let _ = changes.send(changed);
-            }
-        });
-        let clock = self.clock.clone();
-        self.writer
-            .submit_then(bytes, move |conn| write(conn, clock.now_millis()), announce)
-            .boxed()
-    }
-
-    /// Runs `write` on the writer thread in the next group transaction.
-    fn write<T, F>(&self, write: F) -> BoxFuture<'static, LedgerResult<T>>
+    /// Runs `write` on the writer thread in the next group transaction, on the connection.
+    fn write_raw<T, F>(&self, write: F) -> BoxFuture<'static, LedgerResult<T>>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
@@ -227,6 +203,23 @@ impl SqliteBackend {
         let clock = self.clock.clone();
         self.writer
             .submit(move |conn| write(conn, clock.now_millis()))
+            .boxed()
+    }
+
+    /// Runs `read` in one read transaction on a pooled connection.
+    fn read_raw<T, F>(&self, read: F) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
+    {
+        if self.writer.is_closing() {
+            return futures::future::ready(Err(LedgerError::Closed)).boxed();
+        }
+        self.reads
+            .read({
+                let clock = self.clock.clone();
+                move |conn| read(conn, clock.now_millis())
+            })
             .boxed()
     }
 
@@ -247,24 +240,7 @@ impl SqliteBackend {
         &self,
         max_pages: u32,
     ) -> BoxFuture<'static, LedgerResult<IncrementalVacuum>> {
-        self.write(move |conn, _| maintenance::incremental_vacuum(conn, max_pages))
-    }
-
-    /// Runs `read` in one read transaction on a pooled connection.
-    fn read<T, F>(&self, read: F) -> BoxFuture<'static, LedgerResult<T>>
-    where
-        T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection, i64) -> LedgerResult<T> + Send + 'static,
-    {
-        if self.writer.is_closing() {
-            return futures::future::ready(Err(LedgerError::Closed)).boxed();
-        }
-        self.reads
-            .read({
-                let clock = self.clock.clone();
-                move |conn| read(conn, clock.now_millis())
-            })
-            .boxed()
+        self.write_raw(move |conn, _| maintenance::incremental_vacuum(conn, max_pages))
     }
 }
 
@@ -303,266 +279,54 @@ async fn give_back_free_pages(
     }
 }
 
-impl Backend for SqliteBackend {
+impl Engine for SqliteEngine {
+    type Tx<'t> = SqliteTx<'t>;
+
+    /// The writer thread announces right after the commit, so followers hear of it
+    /// even when the caller no longer waits (a cancelled call, a dropped connection).
+    fn write<T, F, C>(
+        &self,
+        bytes: usize,
+        work: F,
+        change: C,
+    ) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: for<'t> Fn(&mut SqliteTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
+        C: FnOnce(&T) -> Option<Changed> + Send + 'static,
+    {
+        let changes = self.changes.clone();
+        let announce = Box::new(move |done: &T| {
+            if let Some(changed) = change(done) {
+                // No receivers is fine: nobody is subscribed.
+                let _ = changes.send(changed);
+            }
+        });
+        let clock = self.clock.clone();
+        self.writer
+            .submit_then(
+                bytes,
+                move |conn| work(&mut SqliteTx::new(conn), clock.now_millis()),
+                announce,
+            )
+            .boxed()
+    }
+
+    fn read<T, F>(&self, work: F) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: for<'t> Fn(&mut SqliteTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
+    {
+        self.read_raw(move |conn, now| work(&mut SqliteTx::new(conn), now))
+    }
+
     fn find_token(&self, id: TokenId) -> BoxFuture<'static, LedgerResult<Option<StoredToken>>> {
-        self.read(move |conn, _| reads::find_token(conn, &id))
-    }
-
-    fn mint_token(
-        &self,
-        issuer: Authority,
-        kind: TokenKind,
-        token: NewToken,
-    ) -> BoxFuture<'static, LedgerResult<Minted>> {
-        self.write(move |conn, now| {
-            rules::tokens::mint(&mut SqliteTx::new(conn), &issuer, kind, &token, now)
-        })
-    }
-
-    fn mint_for_share(
-        &self,
-        issuer: Authority,
-        share_id: ShareId,
-        kind: TokenKind,
-        token: NewToken,
-    ) -> BoxFuture<'static, LedgerResult<Minted>> {
-        self.write(move |conn, now| {
-            rules::tokens::mint_for_share(
-                &mut SqliteTx::new(conn),
-                &issuer,
-                &share_id,
-                kind,
-                &token,
-                now,
-            )
-        })
-    }
-
-    fn replace_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<()>> {
-        self.write(move |conn, now| {
-            rules::tokens::replace_admin(&mut SqliteTx::new(conn), &token, now)
-        })
-    }
-
-    fn has_admin_token(&self) -> BoxFuture<'static, LedgerResult<bool>> {
-        self.read(|conn, now| SqliteTx::new(conn).has_live_admin_token(now))
-    }
-
-    fn create_first_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<bool>> {
-        self.write(move |conn, now| {
-            rules::tokens::create_first_admin(&mut SqliteTx::new(conn), &token, now)
-        })
-    }
-
-    fn create_share(
-        &self,
-        issuer: Authority,
-        share: NewShare,
-        writer: NewToken,
-        viewer: NewToken,
-    ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
-        self.write(move |conn, now| {
-            rules::shares::create(
-                &mut SqliteTx::new(conn),
-                &issuer,
-                &share,
-                &writer,
-                &viewer,
-                now,
-            )
-        })
-    }
-
-    fn create_or_join_share(
-        &self,
-        issuer: Authority,
-        share: NewShare,
-        writer: NewToken,
-        viewer: NewToken,
-    ) -> BoxFuture<'static, LedgerResult<(ShareInfo, bool)>> {
-        self.write(move |conn, now| {
-            rules::shares::create_or_join(
-                &mut SqliteTx::new(conn),
-                &issuer,
-                &share,
-                &writer,
-                &viewer,
-                now,
-            )
-        })
-    }
-
-    fn append(&self, writer: Authority, batch: BatchIn) -> BoxFuture<'static, LedgerResult<Ack>> {
-        let share = writer.share.as_ref().map(|(id, _)| id.clone());
-        let reclaim_compacted = self.reclaim_compacted;
-        let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
-        self.write_announced(
-            bytes,
-            move |conn, now| {
-                rules::append::append(
-                    &mut SqliteTx::new(conn),
-                    &writer,
-                    &batch,
-                    reclaim_compacted,
-                    now,
-                )
-            },
-            move |ack| {
-                let applied = ack
-                    .results
-                    .iter()
-                    .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
-                share.filter(|_| applied).map(Changed::Share)
-            },
-        )
-    }
-
-    fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>> {
-        self.read(move |conn, now| rules::reads::share_state(&mut SqliteTx::new(conn), &who, now))
-    }
-
-    fn child_shares(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
-        self.read(move |conn, now| rules::reads::child_shares(&mut SqliteTx::new(conn), &who, now))
-    }
-
-    fn list_shares(
-        &self,
-        who: Authority,
-        after: String,
-        limit: u32,
-        include_archived: bool,
-    ) -> BoxFuture<'static, LedgerResult<Vec<ShareInfo>>> {
-        self.read(move |conn, now| {
-            rules::reads::list_shares(
-                &mut SqliteTx::new(conn),
-                &who,
-                &after,
-                limit,
-                include_archived,
-                now,
-            )
-        })
-    }
-
-    fn set_archived(
-        &self,
-        who: Authority,
-        share_id: ShareId,
-        archived: bool,
-    ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
-        self.write(move |conn, now| {
-            rules::shares::set_archived(&mut SqliteTx::new(conn), &who, &share_id, archived, now)
-        })
+        self.read_raw(move |conn, _| reads::find_token(conn, &id))
     }
 
     fn stats(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Stats>> {
         let path = Arc::clone(&self.path);
-        self.read(move |conn, now| reads::stats(conn, &who, &path, now))
-    }
-
-    fn revoke_share(
-        &self,
-        who: Authority,
-        share_id: ShareId,
-        scope: RevokeScope,
-    ) -> BoxFuture<'static, LedgerResult<ShareState>> {
-        let changed = Changed::Share(share_id.clone());
-        self.write_announced(
-            0,
-            move |conn, now| {
-                rules::shares::revoke(&mut SqliteTx::new(conn), &who, &share_id, scope, now)
-            },
-            move |_| Some(changed),
-        )
-    }
-
-    fn revoke_token(
-        &self,
-        who: Authority,
-        token_id: TokenId,
-    ) -> BoxFuture<'static, LedgerResult<()>> {
-        self.write_announced(
-            0,
-            move |conn, now| rules::tokens::revoke(&mut SqliteTx::new(conn), &who, &token_id, now),
-            |_| Some(Changed::Tokens),
-        )
-    }
-
-    fn snapshot_page(
-        &self,
-        who: Authority,
-        page: String,
-        max_bytes: u32,
-    ) -> BoxFuture<'static, LedgerResult<SnapshotPage>> {
-        self.read(move |conn, now| {
-            rules::snapshot::page(&mut SqliteTx::new(conn), &who, &page, max_bytes, now)
-        })
-    }
-
-    fn ops_since(
-        &self,
-        who: Authority,
-        after: Cursor,
-        limit: u32,
-    ) -> BoxFuture<'static, LedgerResult<OpsPage>> {
-        self.read(move |conn, now| {
-            rules::reads::ops_since(&mut SqliteTx::new(conn), &who, after, limit, now)
-        })
-    }
-
-    fn plan_prune(
-        &self,
-        op: Operator,
-        filter: PruneFilter,
-    ) -> BoxFuture<'static, LedgerResult<PrunePlan>> {
-        self.read(move |conn, now| rules::prune::plan(&mut SqliteTx::new(conn), &op, &filter, now))
-    }
-
-    fn delete_share_step(
-        &self,
-        op: Operator,
-        share_id: ShareId,
-        expect_cursor: Option<Cursor>,
-        max_rows: u32,
-    ) -> BoxFuture<'static, LedgerResult<DeleteStep>> {
-        let changed = Changed::Share(share_id.clone());
-        // Every step announces: the first one hid the share, and its followers
-        // must learn it is gone; later announcements cost a recheck at most.
-        self.write_announced(
-            0,
-            move |conn, now| {
-                rules::prune::delete_step(
-                    &mut SqliteTx::new(conn),
-                    &op,
-                    &share_id,
-                    expect_cursor,
-                    max_rows,
-                    now,
-                )
-            },
-            move |step| (*step != DeleteStep::Changed).then_some(changed),
-        )
-    }
-
-    fn unfinished_deletions(&self) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
-        self.read(|conn, _| SqliteTx::new(conn).hidden_shares())
-    }
-
-    fn archive_inactive(
-        &self,
-        op: Operator,
-        inactive_before: i64,
-        limit: u32,
-    ) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
-        self.write(move |conn, now| {
-            rules::prune::archive_inactive(
-                &mut SqliteTx::new(conn),
-                &op,
-                inactive_before,
-                limit,
-                now,
-            )
-        })
+        self.read_raw(move |conn, now| reads::stats(conn, &who, &path, now))
     }
 
     fn reclaim_step(
@@ -574,35 +338,9 @@ impl Backend for SqliteBackend {
     ) -> BoxFuture<'static, LedgerResult<ReclaimStep>> {
         // A dry run only reads: it need not wait for the writer.
         if dry_run {
-            self.read(move |conn, now| reclaim::step(conn, &op, after, max_parts, true, now))
+            self.read_raw(move |conn, now| reclaim::step(conn, &op, after, max_parts, true, now))
         } else {
-            self.write(move |conn, now| reclaim::step(conn, &op, after, max_parts, false, now))
-        }
-    }
-
-    fn compact_step(
-        &self,
-        op: Operator,
-        applied_before: i64,
-        from: Option<CompactPosition>,
-        max_ops: u32,
-        dry_run: bool,
-    ) -> BoxFuture<'static, LedgerResult<CompactStep>> {
-        let step = move |conn: &rusqlite::Connection, now| {
-            rules::compact::step(
-                &mut SqliteTx::new(conn),
-                &op,
-                applied_before,
-                from.as_ref(),
-                max_ops,
-                dry_run,
-                now,
-            )
-        };
-        if dry_run {
-            self.read(step)
-        } else {
-            self.write(step)
+            self.write_raw(move |conn, now| reclaim::step(conn, &op, after, max_parts, false, now))
         }
     }
 

@@ -44,7 +44,7 @@ fn records_by_id(
 }
 
 /// The rules' view of one SQLite transaction.
-pub(super) struct SqliteTx<'c> {
+pub(crate) struct SqliteTx<'c> {
     conn: &'c Connection,
 }
 
