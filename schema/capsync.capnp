@@ -342,6 +342,18 @@ struct Stats {
   ledgerPayloadBytes @12 :UInt64; # sum of the ledger's op payload lengths
   compactedOps @13 :UInt64;      # ledger ops whose payload was dropped by compaction
   reclaimableOutputBytes @14 :UInt64; # output and attachments still stored in compacted tool parts
+  engine @15 :Text;              # "sqlite" or "postgres": which of the fields above and below apply
+  # PostgreSQL (the five SQLite fields above stay 0):
+  databaseBytes @16 :UInt64;     # the whole database (pg_database_size), other schemas included
+  tables @17 :List(TableStats);  # capsync's tables, by name
+}
+
+struct TableStats {
+  name @0 :Text;
+  totalBytes @1 :UInt64;         # the table with its indexes and TOAST data
+  indexBytes @2 :UInt64;
+  liveRows @3 :UInt64;           # PostgreSQL's estimate
+  deadRows @4 :UInt64;           # deleted or updated rows autovacuum has not cleaned yet
 }
 
 struct StatsResult {

@@ -33,9 +33,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Runs `work` in a write transaction holding `bytes` of payload while it waits;
     /// once committed, announces what `change` says changed, whether or not the caller
-    /// still waits.
+    /// still waits. Writes naming the same share in `order` run in the order they were
+    /// called (a client's pipelined batches apply in the order it sent them).
     fn write<T, F, C>(
         &self,
+        order: Option<&ShareId>,
         bytes: usize,
         work: F,
         change: C,
@@ -117,6 +119,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         token: NewToken,
     ) -> BoxFuture<'static, LedgerResult<Minted>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::tokens::mint(tx, &issuer, kind, &token, now),
             silent,
@@ -131,6 +134,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         token: NewToken,
     ) -> BoxFuture<'static, LedgerResult<Minted>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::tokens::mint_for_share(tx, &issuer, &share_id, kind, &token, now),
             silent,
@@ -139,6 +143,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
 
     fn replace_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<()>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::tokens::replace_admin(tx, &token, now),
             silent,
@@ -151,6 +156,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
 
     fn create_first_admin_token(&self, token: NewToken) -> BoxFuture<'static, LedgerResult<bool>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::tokens::create_first_admin(tx, &token, now),
             silent,
@@ -165,6 +171,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         viewer: NewToken,
     ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::shares::create(tx, &issuer, &share, &writer, &viewer, now),
             silent,
@@ -179,6 +186,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         viewer: NewToken,
     ) -> BoxFuture<'static, LedgerResult<(ShareInfo, bool)>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| {
                 rules::shares::create_or_join(tx, &issuer, &share, &writer, &viewer, now)
@@ -191,7 +199,9 @@ impl<E: Engine> Backend for RulesBackend<E> {
         let share = writer.share.as_ref().map(|(id, _)| id.clone());
         let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
         let reclaim_compacted = self.reclaim_compacted;
+        let order = share.clone();
         self.engine.write(
+            order.as_ref(),
             bytes,
             move |tx, now| rules::append::append(tx, &writer, &batch, reclaim_compacted, now),
             move |ack: &Ack| {
@@ -232,7 +242,9 @@ impl<E: Engine> Backend for RulesBackend<E> {
         share_id: ShareId,
         archived: bool,
     ) -> BoxFuture<'static, LedgerResult<ShareInfo>> {
+        let order = share_id.clone();
         self.engine.write(
+            Some(&order),
             0,
             move |tx, now| rules::shares::set_archived(tx, &who, &share_id, archived, now),
             silent,
@@ -250,7 +262,9 @@ impl<E: Engine> Backend for RulesBackend<E> {
         scope: RevokeScope,
     ) -> BoxFuture<'static, LedgerResult<ShareState>> {
         let changed = Changed::Share(share_id.clone());
+        let order = share_id.clone();
         self.engine.write(
+            Some(&order),
             0,
             move |tx, now| rules::shares::revoke(tx, &who, &share_id, scope, now),
             move |_| Some(changed),
@@ -263,6 +277,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         token_id: TokenId,
     ) -> BoxFuture<'static, LedgerResult<()>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::tokens::revoke(tx, &who, &token_id, now),
             |_| Some(Changed::Tokens),
@@ -310,9 +325,11 @@ impl<E: Engine> Backend for RulesBackend<E> {
         max_rows: u32,
     ) -> BoxFuture<'static, LedgerResult<DeleteStep>> {
         let changed = Changed::Share(share_id.clone());
+        let order = share_id.clone();
         // Every step announces: the first one hid the share, and its followers
         // must learn it is gone; later announcements cost a recheck at most.
         self.engine.write(
+            Some(&order),
             0,
             move |tx, now| {
                 rules::prune::delete_step(tx, &op, &share_id, expect_cursor, max_rows, now)
@@ -332,6 +349,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<Vec<ShareId>>> {
         self.engine.write(
+            None,
             0,
             move |tx, now| rules::prune::archive_inactive(tx, &op, inactive_before, limit, now),
             silent,
@@ -371,7 +389,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         if dry_run {
             self.engine.read(step)
         } else {
-            self.engine.write(0, step, silent)
+            self.engine.write(None, 0, step, silent)
         }
     }
 

@@ -15,6 +15,7 @@ pub(crate) mod contract;
 pub mod engine;
 pub mod lifecycle_steps;
 pub mod oversize;
+pub mod postgres;
 pub mod rules;
 pub mod sqlite;
 pub mod storage_stats;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 
-pub use storage_stats::{SqliteStats, StorageStats};
+pub use storage_stats::{PostgresStats, SqliteStats, StorageStats, TableStats};
 
 pub use capsync_shared::model::{
     Ack, LoggedOp, OpOutcome, OpResult, Record, RecordKind, RejectReason,

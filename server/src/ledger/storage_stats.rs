@@ -5,6 +5,7 @@
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StorageStats {
     Sqlite(SqliteStats),
+    Postgres(PostgresStats),
 }
 
 /// What SQLite says of its files.
@@ -19,4 +20,25 @@ pub struct SqliteStats {
     /// Pages on the freelist: allocated on disk, holding no data; what an
     /// incremental vacuum gives back to the file system.
     pub free_pages: u64,
+}
+
+/// What PostgreSQL says of capsync's tables (those of the schema the server uses).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PostgresStats {
+    /// The whole database (`pg_database_size`), other schemas included.
+    pub database_bytes: u64,
+    /// capsync's tables by name.
+    pub tables: Vec<TableStats>,
+}
+
+/// One table, from `pg_stat_user_tables`. Row counts are PostgreSQL's estimates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub name: String,
+    /// The table with its indexes and TOAST data.
+    pub total_bytes: u64,
+    pub index_bytes: u64,
+    pub live_rows: u64,
+    /// Rows deleted or updated that autovacuum has not cleaned yet.
+    pub dead_rows: u64,
 }

@@ -165,6 +165,22 @@ pub fn fill_stats(stats: &Stats, mut out: stats::Builder<'_>) {
             out.set_page_count(sqlite.page_count);
             out.set_free_pages(sqlite.free_pages);
             out.set_reclaimable_bytes(sqlite.free_pages * sqlite.page_size);
+            out.set_engine("sqlite");
+        }
+        StorageStats::Postgres(postgres) => {
+            out.set_engine("postgres");
+            out.set_database_bytes(postgres.database_bytes);
+            let mut tables = out
+                .reborrow()
+                .init_tables(u32::try_from(postgres.tables.len()).unwrap_or(u32::MAX));
+            for (i, table) in postgres.tables.iter().enumerate() {
+                let mut row = tables.reborrow().get(u32::try_from(i).unwrap_or(u32::MAX));
+                row.set_name(&table.name);
+                row.set_total_bytes(table.total_bytes);
+                row.set_index_bytes(table.index_bytes);
+                row.set_live_rows(table.live_rows);
+                row.set_dead_rows(table.dead_rows);
+            }
         }
     }
     out.set_root_shares(stats.root_shares);

@@ -544,7 +544,16 @@ pub(crate) async fn a_share_that_moved_since_its_plan_is_not_deleted(fx: Fixture
     assert_eq!(step, DeleteStep::Changed);
     assert_eq!(fx.snapshot(1 << 20).await.0, records);
     assert_eq!(fx.logged_ops().await, ops);
-    assert_eq!(fx.stats().await, stats);
+    // What the engine says of its own storage moves on by itself (PostgreSQL's
+    // statistics); every count stays.
+    let after = fx.stats().await;
+    assert_eq!(
+        Stats {
+            storage: stats.storage.clone(),
+            ..after
+        },
+        stats
+    );
     assert!(fx.backend.unfinished_deletions().await.unwrap().is_empty());
     let state = fx.backend.share_state(fx.viewer.clone()).await.unwrap();
     assert_eq!(state.cursor, cursor);

@@ -9,6 +9,7 @@ use crate::ledger::contract::{Engine, ledger_contract};
 
 /// SQLite as the contract and the engine's own tests open it.
 pub(super) const SQLITE: Engine = Engine {
+    available: || true,
     open,
     open_without_reclaim,
 };

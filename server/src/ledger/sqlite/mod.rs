@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use capsync_shared::TokenId;
+use capsync_shared::{ShareId, TokenId};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tracing::{debug, warn};
@@ -284,8 +284,10 @@ impl Engine for SqliteEngine {
 
     /// The writer thread announces right after the commit, so followers hear of it
     /// even when the caller no longer waits (a cancelled call, a dropped connection).
+    /// One writer thread runs every write in call order: `order` needs nothing more.
     fn write<T, F, C>(
         &self,
+        _order: Option<&ShareId>,
         bytes: usize,
         work: F,
         change: C,

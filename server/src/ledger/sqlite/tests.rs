@@ -471,7 +471,9 @@ async fn stats_describe_the_database_files() {
     ])
     .await;
     let stats = fx.stats().await;
-    let StorageStats::Sqlite(sqlite) = &stats.storage;
+    let StorageStats::Sqlite(sqlite) = &stats.storage else {
+        panic!("not SQLite's stats: {:?}", stats.storage)
+    };
     assert!(sqlite.page_size >= 512);
     assert!(sqlite.page_count > 0);
     let on_disk = std::fs::metadata(fx.path()).unwrap().len();

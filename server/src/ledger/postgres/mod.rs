@@ -1,0 +1,285 @@
+//! The PostgreSQL engine of the ledger, for deployments of several server nodes on
+//! one database.
+//!
+//! - [`schema`]: the tables and their versioned migrations.
+//! - [`pool`]: connections lent to blocking tasks, one transaction each, run again
+//!   after a lost race, opened again after a lost connection.
+//! - [`tx`]: the rules' storage interface ([`LedgerTx`](crate::ledger::rules::store::LedgerTx))
+//!   over a PostgreSQL transaction, with the row and advisory locks that stand in for
+//!   SQLite's single writer.
+//! - [`reads`]: token lookup, `stats`, and the reclaim pass.
+//!
+//! The rules themselves are the engine-neutral ones ([`crate::ledger::rules`]).
+
+mod errors;
+mod pool;
+mod reads;
+mod schema;
+mod tx;
+
+#[cfg(test)]
+mod contract;
+#[cfg(test)]
+pub(crate) mod test_database;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capsync_shared::{ShareId, TokenId};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use self::pool::{Access, Pool, QueueLimits};
+use self::tx::PgTx;
+use super::engine::{Engine, RulesBackend};
+use super::rules::authority;
+use super::{
+    AuditEvent, Authority, Changed, Ledger, LedgerError, LedgerResult, Operator, ReclaimStep,
+    Stats, StoredToken, VacuumReport,
+};
+use crate::clock::Clock;
+
+/// Settings of the PostgreSQL engine.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// Where the database is: host, port, user, password, database name and
+    /// settings such as `options=-csearch_path=…`, parsed from a `postgres://` URL.
+    pub config: postgres::Config,
+    /// Most connections this node opens at once.
+    pub connections: u32,
+    /// Clear output and attachments of tool parts stored with a compacted time
+    /// (the server's `reclaim` setting).
+    pub reclaim_compacted: bool,
+    /// Most writes waiting for a connection; more are refused with `QueueFull`.
+    pub write_queue: usize,
+    /// Most bytes of payload waiting (one batch alone always fits).
+    pub write_queue_bytes: usize,
+    /// Where "now" comes from (token expiry, the time an op was applied).
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    // The configuration holds the password: show where, never how.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("hosts", &self.config.get_hosts())
+            .field("ports", &self.config.get_ports())
+            .field("dbname", &self.config.get_dbname())
+            .field("user", &self.config.get_user())
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresOptions {
+    /// Defaults for the database at `url`: 16 connections, reclaim on, the server's
+    /// default queue limits.
+    pub fn new(url: &str) -> LedgerResult<Self> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| LedgerError::InvalidArgument(format!("not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(pool::CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("capsync-server");
+        }
+        Ok(Self {
+            config,
+            connections: 16,
+            reclaim_compacted: true,
+            write_queue: crate::config::DEFAULT_WRITE_QUEUE,
+            write_queue_bytes: crate::config::DEFAULT_WRITE_QUEUE_BYTES,
+            clock: Clock::system(),
+        })
+    }
+}
+
+/// Connects, brings the schema up to date, and opens the pool. Blocking: call it
+/// before serving, or from a blocking task.
+pub fn open(options: PostgresOptions) -> LedgerResult<Ledger> {
+    let clock = options.clock.clone();
+    let reclaim = options.reclaim_compacted;
+    PostgresEngine::open(options)
+        .map(|engine| Ledger::new(RulesBackend::new(engine, reclaim), clock))
+}
+
+/// The [`Engine`] over one PostgreSQL database.
+pub(crate) struct PostgresEngine {
+    pool: Arc<Pool>,
+    /// Announces committed changes to live subscribers of this node.
+    changes: tokio::sync::broadcast::Sender<Changed>,
+    clock: Clock,
+}
+
+impl PostgresEngine {
+    fn open(options: PostgresOptions) -> LedgerResult<Self> {
+        // The synchronous client runs a small runtime of its own: connect and migrate on
+        // a thread of their own, whatever context the caller is in.
+        let config = options.config.clone();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut client = config.connect(postgres::NoTls).map_err(|e| {
+                        LedgerError::Storage(format!("cannot connect to PostgreSQL: {e}"))
+                    })?;
+                    schema::migrate(&mut client)
+                })
+                .join()
+                .map_err(|_| LedgerError::Storage("the migration thread panicked".to_owned()))?
+        })?;
+        let limits = QueueLimits {
+            commands: options.write_queue,
+            bytes: options.write_queue_bytes,
+        };
+        let pool = Pool::start(&options.config, options.connections, limits, &options.clock)?;
+        // Subscribers that fall this far behind get `Lagged` and recheck everything.
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Self {
+            pool,
+            changes,
+            clock: options.clock,
+        })
+    }
+}
+
+impl Engine for PostgresEngine {
+    type Tx<'t> = PgTx<'t>;
+
+    /// Writes to one share run on one worker, in call order.
+    fn write<T, F, C>(
+        &self,
+        order: Option<&ShareId>,
+        bytes: usize,
+        work: F,
+        change: C,
+    ) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
+        C: FnOnce(&T) -> Option<Changed> + Send + 'static,
+    {
+        let changes = self.changes.clone();
+        let order = order.map(ShareId::as_str);
+        self.pool
+            .run(order, Access::Write, bytes, work, move |done: &T| {
+                if let Some(changed) = change(done) {
+                    // No receivers is fine: nobody is subscribed.
+                    let _ = changes.send(changed);
+                }
+            })
+    }
+
+    fn read<T, F>(&self, work: F) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
+    {
+        self.pool.run(None, Access::Read, 0, work, |_| {})
+    }
+
+    fn find_token(&self, id: TokenId) -> BoxFuture<'static, LedgerResult<Option<StoredToken>>> {
+        self.read(move |tx, _| reads::find_token(tx, &id))
+    }
+
+    fn stats(&self, who: Authority) -> BoxFuture<'static, LedgerResult<Stats>> {
+        self.read(move |tx, now| reads::stats(tx, &who, now))
+    }
+
+    fn reclaim_step(
+        &self,
+        op: Operator,
+        after: i64,
+        max_parts: u32,
+        dry_run: bool,
+    ) -> BoxFuture<'static, LedgerResult<ReclaimStep>> {
+        let step = move |tx: &mut PgTx<'_>, now| {
+            reads::reclaim_step(tx, &op, after, max_parts, dry_run, now)
+        };
+        if dry_run {
+            self.read(step)
+        } else {
+            self.write(None, 0, step, |_| None)
+        }
+    }
+
+    /// `VACUUM (ANALYZE)` of capsync's tables. PostgreSQL's autovacuum does the same
+    /// on its own; this runs it now. The space of deleted rows becomes reusable by the
+    /// tables, but is rarely given back to the file system (only `VACUUM FULL` does
+    /// that, holding an exclusive lock on each table: not something to run under load).
+    fn vacuum(&self, op: Operator) -> BoxFuture<'static, LedgerResult<VacuumReport>> {
+        let allowed = self.read(move |tx, now| authority::check_operator(tx, &op, now));
+        let pool = Arc::clone(&self.pool);
+        async move {
+            allowed.await?;
+            pool.submit(None, |worker| {
+                let started = Instant::now();
+                // VACUUM cannot run in a transaction: the worker's connection, in autocommit.
+                let client = worker.connection()?.client();
+                let (bytes_before, tables) = table_sizes(client)?;
+                for table in &tables {
+                    // Names from the catalog, quoted as identifiers.
+                    let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+                    client
+                        .batch_execute(&format!("VACUUM (ANALYZE) {quoted}"))
+                        .map_err(|e| errors::storage("vacuum", &e))?;
+                }
+                let (bytes_after, _) = table_sizes(client)?;
+                Ok(VacuumReport {
+                    bytes_before,
+                    bytes_after,
+                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                })
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    /// Nothing: PostgreSQL's autovacuum and checkpointer do this engine's upkeep.
+    fn upkeep(&self, _budget: Duration) -> BoxFuture<'static, LedgerResult<()>> {
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {
+        self.changes.subscribe()
+    }
+
+    /// Written in a transaction of its own, in the background; a failure is logged.
+    fn audit(&self, event: AuditEvent) {
+        let at = self.clock.now_millis();
+        let written = self.write(None, 0, move |tx, _| tx_audit(tx, &event, at), |_| None);
+        tokio::spawn(async move {
+            if let Err(e) = written.await {
+                tracing::warn!(error = %e, "could not write an audit line");
+            }
+        });
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        self.pool.close().boxed()
+    }
+}
+
+fn tx_audit(tx: &mut PgTx<'_>, event: &AuditEvent, at: i64) -> LedgerResult<()> {
+    use crate::ledger::rules::store::LedgerTx as _;
+    tx.audit(event, at)
+}
+
+/// The total size of capsync's tables (with indexes and TOAST), and their names.
+fn table_sizes(client: &mut postgres::Client) -> LedgerResult<(u64, Vec<String>)> {
+    let rows = client
+        .query(
+            "SELECT relname::text, pg_total_relation_size(relid) FROM pg_stat_user_tables
+             WHERE schemaname = current_schema() ORDER BY relname",
+            &[],
+        )
+        .map_err(|e| errors::storage("table sizes", &e))?;
+    let mut total = 0;
+    let mut names = Vec::with_capacity(rows.len());
+    for row in &rows {
+        names.push(tx::get::<String>(row, 0)?);
+        total += tx::count(tx::get(row, 1)?);
+    }
+    Ok((total, names))
+}

@@ -1,0 +1,331 @@
+//! Worker threads, each owning one connection to PostgreSQL, that run transactions.
+//!
+//! The rules are synchronous, so transactions run on these threads, never on the RPC
+//! thread. A connection lives and dies on its worker (the synchronous client carries a
+//! small runtime of its own, which must not be dropped inside an async context). A
+//! transaction that loses a race (a serialization failure or a deadlock) runs again; a
+//! connection that breaks is dropped, and the worker opens a new one for its next work,
+//! so the server recovers by itself once PostgreSQL is back.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use postgres::{Client, IsolationLevel, NoTls};
+
+use super::errors::{Failure, classify, to_ledger};
+use super::tx::{PgTx, Statements};
+use crate::clock::Clock;
+use crate::ledger::{LedgerError, LedgerResult};
+
+/// How often a transaction that lost a race runs again before the caller is told
+/// to try again later.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// How long opening a connection may take before the work is refused as busy.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a transaction may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Access {
+    /// `READ COMMITTED`, with the rules' explicit locks.
+    Write,
+    /// `REPEATABLE READ READ ONLY`: every statement sees the same state.
+    Read,
+}
+
+/// One connection and the statements prepared on it.
+pub(super) struct Connection {
+    client: Client,
+    statements: Statements,
+}
+
+impl Connection {
+    /// Opens a connection; one that cannot be opened is `Busy` (worth a retry), and
+    /// why is logged.
+    pub(super) fn open(config: &postgres::Config) -> LedgerResult<Self> {
+        match config.connect(NoTls) {
+            Ok(client) => Ok(Self {
+                client,
+                statements: Statements::new(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to the database");
+                Err(LedgerError::Busy)
+            }
+        }
+    }
+
+    pub(super) fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// Most work waiting for a worker, in commands and in payload bytes: beyond either,
+/// new writes are refused with `QueueFull` rather than queued without end.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct QueueLimits {
+    pub commands: usize,
+    pub bytes: usize,
+}
+
+/// Work for a worker: it gets the worker's connection, if one can be opened.
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+pub(super) struct Pool {
+    /// Each worker's queue; emptied when closing.
+    workers: Mutex<Vec<mpsc::Sender<Job>>>,
+    /// The worker for the next work that needs no particular one.
+    next: AtomicUsize,
+    limits: QueueLimits,
+    /// Writes waiting or running, and their payload bytes.
+    queued: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
+    /// Closed (every sender gone) when the last worker has stopped.
+    stopped: Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
+}
+
+/// A worker thread's state: its connection, opened when first needed.
+pub(super) struct Worker {
+    config: postgres::Config,
+    connection: Option<Connection>,
+    clock: Clock,
+}
+
+impl Worker {
+    /// The worker's connection, opened (again) if it has none or it closed.
+    pub(super) fn connection(&mut self) -> LedgerResult<&mut Connection> {
+        if self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.client.is_closed())
+        {
+            self.connection = None;
+        }
+        if self.connection.is_none() {
+            self.connection = Some(Connection::open(&self.config)?);
+        }
+        Ok(self.connection.as_mut().expect("just opened"))
+    }
+
+    /// Runs `work` in one transaction and commits it; again after a lost race.
+    fn transaction<T, F>(&mut self, access: Access, work: &F) -> LedgerResult<T>
+    where
+        F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T>,
+    {
+        let clock = self.clock.clone();
+        let mut attempt = 1;
+        loop {
+            let connection = self.connection()?;
+            match attempt_once(connection, access, &clock, work) {
+                Ok(done) => return Ok(done),
+                Err((_, Some(Failure::Conflict))) if attempt < MAX_ATTEMPTS => attempt += 1,
+                Err((error, Some(Failure::Connection))) => {
+                    // Gone: the next work opens another.
+                    tracing::warn!(error = %error, "lost the database connection");
+                    self.connection = None;
+                    return Err(error);
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Starts `workers` threads, each connecting when it first gets work.
+    pub(super) fn start(
+        config: &postgres::Config,
+        workers: u32,
+        limits: QueueLimits,
+        clock: &Clock,
+    ) -> LedgerResult<Arc<Self>> {
+        let (alive, stopped) = tokio::sync::mpsc::channel::<()>(1);
+        let mut queues = Vec::new();
+        for n in 0..workers.max(1) {
+            let (jobs, queue) = mpsc::channel::<Job>();
+            let alive = alive.clone();
+            let mut worker = Worker {
+                config: config.clone(),
+                connection: None,
+                clock: clock.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("capsync-pg-{n}"))
+                .spawn(move || {
+                    let _alive = alive;
+                    // Ends once the pool closed and the queue is drained.
+                    for job in queue {
+                        job(&mut worker);
+                    }
+                })
+                .map_err(|e| {
+                    LedgerError::Storage(format!("cannot start a database worker: {e}"))
+                })?;
+            queues.push(jobs);
+        }
+        Ok(Arc::new(Self {
+            workers: Mutex::new(queues),
+            next: AtomicUsize::new(0),
+            limits,
+            queued: Arc::new(AtomicUsize::new(0)),
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            stopped: Mutex::new(Some(stopped)),
+        }))
+    }
+
+    /// Runs `work` in one transaction on a worker and resolves to its result once
+    /// committed; `after_commit` runs on the worker right after the commit, whether or
+    /// not anyone still waits. The work is queued now: dropping the future cancels nothing.
+    /// Work with the same `order` key runs on the same worker, in the order it was queued.
+    pub(super) fn run<T, F, A>(
+        &self,
+        order: Option<&str>,
+        access: Access,
+        bytes: usize,
+        work: F,
+        after_commit: A,
+    ) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
+    {
+        let admitted = match access {
+            Access::Write => match self.admit(bytes) {
+                Ok(admitted) => Some(admitted),
+                Err(e) => return futures::future::ready(Err(e)).boxed(),
+            },
+            Access::Read => None,
+        };
+        self.submit(order, move |worker| {
+            let _admitted = admitted;
+            let done = worker.transaction(access, &work)?;
+            after_commit(&done);
+            Ok(done)
+        })
+    }
+
+    /// Runs `job` on a worker, with the worker itself (for work outside a transaction):
+    /// the worker `order` names, or the next one.
+    pub(super) fn submit<T, J>(
+        &self,
+        order: Option<&str>,
+        job: J,
+    ) -> BoxFuture<'static, LedgerResult<T>>
+    where
+        T: Send + 'static,
+        J: FnOnce(&mut Worker) -> LedgerResult<T> + Send + 'static,
+    {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |worker| {
+            let _ = answer.send(job(worker));
+        });
+        let sent = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            if workers.is_empty() {
+                false
+            } else {
+                let index = match order {
+                    Some(key) => {
+                        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                        std::hash::Hash::hash(key, &mut hasher);
+                        std::hash::Hasher::finish(&hasher) as usize
+                    }
+                    None => self.next.fetch_add(1, Ordering::Relaxed),
+                } % workers.len();
+                workers[index].send(job).is_ok()
+            }
+        };
+        if !sent {
+            return futures::future::ready(Err(LedgerError::Closed)).boxed();
+        }
+        async move { answered.await.map_err(|_| LedgerError::Closed)? }.boxed()
+    }
+
+    /// Counts a write in, or refuses it when too much is already waiting.
+    fn admit(&self, bytes: usize) -> LedgerResult<Admitted> {
+        let commands = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        let total = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let admitted = Admitted {
+            queued: Arc::clone(&self.queued),
+            queued_bytes: Arc::clone(&self.queued_bytes),
+            bytes,
+        };
+        // One write alone always fits, however large.
+        if commands > self.limits.commands || (commands > 1 && total > self.limits.bytes) {
+            return Err(LedgerError::QueueFull);
+        }
+        Ok(admitted)
+    }
+
+    /// Takes no more work from now on; the returned future resolves once the workers
+    /// have finished what was queued and stopped (closing their connections).
+    pub(super) fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        let stopped = self
+            .stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        async move {
+            if let Some(mut stopped) = stopped {
+                // `None` once every worker dropped its sender.
+                stopped.recv().await;
+            }
+        }
+    }
+}
+
+/// A write counted in the queue until it finishes.
+struct Admitted {
+    queued: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Runs `work` once in a transaction and commits it. On failure: the error, and what
+/// the failed statement said about the transaction and the connection.
+fn attempt_once<T, F>(
+    connection: &mut Connection,
+    access: Access,
+    clock: &Clock,
+    work: &F,
+) -> Result<T, (LedgerError, Option<Failure>)>
+where
+    F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T>,
+{
+    let failed = |e: postgres::Error| (to_ledger(&e), Some(classify(&e)));
+    let (isolation, read_only) = match access {
+        Access::Write => (IsolationLevel::ReadCommitted, false),
+        Access::Read => (IsolationLevel::RepeatableRead, true),
+    };
+    let tx = connection
+        .client
+        .build_transaction()
+        .isolation_level(isolation)
+        .read_only(read_only)
+        .start()
+        .map_err(failed)?;
+    let mut pg = PgTx::new(tx, &mut connection.statements);
+    match work(&mut pg, clock.now_millis()) {
+        Ok(done) => {
+            pg.into_transaction().commit().map_err(failed)?;
+            Ok(done)
+        }
+        // Dropping the transaction rolls it back.
+        Err(error) => Err((error, pg.failure())),
+    }
+}
