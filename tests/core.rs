@@ -10,9 +10,17 @@ use capsync_tests::{
 };
 use serde_json::json;
 
-#[test]
-fn append_then_resend_the_same_batch_changes_nothing() {
-    let server = TestServer::start();
+capsync_tests::on_each_engine!(
+    append_then_resend_the_same_batch_changes_nothing,
+    a_batch_whose_connection_dropped_after_sending_applies_once_when_resent,
+    depends_on_orders_ops_and_missing_dependencies_are_retryable,
+    expected_cursor_mismatch_refuses_the_whole_batch,
+    concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once,
+    restart_keeps_tokens_and_the_cursor_continues,
+    record_semantics_delta_diffs_and_terminal_messages,
+);
+
+fn append_then_resend_the_same_batch_changes_nothing(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -47,9 +55,7 @@ fn append_then_resend_the_same_batch_changes_nothing() {
     });
 }
 
-#[test]
-fn a_batch_whose_connection_dropped_after_sending_applies_once_when_resent() {
-    let server = TestServer::start();
+fn a_batch_whose_connection_dropped_after_sending_applies_once_when_resent(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -94,9 +100,7 @@ fn a_batch_whose_connection_dropped_after_sending_applies_once_when_resent() {
     });
 }
 
-#[test]
-fn depends_on_orders_ops_and_missing_dependencies_are_retryable() {
-    let server = TestServer::start();
+fn depends_on_orders_ops_and_missing_dependencies_are_retryable(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -145,9 +149,7 @@ fn depends_on_orders_ops_and_missing_dependencies_are_retryable() {
     });
 }
 
-#[test]
-fn expected_cursor_mismatch_refuses_the_whole_batch() {
-    let server = TestServer::start();
+fn expected_cursor_mismatch_refuses_the_whole_batch(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -173,12 +175,10 @@ fn expected_cursor_mismatch_refuses_the_whole_batch() {
     });
 }
 
-#[test]
-fn concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once() {
+fn concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once(server: TestServer) {
     const WRITERS: usize = 8;
     const BATCHES: usize = 25;
     const OPS: usize = 4;
-    let server = TestServer::start();
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -260,9 +260,7 @@ fn concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once()
     });
 }
 
-#[test]
-fn restart_keeps_tokens_and_the_cursor_continues() {
-    let mut server = TestServer::start();
+fn restart_keeps_tokens_and_the_cursor_continues(mut server: TestServer) {
     let (writer_token, viewer_token) = run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -312,9 +310,7 @@ fn restart_keeps_tokens_and_the_cursor_continues() {
     });
 }
 
-#[test]
-fn record_semantics_delta_diffs_and_terminal_messages() {
-    let server = TestServer::start();
+fn record_semantics_delta_diffs_and_terminal_messages(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;

@@ -4,16 +4,17 @@
 
 use capsync_client::{ClientError, ErrorCode};
 use capsync_tests::{
-    TestServer, admin, agent, batch, capsync, json_of, run_local, session_ops, share, text_part_op,
+    Engine, TestServer, admin, agent, batch, capsync, json_of, run_local, session_ops, share,
+    text_part_op,
 };
 
 fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> Option<ErrorCode> {
     result.expect_err("expected a failure").code()
 }
 
-#[test]
-fn an_archived_share_is_hidden_read_only_and_viewable_until_unarchived() {
-    let server = TestServer::start();
+capsync_tests::on_each_engine!(an_archived_share_is_hidden_read_only_and_viewable_until_unarchived);
+
+fn an_archived_share_is_hidden_read_only_and_viewable_until_unarchived(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -73,7 +74,23 @@ fn an_archived_share_is_hidden_read_only_and_viewable_until_unarchived() {
         assert_eq!((stats.root_shares, stats.child_shares), (2, 0));
         assert_eq!(stats.archived_shares, 1);
         assert_eq!((stats.messages, stats.parts, stats.ledger_ops), (1, 2, 4));
-        assert!(stats.ledger_payload_bytes > 0 && stats.db_file_bytes > 0);
+        assert!(stats.ledger_payload_bytes > 0);
+        match server.engine() {
+            Engine::Sqlite => {
+                assert_eq!(stats.engine, "sqlite");
+                assert!(stats.db_file_bytes > 0);
+            }
+            Engine::Postgres => {
+                assert_eq!(stats.engine, "postgres");
+                assert!(stats.database_bytes > 0 && stats.db_file_bytes == 0);
+                let parts = stats.tables.iter().find(|t| t.name == "parts");
+                assert!(
+                    parts.is_some_and(|t| t.total_bytes > 0),
+                    "{:?}",
+                    stats.tables
+                );
+            }
+        }
 
         assert_eq!(
             code(admin.archive_share("sh_missing").await),

@@ -124,9 +124,13 @@ fn assert_same_as_log(ops: &[LoggedOp], log: &[LoggedOp]) {
     assert_eq!(ops, &log[first - 1..first - 1 + ops.len()]);
 }
 
-#[test]
-fn backlog_then_live_arrives_in_cursor_order_with_no_gap_or_repeat() {
-    let server = TestServer::start();
+capsync_tests::on_each_engine!(
+    backlog_then_live_arrives_in_cursor_order_with_no_gap_or_repeat,
+    a_viewer_that_resumes_from_its_last_cursor_gets_exactly_the_ops_it_missed,
+    a_snapshot_at_c_then_subscribe_c_rebuilds_exactly_the_writers_state,
+);
+
+fn backlog_then_live_arrives_in_cursor_order_with_no_gap_or_repeat(server: TestServer) {
     run_local(async {
         let (_conn, created) = setup(&server, "ses_live").await;
         // A backlog of more than one page (the server sends 256 ops per call).
@@ -146,9 +150,7 @@ fn backlog_then_live_arrives_in_cursor_order_with_no_gap_or_repeat() {
     });
 }
 
-#[test]
-fn a_viewer_that_resumes_from_its_last_cursor_gets_exactly_the_ops_it_missed() {
-    let server = TestServer::start();
+fn a_viewer_that_resumes_from_its_last_cursor_gets_exactly_the_ops_it_missed(server: TestServer) {
     run_local(async {
         let (_conn, created) = setup(&server, "ses_resume").await;
         append_parts(&created, "ses_resume", 0, 5, 10).await;
@@ -408,9 +410,7 @@ fn revoking_viewers_ends_their_subscriptions_at_once_with_revoked() {
     });
 }
 
-#[test]
-fn a_snapshot_at_c_then_subscribe_c_rebuilds_exactly_the_writers_state() {
-    let server = TestServer::start();
+fn a_snapshot_at_c_then_subscribe_c_rebuilds_exactly_the_writers_state(server: TestServer) {
     run_local(async {
         let (_conn, created) = {
             let (conn, admin) = admin(&server).await;

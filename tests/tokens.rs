@@ -12,9 +12,14 @@ fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> Option<ErrorCode>
     result.expect_err("expected a failure").code()
 }
 
-#[test]
-fn revoking_writers_stops_old_capabilities_and_tokens_on_every_connection() {
-    let server = TestServer::start();
+capsync_tests::on_each_engine!(
+    revoking_writers_stops_old_capabilities_and_tokens_on_every_connection,
+    revoking_viewers_leaves_writers_working,
+    agents_see_and_revoke_only_their_own_shares,
+    admin_revokes_tokens_and_deletes_shares,
+);
+
+fn revoking_writers_stops_old_capabilities_and_tokens_on_every_connection(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -80,9 +85,7 @@ fn revoking_writers_stops_old_capabilities_and_tokens_on_every_connection() {
     });
 }
 
-#[test]
-fn revoking_viewers_leaves_writers_working() {
-    let server = TestServer::start();
+fn revoking_viewers_leaves_writers_working(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, _) = agent(&conn, &admin).await;
@@ -331,9 +334,7 @@ fn failed_redeems_are_limited_by_what_they_cost_not_by_address_alone() {
     });
 }
 
-#[test]
-fn agents_see_and_revoke_only_their_own_shares() {
-    let server = TestServer::start();
+fn agents_see_and_revoke_only_their_own_shares(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (alice, _) = agent(&conn, &admin).await;
@@ -385,9 +386,7 @@ fn agents_see_and_revoke_only_their_own_shares() {
     });
 }
 
-#[test]
-fn admin_revokes_tokens_and_deletes_shares() {
-    let server = TestServer::start();
+fn admin_revokes_tokens_and_deletes_shares(server: TestServer) {
     run_local(async {
         let (conn, admin) = admin(&server).await;
         let (agent, agent_token) = agent(&conn, &admin).await;

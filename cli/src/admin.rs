@@ -257,27 +257,50 @@ async fn run_with(
     Ok(())
 }
 
-/// The stats as a two-column table, for people.
+/// The stats as a two-column table, for people: the engine's own numbers, then the counts.
 pub fn stats_text(s: &Stats) -> String {
-    let rows: [(&str, String); 15] = [
-        ("database file", bytes(s.db_file_bytes)),
-        ("wal file", bytes(s.wal_file_bytes)),
-        ("page size", bytes(s.page_size)),
-        ("pages", s.page_count.to_string()),
-        ("free pages", s.free_pages.to_string()),
-        ("reclaimable", bytes(s.reclaimable_bytes)),
-        ("root shares", s.root_shares.to_string()),
-        ("child shares", s.child_shares.to_string()),
-        ("archived shares", s.archived_shares.to_string()),
-        ("messages", s.messages.to_string()),
-        ("parts", s.parts.to_string()),
-        ("ledger ops", s.ledger_ops.to_string()),
-        ("ledger payload", bytes(s.ledger_payload_bytes)),
-        ("compacted ops", s.compacted_ops.to_string()),
-        ("reclaimable output", bytes(s.reclaimable_output_bytes)),
-    ];
+    let mut rows: Vec<(String, String)> = Vec::new();
+    if s.engine == "postgres" {
+        rows.push(("engine".into(), "PostgreSQL".into()));
+        rows.push(("database".into(), bytes(s.database_bytes)));
+        for table in &s.tables {
+            rows.push((
+                format!("table {}", table.name),
+                format!(
+                    "{} ({} rows, {} dead)",
+                    bytes(table.total_bytes),
+                    table.live_rows,
+                    table.dead_rows
+                ),
+            ));
+        }
+    } else {
+        rows.extend([
+            ("database file".into(), bytes(s.db_file_bytes)),
+            ("wal file".into(), bytes(s.wal_file_bytes)),
+            ("page size".into(), bytes(s.page_size)),
+            ("pages".into(), s.page_count.to_string()),
+            ("free pages".into(), s.free_pages.to_string()),
+            ("reclaimable".into(), bytes(s.reclaimable_bytes)),
+        ]);
+    }
+    rows.extend([
+        ("root shares".into(), s.root_shares.to_string()),
+        ("child shares".into(), s.child_shares.to_string()),
+        ("archived shares".into(), s.archived_shares.to_string()),
+        ("messages".into(), s.messages.to_string()),
+        ("parts".into(), s.parts.to_string()),
+        ("ledger ops".into(), s.ledger_ops.to_string()),
+        ("ledger payload".into(), bytes(s.ledger_payload_bytes)),
+        ("compacted ops".into(), s.compacted_ops.to_string()),
+        (
+            "reclaimable output".into(),
+            bytes(s.reclaimable_output_bytes),
+        ),
+    ]);
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     rows.iter()
-        .map(|(name, value)| format!("{name:<18} {value}"))
+        .map(|(name, value)| format!("{name:<width$} {value}"))
         .collect::<Vec<_>>()
         .join("\n")
 }

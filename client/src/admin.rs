@@ -151,10 +151,7 @@ impl AdminClient {
     /// Sizes and counts of the server's whole store.
     pub async fn stats(&self) -> Result<Stats, ClientError> {
         let response = self.cap.stats_request().send().promise.await?;
-        Ok(wire::stats(ok_or_fail!(
-            stats_result,
-            response.get()?.get_result()?
-        )))
+        wire::stats(ok_or_fail!(stats_result, response.get()?.get_result()?))
     }
 
     /// Deletes root shares inactive for longer than `options.older_than` (see

@@ -99,7 +99,7 @@ pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_sy
 pub use types::{
     CompactReport, MintedToken, ProgressUpdate, PruneOptions, PruneReason, PruneReport,
     PruneTotals, PrunedShare, ReclaimReport, Scope, ShareInfo, ShareList, ShareState, Stats,
-    VacuumReport,
+    TableStats, VacuumReport,
 };
 pub use viewer::{
     LoggedOp, OpsPage, Presence, Record, RecordKind, Snapshot, SnapshotPage, ViewerClient,

@@ -70,6 +70,27 @@ pub struct Stats {
     /// Output and attachments still stored in tool parts marked compacted: what
     /// `reclaim` would clear.
     pub reclaimable_output_bytes: u64,
+    /// `sqlite` or `postgres`: the five file and page fields above are SQLite's;
+    /// `database_bytes` and `tables` are PostgreSQL's.
+    pub engine: String,
+    /// PostgreSQL: the whole database (other schemas included).
+    pub database_bytes: u64,
+    /// PostgreSQL: capsync's tables, by name.
+    pub tables: Vec<TableStats>,
+}
+
+/// One of capsync's tables in PostgreSQL (`TableStats` in the schema).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TableStats {
+    pub name: String,
+    /// With its indexes and TOAST data.
+    pub total_bytes: u64,
+    pub index_bytes: u64,
+    /// PostgreSQL's estimates.
+    pub live_rows: u64,
+    /// Deleted or updated rows autovacuum has not cleaned yet.
+    pub dead_rows: u64,
 }
 
 /// How long a root must be inactive before a prune takes it, unless told otherwise: 30 days.

@@ -86,8 +86,20 @@ pub(crate) fn share_info(r: share_info::Reader<'_>) -> Result<ShareInfo, ClientE
     })
 }
 
-pub(crate) fn stats(r: capsync_shared::capsync_capnp::stats::Reader<'_>) -> crate::types::Stats {
-    crate::types::Stats {
+pub(crate) fn stats(
+    r: capsync_shared::capsync_capnp::stats::Reader<'_>,
+) -> Result<crate::types::Stats, ClientError> {
+    let mut tables = Vec::new();
+    for table in r.get_tables()? {
+        tables.push(crate::types::TableStats {
+            name: text(table.get_name())?,
+            total_bytes: table.get_total_bytes(),
+            index_bytes: table.get_index_bytes(),
+            live_rows: table.get_live_rows(),
+            dead_rows: table.get_dead_rows(),
+        });
+    }
+    Ok(crate::types::Stats {
         db_file_bytes: r.get_db_file_bytes(),
         wal_file_bytes: r.get_wal_file_bytes(),
         page_size: r.get_page_size(),
@@ -103,7 +115,10 @@ pub(crate) fn stats(r: capsync_shared::capsync_capnp::stats::Reader<'_>) -> crat
         ledger_payload_bytes: r.get_ledger_payload_bytes(),
         compacted_ops: r.get_compacted_ops(),
         reclaimable_output_bytes: r.get_reclaimable_output_bytes(),
-    }
+        engine: text(r.get_engine())?,
+        database_bytes: r.get_database_bytes(),
+        tables,
+    })
 }
 
 pub(crate) fn minted_token(r: minted_token::Reader<'_>) -> Result<MintedToken, ClientError> {

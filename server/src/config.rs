@@ -58,6 +58,43 @@ pub const DEFAULT_LIFECYCLE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HOUSEKEEPING_BUDGET: Duration = Duration::from_millis(20);
 
+/// Connections to PostgreSQL per server process, by default.
+pub const DEFAULT_DATABASE_CONNECTIONS: u32 = 16;
+
+/// A `postgres://` URL. It may hold a password, so it prints as its scheme only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, for connecting; never for a log line.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self(url.to_owned()))
+        } else {
+            Err("expected a postgres:// URL (leave --database unset for SQLite in the data directory)".to_owned())
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("postgres://…")
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("postgres://…")
+    }
+}
+
 /// Settings of one server. `Config::default()` equals running `serve` with no flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
@@ -68,6 +105,18 @@ pub struct Config {
     /// Directory for the database and the admin token file; created if missing.
     #[arg(long, env = "CAPSYNC_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+
+    /// Where the ledger is: unset for the embedded SQLite file in the data directory,
+    /// or a `postgres://user:password@host:port/database` URL for PostgreSQL, which
+    /// several server processes can share (settings such as `sslmode` and
+    /// `options=-csearch_path=…` as query parameters). Never logged.
+    #[arg(long, env = "CAPSYNC_DATABASE", value_name = "URL")]
+    pub database: Option<DatabaseUrl>,
+
+    /// Most connections this process opens to PostgreSQL at once (each serves one
+    /// transaction at a time; writes to one share keep to one connection, in order).
+    #[arg(long, env = "CAPSYNC_DATABASE_CONNECTIONS", default_value_t = DEFAULT_DATABASE_CONNECTIONS)]
+    pub database_connections: u32,
 
     /// When an ack may be sent. `full`: after the commit is on disk (survives power
     /// loss). `normal`: survives a crash of capsync, but the last commits can be
@@ -411,6 +460,8 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            database: None,
+            database_connections: DEFAULT_DATABASE_CONNECTIONS,
             durability: DurabilityArg::Full,
             max_ops_per_batch: DEFAULT_MAX_OPS_PER_BATCH,
             max_op_bytes: DEFAULT_MAX_OP_BYTES,

@@ -20,6 +20,7 @@ use tracing::{Level, debug, info, warn};
 use crate::config::Config;
 use crate::data_dir::DataDirLock;
 use crate::http::{AppState, BUSY_RESPONSE, HttpGateway, HttpSettings};
+use crate::ledger::postgres::PostgresOptions;
 use crate::ledger::sqlite::SqliteOptions;
 use crate::ledger::{self, Ledger};
 use crate::lifecycle::{self, Schedule};
@@ -35,8 +36,25 @@ use crate::{StartError, admin_token};
 /// How long shutdown waits for each connection to close cleanly.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens the embedded ledger in `config.data_dir`, counting its refusals in `metrics`.
+/// Opens the ledger `config.database` names: PostgreSQL for a URL, else the embedded
+/// SQLite file in `config.data_dir`, counting its refusals in `metrics`.
 pub fn open_ledger(config: &Config, metrics: &Metrics) -> Result<Ledger, StartError> {
+    let Some(url) = &config.database else {
+        return open_sqlite(config, metrics);
+    };
+    let options = PostgresOptions {
+        connections: config.database_connections.max(1),
+        reclaim_compacted: config.reclaim,
+        write_queue: config.write_queue,
+        write_queue_bytes: config.write_queue_bytes,
+        clock: config.clock.clone(),
+        ..PostgresOptions::new(url.expose()).map_err(StartError::Ledger)?
+    };
+    info!(?options, "opening the PostgreSQL ledger");
+    ledger::postgres::open(options).map_err(StartError::Ledger)
+}
+
+fn open_sqlite(config: &Config, metrics: &Metrics) -> Result<Ledger, StartError> {
     ledger::sqlite::open(SqliteOptions {
         path: config.database_path(),
         durability: config.durability.into(),

@@ -20,6 +20,9 @@ use capsync_server::{Config, ServerHandle};
 pub struct TestServer {
     handle: Option<ServerHandle>,
     config: Config,
+    /// Where the ledger is, when not the SQLite file in the data directory; dropped
+    /// (with its schema) after the server stopped: field order.
+    schema: Option<postgres::TestSchema>,
     /// The RPC address, kept across [`TestServer::restart`], so clients that know
     /// only the address (a syncer, a shipper) find the server again.
     addr: SocketAddr,
@@ -36,19 +39,73 @@ impl TestServer {
 
     /// A server whose config `adjust` may change (limits, durability, …).
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on_with(Engine::Sqlite, adjust).expect("SQLite is always there")
+    }
+
+    /// A server keeping its ledger on `engine`, or `None` (having said that it
+    /// skipped) when that engine is not available here.
+    pub fn start_on(engine: Engine) -> Option<Self> {
+        Self::start_on_with(engine, |_| {})
+    }
+
+    /// [`TestServer::start_on`] with a config `adjust` may change.
+    pub fn start_on_with(engine: Engine, adjust: impl FnOnce(&mut Config)) -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::for_tests(dir.path().join("data"));
         // The system's time, which a test may shift (see `ago`).
         config.clock = Clock::shifted();
+        let schema = match engine {
+            Engine::Sqlite => None,
+            Engine::Postgres => {
+                let schema = postgres::TestSchema::create(&postgres::url_or_skip()?);
+                config.database = Some(schema.server_url().parse().expect("a postgres:// URL"));
+                config.database_connections = 4;
+                Some(schema)
+            }
+        };
         adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let handle = capsync_server::spawn(listener, config.clone()).expect("server starts");
+        Some(Self {
+            handle: Some(handle),
+            config,
+            schema,
+            addr,
+            dir,
+        })
+    }
+
+    /// A second server process on the same PostgreSQL schema as this one (another
+    /// node of one deployment), with a data directory of its own.
+    pub fn another_node(&self) -> Self {
+        let database = self
+            .config
+            .database
+            .clone()
+            .expect("another node needs a server on PostgreSQL");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = self.config.clone();
+        config.data_dir = dir.path().join("data");
+        config.database = Some(database);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let handle = capsync_server::spawn(listener, config.clone()).expect("server starts");
         Self {
             handle: Some(handle),
             config,
+            schema: None,
             addr,
             dir,
+        }
+    }
+
+    /// Which engine keeps this server's ledger.
+    pub fn engine(&self) -> Engine {
+        if self.config.database.is_some() {
+            Engine::Postgres
+        } else {
+            Engine::Sqlite
         }
     }
 
@@ -159,6 +216,40 @@ impl Drop for TestServer {
     }
 }
 
+/// The storage engines a test server can keep its ledger on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The embedded default: a file in the data directory.
+    Sqlite,
+    /// The database at `CAPSYNC_TEST_POSTGRES`, a schema per server.
+    Postgres,
+}
+
+/// Runs a story on each engine: for each `story(server: TestServer)` named, a module of
+/// the same name with the tests `sqlite` and `postgres`, each calling the story with a
+/// fresh [`TestServer`] on that engine (the PostgreSQL one says that it skipped when
+/// there is no database).
+#[macro_export]
+macro_rules! on_each_engine {
+    ($($story:ident),* $(,)?) => {
+        $(
+            mod $story {
+                #[test]
+                fn sqlite() {
+                    super::$story($crate::TestServer::start());
+                }
+
+                #[test]
+                fn postgres() {
+                    if let Some(server) = $crate::TestServer::start_on($crate::Engine::Postgres) {
+                        super::$story(server);
+                    }
+                }
+            }
+        )*
+    };
+}
+
 /// Runs an async test body on a current-thread runtime inside a `LocalSet`,
 /// as the capnp-rpc client requires.
 pub fn run_local<F: std::future::Future>(body: F) -> F::Output {
@@ -253,6 +344,26 @@ pub async fn ago<T>(
     let out = work.await;
     server.clock().advance(age);
     out
+}
+
+impl TestServer {
+    /// The `detail` of the audit lines of `action` on `share_id`, in the order written,
+    /// read from the server's database whatever the engine.
+    pub fn audit_details(&self, action: &str, share_id: &str) -> Vec<String> {
+        let sql = "SELECT detail FROM audit WHERE action = $1 AND share_id = $2 ORDER BY id";
+        match &self.schema {
+            Some(schema) => schema.query_strings(sql, &[action, share_id]),
+            None => {
+                let db = rusqlite::Connection::open(self.database_path()).expect("open database");
+                let mut statement = db.prepare(&sql.replace('$', "?")).unwrap();
+                statement
+                    .query_map([action, share_id], |row| row.get::<_, String>(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            }
+        }
+    }
 }
 
 /// Rows of `table` whose `share_id` is `share_id`, read from the database file.
@@ -386,5 +497,6 @@ pub async fn viewer_of(conn: &Connection, created: &CreatedShare) -> ViewerClien
 pub mod fake_llm;
 pub mod model;
 pub mod opencode;
+pub mod postgres;
 pub mod proxy;
 pub mod workload;
