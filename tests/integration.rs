@@ -24,6 +24,8 @@ mod core_flow;
 mod faults;
 #[path = "lifecycle.rs"]
 mod lifecycle;
+#[path = "nodes.rs"]
+mod nodes;
 #[path = "opencode.rs"]
 mod opencode;
 #[path = "parity.rs"]

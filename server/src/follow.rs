@@ -72,7 +72,8 @@ impl Follower {
     }
 
     /// Returns once something may have changed for this share: a commit to it,
-    /// a token revocation, missed announcements, or the periodic recheck.
+    /// a token revocation, missed announcements (here or on the database's
+    /// notification channel), or the periodic recheck.
     async fn wait_for_change(&mut self) -> LedgerResult<()> {
         let share = self.auth.share.as_ref().map(|(id, _)| id.clone());
         let wait = async {
@@ -80,7 +81,9 @@ impl Follower {
                 match self.changes.recv().await {
                     Ok(Changed::Share(id)) if Some(&id) == share.as_ref() => return Ok(()),
                     Ok(Changed::Share(_)) => continue,
-                    Ok(Changed::Tokens) | Err(RecvError::Lagged(_)) => return Ok(()),
+                    Ok(Changed::Tokens | Changed::Missed) | Err(RecvError::Lagged(_)) => {
+                        return Ok(());
+                    }
                     Err(RecvError::Closed) => return Err(LedgerError::Closed),
                 }
             }

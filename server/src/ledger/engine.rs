@@ -33,7 +33,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Runs `work` in a write transaction holding `bytes` of payload while it waits;
     /// once committed, announces what `change` says changed, whether or not the caller
-    /// still waits. Writes naming the same share in `order` run in the order they were
+    /// still waits (`change` is asked once per commit; PostgreSQL also asks it inside
+    /// the transaction, to notify the other nodes). Writes naming the same share in `order` run in the order they were
     /// called (a client's pipelined batches apply in the order it sent them).
     fn write<T, F, C>(
         &self,
@@ -45,7 +46,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     where
         T: Send + 'static,
         F: for<'t> Fn(&mut Self::Tx<'t>, i64) -> LedgerResult<T> + Send + 'static,
-        C: FnOnce(&T) -> Option<Changed> + Send + 'static;
+        C: Fn(&T) -> Option<Changed> + Send + Sync + 'static;
 
     /// Runs `work` in one read-only transaction that sees one state of the store.
     fn read<T, F>(&self, work: F) -> BoxFuture<'static, LedgerResult<T>>
@@ -209,7 +210,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
                     .results
                     .iter()
                     .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
-                share.filter(|_| applied).map(Changed::Share)
+                share.clone().filter(|_| applied).map(Changed::Share)
             },
         )
     }
@@ -267,7 +268,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
             Some(&order),
             0,
             move |tx, now| rules::shares::revoke(tx, &who, &share_id, scope, now),
-            move |_| Some(changed),
+            move |_| Some(changed.clone()),
         )
     }
 
@@ -334,7 +335,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
             move |tx, now| {
                 rules::prune::delete_step(tx, &op, &share_id, expect_cursor, max_rows, now)
             },
-            move |step| (*step != DeleteStep::Changed).then_some(changed),
+            move |step| (*step != DeleteStep::Changed).then(|| changed.clone()),
         )
     }
 

@@ -257,6 +257,9 @@ pub enum Changed {
     Share(ShareId),
     /// A token was revoked: any share's subscribers may be affected.
     Tokens,
+    /// Announcements may have been lost (a node's listener reconnected to the
+    /// database): every subscriber checks again.
+    Missed,
 }
 
 /// What a storage engine implements. Each method does its whole work in one

@@ -8,10 +8,13 @@
 //!   over a PostgreSQL transaction, with the row and advisory locks that stand in for
 //!   SQLite's single writer.
 //! - [`reads`]: token lookup, `stats`, and the reclaim pass.
+//! - [`notify`]: changes across nodes (NOTIFY in the committing transaction, one
+//!   LISTEN per node).
 //!
 //! The rules themselves are the engine-neutral ones ([`crate::ledger::rules`]).
 
 mod errors;
+mod notify;
 mod pool;
 mod reads;
 mod schema;
@@ -109,6 +112,10 @@ pub(crate) struct PostgresEngine {
     pool: Arc<Pool>,
     /// Announces committed changes to live subscribers of this node.
     changes: tokio::sync::broadcast::Sender<Changed>,
+    /// Where commits tell the other nodes, and whose notifications the listener skips.
+    channel: notify::Channel,
+    /// Hears the other nodes' commits; stops when the engine is dropped.
+    _listener: notify::Listener,
     clock: Clock,
 }
 
@@ -117,13 +124,17 @@ impl PostgresEngine {
         // The synchronous client runs a small runtime of its own: connect and migrate on
         // a thread of their own, whatever context the caller is in.
         let config = options.config.clone();
-        std::thread::scope(|scope| {
+        let schema_name = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     let mut client = config.connect(postgres::NoTls).map_err(|e| {
                         LedgerError::Storage(format!("cannot connect to PostgreSQL: {e}"))
                     })?;
-                    schema::migrate(&mut client)
+                    schema::migrate(&mut client)?;
+                    let row = client
+                        .query_one("SELECT current_schema()::text", &[])
+                        .map_err(|e| errors::storage("current schema", &e))?;
+                    tx::get::<String>(&row, 0)
                 })
                 .join()
                 .map_err(|_| LedgerError::Storage("the migration thread panicked".to_owned()))?
@@ -135,9 +146,14 @@ impl PostgresEngine {
         let pool = Pool::start(&options.config, options.connections, limits, &options.clock)?;
         // Subscribers that fall this far behind get `Lagged` and recheck everything.
         let (changes, _) = tokio::sync::broadcast::channel(1024);
+        let channel = notify::Channel::new(&schema_name, hex::encode(rand::random::<[u8; 8]>()));
+        let listener = notify::Listener::start(options.config, channel.clone(), changes.clone())
+            .map_err(|e| LedgerError::Storage(format!("cannot start the change listener: {e}")))?;
         Ok(Self {
             pool,
             changes,
+            channel,
+            _listener: listener,
             clock: options.clock,
         })
     }
@@ -146,7 +162,9 @@ impl PostgresEngine {
 impl Engine for PostgresEngine {
     type Tx<'t> = PgTx<'t>;
 
-    /// Writes to one share run on one worker, in call order.
+    /// Writes to one share run on one worker, in call order. What a write changed is
+    /// notified inside its transaction (the other nodes hear it once it commits) and
+    /// announced on this node right after the commit.
     fn write<T, F, C>(
         &self,
         order: Option<&ShareId>,
@@ -157,12 +175,23 @@ impl Engine for PostgresEngine {
     where
         T: Send + 'static,
         F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
-        C: FnOnce(&T) -> Option<Changed> + Send + 'static,
+        C: Fn(&T) -> Option<Changed> + Send + Sync + 'static,
     {
+        let change = Arc::new(change);
+        let notified = {
+            let (change, channel) = (Arc::clone(&change), self.channel.clone());
+            move |tx: &mut PgTx<'_>, now| {
+                let done = work(tx, now)?;
+                if let Some(changed) = change(&done) {
+                    channel.notify(tx, &changed)?;
+                }
+                Ok(done)
+            }
+        };
         let changes = self.changes.clone();
         let order = order.map(ShareId::as_str);
         self.pool
-            .run(order, Access::Write, bytes, work, move |done: &T| {
+            .run(order, Access::Write, bytes, notified, move |done: &T| {
                 if let Some(changed) = change(done) {
                     // No receivers is fine: nobody is subscribed.
                     let _ = changes.send(changed);

@@ -295,7 +295,7 @@ impl Engine for SqliteEngine {
     where
         T: Send + 'static,
         F: for<'t> Fn(&mut SqliteTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
-        C: FnOnce(&T) -> Option<Changed> + Send + 'static,
+        C: Fn(&T) -> Option<Changed> + Send + Sync + 'static,
     {
         let changes = self.changes.clone();
         let announce = Box::new(move |done: &T| {

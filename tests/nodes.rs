@@ -1,0 +1,164 @@
+//! Several server processes on one PostgreSQL database: what one node commits, the
+//! others see at once (live followers, revocations), and writers on different nodes
+//! share one gap-free cursor. Each test skips without a PostgreSQL
+//! (`CAPSYNC_TEST_POSTGRES`; `REQUIRE_POSTGRES=1` makes that a failure).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use capsync_client::{
+    Connection, CreatedShare, ErrorCode, LiveEvent, LiveOps, LoggedOp, OpOutcome, Scope,
+};
+use capsync_tests::{Engine, TestServer, agent, batch, run_local, share, text_part_op};
+
+/// Upper bound on any single wait; far above what a healthy run takes.
+const GUARD: Duration = Duration::from_secs(30);
+
+/// Two nodes on one fresh schema; followers recheck only every hour, so whatever
+/// reaches them in time came through the database's notifications.
+fn two_nodes() -> Option<(TestServer, TestServer)> {
+    let first = TestServer::start_on_with(Engine::Postgres, |config| {
+        config.follow_recheck = Duration::from_secs(3600);
+    })?;
+    let second = first.another_node();
+    Some((first, second))
+}
+
+/// A connection to `node` holding the deployment's admin token (the first node wrote it).
+async fn admin_on(node: &TestServer, token: &str) -> (Connection, capsync_client::AdminClient) {
+    let conn = capsync_client::connect(node.addr()).await.unwrap();
+    let admin = conn.redeem(token).await.unwrap().into_admin().unwrap();
+    (conn, admin)
+}
+
+async fn next_ops(live: &mut LiveOps) -> Vec<LoggedOp> {
+    match tokio::time::timeout(GUARD, live.next()).await {
+        Ok(Some(LiveEvent::Ops(ops))) => ops,
+        other => panic!("expected ops, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_append_on_one_node_reaches_a_follower_on_another_live() {
+    let Some((a, b)) = two_nodes() else {
+        return;
+    };
+    run_local(async {
+        let (conn_a, admin_a) = admin_on(&a, &a.admin_token()).await;
+        let (agent_a, _) = agent(&conn_a, &admin_a).await;
+        let created = share(&agent_a, "ses_nodes").await;
+        let (_conn_b, _) = admin_on(&b, &a.admin_token()).await;
+        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
+        let viewer_b = conn_b
+            .redeem(&created.viewer_token.token)
+            .await
+            .unwrap()
+            .into_viewer()
+            .unwrap();
+        let mut live = viewer_b.subscribe(0).await.unwrap();
+        for round in 1..=3u64 {
+            let ack = created
+                .writer
+                .append(&batch(
+                    &format!("b{round}"),
+                    vec![text_part_op("ses_nodes", "msg_1", &format!("prt_{round}"))],
+                ))
+                .await
+                .unwrap();
+            assert_eq!(ack.cursor, round);
+            let ops = next_ops(&mut live).await;
+            assert_eq!(ops.last().map(|op| op.cursor.0), Some(round));
+        }
+    });
+}
+
+#[test]
+fn revoking_writers_on_one_node_stops_a_live_writer_on_another_at_its_next_call() {
+    let Some((a, b)) = two_nodes() else {
+        return;
+    };
+    run_local(async {
+        let (conn_a, admin_a) = admin_on(&a, &a.admin_token()).await;
+        let (agent_a, agent_token) = agent(&conn_a, &admin_a).await;
+        let created: CreatedShare = share(&agent_a, "ses_revoke").await;
+        let append = |id: &str| {
+            batch(
+                id,
+                vec![text_part_op("ses_revoke", "msg_1", &format!("prt_{id}"))],
+            )
+        };
+        created.writer.append(&append("before")).await.unwrap();
+
+        // The share's owner revokes its writers through the other node.
+        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
+        let agent_b = conn_b
+            .redeem(&agent_token)
+            .await
+            .unwrap()
+            .into_agent()
+            .unwrap();
+        agent_b
+            .revoke_share(&created.info.state.share_id, Scope::Writers)
+            .await
+            .unwrap();
+
+        let refused = created.writer.append(&append("after")).await;
+        assert_eq!(
+            refused.expect_err("revoked").code(),
+            Some(ErrorCode::Revoked)
+        );
+    });
+}
+
+#[test]
+fn writers_on_two_nodes_share_one_gap_free_cursor_and_apply_each_op_once() {
+    const BATCHES: usize = 40;
+    let Some((a, b)) = two_nodes() else {
+        return;
+    };
+    run_local(async {
+        let (conn_a, admin_a) = admin_on(&a, &a.admin_token()).await;
+        let (agent_a, _) = agent(&conn_a, &admin_a).await;
+        let created = share(&agent_a, "ses_both").await;
+        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
+        let writer_b = conn_b
+            .redeem(&created.writer_token.token)
+            .await
+            .unwrap()
+            .into_writer()
+            .unwrap();
+        // Each op is sent through both nodes at once: one applies it, the other
+        // finds it a duplicate at the same cursor.
+        let mut cursors = HashSet::new();
+        for i in 0..BATCHES {
+            let ops = batch(
+                &format!("b{i}"),
+                vec![text_part_op("ses_both", "msg_1", &format!("prt_{i:03}"))],
+            );
+            let (via_a, via_b) = futures::join!(created.writer.append(&ops), writer_b.append(&ops));
+            let (via_a, via_b) = (via_a.unwrap(), via_b.unwrap());
+            let outcomes = [&via_a.results[0].outcome, &via_b.results[0].outcome];
+            let applied: Vec<u64> = outcomes
+                .iter()
+                .filter_map(|o| match o {
+                    OpOutcome::Applied(at) => Some(at.0),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(applied.len(), 1, "applied exactly once: {outcomes:?}");
+            let at = applied[0];
+            assert!(
+                outcomes.iter().all(
+                    |o| matches!(o, OpOutcome::Applied(c) | OpOutcome::Duplicate(c) if c.0 == at)
+                ),
+                "{outcomes:?}"
+            );
+            assert!(cursors.insert(at), "cursor {at} given twice");
+        }
+        let expected: HashSet<u64> = (1..=BATCHES as u64).collect();
+        assert_eq!(cursors, expected, "gap-free");
+        let viewer = writer_b.viewer();
+        let logged = viewer.ops_since(0, 0).await.unwrap().ops;
+        assert_eq!(logged.len(), BATCHES);
+    });
+}
