@@ -162,3 +162,81 @@ fn writers_on_two_nodes_share_one_gap_free_cursor_and_apply_each_op_once() {
         assert_eq!(logged.len(), BATCHES);
     });
 }
+
+/// Asks `viewer` for presence until `wanted` holds for it (presence crosses nodes at
+/// the pace of their publishing, a second or so).
+async fn presence_until(
+    viewer: &capsync_client::ViewerClient,
+    what: &str,
+    wanted: impl Fn(&capsync_client::Presence) -> bool,
+) -> capsync_client::Presence {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let presence = viewer.presence().await.unwrap();
+        if wanted(&presence) {
+            return presence;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {GUARD:?} for {what}: {presence:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_writer_on_one_node_shows_as_connected_on_another_until_it_leaves() {
+    let Some((a, b)) = two_nodes() else {
+        return;
+    };
+    run_local(async {
+        let (conn_a, admin_a) = admin_on(&a, &a.admin_token()).await;
+        let (agent_a, _) = agent(&conn_a, &admin_a).await;
+        // Its writer capability is live on node A.
+        let created = share(&agent_a, "ses_present").await;
+        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
+        let viewer_b = conn_b
+            .redeem(&created.viewer_token.token)
+            .await
+            .unwrap()
+            .into_viewer()
+            .unwrap();
+        presence_until(&viewer_b, "node A's writer on node B", |p| {
+            p.writer_connected
+        })
+        .await;
+
+        let CreatedShare { writer, .. } = created;
+        drop(writer);
+        let gone = presence_until(&viewer_b, "the writer's departure on node B", |p| {
+            !p.writer_connected
+        })
+        .await;
+        assert!(gone.writer_gone_since.is_some(), "{gone:?}");
+    });
+}
+
+#[test]
+fn one_node_at_a_time_leads_the_lifecycle_and_another_takes_over_when_it_goes() {
+    use capsync_server::node::Leadership as _;
+    use capsync_server::node::postgres::AdvisoryLead;
+    let Some(url) = capsync_tests::postgres::url_or_skip() else {
+        return;
+    };
+    let schema = capsync_tests::postgres::TestSchema::create(&url);
+    let config: postgres::Config = schema.server_url().parse().unwrap();
+    run_local(async {
+        let first = AdvisoryLead::start(config.clone()).unwrap();
+        let second = AdvisoryLead::start(config.clone()).unwrap();
+        assert!(first.lead().await, "the first to ask leads");
+        assert!(!second.lead().await, "while it does, no other node leads");
+        assert!(first.lead().await, "and it goes on leading");
+        // The first node goes: its connection, and with it the lock.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while !second.lead().await {
+            assert!(tokio::time::Instant::now() < deadline, "nobody took over");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

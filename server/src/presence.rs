@@ -105,6 +105,25 @@ impl LocalPresence {
     }
 }
 
+impl LocalPresence {
+    /// Every share this process has seen a writer of, with its status.
+    pub fn all(&self) -> Vec<(ShareId, WriterStatus)> {
+        self.lock()
+            .iter()
+            .map(|(share, entry)| {
+                (
+                    share.clone(),
+                    WriterStatus {
+                        writers: entry.writers,
+                        last_disconnect: entry.last_disconnect,
+                        last_sync: entry.last_sync,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 impl PresenceBoard for LocalPresence {
     fn connected(&self, share: &ShareId) {
         self.lock().entry(share.clone()).or_default().writers += 1;

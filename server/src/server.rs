@@ -116,7 +116,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     if admin_token::ensure(&ledger, &hasher, &admin_path).await? {
         info!(path = %admin_path.display(), "created the admin token; it is in this file (owner-only)");
     }
-    let node = NodeServices::sole_process(&config);
+    let node = NodeServices::for_config(&config)?;
     let ctx = Rc::new(Context::with_node(
         ledger.clone(),
         hasher,
@@ -297,6 +297,7 @@ impl Prepared {
         {
             warn!("maintenance did not stop in time");
         }
+        node.stop();
         ledger.close().await;
         logs_stop.cancel();
         let _ = logs_flusher.await;

@@ -12,7 +12,7 @@ use crate::ledger::{LedgerError, LedgerResult};
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[V1_INITIAL];
+const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_NODES];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -129,6 +129,26 @@ CREATE TABLE audit (
     outcome  TEXT NOT NULL,
     detail   TEXT NOT NULL
 );
+"#;
+
+/// Several nodes (see `crate::node::postgres`): each live server process and its
+/// heartbeat, and the writers connected to each node, by share. A node's rows go with
+/// it (`ON DELETE CASCADE`) once its heartbeat is long stale.
+const V2_NODES: &str = r#"
+CREATE TABLE nodes (
+    id           TEXT COLLATE "C" PRIMARY KEY,
+    heartbeat_at BIGINT NOT NULL
+);
+
+CREATE TABLE presence (
+    node_id         TEXT COLLATE "C" NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+    share_id        TEXT COLLATE "C" NOT NULL,
+    writers         BIGINT NOT NULL CHECK (writers >= 0),
+    last_disconnect BIGINT,
+    last_sync       BIGINT,
+    PRIMARY KEY (node_id, share_id)
+);
+CREATE INDEX presence_by_share ON presence (share_id);
 "#;
 
 /// Brings the schema up to date: each pending migration in its own transaction,

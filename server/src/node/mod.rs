@@ -14,6 +14,11 @@
 //! | lifecycle leadership | [`Leadership`] | [`SoleProcess`]: always the leader |
 //! | bootstrap (admin token) | `admin_token::ensure` over `Backend::create_first_admin_token` | one transaction decides; the token file is this node's |
 //! | the clock | [`Clock`](crate::clock::Clock), `Config::clock` | the system clock |
+//!
+//! On PostgreSQL ([`NodeServices::for_config`] with `--database`), [`postgres`] gives
+//! the shared implementations: an advisory lock for leadership, presence in tables.
+
+pub mod postgres;
 
 use std::sync::Arc;
 
@@ -52,9 +57,44 @@ pub struct NodeServices {
     pub presence: Presence,
     pub redeem_failures: Arc<dyn RedeemFailures>,
     pub leadership: Arc<dyn Leadership>,
+    /// Stops sharing this node's state (its presence leaves with it); called at shutdown.
+    stop: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl NodeServices {
+    /// What `config` needs: the shared implementations when its ledger is on
+    /// PostgreSQL (other nodes may serve the same database), else [`Self::sole_process`].
+    pub fn for_config(config: &Config) -> Result<Self, crate::StartError> {
+        let Some(url) = &config.database else {
+            return Ok(Self::sole_process(config));
+        };
+        let db: ::postgres::Config = url
+            .expose()
+            .parse()
+            .map_err(|e| crate::StartError::Config(format!("--database: {e}")))?;
+        let node = hex::encode(rand::random::<[u8; 8]>());
+        let board = postgres::SharedPresence::start(db.clone(), node, config.clock.clone())?;
+        let leadership = postgres::AdvisoryLead::start(db)?;
+        let stopping = Arc::clone(&board);
+        Ok(Self {
+            presence: Presence::on(board, config.clock.clone()),
+            // Per node, by design: see `postgres`.
+            redeem_failures: Arc::new(LocalRedeemFailures::new(RedeemLimiter::new(
+                config.redeem_failures,
+                config.redeem_window,
+            ))),
+            leadership: Arc::new(leadership),
+            stop: Some(Arc::new(move || stopping.stop())),
+        })
+    }
+
+    /// Stops sharing this node's state with the others.
+    pub fn stop(&self) {
+        if let Some(stop) = &self.stop {
+            stop();
+        }
+    }
+
     /// The in-process implementations, for a server alone on its data.
     pub fn sole_process(config: &Config) -> Self {
         Self {
@@ -64,6 +104,7 @@ impl NodeServices {
                 config.redeem_window,
             ))),
             leadership: Arc::new(SoleProcess),
+            stop: None,
         }
     }
 }
