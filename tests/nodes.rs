@@ -240,3 +240,43 @@ fn one_node_at_a_time_leads_the_lifecycle_and_another_takes_over_when_it_goes() 
         }
     });
 }
+
+#[test]
+fn the_first_node_makes_the_admin_token_and_a_rotation_through_the_database_reaches_every_node() {
+    let Some((a, b)) = two_nodes() else {
+        return;
+    };
+    assert!(
+        !b.data_dir().join("admin.token").exists(),
+        "the second node found the first one's token and made none"
+    );
+    let old = a.admin_token();
+    // `capsync-server admin-token --rotate --database …` from a data directory of its own.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let config = capsync_server::Config {
+        data_dir: elsewhere.path().to_owned(),
+        ..a.config().clone()
+    };
+    let path = config.admin_token_path();
+    let new = run_local(async {
+        let ledger = capsync_server::server::open_ledger(&config, &Default::default()).unwrap();
+        let hasher = capsync_server::server::hasher(&config).unwrap();
+        capsync_server::admin_token::rotate(&ledger, &hasher, &path)
+            .await
+            .unwrap();
+        ledger.close().await;
+        std::fs::read_to_string(&path).unwrap().trim().to_owned()
+    });
+    assert_ne!(new, old);
+    run_local(async {
+        for node in [&a, &b] {
+            let conn = capsync_client::connect(node.addr()).await.unwrap();
+            let refused = conn
+                .redeem(&old)
+                .await
+                .expect_err("the old token is revoked");
+            assert_eq!(refused.code(), Some(ErrorCode::PermissionDenied));
+            conn.redeem(&new).await.unwrap().into_admin().unwrap();
+        }
+    });
+}

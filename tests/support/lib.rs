@@ -100,6 +100,11 @@ impl TestServer {
         }
     }
 
+    /// The server's settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Which engine keeps this server's ledger.
     pub fn engine(&self) -> Engine {
         if self.config.database.is_some() {

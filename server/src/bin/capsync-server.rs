@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsync_server::config::DEFAULT_DATA_DIR;
+use capsync_server::config::{DEFAULT_DATA_DIR, DatabaseUrl};
 use capsync_server::{Config, StartError, admin_token, data_dir::DataDirLock, server};
 use clap::{Parser, Subcommand};
 
@@ -38,7 +38,8 @@ enum LogFormat {
 enum Command {
     /// Run the server until SIGINT or SIGTERM; then drain batches in flight and exit.
     Serve(Box<Config>),
-    /// Manage the admin token (the server must be stopped).
+    /// Manage the admin token (a server on this data directory must be stopped; on
+    /// PostgreSQL, the nodes with other data directories keep running).
     AdminToken {
         /// Revoke every admin token and write a new one to <data-dir>/admin.token.
         #[arg(long)]
@@ -46,6 +47,10 @@ enum Command {
         /// The server's data directory.
         #[arg(long, env = "CAPSYNC_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+        /// The ledger's PostgreSQL database, as the servers' `--database` (unset: the
+        /// SQLite file in the data directory). Every node sees the new token at once.
+        #[arg(long, env = "CAPSYNC_DATABASE", value_name = "URL")]
+        database: Option<DatabaseUrl>,
     },
 }
 
@@ -54,7 +59,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => serve(*config),
-        Command::AdminToken { rotate, data_dir } => admin_token_command(rotate, data_dir),
+        Command::AdminToken {
+            rotate,
+            data_dir,
+            database,
+        } => admin_token_command(rotate, data_dir, database),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,9 +110,14 @@ async fn shutdown_signal() {
     tracing::info!("signal received");
 }
 
-fn admin_token_command(rotate: bool, data_dir: PathBuf) -> Result<(), StartError> {
+fn admin_token_command(
+    rotate: bool,
+    data_dir: PathBuf,
+    database: Option<DatabaseUrl>,
+) -> Result<(), StartError> {
     let config = Config {
         data_dir,
+        database,
         ..Config::default()
     };
     let path = config.admin_token_path();
