@@ -280,3 +280,63 @@ fn the_first_node_makes_the_admin_token_and_a_rotation_through_the_database_reac
         }
     });
 }
+
+#[test]
+fn while_the_database_is_unreachable_appends_are_refused_as_retryable_and_the_server_recovers_alone()
+ {
+    use capsync_tests::proxy::FaultProxy;
+    // A port nothing listens on: where "the database" goes while it is down.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut proxy = None;
+    let Some(server) = TestServer::start_on_with(Engine::Postgres, |config| {
+        // The server reaches PostgreSQL through a proxy the test can cut.
+        let url = config.database.clone().unwrap();
+        let parsed: postgres::Config = url.expose().parse().unwrap();
+        let postgres::config::Host::Tcp(host) = &parsed.get_hosts()[0] else {
+            panic!("the tests' PostgreSQL is reached over TCP")
+        };
+        let real = std::net::SocketAddr::new(host.parse().unwrap(), parsed.get_ports()[0]);
+        let started = FaultProxy::start(real, 1);
+        let through = url
+            .expose()
+            .replace(&real.to_string(), &started.addr().to_string());
+        config.database = Some(through.parse().unwrap());
+        proxy = Some((started, real));
+    }) else {
+        return;
+    };
+    let (proxy, real) = proxy.unwrap();
+    let faults = proxy.control();
+    run_local(async {
+        let (conn, admin) = capsync_tests::admin(&server).await;
+        let (agent, _) = agent(&conn, &admin).await;
+        let created = share(&agent, "ses_outage").await;
+        let append = |id: &str| {
+            batch(
+                id,
+                vec![text_part_op("ses_outage", "msg_1", &format!("prt_{id}"))],
+            )
+        };
+        assert_eq!(
+            created.writer.append(&append("up")).await.unwrap().cursor,
+            1
+        );
+
+        // PostgreSQL goes away: every connection cut, new ones refused.
+        faults.set_target(nowhere);
+        faults.cut_all();
+        let refused = created.writer.append(&append("down")).await;
+        let code = refused.expect_err("no database").code();
+        assert_eq!(code, Some(ErrorCode::Overloaded), "retryable");
+
+        // Back: the next call finds it again, with no restart.
+        faults.set_target(real);
+        let ack = created.writer.append(&append("down")).await.unwrap();
+        assert_eq!(ack.cursor, 2, "the refused batch was not stored");
+        let ack = created.writer.append(&append("again")).await.unwrap();
+        assert_eq!(ack.cursor, 3);
+    });
+}
