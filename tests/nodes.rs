@@ -340,3 +340,75 @@ fn while_the_database_is_unreachable_appends_are_refused_as_retryable_and_the_se
         assert_eq!(ack.cursor, 3);
     });
 }
+
+#[test]
+fn a_syncer_whose_node_dies_mid_stream_moves_to_the_next_and_loses_and_repeats_nothing() {
+    use capsync_client::{Outbox, SyncOptions, spawn_syncer};
+    use capsync_tests::model::{assert_log_holds_exactly, read_log};
+    use capsync_tests::proxy::FaultProxy;
+    use capsync_tests::workload::AgentSession;
+    const OPS: usize = 600;
+    let Some((a, b)) = two_nodes() else {
+        return;
+    };
+    // Node A is reached through a proxy: cutting it (every connection, and every new one
+    // refused) is node A dying, as the client sees it.
+    let proxy = FaultProxy::start(a.addr(), 7);
+    let faults = proxy.control();
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    run_local(async {
+        let (conn, admin) = admin_on(&a, &a.admin_token()).await;
+        let (agent_a, _) = agent(&conn, &admin).await;
+        let created = share(&agent_a, "ses_failover").await;
+        let ops = AgentSession::generate(11, "ses_failover", OPS);
+
+        let outbox = Outbox::open(a.scratch_dir().join("failover-outbox.db")).unwrap();
+        let servers = format!("{},{}", proxy.addr(), b.addr());
+        let mut options = SyncOptions::new(servers, created.writer_token.token.clone());
+        options.batch_size = 20;
+        options.backoff_initial = Duration::from_millis(5);
+        options.backoff_max = Duration::from_millis(50);
+        let syncer = spawn_syncer(outbox.clone(), options);
+
+        let (first, rest) = ops.split_at(OPS / 2);
+        outbox.enqueue_all(first.to_vec()).await.unwrap();
+        // Node A dies while the syncer streams through it.
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while syncer.status().acked == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing acked via A"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        faults.set_target(nowhere);
+        faults.cut_all();
+        outbox.enqueue_all(rest.to_vec()).await.unwrap();
+        let idle = tokio::time::timeout(GUARD, syncer.wait_idle())
+            .await
+            .expect("the syncer drains through node B")
+            .expect("idle, not failed");
+        assert_eq!((idle.pending, idle.in_flight, idle.rejected), (0, 0, 0));
+        syncer.stop().await;
+
+        // Read on node B: every op once, cursors without gaps.
+        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
+        let viewer = conn_b
+            .redeem(&created.viewer_token.token)
+            .await
+            .unwrap()
+            .into_viewer()
+            .unwrap();
+        let log = read_log(&viewer).await;
+        assert_log_holds_exactly(&log, ops.iter().map(|op| op.op_id.as_str()));
+        let bound = outbox.status().await.unwrap();
+        assert_eq!(
+            bound.server.as_deref(),
+            Some(b.addr().to_string().as_str()),
+            "the outbox records the server it moved to"
+        );
+    });
+}

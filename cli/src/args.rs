@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 
-use capsync_client::server_addr::ServerAddr;
+use capsync_client::server_addr::ServerList;
 
 /// Parses `--server` (and `CAPSYNC_SERVER`) into a [`ServerAddr`]. Unlike clap's own
 /// parsers, its errors do not repeat the value: a share-page link pasted by mistake
@@ -15,14 +15,14 @@ use capsync_client::server_addr::ServerAddr;
 pub struct ServerAddrParser;
 
 impl TypedValueParser for ServerAddrParser {
-    type Value = ServerAddr;
+    type Value = ServerList;
 
     fn parse_ref(
         &self,
         cmd: &clap::Command,
         arg: Option<&clap::Arg>,
         value: &OsStr,
-    ) -> Result<ServerAddr, clap::Error> {
+    ) -> Result<ServerList, clap::Error> {
         let flag = arg.map_or_else(|| "--server".to_owned(), ToString::to_string);
         let refuse = |why: String| {
             let mut cmd = cmd.clone();

@@ -34,9 +34,9 @@ use capsync_shared::{SturdyRef, TokenKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use args::{ServerAddrParser, parse_duration};
-use capsync_client::connection::{ClientOptions, Connection, Redeemed, connect_with};
+use capsync_client::connection::{ClientOptions, Connection, Redeemed, connect_any};
 use capsync_client::error::ClientError;
-use capsync_client::server_addr::ServerAddr;
+use capsync_client::server_addr::ServerList;
 use capsync_client::types::Scope;
 pub use output::{Captured, Output};
 
@@ -122,7 +122,7 @@ pub struct Cli {
 /// Flags every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// RPC address of the capsync server: HOST:PORT (port 7420 by default; not the share-page URL)
+    /// RPC address of the capsync server: HOST:PORT (port 7420 by default; not the share-page URL). Several nodes of one deployment: HOST:PORT,HOST:PORT (the first that answers is used)
     #[arg(
         long,
         global = true,
@@ -132,7 +132,7 @@ pub struct Global {
         value_name = "HOST:PORT",
         value_parser = ServerAddrParser
     )]
-    pub server: ServerAddr,
+    pub server: ServerList,
 
     /// Give up connecting after this long: the TCP connect, then the server's answer to redeeming the token (each)
     #[arg(
@@ -367,7 +367,7 @@ impl Global {
         match &self.share_url {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None => {
-                let host = self.server.host();
+                let host = self.server.first().host();
                 if host.contains(':') {
                     format!("http://[{host}]:{DEFAULT_SHARE_PORT}")
                 } else {
@@ -414,7 +414,9 @@ impl Global {
 
     /// Connects to `--server`, within `--connect-timeout`.
     async fn connect(&self) -> Result<Connection, ClientError> {
-        connect_with(self.server.to_string(), &self.client_options()).await
+        connect_any(&self.server, 0, &self.client_options())
+            .await
+            .map(|(conn, _)| conn)
     }
 
     /// Connects and redeems the token, which must be one of `accepted`.
@@ -494,7 +496,10 @@ mod tests {
             "viewers",
         ])
         .unwrap();
-        assert_eq!(cli.global.server, ServerAddr::new("example", 1));
+        assert_eq!(
+            cli.global.server,
+            ServerList::from(capsync_client::server_addr::ServerAddr::new("example", 1))
+        );
         assert_eq!(cli.global.connect_timeout, Duration::from_secs(10));
         assert_eq!(cli.global.call_timeout, Duration::from_secs(60));
         match cli.command {

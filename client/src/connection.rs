@@ -15,6 +15,7 @@ use crate::admin::AdminClient;
 use crate::agent::AgentClient;
 use crate::error::{ClientError, TimeoutStage};
 use crate::peer_watch::{FirstBytes, PeerWatch, Silent, within_silence};
+use crate::server_addr::ServerList;
 use crate::types::{ShareState, nonzero_time};
 use crate::viewer::ViewerClient;
 use crate::wire::{self, ok_or_fail};
@@ -113,6 +114,31 @@ pub async fn connect_with(
         }),
         Err(_) => Err(timed_out(shown)),
     }
+}
+
+/// [`connect_with`] to the first of `servers` that can be reached, trying them in order
+/// from the one at `start` (around the list); also says which one it was. When none
+/// can, the error is the last one's.
+pub async fn connect_any(
+    servers: &ServerList,
+    start: usize,
+    options: &ClientOptions,
+) -> Result<(Connection, usize), ClientError> {
+    let addrs = servers.addrs();
+    let mut last = None;
+    for step in 0..addrs.len() {
+        let index = (start + step) % addrs.len();
+        match connect_with(addrs[index].to_string(), options).await {
+            Ok(conn) => return Ok((conn, index)),
+            Err(e) => {
+                if addrs.len() > 1 {
+                    tracing::debug!(server = %addrs[index], error = %e, "trying the next server");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("a server list is never empty"))
 }
 
 /// A live connection: the server's `Gateway` plus the means to close it.

@@ -79,7 +79,8 @@ pub use agent::{AgentClient, CreatedShare, NewShare};
 pub use capsync_shared::ops::{OpKind, OpSpec};
 pub use capsync_shared::{ErrorCode, TokenKind};
 pub use connection::{
-    ClientOptions, Connection, DEFAULT_CONNECT_TIMEOUT, Redeemed, connect, connect_with,
+    ClientOptions, Connection, DEFAULT_CONNECT_TIMEOUT, Redeemed, connect, connect_any,
+    connect_with,
 };
 pub use document::{MessageDocument, SessionDocument};
 pub use error::{ClientError, TimeoutStage};
@@ -93,7 +94,7 @@ pub use peer_watch::ForeignReply;
 pub use progress_listener::ProgressFn;
 pub use push::{PushReport, push_ops};
 pub use resume::{Rebased, Resumed};
-pub use server_addr::ServerAddr;
+pub use server_addr::{ServerAddr, ServerList};
 pub use subscribe::{EndReason, Ended, LiveEvent, LiveOps};
 pub use syncer::{SyncError, SyncOptions, SyncState, SyncStatus, Syncer, spawn_syncer};
 pub use types::{

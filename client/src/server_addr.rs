@@ -52,6 +52,54 @@ impl fmt::Display for ServerAddr {
     }
 }
 
+/// One or more RPC addresses of one deployment (its nodes on one PostgreSQL), written
+/// `host:port,host:port`. A client uses the first that answers and moves on to the next
+/// when the one it uses cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerList(Vec<ServerAddr>);
+
+impl ServerList {
+    /// The addresses, in the order given (never empty).
+    pub fn addrs(&self) -> &[ServerAddr] {
+        &self.0
+    }
+
+    /// The first address given.
+    pub fn first(&self) -> &ServerAddr {
+        &self.0[0]
+    }
+}
+
+impl From<ServerAddr> for ServerList {
+    fn from(addr: ServerAddr) -> Self {
+        Self(vec![addr])
+    }
+}
+
+impl FromStr for ServerList {
+    type Err = AddrError;
+
+    fn from_str(text: &str) -> Result<Self, AddrError> {
+        let addrs = text
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<ServerAddr>, _>>()?;
+        Ok(Self(addrs))
+    }
+}
+
+impl fmt::Display for ServerList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why a text is not a server address. Its message says what to give instead and never
 /// contains the text itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -191,6 +239,20 @@ fn parse_port(port: &str) -> Result<u16, AddrError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_is_one_address_or_several_separated_by_commas() {
+        let one: ServerList = "example:1".parse().unwrap();
+        assert_eq!(one.addrs(), [ServerAddr::new("example", 1)]);
+        let two: ServerList = "a:1, [::1]:2".parse().unwrap();
+        assert_eq!(
+            two.addrs(),
+            [ServerAddr::new("a", 1), ServerAddr::new("::1", 2)]
+        );
+        assert_eq!(two.to_string(), "a:1,[::1]:2");
+        assert!("a:1,".parse::<ServerList>().is_err(), "an empty entry");
+        assert!("a:1,http://b:2".parse::<ServerList>().is_err());
+    }
 
     fn error(text: &str) -> String {
         text.parse::<ServerAddr>().unwrap_err().to_string()

@@ -39,9 +39,10 @@ use tokio::time::Instant;
 
 use super::journal::{self, Segment};
 use super::state::{SessionRow, ShareTokens, ShipperState, StateError};
-use crate::connection::{ClientOptions, Connection, connect_with};
+use crate::connection::{ClientOptions, Connection, connect_any, connect_with};
 use crate::error::ClientError;
 use crate::outbox::{Outbox, OutboxError};
+use crate::server_addr::ServerList;
 use crate::syncer::backoff::Backoff;
 use crate::{AgentClient, NewShare, SyncError, SyncOptions, SyncState, Syncer, spawn_syncer};
 
@@ -76,7 +77,8 @@ pub struct ShipperOptions {
     pub dir: PathBuf,
     /// The journal directory the plugin writes (default `<dir>/journal`).
     pub journal: PathBuf,
-    /// The server's RPC address.
+    /// The server's RPC address, or several separated by commas (the nodes of one
+    /// deployment, [`ServerList`]): the first that answers is used.
     pub server: String,
     /// The agent token shares are created with.
     pub agent_token: String,
@@ -670,7 +672,11 @@ impl Shipper {
         if let Some((_, agent)) = &self.agent {
             return Ok(agent.clone());
         }
-        let conn = connect_with(self.options.server.as_str(), &self.options.connection).await?;
+        let conn = match self.options.server.parse::<ServerList>() {
+            Ok(servers) => connect_any(&servers, 0, &self.options.connection).await?.0,
+            // Not addresses: connecting to the text says why.
+            Err(_) => connect_with(self.options.server.as_str(), &self.options.connection).await?,
+        };
         let agent = conn.redeem(&self.options.agent_token).await?.into_agent()?;
         self.agent = Some((conn, agent.clone()));
         Ok(agent)

@@ -53,8 +53,11 @@ pub use error::SyncError;
 /// How a syncer reaches its share, and how it paces itself.
 #[derive(Clone)]
 pub struct SyncOptions {
-    /// `host:port` of the capsync server's RPC port (see [`crate::ServerAddr`]; a text that
-    /// is not one stops the syncer at once, with the reason).
+    /// `host:port` of the capsync server's RPC port (see [`crate::ServerAddr`]), or several
+    /// separated by commas: the nodes of one deployment on PostgreSQL ([`crate::ServerList`]).
+    /// The syncer uses the first that answers and, when the one it uses cannot be reached,
+    /// the next; what was not acked is sent again there and deduplicated by op id. A text
+    /// that is not one stops the syncer at once, with the reason.
     pub server: String,
     /// The share's writer sturdy ref. Kept in memory only (never written to the outbox),
     /// redeemed again after every reconnect.

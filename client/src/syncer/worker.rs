@@ -16,7 +16,7 @@ use super::classify::{AppendFailure, ConnectFailure, append_failure, connect_fai
 use super::{Control, SyncError, SyncOptions, SyncState, SyncStatus};
 use crate::connection::Connection;
 use crate::outbox::{Outbox, OutboxBatch, OutboxStatus, Refusal};
-use crate::server_addr::ServerAddr;
+use crate::server_addr::{ServerAddr, ServerList};
 use crate::writer::{Batch, WriterClient};
 
 /// How long closing a dropped connection may take before it is abandoned.
@@ -43,6 +43,8 @@ struct Live {
     conn: Connection,
     /// The share's `ShareWriter`, redeemed from the token on this connection.
     writer: WriterClient,
+    /// Which server it is connected to.
+    server: ServerAddr,
 }
 
 /// The syncer task's state; lives on the `LocalSet` (the writer capability is `!Send`).
@@ -69,6 +71,12 @@ pub(super) struct Worker {
     counted_at: Option<tokio::time::Instant>,
     /// Held while this syncer runs, so no second one sends from the same outbox.
     lock: Option<File>,
+    /// The servers to try, parsed when the run starts.
+    servers: Option<ServerList>,
+    /// The server used last, tried first by the next connect.
+    server_index: usize,
+    /// Whether a connection was ever made (to log a move to another server).
+    live_before: bool,
 }
 
 impl Worker {
@@ -91,6 +99,9 @@ impl Worker {
             last_error: None,
             counted_at: None,
             lock: None,
+            servers: None,
+            server_index: 0,
+            live_before: false,
         }
     }
 
@@ -120,9 +131,10 @@ impl Worker {
 
     async fn run(&mut self) -> Result<Infallible, SyncError> {
         // A malformed address never gets better: say so rather than retry forever.
-        if let Err(e) = self.options.server.parse::<ServerAddr>() {
-            return Err(SyncError::Stopped(format!("the server address: {e}")));
-        }
+        self.servers = match self.options.server.parse::<ServerList>() {
+            Ok(servers) => Some(servers),
+            Err(e) => return Err(SyncError::Stopped(format!("the server address: {e}"))),
+        };
         self.lock = Some(lock_outbox(self.outbox.path())?);
         loop {
             let Some(writer) = self.writer().await? else {
@@ -157,14 +169,13 @@ impl Worker {
             Ok(live) => {
                 let writer = live.writer.clone();
                 let state = writer.state_at_redeem().clone();
+                let server = live.server.to_string();
                 // Kept before binding, so a wrong share still closes the connection.
                 self.live = Some(live);
-                self.outbox
-                    .bind(&state.share_id, &self.options.server)
-                    .await?;
+                self.outbox.bind(&state.share_id, &server).await?;
                 self.share_id = Some(state.share_id.clone());
                 self.outbox.record_cursor(state.cursor).await?;
-                info!(share = %state.share_id, cursor = state.cursor, server = %self.options.server, "syncer connected");
+                info!(share = %state.share_id, cursor = state.cursor, %server, "syncer connected");
                 Ok(Some(writer))
             }
             Err(ConnectFailure::Fatal(fatal)) => Err(fatal),
@@ -178,23 +189,47 @@ impl Worker {
         }
     }
 
-    async fn connect(&self) -> Result<Live, ConnectFailure> {
+    /// Connects to the server used last (or the next one that can be reached) and
+    /// redeems the token there. A failed attempt moves on: the next one starts with the
+    /// server after, since this one may be gone for good (a node that died).
+    async fn connect(&mut self) -> Result<Live, ConnectFailure> {
         // Both steps are bounded by the connect timeout, and like any call never longer
         // than the call timeout.
         let mut connection = self.options.connection.clone();
         connection.connect_timeout = connection.connect_timeout.min(self.options.call_timeout);
-        let conn = crate::connect_with(self.options.server.as_str(), &connection)
+        let servers = self
+            .servers
+            .clone()
+            .expect("parsed when the syncer started");
+        let count = servers.addrs().len();
+        let (conn, index) = crate::connect_any(&servers, self.server_index, &connection)
             .await
-            .map_err(|e| connect_failure(&e))?;
+            .map_err(|e| {
+                self.server_index = (self.server_index + 1) % count;
+                connect_failure(&e)
+            })?;
+        let server = servers.addrs()[index].clone();
         let redeemed = conn
             .redeem(&self.options.token)
             .await
             .and_then(|redeemed| redeemed.into_writer())
             .map_err(|e| connect_failure(&e));
         match redeemed {
-            Ok(writer) => Ok(Live { conn, writer }),
+            Ok(writer) => {
+                if self.live_before && index != self.server_index {
+                    info!(%server, "moved to another server");
+                }
+                self.server_index = index;
+                self.live_before = true;
+                Ok(Live {
+                    conn,
+                    writer,
+                    server,
+                })
+            }
             Err(failure) => {
                 close(conn);
+                self.server_index = (index + 1) % count;
                 Err(failure)
             }
         }

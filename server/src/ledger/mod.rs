@@ -5,10 +5,12 @@
 //! transaction as the work: a revocation that commits before an append makes
 //! that append fail, on every connection, with no in-memory cache to go stale.
 //!
-//! [`sqlite`] is the embedded backend (one writer thread with group commit,
-//! plus read connections). A PostgreSQL backend implements [`Backend`] later.
-//! The behaviour every backend owes its callers is tested once, engine-neutral,
-//! by the contract suite (`contract`, test builds only), which each backend runs.
+//! Each storage engine is an [`engine::Engine`] under the one [`Backend`],
+//! [`engine::RulesBackend`], which runs the engine-neutral [`rules`]: [`sqlite`] is
+//! the embedded default (one writer thread with group commit, plus read
+//! connections), [`postgres`] serves several server processes on one database.
+//! The behaviour every engine owes its callers is tested once, engine-neutral,
+//! by the contract suite (`contract`, test builds only), which each engine runs.
 
 #[cfg(test)]
 pub(crate) mod contract;
