@@ -24,6 +24,8 @@ mod core_flow;
 mod faults;
 #[path = "lifecycle.rs"]
 mod lifecycle;
+#[path = "migrate.rs"]
+mod migrate;
 #[path = "nodes.rs"]
 mod nodes;
 #[path = "opencode.rs"]

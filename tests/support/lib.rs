@@ -100,6 +100,37 @@ impl TestServer {
         }
     }
 
+    /// Moves this stopped SQLite server's ledger into a fresh PostgreSQL schema, as
+    /// `capsync-server migrate` does, and starts it on PostgreSQL from then on (same data
+    /// directory, same admin token file). `None`, having said that it skipped, without a
+    /// PostgreSQL.
+    pub fn migrate_to_postgres(
+        &mut self,
+    ) -> Option<capsync_server::ledger::move_to_postgres::MoveReport> {
+        assert!(self.handle.is_none(), "stop the server first");
+        assert!(self.schema.is_none(), "the server is on SQLite");
+        let schema = postgres::TestSchema::create(&postgres::url_or_skip()?);
+        let url = schema.server_url();
+        let sqlite = self.database_path();
+        // Blocking, and not in an async context: a thread of its own.
+        let report = std::thread::spawn(move || {
+            let options = capsync_server::ledger::postgres::PostgresOptions::new(&url)
+                .expect("a postgres:// URL");
+            capsync_server::ledger::move_to_postgres::move_to_postgres(
+                &sqlite,
+                &options,
+                &mut |_| {},
+            )
+        })
+        .join()
+        .expect("the migration thread")
+        .expect("the ledger moves");
+        self.config.database = Some(schema.server_url().parse().expect("a postgres:// URL"));
+        self.config.database_connections = 4;
+        self.schema = Some(schema);
+        Some(report)
+    }
+
     /// The server's settings.
     pub fn config(&self) -> &Config {
         &self.config

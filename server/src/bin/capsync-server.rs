@@ -52,6 +52,19 @@ enum Command {
         #[arg(long, env = "CAPSYNC_DATABASE", value_name = "URL")]
         database: Option<DatabaseUrl>,
     },
+    /// Move a SQLite ledger into an empty PostgreSQL database: shares, tokens (as their
+    /// hashes), ledger ops with their ids, cursors and digests, records, the audit log.
+    /// Every token, link and cursor works as before, and a resent op is still a
+    /// duplicate. One transaction (all or nothing), then a check that both hold the
+    /// same rows. Stop the server first: the data directory must not be in use.
+    Migrate {
+        /// The data directory of the SQLite server (`--data-dir` of `serve`).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The PostgreSQL database, as `serve --database` will name it.
+        #[arg(long, value_name = "URL")]
+        to: DatabaseUrl,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +77,7 @@ fn main() -> ExitCode {
             data_dir,
             database,
         } => admin_token_command(rotate, data_dir, database),
+        Command::Migrate { from, to } => migrate_command(&from, &to),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,4 +159,63 @@ fn admin_token_command(
         );
         Ok(())
     })
+}
+
+fn migrate_command(from: &std::path::Path, to: &DatabaseUrl) -> Result<(), StartError> {
+    use capsync_server::ledger::move_to_postgres::{MoveProgress, move_to_postgres};
+    use capsync_server::ledger::postgres::PostgresOptions;
+    use std::io::IsTerminal as _;
+
+    let config = Config {
+        data_dir: from.to_owned(),
+        ..Config::default()
+    };
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
+    let options = PostgresOptions::new(to.expose()).map_err(StartError::Ledger)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {pos}/{len} rows ({eta} left)",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    // Without a terminal, a log line every tenth of the way.
+    let mut logged_tenths = 0;
+    let mut progress = |at: MoveProgress| match &bar {
+        Some(bar) => {
+            bar.set_length(at.total);
+            bar.set_position(at.rows);
+            bar.set_message(at.table);
+        }
+        None => {
+            let tenths = (at.rows * 10).checked_div(at.total).unwrap_or(10);
+            if tenths > logged_tenths {
+                logged_tenths = tenths;
+                tracing::info!(
+                    table = at.table,
+                    rows = at.rows,
+                    total = at.total,
+                    "copying"
+                );
+            }
+        }
+    };
+    let report = move_to_postgres(&config.database_path(), &options, &mut progress)
+        .map_err(StartError::Ledger)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    println!("Moved into PostgreSQL and verified (rows per table):");
+    for (table, rows) in &report.tables {
+        println!("  {table:<10} {rows}");
+    }
+    println!(
+        "Start the servers with --database (the admin token file stays in {}).",
+        from.display()
+    );
+    Ok(())
 }

@@ -16,6 +16,7 @@
 pub(crate) mod contract;
 pub mod engine;
 pub mod lifecycle_steps;
+pub mod move_to_postgres;
 pub mod oversize;
 pub mod postgres;
 pub mod rules;

@@ -156,11 +156,14 @@ CREATE INDEX presence_by_share ON presence (share_id);
 pub(super) fn migrate(client: &mut Client) -> LedgerResult<()> {
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS capsync_schema (
+            // Quietly: "already exists, skipping" on every start is not news.
+            "SET client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS capsync_schema (
                  version BIGINT NOT NULL,
                  only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row)
              );
-             INSERT INTO capsync_schema (version) VALUES (0) ON CONFLICT DO NOTHING;",
+             INSERT INTO capsync_schema (version) VALUES (0) ON CONFLICT DO NOTHING;
+             RESET client_min_messages;",
         )
         .or_else(|e| {
             // Two nodes creating the version table at once: one of them loses the race
