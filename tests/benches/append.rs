@@ -57,6 +57,9 @@ use futures::future::try_join_all;
 use rusqlite::{TransactionBehavior, params};
 use serde_json::json;
 
+#[path = "append/postgres.rs"]
+mod postgres_limit;
+
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
 /// Size of each op's JSON payload, like the measurements in ARCHITECTURE.md.
@@ -90,6 +93,10 @@ struct Args {
     /// mean to measure: on tmpfs, fsync is free and "durable" means nothing.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Measure on PostgreSQL instead (a `postgres://` URL; each run makes a schema of its
+    /// own and drops it): the server with one node and with two, against N raw clients.
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
     /// Passed by `cargo bench` to every bench binary; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -205,6 +212,22 @@ struct Target {
     min_ratio: f64,
     claim: &'static str,
 }
+
+/// On PostgreSQL the limit is N raw clients at once, one transaction per batch each.
+const POSTGRES_TARGETS: [Target; 2] = [
+    Target {
+        agents: 1,
+        batch: 100,
+        min_ratio: 0.7,
+        claim: "PostgreSQL: 1 agent x batch 100 at >= 0.7 x raw (batch 100)",
+    },
+    Target {
+        agents: 16,
+        batch: 1,
+        min_ratio: 0.7,
+        claim: "PostgreSQL: 16 agents x batch 1 at >= 0.7 x 16 concurrent raw clients",
+    },
+];
 
 const TARGETS: [Target; 2] = [
     Target {
@@ -360,6 +383,8 @@ struct Run {
     /// commit could do (only for more than one agent).
     ceiling: Option<Measurement>,
     server: Measurement,
+    /// PostgreSQL only: the same agents spread over two nodes on one database.
+    two_nodes: Option<Measurement>,
 }
 
 impl Run {
@@ -903,6 +928,15 @@ fn print_run(scenario: &Scenario, rep: u32, repeat: u32, run: &Run) {
             thousands(ceiling.ops_per_sec()),
         );
     }
+    if let Some(two) = &run.two_nodes {
+        println!(
+            "{indent}two nodes: {} ops/s, p50 {:.2} ms, p99 {:.2} ms = {:.2} x one node",
+            thousands(two.ops_per_sec()),
+            ms(two.p50),
+            ms(two.p99),
+            two.ops_per_sec() / run.server.ops_per_sec(),
+        );
+    }
     if let Some(cpu) = run.server.cpu {
         println!(
             "{indent}{}",
@@ -960,10 +994,34 @@ fn print_summary(results: &[(Scenario, Vec<Run>)]) {
     }
 }
 
-fn print_verdicts(results: &[(Scenario, Vec<Run>)]) {
+/// PostgreSQL: one node against two on the same database, for the median repetition.
+fn print_nodes_summary(results: &[(Scenario, Vec<Run>)]) {
+    println!();
+    println!("One node and two nodes on one PostgreSQL (the repetition with the median ratio):");
+    println!();
+    println!("| scenario | one node ops/s | p99 ms | two nodes ops/s | p99 ms | two / one |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (scenario, runs) in results {
+        let median = median_run(runs);
+        let Some(two) = &median.two_nodes else {
+            continue;
+        };
+        println!(
+            "| {} | {} | {:.2} | {} | {:.2} | {:.2} |",
+            scenario.name,
+            thousands(median.server.ops_per_sec()),
+            ms(median.server.p99),
+            thousands(two.ops_per_sec()),
+            ms(two.p99),
+            two.ops_per_sec() / median.server.ops_per_sec(),
+        );
+    }
+}
+
+fn print_verdicts(results: &[(Scenario, Vec<Run>)], targets: &[Target]) {
     println!();
     println!("Targets (median ratio):");
-    for target in &TARGETS {
+    for target in targets {
         let found = results
             .iter()
             .find(|(s, _)| s.agents == target.agents && s.batch == target.batch);
@@ -1065,6 +1123,9 @@ fn main() -> BenchResult<()> {
     init_logging();
     let scenarios = selected_scenarios(&args)?;
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    if let Some(url) = &args.database {
+        return run_on_postgres(&args, url, scenarios);
+    }
     print_header(&args, &dir);
 
     let mut results = Vec::new();
@@ -1085,6 +1146,7 @@ fn main() -> BenchResult<()> {
                 raw: before.combine(&after),
                 ceiling,
                 server,
+                two_nodes: None,
             };
             print_run(&scenario, rep, args.repeat, &run);
             runs.push(run);
@@ -1092,6 +1154,47 @@ fn main() -> BenchResult<()> {
         results.push((scenario, runs));
     }
     print_summary(&results);
-    print_verdicts(&results);
+    print_verdicts(&results, &TARGETS);
+    Ok(())
+}
+
+/// The scenarios on PostgreSQL: per repetition, half the raw limit, the server on one
+/// node, the server on two nodes, the other half of the raw limit.
+fn run_on_postgres(args: &Args, url: &str, scenarios: Vec<Scenario>) -> BenchResult<()> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("capsync appendOps benchmark on PostgreSQL");
+    println!(
+        "  machine:    {cores} cores, {}",
+        cpu_model().unwrap_or_default()
+    );
+    println!("  postgres:   {}", postgres_limit::settings(url)?);
+    println!(
+        "  payload {PAYLOAD_BYTES} bytes, {} repetition(s); the raw limit is N clients at once",
+        args.repeat
+    );
+    println!();
+    let mut results = Vec::new();
+    for scenario in scenarios {
+        let mut runs = Vec::new();
+        for rep in 1..=args.repeat {
+            let half = scenario.halved();
+            let before = postgres_limit::measure_raw(&half, url)?;
+            let server = postgres_limit::measure_server(&scenario, url, 1)?;
+            let two_nodes = postgres_limit::measure_server(&scenario, url, 2)?;
+            let after = postgres_limit::measure_raw(&half, url)?;
+            let run = Run {
+                raw: before.combine(&after),
+                ceiling: None,
+                server,
+                two_nodes: Some(two_nodes),
+            };
+            print_run(&scenario, rep, args.repeat, &run);
+            runs.push(run);
+        }
+        results.push((scenario, runs));
+    }
+    print_summary(&results);
+    print_nodes_summary(&results);
+    print_verdicts(&results, &POSTGRES_TARGETS);
     Ok(())
 }

@@ -13,6 +13,7 @@
 //!
 //! The rules themselves are the engine-neutral ones ([`crate::ledger::rules`]).
 
+mod audit;
 mod errors;
 mod notify;
 mod pool;
@@ -116,6 +117,8 @@ pub(crate) struct PostgresEngine {
     channel: notify::Channel,
     /// Hears the other nodes' commits; stops when the engine is dropped.
     _listener: notify::Listener,
+    /// Audit lines waiting to be written.
+    audits: Arc<audit::AuditQueue>,
     clock: Clock,
 }
 
@@ -154,6 +157,7 @@ impl PostgresEngine {
             changes,
             channel,
             _listener: listener,
+            audits: Arc::default(),
             clock: options.clock,
         })
     }
@@ -274,25 +278,14 @@ impl Engine for PostgresEngine {
         self.changes.subscribe()
     }
 
-    /// Written in a transaction of its own, in the background; a failure is logged.
+    /// Queued and written in batches, in the background ([`audit`]).
     fn audit(&self, event: AuditEvent) {
-        let at = self.clock.now_millis();
-        let written = self.write(None, 0, move |tx, _| tx_audit(tx, &event, at), |_| None);
-        tokio::spawn(async move {
-            if let Err(e) = written.await {
-                tracing::warn!(error = %e, "could not write an audit line");
-            }
-        });
+        self.audits.push(&self.pool, event, self.clock.now_millis());
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
         self.pool.close().boxed()
     }
-}
-
-fn tx_audit(tx: &mut PgTx<'_>, event: &AuditEvent, at: i64) -> LedgerResult<()> {
-    use crate::ledger::rules::store::LedgerTx as _;
-    tx.audit(event, at)
 }
 
 /// The total size of capsync's tables (with indexes and TOAST), and their names.

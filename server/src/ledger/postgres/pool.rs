@@ -111,7 +111,7 @@ impl Worker {
     }
 
     /// Runs `work` in one transaction and commits it; again after a lost race.
-    fn transaction<T, F>(&mut self, access: Access, work: &F) -> LedgerResult<T>
+    pub(super) fn transaction<T, F>(&mut self, access: Access, work: &F) -> LedgerResult<T>
     where
         F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T>,
     {
