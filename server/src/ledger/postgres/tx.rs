@@ -14,8 +14,8 @@ use postgres::{Row, Statement, Transaction};
 
 use super::errors::{Failure, classify, corrupt, to_ledger};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, OpFootprint, Removable, ShareBeingDeleted, ShareRow,
-    StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Removable,
+    ShareBeingDeleted, ShareRow, StoredPart, StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -664,13 +664,19 @@ impl LedgerTx for PgTx<'_> {
         Ok(())
     }
 
-    fn message_terminal(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>> {
-        self.row(
-            "SELECT terminal FROM messages WHERE share_id = $1 AND id = $2",
-            &[&share.as_str(), &id],
-        )?
-        .map(|r| get(&r, 0))
-        .transpose()
+    fn message_standing(&mut self, share: &ShareId, id: &str) -> LedgerResult<MessageStanding> {
+        let row = self
+            .row(
+                "SELECT EXISTS (SELECT 1 FROM removed
+                                WHERE share_id = $1 AND kind = 'message' AND id = $2),
+                        (SELECT terminal FROM messages WHERE share_id = $1 AND id = $2)",
+                &[&share.as_str(), &id],
+            )?
+            .ok_or_else(|| corrupt("message standing: no row"))?;
+        Ok(MessageStanding {
+            removed: get(&row, 0)?,
+            terminal: get(&row, 1)?,
+        })
     }
 
     fn put_message(
@@ -701,13 +707,27 @@ impl LedgerTx for PgTx<'_> {
         Ok(())
     }
 
-    fn part_finished(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>> {
-        self.row(
-            "SELECT finished FROM parts WHERE share_id = $1 AND id = $2",
-            &[&share.as_str(), &id],
-        )?
-        .map(|r| get(&r, 0))
-        .transpose()
+    fn part_standing(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        message_id: &str,
+    ) -> LedgerResult<PartStanding> {
+        let row = self
+            .row(
+                "SELECT EXISTS (SELECT 1 FROM removed
+                                WHERE share_id = $1 AND kind = 'part' AND id = $2),
+                        EXISTS (SELECT 1 FROM removed
+                                WHERE share_id = $1 AND kind = 'message' AND id = $3),
+                        (SELECT finished FROM parts WHERE share_id = $1 AND id = $2)",
+                &[&share.as_str(), &id, &message_id],
+            )?
+            .ok_or_else(|| corrupt("part standing: no row"))?;
+        Ok(PartStanding {
+            removed: get(&row, 0)?,
+            message_removed: get(&row, 1)?,
+            finished: get(&row, 2)?,
+        })
     }
 
     fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
@@ -774,15 +794,6 @@ impl LedgerTx for PgTx<'_> {
             &[&share.as_str(), &kind.as_str(), &id],
         )?;
         Ok(())
-    }
-
-    fn was_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<bool> {
-        Ok(self
-            .row(
-                "SELECT 1 FROM removed WHERE share_id = $1 AND kind = $2 AND id = $3",
-                &[&share.as_str(), &kind.as_str(), &id],
-            )?
-            .is_some())
     }
 
     fn session_json(&mut self, share: &ShareId) -> LedgerResult<Option<String>> {

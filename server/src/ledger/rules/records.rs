@@ -55,10 +55,11 @@ pub fn apply(
             tx.put_session(share, *updated, json)?;
         }
         Effect::MessageUpsert { id, terminal, json } => {
-            if tx.was_removed(share, Removable::Message, id)? {
+            let standing = tx.message_standing(share, id)?;
+            if standing.removed {
                 return Ok(Err(removed("message", id)));
             }
-            if is_older(Some(*terminal), tx.message_terminal(share, id)?) {
+            if is_older(Some(*terminal), standing.terminal) {
                 return Ok(Err(Refusal::stale(format!(
                     "message {id} is already completed or errored and cannot move back"
                 ))));
@@ -76,13 +77,15 @@ pub fn apply(
             finished,
             json,
         } => {
-            if tx.was_removed(share, Removable::Part, id)? {
+            // One read for all three checks: on PostgreSQL each read is a round trip.
+            let standing = tx.part_standing(share, id, message_id)?;
+            if standing.removed {
                 return Ok(Err(removed("part", id)));
             }
-            if tx.was_removed(share, Removable::Message, message_id)? {
+            if standing.message_removed {
                 return Ok(Err(removed("message", message_id)));
             }
-            if is_older(Some(*finished), tx.part_finished(share, id)?) {
+            if is_older(Some(*finished), standing.finished) {
                 return Ok(Err(Refusal::stale(format!(
                     "part {id} is already finished and cannot move back"
                 ))));

@@ -114,6 +114,26 @@ pub struct OpFootprint {
     pub payload_bytes: u64,
 }
 
+/// What decides whether a snapshot of a part may be stored, read in one go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartStanding {
+    /// The part was removed from the share.
+    pub removed: bool,
+    /// Its message was removed from the share.
+    pub message_removed: bool,
+    /// Whether the stored part is finished; `None` when it is not stored.
+    pub finished: Option<bool>,
+}
+
+/// What decides whether a snapshot of a message may be stored, read in one go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageStanding {
+    /// The message was removed from the share.
+    pub removed: bool,
+    /// Whether the stored message is terminal; `None` when it is not stored.
+    pub terminal: Option<bool>,
+}
+
 /// A stored part's state, as the records rules need it.
 pub struct StoredPart {
     pub json: String,
@@ -317,8 +337,8 @@ pub trait LedgerTx {
         json: &str,
     ) -> LedgerResult<()>;
 
-    /// Whether the message is stored as terminal; `None` when it is not stored.
-    fn message_terminal(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>>;
+    /// Whether message `id` was removed, and how far along it is stored.
+    fn message_standing(&mut self, share: &ShareId, id: &str) -> LedgerResult<MessageStanding>;
     fn put_message(
         &mut self,
         share: &ShareId,
@@ -329,8 +349,14 @@ pub trait LedgerTx {
     /// Removes a message and every part stored under it.
     fn remove_message(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
 
-    /// Whether the part is stored as finished; `None` when it is not stored.
-    fn part_finished(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>>;
+    /// Whether part `id` or its message `message_id` was removed, and how far along
+    /// the part is stored.
+    fn part_standing(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        message_id: &str,
+    ) -> LedgerResult<PartStanding>;
     fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>>;
     /// Stores a part (replacing one with its id, which may have had another message).
     fn put_part(
@@ -349,8 +375,6 @@ pub trait LedgerTx {
 
     /// Records that `id` was removed from the share, for good.
     fn mark_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<()>;
-    /// Whether `id` was removed from the share.
-    fn was_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<bool>;
 
     // Records in snapshot order, a batch at a time.
 

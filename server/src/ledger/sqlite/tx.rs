@@ -10,8 +10,8 @@ use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, OpFootprint, Removable, ShareBeingDeleted, ShareRow,
-    StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Removable,
+    ShareBeingDeleted, ShareRow, StoredPart, StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -433,12 +433,20 @@ impl LedgerTx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn message_terminal(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>> {
+    fn message_standing(&mut self, share: &ShareId, id: &str) -> LedgerResult<MessageStanding> {
         Ok(self
             .conn
-            .prepare_cached("SELECT terminal FROM messages WHERE share_id = ?1 AND id = ?2")?
-            .query_row(params![share.as_str(), id], |r| r.get(0))
-            .optional()?)
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM removed
+                                WHERE share_id = ?1 AND kind = 'message' AND id = ?2),
+                        (SELECT terminal FROM messages WHERE share_id = ?1 AND id = ?2)",
+            )?
+            .query_row(params![share.as_str(), id], |r| {
+                Ok(MessageStanding {
+                    removed: r.get(0)?,
+                    terminal: r.get(1)?,
+                })
+            })?)
     }
 
     fn put_message(
@@ -468,12 +476,28 @@ impl LedgerTx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn part_finished(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<bool>> {
+    fn part_standing(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        message_id: &str,
+    ) -> LedgerResult<PartStanding> {
         Ok(self
             .conn
-            .prepare_cached("SELECT finished FROM parts WHERE share_id = ?1 AND id = ?2")?
-            .query_row(params![share.as_str(), id], |r| r.get(0))
-            .optional()?)
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM removed
+                                WHERE share_id = ?1 AND kind = 'part' AND id = ?2),
+                        EXISTS (SELECT 1 FROM removed
+                                WHERE share_id = ?1 AND kind = 'message' AND id = ?3),
+                        (SELECT finished FROM parts WHERE share_id = ?1 AND id = ?2)",
+            )?
+            .query_row(params![share.as_str(), id, message_id], |r| {
+                Ok(PartStanding {
+                    removed: r.get(0)?,
+                    message_removed: r.get(1)?,
+                    finished: r.get(2)?,
+                })
+            })?)
     }
 
     fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
@@ -530,13 +554,6 @@ impl LedgerTx for SqliteTx<'_> {
             )?
             .execute(params![share.as_str(), kind.as_str(), id])?;
         Ok(())
-    }
-
-    fn was_removed(&mut self, share: &ShareId, kind: Removable, id: &str) -> LedgerResult<bool> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM removed WHERE share_id = ?1 AND kind = ?2 AND id = ?3")?
-            .exists(params![share.as_str(), kind.as_str(), id])?)
     }
 
     fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()> {
