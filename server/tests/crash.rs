@@ -383,3 +383,97 @@ fn kill_9_under_load_loses_no_acked_op_with_full_durability() {
 fn kill_9_under_load_loses_no_acked_op_with_normal_durability() {
     kill9_under_load("normal");
 }
+
+/// The tests' PostgreSQL (`CAPSYNC_TEST_POSTGRES`, see the README), with a fresh schema
+/// of its own: the URL servers use for it. `None`, having said that it skipped, without one.
+fn postgres_schema(name: &str) -> Option<String> {
+    let url = match std::env::var("CAPSYNC_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            assert!(
+                std::env::var("REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "REQUIRE_POSTGRES=1 but CAPSYNC_TEST_POSTGRES is not set"
+            );
+            println!(
+                "skipped: needs CAPSYNC_TEST_POSTGRES=postgres://…; set REQUIRE_POSTGRES=1 to fail"
+            );
+            return None;
+        }
+    };
+    let schema = format!("capsync_crash_{name}_{}", std::process::id());
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .expect("create the schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}options=-csearch_path%3D{schema}"))
+}
+
+/// Two server processes on one PostgreSQL; a syncer given both addresses streams through
+/// the first, which is killed with SIGKILL mid-stream: the syncer moves to the second,
+/// and every op is in the share once.
+#[test]
+fn a_node_killed_mid_stream_leaves_the_syncer_on_the_other_with_every_op_once() {
+    const OPS: usize = 3_000;
+    let Some(database) = postgres_schema("failover") else {
+        return;
+    };
+    let seed = workload::seed("crash (failover)");
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    let session_id = "ses_crash_failover";
+    let ops = AgentSession::generate(seed, session_id, OPS);
+    let mut node_a = ServerProcess::start_with(&dir_a, &["--database", &database]);
+    let node_b = ServerProcess::start_with(&dir_b, &["--database", &database]);
+    run_local(async {
+        // The first node made the admin token.
+        let (conn, agent) = support::agent(node_a.addr, &dir_a, "failover test").await;
+        let created = support::share(&agent, session_id).await;
+        drop(conn);
+        let token = created.writer_token.token.clone();
+
+        let outbox = Outbox::open(dir.path().join("outbox.db")).expect("outbox");
+        let mut options =
+            SyncOptions::new(format!("{},{}", node_a.addr, node_b.addr), token.clone());
+        options.batch_size = 50;
+        options.backoff_initial = Duration::from_millis(5);
+        options.backoff_max = Duration::from_millis(50);
+        options.call_timeout = Duration::from_secs(10);
+        let syncer = spawn_syncer(outbox.clone(), options);
+        let mut progress = syncer.watch();
+        outbox.enqueue_all(ops.clone()).await.unwrap();
+
+        let mut rng = StdRng::seed_from_u64(seed);
+        let threshold = rng.random_range(OPS as u64 / 8..OPS as u64 / 2);
+        progress
+            .wait_for(|s| s.acked >= threshold)
+            .await
+            .expect("syncer running");
+        // Somewhere in the next batch's round trip.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..10))).await;
+        node_a.kill9();
+
+        let idle = tokio::time::timeout(Duration::from_secs(60), syncer.wait_idle())
+            .await
+            .expect("the syncer drains the outbox through node B")
+            .expect("the syncer ends idle");
+        assert_eq!((idle.pending, idle.in_flight, idle.rejected), (0, 0, 0));
+        let status = syncer.stop().await;
+        let (_conn, writer) = connect(node_b.addr, &token).await.expect("redeem on B");
+        let log = read_log(&writer.viewer()).await;
+        assert_log_holds_exactly(&log, ops.iter().map(|op| op.op_id.as_str()));
+        let acked: HashSet<(String, u64)> = outbox.acked().await.unwrap().into_iter().collect();
+        let logged: HashSet<(String, u64)> = log
+            .into_iter()
+            .map(|op| (op.op_id.0, op.cursor.0))
+            .collect();
+        assert!(acked == logged, "the outbox's acks differ from the log");
+        eprintln!(
+            "crash (failover): {OPS} ops, node A killed after {threshold} acked, syncer retries {}",
+            status.retries
+        );
+    });
+    drop(node_b);
+}
