@@ -113,6 +113,17 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_DATABASE", value_name = "URL")]
     pub database: Option<DatabaseUrl>,
 
+    /// PostgreSQL: how often this node publishes its writers and a heartbeat, and reads
+    /// the other nodes' (writer presence across nodes is this fresh).
+    #[arg(long, env = "CAPSYNC_NODE_HEARTBEAT", value_parser = humantime::parse_duration,
+          default_value = "1s")]
+    pub node_heartbeat: Duration,
+
+    /// PostgreSQL: a node silent this long counts as gone, and its writers with it.
+    #[arg(long, env = "CAPSYNC_NODE_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "15s")]
+    pub node_timeout: Duration,
+
     /// Most connections this process opens to PostgreSQL at once (each serves one
     /// transaction at a time; writes to one share keep to one connection, in order).
     #[arg(long, env = "CAPSYNC_DATABASE_CONNECTIONS", default_value_t = DEFAULT_DATABASE_CONNECTIONS)]
@@ -462,6 +473,8 @@ impl Default for Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             database: None,
             database_connections: DEFAULT_DATABASE_CONNECTIONS,
+            node_heartbeat: Duration::from_secs(1),
+            node_timeout: Duration::from_secs(15),
             durability: DurabilityArg::Full,
             max_ops_per_batch: DEFAULT_MAX_OPS_PER_BATCH,
             max_op_bytes: DEFAULT_MAX_OP_BYTES,

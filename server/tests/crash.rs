@@ -477,3 +477,58 @@ fn a_node_killed_mid_stream_leaves_the_syncer_on_the_other_with_every_op_once() 
     });
     drop(node_b);
 }
+
+/// A node killed with SIGKILL while a writer is connected to it: a viewer on the other
+/// node sees the writer go once the dead node's heartbeat is `--node-timeout` old.
+#[test]
+fn a_killed_nodes_writers_stop_counting_as_connected_on_the_other_node() {
+    let Some(database) = postgres_schema("presence") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    let args = [
+        "--database",
+        &database,
+        "--node-heartbeat",
+        "100ms",
+        "--node-timeout",
+        "1s",
+    ];
+    let mut node_a = ServerProcess::start_with(&dir_a, &args);
+    let node_b = ServerProcess::start_with(&dir_b, &args);
+    run_local(async {
+        let (_conn_a, agent) = support::agent(node_a.addr, &dir_a, "presence test").await;
+        // Its writer capability stays live on node A.
+        let created = support::share(&agent, "ses_presence_kill").await;
+        let conn_b = capsync_client::connect(node_b.addr).await.unwrap();
+        let viewer = conn_b
+            .redeem(&created.viewer_token.token)
+            .await
+            .unwrap()
+            .into_viewer()
+            .unwrap();
+        let presence_until = |wanted: bool| {
+            let viewer = viewer.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    let presence = viewer.presence().await.unwrap();
+                    if presence.writer_connected == wanted {
+                        return presence;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "writer_connected never became {wanted}: {presence:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        presence_until(true).await;
+        node_a.kill9();
+        let gone = presence_until(false).await;
+        assert!(gone.writer_gone_since.is_some(), "{gone:?}");
+    });
+    drop(node_b);
+}

@@ -73,7 +73,15 @@ impl NodeServices {
             .parse()
             .map_err(|e| crate::StartError::Config(format!("--database: {e}")))?;
         let node = hex::encode(rand::random::<[u8; 8]>());
-        let board = postgres::SharedPresence::start(db.clone(), node, config.clock.clone())?;
+        let board = postgres::SharedPresence::start(
+            db.clone(),
+            node,
+            config.clock.clone(),
+            config
+                .node_heartbeat
+                .max(std::time::Duration::from_millis(10)),
+            config.node_timeout,
+        )?;
         let leadership = postgres::AdvisoryLead::start(db)?;
         let stopping = Arc::clone(&board);
         Ok(Self {

@@ -5,8 +5,8 @@
 //!   node) dies, PostgreSQL releases the lock and another node takes it at its next round.
 //! - Presence ([`SharedPresence`]): each node counts its own writers in memory and
 //!   publishes them, with a heartbeat, to the `presence` and `nodes` tables every
-//!   [`PUBLISH_EVERY`]; it reads the other live nodes' rows at the same pace. A node
-//!   whose heartbeat is older than [`NODE_TIMEOUT`] counts as dead: its writers count
+//!   `--node-heartbeat` (1 s); it reads the other live nodes' rows at the same pace. A
+//!   node whose heartbeat is older than `--node-timeout` (15 s) counts as dead: its writers count
 //!   as gone since its last heartbeat, so a killed node leaves nobody "connected".
 //! - Failed-redeem limits stay per node ([`crate::rate_limit`]): with `n` nodes behind
 //!   a load balancer a guesser gets at most `n` times one node's budget, and each node
@@ -30,10 +30,6 @@ use super::Leadership;
 use crate::clock::Clock;
 use crate::presence::{LocalPresence, PresenceBoard, WriterStatus};
 
-/// How often a node publishes its writers and heartbeat and reads the others'.
-pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
-/// A node silent this long counts as dead: its writers are gone.
-pub const NODE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A dead node's rows are deleted after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -144,11 +140,14 @@ pub struct SharedPresence {
 }
 
 impl SharedPresence {
-    /// Starts publishing this node's writers as `node` and reading the others'.
+    /// Starts publishing this node's writers as `node` and reading the others', every
+    /// `heartbeat`; nodes silent for `timeout` count as gone.
     pub fn start(
         config: postgres::Config,
         node: String,
         clock: Clock,
+        heartbeat: Duration,
+        timeout: Duration,
     ) -> std::io::Result<Arc<Self>> {
         let presence = Arc::new(Self {
             local: LocalPresence::default(),
@@ -184,6 +183,7 @@ impl SharedPresence {
                             connection,
                             &node,
                             clock.now_millis(),
+                            timeout,
                             !published_all,
                         ) {
                             Ok(()) => published_all = true,
@@ -194,7 +194,7 @@ impl SharedPresence {
                         }
                     }
                     drop(presence);
-                    std::thread::sleep(PUBLISH_EVERY);
+                    std::thread::sleep(heartbeat);
                 }
             })?;
         Ok(presence)
@@ -223,6 +223,7 @@ impl SharedPresence {
         client: &mut Client,
         node: &str,
         now: i64,
+        timeout: Duration,
         everything: bool,
     ) -> Result<(), postgres::Error> {
         let dirty: Vec<ShareId> = if everything {
@@ -284,7 +285,7 @@ impl SharedPresence {
              FROM presence p JOIN nodes n ON n.id = p.node_id
              WHERE p.node_id <> $1
              GROUP BY p.share_id",
-            &[&node, &(now - millis(NODE_TIMEOUT))],
+            &[&node, &(now - millis(timeout))],
         )?;
         let others: HashMap<ShareId, WriterStatus> = rows
             .iter()
