@@ -532,3 +532,132 @@ fn a_killed_nodes_writers_stop_counting_as_connected_on_the_other_node() {
     });
     drop(node_b);
 }
+
+/// A PostgreSQL cluster of this test's own (`.ci/postgres`), so it can be restarted
+/// without disturbing other tests; stopped and deleted when dropped.
+struct PrivatePostgres {
+    dir: PathBuf,
+    url: String,
+}
+
+impl PrivatePostgres {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres");
+
+    fn start(dir: PathBuf) -> Self {
+        let out = std::process::Command::new("bash")
+            .arg(Self::SCRIPT)
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("run .ci/postgres");
+        assert!(
+            out.status.success(),
+            ".ci/postgres start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8(out.stdout).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("export CAPSYNC_TEST_POSTGRES=")
+            .expect("the URL line")
+            .to_owned();
+        Self { dir, url }
+    }
+
+    /// Stops the cluster in `dir` at once, as a crash would, and starts it again on the
+    /// same port.
+    fn restart(dir: &Path) {
+        let status = std::process::Command::new("bash")
+            .arg(Self::SCRIPT)
+            .arg("restart")
+            .arg(dir)
+            .status()
+            .expect("run .ci/postgres");
+        assert!(status.success(), ".ci/postgres restart failed");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Self::SCRIPT)
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// PostgreSQL crashes and restarts while a syncer streams into a server on it: calls
+/// fail as retryable meanwhile, the server reconnects by itself, no acked op is lost
+/// and every op is in the share once.
+#[test]
+fn postgres_restarted_under_load_loses_no_acked_op_and_the_server_recovers() {
+    const OPS: usize = 3_000;
+    // Wanted only where the PostgreSQL tests run.
+    if postgres_schema("restart").is_none() {
+        return;
+    }
+    let seed = workload::seed("crash (postgres restart)");
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = PrivatePostgres::start(dir.path().join("pg"));
+    let data_dir = dir.path().join("data");
+    let server = ServerProcess::start_with(&data_dir, &["--database", &postgres.url]);
+    let session_id = "ses_crash_pg_restart";
+    let ops = AgentSession::generate(seed, session_id, OPS);
+    run_local(async {
+        let (conn, agent) = support::agent(server.addr, &data_dir, "restart test").await;
+        let created = support::share(&agent, session_id).await;
+        drop(conn);
+        let token = created.writer_token.token.clone();
+        let outbox = Outbox::open(dir.path().join("outbox.db")).expect("outbox");
+        let mut options = SyncOptions::new(server.addr.to_string(), token.clone());
+        options.batch_size = 50;
+        options.backoff_initial = Duration::from_millis(5);
+        options.backoff_max = Duration::from_millis(100);
+        options.call_timeout = Duration::from_secs(10);
+        let syncer = spawn_syncer(outbox.clone(), options);
+        let mut progress = syncer.watch();
+        outbox.enqueue_all(ops.clone()).await.unwrap();
+
+        let mut rng = StdRng::seed_from_u64(seed);
+        let threshold = rng.random_range(OPS as u64 / 8..OPS as u64 / 2);
+        progress
+            .wait_for(|s| s.acked >= threshold)
+            .await
+            .expect("syncer running");
+        let acked_before = outbox.acked().await.unwrap();
+        // From another thread, while the syncer goes on sending.
+        let cluster = postgres.dir.clone();
+        tokio::task::spawn_blocking(move || PrivatePostgres::restart(&cluster))
+            .await
+            .unwrap();
+
+        let idle = tokio::time::timeout(Duration::from_secs(60), syncer.wait_idle())
+            .await
+            .expect("the syncer drains the outbox after the restart")
+            .expect("the syncer ends idle");
+        assert_eq!(
+            (idle.pending, idle.in_flight, idle.rejected),
+            (0, 0, 0),
+            "{:?}",
+            outbox.rejected().await.unwrap().first()
+        );
+        let status = syncer.stop().await;
+        let (_conn, writer) = connect(server.addr, &token).await.expect("redeem");
+        let log = read_log(&writer.viewer()).await;
+        let logged: HashMap<String, u64> = log
+            .iter()
+            .map(|op| (op.op_id.0.clone(), op.cursor.0))
+            .collect();
+        for (op_id, cursor) in &acked_before {
+            assert_eq!(logged.get(op_id), Some(cursor), "acked op {op_id} survives");
+        }
+        assert_log_holds_exactly(&log, ops.iter().map(|op| op.op_id.as_str()));
+        eprintln!(
+            "crash (postgres restart): {OPS} ops, restarted after {} acked, syncer retries {}",
+            acked_before.len(),
+            status.retries
+        );
+    });
+    drop(server);
+}

@@ -134,6 +134,7 @@ impl PostgresEngine {
                         LedgerError::Storage(format!("cannot connect to PostgreSQL: {e}"))
                     })?;
                     schema::migrate(&mut client)?;
+                    warn_unless_durable(&mut client);
                     let row = client
                         .query_one("SELECT current_schema()::text", &[])
                         .map_err(|e| errors::storage("current schema", &e))?;
@@ -285,6 +286,30 @@ impl Engine for PostgresEngine {
 
     fn close(&self) -> BoxFuture<'static, ()> {
         self.pool.close().boxed()
+    }
+}
+
+/// Says so when PostgreSQL's settings break the promise of an ack: with
+/// `synchronous_commit` off a commit returns before it is written, and the last commits
+/// before a crash of PostgreSQL are lost although capsync acked them.
+fn warn_unless_durable(client: &mut postgres::Client) {
+    for (setting, durable) in [("synchronous_commit", "on"), ("fsync", "on")] {
+        let value = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .ok()
+            .and_then(|row| row.try_get::<_, String>(0).ok());
+        if let Some(value) = value
+            && value != durable
+            && !(setting == "synchronous_commit"
+                && matches!(value.as_str(), "remote_write" | "remote_apply"))
+        {
+            tracing::warn!(
+                setting,
+                value,
+                "PostgreSQL is not durable this way: acked ops can be lost if it crashes \
+                 (fsync) or stops abruptly (synchronous_commit)"
+            );
+        }
     }
 }
 

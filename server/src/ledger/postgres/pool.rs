@@ -117,18 +117,30 @@ impl Worker {
     {
         let clock = self.clock.clone();
         let mut attempt = 1;
+        let mut reconnected = false;
         loop {
             let connection = self.connection()?;
             match attempt_once(connection, access, &clock, work) {
                 Ok(done) => return Ok(done),
-                Err((_, Some(Failure::Conflict))) if attempt < MAX_ATTEMPTS => attempt += 1,
-                Err((error, Some(Failure::Connection))) => {
-                    // Gone: the next work opens another.
-                    tracing::warn!(error = %error, "lost the database connection");
-                    self.connection = None;
-                    return Err(error);
+                Err(failed)
+                    if failed.failure == Some(Failure::Conflict) && attempt < MAX_ATTEMPTS =>
+                {
+                    attempt += 1;
                 }
-                Err((error, _)) => return Err(error),
+                Err(failed) if failed.failure == Some(Failure::Connection) => {
+                    self.connection = None;
+                    // A connection that broke while idle (the database restarted) fails its
+                    // next transaction before anything commits: run it once more on a new
+                    // one. A commit whose answer was lost may have committed: the caller
+                    // is told to try again, and the ledger dedupes what it sends.
+                    if !reconnected && !failed.at_commit {
+                        reconnected = true;
+                        continue;
+                    }
+                    tracing::warn!(error = %failed.error, "lost the database connection");
+                    return Err(failed.error);
+                }
+                Err(failed) => return Err(failed.error),
             }
         }
     }
@@ -296,18 +308,30 @@ impl Drop for Admitted {
     }
 }
 
-/// Runs `work` once in a transaction and commits it. On failure: the error, and what
-/// the failed statement said about the transaction and the connection.
+/// Why one run of a transaction failed.
+struct Failed {
+    error: LedgerError,
+    /// What the failed statement said about the transaction and the connection.
+    failure: Option<Failure>,
+    /// It was the commit that failed: the transaction may have committed.
+    at_commit: bool,
+}
+
+/// Runs `work` once in a transaction and commits it.
 fn attempt_once<T, F>(
     connection: &mut Connection,
     access: Access,
     clock: &Clock,
     work: &F,
-) -> Result<T, (LedgerError, Option<Failure>)>
+) -> Result<T, Failed>
 where
     F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T>,
 {
-    let failed = |e: postgres::Error| (to_ledger(&e), Some(classify(&e)));
+    let failed = |e: postgres::Error| Failed {
+        error: to_ledger(&e),
+        failure: Some(classify(&e)),
+        at_commit: false,
+    };
     let (isolation, read_only) = match access {
         Access::Write => (IsolationLevel::ReadCommitted, false),
         Access::Read => (IsolationLevel::RepeatableRead, true),
@@ -322,10 +346,17 @@ where
     let mut pg = PgTx::new(tx, &mut connection.statements);
     match work(&mut pg, clock.now_millis()) {
         Ok(done) => {
-            pg.into_transaction().commit().map_err(failed)?;
+            pg.into_transaction().commit().map_err(|e| Failed {
+                at_commit: true,
+                ..failed(e)
+            })?;
             Ok(done)
         }
         // Dropping the transaction rolls it back.
-        Err(error) => Err((error, pg.failure())),
+        Err(error) => Err(Failed {
+            error,
+            failure: pg.failure(),
+            at_commit: false,
+        }),
     }
 }
