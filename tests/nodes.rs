@@ -31,6 +31,13 @@ async fn admin_on(node: &TestServer, token: &str) -> (Connection, capsync_client
     (conn, admin)
 }
 
+/// A connection to `node` and what `token` redeems to there.
+async fn redeem_on(node: &TestServer, token: &str) -> (Connection, capsync_client::Redeemed) {
+    let conn = capsync_client::connect(node.addr()).await.unwrap();
+    let redeemed = conn.redeem(token).await.unwrap();
+    (conn, redeemed)
+}
+
 async fn next_ops(live: &mut LiveOps) -> Vec<LoggedOp> {
     match tokio::time::timeout(GUARD, live.next()).await {
         Ok(Some(LiveEvent::Ops(ops))) => ops,
@@ -47,14 +54,8 @@ fn an_append_on_one_node_reaches_a_follower_on_another_live() {
         let (conn_a, admin_a) = admin_on(&a, &a.admin_token()).await;
         let (agent_a, _) = agent(&conn_a, &admin_a).await;
         let created = share(&agent_a, "ses_nodes").await;
-        let (_conn_b, _) = admin_on(&b, &a.admin_token()).await;
-        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
-        let viewer_b = conn_b
-            .redeem(&created.viewer_token.token)
-            .await
-            .unwrap()
-            .into_viewer()
-            .unwrap();
+        let (_conn_b, redeemed) = redeem_on(&b, &created.viewer_token.token).await;
+        let viewer_b = redeemed.into_viewer().unwrap();
         let mut live = viewer_b.subscribe(0).await.unwrap();
         for round in 1..=3u64 {
             let ack = created
@@ -90,13 +91,8 @@ fn revoking_writers_on_one_node_stops_a_live_writer_on_another_at_its_next_call(
         created.writer.append(&append("before")).await.unwrap();
 
         // The share's owner revokes its writers through the other node.
-        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
-        let agent_b = conn_b
-            .redeem(&agent_token)
-            .await
-            .unwrap()
-            .into_agent()
-            .unwrap();
+        let (_conn_b, redeemed) = redeem_on(&b, &agent_token).await;
+        let agent_b = redeemed.into_agent().unwrap();
         agent_b
             .revoke_share(&created.info.state.share_id, Scope::Writers)
             .await
@@ -120,13 +116,8 @@ fn writers_on_two_nodes_share_one_gap_free_cursor_and_apply_each_op_once() {
         let (conn_a, admin_a) = admin_on(&a, &a.admin_token()).await;
         let (agent_a, _) = agent(&conn_a, &admin_a).await;
         let created = share(&agent_a, "ses_both").await;
-        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
-        let writer_b = conn_b
-            .redeem(&created.writer_token.token)
-            .await
-            .unwrap()
-            .into_writer()
-            .unwrap();
+        let (_conn_b, redeemed) = redeem_on(&b, &created.writer_token.token).await;
+        let writer_b = redeemed.into_writer().unwrap();
         // Each op is sent through both nodes at once: one applies it, the other
         // finds it a duplicate at the same cursor.
         let mut cursors = HashSet::new();
@@ -194,13 +185,8 @@ fn a_writer_on_one_node_shows_as_connected_on_another_until_it_leaves() {
         let (agent_a, _) = agent(&conn_a, &admin_a).await;
         // Its writer capability is live on node A.
         let created = share(&agent_a, "ses_present").await;
-        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
-        let viewer_b = conn_b
-            .redeem(&created.viewer_token.token)
-            .await
-            .unwrap()
-            .into_viewer()
-            .unwrap();
+        let (_conn_b, redeemed) = redeem_on(&b, &created.viewer_token.token).await;
+        let viewer_b = redeemed.into_viewer().unwrap();
         presence_until(&viewer_b, "node A's writer on node B", |p| {
             p.writer_connected
         })
@@ -395,13 +381,8 @@ fn a_syncer_whose_node_dies_mid_stream_moves_to_the_next_and_loses_and_repeats_n
         syncer.stop().await;
 
         // Read on node B: every op once, cursors without gaps.
-        let conn_b = capsync_client::connect(b.addr()).await.unwrap();
-        let viewer = conn_b
-            .redeem(&created.viewer_token.token)
-            .await
-            .unwrap()
-            .into_viewer()
-            .unwrap();
+        let (_conn_b, redeemed) = redeem_on(&b, &created.viewer_token.token).await;
+        let viewer = redeemed.into_viewer().unwrap();
         let log = read_log(&viewer).await;
         assert_log_holds_exactly(&log, ops.iter().map(|op| op.op_id.as_str()));
         let bound = outbox.status().await.unwrap();

@@ -417,22 +417,24 @@ fn measure_server(
     config.durability = durability;
     let server = capsync_server::spawn(TcpListener::bind("127.0.0.1:0")?, config.clone())?;
     let admin_token = std::fs::read_to_string(config.admin_token_path())?;
-    let measured = run_local(drive(server.addr(), admin_token.trim(), scenario));
+    let measured = run_local(drive(&[server.addr()], admin_token.trim(), scenario));
     server.shutdown()?;
     measured
 }
 
-/// The client side of one server run, on the current thread's `LocalSet`.
+/// The client side of one server run, on the current thread's `LocalSet`: agent `i`
+/// talks to the node at `addrs[i % addrs.len()]` (one address for one server).
 async fn drive(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     admin_token: &str,
     scenario: &Scenario,
 ) -> BenchResult<Measurement> {
     let workload = Workload::new();
-    let agent_token = mint_agent_token(addr, admin_token).await?;
-    let mut agents =
-        try_join_all((0..scenario.agents).map(|i| BenchAgent::start(addr, &agent_token, i)))
-            .await?;
+    let agent_token = mint_agent_token(addrs[0], admin_token).await?;
+    let mut agents = try_join_all(
+        (0..scenario.agents).map(|i| BenchAgent::start(addrs[i % addrs.len()], &agent_token, i)),
+    )
+    .await?;
 
     let warmup = Budget::Batches(scenario.warmup_batches());
     try_join_all(

@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    BenchAgent, BenchResult, Budget, Measurement, Scenario, Workload, message_id, mint_agent_token,
-    op_id, part_id, run_local, session_id, share_name,
+    BenchResult, Budget, Measurement, Scenario, Workload, drive, message_id, op_id, part_id,
+    run_local, session_id, share_name,
 };
 use capsync_server::Config;
-use futures::future::try_join_all;
 
 /// The server's tables for shares, messages, parts and the ledger, as in
 /// `server/src/ledger/postgres/schema.rs` (tokens and the other records are left out).
@@ -148,42 +147,7 @@ pub fn measure_server(scenario: &Scenario, url: &str, nodes: usize) -> BenchResu
         .iter()
         .map(capsync_server::ServerHandle::addr)
         .collect();
-    let measured = run_local(async {
-        let workload = Workload::new();
-        let agent_token = mint_agent_token(addrs[0], admin_token.trim()).await?;
-        let mut agents = try_join_all(
-            (0..scenario.agents)
-                .map(|i| BenchAgent::start(addrs[i % addrs.len()], &agent_token, i)),
-        )
-        .await?;
-        let warmup = Budget::Batches(scenario.warmup_batches());
-        try_join_all(
-            agents
-                .iter_mut()
-                .map(|a| a.push(scenario.batch, warmup, &workload)),
-        )
-        .await?;
-        let started = Instant::now();
-        let latencies = try_join_all(
-            agents
-                .iter_mut()
-                .map(|a| a.push(scenario.batch, scenario.budget, &workload)),
-        )
-        .await?;
-        let elapsed = started.elapsed();
-        for agent in agents {
-            agent.conn.disconnect().await?;
-        }
-        let latencies = latencies.concat();
-        let calls = latencies.len() as u64;
-        Ok::<_, Box<dyn std::error::Error>>(Measurement::new(
-            calls * scenario.batch as u64,
-            calls,
-            elapsed,
-            latencies,
-            None,
-        ))
-    });
+    let measured = run_local(drive(&addrs, admin_token.trim(), scenario));
     for server in servers {
         server.shutdown()?;
     }
