@@ -19,6 +19,9 @@ mod model;
 #[path = "../../tests/support/proxy.rs"]
 mod proxy;
 #[allow(dead_code)]
+#[path = "../../tests/support/postgres.rs"]
+mod test_postgres;
+#[allow(dead_code)]
 #[path = "../../tests/support/workload.rs"]
 mod workload;
 
@@ -297,12 +300,10 @@ fn kill_9_under_load_loses_nothing_the_outbox_saw_acked() {
             .await
             .unwrap();
         outbox.enqueue_all(ops.clone()).await.unwrap();
-        let mut options = SyncOptions::new(proxy.addr().to_string(), token.clone());
-        options.batch_size = 50;
-        options.backoff_initial = Duration::from_millis(5);
-        options.backoff_max = Duration::from_millis(50);
-        options.call_timeout = Duration::from_secs(10);
-        let syncer = spawn_syncer(outbox.clone(), options);
+        let syncer = spawn_syncer(
+            outbox.clone(),
+            syncer_options(proxy.addr().to_string(), &token),
+        );
         let mut progress = syncer.watch();
 
         let mut rng = StdRng::seed_from_u64(seed);
@@ -384,31 +385,14 @@ fn kill_9_under_load_loses_no_acked_op_with_normal_durability() {
     kill9_under_load("normal");
 }
 
-/// The tests' PostgreSQL (`CAPSYNC_TEST_POSTGRES`, see the README), with a fresh schema
-/// of its own: the URL servers use for it. `None`, having said that it skipped, without one.
-fn postgres_schema(name: &str) -> Option<String> {
-    let url = match std::env::var("CAPSYNC_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            assert!(
-                std::env::var("REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "REQUIRE_POSTGRES=1 but CAPSYNC_TEST_POSTGRES is not set"
-            );
-            println!(
-                "skipped: needs CAPSYNC_TEST_POSTGRES=postgres://…; set REQUIRE_POSTGRES=1 to fail"
-            );
-            return None;
-        }
-    };
-    let schema = format!("capsync_crash_{name}_{}", std::process::id());
-    let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-    client
-        .batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-        ))
-        .expect("create the schema");
-    let separator = if url.contains('?') { '&' } else { '?' };
-    Some(format!("{url}{separator}options=-csearch_path%3D{schema}"))
+/// The syncer options of these tests: quick retries, and a call given up after 10 s.
+fn syncer_options(servers: String, token: &str) -> SyncOptions {
+    let mut options = SyncOptions::new(servers, token.to_owned());
+    options.batch_size = 50;
+    options.backoff_initial = Duration::from_millis(5);
+    options.backoff_max = Duration::from_millis(50);
+    options.call_timeout = Duration::from_secs(10);
+    options
 }
 
 /// Two server processes on one PostgreSQL; a syncer given both addresses streams through
@@ -417,9 +401,11 @@ fn postgres_schema(name: &str) -> Option<String> {
 #[test]
 fn a_node_killed_mid_stream_leaves_the_syncer_on_the_other_with_every_op_once() {
     const OPS: usize = 3_000;
-    let Some(database) = postgres_schema("failover") else {
+    let Some(url) = test_postgres::url_or_skip() else {
         return;
     };
+    let schema = test_postgres::TestSchema::create(&url);
+    let database = schema.server_url();
     let seed = workload::seed("crash (failover)");
     let dir = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
@@ -435,13 +421,10 @@ fn a_node_killed_mid_stream_leaves_the_syncer_on_the_other_with_every_op_once() 
         let token = created.writer_token.token.clone();
 
         let outbox = Outbox::open(dir.path().join("outbox.db")).expect("outbox");
-        let mut options =
-            SyncOptions::new(format!("{},{}", node_a.addr, node_b.addr), token.clone());
-        options.batch_size = 50;
-        options.backoff_initial = Duration::from_millis(5);
-        options.backoff_max = Duration::from_millis(50);
-        options.call_timeout = Duration::from_secs(10);
-        let syncer = spawn_syncer(outbox.clone(), options);
+        let syncer = spawn_syncer(
+            outbox.clone(),
+            syncer_options(format!("{},{}", node_a.addr, node_b.addr), &token),
+        );
         let mut progress = syncer.watch();
         outbox.enqueue_all(ops.clone()).await.unwrap();
 
@@ -482,9 +465,11 @@ fn a_node_killed_mid_stream_leaves_the_syncer_on_the_other_with_every_op_once() 
 /// node sees the writer go once the dead node's heartbeat is `--node-timeout` old.
 #[test]
 fn a_killed_nodes_writers_stop_counting_as_connected_on_the_other_node() {
-    let Some(database) = postgres_schema("presence") else {
+    let Some(url) = test_postgres::url_or_skip() else {
         return;
     };
+    let schema = test_postgres::TestSchema::create(&url);
+    let database = schema.server_url();
     let dir = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     let args = [
@@ -543,19 +528,24 @@ struct PrivatePostgres {
 impl PrivatePostgres {
     const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres");
 
-    fn start(dir: PathBuf) -> Self {
+    /// Runs `.ci/postgres <action> <dir>`; its output, having checked that it succeeded.
+    fn script(action: &str, dir: &Path) -> std::process::Output {
         let out = std::process::Command::new("bash")
             .arg(Self::SCRIPT)
-            .arg("start")
-            .arg(&dir)
+            .arg(action)
+            .arg(dir)
             .output()
             .expect("run .ci/postgres");
         assert!(
             out.status.success(),
-            ".ci/postgres start: {}",
+            ".ci/postgres {action}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let line = String::from_utf8(out.stdout).unwrap();
+        out
+    }
+
+    fn start(dir: PathBuf) -> Self {
+        let line = String::from_utf8(Self::script("start", &dir).stdout).unwrap();
         let url = line
             .trim()
             .strip_prefix("export CAPSYNC_TEST_POSTGRES=")
@@ -567,18 +557,13 @@ impl PrivatePostgres {
     /// Stops the cluster in `dir` at once, as a crash would, and starts it again on the
     /// same port.
     fn restart(dir: &Path) {
-        let status = std::process::Command::new("bash")
-            .arg(Self::SCRIPT)
-            .arg("restart")
-            .arg(dir)
-            .status()
-            .expect("run .ci/postgres");
-        assert!(status.success(), ".ci/postgres restart failed");
+        Self::script("restart", dir);
     }
 }
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // `stop` always succeeds; a panic here would hide the test's own failure.
         let _ = std::process::Command::new("bash")
             .arg(Self::SCRIPT)
             .arg("stop")
@@ -594,7 +579,7 @@ impl Drop for PrivatePostgres {
 fn postgres_restarted_under_load_loses_no_acked_op_and_the_server_recovers() {
     const OPS: usize = 3_000;
     // Wanted only where the PostgreSQL tests run.
-    if postgres_schema("restart").is_none() {
+    if test_postgres::url_or_skip().is_none() {
         return;
     }
     let seed = workload::seed("crash (postgres restart)");
@@ -610,12 +595,10 @@ fn postgres_restarted_under_load_loses_no_acked_op_and_the_server_recovers() {
         drop(conn);
         let token = created.writer_token.token.clone();
         let outbox = Outbox::open(dir.path().join("outbox.db")).expect("outbox");
-        let mut options = SyncOptions::new(server.addr.to_string(), token.clone());
-        options.batch_size = 50;
-        options.backoff_initial = Duration::from_millis(5);
-        options.backoff_max = Duration::from_millis(100);
-        options.call_timeout = Duration::from_secs(10);
-        let syncer = spawn_syncer(outbox.clone(), options);
+        let syncer = spawn_syncer(
+            outbox.clone(),
+            syncer_options(server.addr.to_string(), &token),
+        );
         let mut progress = syncer.watch();
         outbox.enqueue_all(ops.clone()).await.unwrap();
 

@@ -58,43 +58,38 @@ impl TestServer {
             Engine::Sqlite => None,
             Engine::Postgres => {
                 let schema = postgres::TestSchema::create(&postgres::url_or_skip()?);
-                config.database = Some(schema.server_url().parse().expect("a postgres:// URL"));
-                config.database_connections = 4;
+                keep_ledger_in(&mut config, &schema);
                 Some(schema)
             }
         };
         adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let handle = capsync_server::spawn(listener, config.clone()).expect("server starts");
-        Some(Self {
-            handle: Some(handle),
-            config,
-            schema,
-            addr,
-            dir,
-        })
+        Some(Self::spawn(config, schema, dir))
     }
 
     /// A second server process on the same PostgreSQL schema as this one (another
     /// node of one deployment), with a data directory of its own.
     pub fn another_node(&self) -> Self {
-        let database = self
-            .config
-            .database
-            .clone()
-            .expect("another node needs a server on PostgreSQL");
+        assert!(
+            self.config.database.is_some(),
+            "another node needs a server on PostgreSQL"
+        );
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = self.config.clone();
-        config.data_dir = dir.path().join("data");
-        config.database = Some(database);
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            ..self.config.clone()
+        };
+        Self::spawn(config, None, dir)
+    }
+
+    /// Starts a server with `config` on `127.0.0.1:0`, owning `dir` (and `schema`, if any).
+    fn spawn(config: Config, schema: Option<postgres::TestSchema>, dir: tempfile::TempDir) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let handle = capsync_server::spawn(listener, config.clone()).expect("server starts");
         Self {
             handle: Some(handle),
             config,
-            schema: None,
+            schema,
             addr,
             dir,
         }
@@ -125,8 +120,7 @@ impl TestServer {
         .join()
         .expect("the migration thread")
         .expect("the ledger moves");
-        self.config.database = Some(schema.server_url().parse().expect("a postgres:// URL"));
-        self.config.database_connections = 4;
+        keep_ledger_in(&mut self.config, &schema);
         self.schema = Some(schema);
         Some(report)
     }
@@ -250,6 +244,13 @@ impl Drop for TestServer {
             }
         }
     }
+}
+
+/// Points `config` at `schema` for its ledger, with a few connections (tests run many
+/// servers at once).
+fn keep_ledger_in(config: &mut Config, schema: &postgres::TestSchema) {
+    config.database = Some(schema.server_url().parse().expect("a postgres:// URL"));
+    config.database_connections = 4;
 }
 
 /// The storage engines a test server can keep its ledger on.

@@ -1,5 +1,6 @@
-//! PostgreSQL for the integration tests: the server at `CAPSYNC_TEST_POSTGRES`
-//! (`.ci/run` starts a throwaway one), a schema of its own for each test server.
+//! PostgreSQL for the tests (the integration tests, and the server's own unit and crash
+//! tests): the server at `CAPSYNC_TEST_POSTGRES` (`.ci/run` starts a throwaway one), a
+//! schema of its own for each test server.
 //!
 //! Without the variable the PostgreSQL runs say that they skipped; with
 //! `REQUIRE_POSTGRES=1` (as in CI) they fail instead.
@@ -63,32 +64,21 @@ impl TestSchema {
         )
     }
 
-    /// Runs `sql` on a connection of its own (on a thread of its own: the synchronous
-    /// client must not run inside an async context).
+    /// Runs `sql` on a connection of its own.
     pub fn execute(&self, sql: &str) {
-        let url = self.url.clone();
         let sql = sql.to_owned();
-        std::thread::spawn(move || {
-            let mut client = postgres::Client::connect(&url, postgres::NoTls)
-                .unwrap_or_else(|e| panic!("cannot connect to {URL_VARIABLE}: {e}"));
+        on_own_connection(&self.url, move |client| {
             client
                 .batch_execute(&sql)
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        })
-        .join()
-        .expect("the database thread");
+        });
     }
-}
 
-impl TestSchema {
     /// The first column of each row `sql` (with text parameters) gives, in this schema.
     pub fn query_strings(&self, sql: &str, params: &[&str]) -> Vec<String> {
-        let url = self.server_url();
         let sql = sql.to_owned();
         let params: Vec<String> = params.iter().map(|p| (*p).to_owned()).collect();
-        std::thread::spawn(move || {
-            let mut client = postgres::Client::connect(&url, postgres::NoTls)
-                .unwrap_or_else(|e| panic!("cannot connect to {URL_VARIABLE}: {e}"));
+        on_own_connection(&self.server_url(), move |client| {
             let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
                 .iter()
                 .map(|p| p as &(dyn postgres::types::ToSql + Sync))
@@ -100,9 +90,23 @@ impl TestSchema {
                 .map(|row| row.get::<_, String>(0))
                 .collect()
         })
-        .join()
-        .expect("the database thread")
     }
+}
+
+/// Runs `work` on a new connection to `url`, on a thread of its own: the synchronous
+/// client must not run (or be dropped) inside an async context.
+fn on_own_connection<T: Send + 'static>(
+    url: &str,
+    work: impl FnOnce(&mut postgres::Client) -> T + Send + 'static,
+) -> T {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {URL_VARIABLE}: {e}"));
+        work(&mut client)
+    })
+    .join()
+    .expect("the database thread")
 }
 
 impl Drop for TestSchema {

@@ -284,16 +284,8 @@ pub fn move_to_postgres(
             ))
             .map_err(|e| pg("copy", e))?;
         let mut writer = BinaryCopyInWriter::new(sink, &types);
-        let mut statement = source.prepare(&format!(
-            "SELECT {} FROM {} ORDER BY {}",
-            columns.join(", "),
-            table.name,
-            sqlite_order(table)
-        ))?;
-        let mut rows = statement.query([])?;
         let mut in_table = 0;
-        while let Some(row) = rows.next()? {
-            let values = sqlite_values(row, table)?;
+        each_sqlite_row(&source, table, |values| {
             let params: Vec<Box<dyn ToSql + Sync>> = values
                 .iter()
                 .zip(table.columns)
@@ -310,7 +302,8 @@ pub fn move_to_postgres(
                     total,
                 });
             }
-        }
+            Ok(())
+        })?;
         writer.finish().map_err(|e| pg(table.name, e))?;
         report.tables.push((table.name, in_table));
         progress(MoveProgress {
@@ -332,6 +325,26 @@ fn sqlite_order(table: &Table) -> &'static str {
         "parts" | "audit" => "rowid",
         _ => table.order,
     }
+}
+
+/// Calls `each` with every row of `table` in SQLite, in copy order.
+fn each_sqlite_row(
+    source: &rusqlite::Connection,
+    table: &Table,
+    mut each: impl FnMut(Vec<Value>) -> LedgerResult<()>,
+) -> LedgerResult<()> {
+    let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+    let mut statement = source.prepare(&format!(
+        "SELECT {} FROM {} ORDER BY {}",
+        columns.join(", "),
+        table.name,
+        sqlite_order(table)
+    ))?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        each(sqlite_values(row, table)?)?;
+    }
+    Ok(())
 }
 
 fn sqlite_values(row: &rusqlite::Row<'_>, table: &Table) -> LedgerResult<Vec<Value>> {
@@ -367,19 +380,13 @@ fn verify(source: &rusqlite::Connection, client: &mut postgres::Client) -> Ledge
         let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
         let mut from_sqlite = Sha256::new();
         let mut sqlite_rows = 0u64;
-        let mut statement = source.prepare(&format!(
-            "SELECT {} FROM {} ORDER BY {}",
-            columns.join(", "),
-            table.name,
-            sqlite_order(table)
-        ))?;
-        let mut rows = statement.query([])?;
-        while let Some(row) = rows.next()? {
-            for value in sqlite_values(row, table)? {
+        each_sqlite_row(source, table, |values| {
+            for value in values {
                 value.hash_into(&mut from_sqlite);
             }
             sqlite_rows += 1;
-        }
+            Ok(())
+        })?;
         let pg_order = match table.name {
             "parts" => "pos",
             _ => table.order,
