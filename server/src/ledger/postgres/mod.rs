@@ -3,10 +3,12 @@
 //!
 //! - [`schema`]: the tables and their versioned migrations.
 //! - [`pool`]: connections lent to blocking tasks, one transaction each, run again
-//!   after a lost race, opened again after a lost connection.
+//!   after a lost race, opened again after a lost connection; [`lanes`]: their queue,
+//!   one share's writes in order, on whichever worker is free.
 //! - [`tx`]: the rules' storage interface ([`LedgerTx`](crate::ledger::rules::store::LedgerTx))
 //!   over a PostgreSQL transaction, with the row and advisory locks that stand in for
 //!   SQLite's single writer.
+//! - [`probe`] and [`tail`]: fewer statements per append, since each is a round trip.
 //! - [`reads`]: token lookup, `stats`, and the reclaim pass.
 //! - [`notify`]: changes across nodes (NOTIFY in the committing transaction, one
 //!   LISTEN per node).
@@ -15,10 +17,13 @@
 
 mod audit;
 mod errors;
+mod lanes;
 mod notify;
 mod pool;
+mod probe;
 mod reads;
 mod schema;
+mod tail;
 mod tx;
 
 #[cfg(test)]
@@ -167,7 +172,7 @@ impl PostgresEngine {
 impl Engine for PostgresEngine {
     type Tx<'t> = PgTx<'t>;
 
-    /// Writes to one share run on one worker, in call order. What a write changed is
+    /// Writes to one share run one at a time, in call order. What a write changed is
     /// notified inside its transaction (the other nodes hear it once it commits) and
     /// announced on this node right after the commit.
     fn write<T, F, C>(

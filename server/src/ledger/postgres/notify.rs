@@ -50,8 +50,7 @@ impl Channel {
             Changed::Missed => "missed".to_owned(),
         };
         let payload = format!("{} {what}", self.node);
-        tx.exec("SELECT pg_notify($1, $2)", &[&self.name, &payload])?;
-        Ok(())
+        tx.notify_at_commit(&self.name, payload)
     }
 
     /// What another node's notification announces; `None` for this node's own or

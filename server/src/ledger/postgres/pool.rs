@@ -8,7 +8,7 @@
 //! so the server recovers by itself once PostgreSQL is back.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use postgres::{Client, IsolationLevel, NoTls};
 
 use super::errors::{Failure, classify, to_ledger};
+use super::lanes::Lanes;
 use super::tx::{PgTx, Statements};
 use crate::clock::Clock;
 use crate::ledger::{LedgerError, LedgerResult};
@@ -75,10 +76,8 @@ pub(super) struct QueueLimits {
 type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
 pub(super) struct Pool {
-    /// Each worker's queue; emptied when closing.
-    workers: Mutex<Vec<mpsc::Sender<Job>>>,
-    /// The worker for the next work that needs no particular one.
-    next: AtomicUsize,
+    /// The work waiting for a worker, in lanes by share.
+    queue: Arc<Lanes<Job>>,
     limits: QueueLimits,
     /// Writes waiting or running, and their payload bytes.
     queued: Arc<AtomicUsize>,
@@ -155,9 +154,9 @@ impl Pool {
         clock: &Clock,
     ) -> LedgerResult<Arc<Self>> {
         let (alive, stopped) = tokio::sync::mpsc::channel::<()>(1);
-        let mut queues = Vec::new();
+        let queue = Arc::new(Lanes::<Job>::new());
         for n in 0..workers.max(1) {
-            let (jobs, queue) = mpsc::channel::<Job>();
+            let queue = Arc::clone(&queue);
             let alive = alive.clone();
             let mut worker = Worker {
                 config: config.clone(),
@@ -169,18 +168,18 @@ impl Pool {
                 .spawn(move || {
                     let _alive = alive;
                     // Ends once the pool closed and the queue is drained.
-                    for job in queue {
+                    while let Some(taken) = queue.take() {
+                        let (job, lane) = taken.into_parts();
                         job(&mut worker);
+                        queue.done(lane);
                     }
                 })
                 .map_err(|e| {
                     LedgerError::Storage(format!("cannot start a database worker: {e}"))
                 })?;
-            queues.push(jobs);
         }
         Ok(Arc::new(Self {
-            workers: Mutex::new(queues),
-            next: AtomicUsize::new(0),
+            queue,
             limits,
             queued: Arc::new(AtomicUsize::new(0)),
             queued_bytes: Arc::new(AtomicUsize::new(0)),
@@ -191,7 +190,7 @@ impl Pool {
     /// Runs `work` in one transaction on a worker and resolves to its result once
     /// committed; `after_commit` runs on the worker right after the commit, whether or
     /// not anyone still waits. The work is queued now: dropping the future cancels nothing.
-    /// Work with the same `order` key runs on the same worker, in the order it was queued.
+    /// Work with the same `order` key runs one at a time, in the order it was queued.
     pub(super) fn run<T, F, A>(
         &self,
         order: Option<&str>,
@@ -221,7 +220,7 @@ impl Pool {
     }
 
     /// Runs `job` on a worker, with the worker itself (for work outside a transaction):
-    /// the worker `order` names, or the next one.
+    /// the first free one, after the earlier work of its `order` key.
     pub(super) fn submit<T, J>(
         &self,
         order: Option<&str>,
@@ -235,22 +234,7 @@ impl Pool {
         let job: Job = Box::new(move |worker| {
             let _ = answer.send(job(worker));
         });
-        let sent = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            if workers.is_empty() {
-                false
-            } else {
-                let index = match order {
-                    Some(key) => {
-                        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                        std::hash::Hash::hash(key, &mut hasher);
-                        std::hash::Hasher::finish(&hasher) as usize
-                    }
-                    None => self.next.fetch_add(1, Ordering::Relaxed),
-                } % workers.len();
-                workers[index].send(job).is_ok()
-            }
-        };
+        let sent = self.queue.push(order, job).is_ok();
         if !sent {
             return futures::future::ready(Err(LedgerError::Closed)).boxed();
         }
@@ -276,10 +260,7 @@ impl Pool {
     /// Takes no more work from now on; the returned future resolves once the workers
     /// have finished what was queued and stopped (closing their connections).
     pub(super) fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.queue.close();
         let stopped = self
             .stopped
             .lock()
@@ -346,7 +327,12 @@ where
     let mut pg = PgTx::new(tx, &mut connection.statements);
     match work(&mut pg, clock.now_millis()) {
         Ok(done) => {
-            pg.into_transaction().commit().map_err(|e| Failed {
+            let tx = pg.finish().map_err(|(error, failure)| Failed {
+                error,
+                failure,
+                at_commit: false,
+            })?;
+            tx.commit().map_err(|e| Failed {
                 at_commit: true,
                 ..failed(e)
             })?;

@@ -13,9 +13,11 @@ use postgres::types::{FromSql, ToSql};
 use postgres::{Row, Statement, Transaction};
 
 use super::errors::{Failure, classify, corrupt, to_ledger};
+use super::probe;
+use super::tail::Tail;
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Removable,
-    ShareBeingDeleted, ShareRow, StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Probe, Removable,
+    ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -39,6 +41,8 @@ pub(crate) struct PgTx<'t> {
     statements: &'t mut Statements,
     /// What the first failed statement said about the transaction, for the runner.
     failure: Option<Failure>,
+    /// Writes held back to go out as one statement (see [`Tail`]).
+    tail: Tail,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -49,12 +53,42 @@ impl<'t> PgTx<'t> {
             tx,
             statements,
             failure: None,
+            tail: Tail::default(),
         }
     }
 
-    /// The transaction, to commit it once the work is done.
-    pub(super) fn into_transaction(self) -> Transaction<'t> {
+    /// Sends what is held back and gives the transaction, to commit it once the work
+    /// is done.
+    pub(super) fn finish(mut self) -> Result<Transaction<'t>, (LedgerError, Option<Failure>)> {
+        match self.send_tail() {
+            Ok(()) => Ok(self.tx),
+            Err(e) => Err((e, self.failure)),
+        }
+    }
+
+    /// Notifies `channel` with `payload` when the transaction commits.
+    pub(super) fn notify_at_commit(&mut self, channel: &str, payload: String) -> LedgerResult<()> {
+        if self.tail.has_notify() {
+            self.send_tail()?;
+        }
+        self.tail.notify(channel, payload);
+        Ok(())
+    }
+
+    /// Sends the held-back writes; every other statement goes after them.
+    fn send_tail(&mut self) -> LedgerResult<()> {
+        let Some((sql, params)) = self.tail.take() else {
+            return Ok(());
+        };
+        let statement = self.statement(&sql)?;
+        let params: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
         self.tx
+            .execute(&statement, &params)
+            .map_err(|e| self.failed(&e))?;
+        Ok(())
     }
 
     /// What went wrong in this transaction, if a statement failed.
@@ -80,6 +114,7 @@ impl<'t> PgTx<'t> {
     }
 
     pub(super) fn rows(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<Vec<Row>> {
+        self.send_tail()?;
         let statement = self.statement(sql)?;
         self.tx
             .query(&statement, params)
@@ -87,6 +122,7 @@ impl<'t> PgTx<'t> {
     }
 
     pub(super) fn row(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<Option<Row>> {
+        self.send_tail()?;
         let statement = self.statement(sql)?;
         self.tx
             .query_opt(&statement, params)
@@ -94,6 +130,7 @@ impl<'t> PgTx<'t> {
     }
 
     pub(super) fn exec(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<u64> {
+        self.send_tail()?;
         let statement = self.statement(sql)?;
         self.tx
             .execute(&statement, params)
@@ -163,20 +200,36 @@ fn bound<K>(from: &KeyFrom<K>) -> (&'static str, &K) {
 
 /// A row selected with [`SHARE_COLUMNS`].
 fn share_row(row: &Row) -> LedgerResult<ShareRow> {
+    share_row_at(row, 0)
+}
+
+/// [`SHARE_COLUMNS`] starting at column `at` of `row`.
+fn share_row_at(row: &Row, at: usize) -> LedgerResult<ShareRow> {
     Ok(ShareRow {
-        id: ShareId(get(row, 0)?),
-        session_id: get(row, 1)?,
-        project_id: get(row, 2)?,
-        parent_session_id: get(row, 3)?,
-        title: get(row, 4)?,
-        owner_token_id: TokenId(get(row, 5)?),
-        cursor: cursor(get(row, 6)?)?,
-        writer_epoch: epoch(get(row, 7)?)?,
-        viewer_epoch: epoch(get(row, 8)?)?,
-        created_at: get(row, 9)?,
-        updated_at: get(row, 10)?,
-        archived_at: get(row, 11)?,
-        compacted_through: cursor(get(row, 12)?)?,
+        id: ShareId(get(row, at)?),
+        session_id: get(row, at + 1)?,
+        project_id: get(row, at + 2)?,
+        parent_session_id: get(row, at + 3)?,
+        title: get(row, at + 4)?,
+        owner_token_id: TokenId(get(row, at + 5)?),
+        cursor: cursor(get(row, at + 6)?)?,
+        writer_epoch: epoch(get(row, at + 7)?)?,
+        viewer_epoch: epoch(get(row, at + 8)?)?,
+        created_at: get(row, at + 9)?,
+        updated_at: get(row, at + 10)?,
+        archived_at: get(row, at + 11)?,
+        compacted_through: cursor(get(row, at + 12)?)?,
+    })
+}
+
+/// `kind, share_id, expires_at, revoked` of a token starting at column `at` of
+/// `row`, whose kind (read already) is `kind`.
+fn token_grant_at(row: &Row, at: usize, kind: &str) -> LedgerResult<TokenGrant> {
+    Ok(TokenGrant {
+        kind: TokenKind::parse(kind).ok_or_else(|| corrupt(format!("token kind {kind:?}")))?,
+        share_id: get::<Option<String>>(row, at + 1)?.map(ShareId),
+        expires_at: get(row, at + 2)?,
+        revoked: get(row, at + 3)?,
     })
 }
 
@@ -197,6 +250,35 @@ impl LedgerTx for PgTx<'_> {
             .as_ref()
             .map(share_row)
             .transpose()
+    }
+
+    /// One statement: the share (locked for a write) beside its caller's token grant.
+    fn share_and_grant(
+        &mut self,
+        id: &ShareId,
+        lock: bool,
+        token: &TokenId,
+    ) -> LedgerResult<(Option<ShareRow>, Option<TokenGrant>)> {
+        let lock = if lock { "FOR NO KEY UPDATE" } else { "" };
+        // The share is read in a subquery of its own so that it can be locked: a
+        // locking clause cannot reach the nullable side of an outer join.
+        let sql = format!(
+            "SELECT t.kind, t.share_id, t.expires_at, t.revoked_at IS NOT NULL, s.*
+             FROM (SELECT 1) AS one
+             LEFT JOIN tokens t ON t.id = $2
+             LEFT JOIN LATERAL (SELECT {SHARE_COLUMNS} FROM shares
+                                WHERE id = $1 AND {VISIBLE} {lock}) s ON true"
+        );
+        let row = self
+            .row(&sql, &[&id.as_str(), &token.as_str()])?
+            .ok_or_else(|| corrupt("share and grant: no row"))?;
+        let grant = get::<Option<String>>(&row, 0)?
+            .map(|kind| token_grant_at(&row, 0, &kind))
+            .transpose()?;
+        let share = get::<Option<String>>(&row, 4)?
+            .map(|_| share_row_at(&row, 4))
+            .transpose()?;
+        Ok((share, grant))
     }
 
     fn children(&mut self, parent: &ShareRow) -> LedgerResult<Vec<ShareRow>> {
@@ -493,17 +575,8 @@ impl LedgerTx for PgTx<'_> {
             "SELECT kind, share_id, expires_at, revoked_at IS NOT NULL FROM tokens WHERE id = $1",
             &[&id.as_str()],
         )?;
-        row.map(|r| {
-            let kind: String = get(&r, 0)?;
-            Ok(TokenGrant {
-                kind: TokenKind::parse(&kind)
-                    .ok_or_else(|| corrupt(format!("token kind {kind:?}")))?,
-                share_id: get::<Option<String>>(&r, 1)?.map(ShareId),
-                expires_at: get(&r, 2)?,
-                revoked: get(&r, 3)?,
-            })
-        })
-        .transpose()
+        row.map(|r| token_grant_at(&r, 0, &get::<String>(&r, 0)?))
+            .transpose()
     }
 
     fn insert_token(
@@ -585,6 +658,59 @@ impl LedgerTx for PgTx<'_> {
         Ok(inserted == 1)
     }
 
+    /// One statement: the claim, and beside it what the op's record rule reads (a
+    /// read of other tables, which the claim in the same statement does not change).
+    fn claim_op_and_probe(
+        &mut self,
+        share: &ShareId,
+        entry: &LedgerEntry<'_>,
+        probe: Probe<'_>,
+    ) -> LedgerResult<Option<Standing>> {
+        let (columns, ids) = probe::columns(probe, 10);
+        let sql = format!(
+            "WITH claimed AS (
+                 INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id,
+                                  applied_at, digest)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (share_id, op_id) DO NOTHING RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM claimed){}{columns}",
+            if columns.is_empty() { "" } else { ", " }
+        );
+        let (cursor, kind) = (cursor_param(entry.cursor)?, entry.kind.as_str());
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &share.0,
+            &cursor,
+            &entry.op_id.0,
+            &kind,
+            &entry.payload,
+            &entry.token_id.0,
+            &entry.batch_id,
+            &entry.applied_at,
+            &entry.digest,
+        ];
+        params.extend(ids.iter().map(|id| id as &(dyn ToSql + Sync)));
+        let row = self
+            .row(&sql, &params)?
+            .ok_or_else(|| corrupt("claim: no row"))?;
+        if !get::<bool>(&row, 0)? {
+            return Ok(None);
+        }
+        probe::standing(&row, 1, probe).map(Some)
+    }
+
+    fn probe(&mut self, share: &ShareId, probe: Probe<'_>) -> LedgerResult<Standing> {
+        let (columns, ids) = probe::columns(probe, 2);
+        if columns.is_empty() {
+            return Ok(Standing::Nothing);
+        }
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&share.0];
+        params.extend(ids.iter().map(|id| id as &(dyn ToSql + Sync)));
+        let row = self
+            .row(&format!("SELECT {columns}"), &params)?
+            .ok_or_else(|| corrupt("probe: no row"))?;
+        probe::standing(&row, 0, probe)
+    }
+
     fn release_op(&mut self, share: &ShareId, at: Cursor) -> LedgerResult<()> {
         self.exec(
             "DELETE FROM ops WHERE share_id = $1 AND cursor = $2",
@@ -633,21 +759,21 @@ impl LedgerTx for PgTx<'_> {
         .collect()
     }
 
+    /// Held back for the [`Tail`]: the last write of an append.
     fn set_cursor(&mut self, share: &ShareId, at: Cursor, updated_at: i64) -> LedgerResult<()> {
-        self.exec(
-            "UPDATE shares SET cursor = $2, updated_at = $3 WHERE id = $1",
-            &[&share.as_str(), &cursor_param(at)?, &updated_at],
-        )?;
+        if self.tail.has_cursor() {
+            self.send_tail()?;
+        }
+        self.tail
+            .set_cursor(share.as_str(), cursor_param(at)?, updated_at);
         Ok(())
     }
 
     fn session_updated(&mut self, share: &ShareId) -> LedgerResult<Option<Option<i64>>> {
-        self.row(
-            "SELECT updated FROM sessions WHERE share_id = $1",
-            &[&share.as_str()],
-        )?
-        .map(|r| get(&r, 0))
-        .transpose()
+        match self.probe(share, Probe::Session)? {
+            Standing::Session(updated) => Ok(updated),
+            _ => Err(corrupt("session: another answer")),
+        }
     }
 
     fn put_session(
@@ -665,18 +791,10 @@ impl LedgerTx for PgTx<'_> {
     }
 
     fn message_standing(&mut self, share: &ShareId, id: &str) -> LedgerResult<MessageStanding> {
-        let row = self
-            .row(
-                "SELECT EXISTS (SELECT 1 FROM removed
-                                WHERE share_id = $1 AND kind = 'message' AND id = $2),
-                        (SELECT terminal FROM messages WHERE share_id = $1 AND id = $2)",
-                &[&share.as_str(), &id],
-            )?
-            .ok_or_else(|| corrupt("message standing: no row"))?;
-        Ok(MessageStanding {
-            removed: get(&row, 0)?,
-            terminal: get(&row, 1)?,
-        })
+        match self.probe(share, Probe::Message(id))? {
+            Standing::Message(standing) => Ok(standing),
+            _ => Err(corrupt("message standing: another answer")),
+        }
     }
 
     fn put_message(
@@ -713,35 +831,17 @@ impl LedgerTx for PgTx<'_> {
         id: &str,
         message_id: &str,
     ) -> LedgerResult<PartStanding> {
-        let row = self
-            .row(
-                "SELECT EXISTS (SELECT 1 FROM removed
-                                WHERE share_id = $1 AND kind = 'part' AND id = $2),
-                        EXISTS (SELECT 1 FROM removed
-                                WHERE share_id = $1 AND kind = 'message' AND id = $3),
-                        (SELECT finished FROM parts WHERE share_id = $1 AND id = $2)",
-                &[&share.as_str(), &id, &message_id],
-            )?
-            .ok_or_else(|| corrupt("part standing: no row"))?;
-        Ok(PartStanding {
-            removed: get(&row, 0)?,
-            message_removed: get(&row, 1)?,
-            finished: get(&row, 2)?,
-        })
+        match self.probe(share, Probe::Part { id, message_id })? {
+            Standing::Part(standing) => Ok(standing),
+            _ => Err(corrupt("part standing: another answer")),
+        }
     }
 
     fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
-        self.row(
-            "SELECT json, finished FROM parts WHERE share_id = $1 AND id = $2",
-            &[&share.as_str(), &id],
-        )?
-        .map(|r| {
-            Ok(StoredPart {
-                json: get(&r, 0)?,
-                finished: get(&r, 1)?,
-            })
-        })
-        .transpose()
+        match self.probe(share, Probe::PartBody(id))? {
+            Standing::PartBody(part) => Ok(part),
+            _ => Err(corrupt("part: another answer")),
+        }
     }
 
     fn put_part(
@@ -882,19 +982,12 @@ impl LedgerTx for PgTx<'_> {
         Ok(())
     }
 
+    /// Held back for the [`Tail`]: an audit line answers nothing to the rules.
     fn audit(&mut self, event: &AuditEvent, at: i64) -> LedgerResult<()> {
-        self.exec(
-            "INSERT INTO audit (at, action, token_id, share_id, outcome, detail)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &at,
-                &event.action,
-                &event.token_id.as_ref().map(|t| t.as_str()),
-                &event.share_id.as_ref().map(|s| s.as_str()),
-                &event.outcome,
-                &event.detail,
-            ],
-        )?;
+        if self.tail.has_audit() {
+            self.send_tail()?;
+        }
+        self.tail.audit(event, at);
         Ok(())
     }
 }

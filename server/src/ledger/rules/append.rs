@@ -8,14 +8,14 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use capsync_shared::model::op;
+use capsync_shared::model::{Effect, op};
 use capsync_shared::{Cursor, OpId, OpKind};
 use sha2::{Digest, Sha256};
 
 use super::authority::{self, Access};
 use super::compacted_output::clear_compacted_output;
 use super::records;
-use super::store::{LedgerEntry, LedgerTx, ShareRow};
+use super::store::{LedgerEntry, LedgerTx, Probe, ShareRow, Standing};
 use crate::ledger::{
     Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
     RejectReason,
@@ -126,6 +126,11 @@ impl<'a, T: LedgerTx> BatchRun<'a, T> {
             ));
         }
         let payload = self.stored_payload(op);
+        // Parsed before the claim so that the claim can bring back what the op's
+        // record rule reads; an invalid op is only refused after its dependencies,
+        // and a resent one is a duplicate whatever it holds.
+        let effect = op::parse(op.kind, &payload, Some(&self.share.session_id));
+        let probe = effect.as_ref().map_or(Probe::Nothing, records::probe);
         // Claim the op id first: the unique index answers "duplicate?" in the
         // same probe that records the op, instead of a lookup before it. An op
         // refused below gives its claim back.
@@ -140,7 +145,7 @@ impl<'a, T: LedgerTx> BatchRun<'a, T> {
             applied_at: self.now,
             digest: &digest.0,
         };
-        if !self.tx.claim_op(&self.share.id, &entry)? {
+        let Some(standing) = self.tx.claim_op_and_probe(&self.share.id, &entry, probe)? else {
             let (at, first) = self
                 .tx
                 .logged_op(&self.share.id, &op.op_id)?
@@ -151,8 +156,8 @@ impl<'a, T: LedgerTx> BatchRun<'a, T> {
                     ))
                 })?;
             return Ok(repeated(op, at, first.as_deref(), &digest));
-        }
-        match self.check_and_apply(op, &payload)? {
+        };
+        match self.check_and_apply(op, effect, standing)? {
             Ok(()) => {
                 self.cursor = cursor;
                 self.applied_here
@@ -181,7 +186,12 @@ impl<'a, T: LedgerTx> BatchRun<'a, T> {
     }
 
     /// Dependencies, payload and stored state, then the record write; or the rejection.
-    fn check_and_apply(&mut self, op: &OpIn, payload: &str) -> LedgerResult<Result<(), OpOutcome>> {
+    fn check_and_apply(
+        &mut self,
+        op: &OpIn,
+        effect: Result<Effect, String>,
+        standing: Standing,
+    ) -> LedgerResult<Result<(), OpOutcome>> {
         for dependency in &op.depends_on {
             if !self.is_applied(dependency)? {
                 return Ok(Err(rejected(
@@ -190,11 +200,11 @@ impl<'a, T: LedgerTx> BatchRun<'a, T> {
                 )));
             }
         }
-        let effect = match op::parse(op.kind, payload, Some(&self.share.session_id)) {
+        let effect = match effect {
             Ok(effect) => effect,
             Err(reason) => return Ok(Err(rejected(RejectReason::Invalid, reason))),
         };
-        let refused = records::apply(self.tx, &self.share.id, &effect)?;
+        let refused = records::apply(self.tx, &self.share.id, &effect, standing)?;
         Ok(refused.map_err(|refusal| rejected(refusal.reason, refusal.detail)))
     }
 

@@ -22,7 +22,12 @@ pub enum Access {
 /// callers check the share first and answer `NotFound` for that), so it reads
 /// as revoked.
 fn check_token(tx: &mut impl LedgerTx, who: &Authority, now: i64) -> LedgerResult<TokenGrant> {
-    let token = tx.token_grant(&who.token_id)?.ok_or(LedgerError::Revoked)?;
+    check_grant(tx.token_grant(&who.token_id)?, who, now)
+}
+
+/// [`check_token`] on the grant read for `who`'s token.
+fn check_grant(token: Option<TokenGrant>, who: &Authority, now: i64) -> LedgerResult<TokenGrant> {
+    let token = token.ok_or(LedgerError::Revoked)?;
     if token.revoked {
         return Err(LedgerError::Revoked);
     }
@@ -111,12 +116,9 @@ pub fn check_share(
     let Some((share_id, epoch)) = &who.share else {
         return Err(LedgerError::PermissionDenied);
     };
-    let share = match access {
-        Access::Write => tx.lock_share(share_id)?,
-        Access::Read => tx.share(share_id)?,
-    }
-    .ok_or(LedgerError::NotFound)?;
-    let token = check_token(tx, who, now)?;
+    let (share, token) = tx.share_and_grant(share_id, access == Access::Write, &who.token_id)?;
+    let share = share.ok_or(LedgerError::NotFound)?;
+    let token = check_grant(token, who, now)?;
     // Whose epochs the capability answers to: its own share's, or, for a
     // viewer token reading a child share, its parent's.
     let issued_for = if token.share_id.as_ref() == Some(share_id) {

@@ -12,7 +12,7 @@ use capsync_shared::model::Effect;
 use capsync_shared::model::progress::is_older;
 use serde_json::Value;
 
-use super::store::{LedgerTx, Removable};
+use super::store::{LedgerTx, Probe, Removable, Standing, StoredPart};
 use crate::ledger::{LedgerError, LedgerResult, RejectReason};
 
 /// Why stored state refuses an otherwise well-formed op.
@@ -39,23 +39,38 @@ impl Refusal {
     }
 }
 
+/// What [`apply`] needs to read about `effect`'s record before it writes.
+pub fn probe(effect: &Effect) -> Probe<'_> {
+    match effect {
+        Effect::Session { .. } => Probe::Session,
+        Effect::MessageUpsert { id, .. } => Probe::Message(id),
+        Effect::PartUpsert { id, message_id, .. } => Probe::Part { id, message_id },
+        Effect::PartDelta { id, .. } => Probe::PartBody(id),
+        Effect::MessageRemove { .. }
+        | Effect::PartRemove { .. }
+        | Effect::DiffSet { .. }
+        | Effect::ModelUpsert { .. } => Probe::Nothing,
+    }
+}
+
 /// Applies `effect` to the records of `share`, or says why the stored state refuses it.
+/// `standing` is the answer to [`probe`] of `effect`, read in this transaction.
 pub fn apply(
     tx: &mut impl LedgerTx,
     share: &ShareId,
     effect: &Effect,
+    standing: Standing,
 ) -> LedgerResult<Result<(), Refusal>> {
-    match effect {
-        Effect::Session { updated, json } => {
-            if is_older(*updated, tx.session_updated(share)?.flatten()) {
+    match (effect, standing) {
+        (Effect::Session { updated, json }, Standing::Session(stored)) => {
+            if is_older(*updated, stored.flatten()) {
                 return Ok(Err(Refusal::stale(
                     "the session was already updated later (time.updated)".to_owned(),
                 )));
             }
             tx.put_session(share, *updated, json)?;
         }
-        Effect::MessageUpsert { id, terminal, json } => {
-            let standing = tx.message_standing(share, id)?;
+        (Effect::MessageUpsert { id, terminal, json }, Standing::Message(standing)) => {
             if standing.removed {
                 return Ok(Err(removed("message", id)));
             }
@@ -67,18 +82,19 @@ pub fn apply(
             tx.put_message(share, id, *terminal, json)?;
         }
         // Its parts go with it, including any that arrived before it.
-        Effect::MessageRemove { id } => {
+        (Effect::MessageRemove { id }, Standing::Nothing) => {
             tx.remove_message(share, id)?;
             tx.mark_removed(share, Removable::Message, id)?;
         }
-        Effect::PartUpsert {
-            id,
-            message_id,
-            finished,
-            json,
-        } => {
-            // One read for all three checks: on PostgreSQL each read is a round trip.
-            let standing = tx.part_standing(share, id, message_id)?;
+        (
+            Effect::PartUpsert {
+                id,
+                message_id,
+                finished,
+                json,
+            },
+            Standing::Part(standing),
+        ) => {
             if standing.removed {
                 return Ok(Err(removed("part", id)));
             }
@@ -96,15 +112,21 @@ pub fn apply(
             // message follows it: message_id is replaced along with the JSON.
             tx.put_part(share, id, message_id, *finished, json)?;
         }
-        Effect::PartRemove { id } => {
+        (Effect::PartRemove { id }, Standing::Nothing) => {
             tx.remove_part(share, id)?;
             tx.mark_removed(share, Removable::Part, id)?;
         }
-        Effect::PartDelta { id, field, delta } => {
-            return part_delta(tx, share, id, field, delta);
+        (Effect::PartDelta { id, field, delta }, Standing::PartBody(stored)) => {
+            return part_delta(tx, share, stored, id, field, delta);
         }
-        Effect::DiffSet { json } => tx.put_diffs(share, json)?,
-        Effect::ModelUpsert { id, json } => tx.put_model(share, id, json)?,
+        (Effect::DiffSet { json }, Standing::Nothing) => tx.put_diffs(share, json)?,
+        (Effect::ModelUpsert { id, json }, Standing::Nothing) => tx.put_model(share, id, json)?,
+        (effect, _) => {
+            return Err(LedgerError::Storage(format!(
+                "the stored state read is not the {:?} the op's rule asks for",
+                probe(effect)
+            )));
+        }
     }
     Ok(Ok(()))
 }
@@ -127,11 +149,12 @@ fn removed(kind: &str, id: &str) -> Refusal {
 fn part_delta(
     tx: &mut impl LedgerTx,
     share: &ShareId,
+    stored: Option<StoredPart>,
     id: &str,
     field: &str,
     delta: &str,
 ) -> LedgerResult<Result<(), Refusal>> {
-    let Some(stored) = tx.part(share, id)? else {
+    let Some(stored) = stored else {
         return Ok(Err(Refusal::invalid(format!(
             "part {id} does not exist in this share"
         ))));

@@ -140,6 +140,30 @@ pub struct StoredPart {
     pub finished: bool,
 }
 
+/// What the records rule of an op reads before it writes (see [`super::records::probe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe<'a> {
+    /// The op reads nothing stored (removals, diffs, models, invalid ops).
+    Nothing,
+    /// The session's `updated` time.
+    Session,
+    /// The [`MessageStanding`] of a message.
+    Message(&'a str),
+    /// The [`PartStanding`] of a part in a message.
+    Part { id: &'a str, message_id: &'a str },
+    /// The stored part itself, to append to it.
+    PartBody(&'a str),
+}
+
+/// The answer to a [`Probe`], variant for variant.
+pub enum Standing {
+    Nothing,
+    Session(Option<Option<i64>>),
+    Message(MessageStanding),
+    Part(PartStanding),
+    PartBody(Option<StoredPart>),
+}
+
 /// The records whose removal is final: once removed, an id of this kind stays removed
 /// in its share (see [`super::records`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +211,23 @@ pub trait LedgerTx {
     /// so no other transaction appends to it (assigns cursors) meanwhile. An engine
     /// that runs one write transaction at a time needs no more than a read.
     fn lock_share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>>;
+
+    /// The share ([`LedgerTx::lock_share`] when `lock`, else [`LedgerTx::share`])
+    /// and the grant of `token`: what every share-scoped call checks first, in one
+    /// step where a statement costs a round trip.
+    fn share_and_grant(
+        &mut self,
+        id: &ShareId,
+        lock: bool,
+        token: &TokenId,
+    ) -> LedgerResult<(Option<ShareRow>, Option<TokenGrant>)> {
+        let share = if lock {
+            self.lock_share(id)?
+        } else {
+            self.share(id)?
+        };
+        Ok((share, self.token_grant(token)?))
+    }
 
     /// Visible shares of the sessions `parent` started (sub-agents), with its
     /// owner, other than `parent` itself, ordered by session id then share id.
@@ -303,6 +344,34 @@ pub trait LedgerTx {
     /// Records `entry` unless the share already has an op with its id: `true`
     /// when recorded. The "already?" answer and the record are one step.
     fn claim_op(&mut self, share: &ShareId, entry: &LedgerEntry<'_>) -> LedgerResult<bool>;
+
+    /// [`LedgerTx::claim_op`], and when claimed, what `probe` asks of the op's record.
+    /// One step where a statement costs a round trip (PostgreSQL); the read is
+    /// unaffected by the claim, which only writes the ledger.
+    fn claim_op_and_probe(
+        &mut self,
+        share: &ShareId,
+        entry: &LedgerEntry<'_>,
+        probe: Probe<'_>,
+    ) -> LedgerResult<Option<Standing>> {
+        if !self.claim_op(share, entry)? {
+            return Ok(None);
+        }
+        self.probe(share, probe).map(Some)
+    }
+
+    /// What `probe` asks of a record of the share.
+    fn probe(&mut self, share: &ShareId, probe: Probe<'_>) -> LedgerResult<Standing> {
+        Ok(match probe {
+            Probe::Nothing => Standing::Nothing,
+            Probe::Session => Standing::Session(self.session_updated(share)?),
+            Probe::Message(id) => Standing::Message(self.message_standing(share, id)?),
+            Probe::Part { id, message_id } => {
+                Standing::Part(self.part_standing(share, id, message_id)?)
+            }
+            Probe::PartBody(id) => Standing::PartBody(self.part(share, id)?),
+        })
+    }
 
     /// Removes the op recorded at `cursor` (a claim whose op was then refused).
     fn release_op(&mut self, share: &ShareId, cursor: Cursor) -> LedgerResult<()>;

@@ -1,0 +1,177 @@
+//! The queue the database workers take work from: any free worker takes the oldest
+//! ready job, and jobs that share a lane (one share's writes) run one at a time, in
+//! the order they were queued.
+//!
+//! Pinning each lane to one worker (by hashing its key) would keep the order too, but
+//! lanes would collide: 16 busy shares hashed onto 16 workers leave about 6 of them
+//! idle while others queue two or three shares' transactions one after another.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+/// Jobs waiting for a worker, and the lanes some worker is busy with.
+pub(super) struct Lanes<J> {
+    state: Mutex<State<J>>,
+    /// Signalled when a job becomes ready or the queue closes.
+    ready: Condvar,
+}
+
+struct State<J> {
+    /// Jobs any worker may start now, oldest first, with their lane.
+    ready: VecDeque<(Option<String>, J)>,
+    /// Lanes with a job ready or running: the jobs queued behind it.
+    behind: HashMap<String, VecDeque<J>>,
+    closed: bool,
+}
+
+/// A job taken from the queue; hand it back to [`Lanes::done`] once it has run.
+pub(super) struct Taken<J> {
+    pub job: J,
+    lane: Option<String>,
+}
+
+impl<J> Lanes<J> {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new(State {
+                ready: VecDeque::new(),
+                behind: HashMap::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<J>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`, behind the earlier jobs of `lane` if it has one; gives it back
+    /// once the queue is closed.
+    pub(super) fn push(&self, lane: Option<&str>, job: J) -> Result<(), J> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(job);
+        }
+        match lane {
+            Some(lane) => match state.behind.get_mut(lane) {
+                Some(waiting) => waiting.push_back(job),
+                None => {
+                    state.behind.insert(lane.to_owned(), VecDeque::new());
+                    state.ready.push_back((Some(lane.to_owned()), job));
+                    self.ready.notify_one();
+                }
+            },
+            None => {
+                state.ready.push_back((None, job));
+                self.ready.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest ready job, waiting for one; `None` once the queue is closed and
+    /// nothing is ready (a lane's later jobs become ready when its running job is
+    /// [`done`](Self::done), and its worker comes back for them).
+    pub(super) fn take(&self) -> Option<Taken<J>> {
+        let mut state = self.state();
+        loop {
+            if let Some((lane, job)) = state.ready.pop_front() {
+                return Some(Taken { job, lane });
+            }
+            if state.closed {
+                return None;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Marks a taken job as run: the next job of its lane becomes ready.
+    pub(super) fn done(&self, lane: Option<String>) {
+        let Some(lane) = lane else { return };
+        let mut state = self.state();
+        let next = state.behind.get_mut(&lane).and_then(VecDeque::pop_front);
+        match next {
+            Some(job) => {
+                state.ready.push_back((Some(lane), job));
+                self.ready.notify_one();
+            }
+            None => {
+                state.behind.remove(&lane);
+            }
+        }
+    }
+
+    /// Takes no more jobs; those queued still run.
+    pub(super) fn close(&self) {
+        self.state().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+impl<J> Taken<J> {
+    /// The job, and what to give [`Lanes::done`] after running it.
+    pub(super) fn into_parts(self) -> (J, Option<String>) {
+        (self.job, self.lane)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_runs_one_job_at_a_time_in_queue_order() {
+        let lanes = Lanes::new();
+        for n in 0..3 {
+            lanes.push(Some("a"), n).unwrap();
+        }
+        let (first, lane) = lanes.take().unwrap().into_parts();
+        assert_eq!(first, 0);
+        lanes.push(None, 10).unwrap();
+        // The lane's second job waits for the first to be done; other work does not.
+        assert_eq!(lanes.take().unwrap().job, 10);
+        lanes.done(lane);
+        let (second, lane) = lanes.take().unwrap().into_parts();
+        assert_eq!(second, 1);
+        lanes.done(lane);
+        assert_eq!(lanes.take().unwrap().job, 2);
+    }
+
+    #[test]
+    fn different_lanes_are_ready_at_once() {
+        let lanes = Lanes::new();
+        lanes.push(Some("a"), 1).unwrap();
+        lanes.push(Some("b"), 2).unwrap();
+        assert_eq!(lanes.take().unwrap().job, 1);
+        assert_eq!(lanes.take().unwrap().job, 2);
+    }
+
+    #[test]
+    fn after_close_queued_jobs_still_run_and_new_ones_are_refused() {
+        let lanes = Lanes::new();
+        lanes.push(Some("a"), 1).unwrap();
+        lanes.push(Some("a"), 2).unwrap();
+        lanes.close();
+        assert_eq!(lanes.push(None, 3), Err(3));
+        let (first, lane) = lanes.take().unwrap().into_parts();
+        assert_eq!(first, 1);
+        lanes.done(lane);
+        assert_eq!(lanes.take().unwrap().job, 2);
+        assert!(lanes.take().is_none());
+    }
+
+    #[test]
+    fn a_waiting_worker_wakes_for_new_work() {
+        let lanes = std::sync::Arc::new(Lanes::new());
+        let worker = {
+            let lanes = std::sync::Arc::clone(&lanes);
+            std::thread::spawn(move || lanes.take().map(|t| t.job))
+        };
+        lanes.push(Some("a"), 7).unwrap();
+        assert_eq!(worker.join().unwrap(), Some(7));
+    }
+}

@@ -1,0 +1,150 @@
+//! The writes that end an append (the share's new cursor, the audit line, the
+//! notification for other nodes), held back and sent as one statement.
+//!
+//! Nobody reads their answers, and on PostgreSQL every statement is a round trip,
+//! which is what an append waits on (not PostgreSQL's work). They touch different
+//! tables, so one statement of data-modifying `WITH` clauses does exactly what the
+//! statements did one by one. [`super::tx::PgTx`] sends the tail before any other
+//! statement and before the commit, so nothing in the transaction sees them missing.
+
+use postgres::types::ToSql;
+
+use crate::ledger::AuditEvent;
+
+/// A parameter of the tail's statement, owned until it is sent.
+pub(super) type Param = Box<dyn ToSql + Sync + Send>;
+
+/// Writes waiting to be sent, at most one of each.
+#[derive(Default)]
+pub(super) struct Tail {
+    /// `shares.cursor` and `updated_at` of one share.
+    cursor: Option<(String, i64, i64)>,
+    audit: Option<(i64, AuditEvent)>,
+    /// `pg_notify(channel, payload)`.
+    notify: Option<(String, String)>,
+}
+
+impl Tail {
+    /// Whether `set_cursor` can be held back without sending the tail first.
+    pub(super) fn has_cursor(&self) -> bool {
+        self.cursor.is_some()
+    }
+
+    pub(super) fn has_audit(&self) -> bool {
+        self.audit.is_some()
+    }
+
+    pub(super) fn has_notify(&self) -> bool {
+        self.notify.is_some()
+    }
+
+    pub(super) fn set_cursor(&mut self, share: &str, cursor: i64, updated_at: i64) {
+        self.cursor = Some((share.to_owned(), cursor, updated_at));
+    }
+
+    pub(super) fn audit(&mut self, event: &AuditEvent, at: i64) {
+        self.audit = Some((at, event.clone()));
+    }
+
+    pub(super) fn notify(&mut self, channel: &str, payload: String) {
+        self.notify = Some((channel.to_owned(), payload));
+    }
+
+    /// The one statement doing every held-back write, and its parameters, leaving the
+    /// tail empty; `None` when nothing is held back.
+    pub(super) fn take(&mut self) -> Option<(String, Vec<Param>)> {
+        let (cursor, audit, notify) = (self.cursor.take(), self.audit.take(), self.notify.take());
+        if cursor.is_none() && audit.is_none() && notify.is_none() {
+            return None;
+        }
+        let mut params: Vec<Param> = Vec::new();
+        let mut next = |value: Param| {
+            params.push(value);
+            format!("${}", params.len())
+        };
+        let mut clauses = Vec::new();
+        if let Some((share, cursor, updated_at)) = cursor {
+            let (share, cursor, updated_at) = (
+                next(Box::new(share)),
+                next(Box::new(cursor)),
+                next(Box::new(updated_at)),
+            );
+            clauses.push(format!(
+                "cursor_moved AS (UPDATE shares SET cursor = {cursor}, updated_at = {updated_at} \
+                 WHERE id = {share})"
+            ));
+        }
+        if let Some((at, event)) = audit {
+            let values = [
+                next(Box::new(at)),
+                next(Box::new(event.action)),
+                next(Box::new(event.token_id.map(|t| t.0))),
+                next(Box::new(event.share_id.map(|s| s.0))),
+                next(Box::new(event.outcome)),
+                next(Box::new(event.detail)),
+            ];
+            clauses.push(format!(
+                "audited AS (INSERT INTO audit (at, action, token_id, share_id, outcome, detail) \
+                 VALUES ({}))",
+                values.join(", ")
+            ));
+        }
+        let select = match notify {
+            Some((channel, payload)) => {
+                let (channel, payload) = (next(Box::new(channel)), next(Box::new(payload)));
+                format!("SELECT pg_notify({channel}, {payload})")
+            }
+            None => "SELECT 1".to_owned(),
+        };
+        let sql = if clauses.is_empty() {
+            select
+        } else {
+            format!("WITH {} {select}", clauses.join(", "))
+        };
+        Some((sql, params))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> AuditEvent {
+        AuditEvent {
+            action: "append",
+            token_id: None,
+            share_id: None,
+            outcome: "ok".into(),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_empty_tail_sends_nothing() {
+        assert!(Tail::default().take().is_none());
+    }
+
+    #[test]
+    fn every_held_write_goes_into_one_statement_with_its_parameters_in_order() {
+        let mut tail = Tail::default();
+        tail.set_cursor("s", 7, 100);
+        tail.audit(&event(), 100);
+        tail.notify("chan", "node share s".into());
+        let (sql, params) = tail.take().expect("a statement");
+        assert_eq!(params.len(), 11);
+        assert!(sql.starts_with("WITH cursor_moved AS (UPDATE shares SET cursor = $2"));
+        assert!(sql.contains("audited AS (INSERT INTO audit"));
+        assert!(sql.contains("VALUES ($4, $5, $6, $7, $8, $9)"));
+        assert!(sql.ends_with("SELECT pg_notify($10, $11)"));
+        assert!(tail.take().is_none(), "taking empties the tail");
+    }
+
+    #[test]
+    fn a_notification_alone_is_a_plain_select() {
+        let mut tail = Tail::default();
+        tail.notify("chan", "node tokens".into());
+        let (sql, params) = tail.take().expect("a statement");
+        assert_eq!(sql, "SELECT pg_notify($1, $2)");
+        assert_eq!(params.len(), 2);
+    }
+}
