@@ -32,6 +32,8 @@ mod nodes;
 mod opencode;
 #[path = "parity.rs"]
 mod parity;
+#[path = "postgres_tls.rs"]
+mod postgres_tls;
 #[path = "property.rs"]
 mod property;
 #[path = "prune.rs"]

@@ -210,10 +210,11 @@ fn one_node_at_a_time_leads_the_lifecycle_and_another_takes_over_when_it_goes() 
         return;
     };
     let schema = capsync_tests::postgres::TestSchema::create(&url);
-    let config: postgres::Config = schema.server_url().parse().unwrap();
+    let database =
+        capsync_server::ledger::postgres::Database::new(&schema.server_url(), None).unwrap();
     run_local(async {
-        let first = AdvisoryLead::start(config.clone()).unwrap();
-        let second = AdvisoryLead::start(config.clone()).unwrap();
+        let first = AdvisoryLead::start(database.clone()).unwrap();
+        let second = AdvisoryLead::start(database.clone()).unwrap();
         assert!(first.lead().await, "the first to ask leads");
         assert!(!second.lead().await, "while it does, no other node leads");
         assert!(first.lead().await, "and it goes on leading");
@@ -317,6 +318,7 @@ fn while_the_database_is_unreachable_appends_are_refused_as_retryable_and_the_se
         let refused = created.writer.append(&append("down")).await;
         let code = refused.expect_err("no database").code();
         assert_eq!(code, Some(ErrorCode::Overloaded), "retryable");
+        assert_eq!(server.metric("capsync_writes_overloaded_total"), 1.0);
 
         // Back: the next call finds it again, with no restart.
         faults.set_target(real);

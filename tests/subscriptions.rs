@@ -601,17 +601,6 @@ fn presence_tells_viewers_whether_a_writer_is_connected() {
     });
 }
 
-/// A counter of the server's `/metrics`.
-fn metric(server: &TestServer, name: &str) -> f64 {
-    let mut response = ureq::get(format!("http://{}/metrics", server.http_addr()))
-        .call()
-        .expect("GET /metrics");
-    let text = response.body_mut().read_to_string().expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
 #[test]
 fn an_append_cancelled_at_once_is_applied_announced_and_counted() {
     use futures::FutureExt as _;
@@ -623,7 +612,7 @@ fn an_append_cancelled_at_once_is_applied_announced_and_counted() {
         let (_vconn, viewer) = redeem_viewer(&server, &created.viewer_token.token).await;
         let at = viewer.state().await.unwrap().cursor;
         let mut live = viewer.subscribe(at).await.unwrap();
-        let applied_before = metric(&server, "capsync_ops_applied_total");
+        let applied_before = server.metric("capsync_ops_applied_total");
 
         // A writer sends a batch and gives up on the call at once, as a call timeout
         // does: the request goes out, then the cancellation right behind it.
@@ -645,7 +634,7 @@ fn an_append_cancelled_at_once_is_applied_announced_and_counted() {
         // Counted as applied, once the append's own task has the ack.
         let counted = guarded("the commit counted", async {
             loop {
-                if metric(&server, "capsync_ops_applied_total") == applied_before + 1.0 {
+                if server.metric("capsync_ops_applied_total") == applied_before + 1.0 {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -113,6 +113,12 @@ pub struct Config {
     #[arg(long, env = "CAPSYNC_DATABASE", value_name = "URL")]
     pub database: Option<DatabaseUrl>,
 
+    /// PostgreSQL with `sslmode=require` in the URL: the CA certificates (PEM) to trust
+    /// for the database's certificate, instead of this machine's (also `sslrootcert=`
+    /// in the URL). The certificate and host name are always verified under TLS.
+    #[arg(long, env = "CAPSYNC_DATABASE_CA_FILE", value_name = "PEM")]
+    pub database_ca_file: Option<PathBuf>,
+
     /// PostgreSQL: how often this node publishes its writers and a heartbeat, and reads
     /// the other nodes' (writer presence across nodes is this fresh).
     #[arg(long, env = "CAPSYNC_NODE_HEARTBEAT", value_parser = humantime::parse_duration,
@@ -125,7 +131,7 @@ pub struct Config {
     pub node_timeout: Duration,
 
     /// Most connections this process opens to PostgreSQL at once (each serves one
-    /// transaction at a time; writes to one share keep to one connection, in order).
+    /// transaction at a time; writes to one share run one at a time, in order).
     #[arg(long, env = "CAPSYNC_DATABASE_CONNECTIONS", default_value_t = DEFAULT_DATABASE_CONNECTIONS)]
     pub database_connections: u32,
 
@@ -472,6 +478,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             database: None,
+            database_ca_file: None,
             database_connections: DEFAULT_DATABASE_CONNECTIONS,
             node_heartbeat: Duration::from_secs(1),
             node_timeout: Duration::from_secs(15),

@@ -177,7 +177,7 @@ impl Default for Metrics {
         );
         registry.register(
             "writes_overloaded",
-            "Writes refused with `overloaded` because the write queue was full",
+            "Appends refused with `overloaded`: too many writes waiting, or the database busy or unreachable",
             writes_overloaded.clone(),
         );
         registry.register(

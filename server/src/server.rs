@@ -20,7 +20,7 @@ use tracing::{Level, debug, info, warn};
 use crate::config::Config;
 use crate::data_dir::DataDirLock;
 use crate::http::{AppState, BUSY_RESPONSE, HttpGateway, HttpSettings};
-use crate::ledger::postgres::PostgresOptions;
+use crate::ledger::postgres::{Database, PostgresOptions};
 use crate::ledger::sqlite::SqliteOptions;
 use crate::ledger::{self, Ledger};
 use crate::lifecycle::{self, Schedule};
@@ -48,7 +48,11 @@ pub fn open_ledger(config: &Config, metrics: &Metrics) -> Result<Ledger, StartEr
         write_queue: config.write_queue,
         write_queue_bytes: config.write_queue_bytes,
         clock: config.clock.clone(),
-        ..PostgresOptions::new(url.expose()).map_err(StartError::Ledger)?
+        metrics: metrics.clone(),
+        ..PostgresOptions::for_database(
+            Database::new(url.expose(), config.database_ca_file.as_deref())
+                .map_err(StartError::Ledger)?,
+        )
     };
     info!(?options, "opening the PostgreSQL ledger");
     ledger::postgres::open(options).map_err(StartError::Ledger)

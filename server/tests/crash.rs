@@ -518,60 +518,6 @@ fn a_killed_nodes_writers_stop_counting_as_connected_on_the_other_node() {
     drop(node_b);
 }
 
-/// A PostgreSQL cluster of this test's own (`.ci/postgres`), so it can be restarted
-/// without disturbing other tests; stopped and deleted when dropped.
-struct PrivatePostgres {
-    dir: PathBuf,
-    url: String,
-}
-
-impl PrivatePostgres {
-    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres");
-
-    /// Runs `.ci/postgres <action> <dir>`; its output, having checked that it succeeded.
-    fn script(action: &str, dir: &Path) -> std::process::Output {
-        let out = std::process::Command::new("bash")
-            .arg(Self::SCRIPT)
-            .arg(action)
-            .arg(dir)
-            .output()
-            .expect("run .ci/postgres");
-        assert!(
-            out.status.success(),
-            ".ci/postgres {action}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn start(dir: PathBuf) -> Self {
-        let line = String::from_utf8(Self::script("start", &dir).stdout).unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("export CAPSYNC_TEST_POSTGRES=")
-            .expect("the URL line")
-            .to_owned();
-        Self { dir, url }
-    }
-
-    /// Stops the cluster in `dir` at once, as a crash would, and starts it again on the
-    /// same port.
-    fn restart(dir: &Path) {
-        Self::script("restart", dir);
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        // `stop` always succeeds; a panic here would hide the test's own failure.
-        let _ = std::process::Command::new("bash")
-            .arg(Self::SCRIPT)
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
 /// PostgreSQL crashes and restarts while a syncer streams into a server on it: calls
 /// fail as retryable meanwhile, the server reconnects by itself, no acked op is lost
 /// and every op is in the share once.
@@ -584,7 +530,7 @@ fn postgres_restarted_under_load_loses_no_acked_op_and_the_server_recovers() {
     }
     let seed = workload::seed("crash (postgres restart)");
     let dir = tempfile::tempdir().unwrap();
-    let postgres = PrivatePostgres::start(dir.path().join("pg"));
+    let postgres = test_postgres::PrivatePostgres::start(dir.path().join("pg"), None);
     let data_dir = dir.path().join("data");
     let server = ServerProcess::start_with(&data_dir, &["--database", &postgres.url]);
     let session_id = "ses_crash_pg_restart";
@@ -610,8 +556,8 @@ fn postgres_restarted_under_load_loses_no_acked_op_and_the_server_recovers() {
             .expect("syncer running");
         let acked_before = outbox.acked().await.unwrap();
         // From another thread, while the syncer goes on sending.
-        let cluster = postgres.dir.clone();
-        tokio::task::spawn_blocking(move || PrivatePostgres::restart(&cluster))
+        let cluster = postgres.dir().to_path_buf();
+        tokio::task::spawn_blocking(move || test_postgres::PrivatePostgres::restart(&cluster))
             .await
             .unwrap();
 

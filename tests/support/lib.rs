@@ -157,6 +157,17 @@ impl TestServer {
             .expect("the test server runs its HTTP gateway")
     }
 
+    /// A metric of the server's `/metrics` without labels, e.g. a counter's total.
+    pub fn metric(&self, name: &str) -> f64 {
+        let mut response = ureq::get(format!("http://{}/metrics", self.http_addr()))
+            .call()
+            .expect("GET /metrics");
+        let text = response.body_mut().read_to_string().expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
     }

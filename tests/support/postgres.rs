@@ -122,3 +122,64 @@ impl Drop for TestSchema {
         .join();
     }
 }
+
+/// A PostgreSQL cluster of a test's own (`.ci/postgres`), for what the shared one must
+/// not do: restart, or serve TLS. Stopped and deleted when dropped.
+pub struct PrivatePostgres {
+    dir: std::path::PathBuf,
+    pub url: String,
+}
+
+impl PrivatePostgres {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres");
+
+    /// Runs `.ci/postgres <action> <dir>`; its output, having checked that it succeeded.
+    fn script(action: &str, dir: &std::path::Path, tls: Option<&std::path::Path>) -> String {
+        let mut command = std::process::Command::new("bash");
+        command.arg(Self::SCRIPT).arg(action).arg(dir);
+        if let Some(tls) = tls {
+            command.env("CAPSYNC_PG_TLS", tls);
+        }
+        let out = command.output().expect("run .ci/postgres");
+        assert!(
+            out.status.success(),
+            ".ci/postgres {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 output")
+    }
+
+    /// Starts a cluster in `dir`; with `tls`, a directory holding `server.crt` and
+    /// `server.key`, it serves TLS with that certificate.
+    pub fn start(dir: std::path::PathBuf, tls: Option<&std::path::Path>) -> Self {
+        let line = Self::script("start", &dir, tls);
+        let url = line
+            .trim()
+            .strip_prefix("export CAPSYNC_TEST_POSTGRES=")
+            .expect("the URL line")
+            .to_owned();
+        Self { dir, url }
+    }
+
+    /// Stops the cluster in `dir` at once, as a crash would, and starts it again on the
+    /// same port.
+    pub fn restart(dir: &std::path::Path) {
+        Self::script("restart", dir, None);
+    }
+
+    /// Where the cluster lives.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // `stop` always succeeds; a panic here would hide the test's own failure.
+        let _ = std::process::Command::new("bash")
+            .arg(Self::SCRIPT)
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}

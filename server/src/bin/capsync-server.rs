@@ -64,6 +64,10 @@ enum Command {
         /// The PostgreSQL database, as `serve --database` will name it.
         #[arg(long, value_name = "URL")]
         to: DatabaseUrl,
+        /// With `sslmode=require` in the URL: the CA certificates (PEM) to trust, as
+        /// `serve --database-ca-file`.
+        #[arg(long, env = "CAPSYNC_DATABASE_CA_FILE", value_name = "PEM")]
+        database_ca_file: Option<PathBuf>,
     },
 }
 
@@ -77,7 +81,11 @@ fn main() -> ExitCode {
             data_dir,
             database,
         } => admin_token_command(rotate, data_dir, database),
-        Command::Migrate { from, to } => migrate_command(&from, &to),
+        Command::Migrate {
+            from,
+            to,
+            database_ca_file,
+        } => migrate_command(&from, &to, database_ca_file.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -161,9 +169,13 @@ fn admin_token_command(
     })
 }
 
-fn migrate_command(from: &std::path::Path, to: &DatabaseUrl) -> Result<(), StartError> {
+fn migrate_command(
+    from: &std::path::Path,
+    to: &DatabaseUrl,
+    ca_file: Option<&std::path::Path>,
+) -> Result<(), StartError> {
     use capsync_server::ledger::move_to_postgres::{MoveProgress, move_to_postgres};
-    use capsync_server::ledger::postgres::PostgresOptions;
+    use capsync_server::ledger::postgres::{Database, PostgresOptions};
     use std::io::IsTerminal as _;
 
     let config = Config {
@@ -171,7 +183,9 @@ fn migrate_command(from: &std::path::Path, to: &DatabaseUrl) -> Result<(), Start
         ..Config::default()
     };
     let _lock = DataDirLock::acquire(&config.data_dir)?;
-    let options = PostgresOptions::new(to.expose()).map_err(StartError::Ledger)?;
+    let options = PostgresOptions::for_database(
+        Database::new(to.expose(), ca_file).map_err(StartError::Ledger)?,
+    );
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

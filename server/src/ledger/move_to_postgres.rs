@@ -239,8 +239,8 @@ pub fn move_to_postgres(
 
     let source = rusqlite::Connection::open_with_flags(sqlite, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut client = postgres
-        .config
-        .connect(postgres::NoTls)
+        .database
+        .connect()
         .map_err(|e| LedgerError::Storage(format!("cannot connect to PostgreSQL: {e}")))?;
     let pg = |what: &str, e: postgres::Error| LedgerError::Storage(format!("{what}: {e}"));
 

@@ -68,10 +68,11 @@ impl NodeServices {
         let Some(url) = &config.database else {
             return Ok(Self::sole_process(config));
         };
-        let db: ::postgres::Config = url
-            .expose()
-            .parse()
-            .map_err(|e| crate::StartError::Config(format!("--database: {e}")))?;
+        let db = crate::ledger::postgres::Database::new(
+            url.expose(),
+            config.database_ca_file.as_deref(),
+        )
+        .map_err(|e| crate::StartError::Config(format!("--database: {e}")))?;
         let node = hex::encode(rand::random::<[u8; 8]>());
         let board = postgres::SharedPresence::start(
             db.clone(),

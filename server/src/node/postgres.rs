@@ -23,11 +23,12 @@ use std::time::Duration;
 use capsync_shared::ShareId;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use postgres::{Client, NoTls};
+use postgres::Client;
 use tokio::sync::{oneshot, watch};
 
 use super::Leadership;
 use crate::clock::Clock;
+use crate::ledger::postgres::Database;
 use crate::presence::{LocalPresence, PresenceBoard, WriterStatus};
 
 /// A dead node's rows are deleted after this long.
@@ -45,7 +46,7 @@ pub struct AdvisoryLead {
 
 impl AdvisoryLead {
     /// Starts the thread that holds (or waits for) the lock; it connects when first asked.
-    pub fn start(config: postgres::Config) -> std::io::Result<Self> {
+    pub fn start(database: Database) -> std::io::Result<Self> {
         let (requests, asked) = mpsc::channel::<oneshot::Sender<bool>>();
         std::thread::Builder::new()
             .name("capsync-pg-lead".to_owned())
@@ -54,7 +55,7 @@ impl AdvisoryLead {
                 let mut holding = false;
                 // Ends when the node drops its services; the lock goes with the connection.
                 for reply in asked {
-                    holding = lead(&config, &mut client, holding);
+                    holding = lead(&database, &mut client, holding);
                     let _ = reply.send(holding);
                 }
             })?;
@@ -66,12 +67,12 @@ impl AdvisoryLead {
 
 /// Whether this node holds the lock now: checks that the connection holding it still
 /// works, or tries to take the lock (on a new connection if the old one broke).
-fn lead(config: &postgres::Config, client: &mut Option<Client>, holding: bool) -> bool {
+fn lead(database: &Database, client: &mut Option<Client>, holding: bool) -> bool {
     if client.as_ref().is_some_and(Client::is_closed) {
         *client = None;
     }
     if client.is_none() {
-        match config.connect(NoTls) {
+        match database.connect() {
             Ok(connected) => *client = Some(connected),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the database to lead the lifecycle");
@@ -143,7 +144,7 @@ impl SharedPresence {
     /// Starts publishing this node's writers as `node` and reading the others', every
     /// `heartbeat`; nodes silent for `timeout` count as gone.
     pub fn start(
-        config: postgres::Config,
+        database: Database,
         node: String,
         clock: Clock,
         heartbeat: Duration,
@@ -174,7 +175,7 @@ impl SharedPresence {
                         client = None;
                     }
                     if client.is_none() {
-                        client = config.connect(NoTls).ok();
+                        client = database.connect().ok();
                         // A new connection: publish everything again.
                         published_all = false;
                     }

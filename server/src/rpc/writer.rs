@@ -13,6 +13,8 @@ use super::context::Context;
 use super::shares::{self, outcome};
 use super::viewer::ViewerImpl;
 use super::wire::{self, BatchLimits};
+use capsync_shared::ErrorCode;
+
 use crate::error::ServerError;
 use crate::ledger::oversize::append_within_limit;
 use crate::ledger::{Ack, AuditEvent, Authority};
@@ -67,7 +69,7 @@ impl WriterImpl {
         let (ctx, auth) = (Rc::clone(&self.ctx), self.auth.clone());
         let (done_tx, done) = oneshot::channel();
         tokio::task::spawn_local(async move {
-            let result = async {
+            let result: Result<Ack, ServerError> = async {
                 let _in_flight = ctx.begin_batch()?;
                 let started = Instant::now();
                 let ack = append_within_limit(&ctx.ledger, auth, batch, ctx.max_op_bytes).await?;
@@ -75,6 +77,11 @@ impl WriterImpl {
                 Ok(ack)
             }
             .await;
+            if let Err(e) = &result
+                && e.code == ErrorCode::Overloaded
+            {
+                ctx.metrics.write_overloaded();
+            }
             let _ = done_tx.send(result);
         });
         Ok(done)

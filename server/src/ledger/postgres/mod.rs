@@ -16,6 +16,7 @@
 //! The rules themselves are the engine-neutral ones ([`crate::ledger::rules`]).
 
 mod audit;
+mod connect;
 mod errors;
 mod lanes;
 mod notify;
@@ -47,13 +48,15 @@ use super::{
     Stats, StoredToken, VacuumReport,
 };
 use crate::clock::Clock;
+use crate::metrics::Metrics;
+
+pub use self::connect::Database;
 
 /// Settings of the PostgreSQL engine.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresOptions {
-    /// Where the database is: host, port, user, password, database name and
-    /// settings such as `options=-csearch_path=…`, parsed from a `postgres://` URL.
-    pub config: postgres::Config,
+    /// Where the database is and how to connect (see [`Database`]).
+    pub database: Database,
     /// Most connections this node opens at once.
     pub connections: u32,
     /// Clear output and attachments of tool parts stored with a compacted time
@@ -65,42 +68,28 @@ pub struct PostgresOptions {
     pub write_queue_bytes: usize,
     /// Where "now" comes from (token expiry, the time an op was applied).
     pub clock: Clock,
-}
-
-impl std::fmt::Debug for PostgresOptions {
-    // The configuration holds the password: show where, never how.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresOptions")
-            .field("hosts", &self.config.get_hosts())
-            .field("ports", &self.config.get_ports())
-            .field("dbname", &self.config.get_dbname())
-            .field("user", &self.config.get_user())
-            .field("connections", &self.connections)
-            .finish_non_exhaustive()
-    }
+    /// Counts writes refused because PostgreSQL's disk is full.
+    pub metrics: Metrics,
 }
 
 impl PostgresOptions {
-    /// Defaults for the database at `url`: 16 connections, reclaim on, the server's
-    /// default queue limits.
+    /// Defaults for the database at `url` (see [`Database::new`]).
     pub fn new(url: &str) -> LedgerResult<Self> {
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e| LedgerError::InvalidArgument(format!("not a PostgreSQL URL: {e}")))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(pool::CONNECT_TIMEOUT);
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("capsync-server");
-        }
-        Ok(Self {
-            config,
+        Database::new(url, None).map(Self::for_database)
+    }
+
+    /// Defaults for `database`: 16 connections, reclaim on, the server's default
+    /// queue limits.
+    pub fn for_database(database: Database) -> Self {
+        Self {
+            database,
             connections: 16,
             reclaim_compacted: true,
             write_queue: crate::config::DEFAULT_WRITE_QUEUE,
             write_queue_bytes: crate::config::DEFAULT_WRITE_QUEUE_BYTES,
             clock: Clock::system(),
-        })
+            metrics: Metrics::default(),
+        }
     }
 }
 
@@ -125,17 +114,18 @@ pub(crate) struct PostgresEngine {
     /// Audit lines waiting to be written.
     audits: Arc<audit::AuditQueue>,
     clock: Clock,
+    metrics: Metrics,
 }
 
 impl PostgresEngine {
     fn open(options: PostgresOptions) -> LedgerResult<Self> {
         // The synchronous client runs a small runtime of its own: connect and migrate on
         // a thread of their own, whatever context the caller is in.
-        let config = options.config.clone();
+        let database = options.database.clone();
         let schema_name = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let mut client = config.connect(postgres::NoTls).map_err(|e| {
+                    let mut client = database.connect().map_err(|e| {
                         LedgerError::Storage(format!("cannot connect to PostgreSQL: {e}"))
                     })?;
                     schema::migrate(&mut client)?;
@@ -152,11 +142,16 @@ impl PostgresEngine {
             commands: options.write_queue,
             bytes: options.write_queue_bytes,
         };
-        let pool = Pool::start(&options.config, options.connections, limits, &options.clock)?;
+        let pool = Pool::start(
+            &options.database,
+            options.connections,
+            limits,
+            &options.clock,
+        )?;
         // Subscribers that fall this far behind get `Lagged` and recheck everything.
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         let channel = notify::Channel::new(&schema_name, hex::encode(rand::random::<[u8; 8]>()));
-        let listener = notify::Listener::start(options.config, channel.clone(), changes.clone())
+        let listener = notify::Listener::start(options.database, channel.clone(), changes.clone())
             .map_err(|e| LedgerError::Storage(format!("cannot start the change listener: {e}")))?;
         Ok(Self {
             pool,
@@ -165,6 +160,7 @@ impl PostgresEngine {
             _listener: listener,
             audits: Arc::default(),
             clock: options.clock,
+            metrics: options.metrics,
         })
     }
 }
@@ -200,6 +196,7 @@ impl Engine for PostgresEngine {
         };
         let changes = self.changes.clone();
         let order = order.map(ShareId::as_str);
+        let metrics = self.metrics.clone();
         self.pool
             .run(order, Access::Write, bytes, notified, move |done: &T| {
                 if let Some(changed) = change(done) {
@@ -207,6 +204,12 @@ impl Engine for PostgresEngine {
                     let _ = changes.send(changed);
                 }
             })
+            .inspect(move |result| {
+                if matches!(result, Err(LedgerError::StorageFull)) {
+                    metrics.storage_full_refusal();
+                }
+            })
+            .boxed()
     }
 
     fn read<T, F>(&self, work: F) -> BoxFuture<'static, LedgerResult<T>>

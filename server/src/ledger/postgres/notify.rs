@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use capsync_shared::ShareId;
-use postgres::NoTls;
 use postgres::fallible_iterator::FallibleIterator;
 use tokio::sync::broadcast;
 
+use super::connect::Database;
 use super::tx::PgTx;
 use crate::ledger::{Changed, LedgerResult};
 
@@ -76,7 +76,7 @@ pub(super) struct Listener {
 
 impl Listener {
     pub(super) fn start(
-        config: postgres::Config,
+        database: Database,
         channel: Channel,
         changes: broadcast::Sender<Changed>,
     ) -> std::io::Result<Self> {
@@ -84,7 +84,7 @@ impl Listener {
         let stopping = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("capsync-pg-listen".to_owned())
-            .spawn(move || listen(&config, &channel, &changes, &stopping))?;
+            .spawn(move || listen(&database, &channel, &changes, &stopping))?;
         Ok(Self { stop })
     }
 }
@@ -96,7 +96,7 @@ impl Drop for Listener {
 }
 
 fn listen(
-    config: &postgres::Config,
+    database: &Database,
     channel: &Channel,
     changes: &broadcast::Sender<Changed>,
     stop: &AtomicBool,
@@ -104,7 +104,7 @@ fn listen(
     let mut backoff = FIRST_BACKOFF;
     let mut connected_before = false;
     while !stop.load(Ordering::Acquire) {
-        let mut client = match config.connect(NoTls) {
+        let mut client = match database.connect() {
             Ok(client) => client,
             Err(e) => {
                 tracing::warn!(error = %e, "the change listener cannot reach the database");

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use postgres::{Client, IsolationLevel, NoTls};
+use postgres::{Client, IsolationLevel};
 
+use super::connect::Database;
 use super::errors::{Failure, classify, to_ledger};
 use super::lanes::Lanes;
 use super::tx::{PgTx, Statements};
@@ -46,8 +47,8 @@ pub(super) struct Connection {
 impl Connection {
     /// Opens a connection; one that cannot be opened is `Busy` (worth a retry), and
     /// why is logged.
-    pub(super) fn open(config: &postgres::Config) -> LedgerResult<Self> {
-        match config.connect(NoTls) {
+    pub(super) fn open(database: &Database) -> LedgerResult<Self> {
+        match database.connect() {
             Ok(client) => Ok(Self {
                 client,
                 statements: Statements::new(),
@@ -88,7 +89,7 @@ pub(super) struct Pool {
 
 /// A worker thread's state: its connection, opened when first needed.
 pub(super) struct Worker {
-    config: postgres::Config,
+    database: Database,
     connection: Option<Connection>,
     clock: Clock,
 }
@@ -104,7 +105,7 @@ impl Worker {
             self.connection = None;
         }
         if self.connection.is_none() {
-            self.connection = Some(Connection::open(&self.config)?);
+            self.connection = Some(Connection::open(&self.database)?);
         }
         Ok(self.connection.as_mut().expect("just opened"))
     }
@@ -148,7 +149,7 @@ impl Worker {
 impl Pool {
     /// Starts `workers` threads, each connecting when it first gets work.
     pub(super) fn start(
-        config: &postgres::Config,
+        database: &Database,
         workers: u32,
         limits: QueueLimits,
         clock: &Clock,
@@ -159,7 +160,7 @@ impl Pool {
             let queue = Arc::clone(&queue);
             let alive = alive.clone();
             let mut worker = Worker {
-                config: config.clone(),
+                database: database.clone(),
                 connection: None,
                 clock: clock.clone(),
             };

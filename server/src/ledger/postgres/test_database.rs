@@ -29,21 +29,24 @@ pub(crate) fn options_for(dir: &Path, clock: Clock) -> PostgresOptions {
     let schema = format!("capsync_test_{}", &hex::encode(digest)[..20]);
     let mut options =
         PostgresOptions::new(&url).expect("CAPSYNC_TEST_POSTGRES is a postgres:// URL");
-    let config = options.config.clone();
+    let database = options.database.clone();
     let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
     // The synchronous client must not run inside the test's async context.
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let mut client = config
-                    .connect(postgres::NoTls)
+                let mut client = database
+                    .connect()
                     .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", shared::URL_VARIABLE));
                 client.batch_execute(&create).unwrap();
             })
             .join()
             .unwrap();
     });
-    options.config.options(&format!("-csearch_path={schema}"));
+    options
+        .database
+        .config_mut()
+        .options(&format!("-csearch_path={schema}"));
     options.connections = 4;
     options.clock = clock;
     options
