@@ -10,11 +10,12 @@
 //!   SQLite's single writer.
 //! - [`probe`] and [`tail`]: fewer statements per append, since each is a round trip.
 //! - [`reads`]: token lookup, `stats`, and the reclaim pass.
-//! - [`notify`]: changes across nodes (NOTIFY in the committing transaction, one
-//!   LISTEN per node).
+//! - [`announce`] and [`notify`]: changes across nodes (each node's commits announced
+//!   right after them on a connection of its own, one LISTEN per node).
 //!
 //! The rules themselves are the engine-neutral ones ([`crate::ledger::rules`]).
 
+mod announce;
 mod audit;
 mod connect;
 mod errors;
@@ -107,8 +108,8 @@ pub(crate) struct PostgresEngine {
     pool: Arc<Pool>,
     /// Announces committed changes to live subscribers of this node.
     changes: tokio::sync::broadcast::Sender<Changed>,
-    /// Where commits tell the other nodes, and whose notifications the listener skips.
-    channel: notify::Channel,
+    /// Tells the other nodes what this node committed; stops when the engine is dropped.
+    announcer: Arc<announce::Announcer>,
     /// Hears the other nodes' commits; stops when the engine is dropped.
     _listener: notify::Listener,
     /// Audit lines waiting to be written.
@@ -151,12 +152,14 @@ impl PostgresEngine {
         // Subscribers that fall this far behind get `Lagged` and recheck everything.
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         let channel = notify::Channel::new(&schema_name, hex::encode(rand::random::<[u8; 8]>()));
-        let listener = notify::Listener::start(options.database, channel.clone(), changes.clone())
+        let announcer = announce::Announcer::start(options.database.clone(), channel.clone())
+            .map_err(|e| LedgerError::Storage(format!("cannot start the announcer: {e}")))?;
+        let listener = notify::Listener::start(options.database, channel, changes.clone())
             .map_err(|e| LedgerError::Storage(format!("cannot start the change listener: {e}")))?;
         Ok(Self {
             pool,
             changes,
-            channel,
+            announcer: Arc::new(announcer),
             _listener: listener,
             audits: Arc::default(),
             clock: options.clock,
@@ -169,8 +172,7 @@ impl Engine for PostgresEngine {
     type Tx<'t> = PgTx<'t>;
 
     /// Writes to one share run one at a time, in call order. What a write changed is
-    /// notified inside its transaction (the other nodes hear it once it commits) and
-    /// announced on this node right after the commit.
+    /// announced right after the commit, on this node and (by [`announce`]) to the others.
     fn write<T, F, C>(
         &self,
         order: Option<&ShareId>,
@@ -183,23 +185,13 @@ impl Engine for PostgresEngine {
         F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
         C: Fn(&T) -> Option<Changed> + Send + Sync + 'static,
     {
-        let change = Arc::new(change);
-        let notified = {
-            let (change, channel) = (Arc::clone(&change), self.channel.clone());
-            move |tx: &mut PgTx<'_>, now| {
-                let done = work(tx, now)?;
-                if let Some(changed) = change(&done) {
-                    channel.notify(tx, &changed)?;
-                }
-                Ok(done)
-            }
-        };
-        let changes = self.changes.clone();
+        let (changes, announcer) = (self.changes.clone(), Arc::clone(&self.announcer));
         let order = order.map(ShareId::as_str);
         let metrics = self.metrics.clone();
         self.pool
-            .run(order, Access::Write, bytes, notified, move |done: &T| {
+            .run(order, Access::Write, bytes, work, move |done: &T| {
                 if let Some(changed) = change(done) {
+                    announcer.announce(&changed);
                     // No receivers is fine: nobody is subscribed.
                     let _ = changes.send(changed);
                 }

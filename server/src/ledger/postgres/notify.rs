@@ -1,9 +1,8 @@
-//! Changes across nodes: each committing transaction notifies a channel of the
-//! database, and one listener per node turns the other nodes' notifications into
-//! the node's own [`Changed`] announcements.
+//! Changes across nodes: each node announces its commits on a channel of the
+//! database ([`super::announce`]), and one listener per node turns the other nodes'
+//! notifications into the node's own [`Changed`] announcements.
 //!
-//! A notification is delivered only if its transaction commits, and only to
-//! listeners connected at that moment. While the listener reconnects, notifications
+//! A notification is delivered only to listeners connected at that moment. While the listener reconnects, notifications
 //! are lost: after every reconnect it announces [`Changed::Missed`], and every
 //! follower on the node reads again from its cursor, so no op is missed for long.
 
@@ -16,8 +15,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use tokio::sync::broadcast;
 
 use super::connect::Database;
-use super::tx::PgTx;
-use crate::ledger::{Changed, LedgerResult};
+use crate::ledger::Changed;
 
 /// How often the listener looks whether its node is closing while nothing arrives.
 const POLL: Duration = Duration::from_millis(500);
@@ -42,15 +40,19 @@ impl Channel {
         }
     }
 
-    /// Notifies the other nodes of `changed`; delivered when the transaction commits.
-    pub(super) fn notify(&self, tx: &mut PgTx<'_>, changed: &Changed) -> LedgerResult<()> {
+    /// The channel's name.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What this node sends to announce `changed`.
+    pub(super) fn payload(&self, changed: &Changed) -> String {
         let what = match changed {
             Changed::Share(id) => format!("share {id}"),
             Changed::Tokens => "tokens".to_owned(),
             Changed::Missed => "missed".to_owned(),
         };
-        let payload = format!("{} {what}", self.node);
-        tx.notify_at_commit(&self.name, payload)
+        format!("{} {what}", self.node)
     }
 
     /// What another node's notification announces; `None` for this node's own or
@@ -166,5 +168,8 @@ mod tests {
         assert_eq!(channel.parse("n2 missed"), Some(Changed::Missed));
         assert_eq!(channel.parse("n2 nonsense"), None);
         assert_eq!(channel.parse("garbage"), None);
+        let other = Channel::new("public", "n2".to_owned());
+        let changed = Changed::Share(ShareId::from("sh_1"));
+        assert_eq!(channel.parse(&other.payload(&changed)), Some(changed));
     }
 }

@@ -1,5 +1,5 @@
-//! The writes that end an append (the share's new cursor, the audit line, the
-//! notification for other nodes), held back and sent as one statement.
+//! The writes that end an append (the share's new cursor and the audit line), held
+//! back and sent as one statement.
 //!
 //! Nobody reads their answers, and on PostgreSQL every statement is a round trip,
 //! which is what an append waits on (not PostgreSQL's work). They touch different
@@ -20,8 +20,6 @@ pub(super) struct Tail {
     /// `shares.cursor` and `updated_at` of one share.
     cursor: Option<(String, i64, i64)>,
     audit: Option<(i64, AuditEvent)>,
-    /// `pg_notify(channel, payload)`.
-    notify: Option<(String, String)>,
 }
 
 impl Tail {
@@ -34,10 +32,6 @@ impl Tail {
         self.audit.is_some()
     }
 
-    pub(super) fn has_notify(&self) -> bool {
-        self.notify.is_some()
-    }
-
     pub(super) fn set_cursor(&mut self, share: &str, cursor: i64, updated_at: i64) {
         self.cursor = Some((share.to_owned(), cursor, updated_at));
     }
@@ -46,15 +40,11 @@ impl Tail {
         self.audit = Some((at, event.clone()));
     }
 
-    pub(super) fn notify(&mut self, channel: &str, payload: String) {
-        self.notify = Some((channel.to_owned(), payload));
-    }
-
     /// The one statement doing every held-back write, and its parameters, leaving the
     /// tail empty; `None` when nothing is held back.
     pub(super) fn take(&mut self) -> Option<(String, Vec<Param>)> {
-        let (cursor, audit, notify) = (self.cursor.take(), self.audit.take(), self.notify.take());
-        if cursor.is_none() && audit.is_none() && notify.is_none() {
+        let (cursor, audit) = (self.cursor.take(), self.audit.take());
+        if cursor.is_none() && audit.is_none() {
             return None;
         }
         let mut params: Vec<Param> = Vec::new();
@@ -89,19 +79,7 @@ impl Tail {
                 values.join(", ")
             ));
         }
-        let select = match notify {
-            Some((channel, payload)) => {
-                let (channel, payload) = (next(Box::new(channel)), next(Box::new(payload)));
-                format!("SELECT pg_notify({channel}, {payload})")
-            }
-            None => "SELECT 1".to_owned(),
-        };
-        let sql = if clauses.is_empty() {
-            select
-        } else {
-            format!("WITH {} {select}", clauses.join(", "))
-        };
-        Some((sql, params))
+        Some((format!("WITH {} SELECT 1", clauses.join(", ")), params))
     }
 }
 
@@ -129,22 +107,23 @@ mod tests {
         let mut tail = Tail::default();
         tail.set_cursor("s", 7, 100);
         tail.audit(&event(), 100);
-        tail.notify("chan", "node share s".into());
         let (sql, params) = tail.take().expect("a statement");
-        assert_eq!(params.len(), 11);
+        assert_eq!(params.len(), 9);
         assert!(sql.starts_with("WITH cursor_moved AS (UPDATE shares SET cursor = $2"));
         assert!(sql.contains("audited AS (INSERT INTO audit"));
-        assert!(sql.contains("VALUES ($4, $5, $6, $7, $8, $9)"));
-        assert!(sql.ends_with("SELECT pg_notify($10, $11)"));
+        assert!(sql.ends_with("VALUES ($4, $5, $6, $7, $8, $9)) SELECT 1"));
         assert!(tail.take().is_none(), "taking empties the tail");
     }
 
     #[test]
-    fn a_notification_alone_is_a_plain_select() {
+    fn an_audit_line_alone_is_one_clause() {
         let mut tail = Tail::default();
-        tail.notify("chan", "node tokens".into());
+        tail.audit(&event(), 100);
         let (sql, params) = tail.take().expect("a statement");
-        assert_eq!(sql, "SELECT pg_notify($1, $2)");
-        assert_eq!(params.len(), 2);
+        assert!(
+            sql.starts_with("WITH audited AS (INSERT INTO audit"),
+            "{sql}"
+        );
+        assert_eq!(params.len(), 6);
     }
 }

@@ -66,15 +66,6 @@ impl<'t> PgTx<'t> {
         }
     }
 
-    /// Notifies `channel` with `payload` when the transaction commits.
-    pub(super) fn notify_at_commit(&mut self, channel: &str, payload: String) -> LedgerResult<()> {
-        if self.tail.has_notify() {
-            self.send_tail()?;
-        }
-        self.tail.notify(channel, payload);
-        Ok(())
-    }
-
     /// Sends the held-back writes; every other statement goes after them.
     fn send_tail(&mut self) -> LedgerResult<()> {
         let Some((sql, params)) = self.tail.take() else {
