@@ -1,5 +1,5 @@
-//! The writes that end an append (the share's new cursor and the audit line), held
-//! back and sent as one statement.
+//! The writes that end an append (the last op's part, the share's new cursor and the
+//! audit line), held back and sent as one statement.
 //!
 //! Nobody reads their answers, and on PostgreSQL every statement is a round trip,
 //! which is what an append waits on (not PostgreSQL's work). They touch different
@@ -17,12 +17,30 @@ pub(super) type Param = Box<dyn ToSql + Sync + Send>;
 /// Writes waiting to be sent, at most one of each.
 #[derive(Default)]
 pub(super) struct Tail {
+    part: Option<HeldPart>,
     /// `shares.cursor` and `updated_at` of one share.
     cursor: Option<(String, i64, i64)>,
     audit: Option<(i64, AuditEvent)>,
 }
 
+/// A part upsert (`LedgerTx::put_part`).
+pub(super) struct HeldPart {
+    pub share: String,
+    pub id: String,
+    pub message_id: String,
+    pub finished: bool,
+    pub json: String,
+}
+
 impl Tail {
+    pub(super) fn has_part(&self) -> bool {
+        self.part.is_some()
+    }
+
+    pub(super) fn put_part(&mut self, part: HeldPart) {
+        self.part = Some(part);
+    }
+
     /// Whether `set_cursor` can be held back without sending the tail first.
     pub(super) fn has_cursor(&self) -> bool {
         self.cursor.is_some()
@@ -43,8 +61,8 @@ impl Tail {
     /// The one statement doing every held-back write, and its parameters, leaving the
     /// tail empty; `None` when nothing is held back.
     pub(super) fn take(&mut self) -> Option<(String, Vec<Param>)> {
-        let (cursor, audit) = (self.cursor.take(), self.audit.take());
-        if cursor.is_none() && audit.is_none() {
+        let (part, cursor, audit) = (self.part.take(), self.cursor.take(), self.audit.take());
+        if part.is_none() && cursor.is_none() && audit.is_none() {
             return None;
         }
         let mut params: Vec<Param> = Vec::new();
@@ -53,6 +71,23 @@ impl Tail {
             format!("${}", params.len())
         };
         let mut clauses = Vec::new();
+        if let Some(part) = part {
+            let values = [
+                next(Box::new(part.share)),
+                next(Box::new(part.id)),
+                next(Box::new(part.message_id)),
+                next(Box::new(part.finished)),
+                next(Box::new(part.json)),
+            ];
+            // A part that moved to another message follows it: message_id is replaced too.
+            clauses.push(format!(
+                "part_put AS (INSERT INTO parts (share_id, id, message_id, finished, json) \
+                 VALUES ({}) ON CONFLICT (share_id, id) DO UPDATE \
+                 SET message_id = excluded.message_id, finished = excluded.finished, \
+                 json = excluded.json)",
+                values.join(", ")
+            ));
+        }
         if let Some((share, cursor, updated_at)) = cursor {
             let (share, cursor, updated_at) = (
                 next(Box::new(share)),
@@ -113,6 +148,33 @@ mod tests {
         assert!(sql.contains("audited AS (INSERT INTO audit"));
         assert!(sql.ends_with("VALUES ($4, $5, $6, $7, $8, $9)) SELECT 1"));
         assert!(tail.take().is_none(), "taking empties the tail");
+    }
+
+    #[test]
+    fn a_held_part_goes_first_and_numbers_the_rest_after_it() {
+        let mut tail = Tail::default();
+        tail.put_part(HeldPart {
+            share: "s".into(),
+            id: "p".into(),
+            message_id: "m".into(),
+            finished: false,
+            json: "{}".into(),
+        });
+        tail.set_cursor("s", 1, 100);
+        let (sql, params) = tail.take().expect("a statement");
+        assert_eq!(params.len(), 8);
+        assert!(
+            sql.starts_with("WITH part_put AS (INSERT INTO parts"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("VALUES ($1, $2, $3, $4, $5) ON CONFLICT"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("cursor = $7, updated_at = $8 WHERE id = $6"),
+            "{sql}"
+        );
     }
 
     #[test]

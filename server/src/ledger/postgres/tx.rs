@@ -14,7 +14,7 @@ use postgres::{Row, Statement, Transaction};
 
 use super::errors::{Failure, classify, corrupt, to_ledger};
 use super::probe;
-use super::tail::Tail;
+use super::tail::{HeldPart, Tail};
 use crate::ledger::rules::store::{
     KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Probe, Removable,
     ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken, TokenGrant,
@@ -835,6 +835,7 @@ impl LedgerTx for PgTx<'_> {
         }
     }
 
+    /// Held back for the [`Tail`]: the last op's part goes with the append's last writes.
     fn put_part(
         &mut self,
         share: &ShareId,
@@ -843,14 +844,16 @@ impl LedgerTx for PgTx<'_> {
         finished: bool,
         json: &str,
     ) -> LedgerResult<()> {
-        self.exec(
-            "INSERT INTO parts (share_id, id, message_id, finished, json)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (share_id, id) DO UPDATE
-             SET message_id = excluded.message_id, finished = excluded.finished,
-                 json = excluded.json",
-            &[&share.as_str(), &id, &message_id, &finished, &json],
-        )?;
+        if self.tail.has_part() {
+            self.send_tail()?;
+        }
+        self.tail.put_part(HeldPart {
+            share: share.0.clone(),
+            id: id.to_owned(),
+            message_id: message_id.to_owned(),
+            finished,
+            json: json.to_owned(),
+        });
         Ok(())
     }
 
