@@ -11,10 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use postgres::config::SslMode;
 use postgres::{Client, NoTls};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::pool::CONNECT_TIMEOUT;
@@ -23,7 +23,7 @@ use crate::ledger::{LedgerError, LedgerResult};
 /// A PostgreSQL database and how to connect to it.
 #[derive(Clone)]
 pub struct Database {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     /// `None`: no TLS (`sslmode` other than `require`).
     tls: Option<MakeRustlsConnect>,
 }
@@ -47,7 +47,7 @@ impl Database {
     /// machine's.
     pub fn new(url: &str, ca_file: Option<&Path>) -> LedgerResult<Self> {
         let (url, root_cert) = libpq_parameters(url)?;
-        let mut config: postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| invalid(format!("not a PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
@@ -79,17 +79,37 @@ impl Database {
         Ok(Self { config, tls })
     }
 
-    /// Opens a connection.
+    /// Opens a connection, with the blocking client.
     pub fn connect(&self) -> Result<Client, CannotConnect> {
+        let config = postgres::Config::from(self.config.clone());
         match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(NoTls),
+            Some(tls) => config.connect(tls.clone()),
+            None => config.connect(NoTls),
         }
         .map_err(|e| CannotConnect::from(&e))
     }
 
+    /// Opens a connection with the asynchronous client, whose connection runs as a task
+    /// of the runtime this is called in (it makes progress while that runtime runs).
+    pub async fn connect_async(&self) -> Result<tokio_postgres::Client, CannotConnect> {
+        let failed = |e: tokio_postgres::Error| CannotConnect::from(&e);
+        match &self.tls {
+            Some(tls) => {
+                let (client, connection) =
+                    self.config.connect(tls.clone()).await.map_err(failed)?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+        }
+    }
+
     /// The parsed URL, e.g. to set a connection option before connecting.
-    pub fn config_mut(&mut self) -> &mut postgres::Config {
+    pub fn config_mut(&mut self) -> &mut tokio_postgres::Config {
         &mut self.config
     }
 

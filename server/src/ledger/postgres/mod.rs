@@ -249,16 +249,16 @@ impl Engine for PostgresEngine {
             pool.submit(None, |worker| {
                 let started = Instant::now();
                 // VACUUM cannot run in a transaction: the worker's connection, in autocommit.
-                let client = worker.connection()?.client();
-                let (bytes_before, tables) = table_sizes(client)?;
+                let connection = worker.connection()?;
+                let (bytes_before, tables) = table_sizes(connection)?;
                 for table in &tables {
                     // Names from the catalog, quoted as identifiers.
                     let quoted = format!("\"{}\"", table.replace('"', "\"\""));
-                    client
+                    connection
                         .batch_execute(&format!("VACUUM (ANALYZE) {quoted}"))
                         .map_err(|e| errors::storage("vacuum", &e))?;
                 }
-                let (bytes_after, _) = table_sizes(client)?;
+                let (bytes_after, _) = table_sizes(connection)?;
                 Ok(VacuumReport {
                     bytes_before,
                     bytes_after,
@@ -314,8 +314,8 @@ fn warn_unless_durable(client: &mut postgres::Client) {
 }
 
 /// The total size of capsync's tables (with indexes and TOAST), and their names.
-fn table_sizes(client: &mut postgres::Client) -> LedgerResult<(u64, Vec<String>)> {
-    let rows = client
+fn table_sizes(connection: &mut pool::Connection) -> LedgerResult<(u64, Vec<String>)> {
+    let rows = connection
         .query(
             "SELECT relname::text, pg_total_relation_size(relid) FROM pg_stat_user_tables
              WHERE schemaname = current_schema() ORDER BY relname",

@@ -1,8 +1,9 @@
 //! Worker threads, each owning one connection to PostgreSQL, that run transactions.
 //!
 //! The rules are synchronous, so transactions run on these threads, never on the RPC
-//! thread. A connection lives and dies on its worker (the synchronous client carries a
-//! small runtime of its own, which must not be dropped inside an async context). A
+//! thread. A connection lives and dies on its worker, with a small runtime of its own
+//! that drives it while a statement waits (the asynchronous client, so that statements
+//! can be pipelined: see [`PgTx`]); it must not be dropped inside an async context. A
 //! transaction that loses a race (a serialization failure or a deadlock) runs again; a
 //! connection that breaks is dropped, and the worker opens a new one for its next work,
 //! so the server recovers by itself once PostgreSQL is back.
@@ -13,12 +14,13 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use postgres::{Client, IsolationLevel};
+use postgres::Row;
+use postgres::types::ToSql;
 
 use super::connect::Database;
 use super::errors::{Failure, classify, to_ledger};
 use super::lanes::Lanes;
-use super::tx::{PgTx, Statements};
+use super::tx::{Committing, PgTx, Statements};
 use crate::clock::Clock;
 use crate::ledger::{LedgerError, LedgerResult};
 
@@ -38,19 +40,25 @@ pub(super) enum Access {
     Read,
 }
 
-/// One connection and the statements prepared on it.
+/// One connection, the runtime that drives it, and the statements prepared on it.
 pub(super) struct Connection {
-    client: Client,
-    statements: Statements,
+    pub(super) client: tokio_postgres::Client,
+    pub(super) runtime: tokio::runtime::Runtime,
+    pub(super) statements: Statements,
 }
 
 impl Connection {
     /// Opens a connection; one that cannot be opened is `Busy` (worth a retry), and
     /// why is logged.
     pub(super) fn open(database: &Database) -> LedgerResult<Self> {
-        match database.connect() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| LedgerError::Storage(format!("a database worker's runtime: {e}")))?;
+        match runtime.block_on(database.connect_async()) {
             Ok(client) => Ok(Self {
                 client,
+                runtime,
                 statements: Statements::new(),
             }),
             Err(e) => {
@@ -60,8 +68,18 @@ impl Connection {
         }
     }
 
-    pub(super) fn client(&mut self) -> &mut Client {
-        &mut self.client
+    /// Runs `sql` (statements without parameters) outside any transaction.
+    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.runtime.block_on(self.client.batch_execute(sql))
+    }
+
+    /// The rows `sql` gives, outside any transaction.
+    pub(super) fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        self.runtime.block_on(self.client.query(sql, params))
     }
 }
 
@@ -314,36 +332,28 @@ where
         failure: Some(classify(&e)),
         at_commit: false,
     };
-    let (isolation, read_only) = match access {
-        Access::Write => (IsolationLevel::ReadCommitted, false),
-        Access::Read => (IsolationLevel::RepeatableRead, true),
+    let begin = match access {
+        Access::Write => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        Access::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     };
-    let tx = connection
-        .client
-        .build_transaction()
-        .isolation_level(isolation)
-        .read_only(read_only)
-        .start()
-        .map_err(failed)?;
-    let mut pg = PgTx::new(tx, &mut connection.statements);
+    let mut pg = PgTx::new(connection, begin);
     match work(&mut pg, clock.now_millis()) {
-        Ok(done) => {
-            let tx = pg.finish().map_err(|(error, failure)| Failed {
+        Ok(done) => match pg.commit() {
+            Ok(()) => Ok(done),
+            Err(Committing::Before(e)) => Err(failed(e)),
+            Err(Committing::At(e)) => Err(Failed {
+                at_commit: true,
+                ..failed(e)
+            }),
+        },
+        Err(error) => {
+            let failure = pg.failure();
+            pg.rollback();
+            Err(Failed {
                 error,
                 failure,
                 at_commit: false,
-            })?;
-            tx.commit().map_err(|e| Failed {
-                at_commit: true,
-                ..failed(e)
-            })?;
-            Ok(done)
+            })
         }
-        // Dropping the transaction rolls it back.
-        Err(error) => Err(Failed {
-            error,
-            failure: pg.failure(),
-            at_commit: false,
-        }),
     }
 }

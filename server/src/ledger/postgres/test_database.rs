@@ -46,7 +46,7 @@ pub(crate) fn options_for(dir: &Path, clock: Clock) -> PostgresOptions {
     options
         .database
         .config_mut()
-        .options(&format!("-csearch_path={schema}"));
+        .options(format!("-csearch_path={schema}"));
     options.connections = 4;
     options.clock = clock;
     options

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 use postgres::types::{FromSql, ToSql};
-use postgres::{Row, Statement, Transaction};
+use postgres::{Row, Statement};
 
 use super::errors::{Failure, classify, corrupt, to_ledger};
+use super::pool::Connection;
 use super::probe;
-use super::tail::{HeldPart, Tail};
+use super::tail::{HeldPart, Param, Tail};
 use crate::ledger::rules::store::{
     KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Probe, Removable,
     ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken, TokenGrant,
@@ -36,50 +37,74 @@ const BOOTSTRAP_LOCK: i64 = 0x6361_7073_796e_6302;
 pub(super) type Statements = HashMap<String, Statement>;
 
 /// The rules' view of one PostgreSQL transaction.
+///
+/// What needs no answer waits and goes out together with the next statement, in one
+/// round trip (the asynchronous client pipelines requests issued together): `BEGIN`
+/// with the first statement, the held-back writes of the [`Tail`] with the next
+/// statement or with `COMMIT`. A failure of what went ahead is reported by the
+/// statement it went with, first; PostgreSQL has then aborted the transaction anyway.
 pub(crate) struct PgTx<'t> {
-    tx: Transaction<'t>,
-    statements: &'t mut Statements,
+    connection: &'t mut Connection,
+    /// `BEGIN …`, until it is sent with the first statement.
+    begin: Option<&'static str>,
     /// What the first failed statement said about the transaction, for the runner.
     failure: Option<Failure>,
     /// Writes held back to go out as one statement (see [`Tail`]).
     tail: Tail,
 }
 
+/// How a commit failed.
+pub(super) enum Committing {
+    /// Before `COMMIT` (a held-back write): the transaction was rolled back.
+    Before(postgres::Error),
+    /// `COMMIT` itself: the transaction may have committed.
+    At(postgres::Error),
+}
+
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// What goes out ahead of a statement: `BEGIN`, then the tail's statement.
+struct Ahead {
+    begin: Option<&'static str>,
+    tail: Option<(Statement, Vec<Param>)>,
+}
+
+impl Ahead {
+    /// Sends what is ahead; resolves once PostgreSQL answered it. Polled before the
+    /// statement it goes with, so it is sent first.
+    async fn send(&self, client: &tokio_postgres::Client) -> Result<(), postgres::Error> {
+        let begin = async {
+            match self.begin {
+                Some(sql) => client.batch_execute(sql).await,
+                None => Ok(()),
+            }
+        };
+        let tail = async {
+            match &self.tail {
+                Some((statement, params)) => {
+                    let params: Vec<&(dyn ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                        .collect();
+                    client.execute(statement, &params).await.map(|_| ())
+                }
+                None => Ok(()),
+            }
+        };
+        let (begun, sent) = futures::join!(begin, tail);
+        begun.and(sent)
+    }
+}
+
 impl<'t> PgTx<'t> {
-    pub(super) fn new(tx: Transaction<'t>, statements: &'t mut Statements) -> Self {
+    /// A transaction that `begin` (`BEGIN …`) opens with its first statement.
+    pub(super) fn new(connection: &'t mut Connection, begin: &'static str) -> Self {
         Self {
-            tx,
-            statements,
+            connection,
+            begin: Some(begin),
             failure: None,
             tail: Tail::default(),
         }
-    }
-
-    /// Sends what is held back and gives the transaction, to commit it once the work
-    /// is done.
-    pub(super) fn finish(mut self) -> Result<Transaction<'t>, (LedgerError, Option<Failure>)> {
-        match self.send_tail() {
-            Ok(()) => Ok(self.tx),
-            Err(e) => Err((e, self.failure)),
-        }
-    }
-
-    /// Sends the held-back writes; every other statement goes after them.
-    fn send_tail(&mut self) -> LedgerResult<()> {
-        let Some((sql, params)) = self.tail.take() else {
-            return Ok(());
-        };
-        let statement = self.statement(&sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        self.tx
-            .execute(&statement, &params)
-            .map_err(|e| self.failed(&e))?;
-        Ok(())
     }
 
     /// What went wrong in this transaction, if a statement failed.
@@ -87,45 +112,126 @@ impl<'t> PgTx<'t> {
         self.failure
     }
 
+    /// Sends what is held back and commits, in one round trip.
+    pub(super) fn commit(mut self) -> Result<(), Committing> {
+        let ahead = self.take_ahead().map_err(Committing::Before)?;
+        if ahead.begin.is_some() && ahead.tail.is_none() {
+            // Nothing was read or written: there is no transaction to commit.
+            return Ok(());
+        }
+        let Connection {
+            client, runtime, ..
+        } = &mut *self.connection;
+        let (sent, committed) = runtime
+            .block_on(async { futures::join!(ahead.send(client), client.batch_execute("COMMIT")) });
+        // After a failure ahead, PostgreSQL answers `COMMIT` with a rollback.
+        sent.map_err(Committing::Before)?;
+        committed.map_err(Committing::At)
+    }
+
+    /// Ends the transaction without committing, if it was begun; a connection that
+    /// cannot say so is closed, and the worker opens a new one.
+    pub(super) fn rollback(self) {
+        if self.begin.is_none() {
+            let Connection {
+                client, runtime, ..
+            } = &mut *self.connection;
+            let _ = runtime.block_on(client.batch_execute("ROLLBACK"));
+        }
+    }
+
     fn failed(&mut self, error: &postgres::Error) -> LedgerError {
         self.failure.get_or_insert(classify(error));
         to_ledger(error)
     }
 
+    /// A prepared statement for `sql`, from the connection's cache.
     fn statement(&mut self, sql: &str) -> LedgerResult<Statement> {
-        if let Some(statement) = self.statements.get(sql) {
+        if let Some(statement) = self.connection.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = match self.tx.prepare(sql) {
+        let Connection {
+            client, runtime, ..
+        } = &mut *self.connection;
+        let statement = match runtime.block_on(client.prepare(sql)) {
             Ok(statement) => statement,
             Err(e) => return Err(self.failed(&e)),
         };
-        self.statements.insert(sql.to_owned(), statement.clone());
+        self.connection
+            .statements
+            .insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
 
-    pub(super) fn rows(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<Vec<Row>> {
-        self.send_tail()?;
+    /// `BEGIN` if not sent yet and the held-back writes, to send with the next statement.
+    fn take_ahead(&mut self) -> Result<Ahead, postgres::Error> {
+        let tail = match self.tail.take() {
+            Some((sql, params)) => {
+                let statement = match self.connection.statements.get(&sql) {
+                    Some(statement) => statement.clone(),
+                    None => {
+                        let Connection {
+                            client, runtime, ..
+                        } = &mut *self.connection;
+                        let statement = runtime.block_on(client.prepare(&sql))?;
+                        self.connection.statements.insert(sql, statement.clone());
+                        statement
+                    }
+                };
+                Some((statement, params))
+            }
+            None => None,
+        };
+        Ok(Ahead {
+            begin: self.begin.take(),
+            tail,
+        })
+    }
+
+    /// Runs `query` on the statement for `sql`, after what is ahead, in one round trip.
+    fn pipelined<T>(
+        &mut self,
+        sql: &str,
+        query: impl AsyncFnOnce(&tokio_postgres::Client, &Statement) -> Result<T, postgres::Error>,
+    ) -> LedgerResult<T> {
         let statement = self.statement(sql)?;
-        self.tx
-            .query(&statement, params)
-            .map_err(|e| self.failed(&e))
+        let ahead = self.take_ahead().map_err(|e| self.failed(&e))?;
+        let Connection {
+            client, runtime, ..
+        } = &mut *self.connection;
+        let result = runtime.block_on(async {
+            let (sent, answered) = futures::join!(ahead.send(client), query(client, &statement));
+            sent.and(answered)
+        });
+        result.map_err(|e| self.failed(&e))
+    }
+
+    pub(super) fn rows(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<Vec<Row>> {
+        self.pipelined(sql, async |client, statement| {
+            client.query(statement, params).await
+        })
     }
 
     pub(super) fn row(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<Option<Row>> {
-        self.send_tail()?;
-        let statement = self.statement(sql)?;
-        self.tx
-            .query_opt(&statement, params)
-            .map_err(|e| self.failed(&e))
+        self.pipelined(sql, async |client, statement| {
+            client.query_opt(statement, params).await
+        })
     }
 
     pub(super) fn exec(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<u64> {
-        self.send_tail()?;
-        let statement = self.statement(sql)?;
-        self.tx
-            .execute(&statement, params)
-            .map_err(|e| self.failed(&e))
+        self.pipelined(sql, async |client, statement| {
+            client.execute(statement, params).await
+        })
+    }
+
+    /// Sends the held-back writes now, before a write that cannot join them.
+    fn send_tail(&mut self) -> LedgerResult<()> {
+        let ahead = self.take_ahead().map_err(|e| self.failed(&e))?;
+        let Connection {
+            client, runtime, ..
+        } = &mut *self.connection;
+        let sent = runtime.block_on(ahead.send(client));
+        sent.map_err(|e| self.failed(&e))
     }
 
     fn share_rows(&mut self, sql: &str, params: Params<'_>) -> LedgerResult<Vec<ShareRow>> {
