@@ -97,6 +97,9 @@ struct Args {
     /// own and drops it): the server with one node and with two, against N raw clients.
     #[arg(long, value_name = "URL")]
     database: Option<String>,
+    /// PostgreSQL only: connections per server node (the server's `--database-connections`).
+    #[arg(long, default_value_t = capsync_server::config::DEFAULT_DATABASE_CONNECTIONS)]
+    database_connections: u32,
     /// Passed by `cargo bench` to every bench binary; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -1171,8 +1174,9 @@ fn run_on_postgres(args: &Args, url: &str, scenarios: Vec<Scenario>) -> BenchRes
     );
     println!("  postgres:   {}", postgres_limit::settings(url)?);
     println!(
-        "  payload {PAYLOAD_BYTES} bytes, {} repetition(s); the raw limit is N clients at once",
-        args.repeat
+        "  payload {PAYLOAD_BYTES} bytes, {} repetition(s); the raw limit is N clients at once; \
+         {} connections per node",
+        args.repeat, args.database_connections
     );
     println!();
     let mut results = Vec::new();
@@ -1181,8 +1185,9 @@ fn run_on_postgres(args: &Args, url: &str, scenarios: Vec<Scenario>) -> BenchRes
         for rep in 1..=args.repeat {
             let half = scenario.halved();
             let before = postgres_limit::measure_raw(&half, url)?;
-            let server = postgres_limit::measure_server(&scenario, url, 1)?;
-            let two_nodes = postgres_limit::measure_server(&scenario, url, 2)?;
+            let connections = args.database_connections;
+            let server = postgres_limit::measure_server(&scenario, url, 1, connections)?;
+            let two_nodes = postgres_limit::measure_server(&scenario, url, 2, connections)?;
             let after = postgres_limit::measure_raw(&half, url)?;
             let run = Run {
                 raw: before.combine(&after),

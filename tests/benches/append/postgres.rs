@@ -124,7 +124,12 @@ pub fn settings(url: &str) -> BenchResult<String> {
 
 /// Starts `nodes` servers on a fresh schema, drives the scenario through them (agent
 /// `i` on node `i % nodes`), stops them.
-pub fn measure_server(scenario: &Scenario, url: &str, nodes: usize) -> BenchResult<Measurement> {
+pub fn measure_server(
+    scenario: &Scenario,
+    url: &str,
+    nodes: usize,
+    connections: u32,
+) -> BenchResult<Measurement> {
     let schema = Schema::create(url, "server")?;
     let mut servers = Vec::new();
     let mut dirs = Vec::new();
@@ -134,7 +139,7 @@ pub fn measure_server(scenario: &Scenario, url: &str, nodes: usize) -> BenchResu
             .tempdir()?;
         let mut config = Config::for_tests(data.path().join("data"));
         config.database = Some(schema.url().parse()?);
-        config.database_connections = 16;
+        config.database_connections = connections;
         servers.push(capsync_server::spawn(
             std::net::TcpListener::bind("127.0.0.1:0")?,
             config,

@@ -89,6 +89,19 @@ impl<J> Lanes<J> {
         }
     }
 
+    /// Up to `max` more jobs from the front of the ready queue, as long as each `fits`;
+    /// does not wait. Each must be [`done`](Self::done) like one from [`take`](Self::take).
+    pub(super) fn take_more(&self, max: usize, fits: impl Fn(&J) -> bool) -> Vec<Taken<J>> {
+        let mut state = self.state();
+        let mut taken = Vec::new();
+        while taken.len() < max && state.ready.front().is_some_and(|(_, job)| fits(job)) {
+            if let Some((lane, job)) = state.ready.pop_front() {
+                taken.push(Taken { job, lane });
+            }
+        }
+        taken
+    }
+
     /// Marks a taken job as run: the next job of its lane becomes ready.
     pub(super) fn done(&self, lane: Option<String>) {
         let Some(lane) = lane else { return };
@@ -139,6 +152,26 @@ mod tests {
         assert_eq!(second, 1);
         lanes.done(lane);
         assert_eq!(lanes.take().unwrap().job, 2);
+    }
+
+    #[test]
+    fn more_jobs_are_taken_from_the_front_while_they_fit_and_never_two_of_a_lane() {
+        let lanes = Lanes::new();
+        lanes.push(Some("a"), 1).unwrap();
+        lanes.push(Some("b"), 2).unwrap();
+        lanes.push(Some("a"), 3).unwrap();
+        lanes.push(Some("c"), 4).unwrap();
+        lanes.push(None, 5).unwrap();
+        let first = lanes.take().unwrap();
+        assert_eq!(first.job, 1);
+        // "a"'s second job waits for the first; the odd job stops the run.
+        let more: Vec<i32> = lanes
+            .take_more(10, |job| job % 2 == 0)
+            .into_iter()
+            .map(|t| t.job)
+            .collect();
+        assert_eq!(more, vec![2, 4]);
+        assert_eq!(lanes.take_more(10, |_| true).len(), 1, "the unordered job");
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod announce;
 mod audit;
 mod connect;
 mod errors;
+mod group;
 mod lanes;
 mod notify;
 mod pool;
@@ -79,12 +80,12 @@ impl PostgresOptions {
         Database::new(url, None).map(Self::for_database)
     }
 
-    /// Defaults for `database`: 16 connections, reclaim on, the server's default
+    /// Defaults for `database`: the server's default connections, reclaim on, its default
     /// queue limits.
     pub fn for_database(database: Database) -> Self {
         Self {
             database,
-            connections: 16,
+            connections: crate::config::DEFAULT_DATABASE_CONNECTIONS,
             reclaim_compacted: true,
             write_queue: crate::config::DEFAULT_WRITE_QUEUE,
             write_queue_bytes: crate::config::DEFAULT_WRITE_QUEUE_BYTES,

@@ -19,6 +19,7 @@ use postgres::types::ToSql;
 
 use super::connect::Database;
 use super::errors::{Failure, classify, to_ledger};
+use super::group::{self, GroupWrite, WriteJob};
 use super::lanes::Lanes;
 use super::tx::{Committing, PgTx, Statements};
 use crate::clock::Clock;
@@ -92,7 +93,12 @@ pub(super) struct QueueLimits {
 }
 
 /// Work for a worker: it gets the worker's connection, if one can be opened.
-type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+pub(super) enum Job {
+    /// A write transaction, which may commit together with other writes (see [`group`]).
+    Write(Box<dyn GroupWrite>),
+    /// Anything else, with the worker itself.
+    Other(Box<dyn FnOnce(&mut Worker) + Send>),
+}
 
 pub(super) struct Pool {
     /// The work waiting for a worker, in lanes by share.
@@ -113,6 +119,17 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    /// "Now", by the server's clock.
+    pub(super) fn now_millis(&self) -> i64 {
+        self.clock.now_millis()
+    }
+
+    /// Forgets the connection (it broke, or its state is unknown): the next work opens
+    /// a new one.
+    pub(super) fn drop_connection(&mut self) {
+        self.connection = None;
+    }
+
     /// The worker's connection, opened (again) if it has none or it closed.
     pub(super) fn connection(&mut self) -> LedgerResult<&mut Connection> {
         if self
@@ -189,8 +206,28 @@ impl Pool {
                     // Ends once the pool closed and the queue is drained.
                     while let Some(taken) = queue.take() {
                         let (job, lane) = taken.into_parts();
-                        job(&mut worker);
-                        queue.done(lane);
+                        match job {
+                            Job::Other(job) => {
+                                job(&mut worker);
+                                queue.done(lane);
+                            }
+                            Job::Write(first) => {
+                                // The writes queued right behind it go in the same transaction.
+                                let mut writes = vec![first];
+                                let mut lanes = vec![lane];
+                                for taken in queue
+                                    .take_more(group::MAX_GROUP - 1, |j| matches!(j, Job::Write(_)))
+                                {
+                                    let (job, lane) = taken.into_parts();
+                                    if let Job::Write(write) = job {
+                                        writes.push(write);
+                                    }
+                                    lanes.push(lane);
+                                }
+                                group::run(&mut worker, writes);
+                                lanes.into_iter().for_each(|lane| queue.done(lane));
+                            }
+                        }
                     }
                 })
                 .map_err(|e| {
@@ -223,19 +260,25 @@ impl Pool {
         F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
         A: FnOnce(&T) + Send + 'static,
     {
-        let admitted = match access {
-            Access::Write => match self.admit(bytes) {
-                Ok(admitted) => Some(admitted),
-                Err(e) => return futures::future::ready(Err(e)).boxed(),
-            },
-            Access::Read => None,
+        if access == Access::Read {
+            return self.submit(order, move |worker| {
+                let done = worker.transaction(access, &work)?;
+                after_commit(&done);
+                Ok(done)
+            });
+        }
+        let admitted = match self.admit(bytes) {
+            Ok(admitted) => admitted,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
-        self.submit(order, move |worker| {
-            let _admitted = admitted;
-            let done = worker.transaction(access, &work)?;
-            after_commit(&done);
-            Ok(done)
-        })
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job = Job::Write(Box::new(WriteJob::new(
+            work,
+            after_commit,
+            answer,
+            admitted,
+        )));
+        self.queued_answer(order, job, answered)
     }
 
     /// Runs `job` on a worker, with the worker itself (for work outside a transaction):
@@ -250,11 +293,20 @@ impl Pool {
         J: FnOnce(&mut Worker) -> LedgerResult<T> + Send + 'static,
     {
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |worker| {
+        let job = Job::Other(Box::new(move |worker| {
             let _ = answer.send(job(worker));
-        });
-        let sent = self.queue.push(order, job).is_ok();
-        if !sent {
+        }));
+        self.queued_answer(order, job, answered)
+    }
+
+    /// Queues `job`; resolves to what it answers on `answered`.
+    fn queued_answer<T: Send + 'static>(
+        &self,
+        order: Option<&str>,
+        job: Job,
+        answered: tokio::sync::oneshot::Receiver<LedgerResult<T>>,
+    ) -> BoxFuture<'static, LedgerResult<T>> {
+        if self.queue.push(order, job).is_err() {
             return futures::future::ready(Err(LedgerError::Closed)).boxed();
         }
         async move { answered.await.map_err(|_| LedgerError::Closed)? }.boxed()
@@ -295,7 +347,7 @@ impl Pool {
 }
 
 /// A write counted in the queue until it finishes.
-struct Admitted {
+pub(super) struct Admitted {
     queued: Arc<AtomicUsize>,
     queued_bytes: Arc<AtomicUsize>,
     bytes: usize,
@@ -333,7 +385,7 @@ where
         at_commit: false,
     };
     let begin = match access {
-        Access::Write => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        Access::Write => group::BEGIN_WRITE,
         Access::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     };
     let mut pg = PgTx::new(connection, begin);
