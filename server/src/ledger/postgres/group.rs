@@ -13,7 +13,8 @@
 //! and each write runs again on its own, with the usual retries, so one refusal
 //! costs the others a second run, never their result. If the answer to `COMMIT` is lost
 //! the group may have committed: every write is told to try again (as a write alone
-//! would be), and nothing runs twice.
+//! would be), and nothing runs twice. Without a connection to be had, every write is
+//! told so at once rather than each waiting for a connection of its own.
 
 use tokio::sync::oneshot;
 
@@ -129,6 +130,8 @@ enum Ended {
     RolledBack,
     /// The answer to `COMMIT` was lost: the group may have committed.
     LostCommit(LedgerError),
+    /// No connection could be opened: each write would only wait for the same.
+    Unreachable(LedgerError),
 }
 
 /// Runs `writes` (several: one alone is run alone) in one transaction.
@@ -146,13 +149,15 @@ pub(super) fn run(worker: &mut Worker, mut writes: Vec<Box<dyn GroupWrite>>) {
             tracing::warn!(%error, writes = writes.len(), "lost the answer to a group's commit");
             writes.into_iter().for_each(|w| w.fail(error.clone()));
         }
+        Ended::Unreachable(error) => writes.into_iter().for_each(|w| w.fail(error.clone())),
     }
 }
 
 fn attempt(worker: &mut Worker, writes: &mut [Box<dyn GroupWrite>]) -> Ended {
     let now = worker.now_millis();
-    let Ok(connection) = worker.connection() else {
-        return Ended::RolledBack;
+    let connection = match worker.connection() {
+        Ok(connection) => connection,
+        Err(error) => return Ended::Unreachable(error),
     };
     let mut tx = PgTx::new(connection, BEGIN_WRITE);
     for write in writes.iter_mut() {
