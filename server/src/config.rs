@@ -58,9 +58,9 @@ pub const DEFAULT_LIFECYCLE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HOUSEKEEPING_BUDGET: Duration = Duration::from_millis(20);
 
-/// Connections to PostgreSQL per server process, by default. Writes waiting for a
-/// connection commit together (group commit), so a few connections go a long way;
-/// on the 2-core test machine 4 did best, 8 about as well as 16.
+/// Connections to PostgreSQL per server process, by default: half for writes, half for
+/// reads. Writes waiting for a connection commit together (group commit), so a few
+/// write connections go a long way (on the 2-core test machine 4 did best).
 pub const DEFAULT_DATABASE_CONNECTIONS: u32 = 8;
 
 /// A `postgres://` URL. It may hold a password, so it prints as its scheme only.
@@ -132,9 +132,10 @@ pub struct Config {
           default_value = "15s")]
     pub node_timeout: Duration,
 
-    /// Most connections this process opens to PostgreSQL at once (each serves one
-    /// transaction at a time; writes to one share run one at a time, in order; writes
-    /// to different shares that wait for a connection commit together).
+    /// Most connections this process opens to PostgreSQL at once (at least 2): half
+    /// for writes, half for reads, each serving one transaction at a time. Writes to one
+    /// share run one at a time, in order; writes to different shares that wait for a
+    /// connection commit together.
     #[arg(long, env = "CAPSYNC_DATABASE_CONNECTIONS", default_value_t = DEFAULT_DATABASE_CONNECTIONS)]
     pub database_connections: u32,
 

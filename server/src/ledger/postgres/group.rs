@@ -204,7 +204,7 @@ mod tests {
             commands: 64,
             bytes: 1 << 20,
         };
-        let pool = Pool::start(&options.database, 1, limits, &options.clock).unwrap();
+        let pool = Pool::start("test", &options.database, 1, limits, &options.clock).unwrap();
         Some((pool, dir))
     }
 

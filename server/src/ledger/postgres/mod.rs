@@ -106,7 +106,11 @@ pub fn open(options: PostgresOptions) -> LedgerResult<Ledger> {
 
 /// The [`Engine`] over one PostgreSQL database.
 pub(crate) struct PostgresEngine {
+    /// Writes (grouped when they queue), and upkeep.
     pool: Arc<Pool>,
+    /// Reads, so that followers' and snapshots' reads never wait behind writes, and the
+    /// writes' pool stays small enough for their groups to form.
+    reads: Arc<Pool>,
     /// Announces committed changes to live subscribers of this node.
     changes: tokio::sync::broadcast::Sender<Changed>,
     /// Tells the other nodes what this node committed; stops when the engine is dropped.
@@ -144,9 +148,18 @@ impl PostgresEngine {
             commands: options.write_queue,
             bytes: options.write_queue_bytes,
         };
+        let (writers, readers) = split_connections(options.connections);
         let pool = Pool::start(
+            "capsync-pg-write",
             &options.database,
-            options.connections,
+            writers,
+            limits,
+            &options.clock,
+        )?;
+        let reads = Pool::start(
+            "capsync-pg-read",
+            &options.database,
+            readers,
             limits,
             &options.clock,
         )?;
@@ -159,6 +172,7 @@ impl PostgresEngine {
             .map_err(|e| LedgerError::Storage(format!("cannot start the change listener: {e}")))?;
         Ok(Self {
             pool,
+            reads,
             changes,
             announcer: Arc::new(announcer),
             _listener: listener,
@@ -210,7 +224,7 @@ impl Engine for PostgresEngine {
         T: Send + 'static,
         F: for<'t> Fn(&mut PgTx<'t>, i64) -> LedgerResult<T> + Send + 'static,
     {
-        self.pool.run(None, Access::Read, 0, work, |_| {})
+        self.reads.run(None, Access::Read, 0, work, |_| {})
     }
 
     fn find_token(&self, id: TokenId) -> BoxFuture<'static, LedgerResult<Option<StoredToken>>> {
@@ -286,8 +300,19 @@ impl Engine for PostgresEngine {
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
-        self.pool.close().boxed()
+        let (writes, reads) = (self.pool.close(), self.reads.close());
+        async move {
+            futures::join!(writes, reads);
+        }
+        .boxed()
     }
+}
+
+/// How `connections` are shared: half for writes (at least one), the rest for reads (at
+/// least one).
+fn split_connections(connections: u32) -> (u32, u32) {
+    let writers = (connections / 2).max(1);
+    (writers, connections.saturating_sub(writers).max(1))
 }
 
 /// Says so when PostgreSQL's settings break the promise of an ack: with
@@ -330,4 +355,17 @@ fn table_sizes(connection: &mut pool::Connection) -> LedgerResult<(u64, Vec<Stri
         total += tx::count(tx::get(row, 1)?);
     }
     Ok((total, names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_connections;
+
+    #[test]
+    fn connections_are_shared_between_writes_and_reads_and_neither_is_left_without() {
+        assert_eq!(split_connections(8), (4, 4));
+        assert_eq!(split_connections(5), (2, 3));
+        assert_eq!(split_connections(2), (1, 1));
+        assert_eq!(split_connections(1), (1, 1));
+    }
 }

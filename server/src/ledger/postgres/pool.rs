@@ -182,8 +182,9 @@ impl Worker {
 }
 
 impl Pool {
-    /// Starts `workers` threads, each connecting when it first gets work.
+    /// Starts `workers` threads named `<name>-<n>`, each connecting when it first gets work.
     pub(super) fn start(
+        name: &str,
         database: &Database,
         workers: u32,
         limits: QueueLimits,
@@ -200,7 +201,7 @@ impl Pool {
                 clock: clock.clone(),
             };
             std::thread::Builder::new()
-                .name(format!("capsync-pg-{n}"))
+                .name(format!("{name}-{n}"))
                 .spawn(move || {
                     let _alive = alive;
                     // Ends once the pool closed and the queue is drained.
