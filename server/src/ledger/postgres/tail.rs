@@ -1,11 +1,11 @@
 //! The writes that end an append (the last op's part, the share's new cursor and the
 //! audit line), held back and sent as one statement.
 //!
-//! Nobody reads their answers, and on PostgreSQL every statement is a round trip,
-//! which is what an append waits on (not PostgreSQL's work). They touch different
-//! tables, so one statement of data-modifying `WITH` clauses does exactly what the
-//! statements did one by one. [`super::tx::PgTx`] sends the tail before any other
-//! statement and before the commit, so nothing in the transaction sees them missing.
+//! Nobody reads their answers, and each statement costs PostgreSQL its own execution
+//! (and, unpipelined, a round trip). They touch different tables, so one statement of
+//! data-modifying `WITH` clauses does exactly what the statements did one by one.
+//! [`super::tx::PgTx`] sends the tail just ahead of the next statement, or of `COMMIT`,
+//! in the same round trip, so nothing in the transaction sees them missing.
 
 use postgres::types::ToSql;
 
