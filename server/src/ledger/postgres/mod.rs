@@ -2,9 +2,11 @@
 //! one database.
 //!
 //! - [`schema`]: the tables and their versioned migrations.
-//! - [`pool`]: connections lent to blocking tasks, one transaction each, run again
-//!   after a lost race, opened again after a lost connection; [`lanes`]: their queue,
-//!   one share's writes in order, on whichever worker is free.
+//! - [`connect`]: the URL, and TLS for `sslmode=require`.
+//! - [`pool`]: worker threads with a connection each (one pool for writes, one for
+//!   reads), one transaction at a time, run again after a lost race, opened again after a
+//!   lost connection; [`lanes`]: their queue, one share's writes in order, on whichever
+//!   worker is free; [`group`]: writes waiting together commit together.
 //! - [`tx`]: the rules' storage interface ([`LedgerTx`](crate::ledger::rules::store::LedgerTx))
 //!   over a PostgreSQL transaction, with the row and advisory locks that stand in for
 //!   SQLite's single writer.
