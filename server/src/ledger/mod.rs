@@ -16,6 +16,7 @@
 pub(crate) mod contract;
 pub mod engine;
 pub mod lifecycle_steps;
+pub(crate) mod migrations;
 pub mod move_to_postgres;
 pub mod oversize;
 pub mod postgres;

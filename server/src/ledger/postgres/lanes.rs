@@ -24,11 +24,8 @@ struct State<J> {
     closed: bool,
 }
 
-/// A job taken from the queue; hand it back to [`Lanes::done`] once it has run.
-pub(super) struct Taken<J> {
-    pub job: J,
-    lane: Option<String>,
-}
+/// A job's lane, to hand to [`Lanes::done`] once the job has run.
+pub(super) type Lane = Option<String>;
 
 impl<J> Lanes<J> {
     pub(super) fn new() -> Self {
@@ -73,11 +70,11 @@ impl<J> Lanes<J> {
     /// The oldest ready job, waiting for one; `None` once the queue is closed and
     /// nothing is ready (a lane's later jobs become ready when its running job is
     /// [`done`](Self::done), and its worker comes back for them).
-    pub(super) fn take(&self) -> Option<Taken<J>> {
+    pub(super) fn take(&self) -> Option<(J, Lane)> {
         let mut state = self.state();
         loop {
             if let Some((lane, job)) = state.ready.pop_front() {
-                return Some(Taken { job, lane });
+                return Some((job, lane));
             }
             if state.closed {
                 return None;
@@ -91,19 +88,19 @@ impl<J> Lanes<J> {
 
     /// Up to `max` more jobs from the front of the ready queue, as long as each `fits`;
     /// does not wait. Each must be [`done`](Self::done) like one from [`take`](Self::take).
-    pub(super) fn take_more(&self, max: usize, fits: impl Fn(&J) -> bool) -> Vec<Taken<J>> {
+    pub(super) fn take_more(&self, max: usize, fits: impl Fn(&J) -> bool) -> Vec<(J, Lane)> {
         let mut state = self.state();
         let mut taken = Vec::new();
         while taken.len() < max && state.ready.front().is_some_and(|(_, job)| fits(job)) {
             if let Some((lane, job)) = state.ready.pop_front() {
-                taken.push(Taken { job, lane });
+                taken.push((job, lane));
             }
         }
         taken
     }
 
     /// Marks a taken job as run: the next job of its lane becomes ready.
-    pub(super) fn done(&self, lane: Option<String>) {
+    pub(super) fn done(&self, lane: Lane) {
         let Some(lane) = lane else { return };
         let mut state = self.state();
         let next = state.behind.get_mut(&lane).and_then(VecDeque::pop_front);
@@ -125,13 +122,6 @@ impl<J> Lanes<J> {
     }
 }
 
-impl<J> Taken<J> {
-    /// The job, and what to give [`Lanes::done`] after running it.
-    pub(super) fn into_parts(self) -> (J, Option<String>) {
-        (self.job, self.lane)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,16 +132,16 @@ mod tests {
         for n in 0..3 {
             lanes.push(Some("a"), n).unwrap();
         }
-        let (first, lane) = lanes.take().unwrap().into_parts();
+        let (first, lane) = lanes.take().unwrap();
         assert_eq!(first, 0);
         lanes.push(None, 10).unwrap();
         // The lane's second job waits for the first to be done; other work does not.
-        assert_eq!(lanes.take().unwrap().job, 10);
+        assert_eq!(lanes.take().unwrap().0, 10);
         lanes.done(lane);
-        let (second, lane) = lanes.take().unwrap().into_parts();
+        let (second, lane) = lanes.take().unwrap();
         assert_eq!(second, 1);
         lanes.done(lane);
-        assert_eq!(lanes.take().unwrap().job, 2);
+        assert_eq!(lanes.take().unwrap().0, 2);
     }
 
     #[test]
@@ -163,12 +153,12 @@ mod tests {
         lanes.push(Some("c"), 4).unwrap();
         lanes.push(None, 5).unwrap();
         let first = lanes.take().unwrap();
-        assert_eq!(first.job, 1);
+        assert_eq!(first.0, 1);
         // "a"'s second job waits for the first; the odd job stops the run.
         let more: Vec<i32> = lanes
             .take_more(10, |job| job % 2 == 0)
             .into_iter()
-            .map(|t| t.job)
+            .map(|(job, _)| job)
             .collect();
         assert_eq!(more, vec![2, 4]);
         assert_eq!(lanes.take_more(10, |_| true).len(), 1, "the unordered job");
@@ -179,8 +169,8 @@ mod tests {
         let lanes = Lanes::new();
         lanes.push(Some("a"), 1).unwrap();
         lanes.push(Some("b"), 2).unwrap();
-        assert_eq!(lanes.take().unwrap().job, 1);
-        assert_eq!(lanes.take().unwrap().job, 2);
+        assert_eq!(lanes.take().unwrap().0, 1);
+        assert_eq!(lanes.take().unwrap().0, 2);
     }
 
     #[test]
@@ -190,10 +180,10 @@ mod tests {
         lanes.push(Some("a"), 2).unwrap();
         lanes.close();
         assert_eq!(lanes.push(None, 3), Err(3));
-        let (first, lane) = lanes.take().unwrap().into_parts();
+        let (first, lane) = lanes.take().unwrap();
         assert_eq!(first, 1);
         lanes.done(lane);
-        assert_eq!(lanes.take().unwrap().job, 2);
+        assert_eq!(lanes.take().unwrap().0, 2);
         assert!(lanes.take().is_none());
     }
 
@@ -202,7 +192,7 @@ mod tests {
         let lanes = std::sync::Arc::new(Lanes::new());
         let worker = {
             let lanes = std::sync::Arc::clone(&lanes);
-            std::thread::spawn(move || lanes.take().map(|t| t.job))
+            std::thread::spawn(move || lanes.take().map(|(job, _)| job))
         };
         lanes.push(Some("a"), 7).unwrap();
         assert_eq!(worker.join().unwrap(), Some(7));

@@ -20,7 +20,7 @@ use postgres::types::ToSql;
 use super::connect::Database;
 use super::errors::{Failure, classify, to_ledger};
 use super::group::{self, GroupWrite, WriteJob};
-use super::lanes::Lanes;
+use super::lanes::{Lane, Lanes};
 use super::tx::{Committing, PgTx, Statements};
 use crate::clock::Clock;
 use crate::ledger::{LedgerError, LedgerResult};
@@ -181,6 +181,30 @@ impl Worker {
     }
 }
 
+/// Runs `job` on `worker`, with the writes queued right behind it if it is a write (they
+/// commit together), and frees their lanes.
+fn work_on(worker: &mut Worker, queue: &Lanes<Job>, job: Job, lane: Lane) {
+    let first = match job {
+        Job::Other(job) => {
+            job(worker);
+            queue.done(lane);
+            return;
+        }
+        Job::Write(first) => first,
+    };
+    let mut writes = vec![first];
+    let mut lanes = vec![lane];
+    let more = queue.take_more(group::MAX_GROUP - 1, |job| matches!(job, Job::Write(_)));
+    for (job, lane) in more {
+        if let Job::Write(write) = job {
+            writes.push(write);
+        }
+        lanes.push(lane);
+    }
+    group::run(worker, writes);
+    lanes.into_iter().for_each(|lane| queue.done(lane));
+}
+
 impl Pool {
     /// Starts `workers` threads named `<name>-<n>`, each connecting when it first gets work.
     pub(super) fn start(
@@ -205,30 +229,8 @@ impl Pool {
                 .spawn(move || {
                     let _alive = alive;
                     // Ends once the pool closed and the queue is drained.
-                    while let Some(taken) = queue.take() {
-                        let (job, lane) = taken.into_parts();
-                        match job {
-                            Job::Other(job) => {
-                                job(&mut worker);
-                                queue.done(lane);
-                            }
-                            Job::Write(first) => {
-                                // The writes queued right behind it go in the same transaction.
-                                let mut writes = vec![first];
-                                let mut lanes = vec![lane];
-                                for taken in queue
-                                    .take_more(group::MAX_GROUP - 1, |j| matches!(j, Job::Write(_)))
-                                {
-                                    let (job, lane) = taken.into_parts();
-                                    if let Job::Write(write) = job {
-                                        writes.push(write);
-                                    }
-                                    lanes.push(lane);
-                                }
-                                group::run(&mut worker, writes);
-                                lanes.into_iter().for_each(|lane| queue.done(lane));
-                            }
-                        }
+                    while let Some((job, lane)) = queue.take() {
+                        work_on(&mut worker, &queue, job, lane);
                     }
                 })
                 .map_err(|e| {

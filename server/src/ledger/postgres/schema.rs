@@ -8,14 +8,11 @@
 use postgres::Client;
 
 use super::errors::storage;
-use crate::ledger::{LedgerError, LedgerResult};
+use crate::ledger::LedgerResult;
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
 const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_NODES];
-
-/// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// Lock key of migrations (`pg_advisory_xact_lock`): nodes starting at once on one
 /// database migrate one after the other, and the second finds nothing left to do.
@@ -185,14 +182,7 @@ pub(super) fn migrate(client: &mut Client) -> LedgerResult<()> {
             .query_one("SELECT version FROM capsync_schema", &[])
             .map_err(|e| storage("cannot read the schema version", &e))?
             .get(0);
-        let applied = usize::try_from(current)
-            .map_err(|_| LedgerError::Storage(format!("invalid schema version {current}")))?;
-        if applied > SCHEMA_VERSION {
-            return Err(LedgerError::Storage(format!(
-                "the database has schema version {current}, newer than this build's {SCHEMA_VERSION}"
-            )));
-        }
-        let Some(sql) = MIGRATIONS.get(applied) else {
+        let Some(sql) = crate::ledger::migrations::next(current, MIGRATIONS)? else {
             return Ok(());
         };
         let next = current + 1;

@@ -147,39 +147,27 @@ impl<'t> PgTx<'t> {
 
     /// A prepared statement for `sql`, from the connection's cache.
     fn statement(&mut self, sql: &str) -> LedgerResult<Statement> {
-        if let Some(statement) = self.connection.statements.get(sql) {
+        self.prepared(sql).map_err(|e| self.failed(&e))
+    }
+
+    fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        let Connection {
+            client,
+            runtime,
+            statements,
+        } = &mut *self.connection;
+        if let Some(statement) = statements.get(sql) {
             return Ok(statement.clone());
         }
-        let Connection {
-            client, runtime, ..
-        } = &mut *self.connection;
-        let statement = match runtime.block_on(client.prepare(sql)) {
-            Ok(statement) => statement,
-            Err(e) => return Err(self.failed(&e)),
-        };
-        self.connection
-            .statements
-            .insert(sql.to_owned(), statement.clone());
+        let statement = runtime.block_on(client.prepare(sql))?;
+        statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
 
     /// `BEGIN` if not sent yet and the held-back writes, to send with the next statement.
     fn take_ahead(&mut self) -> Result<Ahead, postgres::Error> {
         let tail = match self.tail.take() {
-            Some((sql, params)) => {
-                let statement = match self.connection.statements.get(&sql) {
-                    Some(statement) => statement.clone(),
-                    None => {
-                        let Connection {
-                            client, runtime, ..
-                        } = &mut *self.connection;
-                        let statement = runtime.block_on(client.prepare(&sql))?;
-                        self.connection.statements.insert(sql, statement.clone());
-                        statement
-                    }
-                };
-                Some((statement, params))
-            }
+            Some((sql, params)) => Some((self.prepared(&sql)?, params)),
             None => None,
         };
         Ok(Ahead {
@@ -733,26 +721,6 @@ impl LedgerTx for PgTx<'_> {
     fn lock_bootstrap(&mut self) -> LedgerResult<()> {
         self.exec("SELECT pg_advisory_xact_lock($1)", &[&BOOTSTRAP_LOCK])?;
         Ok(())
-    }
-
-    fn claim_op(&mut self, share: &ShareId, entry: &LedgerEntry<'_>) -> LedgerResult<bool> {
-        let inserted = self.exec(
-            "INSERT INTO ops (share_id, cursor, op_id, kind, payload, token_id, batch_id, applied_at, digest)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (share_id, op_id) DO NOTHING",
-            &[
-                &share.as_str(),
-                &cursor_param(entry.cursor)?,
-                &entry.op_id.as_str(),
-                &entry.kind.as_str(),
-                &entry.payload,
-                &entry.token_id.as_str(),
-                &entry.batch_id,
-                &entry.applied_at,
-                &entry.digest,
-            ],
-        )?;
-        Ok(inserted == 1)
     }
 
     /// One statement: the claim, and beside it what the op's record rule reads (a

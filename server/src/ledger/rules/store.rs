@@ -341,24 +341,16 @@ pub trait LedgerTx {
 
     // The ledger of ops.
 
-    /// Records `entry` unless the share already has an op with its id: `true`
-    /// when recorded. The "already?" answer and the record are one step.
-    fn claim_op(&mut self, share: &ShareId, entry: &LedgerEntry<'_>) -> LedgerResult<bool>;
-
-    /// [`LedgerTx::claim_op`], and when claimed, what `probe` asks of the op's record.
-    /// One step where a statement costs a round trip (PostgreSQL); the read is
-    /// unaffected by the claim, which only writes the ledger.
+    /// Records `entry` unless the share already has an op with its id (`None`): the
+    /// "already?" answer and the record are one step. When recorded, what `probe` asks of
+    /// the op's record, read in the same step where a statement costs a round trip
+    /// (PostgreSQL); the read is unaffected by the claim, which only writes the ledger.
     fn claim_op_and_probe(
         &mut self,
         share: &ShareId,
         entry: &LedgerEntry<'_>,
         probe: Probe<'_>,
-    ) -> LedgerResult<Option<Standing>> {
-        if !self.claim_op(share, entry)? {
-            return Ok(None);
-        }
-        self.probe(share, probe).map(Some)
-    }
+    ) -> LedgerResult<Option<Standing>>;
 
     /// What `probe` asks of a record of the share.
     fn probe(&mut self, share: &ShareId, probe: Probe<'_>) -> LedgerResult<Standing> {

@@ -35,6 +35,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
 ];
 
 /// The schema version this build writes.
+#[cfg(test)]
 pub(super) const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 pub(super) const V1_INITIAL: &str = r#"
@@ -337,14 +338,7 @@ fn migrate(conn: &mut Connection) -> LedgerResult<()> {
         // opening the same new file cannot both run the same migration.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let applied = usize::try_from(current)
-            .map_err(|_| LedgerError::Storage(format!("invalid schema version {current}")))?;
-        if applied > SCHEMA_VERSION {
-            return Err(LedgerError::Storage(format!(
-                "the database has schema version {current}, newer than this build's {SCHEMA_VERSION}"
-            )));
-        }
-        let Some(sql) = MIGRATIONS.get(applied) else {
+        let Some(sql) = crate::ledger::migrations::next(current, MIGRATIONS)? else {
             return Ok(());
         };
         let next = current + 1;

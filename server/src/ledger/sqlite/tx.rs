@@ -10,8 +10,8 @@ use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Removable,
-    ShareBeingDeleted, ShareRow, StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Probe, Removable,
+    ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -324,7 +324,12 @@ impl LedgerTx for SqliteTx<'_> {
         .transpose()
     }
 
-    fn claim_op(&mut self, share: &ShareId, entry: &LedgerEntry<'_>) -> LedgerResult<bool> {
+    fn claim_op_and_probe(
+        &mut self,
+        share: &ShareId,
+        entry: &LedgerEntry<'_>,
+        probe: Probe<'_>,
+    ) -> LedgerResult<Option<Standing>> {
         let inserted = self
             .conn
             .prepare_cached(
@@ -343,7 +348,10 @@ impl LedgerTx for SqliteTx<'_> {
                 entry.applied_at,
                 entry.digest,
             ])?;
-        Ok(inserted == 1)
+        if inserted == 0 {
+            return Ok(None);
+        }
+        self.probe(share, probe).map(Some)
     }
 
     fn release_op(&mut self, share: &ShareId, cursor: Cursor) -> LedgerResult<()> {
