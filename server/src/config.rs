@@ -50,6 +50,10 @@ pub const DEFAULT_SUBSCRIBER_WINDOW: usize = 8;
 /// How long one `ops` call may stay unanswered before its subscriber is dropped as lagged.
 pub const DEFAULT_SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_FOLLOW_RECHECK: Duration = Duration::from_secs(15);
+/// 1 MiB of recent ops per followed share (`--follow-buffer-bytes`).
+pub const DEFAULT_FOLLOW_BUFFER_BYTES: usize = 1 << 20;
+/// `--follow-interval`.
+pub const DEFAULT_FOLLOW_INTERVAL: Duration = Duration::from_millis(5);
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
 /// How long a share's writer may be gone before its running tool calls show as interrupted.
 pub const DEFAULT_INTERRUPTED_AFTER: Duration = Duration::from_secs(5 * 60);
@@ -270,12 +274,27 @@ pub struct Config {
           default_value = "10s")]
     pub subscriber_timeout: Duration,
 
-    /// How often a live follower (RPC subscription, event stream) with nothing new
-    /// checks its token again: an expired token stops it within this time. Commits
-    /// wake followers at once; this only bounds how long nothing is checked.
+    /// How often a live follower (RPC subscription, event stream) checks its token
+    /// again when nothing else made it: an expired token stops it within this time.
+    /// Revocations and deletions are checked at once; commits are handed to
+    /// followers from memory without a check.
     #[arg(long, env = "CAPSYNC_FOLLOW_RECHECK", value_parser = humantime::parse_duration,
           default_value = "15s")]
     pub follow_recheck: Duration,
+
+    /// Bytes of recent ops kept in memory for each share that has live followers on
+    /// this server, read from the ledger once and handed to all of them. A follower
+    /// further behind reads the ledger itself.
+    #[arg(long, env = "CAPSYNC_FOLLOW_BUFFER_BYTES", default_value_t = DEFAULT_FOLLOW_BUFFER_BYTES)]
+    pub follow_buffer_bytes: usize,
+
+    /// The least time between two reads of a followed share's new ops, e.g. `5ms`. A
+    /// commit after a quiet spell reaches followers at once; the commits of a busy
+    /// share meanwhile go out together, one page per follower instead of one per
+    /// commit. `0s` sends every commit on its own.
+    #[arg(long, env = "CAPSYNC_FOLLOW_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "5ms")]
+    pub follow_interval: Duration,
 
     /// Address of the HTTP gateway (share pages, JSON API, live events, `/healthz`,
     /// `/metrics`), or `off` to run without it.
@@ -512,6 +531,8 @@ impl Default for Config {
             subscriber_window: DEFAULT_SUBSCRIBER_WINDOW,
             subscriber_timeout: DEFAULT_SUBSCRIBER_TIMEOUT,
             follow_recheck: DEFAULT_FOLLOW_RECHECK,
+            follow_buffer_bytes: DEFAULT_FOLLOW_BUFFER_BYTES,
+            follow_interval: DEFAULT_FOLLOW_INTERVAL,
             http_listen: HttpListen::On(
                 DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
             ),

@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -109,7 +110,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 /// The follower's pull in progress, owning the follower until it answers. Kept
 /// across steps, so a presence change does not cancel (and repeat) a ledger read.
-type NextOps = Pin<Box<dyn Future<Output = (Follower, LedgerResult<Vec<LoggedOp>>)> + Send>>;
+type NextOps = Pin<Box<dyn Future<Output = (Follower, LedgerResult<Vec<Arc<LoggedOp>>>)> + Send>>;
 
 fn next_ops(mut follower: Follower) -> NextOps {
     Box::pin(async move {
@@ -147,13 +148,7 @@ impl Live {
         last_change: Option<i64>,
         permit: OwnedSemaphorePermit,
     ) -> Self {
-        let follower = Follower::new(
-            app.ledger.clone(),
-            reader.authority.clone(),
-            after,
-            OPS_PER_EVENT,
-            app.follow_recheck,
-        );
+        let follower = Follower::new(&app.feeds, reader.authority.clone(), after, OPS_PER_EVENT);
         let mut live = Self {
             share: reader.state.share_id.clone(),
             authority: reader.authority,
@@ -216,11 +211,11 @@ impl Live {
         }
     }
 
-    async fn send_ops(&mut self, ops: Vec<LoggedOp>) {
+    async fn send_ops(&mut self, ops: Vec<Arc<LoggedOp>>) {
         let Some(last) = ops.last() else { return };
         let id = last.cursor.0.to_string();
         self.last_change = Some(last.applied_at);
-        let mut ops: Vec<ReadOp> = ops.iter().map(ReadOp::new).collect();
+        let mut ops: Vec<ReadOp> = ops.iter().map(|op| ReadOp::new(op)).collect();
         let unknown = self.text.unknown_parts(&ops);
         if !unknown.is_empty() {
             match look_up_parts(&self.app, &self.authority, &unknown).await {

@@ -82,8 +82,8 @@ pub struct AppState {
     pub sync_max_body_bytes: usize,
     /// `--public-url`: where share links start, if not at the request's host.
     pub public_url: Option<String>,
-    /// `--follow-recheck`: see [`crate::follow::Follower`].
-    pub follow_recheck: std::time::Duration,
+    /// The live feeds of followed shares (shared with the RPC side).
+    pub feeds: crate::follow::Feeds,
 }
 
 impl AppState {
@@ -112,7 +112,6 @@ impl AppState {
                 metrics.clone(),
                 logs.clone(),
             ),
-            ledger,
             presence: Presence::default(),
             metrics,
             logs,
@@ -124,7 +123,11 @@ impl AppState {
             max_op_bytes: config.max_op_bytes,
             sync_max_body_bytes: config.sync_max_body_bytes,
             public_url: None,
-            follow_recheck: config.follow_recheck,
+            feeds: crate::follow::Feeds::new(
+                ledger.clone(),
+                crate::follow::FollowSettings::from_config(&config),
+            ),
+            ledger,
         }
     }
 }

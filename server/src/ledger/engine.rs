@@ -14,7 +14,7 @@ use super::rules;
 use super::rules::store::LedgerTx;
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, CompactPosition, CompactStep,
-    DeleteStep, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator, OpsPage,
+    DeleteStep, FeedPage, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator, OpsPage,
     PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
     StoredToken, VacuumReport,
 };
@@ -210,7 +210,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
                     .results
                     .iter()
                     .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
-                share.clone().filter(|_| applied).map(Changed::Share)
+                share.clone().filter(|_| applied).map(Changed::Ops)
             },
         )
     }
@@ -303,6 +303,16 @@ impl<E: Engine> Backend for RulesBackend<E> {
     ) -> BoxFuture<'static, LedgerResult<OpsPage>> {
         self.engine
             .read(move |tx, now| rules::reads::ops_since(tx, &who, after, limit, now))
+    }
+
+    fn feed_ops(
+        &self,
+        share: ShareId,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<FeedPage>> {
+        self.engine
+            .read(move |tx, _| rules::reads::feed_ops(tx, &share, after, limit))
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {

@@ -233,6 +233,14 @@ pub struct OpsPage {
     pub cursor: Cursor,
 }
 
+/// What the server's own feed read of a share returns (see [`Backend::feed_ops`]).
+#[derive(Debug)]
+pub struct FeedPage {
+    pub ops: Vec<LoggedOp>,
+    /// The share as of the read: its cursor, and its epochs (which a revocation bumps).
+    pub state: ShareState,
+}
+
 /// Which epochs a revocation bumps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RevokeScope {
@@ -257,7 +265,11 @@ pub struct AuditEvent {
 /// What a committed write changed, announced to live subscribers (see [`Backend::changes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Changed {
-    /// Ops were applied to this share, or its epochs changed, or it was deleted.
+    /// Ops were applied to this share: its followers read them; nobody's
+    /// authority changed.
+    Ops(ShareId),
+    /// Who may read this share may have changed: its epochs were bumped (a
+    /// revocation) or it was deleted. Its followers check their authority again.
     Share(ShareId),
     /// A token was revoked: any share's subscribers may be affected.
     Tokens,
@@ -398,6 +410,18 @@ pub trait Backend: Send + Sync + 'static {
         after: Cursor,
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<OpsPage>>;
+
+    /// Applied ops of `share` with cursor > `after`, at most `limit`, read for the
+    /// server's own live feed (`crate::follow`) under no caller's authority: every
+    /// follower that is handed them has had its own authority checked. The same
+    /// cursor rules as [`Backend::ops_since`]; `NotFound` once the share is hidden.
+    /// Without `after`, no ops, only the share's cursor.
+    fn feed_ops(
+        &self,
+        share: ShareId,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> BoxFuture<'static, LedgerResult<FeedPage>>;
 
     /// Announcements of committed changes, sent after the commit is durable. A
     /// receiver that falls behind gets `Lagged` and should recheck everything.

@@ -9,6 +9,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::follow::{Feeds, FollowSettings};
 use crate::ledger::{AuditEvent, Ledger};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{GaugeGuard, Metrics, SubscriberVia};
@@ -50,8 +51,8 @@ pub struct Context {
     /// go unanswered (see [`super::subscription`]).
     pub subscriber_window: usize,
     pub subscriber_timeout: Duration,
-    /// `--follow-recheck`: see [`crate::follow::Follower`].
-    pub follow_recheck: Duration,
+    /// The live feeds of followed shares, shared with the HTTP gateway's streams.
+    pub feeds: Feeds,
     /// After how long without a writer running tool calls count as interrupted (presence).
     pub interrupted_after_ms: i64,
     /// Set once shutdown starts: new batches are refused with `overloaded` so
@@ -93,7 +94,6 @@ impl Context {
         );
         Self {
             presence: node.presence.clone(),
-            ledger,
             hasher,
             max_ops_per_batch: config.max_ops_per_batch,
             max_op_bytes: config.max_op_bytes,
@@ -102,7 +102,8 @@ impl Context {
             logs,
             subscriber_window: config.subscriber_window.max(1),
             subscriber_timeout: config.subscriber_timeout,
-            follow_recheck: config.follow_recheck,
+            feeds: Feeds::new(ledger.clone(), FollowSettings::from_config(config)),
+            ledger,
             interrupted_after_ms: i64::try_from(config.interrupted_after.as_millis())
                 .unwrap_or(i64::MAX),
             draining: Cell::new(false),

@@ -19,6 +19,7 @@
 
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use capsync_shared::Cursor;
@@ -64,7 +65,7 @@ pub fn start(
     from: Cursor,
     listener: op_listener::Client,
 ) -> subscription::Client {
-    let follower = Follower::new(ctx.ledger.clone(), auth, from, PAGE, ctx.follow_recheck);
+    let follower = Follower::new(&ctx.feeds, auth, from, PAGE);
     let limits = Limits {
         window: ctx.subscriber_window.max(1),
         timeout: ctx.subscriber_timeout,
@@ -178,7 +179,7 @@ async fn push(
     });
     let mut pages = std::pin::pin!(pages);
     // The next page to send, read ahead while calls are in flight.
-    let mut ready: Option<Vec<LoggedOp>> = None;
+    let mut ready: Option<Vec<Arc<LoggedOp>>> = None;
     // Unanswered calls, oldest first; each resolves to the cursor it acknowledges.
     let mut in_flight = FuturesOrdered::new();
     loop {
@@ -226,7 +227,7 @@ async fn push(
 /// once answered, or fails after `timeout`.
 fn send_ops(
     listener: &op_listener::Client,
-    ops: &[LoggedOp],
+    ops: &[Arc<LoggedOp>],
     timeout: Duration,
 ) -> impl Future<Output = Result<Cursor, CallFailed>> + use<> {
     let last = ops.last().map_or(Cursor(0), |op| op.cursor);

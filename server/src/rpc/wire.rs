@@ -335,11 +335,11 @@ pub fn fill_ops(page: &OpsPage, mut out: ops_page::Builder<'_>) {
 
 /// `out` must have been initialized with `ops.len()` elements.
 pub fn fill_logged_list(
-    ops: &[LoggedOp],
+    ops: &[impl std::borrow::Borrow<LoggedOp>],
     mut out: capnp::struct_list::Builder<'_, logged_op::Owned>,
 ) {
     for (i, op) in ops.iter().enumerate() {
-        fill_logged(op, out.reborrow().get(i as u32));
+        fill_logged(op.borrow(), out.reborrow().get(i as u32));
     }
 }
 

@@ -48,6 +48,7 @@ impl Channel {
     /// What this node sends to announce `changed`.
     pub(super) fn payload(&self, changed: &Changed) -> String {
         let what = match changed {
+            Changed::Ops(id) => format!("ops {id}"),
             Changed::Share(id) => format!("share {id}"),
             Changed::Tokens => "tokens".to_owned(),
             Changed::Missed => "missed".to_owned(),
@@ -63,6 +64,7 @@ impl Channel {
             return None;
         }
         match what.split_once(' ') {
+            Some(("ops", id)) => Some(Changed::Ops(ShareId::from(id))),
             Some(("share", id)) => Some(Changed::Share(ShareId::from(id))),
             _ if what == "tokens" => Some(Changed::Tokens),
             _ if what == "missed" => Some(Changed::Missed),
@@ -169,7 +171,13 @@ mod tests {
         assert_eq!(channel.parse("n2 nonsense"), None);
         assert_eq!(channel.parse("garbage"), None);
         let other = Channel::new("public", "n2".to_owned());
-        let changed = Changed::Share(ShareId::from("sh_1"));
-        assert_eq!(channel.parse(&other.payload(&changed)), Some(changed));
+        for changed in [
+            Changed::Ops(ShareId::from("sh_1")),
+            Changed::Share(ShareId::from("sh_1")),
+            Changed::Tokens,
+            Changed::Missed,
+        ] {
+            assert_eq!(channel.parse(&other.payload(&changed)), Some(changed));
+        }
     }
 }

@@ -2,11 +2,13 @@
 //! from the ledger with the cursor rules (a cursor the share never reached, or
 //! one below its compaction point, is an error the caller must hear).
 
-use capsync_shared::{Cursor, TokenKind};
+use capsync_shared::{Cursor, ShareId, TokenKind};
 
 use super::authority::{self, Access};
 use super::store::{LedgerTx, ShareRow};
-use crate::ledger::{Authority, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState};
+use crate::ledger::{
+    Authority, FeedPage, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState,
+};
 
 pub fn share_state(tx: &mut impl LedgerTx, who: &Authority, now: i64) -> LedgerResult<ShareState> {
     Ok(authority::check_share(tx, who, Access::Read, now)?.state())
@@ -53,6 +55,36 @@ pub fn ops_since(
     now: i64,
 ) -> LedgerResult<OpsPage> {
     let share = authority::check_share(tx, who, Access::Read, now)?;
+    page_after(tx, &share, after, limit)
+}
+
+/// [`ops_since`] for the server's own live feed: the same cursor rules, no
+/// caller's authority (each follower's is checked on its own; see `crate::follow`).
+/// Without `after`, no ops: only the share's state, where a new feed starts.
+pub fn feed_ops(
+    tx: &mut impl LedgerTx,
+    share: &ShareId,
+    after: Option<Cursor>,
+    limit: u32,
+) -> LedgerResult<FeedPage> {
+    let share = tx.share(share)?.ok_or(LedgerError::NotFound)?;
+    let ops = match after {
+        Some(after) => page_after(tx, &share, after, limit)?.ops,
+        None => Vec::new(),
+    };
+    Ok(FeedPage {
+        ops,
+        state: share.state(),
+    })
+}
+
+/// The page of `share` after `after`, under the cursor rules.
+fn page_after(
+    tx: &mut impl LedgerTx,
+    share: &ShareRow,
+    after: Cursor,
+    limit: u32,
+) -> LedgerResult<OpsPage> {
     // A cursor the share never reached cannot be "caught up" from: whoever
     // holds it is talking to another (or a restored) server, and must be told.
     if after > share.cursor {
