@@ -173,7 +173,7 @@ fn http_state(ctx: &Context, config: &Config, shutdown: CancellationToken) -> Ap
         max_op_bytes: config.max_op_bytes,
         sync_max_body_bytes: config.sync_max_body_bytes,
         public_url: config.public_url.clone(),
-        feeds: ctx.feeds.clone(),
+        feeds: crate::http::event_feeds(ctx.feeds.clone()),
     }
 }
 

@@ -2,14 +2,16 @@
 //! ledger once, kept in a bounded buffer, and handed to every follower of the
 //! share; and the one signal its followers wait on.
 
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use capsync_shared::{Cursor, Epoch, ShareId};
+use capsync_shared::{Cursor, ShareId};
 use tokio::sync::{Notify, watch};
 use tracing::debug;
 
+use super::buffer::{Buffer, FeedOp};
+use super::prepare::{self, Prepare, Preparer};
 use crate::ledger::{Ledger, LoggedOp};
 
 /// Most ops per read of the ledger.
@@ -34,6 +36,17 @@ pub(super) struct Feed {
     head: watch::Sender<Head>,
     /// Poked for every commit to the share: the feed's task reads what is new.
     wake: Notify,
+    /// Followers that want ops prepared (see [`Prepare`]).
+    preparing: AtomicUsize,
+}
+
+/// A follower's wish for prepared ops, for as long as it is held.
+pub(super) struct Preparing(Arc<Feed>);
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        self.0.preparing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Feed {
@@ -43,7 +56,15 @@ impl Feed {
             buffer: Mutex::new(Buffer::new(max_bytes)),
             head: watch::Sender::new(Head::default()),
             wake: Notify::new(),
+            preparing: AtomicUsize::new(0),
         }
+    }
+
+    /// Prepares the ops read from now on for followers that want them, until
+    /// the returned wish is dropped.
+    pub fn prepare_for(self: &Arc<Self>) -> Preparing {
+        self.preparing.fetch_add(1, Ordering::Relaxed);
+        Preparing(Arc::clone(self))
     }
 
     /// A follower's view of the head; the feed lives at least as long as one is held.
@@ -58,7 +79,7 @@ impl Feed {
 
     /// The ops after `after`, at most `limit`, from memory: `None` when the
     /// buffer does not reach back to `after` (the caller reads the ledger).
-    pub fn after(&self, after: Cursor, limit: usize) -> Option<Vec<Arc<LoggedOp>>> {
+    pub fn after(&self, after: Cursor, limit: usize) -> Option<Vec<Arc<FeedOp>>> {
         self.buffer().after(after, limit)
     }
 
@@ -84,12 +105,18 @@ impl Feed {
         self: Arc<Self>,
         ledger: Ledger,
         interval: Duration,
+        preparer: Option<Preparer>,
         forget: impl Fn(&Arc<Self>) -> bool,
     ) {
+        let mut reader = Reader {
+            ledger,
+            preparer,
+            state: None,
+        };
         loop {
             tokio::select! {
                 () = self.wake.notified() => {
-                    self.read_new(&ledger).await;
+                    self.read_new(&mut reader).await;
                     // A commit after a quiet spell goes out at once; the commits
                     // of a busy share meanwhile wait to go out together, one page
                     // per follower instead of one per commit.
@@ -103,10 +130,13 @@ impl Feed {
     }
 
     /// Reads everything committed after the buffer's head and announces it.
-    async fn read_new(&self, ledger: &Ledger) {
+    async fn read_new(&self, reader: &mut Reader) {
         loop {
             let after = self.buffer().head();
-            let read = ledger.feed_ops(self.share.clone(), after, READ_PAGE).await;
+            let read = reader
+                .ledger
+                .feed_ops(self.share.clone(), after, READ_PAGE)
+                .await;
             let page = match read {
                 Ok(page) => page,
                 Err(err) => {
@@ -115,6 +145,7 @@ impl Feed {
                     // read (and hear the error) under its own authority.
                     debug!(share = %self.share, %err, "the share's feed could not read the ledger");
                     self.buffer().clear();
+                    reader.state = None;
                     self.head.send_modify(|head| {
                         head.cursor = None;
                         head.checks += 1;
@@ -123,12 +154,13 @@ impl Feed {
                 }
             };
             let full = page.ops.len() >= READ_PAGE as usize;
+            let ops = self.prepared(reader, page.ops).await;
             let epochs = (page.state.writer_epoch, page.state.viewer_epoch);
             let (cursor, revoked) = {
                 let mut buffer = self.buffer();
                 match after {
                     None => buffer.start_at(page.state.cursor),
-                    Some(_) => buffer.extend(page.ops),
+                    Some(_) => buffer.extend(ops),
                 }
                 // Read in the same transaction as the ops: a follower checks its
                 // authority before it is handed any op committed after a revocation,
@@ -153,6 +185,36 @@ impl Feed {
         }
     }
 
+    /// `ops` with what was prepared for them, while any follower wants that.
+    async fn prepared(&self, reader: &mut Reader, ops: Vec<LoggedOp>) -> Vec<FeedOp> {
+        let wanted = self.preparing.load(Ordering::Relaxed) > 0;
+        let (Some(preparer), true, false) = (&reader.preparer, wanted, ops.is_empty()) else {
+            if !wanted {
+                // Nobody to prepare for: a later wish starts from a fresh state.
+                reader.state = None;
+            }
+            return ops.into_iter().map(FeedOp::from).collect();
+        };
+        let state = reader.state.take().unwrap_or_else(|| preparer());
+        let ops = Arc::new(ops);
+        let (state, prepared) =
+            prepare::prepare(&reader.ledger, &self.share, state, Arc::clone(&ops)).await;
+        reader.state = state;
+        // The blocking task is done with its clone by now.
+        let ops = Arc::try_unwrap(ops).unwrap_or_else(|shared| shared.as_ref().clone());
+        match prepared {
+            Some(prepared) => ops
+                .into_iter()
+                .zip(prepared)
+                .map(|(op, prepared)| FeedOp {
+                    op,
+                    prepared: Some(prepared),
+                })
+                .collect(),
+            None => ops.into_iter().map(FeedOp::from).collect(),
+        }
+    }
+
     fn buffer(&self) -> MutexGuard<'_, Buffer> {
         // Nothing panics while holding it; a poisoned buffer is still consistent.
         self.buffer
@@ -161,140 +223,32 @@ impl Feed {
     }
 }
 
-/// The share's latest ops, oldest first, at most `max_bytes` of them.
-struct Buffer {
-    ops: VecDeque<Arc<LoggedOp>>,
-    /// The cursor the buffer reaches back to: it holds every op after it.
-    /// `None` until the feed's first read.
-    from: Option<Cursor>,
-    /// The share's writer and viewer epochs at the last read.
-    epochs: Option<(Epoch, Epoch)>,
-    bytes: usize,
-    max_bytes: usize,
-}
-
-impl Buffer {
-    fn new(max_bytes: usize) -> Self {
-        Self {
-            ops: VecDeque::new(),
-            from: None,
-            epochs: None,
-            bytes: 0,
-            max_bytes,
-        }
-    }
-
-    /// The cursor of the last op read.
-    fn head(&self) -> Option<Cursor> {
-        self.ops.back().map(|op| op.cursor).or(self.from)
-    }
-
-    fn after(&self, after: Cursor, limit: usize) -> Option<Vec<Arc<LoggedOp>>> {
-        if after < self.from? {
-            return None;
-        }
-        let first = self.ops.partition_point(|op| op.cursor <= after);
-        Some(self.ops.range(first..).take(limit).cloned().collect())
-    }
-
-    /// Empty, holding every op after `cursor` (none yet).
-    fn start_at(&mut self, cursor: Cursor) {
-        self.clear();
-        self.from = Some(cursor);
-    }
-
-    fn clear(&mut self) {
-        self.ops.clear();
-        self.from = None;
-        self.epochs = None;
-        self.bytes = 0;
-    }
-
-    /// Appends ops read after the head, dropping the oldest beyond `max_bytes`.
-    fn extend(&mut self, ops: Vec<LoggedOp>) {
-        for op in ops {
-            self.bytes += footprint(&op);
-            self.ops.push_back(Arc::new(op));
-        }
-        while self.bytes > self.max_bytes {
-            let Some(oldest) = self.ops.pop_front() else {
-                break;
-            };
-            self.bytes -= footprint(&oldest);
-            self.from = Some(oldest.cursor);
-        }
-    }
-}
-
-/// What an op costs the buffer's memory.
-fn footprint(op: &LoggedOp) -> usize {
-    std::mem::size_of::<LoggedOp>() + op.payload.len() + op.op_id.as_str().len()
+/// What the feed's task reads and prepares with.
+struct Reader {
+    ledger: Ledger,
+    preparer: Option<Preparer>,
+    /// The preparation state, while followers want prepared ops and it has seen
+    /// every op read since it started.
+    state: Option<Box<dyn Prepare>>,
 }
 
 #[cfg(test)]
 mod tests {
-    use capsync_shared::{OpId, OpKind};
-
     use super::*;
-
-    fn op(cursor: u64, payload_bytes: usize) -> LoggedOp {
-        LoggedOp {
-            cursor: Cursor(cursor),
-            op_id: OpId::from(format!("op_{cursor}").as_str()),
-            kind: OpKind::ModelUpsert,
-            payload: "x".repeat(payload_bytes),
-            applied_at: 0,
-        }
-    }
-
-    fn cursors(ops: Option<Vec<Arc<LoggedOp>>>) -> Option<Vec<u64>> {
-        ops.map(|ops| ops.iter().map(|op| op.cursor.0).collect())
-    }
-
-    #[test]
-    fn the_buffer_hands_out_what_follows_a_cursor_it_reaches_back_to() {
-        let mut buffer = Buffer::new(1 << 20);
-        assert_eq!(
-            cursors(buffer.after(Cursor(0), 10)),
-            None,
-            "before any read"
-        );
-        buffer.start_at(Cursor(4));
-        assert_eq!(cursors(buffer.after(Cursor(4), 10)), Some(vec![]));
-        buffer.extend((5..=9).map(|c| op(c, 10)).collect());
-        assert_eq!(buffer.head(), Some(Cursor(9)));
-        assert_eq!(cursors(buffer.after(Cursor(3), 10)), None, "behind it");
-        assert_eq!(cursors(buffer.after(Cursor(4), 2)), Some(vec![5, 6]));
-        assert_eq!(cursors(buffer.after(Cursor(7), 10)), Some(vec![8, 9]));
-        // A follower that read the ledger ahead of the feed waits for it.
-        assert_eq!(cursors(buffer.after(Cursor(12), 10)), Some(vec![]));
-    }
-
-    #[test]
-    fn the_buffer_drops_its_oldest_ops_beyond_its_bytes() {
-        let one = footprint(&op(1, 100));
-        let mut buffer = Buffer::new(3 * one);
-        buffer.start_at(Cursor(0));
-        buffer.extend((1..=5).map(|c| op(c, 100)).collect());
-        assert_eq!(buffer.ops.len(), 3);
-        assert_eq!(cursors(buffer.after(Cursor(1), 10)), None);
-        assert_eq!(cursors(buffer.after(Cursor(2), 10)), Some(vec![3, 4, 5]));
-        // One op larger than the whole buffer is not kept: its followers read the ledger.
-        buffer.extend(vec![op(6, 4 * one)]);
-        assert!(buffer.ops.is_empty());
-        assert_eq!(buffer.head(), Some(Cursor(6)));
-        assert_eq!(cursors(buffer.after(Cursor(5), 10)), None);
-        assert_eq!(cursors(buffer.after(Cursor(6), 10)), Some(vec![]));
-    }
 
     #[tokio::test]
     async fn ops_read_with_a_revocation_ask_every_follower_to_check_first() {
         let mut share = crate::follow::test_share::TestShare::new().await;
         let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
         let head = feed.subscribe();
-        feed.read_new(&share.ledger).await;
+        let mut reader = Reader {
+            ledger: share.ledger.clone(),
+            preparer: None,
+            state: None,
+        };
+        feed.read_new(&mut reader).await;
         share.append(1).await;
-        feed.read_new(&share.ledger).await;
+        feed.read_new(&mut reader).await;
         assert_eq!(
             *head.borrow(),
             Head {
@@ -315,7 +269,7 @@ mod tests {
             .await
             .unwrap();
         share.append(1).await;
-        feed.read_new(&share.ledger).await;
+        feed.read_new(&mut reader).await;
         assert_eq!(
             *head.borrow(),
             Head {

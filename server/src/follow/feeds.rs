@@ -2,7 +2,7 @@
 //! task that hears the ledger's announcements and wakes only the feed they name.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use capsync_shared::ShareId;
@@ -10,6 +10,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 
 use super::feed::{Feed, Head};
+use super::prepare::Preparer;
 use crate::config::Config;
 use crate::ledger::{Changed, Ledger};
 
@@ -22,6 +23,8 @@ pub struct Feeds {
 struct Inner {
     ledger: Ledger,
     settings: FollowSettings,
+    /// What feeds prepare for followers that want it (the HTTP gateway's rendering).
+    preparer: OnceLock<Preparer>,
     registry: Mutex<Registry>,
 }
 
@@ -66,9 +69,16 @@ impl Feeds {
             inner: Arc::new(Inner {
                 ledger,
                 settings,
+                preparer: OnceLock::new(),
                 registry: Mutex::default(),
             }),
         }
+    }
+
+    /// Sets what feeds prepare for followers that ask (see [`super::Follower::prepared`]);
+    /// once, before the first follower. Later calls change nothing.
+    pub fn prepare_with(&self, preparer: Preparer) {
+        let _ = self.inner.preparer.set(preparer);
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -101,7 +111,8 @@ impl Feeds {
                         .is_none_or(|inner| inner.forget_if_unfollowed(feed))
                 };
                 let ledger = self.inner.ledger.clone();
-                tokio::spawn(Arc::clone(&feed).run(ledger, settings.interval, forget));
+                let preparer = self.inner.preparer.get().cloned();
+                tokio::spawn(Arc::clone(&feed).run(ledger, settings.interval, preparer, forget));
                 // Its first read finds the share's cursor, where its buffer begins.
                 feed.wake();
                 feed

@@ -12,8 +12,10 @@
 //! than the buffer reaches. A slow follower simply pulls later, so it can never
 //! hold up the writer or other followers, and holds at most one page.
 
+mod buffer;
 mod feed;
 mod feeds;
+mod prepare;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +24,12 @@ use capsync_shared::Cursor;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use buffer::FeedOp;
 pub use feeds::{Feeds, FollowSettings};
+pub use prepare::{Prepare, Preparer};
 
-use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp};
-use feed::{Feed, Head};
+use crate::ledger::{Authority, LedgerError, LedgerResult};
+use feed::{Feed, Head, Preparing};
 
 /// A cursor into one share's ledger that advances as ops are pulled.
 pub struct Follower {
@@ -43,6 +47,8 @@ pub struct Follower {
     /// How often the authority is checked at the latest (`--follow-recheck`), so
     /// an expired token stops the follower in time.
     recheck: Duration,
+    /// Held while this follower wants its feed to prepare ops (see [`Prepare`]).
+    _preparing: Option<Preparing>,
 }
 
 impl Follower {
@@ -61,7 +67,15 @@ impl Follower {
             page: page.max(1),
             feed,
             checked: None,
+            _preparing: None,
         }
+    }
+
+    /// This follower wants ops prepared (see [`Prepare`]): those it is handed
+    /// from its feed carry [`FeedOp::prepared`] once the feed has started preparing.
+    pub fn prepared(mut self) -> Self {
+        self._preparing = self.feed.as_ref().map(|(feed, _)| feed.prepare_for());
+        self
     }
 
     /// The cursor of the last op returned (or the starting cursor).
@@ -72,7 +86,7 @@ impl Follower {
     /// The next ops after the cursor, in cursor order; waits for a commit when
     /// there are none. Fails when the authority no longer holds (`Revoked`,
     /// `PermissionDenied` once expired, `NotFound` once deleted) or the ledger closes.
-    pub async fn next(&mut self) -> LedgerResult<Vec<Arc<LoggedOp>>> {
+    pub async fn next(&mut self) -> LedgerResult<Vec<Arc<FeedOp>>> {
         loop {
             let head = match &mut self.feed {
                 Some((_, head)) => *head.borrow_and_update(),
@@ -86,7 +100,7 @@ impl Follower {
                 && let Some(ops) = feed.after(self.cursor, self.page as usize)
             {
                 if let Some(last) = ops.last() {
-                    self.cursor = last.cursor;
+                    self.cursor = last.op.cursor;
                     return Ok(ops);
                 }
                 // Caught up with the feed.
@@ -102,7 +116,11 @@ impl Follower {
             self.checked = Some((Instant::now(), head.checks));
             if let Some(last) = page.ops.last() {
                 self.cursor = last.cursor;
-                return Ok(page.ops.into_iter().map(Arc::new).collect());
+                return Ok(page
+                    .ops
+                    .into_iter()
+                    .map(|op| Arc::new(FeedOp::from(op)))
+                    .collect());
             }
             self.wait().await;
         }
@@ -172,7 +190,7 @@ mod tests {
             .await
             .unwrap()
             .iter()
-            .map(|op| op.cursor.0)
+            .map(|op| op.op.cursor.0)
             .collect();
         assert_eq!(cursors, [6, 7]);
     }
@@ -181,7 +199,7 @@ mod tests {
         let ops = tokio::time::timeout(Duration::from_secs(10), follower.next())
             .await
             .expect("the follower heard nothing for 10 s")?;
-        Ok(ops.iter().map(|op| op.cursor.0).collect())
+        Ok(ops.iter().map(|op| op.op.cursor.0).collect())
     }
 
     #[tokio::test]

@@ -44,8 +44,8 @@ use super::error::{ApiError, snapshot_required_message};
 use super::live_html::{LiveHtml, Lookup};
 use super::page_data::ReadOp;
 use crate::clock::Clock;
-use crate::follow::Follower;
-use crate::ledger::{Authority, LedgerError, LedgerResult, LoggedOp, RecordKind};
+use crate::follow::{FeedOp, Follower};
+use crate::ledger::{Authority, LedgerError, LedgerResult, RecordKind};
 use crate::metrics::{GaugeGuard, SubscriberVia};
 use crate::presence::last_change;
 
@@ -110,7 +110,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 /// The follower's pull in progress, owning the follower until it answers. Kept
 /// across steps, so a presence change does not cancel (and repeat) a ledger read.
-type NextOps = Pin<Box<dyn Future<Output = (Follower, LedgerResult<Vec<Arc<LoggedOp>>>)> + Send>>;
+type NextOps = Pin<Box<dyn Future<Output = (Follower, LedgerResult<Vec<Arc<FeedOp>>>)> + Send>>;
 
 fn next_ops(mut follower: Follower) -> NextOps {
     Box::pin(async move {
@@ -148,7 +148,8 @@ impl Live {
         last_change: Option<i64>,
         permit: OwnedSemaphorePermit,
     ) -> Self {
-        let follower = Follower::new(&app.feeds, reader.authority.clone(), after, OPS_PER_EVENT);
+        let follower =
+            Follower::new(&app.feeds, reader.authority.clone(), after, OPS_PER_EVENT).prepared();
         let mut live = Self {
             share: reader.state.share_id.clone(),
             authority: reader.authority,
@@ -211,11 +212,32 @@ impl Live {
         }
     }
 
-    async fn send_ops(&mut self, ops: Vec<Arc<LoggedOp>>) {
+    async fn send_ops(&mut self, ops: Vec<Arc<FeedOp>>) {
         let Some(last) = ops.last() else { return };
-        let id = last.cursor.0.to_string();
-        self.last_change = Some(last.applied_at);
-        let mut ops: Vec<ReadOp> = ops.iter().map(|op| ReadOp::new(op)).collect();
+        let id = last.op.cursor.0.to_string();
+        self.last_change = Some(last.op.applied_at);
+        let data = match ops
+            .iter()
+            .map(|op| op.prepared.as_deref())
+            .collect::<Option<Vec<&str>>>()
+        {
+            // Rendered once by the share's feed for all of its streams. The
+            // stream's own memory of part texts missed these ops: it starts over.
+            Some(prepared) => {
+                self.text = LiveHtml::default();
+                format!(r#"{{"ops":[{}]}}"#, prepared.join(","))
+            }
+            None => self.render(&ops).await,
+        };
+        self.pending
+            .push_back(Event::default().event("ops").data(data).id(id));
+        self.send_presence_if_changed();
+    }
+
+    /// The data of an `ops` event rendered by this stream itself: ops it read
+    /// from the ledger (catching up) or that its feed did not prepare.
+    async fn render(&mut self, ops: &[Arc<FeedOp>]) -> String {
+        let mut ops: Vec<ReadOp> = ops.iter().map(|op| ReadOp::new(&op.op)).collect();
         let unknown = self.text.unknown_parts(&ops);
         if !unknown.is_empty() {
             match look_up_parts(&self.app, &self.authority, &unknown).await {
@@ -229,9 +251,7 @@ impl Live {
             self.text.apply(op);
         }
         let ops: Vec<Value> = ops.into_iter().map(|op| op.json).collect();
-        self.pending
-            .push_back(json_event("ops", &json!({"ops": ops})).id(id));
-        self.send_presence_if_changed();
+        json!({"ops": ops}).to_string()
     }
 
     fn end(&mut self, err: LedgerError) {

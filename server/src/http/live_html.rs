@@ -2,6 +2,7 @@
 //! the rendering of the part's whole text after it, so the page never renders markdown.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use capsync_shared::Cursor;
 use capsync_shared::model::Effect;
@@ -9,6 +10,8 @@ use serde_json::Value;
 
 use super::markdown;
 use super::page_data::{ReadOp, markdown_text};
+use crate::follow::{Prepare, Preparer};
+use crate::ledger::LoggedOp;
 
 /// How many text parts one live stream remembers the text of. A part that
 /// fell out is looked up again if it gets another delta.
@@ -146,6 +149,53 @@ impl LiveHtml {
     }
 }
 
+/// Each op as event streams send it, prepared once per share by the share's feed
+/// for all of its streams (see [`Prepare`]).
+#[derive(Default)]
+pub struct PreparedOps {
+    text: LiveHtml,
+}
+
+impl PreparedOps {
+    pub fn preparer() -> Preparer {
+        Arc::new(|| Box::new(Self::default()))
+    }
+}
+
+impl Prepare for PreparedOps {
+    fn prepare(&mut self, ops: &[LoggedOp]) -> Result<Vec<Arc<str>>, Vec<String>> {
+        let mut ops: Vec<ReadOp> = ops.iter().map(ReadOp::new).collect();
+        let unknown = self.text.unknown_parts(&ops);
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
+        Ok(ops
+            .iter_mut()
+            .map(|op| {
+                self.text.apply(op);
+                Arc::from(op.json.to_string())
+            })
+            .collect())
+    }
+
+    fn learn(&mut self, asked: Vec<String>, found: Vec<(String, String)>, as_of: Cursor) {
+        let found = found
+            .into_iter()
+            .map(|(id, json)| {
+                let part: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+                let message_id = part["messageID"].as_str().unwrap_or_default().to_owned();
+                let lookup = Lookup {
+                    message_id,
+                    part,
+                    as_of,
+                };
+                (id, lookup)
+            })
+            .collect();
+        self.text.learn(asked, found, as_of);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +309,58 @@ mod tests {
             op(1000, OpKind::MessageRemove, json!({"id": "m"})),
         );
         assert!(live.parts.is_empty());
+    }
+
+    fn logged(cursor: u64, kind: OpKind, payload: Value) -> LoggedOp {
+        LoggedOp {
+            cursor: Cursor(cursor),
+            op_id: OpId::from(format!("op{cursor}")),
+            kind,
+            payload: payload.to_string(),
+            applied_at: 1000 + cursor as i64,
+        }
+    }
+
+    #[test]
+    fn prepared_ops_are_what_a_stream_renders_itself_and_unknown_parts_are_asked_for() {
+        let ops = [
+            logged(
+                8,
+                OpKind::PartDelta,
+                json!({"partID": "p", "delta": " *b*"}),
+            ),
+            logged(
+                9,
+                OpKind::PartUpsert,
+                json!({"id": "q", "messageID": "m", "type": "text", "text": "q"}),
+            ),
+        ];
+        let mut prepared = PreparedOps::default();
+        assert_eq!(prepared.prepare(&ops).unwrap_err(), vec!["p".to_owned()]);
+        let stored = json!({"id": "p", "messageID": "m", "type": "text", "text": "a"});
+        prepared.learn(
+            vec!["p".into()],
+            vec![("p".into(), stored.to_string())],
+            Cursor(7),
+        );
+        let out = prepared.prepare(&ops).unwrap();
+
+        // The same ops through a stream's own rendering, told the same about `p`.
+        let mut own = LiveHtml::default();
+        let found = HashMap::from([(
+            "p".to_owned(),
+            Lookup {
+                message_id: "m".into(),
+                part: stored,
+                as_of: Cursor(7),
+            },
+        )]);
+        own.learn(vec!["p".into()], found, Cursor(7));
+        for (op, prepared) in ops.iter().zip(&out) {
+            let expected = applied(&mut own, ReadOp::new(op));
+            assert_eq!(serde_json::from_str::<Value>(prepared).unwrap(), expected);
+        }
+        let first: Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!(first["html"], "<p>a <em>b</em></p>\n");
     }
 }

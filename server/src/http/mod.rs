@@ -123,13 +123,19 @@ impl AppState {
             max_op_bytes: config.max_op_bytes,
             sync_max_body_bytes: config.sync_max_body_bytes,
             public_url: None,
-            feeds: crate::follow::Feeds::new(
+            feeds: event_feeds(crate::follow::Feeds::new(
                 ledger.clone(),
                 crate::follow::FollowSettings::from_config(&config),
-            ),
+            )),
             ledger,
         }
     }
+}
+
+/// `feeds`, preparing what event streams send (see [`live_html::PreparedOps`]).
+pub fn event_feeds(feeds: crate::follow::Feeds) -> crate::follow::Feeds {
+    feeds.prepare_with(live_html::PreparedOps::preparer());
+    feeds
 }
 
 /// The gateway's routes. Every route but opencode's sync takes a body of at

@@ -14,9 +14,9 @@ use super::rules;
 use super::rules::store::LedgerTx;
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, CompactPosition, CompactStep,
-    DeleteStep, FeedPage, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator, OpsPage,
-    PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
-    StoredToken, VacuumReport,
+    DeleteStep, FeedPage, FeedParts, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator,
+    OpsPage, PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage,
+    Stats, StoredToken, VacuumReport,
 };
 
 /// A storage engine: transactions over its [`LedgerTx`], and what only it knows.
@@ -313,6 +313,15 @@ impl<E: Engine> Backend for RulesBackend<E> {
     ) -> BoxFuture<'static, LedgerResult<FeedPage>> {
         self.engine
             .read(move |tx, _| rules::reads::feed_ops(tx, &share, after, limit))
+    }
+
+    fn feed_parts(
+        &self,
+        share: ShareId,
+        parts: Vec<String>,
+    ) -> BoxFuture<'static, LedgerResult<FeedParts>> {
+        self.engine
+            .read(move |tx, _| rules::reads::feed_parts(tx, &share, &parts))
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {

@@ -241,6 +241,15 @@ pub struct FeedPage {
     pub state: ShareState,
 }
 
+/// Parts as stored, read for the server's own feed (see [`Backend::feed_parts`]).
+#[derive(Debug)]
+pub struct FeedParts {
+    /// `(part id, the part's JSON)` of each part found.
+    pub parts: Vec<(String, String)>,
+    /// The share's cursor as of the read: the parts include every op up to it.
+    pub cursor: Cursor,
+}
+
 /// Which epochs a revocation bumps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RevokeScope {
@@ -422,6 +431,15 @@ pub trait Backend: Send + Sync + 'static {
         after: Option<Cursor>,
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<FeedPage>>;
+
+    /// The stored JSON of those of `parts` (part ids) that `share` holds, and the
+    /// share's cursor as of the read; for the server's own feed, like
+    /// [`Backend::feed_ops`] (it renders live text from a part's stored text).
+    fn feed_parts(
+        &self,
+        share: ShareId,
+        parts: Vec<String>,
+    ) -> BoxFuture<'static, LedgerResult<FeedParts>>;
 
     /// Announcements of committed changes, sent after the commit is durable. A
     /// receiver that falls behind gets `Lagged` and should recheck everything.

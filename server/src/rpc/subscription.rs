@@ -32,8 +32,8 @@ use tracing::{debug, warn};
 
 use super::context::{Context, SubscriptionGuard};
 use super::wire;
-use crate::follow::Follower;
-use crate::ledger::{Authority, LedgerError, LoggedOp};
+use crate::follow::{FeedOp, Follower};
+use crate::ledger::{Authority, LedgerError};
 
 /// Most ops per `ops` call. With the default window of 8 a subscriber holds at
 /// most 8 × 256 ops (plus one page read ahead) of the server's memory.
@@ -179,7 +179,7 @@ async fn push(
     });
     let mut pages = std::pin::pin!(pages);
     // The next page to send, read ahead while calls are in flight.
-    let mut ready: Option<Vec<Arc<LoggedOp>>> = None;
+    let mut ready: Option<Vec<Arc<FeedOp>>> = None;
     // Unanswered calls, oldest first; each resolves to the cursor it acknowledges.
     let mut in_flight = FuturesOrdered::new();
     loop {
@@ -227,12 +227,13 @@ async fn push(
 /// once answered, or fails after `timeout`.
 fn send_ops(
     listener: &op_listener::Client,
-    ops: &[Arc<LoggedOp>],
+    ops: &[Arc<FeedOp>],
     timeout: Duration,
 ) -> impl Future<Output = Result<Cursor, CallFailed>> + use<> {
-    let last = ops.last().map_or(Cursor(0), |op| op.cursor);
+    let last = ops.last().map_or(Cursor(0), |op| op.op.cursor);
     let mut request = listener.ops_request();
-    wire::fill_logged_list(ops, request.get().init_ops(ops.len() as u32));
+    let logged = ops.iter().map(|op| &op.op);
+    wire::fill_logged_list(logged, request.get().init_ops(ops.len() as u32));
     let deadline = Instant::now() + timeout;
     // Sent here, not when the future is first polled: calls leave in cursor order.
     let promise = request.send().promise;

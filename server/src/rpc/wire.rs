@@ -334,12 +334,12 @@ pub fn fill_ops(page: &OpsPage, mut out: ops_page::Builder<'_>) {
 }
 
 /// `out` must have been initialized with `ops.len()` elements.
-pub fn fill_logged_list(
-    ops: &[impl std::borrow::Borrow<LoggedOp>],
+pub fn fill_logged_list<'a>(
+    ops: impl IntoIterator<Item = &'a LoggedOp>,
     mut out: capnp::struct_list::Builder<'_, logged_op::Owned>,
 ) {
-    for (i, op) in ops.iter().enumerate() {
-        fill_logged(op.borrow(), out.reborrow().get(i as u32));
+    for (i, op) in ops.into_iter().enumerate() {
+        fill_logged(op, out.reborrow().get(i as u32));
     }
 }
 

@@ -7,7 +7,7 @@ use capsync_shared::{Cursor, ShareId, TokenKind};
 use super::authority::{self, Access};
 use super::store::{LedgerTx, ShareRow};
 use crate::ledger::{
-    Authority, FeedPage, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState,
+    Authority, FeedPage, FeedParts, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState,
 };
 
 pub fn share_state(tx: &mut impl LedgerTx, who: &Authority, now: i64) -> LedgerResult<ShareState> {
@@ -75,6 +75,26 @@ pub fn feed_ops(
     Ok(FeedPage {
         ops,
         state: share.state(),
+    })
+}
+
+/// The stored JSON of those of `parts` that `share` holds, for the server's own
+/// feed like [`feed_ops`].
+pub fn feed_parts(
+    tx: &mut impl LedgerTx,
+    share: &ShareId,
+    parts: &[String],
+) -> LedgerResult<FeedParts> {
+    let row = tx.share(share)?.ok_or(LedgerError::NotFound)?;
+    let mut found = Vec::new();
+    for id in parts {
+        if let Some(part) = tx.part(share, id)? {
+            found.push((id.clone(), part.json));
+        }
+    }
+    Ok(FeedParts {
+        parts: found,
+        cursor: row.cursor,
     })
 }
 
