@@ -2,7 +2,8 @@
 //! ledger once, kept in a bounded buffer, and handed to every follower of the
 //! share; and the one signal its followers wait on.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -16,6 +17,9 @@ use crate::ledger::{Ledger, LoggedOp};
 
 /// Most ops per read of the ledger.
 const READ_PAGE: u32 = 256;
+
+/// Most commits offered to a feed before it takes them; beyond, it reads the ledger.
+const MAX_OFFERED: usize = 1024;
 
 /// What followers of a share wait on: any change of it wakes them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,8 +38,14 @@ pub(super) struct Feed {
     pub share: ShareId,
     buffer: Mutex<Buffer>,
     head: watch::Sender<Head>,
-    /// Poked for every commit to the share: the feed's task reads what is new.
+    /// Poked for every commit to the share: the feed's task takes what is new.
     wake: Notify,
+    /// Set when what is new must be read from the ledger: another node's commit, a
+    /// revocation, missed announcements. Otherwise this node's commits hand their
+    /// ops over ([`Feed::offer`]).
+    must_read: AtomicBool,
+    /// Ops this node's commits handed over, oldest first, not taken yet.
+    offered: Mutex<VecDeque<Arc<[LoggedOp]>>>,
     /// Followers that want ops prepared (see [`Prepare`]).
     preparing: AtomicUsize,
 }
@@ -56,6 +66,8 @@ impl Feed {
             buffer: Mutex::new(Buffer::new(max_bytes)),
             head: watch::Sender::new(Head::default()),
             wake: Notify::new(),
+            must_read: AtomicBool::new(true),
+            offered: Mutex::default(),
             preparing: AtomicUsize::new(0),
         }
     }
@@ -83,8 +95,24 @@ impl Feed {
         self.buffer().after(after, limit)
     }
 
-    /// New ops were committed: read them.
+    /// Something was committed that the feed must read from the ledger.
     pub fn wake(&self) {
+        self.must_read.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// This node committed `ops` to the share: the feed takes them as they are,
+    /// unless it must read anyway.
+    pub fn offer(&self, ops: Arc<[LoggedOp]>) {
+        {
+            let mut offered = lock(&self.offered);
+            // A feed whose task is this far behind reads instead.
+            if offered.len() >= MAX_OFFERED {
+                offered.clear();
+                self.must_read.store(true, Ordering::Release);
+            }
+            offered.push_back(ops);
+        }
         self.wake.notify_one();
     }
 
@@ -129,8 +157,28 @@ impl Feed {
         }
     }
 
-    /// Reads everything committed after the buffer's head and announces it.
+    /// Takes everything committed after the buffer's head, from what commits
+    /// offered or else from the ledger, and announces it.
     async fn read_new(&self, reader: &mut Reader) {
+        let offered = std::mem::take(&mut *lock(&self.offered));
+        let head = self.buffer().head();
+        if !self.must_read.swap(false, Ordering::AcqRel)
+            && let Some(after) = head
+            && let Some(ops) = continuing(after, offered)
+        {
+            let ops = self.prepared(reader, ops).await;
+            let cursor = {
+                let mut buffer = self.buffer();
+                buffer.extend(ops);
+                buffer.head()
+            };
+            self.head.send_if_modified(|head| {
+                let moved = head.cursor != cursor;
+                head.cursor = cursor;
+                moved
+            });
+            return;
+        }
         loop {
             let after = self.buffer().head();
             let read = reader
@@ -145,6 +193,7 @@ impl Feed {
                     // read (and hear the error) under its own authority.
                     debug!(share = %self.share, %err, "the share's feed could not read the ledger");
                     self.buffer().clear();
+                    self.must_read.store(true, Ordering::Release);
                     reader.state = None;
                     self.head.send_modify(|head| {
                         head.cursor = None;
@@ -223,6 +272,31 @@ impl Feed {
     }
 }
 
+/// Nothing panics while holding the feed's locks; what they guard stays consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The offered ops after `after`, if they follow it without a gap (`None`
+/// otherwise: then the feed reads the ledger).
+fn continuing(after: Cursor, offered: VecDeque<Arc<[LoggedOp]>>) -> Option<Vec<LoggedOp>> {
+    let mut ops = Vec::new();
+    let mut next = after.0 + 1;
+    for op in offered.iter().flat_map(|ops| ops.iter()) {
+        if op.cursor.0 < next {
+            continue;
+        }
+        if op.cursor.0 != next {
+            return None;
+        }
+        ops.push(op.clone());
+        next += 1;
+    }
+    Some(ops)
+}
+
 /// What the feed's task reads and prepares with.
 struct Reader {
     ledger: Ledger,
@@ -246,8 +320,10 @@ mod tests {
             preparer: None,
             state: None,
         };
+        feed.wake();
         feed.read_new(&mut reader).await;
         share.append(1).await;
+        feed.wake();
         feed.read_new(&mut reader).await;
         assert_eq!(
             *head.borrow(),
@@ -269,6 +345,7 @@ mod tests {
             .await
             .unwrap();
         share.append(1).await;
+        feed.wake();
         feed.read_new(&mut reader).await;
         assert_eq!(
             *head.borrow(),
@@ -277,6 +354,55 @@ mod tests {
                 checks: 1,
                 closed: false
             }
+        );
+    }
+
+    fn logged(cursor: u64) -> LoggedOp {
+        LoggedOp {
+            cursor: Cursor(cursor),
+            op_id: capsync_shared::OpId::from(format!("offered_{cursor}").as_str()),
+            kind: capsync_shared::OpKind::ModelUpsert,
+            payload: "{}".into(),
+            applied_at: 0,
+        }
+    }
+
+    fn buffered(feed: &Feed) -> Vec<String> {
+        feed.after(Cursor(0), 100)
+            .unwrap()
+            .iter()
+            .map(|op| op.op.op_id.as_str().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn ops_a_commit_offers_are_taken_as_they_are_unless_they_leave_a_gap() {
+        let mut share = crate::follow::test_share::TestShare::new().await;
+        let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
+        let _head = feed.subscribe();
+        let mut reader = Reader {
+            ledger: share.ledger.clone(),
+            preparer: None,
+            state: None,
+        };
+        feed.wake();
+        feed.read_new(&mut reader).await;
+
+        // Offered ops that continue the buffer are taken without reading: these
+        // two are not even in the ledger.
+        feed.offer(vec![logged(1)].into());
+        feed.offer(vec![logged(1), logged(2)].into());
+        feed.read_new(&mut reader).await;
+        assert_eq!(buffered(&feed), ["offered_1", "offered_2"]);
+
+        // A gap (cursor 4 after 2): the feed reads the ledger instead, after 2.
+        share.append(4).await;
+        feed.offer(vec![logged(4)].into());
+        feed.read_new(&mut reader).await;
+        assert_eq!(
+            buffered(&feed),
+            ["offered_1", "offered_2", "op_2", "op_3"],
+            "the ledger's ops 3 and 4"
         );
     }
 }

@@ -173,9 +173,12 @@ async fn dispatch(inner: Weak<Inner>, mut changes: broadcast::Receiver<Changed>)
             return;
         };
         match changed {
-            Ok(Changed::Ops(share)) => {
+            Ok(Changed::Ops { share, applied }) => {
                 if let Some(feed) = inner.registry().by_share.get(&share) {
-                    feed.wake();
+                    match applied {
+                        Some(ops) => feed.offer(ops),
+                        None => feed.wake(),
+                    }
                 }
             }
             // A revocation or deletion. Every follower checks, not only this

@@ -7,16 +7,18 @@
 //! authority, exactly-once and record rules.
 
 use capsync_shared::{Cursor, ShareId, TokenId, TokenKind};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt, TryFutureExt};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::rules;
+use super::rules::append::Appended;
 use super::rules::store::LedgerTx;
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, CompactPosition, CompactStep,
-    DeleteStep, FeedPage, FeedParts, LedgerResult, Minted, NewShare, NewToken, OpOutcome, Operator,
-    OpsPage, PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage,
-    Stats, StoredToken, VacuumReport,
+    DeleteStep, FeedPage, FeedParts, LedgerResult, Minted, NewShare, NewToken, Operator, OpsPage,
+    PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
+    StoredToken, VacuumReport,
 };
 
 /// A storage engine: transactions over its [`LedgerTx`], and what only it knows.
@@ -201,18 +203,21 @@ impl<E: Engine> Backend for RulesBackend<E> {
         let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
         let reclaim_compacted = self.reclaim_compacted;
         let order = share.clone();
-        self.engine.write(
-            order.as_ref(),
-            bytes,
-            move |tx, now| rules::append::append(tx, &writer, &batch, reclaim_compacted, now),
-            move |ack: &Ack| {
-                let applied = ack
-                    .results
-                    .iter()
-                    .any(|r| matches!(r.outcome, OpOutcome::Applied(_)));
-                share.clone().filter(|_| applied).map(Changed::Ops)
-            },
-        )
+        self.engine
+            .write(
+                order.as_ref(),
+                bytes,
+                move |tx, now| rules::append::append(tx, &writer, &batch, reclaim_compacted, now),
+                move |appended: &Appended| {
+                    let share = share.clone().filter(|_| !appended.ops.is_empty())?;
+                    Some(Changed::Ops {
+                        share,
+                        applied: Some(Arc::clone(&appended.ops)),
+                    })
+                },
+            )
+            .map_ok(|appended| appended.ack)
+            .boxed()
     }
 
     fn share_state(&self, who: Authority) -> BoxFuture<'static, LedgerResult<ShareState>> {

@@ -274,9 +274,14 @@ pub struct AuditEvent {
 /// What a committed write changed, announced to live subscribers (see [`Backend::changes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Changed {
-    /// Ops were applied to this share: its followers read them; nobody's
+    /// Ops were applied to this share: its followers get them; nobody's
     /// authority changed.
-    Ops(ShareId),
+    Ops {
+        share: ShareId,
+        /// The ops as stored, when the commit was this node's own (another node's
+        /// announcement names only the share, and its followers read them).
+        applied: Option<Arc<[LoggedOp]>>,
+    },
     /// Who may read this share may have changed: its epochs were bumped (a
     /// revocation) or it was deleted. Its followers check their authority again.
     Share(ShareId),

@@ -361,7 +361,7 @@ pub(crate) async fn an_append_whose_caller_stops_waiting_is_still_announced(fx: 
         .expect("announced after the commit")
         .expect("a change");
     assert!(
-        matches!(changed, Changed::Ops(ref id) if *id == fx.share),
+        matches!(changed, Changed::Ops { ref share, applied: Some(ref ops) } if *share == fx.share && ops.len() == 1),
         "{changed:?}"
     );
     assert_eq!(fx.cursor().await, Cursor(1), "and committed");

@@ -48,7 +48,7 @@ impl Channel {
     /// What this node sends to announce `changed`.
     pub(super) fn payload(&self, changed: &Changed) -> String {
         let what = match changed {
-            Changed::Ops(id) => format!("ops {id}"),
+            Changed::Ops { share, .. } => format!("ops {share}"),
             Changed::Share(id) => format!("share {id}"),
             Changed::Tokens => "tokens".to_owned(),
             Changed::Missed => "missed".to_owned(),
@@ -64,7 +64,10 @@ impl Channel {
             return None;
         }
         match what.split_once(' ') {
-            Some(("ops", id)) => Some(Changed::Ops(ShareId::from(id))),
+            Some(("ops", id)) => Some(Changed::Ops {
+                share: ShareId::from(id),
+                applied: None,
+            }),
             Some(("share", id)) => Some(Changed::Share(ShareId::from(id))),
             _ if what == "tokens" => Some(Changed::Tokens),
             _ if what == "missed" => Some(Changed::Missed),
@@ -172,7 +175,10 @@ mod tests {
         assert_eq!(channel.parse("garbage"), None);
         let other = Channel::new("public", "n2".to_owned());
         for changed in [
-            Changed::Ops(ShareId::from("sh_1")),
+            Changed::Ops {
+                share: ShareId::from("sh_1"),
+                applied: None,
+            },
             Changed::Share(ShareId::from("sh_1")),
             Changed::Tokens,
             Changed::Missed,

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use capsync_shared::model::{Effect, op};
 use capsync_shared::{Cursor, OpId, OpKind};
@@ -17,12 +18,19 @@ use super::compacted_output::clear_compacted_output;
 use super::records;
 use super::store::{LedgerEntry, LedgerTx, Probe, ShareRow, Standing};
 use crate::ledger::{
-    Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, OpIn, OpOutcome, OpResult,
-    RejectReason,
+    Ack, AuditEvent, Authority, BatchIn, LedgerError, LedgerResult, LoggedOp, OpIn, OpOutcome,
+    OpResult, RejectReason,
 };
 
 /// What an append on an archived share is told.
 pub const ARCHIVED: &str = "share is archived; unarchive it to append";
+
+/// What an append did: the ack, and the ops it applied as stored (which the
+/// commit's announcement hands to the share's live feed, so it need not read them).
+pub struct Appended {
+    pub ack: Ack,
+    pub ops: Arc<[LoggedOp]>,
+}
 
 /// Applies `batch` inside the caller's transaction.
 ///
@@ -34,7 +42,7 @@ pub fn append(
     batch: &BatchIn,
     reclaim_compacted: bool,
     now: i64,
-) -> LedgerResult<Ack> {
+) -> LedgerResult<Appended> {
     let share = authority::check_share(tx, writer, Access::Write, now)?;
     // Archived means read-only: a writer that still runs must not silently
     // revive a share an admin put away (checked in the same transaction as the
@@ -56,6 +64,7 @@ pub fn append(
         reclaim_compacted,
         cursor: share.cursor,
         applied_here: HashMap::new(),
+        logged: Vec::new(),
     };
     let results = batch
         .ops
@@ -67,7 +76,7 @@ pub fn append(
             })
         })
         .collect::<LedgerResult<Vec<_>>>()?;
-    let cursor = run.cursor;
+    let (cursor, logged) = (run.cursor, run.logged);
     if cursor != share.cursor {
         tx.set_cursor(&share.id, cursor, now)?;
     }
@@ -75,7 +84,10 @@ pub fn append(
     // The audit line commits with the batch: atomic with it, and no second
     // transaction (and fsync) per append.
     tx.audit(&append_audit(writer, batch, &ack), now)?;
-    Ok(ack)
+    Ok(Appended {
+        ack,
+        ops: logged.into(),
+    })
 }
 
 fn append_audit(writer: &Authority, batch: &BatchIn, ack: &Ack) -> AuditEvent {
@@ -111,6 +123,8 @@ struct BatchRun<'a, T> {
     /// count for dedupe and dependencies exactly like ledger rows (they are
     /// ledger rows already; this just saves the lookups).
     applied_here: HashMap<&'a str, (Cursor, OpDigest)>,
+    /// The ops applied so far, as stored.
+    logged: Vec<LoggedOp>,
 }
 
 impl<'a, T: LedgerTx> BatchRun<'a, T> {
@@ -162,6 +176,13 @@ impl<'a, T: LedgerTx> BatchRun<'a, T> {
                 self.cursor = cursor;
                 self.applied_here
                     .insert(op.op_id.as_str(), (cursor, digest));
+                self.logged.push(LoggedOp {
+                    cursor,
+                    op_id: op.op_id.clone(),
+                    kind: op.kind,
+                    payload: payload.into_owned(),
+                    applied_at: self.now,
+                });
                 Ok(OpOutcome::Applied(cursor))
             }
             Err(outcome) => {
