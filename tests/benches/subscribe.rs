@@ -131,6 +131,9 @@ struct Args {
     /// timeout, 10s, or the stalled subscriber is dropped part-way).
     #[arg(long, default_value_t = 1000)]
     throughput_batches: u64,
+    /// The server's `--follow-interval` (default: the server's own).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    follow_interval: Option<Duration>,
     /// Pairs of runs (without, with), alternating which goes first.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
@@ -194,6 +197,9 @@ fn config(args: &Args, data: PathBuf) -> Config {
     let needed = 2 * args.shares.max(args.subscribers) + 64;
     config.max_connections = config.max_connections.max(needed);
     config.max_connections_per_address = config.max_connections_per_address.max(needed);
+    if let Some(interval) = args.follow_interval {
+        config.follow_interval = interval;
+    }
     config
 }
 
@@ -243,9 +249,10 @@ fn print_header(args: &Args, dir: &Path, config: &Config) {
     println!("  machine:     {cores} cores, load average {load} at start");
     println!("  data:        {} (durability FULL)", dir.display());
     println!(
-        "  server:      subscriber window {} calls, timeout {:?}; at most {} connections ({} per address) and live streams",
+        "  server:      subscriber window {} calls, timeout {:?}, follow interval {:?}; at most {} connections ({} per address) and live streams",
         config.subscriber_window,
         config.subscriber_timeout,
+        config.follow_interval,
         config.max_connections,
         config.max_connections_per_address
     );
