@@ -33,7 +33,9 @@ pub async fn snapshot(
 ) -> Result<Json<Value>, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
     let (cursor, records) = read_snapshot(&app.ledger, &reader.authority).await?;
-    let mut doc = page_data::document(cursor, &records);
+    // Rendering every text part's markdown is CPU work: off the thread that
+    // serves RPC and the other requests.
+    let mut doc = off_the_executor(move || page_data::document(cursor, &records)).await?;
     // The state read with the token check; the snapshot may be a few ops newer.
     let last_change = last_change(&reader.state);
     doc["shareId"] = share.clone().into();
@@ -87,8 +89,23 @@ pub async fn ops(
         .ledger
         .ops_since(reader.authority, Cursor(query.after), limit)
         .await?;
-    let ops: Vec<Value> = page.ops.iter().map(|op| ReadOp::new(op).json).collect();
+    // Up to 10,000 payloads parsed and rebuilt: off the executor too.
+    let ops = off_the_executor(move || {
+        let ops: Vec<Value> = page.ops.iter().map(|op| ReadOp::new(op).json).collect();
+        ops
+    })
+    .await?;
     Ok(Json(json!({"cursor": page.cursor.0, "ops": ops})))
+}
+
+/// Runs CPU-heavy `work` on a blocking thread.
+async fn off_the_executor<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|err| {
+        tracing::error!(%err, "rendering a response failed");
+        ApiError::Internal
+    })
 }
 
 /// Every record of the share at one cursor: pages are read until they all
