@@ -1,6 +1,7 @@
-//! One followed share's feed on this server: each commit's ops read from the
-//! ledger once, kept in a bounded buffer, and handed to every follower of the
-//! share; and the one signal its followers wait on.
+//! One followed share's feed on this server: each commit's ops, handed over by
+//! the commit when it was this node's or else read from the ledger once, kept in
+//! a bounded buffer and handed to every follower of the share; and the one signal
+//! its followers wait on.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,9 +18,6 @@ use crate::ledger::{Ledger, LoggedOp};
 
 /// Most ops per read of the ledger.
 const READ_PAGE: u32 = 256;
-
-/// Most commits offered to a feed before it takes them; beyond, it reads the ledger.
-const MAX_OFFERED: usize = 1024;
 
 /// What followers of a share wait on: any change of it wakes them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,7 +43,7 @@ pub(super) struct Feed {
     /// ops over ([`Feed::offer`]).
     must_read: AtomicBool,
     /// Ops this node's commits handed over, oldest first, not taken yet.
-    offered: Mutex<VecDeque<Arc<[LoggedOp]>>>,
+    offered: Mutex<Offered>,
     /// Followers that want ops prepared (see [`Prepare`]).
     preparing: AtomicUsize,
 }
@@ -67,7 +65,11 @@ impl Feed {
             head: watch::Sender::new(Head::default()),
             wake: Notify::new(),
             must_read: AtomicBool::new(true),
-            offered: Mutex::default(),
+            offered: Mutex::new(Offered {
+                commits: VecDeque::new(),
+                bytes: 0,
+                max_bytes,
+            }),
             preparing: AtomicUsize::new(0),
         }
     }
@@ -106,12 +108,15 @@ impl Feed {
     pub fn offer(&self, ops: Arc<[LoggedOp]>) {
         {
             let mut offered = lock(&self.offered);
-            // A feed whose task is this far behind reads instead.
-            if offered.len() >= MAX_OFFERED {
-                offered.clear();
+            offered.bytes += ops.iter().map(|op| op.payload.len()).sum::<usize>();
+            offered.commits.push_back(ops);
+            // A feed whose task is this far behind reads instead: what waits here
+            // stays within the buffer's bound.
+            if offered.bytes > offered.max_bytes {
+                offered.commits.clear();
+                offered.bytes = 0;
                 self.must_read.store(true, Ordering::Release);
             }
-            offered.push_back(ops);
         }
         self.wake.notify_one();
     }
@@ -160,7 +165,7 @@ impl Feed {
     /// Takes everything committed after the buffer's head, from what commits
     /// offered or else from the ledger, and announces it.
     async fn read_new(&self, reader: &mut Reader) {
-        let offered = std::mem::take(&mut *lock(&self.offered));
+        let offered = lock(&self.offered).take();
         let head = self.buffer().head();
         if !self.must_read.swap(false, Ordering::AcqRel)
             && let Some(after) = head
@@ -269,6 +274,21 @@ impl Feed {
         self.buffer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Ops that commits handed over and the feed has not taken yet.
+struct Offered {
+    commits: VecDeque<Arc<[LoggedOp]>>,
+    /// Their payloads' bytes, at most `max_bytes` (the buffer's bound).
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Offered {
+    fn take(&mut self) -> VecDeque<Arc<[LoggedOp]>> {
+        self.bytes = 0;
+        std::mem::take(&mut self.commits)
     }
 }
 
@@ -404,5 +424,27 @@ mod tests {
             ["offered_1", "offered_2", "op_2", "op_3"],
             "the ledger's ops 3 and 4"
         );
+    }
+
+    #[tokio::test]
+    async fn more_offered_than_the_buffer_holds_is_dropped_and_read_instead() {
+        let mut share = crate::follow::test_share::TestShare::new().await;
+        // Room for the ledger's small op, not for the two offered ones.
+        let feed = Feed::new(ShareId::from("sh_1"), 200);
+        let _head = feed.subscribe();
+        let mut reader = Reader {
+            ledger: share.ledger.clone(),
+            preparer: None,
+            state: None,
+        };
+        feed.wake();
+        feed.read_new(&mut reader).await;
+        share.append(1).await;
+        let mut big = logged(1);
+        big.payload = "x".repeat(120);
+        feed.offer(vec![big.clone()].into());
+        feed.offer(vec![big].into());
+        feed.read_new(&mut reader).await;
+        assert_eq!(buffered(&feed), ["op_0"], "read from the ledger");
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! Both live paths use this: RPC subscriptions (which push to a listener with a
 //! bounded window) and the HTTP gateway's Server-Sent Events. Each share with
-//! followers on this server has one [`feeds`] entry: its commits are read from
-//! the ledger once and handed to every follower from a bounded buffer, and only
-//! that share's followers are woken. A follower checks its own authority by
+//! followers on this server has one [`feeds`] entry: its commits' ops (handed over
+//! by this node's commits, read once from the ledger for other nodes') go to every
+//! follower from a bounded buffer, and only that share's followers are woken. A follower checks its own authority by
 //! reading the ledger itself: when it starts, when authority over the share may
 //! have changed (a revocation, a deletion, a token revoked anywhere, missed
 //! announcements), every `--follow-recheck`, and whenever it is further behind
