@@ -329,17 +329,23 @@ struct Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::follow::test_share::TestShare;
 
-    #[tokio::test]
-    async fn ops_read_with_a_revocation_ask_every_follower_to_check_first() {
-        let mut share = crate::follow::test_share::TestShare::new().await;
-        let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
-        let head = feed.subscribe();
-        let mut reader = Reader {
+    /// A feed task's reader of `share`'s ledger, preparing nothing.
+    fn reader(share: &TestShare) -> Reader {
+        Reader {
             ledger: share.ledger.clone(),
             preparer: None,
             state: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn ops_read_with_a_revocation_ask_every_follower_to_check_first() {
+        let mut share = TestShare::new().await;
+        let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
+        let head = feed.subscribe();
+        let mut reader = reader(&share);
         feed.wake();
         feed.read_new(&mut reader).await;
         share.append(1).await;
@@ -397,14 +403,10 @@ mod tests {
 
     #[tokio::test]
     async fn ops_a_commit_offers_are_taken_as_they_are_unless_they_leave_a_gap() {
-        let mut share = crate::follow::test_share::TestShare::new().await;
+        let mut share = TestShare::new().await;
         let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
         let _head = feed.subscribe();
-        let mut reader = Reader {
-            ledger: share.ledger.clone(),
-            preparer: None,
-            state: None,
-        };
+        let mut reader = reader(&share);
         feed.wake();
         feed.read_new(&mut reader).await;
 
@@ -428,15 +430,11 @@ mod tests {
 
     #[tokio::test]
     async fn more_offered_than_the_buffer_holds_is_dropped_and_read_instead() {
-        let mut share = crate::follow::test_share::TestShare::new().await;
+        let mut share = TestShare::new().await;
         // Room for the ledger's small op, not for the two offered ones.
         let feed = Feed::new(ShareId::from("sh_1"), 200);
         let _head = feed.subscribe();
-        let mut reader = Reader {
-            ledger: share.ledger.clone(),
-            preparer: None,
-            state: None,
-        };
+        let mut reader = reader(&share);
         feed.wake();
         feed.read_new(&mut reader).await;
         share.append(1).await;
