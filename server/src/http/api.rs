@@ -13,10 +13,10 @@ use capsync_shared::{Cursor, ShareId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::auth::share_reader;
 use super::error::ApiError;
 use super::page_data::{self, ReadOp};
+use super::{AppState, off_the_executor};
 use crate::ledger::{Authority, Ledger, Record};
 use crate::presence::{PresenceView, last_change};
 
@@ -96,16 +96,6 @@ pub async fn ops(
     })
     .await?;
     Ok(Json(json!({"cursor": page.cursor.0, "ops": ops})))
-}
-
-/// Runs CPU-heavy `work` on a blocking thread.
-async fn off_the_executor<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|err| {
-        tracing::error!(%err, "rendering a response failed");
-        ApiError::Internal
-    })
 }
 
 /// Every record of the share at one cursor: pages are read until they all

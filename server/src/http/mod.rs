@@ -55,6 +55,7 @@ use crate::net::{AcceptPolicy, Acceptor};
 use crate::presence::Presence;
 use crate::redeem::Redeemer;
 use crate::secret_hasher::SecretHasher;
+use error::ApiError;
 
 pub use connections::BUSY_RESPONSE;
 
@@ -130,6 +131,17 @@ impl AppState {
             ledger,
         }
     }
+}
+
+/// Runs CPU-heavy `work` (rendering markdown, parsing or building large JSON) on a
+/// blocking thread, off the executor that serves RPC and every other request.
+pub(crate) async fn off_the_executor<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|err| {
+        tracing::error!(%err, "work for an HTTP response failed");
+        ApiError::Internal
+    })
 }
 
 /// `feeds`, preparing what event streams send (see [`live_html::PreparedOps`]).

@@ -35,10 +35,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{Level, info};
 
-use super::AppState;
 use super::api::read_snapshot;
 use super::auth::viewer;
 use super::error::ApiError;
+use super::{AppState, off_the_executor};
 use crate::error::ServerError;
 use crate::ledger::oversize::append_within_limit;
 use crate::ledger::{
@@ -177,6 +177,31 @@ struct SyncBody {
     data: Vec<Value>,
 }
 
+/// The ops of opencode's sync items, and for each item its ops' places in them
+/// or why it was refused.
+type MappedItems = (Vec<OpIn>, Vec<Result<std::ops::Range<usize>, String>>);
+
+fn map_items(items: &[Value], max_op_bytes: usize) -> MappedItems {
+    let mut ops = Vec::new();
+    let mut places = Vec::new();
+    for item in items {
+        match map_item(item, max_op_bytes) {
+            Mapped::Ops(mapped) => {
+                let start = ops.len();
+                ops.extend(mapped.into_iter().map(|op| OpIn {
+                    op_id: op.op_id,
+                    kind: op.kind,
+                    payload: op.payload,
+                    depends_on: Vec::new(),
+                }));
+                places.push(Ok(start..ops.len()));
+            }
+            Mapped::Refused(why) => places.push(Err(why)),
+        }
+    }
+    (ops, places)
+}
+
 /// `POST /opencode/{agent}/api/share/{id}/sync`: applies the items, each a
 /// full snapshot of one record. The client never sends a batch again, so an
 /// item that cannot be kept is refused alone and the answer is `200`
@@ -192,9 +217,17 @@ async fn sync(
     let body = axum::body::to_bytes(request.into_body(), app.sync_max_body_bytes)
         .await
         .map_err(|_| ApiError::TooLarge(app.sync_max_body_bytes))?;
-    let body: SyncBody = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::BadRequest("expected {\"secret\": \"...\", \"data\": [...]}".into())
-    })?;
+    // Parsing and mapping up to --sync-max-body-bytes of JSON is CPU work: off
+    // the executor that serves RPC and the other requests.
+    let max_op_bytes = app.max_op_bytes;
+    let (body, ops, places) = off_the_executor(move || {
+        let body: SyncBody = serde_json::from_slice(&body).map_err(|_| {
+            ApiError::BadRequest("expected {\"secret\": \"...\", \"data\": [...]}".into())
+        })?;
+        let (ops, places) = map_items(&body.data, max_op_bytes);
+        Ok::<_, ApiError>((body, ops, places))
+    })
+    .await??;
     let writer = app
         .redeemer
         .redeem(&body.secret, peer, Via::HttpSync)
@@ -206,24 +239,6 @@ async fn sync(
     app.metrics.opencode_sync();
     app.presence.writer_synced(&share_id);
 
-    let mut ops = Vec::new();
-    // For each item: its ops' places in `ops`, or why it was refused.
-    let mut places: Vec<Result<std::ops::Range<usize>, String>> = Vec::new();
-    for item in &body.data {
-        match map_item(item, app.max_op_bytes) {
-            Mapped::Ops(mapped) => {
-                let start = ops.len();
-                ops.extend(mapped.into_iter().map(|op| OpIn {
-                    op_id: op.op_id,
-                    kind: op.kind,
-                    payload: op.payload,
-                    depends_on: Vec::new(),
-                }));
-                places.push(Ok(start..ops.len()));
-            }
-            Mapped::Refused(why) => places.push(Err(why)),
-        }
-    }
     let batch = BatchIn {
         batch_id: format!("opencode-sync-{}", share_id.as_str()),
         ops,
@@ -401,7 +416,7 @@ async fn data(
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let reader = viewer(&app, &token, peer).await?;
     let (_, records) = read_snapshot(&app.ledger, &reader.authority).await?;
-    Ok(Json(share_items(&records)))
+    Ok(Json(off_the_executor(move || share_items(&records)).await?))
 }
 
 /// Records in snapshot order as opencode's `{type, data}` items.
