@@ -58,6 +58,7 @@ pub struct Metrics {
     /// Seconds from handing a batch to the ledger to its durable ack.
     commit_latency: Histogram,
     subscribers: Family<ViaLabel, Gauge>,
+    followed_shares: Gauge,
     http_connections: Gauge,
     /// Connections closed at accept: `listener`, `reason` (`limit`, `address_limit`).
     connections_refused: Family<Labels2, Counter>,
@@ -88,6 +89,7 @@ impl Default for Metrics {
         // 0.25 ms to about 4 s: a group commit with fsync sits in the low milliseconds.
         let commit_latency = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
         let subscribers = Family::<ViaLabel, Gauge>::default();
+        let followed_shares = Gauge::default();
         let http_connections = Gauge::default();
         let connections_refused = Family::<Labels2, Counter>::default();
         let connections_ended = Family::<Labels1, Counter>::default();
@@ -146,6 +148,12 @@ impl Default for Metrics {
             "subscribers",
             "Live followers of a share, by how they are attached",
             subscribers.clone(),
+        );
+        registry.register(
+            "followed_shares",
+            "Shares with live followers on this server, each read once per commit for \
+             all of them (its feed)",
+            followed_shares.clone(),
         );
         registry.register(
             "http_connections_open",
@@ -211,6 +219,7 @@ impl Default for Metrics {
             ops_rejected,
             commit_latency,
             subscribers,
+            followed_shares,
             http_connections,
             connections_refused,
             connections_ended,
@@ -292,6 +301,11 @@ impl Metrics {
     /// Counts a live follower until the guard drops.
     pub fn subscriber(&self, via: SubscriberVia) -> GaugeGuard {
         GaugeGuard::new(self.subscribers.get_or_create(&via_label(via)).clone())
+    }
+
+    /// Counts a share with live followers (its feed) until the guard drops.
+    pub fn followed_share(&self) -> GaugeGuard {
+        GaugeGuard::new(self.followed_shares.clone())
     }
 
     pub fn opencode_sync(&self) {

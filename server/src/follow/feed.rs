@@ -15,6 +15,7 @@ use tracing::debug;
 use super::buffer::{Buffer, FeedOp};
 use super::prepare::{self, Prepare, Preparer};
 use crate::ledger::{Ledger, LoggedOp};
+use crate::metrics::GaugeGuard;
 
 /// Most ops per read of the ledger.
 const READ_PAGE: u32 = 256;
@@ -46,6 +47,8 @@ pub(super) struct Feed {
     offered: Mutex<Offered>,
     /// Followers that want ops prepared (see [`Prepare`]).
     preparing: AtomicUsize,
+    /// Counts the feed in `capsync_followed_shares` while it lives.
+    _counted: GaugeGuard,
 }
 
 /// A follower's wish for prepared ops, for as long as it is held.
@@ -58,7 +61,7 @@ impl Drop for Preparing {
 }
 
 impl Feed {
-    pub fn new(share: ShareId, max_bytes: usize) -> Self {
+    pub fn new(share: ShareId, max_bytes: usize, counted: GaugeGuard) -> Self {
         Self {
             share,
             buffer: Mutex::new(Buffer::new(max_bytes)),
@@ -71,6 +74,7 @@ impl Feed {
                 max_bytes,
             }),
             preparing: AtomicUsize::new(0),
+            _counted: counted,
         }
     }
 
@@ -330,6 +334,7 @@ struct Reader {
 mod tests {
     use super::*;
     use crate::follow::test_share::TestShare;
+    use crate::metrics::Metrics;
 
     /// A feed task's reader of `share`'s ledger, preparing nothing.
     fn reader(share: &TestShare) -> Reader {
@@ -343,7 +348,11 @@ mod tests {
     #[tokio::test]
     async fn ops_read_with_a_revocation_ask_every_follower_to_check_first() {
         let mut share = TestShare::new().await;
-        let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
+        let feed = Feed::new(
+            ShareId::from("sh_1"),
+            1 << 20,
+            Metrics::default().followed_share(),
+        );
         let head = feed.subscribe();
         let mut reader = reader(&share);
         feed.wake();
@@ -404,7 +413,11 @@ mod tests {
     #[tokio::test]
     async fn ops_a_commit_offers_are_taken_as_they_are_unless_they_leave_a_gap() {
         let mut share = TestShare::new().await;
-        let feed = Feed::new(ShareId::from("sh_1"), 1 << 20);
+        let feed = Feed::new(
+            ShareId::from("sh_1"),
+            1 << 20,
+            Metrics::default().followed_share(),
+        );
         let _head = feed.subscribe();
         let mut reader = reader(&share);
         feed.wake();
@@ -432,7 +445,11 @@ mod tests {
     async fn more_offered_than_the_buffer_holds_is_dropped_and_read_instead() {
         let mut share = TestShare::new().await;
         // Room for the ledger's small op, not for the two offered ones.
-        let feed = Feed::new(ShareId::from("sh_1"), 200);
+        let feed = Feed::new(
+            ShareId::from("sh_1"),
+            200,
+            Metrics::default().followed_share(),
+        );
         let _head = feed.subscribe();
         let mut reader = reader(&share);
         feed.wake();

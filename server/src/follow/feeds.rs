@@ -13,6 +13,7 @@ use super::feed::{Feed, Head};
 use super::prepare::Preparer;
 use crate::config::Config;
 use crate::ledger::{Changed, Ledger};
+use crate::metrics::Metrics;
 
 /// Every feed of this server. Cheap to clone, `Send`.
 #[derive(Clone)]
@@ -23,6 +24,7 @@ pub struct Feeds {
 struct Inner {
     ledger: Ledger,
     settings: FollowSettings,
+    metrics: Metrics,
     /// What feeds prepare for followers that want it (the HTTP gateway's rendering).
     preparer: OnceLock<Preparer>,
     registry: Mutex<Registry>,
@@ -64,11 +66,12 @@ pub(super) struct Joined {
 }
 
 impl Feeds {
-    pub fn new(ledger: Ledger, settings: FollowSettings) -> Self {
+    pub fn new(ledger: Ledger, settings: FollowSettings, metrics: Metrics) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ledger,
                 settings,
+                metrics,
                 preparer: OnceLock::new(),
                 registry: Mutex::default(),
             }),
@@ -102,7 +105,8 @@ impl Feeds {
             Some(feed) => Arc::clone(feed),
             None => {
                 let settings = &self.inner.settings;
-                let feed = Arc::new(Feed::new(share.clone(), settings.buffer_bytes));
+                let counted = self.inner.metrics.followed_share();
+                let feed = Arc::new(Feed::new(share.clone(), settings.buffer_bytes, counted));
                 registry.by_share.insert(share.clone(), Arc::clone(&feed));
                 let inner = Arc::downgrade(&self.inner);
                 let forget = move |feed: &Arc<Feed>| {

@@ -160,6 +160,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::ledger::RevokeScope;
+    use crate::metrics::Metrics;
     use capsync_shared::ShareId;
 
     fn settings() -> FollowSettings {
@@ -167,7 +168,7 @@ mod tests {
     }
 
     fn feeds(share: &TestShare) -> Feeds {
-        Feeds::new(share.ledger.clone(), settings())
+        Feeds::new(share.ledger.clone(), settings(), Metrics::default())
     }
 
     #[tokio::test]
@@ -205,10 +206,19 @@ mod tests {
     #[tokio::test]
     async fn followers_of_a_share_get_each_commit_and_its_feed_goes_with_the_last_of_them() {
         let mut share = TestShare::new().await;
-        let feeds = feeds(&share);
+        let metrics = Metrics::default();
+        let feeds = Feeds::new(share.ledger.clone(), settings(), metrics.clone());
+        let followed = || {
+            metrics
+                .render()
+                .lines()
+                .find_map(|line| line.strip_prefix("capsync_followed_shares "))
+                .map(str::to_owned)
+        };
         let mut first = Follower::new(&feeds, share.viewer.clone(), Cursor(0), 10);
         let mut second = Follower::new(&feeds, share.writer.clone(), Cursor(0), 10);
         assert_eq!(feeds.len(), 1, "one feed for the share");
+        assert_eq!(followed().as_deref(), Some("1"));
         share.append(3).await;
         assert_eq!(next_cursors(&mut first).await.unwrap(), [1, 2, 3]);
         assert_eq!(next_cursors(&mut second).await.unwrap(), [1, 2, 3]);
@@ -237,19 +247,18 @@ mod tests {
         })
         .await
         .expect("the feed is dropped once nobody follows the share");
+        assert_eq!(followed().as_deref(), Some("0"));
     }
 
     #[tokio::test]
     async fn a_follower_further_behind_than_the_feed_keeps_reads_the_ledger_in_order() {
         let mut share = TestShare::new().await;
         // A buffer that keeps nothing: every op comes from the follower's own reads.
-        let feeds = Feeds::new(
-            share.ledger.clone(),
-            FollowSettings {
-                buffer_bytes: 1,
-                ..settings()
-            },
-        );
+        let settings = FollowSettings {
+            buffer_bytes: 1,
+            ..settings()
+        };
+        let feeds = Feeds::new(share.ledger.clone(), settings, Metrics::default());
         let mut follower = Follower::new(&feeds, share.viewer.clone(), Cursor(0), 10);
         share.append(25).await;
         let mut seen = Vec::new();
@@ -315,6 +324,7 @@ mod tests {
                 recheck,
                 ..settings()
             },
+            Metrics::default(),
         );
         let mut follower = Follower::new(&feeds, share.viewer.clone(), Cursor(0), 10);
         share.append(1).await;

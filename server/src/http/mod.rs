@@ -114,7 +114,7 @@ impl AppState {
                 logs.clone(),
             ),
             presence: Presence::default(),
-            metrics,
+            metrics: metrics.clone(),
             logs,
             interrupted_after: config.interrupted_after,
             streams: Arc::new(Semaphore::new(config.max_connections)),
@@ -127,6 +127,7 @@ impl AppState {
             feeds: event_feeds(crate::follow::Feeds::new(
                 ledger.clone(),
                 crate::follow::FollowSettings::from_config(&config),
+                metrics.clone(),
             )),
             ledger,
         }

@@ -92,6 +92,11 @@ impl Context {
             metrics.clone(),
             logs.clone(),
         );
+        let feeds = Feeds::new(
+            ledger.clone(),
+            FollowSettings::from_config(config),
+            metrics.clone(),
+        );
         Self {
             presence: node.presence.clone(),
             hasher,
@@ -102,7 +107,7 @@ impl Context {
             logs,
             subscriber_window: config.subscriber_window.max(1),
             subscriber_timeout: config.subscriber_timeout,
-            feeds: Feeds::new(ledger.clone(), FollowSettings::from_config(config)),
+            feeds,
             ledger,
             interrupted_after_ms: i64::try_from(config.interrupted_after.as_millis())
                 .unwrap_or(i64::MAX),
