@@ -30,7 +30,6 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use capsync_shared::limits::DEFAULT_SNAPSHOT_PAGE_BYTES;
 use capsync_shared::{Cursor, ShareId};
 use futures::Stream;
 use serde::Deserialize;
@@ -41,11 +40,11 @@ use super::AppState;
 use super::api::{self, is_interrupted};
 use super::auth::{ShareReader, share_reader};
 use super::error::{ApiError, snapshot_required_message};
-use super::live_html::{LiveHtml, Lookup};
+use super::live_html::{LiveHtml, Lookup, lookups};
 use super::page_data::ReadOp;
 use crate::clock::Clock;
 use crate::follow::{FeedOp, Follower};
-use crate::ledger::{Authority, LedgerError, LedgerResult, RecordKind};
+use crate::ledger::{Authority, LedgerError, LedgerResult};
 use crate::metrics::{GaugeGuard, SubscriberVia};
 use crate::presence::last_change;
 
@@ -327,39 +326,15 @@ fn json_event(name: &str, data: &Value) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 
-/// Reads snapshot pages until every part in `ids` is found (or the end): the
-/// text a delta appends to, for parts whose upsert came before this stream.
-/// Also returns the cursor of the last page read.
+/// The stored text of the parts in `ids` that the share holds (those a delta
+/// appends to but whose upsert came before this stream), and the cursor read at.
 async fn look_up_parts(
     app: &AppState,
     who: &Authority,
     ids: &[String],
 ) -> Result<(HashMap<String, Lookup>, Cursor), LedgerError> {
-    let mut found = HashMap::new();
-    let mut page = String::new();
-    loop {
-        let read = app
-            .ledger
-            .snapshot_page(who.clone(), page, DEFAULT_SNAPSHOT_PAGE_BYTES)
-            .await?;
-        for record in read.records {
-            if record.kind == RecordKind::Part && ids.contains(&record.id) {
-                let part = serde_json::from_str(&record.json).unwrap_or(Value::Null);
-                found.insert(
-                    record.id,
-                    Lookup {
-                        message_id: record.message_id,
-                        part,
-                        as_of: read.cursor,
-                    },
-                );
-            }
-        }
-        if found.len() == ids.len() || read.next_page.is_empty() {
-            return Ok((found, read.cursor));
-        }
-        page = read.next_page;
-    }
+    let read = app.ledger.parts(who.clone(), ids.to_vec()).await?;
+    Ok((lookups(read.parts, read.cursor), read.cursor))
 }
 
 #[cfg(test)]
@@ -449,5 +424,51 @@ mod tests {
         let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
         assert_eq!(names, ["hello", "snapshotRequired"]);
         assert_eq!(events[1].1["cursor"], point.0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_looks_up_the_parts_it_needs_under_its_own_authority() {
+        use capsync_shared::{OpId, OpKind, ShareId};
+
+        use crate::ledger::{BatchIn, OpIn, RevokeScope};
+
+        let share = TestShare::new().await;
+        let part = json!({"id": "prt_1", "messageID": "msg_1", "sessionID": "ses_1",
+            "type": "text", "text": "hello"});
+        let batch = BatchIn {
+            batch_id: "b".into(),
+            ops: vec![OpIn {
+                op_id: OpId::from("p1"),
+                kind: OpKind::PartUpsert,
+                payload: part.to_string(),
+                depends_on: Vec::new(),
+            }],
+            expected_cursor: None,
+        };
+        share
+            .ledger
+            .append(share.writer.clone(), batch)
+            .await
+            .unwrap();
+        let app = AppState::for_tests(share.ledger.clone());
+        let ids = ["prt_1".to_owned(), "prt_none".to_owned()];
+
+        let (found, as_of) = look_up_parts(&app, &share.viewer, &ids).await.unwrap();
+        assert_eq!(as_of, Cursor(1));
+        assert_eq!(found.len(), 1, "an unknown part is not found");
+        assert_eq!(found["prt_1"].message_id, "msg_1");
+        assert_eq!(found["prt_1"].part["text"], "hello");
+
+        share
+            .ledger
+            .revoke_share(
+                share.agent.clone(),
+                ShareId::from("sh_1"),
+                RevokeScope::Viewers,
+            )
+            .await
+            .unwrap();
+        let refused = look_up_parts(&app, &share.viewer, &ids).await;
+        assert!(matches!(refused, Err(LedgerError::Revoked)), "{refused:?}");
     }
 }

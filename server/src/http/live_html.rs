@@ -36,6 +36,7 @@ struct Remembered {
 
 /// A part's stored record, with the cursor it reflects: what [`LiveHtml::learn`]
 /// needs for a delta to a part the stream has not seen.
+#[derive(Debug)]
 pub struct Lookup {
     pub message_id: String,
     pub part: Value,
@@ -149,6 +150,23 @@ impl LiveHtml {
     }
 }
 
+/// Stored parts `(id, JSON)` read at `as_of`, as [`LiveHtml::learn`] takes them.
+pub fn lookups(found: Vec<(String, String)>, as_of: Cursor) -> HashMap<String, Lookup> {
+    found
+        .into_iter()
+        .map(|(id, json)| {
+            let part: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+            let message_id = part["messageID"].as_str().unwrap_or_default().to_owned();
+            let lookup = Lookup {
+                message_id,
+                part,
+                as_of,
+            };
+            (id, lookup)
+        })
+        .collect()
+}
+
 /// Each op as event streams send it, prepared once per share by the share's feed
 /// for all of its streams (see [`Prepare`]).
 #[derive(Default)]
@@ -179,20 +197,7 @@ impl Prepare for PreparedOps {
     }
 
     fn learn(&mut self, asked: Vec<String>, found: Vec<(String, String)>, as_of: Cursor) {
-        let found = found
-            .into_iter()
-            .map(|(id, json)| {
-                let part: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
-                let message_id = part["messageID"].as_str().unwrap_or_default().to_owned();
-                let lookup = Lookup {
-                    message_id,
-                    part,
-                    as_of,
-                };
-                (id, lookup)
-            })
-            .collect();
-        self.text.learn(asked, found, as_of);
+        self.text.learn(asked, lookups(found, as_of), as_of);
     }
 }
 

@@ -320,6 +320,15 @@ impl<E: Engine> Backend for RulesBackend<E> {
             .read(move |tx, _| rules::reads::feed_ops(tx, &share, after, limit))
     }
 
+    fn parts(
+        &self,
+        who: Authority,
+        parts: Vec<String>,
+    ) -> BoxFuture<'static, LedgerResult<FeedParts>> {
+        self.engine
+            .read(move |tx, now| rules::reads::parts(tx, &who, &parts, now))
+    }
+
     fn feed_parts(
         &self,
         share: ShareId,

@@ -437,6 +437,14 @@ pub trait Backend: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'static, LedgerResult<FeedPage>>;
 
+    /// The stored JSON of those of `parts` (part ids) that `who`'s share holds, and
+    /// the share's cursor as of the read.
+    fn parts(
+        &self,
+        who: Authority,
+        parts: Vec<String>,
+    ) -> BoxFuture<'static, LedgerResult<FeedParts>>;
+
     /// The stored JSON of those of `parts` (part ids) that `share` holds, and the
     /// share's cursor as of the read; for the server's own feed, like
     /// [`Backend::feed_ops`] (it renders live text from a part's stored text).

@@ -86,15 +86,34 @@ pub fn feed_parts(
     parts: &[String],
 ) -> LedgerResult<FeedParts> {
     let row = tx.share(share)?.ok_or(LedgerError::NotFound)?;
+    stored_parts(tx, &row, parts)
+}
+
+/// The stored JSON of those of `parts` that `who`'s share holds.
+pub fn parts(
+    tx: &mut impl LedgerTx,
+    who: &Authority,
+    parts: &[String],
+    now: i64,
+) -> LedgerResult<FeedParts> {
+    let row = authority::check_share(tx, who, Access::Read, now)?;
+    stored_parts(tx, &row, parts)
+}
+
+fn stored_parts(
+    tx: &mut impl LedgerTx,
+    share: &ShareRow,
+    parts: &[String],
+) -> LedgerResult<FeedParts> {
     let mut found = Vec::new();
     for id in parts {
-        if let Some(part) = tx.part(share, id)? {
+        if let Some(part) = tx.part(&share.id, id)? {
             found.push((id.clone(), part.json));
         }
     }
     Ok(FeedParts {
         parts: found,
-        cursor: row.cursor,
+        cursor: share.cursor,
     })
 }
 
