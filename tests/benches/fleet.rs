@@ -78,11 +78,12 @@ const TARGET_VIEWERS: usize = 100;
     about = "Fleet: agents streaming opencode-like traffic, with viewers, ramped until ack p99 passes 50 ms (see docs/BENCHMARKS.md)"
 )]
 struct Args {
-    /// Agents at each step of the ramp, increasing (comma separated).
+    /// Agents at each step of the ramp, increasing (comma separated). Fine steps first:
+    /// a small machine stops early, and its figure should still say something.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "100,200,300,400,500,600,800"
+        default_value = "25,50,75,100,150,200,300,400,500,600,800"
     )]
     steps: Vec<usize>,
     /// Seconds each step runs, its warm-up included.
