@@ -39,12 +39,14 @@ fn loads(step: &Step) -> Vec<Load> {
         ));
     }
     if let Some((usage, machine)) = step.cpu.and_then(|u| Some((u, u.machine?))) {
+        // Stolen time counts as used: the virtual cores had work, the host ran others.
+        let steal = usage.steal.map_or(0.0, |s| usage.cores(s));
         let cores = machine_cores() as f64;
         loads.push(Load {
             name: "the machine's cores",
-            used: usage.cores(machine) / cores,
+            used: (usage.cores(machine) + steal) / cores,
             detail: format!(
-                "{:.2} of {cores} busy, other processes {:.2}",
+                "{:.2} of {cores} busy, {steal:.2} more stolen by the host; other processes {:.2}",
                 usage.cores(machine),
                 usage.elsewhere.map_or(0.0, |e| usage.cores(e))
             ),

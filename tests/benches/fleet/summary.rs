@@ -172,7 +172,7 @@ pub fn print_summary(args: &Args, ramp: &Ramp) {
         steps.first().map_or(0.0, |s| s.window.as_secs_f64())
     );
     println!(
-        "  agents viewers  offered/s  acked/s  ack p50  ack p99  age p99  view p50  view p99  server RSS  /agent  client  server  writer  blocking  others"
+        "  agents viewers  offered/s  acked/s  ack p50  ack p99  age p99  view p50  view p99  server RSS  /agent  client  server  writer  blocking  others  steal"
     );
     for step in steps {
         let cpu = |f: fn(&crate::cpu::Usage) -> Option<Duration>| {
@@ -181,7 +181,7 @@ pub fn print_summary(args: &Args, ramp: &Ramp) {
                 .unwrap_or_else(|| "?".into())
         };
         println!(
-            "  {:>6} {:>7} {:>10} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>11} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7}",
+            "  {:>6} {:>7} {:>10} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>11} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7} {:>6}",
             step.agents,
             step.viewers,
             thousands(step.offered),
@@ -198,10 +198,11 @@ pub fn print_summary(args: &Args, ramp: &Ramp) {
             cpu(|u| Some(u.writer)),
             cpu(|u| Some(u.blocking)),
             cpu(|u| u.elsewhere),
+            cpu(|u| u.steal),
         );
     }
     println!(
-        "  (latencies in ms; cpu in cores: bench client thread, server thread, ledger writer, server blocking pool, other processes)"
+        "  (latencies in ms; cpu in cores: bench client thread, server thread, ledger writer, server blocking pool, other processes, stolen by the host)"
     );
     println!();
     print_verdicts(args, steps);
