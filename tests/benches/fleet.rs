@@ -18,12 +18,13 @@
 //!
 //! The ramp: steps of `--steps` agents (each step adds agents to reach its count, and
 //! their viewers), each `--step-seconds` long, the first `--warmup-seconds` not
-//! counted. The ramp stops after the first step whose ack p99 passes `--target-p99`.
+//! counted. The ramp stops after the first step whose ack p99 passes `--stop-p99` (50 ms).
 //!
 //! ```text
 //! cargo bench -p capsync-tests --bench fleet
 //! cargo bench -p capsync-tests --bench fleet -- --steps 50,100,150 --step-seconds 10
 //! cargo bench -p capsync-tests --bench fleet -- --via sse --viewer-every 2
+//! cargo bench -p capsync-tests --bench fleet -- --steps 100,200,300,500 --stop-p99 10s
 //! ```
 //!
 //! Exits non-zero only when a viewer missed, repeated or reordered an op, or an op was
@@ -72,6 +73,8 @@ type BenchResult<T> = Result<T, Box<dyn Error>>;
 const TARGET_AGENTS: usize = 500;
 /// ...with this many viewers...
 const TARGET_VIEWERS: usize = 100;
+/// ...at this ack p99 or less.
+const TARGET_P99: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,9 +96,10 @@ struct Args {
     /// the new viewers' first reads.
     #[arg(long, default_value_t = 3.0)]
     warmup_seconds: f64,
-    /// The ramp stops after the first step whose ack p99 is over this.
+    /// The ramp stops after the first step whose ack p99 is over this (the verdicts
+    /// stay against the target's 50 ms: a higher value shows what happens past it).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
-    target_p99: Duration,
+    stop_p99: Duration,
     /// Seconds between an agent's new messages: its text part grows (about 700 bytes a
     /// second) until the next one.
     #[arg(long, default_value_t = 20.0)]
@@ -189,6 +193,6 @@ fn main() -> BenchResult<()> {
     let stopped = server.stop();
     let ramp = ramp?;
     stopped?;
-    summary::print_summary(&args, &ramp);
+    summary::print_summary(&ramp);
     Ok(())
 }

@@ -108,13 +108,10 @@ pub async fn run(args: &Args, server: &ServerProcess) -> BenchResult<Ramp> {
         let step = measure(args, server, &fleet).await;
         print_step(&step);
         fleet.check().await?;
-        let over = step.ack.p99 > args.target_p99;
+        let over = step.ack.p99 > args.stop_p99;
         steps.push(step);
         if over {
-            println!(
-                "  ack p99 is over {:?}: the ramp stops here",
-                args.target_p99
-            );
+            println!("  ack p99 is over {:?}: the ramp stops here", args.stop_p99);
             break;
         }
     }

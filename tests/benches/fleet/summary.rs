@@ -12,7 +12,7 @@ use crate::ramp::{IdleMemory, Ramp, Step};
 use crate::report::{ms, pass_fail, thousands};
 use crate::saturation;
 use crate::traffic::{DELTAS_PER_SEC, SNAPSHOT_EVERY, ops_per_sec};
-use crate::{Args, TARGET_AGENTS, TARGET_VIEWERS};
+use crate::{Args, TARGET_AGENTS, TARGET_P99, TARGET_VIEWERS};
 
 pub fn print_header(args: &Args, dir: &Path, config: &Config) {
     let load = std::fs::read_to_string("/proc/loadavg")
@@ -44,7 +44,7 @@ pub fn print_header(args: &Args, dir: &Path, config: &Config) {
     );
     println!(
         "  ramp:     {:?} agents, {}s a step ({}s not counted); stops after the first step with ack p99 > {:?}",
-        args.steps, args.step_seconds, args.warmup_seconds, args.target_p99
+        args.steps, args.step_seconds, args.warmup_seconds, args.stop_p99
     );
     println!();
 }
@@ -163,7 +163,7 @@ fn disk_line(disk: &DiskUsage) -> String {
     }
 }
 
-pub fn print_summary(args: &Args, ramp: &Ramp) {
+pub fn print_summary(ramp: &Ramp) {
     let steps = &ramp.steps;
     let baseline = ramp.idle.as_ref().and_then(|idle| idle.server[0]);
     println!();
@@ -205,11 +205,11 @@ pub fn print_summary(args: &Args, ramp: &Ramp) {
         "  (latencies in ms; cpu in cores: bench client thread, server thread, ledger writer, server blocking pool, other processes, stolen by the host)"
     );
     println!();
-    print_verdicts(args, steps);
+    print_verdicts(steps);
 }
 
-fn print_verdicts(args: &Args, steps: &[Step]) {
-    let target = args.target_p99;
+fn print_verdicts(steps: &[Step]) {
+    let target = TARGET_P99;
     let within: Vec<&Step> = steps.iter().filter(|s| s.ack.p99 <= target).collect();
     println!("Verdicts:");
     match within.last() {
