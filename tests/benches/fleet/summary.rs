@@ -202,7 +202,7 @@ pub fn print_summary(ramp: &Ramp) {
         );
     }
     println!(
-        "  (latencies in ms; cpu in cores: bench client thread, server thread, ledger writer, server blocking pool, other processes, stolen by the host)"
+        "  (latencies in ms; /agent: the server's RSS over its RSS before the first agent, per agent, viewers included; cpu in cores: bench client thread, server thread, ledger writer, server blocking pool, other processes, stolen by the host)"
     );
     println!();
     print_verdicts(steps);
