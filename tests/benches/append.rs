@@ -59,6 +59,10 @@ use serde_json::json;
 
 #[path = "append/postgres.rs"]
 mod postgres_limit;
+#[path = "common/proc_stat.rs"]
+mod proc_stat;
+
+use proc_stat::{thread_stat, ticks_to_duration};
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -825,9 +829,6 @@ enum Role {
     Other,
 }
 
-/// `USER_HZ`: what `/proc` counts CPU time in on every Linux target.
-const TICKS_PER_SEC: u64 = 100;
-
 impl ThreadCpu {
     fn sample() -> Option<Self> {
         let main = std::process::id();
@@ -835,7 +836,7 @@ impl ThreadCpu {
         let threads = tasks
             .filter_map(|entry| {
                 let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-                let (comm, ticks) = thread_stat(tid)?;
+                let (comm, ticks) = thread_stat(None, tid)?;
                 Some((tid, role(tid == main, &comm), ticks))
             })
             .collect();
@@ -848,9 +849,7 @@ impl ThreadCpu {
         let mut split = CpuSplit::default();
         for (tid, role, ticks) in after.0 {
             let earlier = before.0.iter().find(|t| t.0 == tid).map_or(0, |t| t.2);
-            let used = Duration::from_secs_f64(
-                ticks.saturating_sub(earlier) as f64 / TICKS_PER_SEC as f64,
-            );
+            let used = ticks_to_duration(ticks.saturating_sub(earlier));
             *match role {
                 Role::Client => &mut split.client,
                 Role::Rpc => &mut split.rpc,
@@ -860,19 +859,6 @@ impl ThreadCpu {
         }
         Some(split)
     }
-}
-
-/// A thread's name and its user + system ticks.
-fn thread_stat(tid: u32) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    // "tid (comm) state ppid …": comm may hold spaces, so split at the last ')'.
-    let (head, tail) = stat.rsplit_once(')')?;
-    let comm = head.split_once('(')?.1.to_owned();
-    let fields: Vec<&str> = tail.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `tail` starts at field 3.
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, user + system))
 }
 
 /// Thread names are set by the server (`capsync-server-<addr>`, `capsync-ledger-writer`)

@@ -44,6 +44,8 @@ mod busy;
 mod cpu;
 #[path = "fleet/disk.rs"]
 mod disk;
+#[path = "common/proc_stat.rs"]
+mod proc_stat;
 #[path = "fleet/ramp.rs"]
 mod ramp;
 // The subscribe bench's latency percentiles and number formatting; its pair ratios and

@@ -63,6 +63,8 @@ mod follow_rpc;
 mod follow_sse;
 #[path = "subscribe/follower.rs"]
 mod follower;
+#[path = "common/proc_stat.rs"]
+mod proc_stat;
 #[path = "subscribe/report.rs"]
 mod report;
 #[path = "subscribe/spread.rs"]

@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::proc_stat::{MachineTicks, machine_ticks, thread_stat, ticks_to_duration};
+
 /// A kind of thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -22,9 +24,6 @@ enum Role {
     /// rendering, argon2) and its idle main thread.
     Blocking,
 }
-
-/// `USER_HZ`: what `/proc` counts CPU time in on every Linux target.
-const TICKS_PER_SEC: u64 = 100;
 
 /// CPU counters of both processes' threads at one moment.
 #[derive(Debug)]
@@ -60,7 +59,7 @@ impl Sample {
             at: Instant::now(),
             server_pid,
             threads,
-            machine: machine_busy(),
+            machine: machine_ticks(),
         })
     }
 
@@ -162,51 +161,9 @@ fn threads_of(pid: u32, role: impl Fn(bool, &str) -> Role) -> Option<Vec<(u32, R
         tasks
             .filter_map(|entry| {
                 let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-                let (comm, ticks) = thread_stat(pid, tid)?;
+                let (comm, ticks) = thread_stat(Some(pid), tid)?;
                 Some((tid, role(tid == pid, &comm), ticks))
             })
             .collect(),
     )
-}
-
-fn ticks_to_duration(ticks: u64) -> Duration {
-    Duration::from_secs_f64(ticks as f64 / TICKS_PER_SEC as f64)
-}
-
-/// The whole machine's ticks so far.
-#[derive(Clone, Copy, Debug)]
-struct MachineTicks {
-    busy: u64,
-    steal: u64,
-}
-
-/// From the first line of `/proc/stat`: busy is everything less idle and iowait.
-fn machine_busy() -> Option<MachineTicks> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    // user nice system idle iowait irq softirq (guest time is already in user; steal
-    // is time this machine did not get, counted apart).
-    let total: u64 = ticks.iter().take(7).sum();
-    Some(MachineTicks {
-        busy: total - ticks.get(3)? - ticks.get(4)?,
-        steal: *ticks.get(7)?,
-    })
-}
-
-/// A thread's name and its user + system ticks.
-fn thread_stat(pid: u32, tid: u32) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    // "tid (comm) state ppid …": comm may hold spaces, so split at the last ')'.
-    let (head, tail) = stat.rsplit_once(')')?;
-    let comm = head.split_once('(')?.1.to_owned();
-    let fields: Vec<&str> = tail.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `tail` starts at field 3.
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, user + system))
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::proc_stat::{machine_ticks, thread_stat, ticks_to_duration};
+
 /// CPU time (user + system) per kind of thread over a measured window.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuSplit {
@@ -62,9 +64,6 @@ enum Role {
     Other,
 }
 
-/// `USER_HZ`: what `/proc` counts CPU time in on every Linux target.
-const TICKS_PER_SEC: u64 = 100;
-
 impl ThreadCpu {
     pub fn sample() -> Option<Self> {
         let main = std::process::id();
@@ -72,13 +71,13 @@ impl ThreadCpu {
         let threads = tasks
             .filter_map(|entry| {
                 let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-                let (comm, ticks) = thread_stat(tid)?;
+                let (comm, ticks) = thread_stat(None, tid)?;
                 Some((tid, role(tid == main, &comm), ticks))
             })
             .collect();
         Some(Self {
             threads,
-            machine: machine_busy(),
+            machine: machine_ticks().map(|ticks| ticks.busy),
         })
     }
 
@@ -112,39 +111,6 @@ impl ThreadCpu {
         };
         Some(split)
     }
-}
-
-fn ticks_to_duration(ticks: u64) -> Duration {
-    Duration::from_secs_f64(ticks as f64 / TICKS_PER_SEC as f64)
-}
-
-/// The machine's busy ticks so far: the first line of `/proc/stat` less idle and
-/// iowait.
-fn machine_busy() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    // user nice system idle iowait irq softirq (guest time is already in user; steal
-    // is another machine's, not this one's).
-    let total: u64 = ticks.iter().take(7).sum();
-    Some(total - ticks.get(3)? - ticks.get(4)?)
-}
-
-/// A thread's name and its user + system ticks.
-fn thread_stat(tid: u32) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    // "tid (comm) state ppid …": comm may hold spaces, so split at the last ')'.
-    let (head, tail) = stat.rsplit_once(')')?;
-    let comm = head.split_once('(')?.1.to_owned();
-    let fields: Vec<&str> = tail.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `tail` starts at field 3.
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, user + system))
 }
 
 /// Thread names are set by the server (`capsync-server-<addr>`, `capsync-ledger-writer`)
