@@ -127,7 +127,7 @@ impl Feeds {
         Joined { feed, head }
     }
 
-    /// How many shares have a feed (for tests and metrics).
+    /// How many shares have a feed.
     pub fn len(&self) -> usize {
         self.inner.registry().by_share.len()
     }

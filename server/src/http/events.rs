@@ -15,8 +15,11 @@
 //!   point `cursor`); the stream then ends, and the page reads the snapshot again
 //!   and follows from the snapshot's cursor.
 //!
-//! Nothing is buffered per stream beyond one page of ops: the stream pulls
-//! from the ledger only when the connection has taken the last event.
+//! Nothing is buffered per stream beyond one page of ops: the stream pulls its
+//! next page (from its share's feed, or the ledger when it is behind) only when
+//! the connection has taken the last event. Ops from the feed come rendered
+//! once for all of the share's streams; a stream renders only what it reads
+//! from the ledger itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;

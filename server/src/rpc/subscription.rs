@@ -6,8 +6,8 @@
 //! unanswered at any time, and while the window is full the task neither reads
 //! the ledger nor buffers more than the one page it already holds. So a slow or
 //! stalled listener costs the server a bounded amount of memory and nothing
-//! else: writers and other subscribers never wait for it (the ledger announces
-//! commits on a broadcast channel and each follower reads at its own pace).
+//! else: writers and other subscribers never wait for it (the share's feed
+//! keeps its latest ops for every follower, and each pulls at its own pace).
 //!
 //! A call unanswered for `timeout`, or a call that fails, ends the subscription
 //! with `ended(lagged, cursor)`, where `cursor` is the last op the listener
