@@ -44,6 +44,8 @@ mod busy;
 mod cpu;
 #[path = "fleet/disk.rs"]
 mod disk;
+#[path = "common/event_stream.rs"]
+mod event_stream;
 #[path = "common/proc_stat.rs"]
 mod proc_stat;
 #[path = "fleet/ramp.rs"]

@@ -34,13 +34,12 @@ use capsync_server::Config;
 use capsync_tests::client::{self, Batch, NewShare, OpKind, OpSpec};
 use capsync_tests::{run_local, session_ops};
 use clap::Parser;
-use futures::StreamExt;
-use hyper::header::{ACCEPT, AUTHORIZATION, HOST};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use sse_stream::SseStream;
-use tokio::net::TcpStream;
+
+#[path = "common/event_stream.rs"]
+mod event_stream;
+
+use event_stream::{next_event, ops_cursors};
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -196,41 +195,21 @@ async fn follow(
     base: u64,
     delivered: Deliveries,
 ) -> BenchResult<tokio::task::JoinHandle<Result<(), String>>> {
-    let stream = TcpStream::connect(http).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, String>(TokioIo::new(stream)).await?;
-    tokio::task::spawn_local(async move {
-        let _ = connection.await;
-    });
-    let request = Request::get(format!("/api/shares/{share}/events?after={base}"))
-        .header(HOST, http.to_string())
-        .header(AUTHORIZATION, format!("Bearer {viewer_token}"))
-        .header(ACCEPT, "text/event-stream")
-        .body(String::new())?;
-    let response = sender.send_request(request).await?;
-    if response.status() != StatusCode::OK {
-        return Err(format!("the event stream answered {}", response.status()).into());
-    }
-    let mut events = SseStream::new(response.into_body());
+    let mut stream = event_stream::open(http, share, viewer_token, base).await?;
     Ok(tokio::task::spawn_local(async move {
-        while let Some(event) = events.next().await {
-            let event = event.map_err(|err| format!("the event stream broke: {err}"))?;
+        while let Some(event) = next_event(&mut stream.events).await? {
             if event.event.as_deref() != Some("ops") {
                 continue;
             }
             let at = Instant::now();
-            let data = event.data.unwrap_or_default();
-            let parsed: Value = serde_json::from_str(&data).map_err(|err| err.to_string())?;
-            let ops = parsed["ops"].as_array().cloned().unwrap_or_default();
+            let cursors = ops_cursors(&event)?;
             // An event's size is shared among the deltas it carries.
-            let share = data.len() / ops.len().max(1);
-            for op in ops {
-                let cursor = op["cursor"].as_u64().unwrap_or(0);
+            let size = event.data.as_deref().map_or(0, str::len) / cursors.len().max(1);
+            for cursor in cursors {
                 if let Some(n) = cursor.checked_sub(base + 1)
                     && let Some(slot) = delivered.borrow_mut().get_mut(n as usize)
                 {
-                    *slot = Some((at, share));
+                    *slot = Some((at, size));
                 }
             }
         }

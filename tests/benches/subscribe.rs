@@ -55,6 +55,8 @@ use clap::{Parser, ValueEnum};
 
 #[path = "subscribe/cpu.rs"]
 mod cpu;
+#[path = "common/event_stream.rs"]
+mod event_stream;
 #[path = "subscribe/fanout.rs"]
 mod fanout;
 #[path = "subscribe/follow_rpc.rs"]
