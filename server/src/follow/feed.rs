@@ -370,15 +370,7 @@ mod tests {
         );
 
         // No announcement is dispatched here: the read itself sees the new epoch.
-        share
-            .ledger
-            .revoke_share(
-                share.agent.clone(),
-                ShareId::from("sh_1"),
-                crate::ledger::RevokeScope::Viewers,
-            )
-            .await
-            .unwrap();
+        share.revoke_viewers().await;
         share.append(1).await;
         feed.wake();
         feed.read_new(&mut reader).await;

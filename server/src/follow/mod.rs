@@ -159,9 +159,7 @@ mod tests {
     use super::test_share::TestShare;
     use super::*;
     use crate::config::Config;
-    use crate::ledger::RevokeScope;
     use crate::metrics::Metrics;
-    use capsync_shared::ShareId;
 
     fn settings() -> FollowSettings {
         FollowSettings::from_config(&Config::default())
@@ -278,15 +276,7 @@ mod tests {
         // Served from the feed from here on, without checking its authority...
         share.append(1).await;
         assert_eq!(next_cursors(&mut follower).await.unwrap(), [2]);
-        share
-            .ledger
-            .revoke_share(
-                share.agent.clone(),
-                ShareId::from("sh_1"),
-                RevokeScope::Viewers,
-            )
-            .await
-            .unwrap();
+        share.revoke_viewers().await;
         // ...until the revocation: the writer goes on, the viewer gets nothing more.
         share.append(2).await;
         match next_cursors(&mut follower).await {

@@ -5,7 +5,7 @@ use capsync_shared::{Cursor, OpId, OpKind, ShareId, TokenId, TokenKind, now_mill
 use tempfile::TempDir;
 
 use crate::ledger::{
-    Authority, BatchIn, Ledger, NewShare, NewToken, OpIn, Operator, ShareState, sqlite,
+    Authority, BatchIn, Ledger, NewShare, NewToken, OpIn, Operator, RevokeScope, ShareState, sqlite,
 };
 use sqlite::SqliteOptions;
 
@@ -126,6 +126,19 @@ impl TestShare {
                 return self.state().await.cursor;
             }
         }
+    }
+
+    /// Revokes the share's viewers (its owner, the agent, does): the viewer
+    /// authority stops working.
+    pub async fn revoke_viewers(&self) {
+        self.ledger
+            .revoke_share(
+                self.agent.clone(),
+                ShareId::from("sh_1"),
+                RevokeScope::Viewers,
+            )
+            .await
+            .unwrap();
     }
 
     pub async fn state(&self) -> ShareState {

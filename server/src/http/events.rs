@@ -431,9 +431,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_looks_up_the_parts_it_needs_under_its_own_authority() {
-        use capsync_shared::{OpId, OpKind, ShareId};
+        use capsync_shared::{OpId, OpKind};
 
-        use crate::ledger::{BatchIn, OpIn, RevokeScope};
+        use crate::ledger::{BatchIn, OpIn};
 
         let share = TestShare::new().await;
         let part = json!({"id": "prt_1", "messageID": "msg_1", "sessionID": "ses_1",
@@ -462,15 +462,7 @@ mod tests {
         assert_eq!(found["prt_1"].message_id, "msg_1");
         assert_eq!(found["prt_1"].part["text"], "hello");
 
-        share
-            .ledger
-            .revoke_share(
-                share.agent.clone(),
-                ShareId::from("sh_1"),
-                RevokeScope::Viewers,
-            )
-            .await
-            .unwrap();
+        share.revoke_viewers().await;
         let refused = look_up_parts(&app, &share.viewer, &ids).await;
         assert!(matches!(refused, Err(LedgerError::Revoked)), "{refused:?}");
     }
