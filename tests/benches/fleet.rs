@@ -46,6 +46,8 @@ mod cpu;
 mod disk;
 #[path = "common/event_stream.rs"]
 mod event_stream;
+#[path = "common/follow.rs"]
+mod follow;
 #[path = "common/proc_stat.rs"]
 mod proc_stat;
 #[path = "fleet/ramp.rs"]
@@ -68,8 +70,8 @@ mod traffic;
 #[path = "fleet/viewer.rs"]
 mod viewer;
 
+use follow::Via;
 use server::ServerProcess;
-use viewer::Via;
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 

@@ -59,10 +59,8 @@ mod cpu;
 mod event_stream;
 #[path = "subscribe/fanout.rs"]
 mod fanout;
-#[path = "subscribe/follow_rpc.rs"]
-mod follow_rpc;
-#[path = "subscribe/follow_sse.rs"]
-mod follow_sse;
+#[path = "common/follow.rs"]
+mod follow;
 #[path = "subscribe/follower.rs"]
 mod follower;
 #[path = "common/proc_stat.rs"]
@@ -76,7 +74,7 @@ mod stalled;
 #[path = "subscribe/writer.rs"]
 mod writer;
 
-use follower::{Endpoints, Via};
+use follow::{Endpoints, Via};
 use report::Verdict;
 use writer::{PAYLOAD_BYTES, Workload};
 

@@ -12,11 +12,12 @@ use crate::agent::{Agent, Shared, Streaming};
 use crate::busy::{Busy, Sampler};
 use crate::cpu::{self, Usage};
 use crate::disk::{DiskSample, DiskUsage};
+use crate::follow::Via;
 use crate::report::Summary;
 use crate::server::{Commits, ServerProcess, rss_bytes};
 use crate::stats::{Delivery, Stats};
 use crate::summary::{print_idle_memory, print_step};
-use crate::viewer::{Target, Via, Viewer};
+use crate::viewer::{Target, Viewer};
 use crate::{Args, BenchResult};
 
 /// Agents (or viewers) connecting at once while a step is set up.

@@ -15,7 +15,7 @@ use capsync_server::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::viewer::Endpoints;
+use crate::follow::Endpoints;
 use crate::{Args, BenchResult};
 
 /// The running server process.

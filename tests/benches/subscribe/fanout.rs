@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use crate::cpu::{CpuSplit, ThreadCpu};
-use crate::follower::{Follower, Via};
+use crate::follow::Via;
+use crate::follower::Follower;
 use crate::report::{Latencies, Pairs, TARGET_P99, TARGET_RATIO, Verdict, ms, order, thousands};
 use crate::writer::{AckTimes, BenchWriter, create_shares};
 use crate::{Args, Bench, BenchResult, CATCH_UP_LIMIT, WARMUP_BATCHES};

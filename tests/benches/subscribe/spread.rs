@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::cpu::{CpuSplit, ThreadCpu};
-use crate::follower::{Follower, Via};
+use crate::follow::Via;
+use crate::follower::Follower;
 use crate::report::{Latencies, Pairs, TARGET_RATIO, Verdict, order, thousands};
 use crate::writer::{Ack, AckTimes, BenchWriter, create_shares};
 use crate::{Args, Bench, BenchResult, CATCH_UP_LIMIT};
