@@ -62,7 +62,7 @@ mod postgres_limit;
 #[path = "common/proc_stat.rs"]
 mod proc_stat;
 
-use proc_stat::{thread_stat, ticks_to_duration};
+use proc_stat::ThreadTicks;
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
@@ -816,62 +816,25 @@ impl CpuSplit {
     }
 }
 
-/// Per-thread CPU counters of this process, from `/proc/self/task/*/stat` (Linux only;
-/// elsewhere the split is simply not printed). Resolution is one clock tick (10 ms),
-/// fine over windows of seconds.
-struct ThreadCpu(Vec<(u32, Role, u64)>);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Client,
-    Rpc,
-    Writer,
-    Other,
-}
+/// Per-thread CPU counters of this process (Linux only; elsewhere the split is simply
+/// not printed).
+struct ThreadCpu(ThreadTicks);
 
 impl ThreadCpu {
     fn sample() -> Option<Self> {
-        let main = std::process::id();
-        let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-        let threads = tasks
-            .filter_map(|entry| {
-                let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-                let (comm, ticks) = thread_stat(None, tid)?;
-                Some((tid, role(tid == main, &comm), ticks))
-            })
-            .collect();
-        Some(Self(threads))
+        ThreadTicks::sample().map(Self)
     }
 
-    /// CPU used per role since `before` (threads born since count from zero).
+    /// CPU used per kind of thread since `before`.
     fn since(before: Option<Self>) -> Option<CpuSplit> {
         let (before, after) = (before?, Self::sample()?);
-        let mut split = CpuSplit::default();
-        for (tid, role, ticks) in after.0 {
-            let earlier = before.0.iter().find(|t| t.0 == tid).map_or(0, |t| t.2);
-            let used = ticks_to_duration(ticks.saturating_sub(earlier));
-            *match role {
-                Role::Client => &mut split.client,
-                Role::Rpc => &mut split.rpc,
-                Role::Writer => &mut split.writer,
-                Role::Other => &mut split.other,
-            } += used;
-        }
-        Some(split)
-    }
-}
-
-/// Thread names are set by the server (`capsync-server-<addr>`, `capsync-ledger-writer`)
-/// and cut to 15 bytes by the kernel.
-fn role(is_main: bool, comm: &str) -> Role {
-    if is_main {
-        Role::Client
-    } else if comm.starts_with("capsync-server") {
-        Role::Rpc
-    } else if comm.starts_with("capsync-ledger") {
-        Role::Writer
-    } else {
-        Role::Other
+        let times = after.0.since(&before.0);
+        Some(CpuSplit {
+            client: times.client,
+            rpc: times.server,
+            writer: times.writer,
+            other: times.other,
+        })
     }
 }
 

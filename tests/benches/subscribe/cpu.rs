@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::proc_stat::{machine_ticks, thread_stat, ticks_to_duration};
+use crate::proc_stat::{ThreadTicks, machine_ticks, ticks_to_duration};
 
 /// CPU time (user + system) per kind of thread over a measured window.
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,83 +46,41 @@ impl CpuSplit {
     }
 }
 
-/// Per-thread CPU counters of this process, from `/proc/self/task/*/stat` (elsewhere
-/// than Linux the split is simply not printed). Resolution is one clock tick (10 ms),
-/// fine over windows of seconds.
+/// Per-thread CPU counters of this process and the machine's busy ticks (elsewhere
+/// than Linux the split is simply not printed).
 #[derive(Debug)]
 pub struct ThreadCpu {
-    threads: Vec<(u32, Role, u64)>,
+    threads: ThreadTicks,
     /// Busy ticks of the whole machine, all cores together.
     machine: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Client,
-    Server,
-    Writer,
-    Other,
-}
-
 impl ThreadCpu {
     pub fn sample() -> Option<Self> {
-        let main = std::process::id();
-        let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-        let threads = tasks
-            .filter_map(|entry| {
-                let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-                let (comm, ticks) = thread_stat(None, tid)?;
-                Some((tid, role(tid == main, &comm), ticks))
-            })
-            .collect();
         Some(Self {
-            threads,
+            threads: ThreadTicks::sample()?,
             machine: machine_ticks().map(|ticks| ticks.busy),
         })
     }
 
-    /// CPU used per role since `before` (threads born since count from zero).
+    /// CPU used per kind of thread since `before`.
     pub fn since(before: Option<&Self>) -> Option<CpuSplit> {
         let (before, after) = (before?, Self::sample()?);
-        let mut split = CpuSplit::default();
-        let mut ours = 0;
-        for (tid, role, ticks) in after.threads {
-            let earlier = before
-                .threads
-                .iter()
-                .find(|t| t.0 == tid)
-                .map_or(0, |t| t.2);
-            ours += ticks.saturating_sub(earlier);
-            let used = ticks_to_duration(ticks.saturating_sub(earlier));
-            *match role {
-                Role::Client => &mut split.client,
-                Role::Server => &mut split.server,
-                Role::Writer => &mut split.writer,
-                Role::Other => &mut split.other,
-            } += used;
-        }
+        let times = after.threads.since(&before.threads);
         // A thread of ours that ended during the window counts here: the server's
         // blocking threads idle out after 10 s, so rarely within a run.
-        split.elsewhere = match (before.machine, after.machine) {
+        let elsewhere = match (before.machine, after.machine) {
             (Some(start), Some(end)) => Some(ticks_to_duration(
-                end.saturating_sub(start).saturating_sub(ours),
+                end.saturating_sub(start).saturating_sub(times.ticks),
             )),
             _ => None,
         };
-        Some(split)
-    }
-}
-
-/// Thread names are set by the server (`capsync-server-<addr>`, `capsync-ledger-writer`)
-/// and cut to 15 bytes by the kernel.
-fn role(is_main: bool, comm: &str) -> Role {
-    if is_main {
-        Role::Client
-    } else if comm.starts_with("capsync-server") {
-        Role::Server
-    } else if comm.starts_with("capsync-ledger") {
-        Role::Writer
-    } else {
-        Role::Other
+        Some(CpuSplit {
+            client: times.client,
+            server: times.server,
+            writer: times.writer,
+            other: times.other,
+            elsewhere,
+        })
     }
 }
