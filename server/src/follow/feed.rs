@@ -181,11 +181,7 @@ impl Feed {
                 buffer.extend(ops);
                 buffer.head()
             };
-            self.head.send_if_modified(|head| {
-                let moved = head.cursor != cursor;
-                head.cursor = cursor;
-                moved
-            });
+            self.publish(cursor, false);
             return;
         }
         loop {
@@ -229,18 +225,24 @@ impl Feed {
                     .is_some_and(|was| was != epochs);
                 (buffer.head(), revoked)
             };
-            self.head.send_if_modified(|head| {
-                let moved = head.cursor != cursor;
-                head.cursor = cursor;
-                if revoked {
-                    head.checks += 1;
-                }
-                moved || revoked
-            });
+            self.publish(cursor, revoked);
             if !full {
                 return;
             }
         }
+    }
+
+    /// Moves the head to `cursor` (waking followers only if it moved), and asks
+    /// every follower to check its authority first if `revoked`.
+    fn publish(&self, cursor: Option<Cursor>, revoked: bool) {
+        self.head.send_if_modified(|head| {
+            let moved = head.cursor != cursor;
+            head.cursor = cursor;
+            if revoked {
+                head.checks += 1;
+            }
+            moved || revoked
+        });
     }
 
     /// `ops` with what was prepared for them, while any follower wants that.

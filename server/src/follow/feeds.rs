@@ -128,10 +128,12 @@ impl Feeds {
     }
 
     /// How many shares have a feed.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner.registry().by_share.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -28,12 +28,12 @@ pub use buffer::FeedOp;
 pub use feeds::{Feeds, FollowSettings};
 pub use prepare::{Prepare, Preparer};
 
-use crate::ledger::{Authority, LedgerError, LedgerResult};
+use crate::ledger::{Authority, Ledger, LedgerError, LedgerResult};
 use feed::{Feed, Head, Preparing};
 
 /// A cursor into one share's ledger that advances as ops are pulled.
 pub struct Follower {
-    feeds: Feeds,
+    ledger: Ledger,
     auth: Authority,
     cursor: Cursor,
     /// Most ops per pull.
@@ -60,7 +60,7 @@ impl Follower {
             (joined.feed, joined.head)
         });
         Self {
-            feeds: feeds.clone(),
+            ledger: feeds.ledger().clone(),
             recheck: feeds.recheck(),
             auth,
             cursor: after,
@@ -109,8 +109,7 @@ impl Follower {
             }
             // Behind the feed's buffer, or time to check: read under our own authority.
             let page = self
-                .feeds
-                .ledger()
+                .ledger
                 .ops_since(self.auth.clone(), self.cursor, self.page)
                 .await?;
             self.checked = Some((Instant::now(), head.checks));

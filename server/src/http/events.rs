@@ -39,12 +39,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
-use super::AppState;
 use super::api::{self, is_interrupted};
 use super::auth::{ShareReader, share_reader};
 use super::error::{ApiError, snapshot_required_message};
 use super::live_html::{LiveHtml, Lookup, lookups};
 use super::page_data::ReadOp;
+use super::{AppState, off_the_executor};
 use crate::clock::Clock;
 use crate::follow::{FeedOp, Follower};
 use crate::ledger::{Authority, LedgerError, LedgerResult};
@@ -229,7 +229,15 @@ impl Live {
                 self.text = LiveHtml::default();
                 format!(r#"{{"ops":[{}]}}"#, prepared.join(","))
             }
-            None => self.render(&ops).await,
+            None => match self.render(&ops).await {
+                Ok(data) => data,
+                // Rendering failed (a bug, logged): the page reconnects from its
+                // last event id.
+                Err(_) => {
+                    self.done = true;
+                    return;
+                }
+            },
         };
         self.pending
             .push_back(Event::default().event("ops").data(data).id(id));
@@ -237,9 +245,15 @@ impl Live {
     }
 
     /// The data of an `ops` event rendered by this stream itself: ops it read
-    /// from the ledger (catching up) or that its feed did not prepare.
-    async fn render(&mut self, ops: &[Arc<FeedOp>]) -> String {
-        let mut ops: Vec<ReadOp> = ops.iter().map(|op| ReadOp::new(&op.op)).collect();
+    /// from the ledger (catching up) or that its feed did not prepare. Parsing and
+    /// rendering run on blocking threads, off the executor that serves RPC.
+    async fn render(&mut self, ops: &[Arc<FeedOp>]) -> Result<String, ApiError> {
+        let logged = ops.to_vec();
+        let mut ops = off_the_executor(move || {
+            let ops: Vec<ReadOp> = logged.iter().map(|op| ReadOp::new(&op.op)).collect();
+            ops
+        })
+        .await?;
         let unknown = self.text.unknown_parts(&ops);
         if !unknown.is_empty() {
             match look_up_parts(&self.app, &self.authority, &unknown).await {
@@ -249,11 +263,17 @@ impl Live {
                 Err(err) => tracing::debug!(%err, "could not look up parts for live text"),
             }
         }
-        for op in &mut ops {
-            self.text.apply(op);
-        }
-        let ops: Vec<Value> = ops.into_iter().map(|op| op.json).collect();
-        json!({"ops": ops}).to_string()
+        let mut text = std::mem::take(&mut self.text);
+        let (text, data) = off_the_executor(move || {
+            for op in &mut ops {
+                text.apply(op);
+            }
+            let ops: Vec<Value> = ops.into_iter().map(|op| op.json).collect();
+            (text, json!({"ops": ops}).to_string())
+        })
+        .await?;
+        self.text = text;
+        Ok(data)
     }
 
     fn end(&mut self, err: LedgerError) {

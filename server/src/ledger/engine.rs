@@ -16,8 +16,8 @@ use super::rules::append::Appended;
 use super::rules::store::LedgerTx;
 use super::{
     Ack, AuditEvent, Authority, Backend, BatchIn, Changed, CompactPosition, CompactStep,
-    DeleteStep, FeedPage, FeedParts, LedgerResult, Minted, NewShare, NewToken, Operator, OpsPage,
-    PruneFilter, PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats,
+    DeleteStep, FeedPage, LedgerResult, Minted, NewShare, NewToken, Operator, OpsPage, PruneFilter,
+    PrunePlan, ReclaimStep, RevokeScope, ShareInfo, ShareState, SnapshotPage, Stats, StoredParts,
     StoredToken, VacuumReport,
 };
 
@@ -324,7 +324,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         &self,
         who: Authority,
         parts: Vec<String>,
-    ) -> BoxFuture<'static, LedgerResult<FeedParts>> {
+    ) -> BoxFuture<'static, LedgerResult<StoredParts>> {
         self.engine
             .read(move |tx, now| rules::reads::parts(tx, &who, &parts, now))
     }
@@ -333,7 +333,7 @@ impl<E: Engine> Backend for RulesBackend<E> {
         &self,
         share: ShareId,
         parts: Vec<String>,
-    ) -> BoxFuture<'static, LedgerResult<FeedParts>> {
+    ) -> BoxFuture<'static, LedgerResult<StoredParts>> {
         self.engine
             .read(move |tx, _| rules::reads::feed_parts(tx, &share, &parts))
     }

@@ -241,9 +241,9 @@ pub struct FeedPage {
     pub state: ShareState,
 }
 
-/// Parts as stored, read for the server's own feed (see [`Backend::feed_parts`]).
+/// Parts as stored (see [`Backend::parts`] and [`Backend::feed_parts`]).
 #[derive(Debug)]
-pub struct FeedParts {
+pub struct StoredParts {
     /// `(part id, the part's JSON)` of each part found.
     pub parts: Vec<(String, String)>,
     /// The share's cursor as of the read: the parts include every op up to it.
@@ -443,7 +443,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         who: Authority,
         parts: Vec<String>,
-    ) -> BoxFuture<'static, LedgerResult<FeedParts>>;
+    ) -> BoxFuture<'static, LedgerResult<StoredParts>>;
 
     /// The stored JSON of those of `parts` (part ids) that `share` holds, and the
     /// share's cursor as of the read; for the server's own feed, like
@@ -452,7 +452,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         share: ShareId,
         parts: Vec<String>,
-    ) -> BoxFuture<'static, LedgerResult<FeedParts>>;
+    ) -> BoxFuture<'static, LedgerResult<StoredParts>>;
 
     /// Announcements of committed changes, sent after the commit is durable. A
     /// receiver that falls behind gets `Lagged` and should recheck everything.

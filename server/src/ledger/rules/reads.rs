@@ -7,7 +7,7 @@ use capsync_shared::{Cursor, ShareId, TokenKind};
 use super::authority::{self, Access};
 use super::store::{LedgerTx, ShareRow};
 use crate::ledger::{
-    Authority, FeedPage, FeedParts, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState,
+    Authority, FeedPage, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState, StoredParts,
 };
 
 pub fn share_state(tx: &mut impl LedgerTx, who: &Authority, now: i64) -> LedgerResult<ShareState> {
@@ -84,7 +84,7 @@ pub fn feed_parts(
     tx: &mut impl LedgerTx,
     share: &ShareId,
     parts: &[String],
-) -> LedgerResult<FeedParts> {
+) -> LedgerResult<StoredParts> {
     let row = tx.share(share)?.ok_or(LedgerError::NotFound)?;
     stored_parts(tx, &row, parts)
 }
@@ -95,7 +95,7 @@ pub fn parts(
     who: &Authority,
     parts: &[String],
     now: i64,
-) -> LedgerResult<FeedParts> {
+) -> LedgerResult<StoredParts> {
     let row = authority::check_share(tx, who, Access::Read, now)?;
     stored_parts(tx, &row, parts)
 }
@@ -104,14 +104,14 @@ fn stored_parts(
     tx: &mut impl LedgerTx,
     share: &ShareRow,
     parts: &[String],
-) -> LedgerResult<FeedParts> {
+) -> LedgerResult<StoredParts> {
     let mut found = Vec::new();
     for id in parts {
         if let Some(part) = tx.part(&share.id, id)? {
             found.push((id.clone(), part.json));
         }
     }
-    Ok(FeedParts {
+    Ok(StoredParts {
         parts: found,
         cursor: share.cursor,
     })
