@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use capsync_client::{ClientError, ErrorCode, OpOutcome, Scope};
+use serde_json::json;
+
+use capsync_client::{ClientError, ErrorCode, OpKind, OpOutcome, OpSpec, Scope};
 use capsync_tests::{
     TestServer, admin, agent, ago, batch, message_op, run_local, session_ops, share,
 };
@@ -34,10 +36,17 @@ fn a_sqlite_ledger_moved_to_postgres_keeps_every_token_link_cursor_and_duplicate
             created
         })
         .await;
-        kept.writer
-            .append(&batch("new", vec![message_op("ses_m", "msg_2", "user")]))
-            .await
-            .unwrap();
+        // Text streamed into a part is kept apart from it until its next snapshot.
+        let streamed = (0..3).map(|n| {
+            OpSpec::new(
+                format!("delta:{n}"),
+                OpKind::PartDelta,
+                json!({"partID": "msg_1_p0000", "delta": format!(" streamed {n}")}),
+            )
+        });
+        let mut new_ops = vec![message_op("ses_m", "msg_2", "user")];
+        new_ops.extend(streamed);
+        kept.writer.append(&batch("new", new_ops)).await.unwrap();
         let compacted = admin.compact_ledger(30 * DAY, false, None).await.unwrap();
         assert!(compacted.ops > 0);
         // A share whose writers were revoked.
@@ -47,6 +56,17 @@ fn a_sqlite_ledger_moved_to_postgres_keeps_every_token_link_cursor_and_duplicate
             .await
             .unwrap();
         let snapshot = kept.writer.viewer().snapshot().await.unwrap();
+        let text = snapshot
+            .records
+            .iter()
+            .find(|r| r.id == "msg_1_p0000")
+            .map(|r| serde_json::from_str::<serde_json::Value>(&r.json).unwrap()["text"].clone());
+        assert_eq!(
+            text,
+            Some(json!(
+                "text of msg_1_p0000 streamed 0 streamed 1 streamed 2"
+            ))
+        );
         (
             server.admin_token(),
             agent_token,

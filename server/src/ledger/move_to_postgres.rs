@@ -4,8 +4,8 @@
 //!
 //! What is copied as stored: shares (epochs, cursors, compaction points, archived and
 //! half-deleted ones), tokens (as hashes, revoked ones included), ledger ops (op ids,
-//! cursors, content digests, compacted payloads), the records, the removed ids, and the
-//! audit log. What is per process (presence, nodes) is not.
+//! cursors, content digests, compacted payloads), the records (with the text deltas
+//! appended to parts), the removed ids, and the audit log. What is per process (presence, nodes) is not.
 
 use std::path::Path;
 
@@ -116,6 +116,17 @@ const TABLES: &[Table] = &[
             ("json", Text),
         ],
         order: "share_id, id",
+    },
+    Table {
+        name: "part_chunks",
+        columns: &[
+            ("share_id", Text),
+            ("part_id", Text),
+            ("field", Text),
+            ("seq", Int),
+            ("text", Text),
+        ],
+        order: "share_id, part_id, field, seq",
     },
     Table {
         name: "diffs",

@@ -425,6 +425,8 @@ macro_rules! ledger_contract {
                 records::parts_follow_their_message_and_are_removed_with_it,
                 records::removed_messages_and_parts_stay_removed,
                 records::part_deltas_append_durably,
+                records::streamed_text_reads_whole_until_a_snapshot_replaces_it,
+                records::a_delta_to_a_field_that_is_not_a_string_is_refused,
                 records::a_delta_to_a_finished_part_is_stale_and_adds_nothing,
                 records::diff_set_replaces_the_whole_list,
                 records::upserts_replace_their_record_and_keep_the_agents_text,

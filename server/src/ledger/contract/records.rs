@@ -238,6 +238,152 @@ pub(crate) async fn part_deltas_append_durably(fx: Fixture) {
     assert_eq!(outcomes(&ack), [OpOutcome::Duplicate(Cursor(3))]);
 }
 
+/// A streamed answer longer than many chunks of appended text reads back whole, through
+/// every read of a part's record, after a reopen too; the part's next snapshot replaces
+/// it, and later deltas append to that snapshot.
+pub(crate) async fn streamed_text_reads_whole_until_a_snapshot_replaces_it(fx: Fixture) {
+    let mut ops = vec![
+        op("m", OpKind::MessageUpsert, message("msg_1")),
+        op("p", OpKind::PartUpsert, part("prt_1", "msg_1")),
+        // An orphan (its message never arrives) streams too.
+        op("o", OpKind::PartUpsert, part("prt_9", "msg_9")),
+    ];
+    let mut expected = String::from("Hel");
+    for n in 0..300 {
+        // 300 × 17 bytes: several chunks, and deltas that do not fill one evenly.
+        let delta = format!("{n:>5} streamed. ");
+        expected.push_str(&delta);
+        ops.push(op(
+            &format!("d{n}"),
+            OpKind::PartDelta,
+            json!({"partID": "prt_1", "delta": delta}),
+        ));
+        ops.push(op(
+            &format!("o{n}"),
+            OpKind::PartDelta,
+            json!({"partID": "prt_9", "delta": "ö"}),
+        ));
+    }
+    ops.push(op(
+        "big",
+        OpKind::PartDelta,
+        json!({"partID": "prt_1", "delta": "x".repeat(3000)}),
+    ));
+    expected.push_str(&"x".repeat(3000));
+    ops.push(op(
+        "note",
+        OpKind::PartDelta,
+        json!({"partID": "prt_1", "field": "note", "delta": "a new field"}),
+    ));
+    let ack = fx.append(ops).await;
+    assert!(
+        ack.results
+            .iter()
+            .all(|r| matches!(r.outcome, OpOutcome::Applied(_))),
+        "{ack:?}"
+    );
+    let fx = fx.reopen().await;
+    let record = stored(&fx, RecordKind::Part, "prt_1").await;
+    assert_eq!(record["text"], expected.as_str());
+    assert_eq!(record["note"], "a new field");
+    assert_eq!(record["messageID"], "msg_1");
+    let orphan = stored(&fx, RecordKind::Part, "prt_9").await;
+    assert_eq!(orphan["text"], format!("Hel{}", "ö".repeat(300)));
+    // Small pages: a part's whole text is one record, on a page of its own.
+    let (records, pages) = fx.snapshot(512).await;
+    assert!(pages > 1);
+    let paged: Value = serde_json::from_str(
+        &records
+            .iter()
+            .find(|r| r.id == "prt_1")
+            .expect("the part")
+            .json,
+    )
+    .unwrap();
+    assert_eq!(paged["text"], expected.as_str());
+    // Looking parts up (live rendering does) gives the whole text too.
+    let found = fx
+        .backend
+        .parts(
+            fx.viewer.clone(),
+            vec!["prt_1".into(), "prt_9".into(), "prt_none".into()],
+        )
+        .await
+        .unwrap();
+    let looked_up: Vec<(String, Value)> = found
+        .parts
+        .into_iter()
+        .map(|(id, json)| (id, serde_json::from_str(&json).unwrap()))
+        .collect();
+    assert_eq!(looked_up.len(), 2);
+    assert_eq!(looked_up[0].1["text"], expected.as_str());
+    assert_eq!(looked_up[1].1["text"], orphan["text"]);
+    let fed = fx
+        .backend
+        .feed_parts(fx.share.clone(), vec!["prt_1".into()])
+        .await
+        .unwrap();
+    assert_eq!(fed.parts.len(), 1);
+    let fed: Value = serde_json::from_str(&fed.parts[0].1).unwrap();
+    assert_eq!(fed["text"], expected.as_str());
+
+    // The next snapshot of the part holds its whole text: the appended text goes, and
+    // deltas after it append to it.
+    let replaced =
+        json!({"id": "prt_1", "messageID": "msg_1", "type": "text", "text": "Rewritten"});
+    let ack = fx
+        .append(vec![
+            op("p2", OpKind::PartUpsert, replaced),
+            op(
+                "after",
+                OpKind::PartDelta,
+                json!({"partID": "prt_1", "delta": " and on"}),
+            ),
+        ])
+        .await;
+    assert!(
+        ack.results
+            .iter()
+            .all(|r| matches!(r.outcome, OpOutcome::Applied(_)))
+    );
+    let record = stored(&fx, RecordKind::Part, "prt_1").await;
+    assert_eq!(record["text"], "Rewritten and on");
+    assert!(record.get("note").is_none(), "{record}");
+}
+
+/// A delta appends to a string field or adds one; a field of another type refuses it.
+pub(crate) async fn a_delta_to_a_field_that_is_not_a_string_is_refused(fx: Fixture) {
+    let ack = fx
+        .append(vec![
+            op("m", OpKind::MessageUpsert, message("msg_1")),
+            op("p", OpKind::PartUpsert, text("prt_1", None)),
+            op(
+                "ok",
+                OpKind::PartDelta,
+                json!({"partID": "prt_1", "delta": "!"}),
+            ),
+            op(
+                "bad",
+                OpKind::PartDelta,
+                json!({"partID": "prt_1", "field": "time", "delta": "x"}),
+            ),
+            op(
+                "missing",
+                OpKind::PartDelta,
+                json!({"partID": "prt_2", "delta": "x"}),
+            ),
+        ])
+        .await;
+    assert_eq!(outcomes(&ack)[..3], applied(&[1, 2, 3]));
+    let detail = rejection(&ack.results[3].outcome, RejectReason::Invalid);
+    assert!(detail.contains("not a string"), "{detail}");
+    let detail = rejection(&ack.results[4].outcome, RejectReason::Invalid);
+    assert!(detail.contains("does not exist"), "{detail}");
+    let record = stored(&fx, RecordKind::Part, "prt_1").await;
+    assert_eq!(record["text"], "hi!");
+    assert_eq!(record["time"], json!({"start": 1}));
+}
+
 pub(crate) async fn a_delta_to_a_finished_part_is_stale_and_adds_nothing(fx: Fixture) {
     let finished = json!({"id": "prt_1", "messageID": "msg_1", "type": "text",
                           "text": "Hello", "time": {"start": 1, "end": 2}});

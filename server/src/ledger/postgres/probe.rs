@@ -4,9 +4,10 @@
 
 use postgres::Row;
 
+use super::errors::corrupt;
 use super::tx::get;
 use crate::ledger::LedgerResult;
-use crate::ledger::rules::store::{MessageStanding, PartStanding, Probe, Standing, StoredPart};
+use crate::ledger::rules::store::{MessageStanding, PartStanding, PartTextEnd, Probe, Standing};
 
 /// The columns answering `probe`, for a statement whose `$1` is the share id and
 /// whose next free parameter is `$first`; and the values of those parameters.
@@ -35,12 +36,14 @@ pub(super) fn columns<'p>(probe: Probe<'p>, first: usize) -> (String, Vec<&'p st
             ),
             vec![id, message_id],
         ),
-        Probe::PartBody(id) => (
+        Probe::PartText { id, field } => (
             format!(
-                "(SELECT json FROM parts WHERE share_id = $1 AND id = {a}), \
-                 (SELECT finished FROM parts WHERE share_id = $1 AND id = {a})"
+                "(SELECT finished FROM parts WHERE share_id = $1 AND id = {a}), \
+                 (SELECT ARRAY[seq, octet_length(text)] FROM part_chunks \
+                  WHERE share_id = $1 AND part_id = {a} AND field = {b} \
+                  ORDER BY seq DESC LIMIT 1)"
             ),
-            vec![id],
+            vec![id, field],
         ),
     }
 }
@@ -62,13 +65,18 @@ pub(super) fn standing(row: &Row, at: usize, probe: Probe<'_>) -> LedgerResult<S
             message_removed: get(row, at + 1)?,
             finished: get(row, at + 2)?,
         }),
-        Probe::PartBody(_) => {
-            let json: Option<String> = get(row, at)?;
-            let finished: Option<bool> = get(row, at + 1)?;
-            Standing::PartBody(match (json, finished) {
-                (Some(json), Some(finished)) => Some(StoredPart { json, finished }),
-                _ => None,
-            })
+        Probe::PartText { .. } => {
+            let finished: Option<bool> = get(row, at)?;
+            let last_chunk: Option<Vec<i64>> = get(row, at + 1)?;
+            let last_chunk = match last_chunk.as_deref() {
+                None => None,
+                Some(&[seq, bytes]) => Some((seq, bytes)),
+                Some(other) => return Err(corrupt(format!("a part's last chunk: {other:?}"))),
+            };
+            Standing::PartText(finished.map(|finished| PartTextEnd {
+                finished,
+                last_chunk,
+            }))
         }
     })
 }

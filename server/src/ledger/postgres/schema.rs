@@ -12,7 +12,7 @@ use crate::ledger::LedgerResult;
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Append only; never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_NODES];
+const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_NODES, V3_PART_CHUNKS];
 
 /// Lock key of migrations (`pg_advisory_xact_lock`): nodes starting at once on one
 /// database migrate one after the other, and the second finds nothing left to do.
@@ -146,6 +146,21 @@ CREATE TABLE presence (
     PRIMARY KEY (node_id, share_id)
 );
 CREATE INDEX presence_by_share ON presence (share_id);
+"#;
+
+/// Streamed text at constant cost (issue 14; see `rules::part_text`): what `part.delta`s
+/// append to a field of a part, in chunks of about a KiB, instead of rewriting the part.
+/// A part's snapshot drops its chunks; removing the part removes them (the cascade).
+const V3_PART_CHUNKS: &str = r#"
+CREATE TABLE part_chunks (
+    share_id TEXT COLLATE "C" NOT NULL,
+    part_id  TEXT COLLATE "C" NOT NULL,
+    field    TEXT COLLATE "C" NOT NULL,
+    seq      BIGINT NOT NULL CHECK (seq >= 0),
+    text     TEXT NOT NULL,
+    PRIMARY KEY (share_id, part_id, field, seq),
+    FOREIGN KEY (share_id, part_id) REFERENCES parts (share_id, id) ON DELETE CASCADE
+);
 "#;
 
 /// Brings the schema up to date: each pending migration in its own transaction,

@@ -80,12 +80,17 @@ impl Tail {
                 next(Box::new(part.json)),
             ];
             // A part that moved to another message follows it: message_id is replaced too.
+            // The snapshot holds the whole text: what deltas appended before it goes.
             clauses.push(format!(
                 "part_put AS (INSERT INTO parts (share_id, id, message_id, finished, json) \
                  VALUES ({}) ON CONFLICT (share_id, id) DO UPDATE \
                  SET message_id = excluded.message_id, finished = excluded.finished, \
-                 json = excluded.json)",
-                values.join(", ")
+                 json = excluded.json), \
+                 part_text_dropped AS (DELETE FROM part_chunks \
+                 WHERE share_id = {} AND part_id = {})",
+                values.join(", "),
+                values[0],
+                values[1]
             ));
         }
         if let Some((share, cursor, updated_at)) = cursor {

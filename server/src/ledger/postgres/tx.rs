@@ -17,8 +17,9 @@ use super::pool::Connection;
 use super::probe;
 use super::tail::{HeldPart, Param, Tail};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Probe, Removable,
-    ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk, PartStanding,
+    PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken,
+    TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -456,6 +457,7 @@ impl LedgerTx for PgTx<'_> {
                  (SELECT count(*) FROM tokens WHERE share_id = $1),
                  (SELECT coalesce(sum(octet_length(json)), 0) FROM messages WHERE share_id = $1)
                  + (SELECT coalesce(sum(octet_length(json)), 0) FROM parts WHERE share_id = $1)
+                 + (SELECT coalesce(sum(octet_length(text)), 0) FROM part_chunks WHERE share_id = $1)
                  + (SELECT coalesce(sum(octet_length(payload)), 0) FROM ops WHERE share_id = $1)
                  + (SELECT coalesce(sum(octet_length(json)), 0) FROM sessions WHERE share_id = $1)
                  + (SELECT coalesce(sum(octet_length(json)), 0) FROM models WHERE share_id = $1)
@@ -498,10 +500,13 @@ impl LedgerTx for PgTx<'_> {
     }
 
     fn delete_share_rows(&mut self, share: &ShareId, max_rows: u32) -> LedgerResult<bool> {
-        // Parts before their messages, everything before the share; sessions and
+        // Parts' appended text before the parts (a key chunk of it takes whole parts'
+        // text: a little over the budget), parts before their messages, everything
+        // before the share; sessions and
         // diffs hold one row each and go with the share row.
-        const CHUNKED: [(&str, &str); 5] = [
+        const CHUNKED: [(&str, &str); 6] = [
             ("ops", "cursor"),
+            ("part_chunks", "part_id"),
             ("parts", "id"),
             ("messages", "id"),
             ("models", "id"),
@@ -903,9 +908,28 @@ impl LedgerTx for PgTx<'_> {
     }
 
     fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
-        match self.probe(share, Probe::PartBody(id))? {
-            Standing::PartBody(part) => Ok(part),
-            _ => Err(corrupt("part: another answer")),
+        self.row(
+            "SELECT json, finished FROM parts WHERE share_id = $1 AND id = $2",
+            &[&share.as_str(), &id],
+        )?
+        .map(|r| {
+            Ok(StoredPart {
+                json: get(&r, 0)?,
+                finished: get(&r, 1)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn part_text_end(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+    ) -> LedgerResult<Option<PartTextEnd>> {
+        match self.probe(share, Probe::PartText { id, field })? {
+            Standing::PartText(end) => Ok(end),
+            _ => Err(corrupt("part text end: another answer")),
         }
     }
 
@@ -931,12 +955,57 @@ impl LedgerTx for PgTx<'_> {
         Ok(())
     }
 
-    fn set_part_json(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()> {
+    fn add_part_chunk(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+        seq: i64,
+        text: &str,
+    ) -> LedgerResult<()> {
         self.exec(
-            "UPDATE parts SET json = $3 WHERE share_id = $1 AND id = $2",
-            &[&share.as_str(), &id, &json],
+            "INSERT INTO part_chunks (share_id, part_id, field, seq, text)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&share.as_str(), &id, &field, &seq, &text],
         )?;
         Ok(())
+    }
+
+    fn extend_part_chunk(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+        seq: i64,
+        text: &str,
+    ) -> LedgerResult<()> {
+        self.exec(
+            "UPDATE part_chunks SET text = text || $5
+             WHERE share_id = $1 AND part_id = $2 AND field = $3 AND seq = $4",
+            &[&share.as_str(), &id, &field, &seq, &text],
+        )?;
+        Ok(())
+    }
+
+    fn part_chunks(&mut self, share: &ShareId, parts: &[&str]) -> LedgerResult<Vec<PartChunk>> {
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.rows(
+            "SELECT part_id, field, text FROM part_chunks
+             WHERE share_id = $1 AND part_id = ANY($2)
+             ORDER BY part_id, field, seq",
+            &[&share.as_str(), &parts],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(PartChunk {
+                part_id: get(r, 0)?,
+                field: get(r, 1)?,
+                text: get(r, 2)?,
+            })
+        })
+        .collect()
     }
 
     fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()> {

@@ -6,6 +6,7 @@
 //! - [`authority`]: who may do what, checked in the transaction that does it.
 //! - [`append`]: applying a batch exactly once, with gap-free cursors.
 //! - [`records`]: what an op's effect does to the stored records.
+//! - [`part_text`]: text appended to parts by deltas, kept in chunks apart from them.
 //! - [`reads`]: reads under authority, and the catch-up cursor rules.
 //! - [`snapshot`]: the snapshot order and its byte-bounded pages.
 //! - [`prune`]: which shares a prune takes, bounded deletion steps, archiving.
@@ -18,6 +19,7 @@ pub mod append;
 pub mod authority;
 pub mod compact;
 pub mod compacted_output;
+pub mod part_text;
 pub mod prune;
 pub mod reads;
 pub mod records;

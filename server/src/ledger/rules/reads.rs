@@ -5,6 +5,7 @@
 use capsync_shared::{Cursor, ShareId, TokenKind};
 
 use super::authority::{self, Access};
+use super::part_text;
 use super::store::{LedgerTx, ShareRow};
 use crate::ledger::{
     Authority, FeedPage, LedgerError, LedgerResult, OpsPage, ShareInfo, ShareState, StoredParts,
@@ -111,6 +112,12 @@ fn stored_parts(
             found.push((id.clone(), part.json));
         }
     }
+    let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+    let appended = part_text::appended(tx, &share.id, &ids)?;
+    let found = found
+        .into_iter()
+        .map(|(id, json)| appended.fold(&id, json).map(|json| (id, json)))
+        .collect::<LedgerResult<_>>()?;
     Ok(StoredParts {
         parts: found,
         cursor: share.cursor,

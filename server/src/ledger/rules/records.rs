@@ -10,9 +10,9 @@
 use capsync_shared::ShareId;
 use capsync_shared::model::Effect;
 use capsync_shared::model::progress::is_older;
-use serde_json::Value;
 
-use super::store::{LedgerTx, Probe, Removable, Standing, StoredPart};
+use super::part_text;
+use super::store::{LedgerTx, Probe, Removable, Standing};
 use crate::ledger::{LedgerError, LedgerResult, RejectReason};
 
 /// Why stored state refuses an otherwise well-formed op.
@@ -24,14 +24,14 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn invalid(detail: String) -> Self {
+    pub(super) fn invalid(detail: String) -> Self {
         Self {
             reason: RejectReason::Invalid,
             detail,
         }
     }
 
-    fn stale(detail: String) -> Self {
+    pub(super) fn stale(detail: String) -> Self {
         Self {
             reason: RejectReason::StaleTransition,
             detail,
@@ -45,7 +45,7 @@ pub fn probe(effect: &Effect) -> Probe<'_> {
         Effect::Session { .. } => Probe::Session,
         Effect::MessageUpsert { id, .. } => Probe::Message(id),
         Effect::PartUpsert { id, message_id, .. } => Probe::Part { id, message_id },
-        Effect::PartDelta { id, .. } => Probe::PartBody(id),
+        Effect::PartDelta { id, field, .. } => Probe::PartText { id, field },
         Effect::MessageRemove { .. }
         | Effect::PartRemove { .. }
         | Effect::DiffSet { .. }
@@ -116,8 +116,8 @@ pub fn apply(
             tx.remove_part(share, id)?;
             tx.mark_removed(share, Removable::Part, id)?;
         }
-        (Effect::PartDelta { id, field, delta }, Standing::PartBody(stored)) => {
-            return part_delta(tx, share, stored, id, field, delta);
+        (Effect::PartDelta { id, field, delta }, Standing::PartText(end)) => {
+            return part_text::append(tx, share, end, id, field, delta);
         }
         (Effect::DiffSet { json }, Standing::Nothing) => tx.put_diffs(share, json)?,
         (Effect::ModelUpsert { id, json }, Standing::Nothing) => tx.put_model(share, id, json)?,
@@ -140,51 +140,6 @@ fn removed(kind: &str, id: &str) -> Refusal {
     Refusal::stale(format!(
         "{kind} {id} was removed from this share; a removed record does not come back"
     ))
-}
-
-/// Appends to a string field of a stored part.
-///
-/// The stored JSON is parsed and written back whole, so the cost grows with
-/// the part's size; object keys come back in sorted order.
-fn part_delta(
-    tx: &mut impl LedgerTx,
-    share: &ShareId,
-    stored: Option<StoredPart>,
-    id: &str,
-    field: &str,
-    delta: &str,
-) -> LedgerResult<Result<(), Refusal>> {
-    let Some(stored) = stored else {
-        return Ok(Err(Refusal::invalid(format!(
-            "part {id} does not exist in this share"
-        ))));
-    };
-    // A finished part's snapshot holds its whole text already: a delta sent before the
-    // end (arriving late, from another writer of the share) would add it a second time.
-    if stored.finished {
-        return Ok(Err(Refusal::stale(format!(
-            "part {id} is finished; its stored snapshot has the whole text"
-        ))));
-    }
-    let mut part: Value =
-        serde_json::from_str(&stored.json).map_err(|e| corrupt(format!("part {id}: {e}")))?;
-    let Some(obj) = part.as_object_mut() else {
-        return Err(corrupt(format!("part {id} is not a JSON object")));
-    };
-    match obj.get_mut(field) {
-        None => {
-            obj.insert(field.to_owned(), Value::String(delta.to_owned()));
-        }
-        Some(Value::String(text)) => text.push_str(delta),
-        Some(_) => {
-            return Ok(Err(Refusal::invalid(format!(
-                "part {id}'s field \"{field}\" is not a string"
-            ))));
-        }
-    }
-    let json = serde_json::to_string(&part).map_err(|e| corrupt(format!("part {id}: {e}")))?;
-    tx.set_part_json(share, id, &json)?;
-    Ok(Ok(()))
 }
 
 /// A stored value that the rules' own writes could not have produced.

@@ -11,6 +11,7 @@
 use capsync_shared::ShareId;
 
 use super::authority::{self, Access};
+use super::part_text;
 use super::store::{KeyFrom, LedgerTx};
 use crate::ledger::{Authority, LedgerError, LedgerResult, Record, RecordKind, SnapshotPage};
 
@@ -230,7 +231,10 @@ fn fill(
     loop {
         let orphans = tx.orphan_parts_from(share, &next, BATCH)?;
         let more = orphans.len() == BATCH as usize;
+        let ids: Vec<&str> = orphans.iter().map(|(_, id, _)| id.as_str()).collect();
+        let appended = part_text::appended(tx, share, &ids)?;
         for (message_id, part_id, json) in orphans {
+            let json = appended.fold(&part_id, json)?;
             if !filler.offer(RecordKind::Part, &part_id, &message_id, json) {
                 return Ok(Some(Position::at(Stage::Orphans, &message_id, &part_id)));
             }
@@ -254,7 +258,10 @@ fn fill_parts(
     loop {
         let parts = tx.parts_from(share, message_id, &next, BATCH)?;
         let more = parts.len() == BATCH as usize;
+        let ids: Vec<&str> = parts.iter().map(|(id, _)| id.as_str()).collect();
+        let appended = part_text::appended(tx, share, &ids)?;
         for (part_id, json) in parts {
+            let json = appended.fold(&part_id, json)?;
             if !filler.offer(RecordKind::Part, &part_id, message_id, json) {
                 return Ok(Some(part_id));
             }

@@ -134,10 +134,28 @@ pub struct MessageStanding {
     pub terminal: Option<bool>,
 }
 
-/// A stored part's state, as the records rules need it.
+/// A stored part as its last snapshot left it: without the text deltas appended since
+/// (see [`super::part_text`]).
 pub struct StoredPart {
     pub json: String,
     pub finished: bool,
+}
+
+/// What a `part.delta` to one string field of a part reads before it writes, in one go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartTextEnd {
+    pub finished: bool,
+    /// The field's last chunk of appended text: its number and its size in bytes;
+    /// `None` when no delta was appended to the field since the part's snapshot.
+    pub last_chunk: Option<(i64, i64)>,
+}
+
+/// A piece of text that deltas appended to a string field of a part, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartChunk {
+    pub part_id: String,
+    pub field: String,
+    pub text: String,
 }
 
 /// What the records rule of an op reads before it writes (see [`super::records::probe`]).
@@ -151,8 +169,8 @@ pub enum Probe<'a> {
     Message(&'a str),
     /// The [`PartStanding`] of a part in a message.
     Part { id: &'a str, message_id: &'a str },
-    /// The stored part itself, to append to it.
-    PartBody(&'a str),
+    /// The [`PartTextEnd`] of a field of a part, to append to it.
+    PartText { id: &'a str, field: &'a str },
 }
 
 /// The answer to a [`Probe`], variant for variant.
@@ -161,7 +179,8 @@ pub enum Standing {
     Session(Option<Option<i64>>),
     Message(MessageStanding),
     Part(PartStanding),
-    PartBody(Option<StoredPart>),
+    /// `None` when the part is not stored.
+    PartText(Option<PartTextEnd>),
 }
 
 /// The records whose removal is final: once removed, an id of this kind stays removed
@@ -361,7 +380,9 @@ pub trait LedgerTx {
             Probe::Part { id, message_id } => {
                 Standing::Part(self.part_standing(share, id, message_id)?)
             }
-            Probe::PartBody(id) => Standing::PartBody(self.part(share, id)?),
+            Probe::PartText { id, field } => {
+                Standing::PartText(self.part_text_end(share, id, field)?)
+            }
         })
     }
 
@@ -407,7 +428,7 @@ pub trait LedgerTx {
         terminal: bool,
         json: &str,
     ) -> LedgerResult<()>;
-    /// Removes a message and every part stored under it.
+    /// Removes a message and every part stored under it, with their appended text.
     fn remove_message(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
 
     /// Whether part `id` or its message `message_id` was removed, and how far along
@@ -418,8 +439,18 @@ pub trait LedgerTx {
         id: &str,
         message_id: &str,
     ) -> LedgerResult<PartStanding>;
+    /// The part as its last snapshot stored it, without the text appended since.
     fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>>;
-    /// Stores a part (replacing one with its id, which may have had another message).
+    /// Whether the part is stored and finished, and the last chunk of `field`'s
+    /// appended text.
+    fn part_text_end(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+    ) -> LedgerResult<Option<PartTextEnd>>;
+    /// Stores a part (replacing one with its id, which may have had another message),
+    /// dropping the text appended to the one it replaces.
     fn put_part(
         &mut self,
         share: &ShareId,
@@ -428,8 +459,28 @@ pub trait LedgerTx {
         finished: bool,
         json: &str,
     ) -> LedgerResult<()>;
-    /// Replaces a stored part's JSON, keeping its message and finished flag.
-    fn set_part_json(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()>;
+    /// Adds chunk `seq` of text appended to `field` of a stored part.
+    fn add_part_chunk(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+        seq: i64,
+        text: &str,
+    ) -> LedgerResult<()>;
+    /// Appends `text` to chunk `seq` of `field` of a stored part.
+    fn extend_part_chunk(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+        seq: i64,
+        text: &str,
+    ) -> LedgerResult<()>;
+    /// The appended text of those of `parts` that have any, ordered by part id (as
+    /// bytes), field, then chunk number.
+    fn part_chunks(&mut self, share: &ShareId, parts: &[&str]) -> LedgerResult<Vec<PartChunk>>;
+    /// Removes a part, with its appended text.
     fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()>;
 
     fn put_diffs(&mut self, share: &ShareId, json: &str) -> LedgerResult<()>;

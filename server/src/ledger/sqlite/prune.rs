@@ -20,6 +20,9 @@ const FOOTPRINT: &str = "
     SELECT 'parts', count(*), coalesce(sum(length(CAST(json AS BLOB))), 0)
         FROM parts WHERE share_id = ?1
     UNION ALL
+    SELECT 'part text', 0, coalesce(sum(length(CAST(text AS BLOB))), 0)
+        FROM part_chunks WHERE share_id = ?1
+    UNION ALL
     SELECT 'ops', count(*), coalesce(sum(length(CAST(payload AS BLOB))), 0)
         FROM ops WHERE share_id = ?1
     UNION ALL
@@ -31,9 +34,17 @@ const FOOTPRINT: &str = "
         UNION ALL SELECT json FROM diffs WHERE share_id = ?1)";
 
 /// Tables a deletion empties a chunk at a time, in an order that never leaves a
-/// row whose parent is gone: parts before their messages, everything before the
-/// share. Sessions and diffs hold one row each and go with the share row.
-const CHUNKED_TABLES: [&str; 5] = ["ops", "parts", "messages", "models", "removed"];
+/// row whose parent is gone: parts' appended text before the parts, parts before their
+/// messages, everything before the share. Sessions and diffs hold one row each and go
+/// with the share row.
+const CHUNKED_TABLES: [&str; 6] = [
+    "ops",
+    "part_chunks",
+    "parts",
+    "messages",
+    "models",
+    "removed",
+];
 
 /// What deleting `share_id` removes, from aggregates.
 pub(super) fn footprint(conn: &Connection, share_id: &ShareId) -> LedgerResult<ShareFootprint> {

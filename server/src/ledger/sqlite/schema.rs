@@ -32,6 +32,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     V4_OP_DIGEST,
     V5_OUT_OF_ORDER,
     V6_REMOVED,
+    V7_PART_CHUNKS,
 ];
 
 /// The schema version this build writes.
@@ -220,6 +221,23 @@ CREATE TABLE removed (
     kind     TEXT NOT NULL CHECK (kind IN ('message', 'part')),
     id       TEXT NOT NULL,
     PRIMARY KEY (share_id, kind, id)
+) STRICT;
+"#;
+
+/// Streamed text at constant cost (issue 14; see `rules::part_text`): what `part.delta`s
+/// append to a field of a part, in chunks of about a KiB, instead of rewriting the part.
+/// `seq` numbers a field's chunks from 0. A part's snapshot drops its chunks; removing the
+/// part removes them (the cascade). Parts stored before this version have none: their
+/// deltas were written into their JSON.
+const V7_PART_CHUNKS: &str = r#"
+CREATE TABLE part_chunks (
+    share_id TEXT NOT NULL,
+    part_id  TEXT NOT NULL,
+    field    TEXT NOT NULL,
+    seq      INTEGER NOT NULL CHECK (seq >= 0),
+    text     TEXT NOT NULL,
+    PRIMARY KEY (share_id, part_id, field, seq),
+    FOREIGN KEY (share_id, part_id) REFERENCES parts (share_id, id) ON DELETE CASCADE
 ) STRICT;
 "#;
 

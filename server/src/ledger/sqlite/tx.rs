@@ -10,8 +10,9 @@ use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartStanding, Probe, Removable,
-    ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken, TokenGrant,
+    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk, PartStanding,
+    PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken,
+    TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -538,14 +539,100 @@ impl LedgerTx for SqliteTx<'_> {
                      json = excluded.json",
             )?
             .execute(params![share.as_str(), id, message_id, finished, json])?;
+        // The snapshot holds the whole text: what deltas appended before it is in it.
+        self.conn
+            .prepare_cached("DELETE FROM part_chunks WHERE share_id = ?1 AND part_id = ?2")?
+            .execute(params![share.as_str(), id])?;
         Ok(())
     }
 
-    fn set_part_json(&mut self, share: &ShareId, id: &str, json: &str) -> LedgerResult<()> {
+    fn part_text_end(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+    ) -> LedgerResult<Option<PartTextEnd>> {
+        let finished: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT finished FROM parts WHERE share_id = ?1 AND id = ?2")?
+            .query_row(params![share.as_str(), id], |r| r.get(0))
+            .optional()?;
+        let Some(finished) = finished else {
+            return Ok(None);
+        };
+        let last_chunk = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, length(CAST(text AS BLOB)) FROM part_chunks
+                 WHERE share_id = ?1 AND part_id = ?2 AND field = ?3
+                 ORDER BY seq DESC LIMIT 1",
+            )?
+            .query_row(params![share.as_str(), id, field], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        Ok(Some(PartTextEnd {
+            finished,
+            last_chunk,
+        }))
+    }
+
+    fn add_part_chunk(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+        seq: i64,
+        text: &str,
+    ) -> LedgerResult<()> {
         self.conn
-            .prepare_cached("UPDATE parts SET json = ?3 WHERE share_id = ?1 AND id = ?2")?
-            .execute(params![share.as_str(), id, json])?;
+            .prepare_cached(
+                "INSERT INTO part_chunks (share_id, part_id, field, seq, text)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![share.as_str(), id, field, seq, text])?;
         Ok(())
+    }
+
+    fn extend_part_chunk(
+        &mut self,
+        share: &ShareId,
+        id: &str,
+        field: &str,
+        seq: i64,
+        text: &str,
+    ) -> LedgerResult<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE part_chunks SET text = text || ?5
+                 WHERE share_id = ?1 AND part_id = ?2 AND field = ?3 AND seq = ?4",
+            )?
+            .execute(params![share.as_str(), id, field, seq, text])?;
+        Ok(())
+    }
+
+    fn part_chunks(&mut self, share: &ShareId, parts: &[&str]) -> LedgerResult<Vec<PartChunk>> {
+        let mut chunks = Vec::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT field, text FROM part_chunks
+             WHERE share_id = ?1 AND part_id = ?2 ORDER BY field, seq",
+        )?;
+        let mut ids = parts.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let rows = stmt.query_map(params![share.as_str(), id], |r| {
+                Ok(PartChunk {
+                    part_id: id.to_owned(),
+                    field: r.get(0)?,
+                    text: r.get(1)?,
+                })
+            })?;
+            for chunk in rows {
+                chunks.push(chunk?);
+            }
+        }
+        Ok(chunks)
     }
 
     fn remove_part(&mut self, share: &ShareId, id: &str) -> LedgerResult<()> {
