@@ -172,6 +172,60 @@ fn the_share_page_in_a_real_browser() {
         );
         browser.screenshot(&page, "02-live-update.png");
 
+        // A long answer streamed word by word arrives as segments of HTML (each delta
+        // sends only the last ones): the page splices them into every paragraph once.
+        let paragraphs = 12;
+        let words = 60;
+        let mut stream = Vec::new();
+        for p in 0..paragraphs {
+            stream.push("\n\n".to_owned());
+            stream.extend((0..words).map(|w| format!("paragraph{p}word{w} ")));
+        }
+        let deltas: Vec<OpSpec> = stream
+            .iter()
+            .enumerate()
+            .map(|(n, text)| {
+                OpSpec::new(
+                    format!("long:{n}"),
+                    OpKind::PartDelta,
+                    json!({"partID": "prt_live_02", "messageID": "msg_01JD4K7M2QX9A7TS006", "delta": text}),
+                )
+            })
+            .collect();
+        for (n, chunk) in deltas.chunks(100).enumerate() {
+            created
+                .writer
+                .append(&batch(&format!("long-{n}"), chunk.to_vec()))
+                .await
+                .unwrap();
+        }
+        let box_paragraphs =
+            "[...document.querySelectorAll('[data-id=msg_01JD4K7M2QX9A7TS006] .markdown p')]";
+        wait_for(
+            &mut browser,
+            &page,
+            "the streamed answer",
+            &format!(
+                "{box_paragraphs}.length === {} && {box_paragraphs}.at(-1).textContent.trim().endsWith('paragraph{}word{}')",
+                paragraphs + 1,
+                paragraphs - 1,
+                words - 1
+            ),
+        )
+        .await;
+        for p in 0..paragraphs {
+            let expected: Vec<String> =
+                (0..words).map(|w| format!("paragraph{p}word{w}")).collect();
+            assert_eq!(
+                browser.eval(
+                    &page,
+                    &format!("{box_paragraphs}[{}].textContent.trim()", p + 1)
+                ),
+                expected.join(" "),
+                "paragraph {p}"
+            );
+        }
+
         // 3. The writer goes away: its running tool call shows as interrupted.
         drop(created.writer);
         drop(agent);

@@ -112,12 +112,10 @@ fn snapshot_and_ops_with_a_viewer_token() {
             assert_eq!(text_parts.len(), 5);
             for part in text_parts {
                 let id = part["id"].as_str().unwrap();
-                assert!(doc["html"][id].as_str().unwrap().starts_with("<p>"), "{id}");
+                assert!(html_of(&doc["html"][id]).starts_with("<p>"), "{id}");
             }
             assert!(
-                doc["html"]["prt_01JD4K7M2QX9A7TS00205"]
-                    .as_str()
-                    .unwrap()
+                html_of(&doc["html"]["prt_01JD4K7M2QX9A7TS00205"])
                     .contains("<code>find_user_by_email</code>")
             );
             assert_eq!(doc["presence"]["writerConnected"], true);
@@ -420,7 +418,8 @@ fn events_replay_the_backlog_follow_live_and_resume() {
                 assert_eq!(op.get("html").is_some(), is_text, "{op}");
             }
 
-            // Live: a new text part, then deltas; each delta carries the whole text's HTML.
+            // Live: a new text part, then deltas; each delta carries the HTML of the
+            // segments it changed (this short text is one segment).
             let ack = created
                 .writer
                 .append(&capsync_tests::batch(
@@ -434,8 +433,13 @@ fn events_replay_the_backlog_follow_live_and_resume() {
                 .unwrap();
             assert_eq!(ack.cursor.0, 25);
             let live = ops_until(&rx, 25);
-            assert_eq!(live[0]["html"], "<p>Streaming</p>\n");
-            assert_eq!(live[1]["html"], "<p>Streaming <strong>now</strong></p>\n");
+            assert_eq!(live[0]["html"], json!(["<p>Streaming</p>\n"]));
+            assert_eq!(live[0]["htmlFrom"], 0);
+            assert_eq!(
+                live[1]["html"],
+                json!(["<p>Streaming <strong>now</strong></p>\n"])
+            );
+            assert_eq!(live[1]["htmlFrom"], 0);
             assert_eq!(live[1]["payload"]["delta"], " **now**");
 
             // Resume after 24 from another connection: 25 is the first op it gets,
@@ -457,7 +461,7 @@ fn events_replay_the_backlog_follow_live_and_resume() {
                 let ops = ops_until(rx, 26);
                 assert_eq!(
                     ops.last().unwrap()["html"],
-                    "<p>Streaming <strong>now</strong> and more</p>\n"
+                    json!(["<p>Streaming <strong>now</strong> and more</p>\n"])
                 );
             }
             // `?after=` works as well as the header; a bad header is a 400.
@@ -619,6 +623,66 @@ fn healthz_and_metrics() {
     );
 }
 
+/// A long answer streamed as deltas: each event carries only the segments of HTML the
+/// delta changed, and a follower that splices them in as `htmlFrom` says (as the page
+/// does) holds the snapshot's HTML of the whole text, segment for segment.
+#[test]
+fn a_long_streamed_answer_reaches_streams_as_segments_that_join_to_the_snapshots_html() {
+    with_sample(
+        |_| {},
+        async |f, created, _| {
+            let rx = events(
+                f.addr,
+                &format!("{}?after=23", api(f, "events")),
+                &f.viewer,
+                None,
+            );
+            assert_eq!(next_event(&rx).event, "hello");
+            let mut ops = vec![new_text_part("prt_long", "# An answer\n\n")];
+            for n in 0..1500u32 {
+                let text = match n % 30 {
+                    29 => "\n\n".to_owned(),
+                    14 => "\n\n```\nlet code = 1;\n```\n\n".to_owned(),
+                    _ => format!("word{n} "),
+                };
+                ops.push(delta("prt_long", n + 1, &text));
+            }
+            let last = 23 + ops.len() as u64;
+            for (n, chunk) in ops.chunks(50).enumerate() {
+                created
+                    .writer
+                    .append(&capsync_tests::batch(&format!("long-{n}"), chunk.to_vec()))
+                    .await
+                    .unwrap();
+            }
+            let mut page: Vec<String> = Vec::new();
+            let mut largest = 0;
+            for op in ops_until(&rx, last) {
+                let from = op["htmlFrom"].as_u64().unwrap() as usize;
+                let html: Vec<String> = serde_json::from_value(op["html"].clone()).unwrap();
+                assert!(
+                    from <= page.len(),
+                    "htmlFrom {from} past {} segments",
+                    page.len()
+                );
+                largest = largest.max(html.iter().map(String::len).sum::<usize>());
+                page.truncate(from);
+                page.extend(html);
+            }
+            let doc = get_json(f.addr, &api(f, "snapshot"), &f.viewer);
+            let snapshot: Vec<String> =
+                serde_json::from_value(doc["html"]["prt_long"].clone()).unwrap();
+            assert!(snapshot.len() > 3, "{} segments", snapshot.len());
+            assert_eq!(page, snapshot);
+            let whole = snapshot.concat().len();
+            assert!(
+                largest < whole / 2,
+                "an event carried {largest} of {whole} bytes"
+            );
+        },
+    );
+}
+
 #[test]
 fn markdown_is_rendered_and_raw_html_escaped() {
     with_sample(
@@ -634,7 +698,7 @@ fn markdown_is_rendered_and_raw_html_escaped() {
                 .await
                 .unwrap();
             let doc = get_json(f.addr, &api(f, "snapshot"), &f.viewer);
-            let html = doc["html"]["prt_md"].as_str().unwrap();
+            let html = html_of(&doc["html"]["prt_md"]);
             assert!(html.contains("<strong>Done.</strong>"), "{html}");
             assert!(html.contains("&lt;script&gt;"), "{html}");
             for bad in [
@@ -775,4 +839,14 @@ fn a_shares_viewers_read_its_sub_agents_shares_and_nothing_else() {
             .unwrap();
         assert_eq!(snapshot(id(&child), token).await.0, 401);
     });
+}
+
+/// A text part's HTML as the snapshot document gives it: its segments, joined.
+fn html_of(segments: &Value) -> String {
+    segments
+        .as_array()
+        .unwrap_or_else(|| panic!("segments, not {segments}"))
+        .iter()
+        .map(|segment| segment.as_str().unwrap())
+        .collect()
 }

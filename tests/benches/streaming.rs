@@ -6,9 +6,11 @@
 //!
 //! - a writer that makes one text part and then appends `--deltas` `part.delta`s of
 //!   `--delta-bytes` each to its text, one call in flight, as opencode streams a model's
-//!   answer (the default, 20,000 × 10 bytes, grows the part to 200 KB);
+//!   answer (the default, 20,000 × 10 bytes, grows the part to 200 KB). The answer is
+//!   markdown as models write it: paragraphs, lists and fenced code, split by blank
+//!   lines; `--one-paragraph` streams one paragraph without any instead;
 //! - one SSE follower of the share (`GET /api/shares/{share}/events`), which gets each
-//!   delta with the HTML of the part's whole text.
+//!   delta with the HTML of the segments of the part's text that the delta changed.
 //!
 //! Printed, for the first and the last `--window` deltas (default 1,000): the mean append
 //! round trip (the ledger's cost), the mean time from the writer's ack to the follower
@@ -19,6 +21,7 @@
 //! ```text
 //! cargo bench -p capsync-tests --bench streaming
 //! cargo bench -p capsync-tests --bench streaming -- --deltas 5000 --delta-bytes 40
+//! cargo bench -p capsync-tests --bench streaming -- --one-paragraph
 //! ```
 //!
 //! Results: `docs/BENCHMARKS.md`, "Streamed text".
@@ -58,6 +61,10 @@ struct Args {
     /// Bytes of text in each delta.
     #[arg(long, default_value_t = 10)]
     delta_bytes: usize,
+    /// Stream one paragraph with no blank line in it: nowhere for the HTML to be cut
+    /// into segments, so each delta renders the whole text (the worst case).
+    #[arg(long)]
+    one_paragraph: bool,
     /// Deltas averaged at the start and at the end.
     #[arg(long, default_value_t = 1_000)]
     window: usize,
@@ -86,10 +93,15 @@ fn main() -> BenchResult<()> {
     let admin_token = std::fs::read_to_string(config.admin_token_path())?;
     println!("capsync streamed-text benchmark");
     println!(
-        "  {} deltas of {} bytes to one text part (it grows to {} KB), one call in flight; 1 SSE follower; durability FULL",
+        "  {} deltas of {} bytes to one text part (it grows to {} KB of {}), one call in flight; 1 SSE follower; durability FULL",
         args.deltas,
         args.delta_bytes,
-        args.deltas * args.delta_bytes / 1000
+        args.deltas * args.delta_bytes / 1000,
+        if args.one_paragraph {
+            "one paragraph"
+        } else {
+            "markdown: paragraphs, lists, code"
+        }
     );
     let result = run_local(run(server.addr(), http, admin_token.trim(), &args));
     server.shutdown()?;
@@ -144,9 +156,10 @@ async fn run(rpc: SocketAddr, http: SocketAddr, admin_token: &str, args: &Args) 
         acked: Vec::with_capacity(args.deltas),
         delivered,
     };
-    let text = delta_text(args.delta_bytes);
+    let answer = answer_text(args.deltas * args.delta_bytes, args.one_paragraph);
     let started = Instant::now();
     for n in 0..args.deltas {
+        let text = &answer[n * args.delta_bytes..(n + 1) * args.delta_bytes];
         let op = OpSpec::new(
             format!("delta:{n}"),
             OpKind::PartDelta,
@@ -177,14 +190,48 @@ async fn run(rpc: SocketAddr, http: SocketAddr, admin_token: &str, args: &Args) 
         args.deltas as f64 / elapsed.as_secs_f64()
     );
     report(&timings, args);
-    check_snapshot(&writer.viewer(), args).await?;
+    check_snapshot(&writer.viewer(), &answer).await?;
     conn.disconnect().await?;
     Ok(())
 }
 
-/// `bytes` of plain prose, so the markdown stays one growing paragraph.
-fn delta_text(bytes: usize) -> String {
-    "lorem ipsum dolor ".chars().cycle().take(bytes).collect()
+/// `bytes` of an answer (ASCII, so it splits into deltas anywhere): markdown as models
+/// write it, or with `one_paragraph`, prose that stays one growing paragraph.
+fn answer_text(bytes: usize, one_paragraph: bool) -> String {
+    if one_paragraph {
+        return "lorem ipsum dolor ".chars().cycle().take(bytes).collect();
+    }
+    let mut answer = String::with_capacity(bytes + 1024);
+    let mut n = 0;
+    while answer.len() < bytes {
+        match n % 6 {
+            0 => answer.push_str(&format!("## Step {n}\n\n")),
+            3 => {
+                answer.push_str("```rust\n");
+                for line in 0..8 {
+                    answer.push_str(&format!("    let value_{line} = compute({n}, {line});\n"));
+                }
+                answer.push_str("```\n\n");
+            }
+            4 => {
+                for item in 0..4 {
+                    answer.push_str(&format!("- item {item} of list {n}, with `code`\n"));
+                }
+                answer.push('\n');
+            }
+            _ => {
+                for sentence in 0..8 {
+                    answer.push_str(&format!(
+                        "Sentence {sentence} of paragraph {n} explains the **change** in words. "
+                    ));
+                }
+                answer.push_str("\n\n");
+            }
+        }
+        n += 1;
+    }
+    answer.truncate(bytes);
+    answer
 }
 
 /// Follows the share's events after `base`; every delta's event lands in `delivered`.
@@ -265,19 +312,23 @@ fn report(timings: &Timings, args: &Args) {
 }
 
 /// The snapshot holds the whole streamed text.
-async fn check_snapshot(viewer: &client::ViewerClient, args: &Args) -> BenchResult<()> {
+async fn check_snapshot(viewer: &client::ViewerClient, answer: &str) -> BenchResult<()> {
     let snapshot = viewer.snapshot().await?;
     let text = snapshot
         .records
         .iter()
         .find(|record| record.id == PART)
         .and_then(|record| serde_json::from_str::<Value>(&record.json).ok())
-        .and_then(|part| part["text"].as_str().map(str::len))
+        .and_then(|part| part["text"].as_str().map(str::to_owned))
         .ok_or("the snapshot has no text part")?;
-    let expected = args.deltas * args.delta_bytes;
-    if text != expected {
-        return Err(format!("the snapshot's text has {text} bytes, not {expected}").into());
+    if text != answer {
+        return Err(format!(
+            "the snapshot's text ({} bytes) is not the streamed text ({} bytes)",
+            text.len(),
+            answer.len()
+        )
+        .into());
     }
-    println!("  the snapshot holds the whole text ({} bytes)", text);
+    println!("  the snapshot holds the whole text ({} bytes)", text.len());
     Ok(())
 }

@@ -1,5 +1,10 @@
-//! The HTML of text parts as a live stream changes them: a `part.delta` is sent with
-//! the rendering of the part's whole text after it, so the page never renders markdown.
+//! The HTML of text parts as a live stream changes them, so the page never renders
+//! markdown: an op that upserts a text part is sent with the HTML of its text in
+//! segments (`"html": [...]`, `"htmlFrom": 0`), and a `part.delta` with the segments
+//! that changed (`"htmlFrom": k`: the page keeps its first `k` segments and puts these
+//! after them). The segments of a text depend only on the text (see
+//! [`markdown_segments`](super::markdown_segments)), so they fit the ones a snapshot's
+//! document gave, and a delta costs a segment's rendering however long the text is.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -8,7 +13,7 @@ use capsync_shared::Cursor;
 use capsync_shared::model::Effect;
 use serde_json::Value;
 
-use super::markdown;
+use super::markdown_segments::Segments;
 use super::page_data::{ReadOp, markdown_text};
 use crate::follow::{Prepare, Preparer};
 use crate::ledger::LoggedOp;
@@ -28,10 +33,31 @@ pub struct LiveHtml {
 struct Remembered {
     message_id: String,
     /// `None`: not a markdown part (a delta to it gets no HTML).
-    text: Option<String>,
+    text: Option<Markdown>,
     /// The text already includes every op up to this cursor.
     as_of: Cursor,
     used: u64,
+}
+
+/// The text of a markdown part and where its segments start.
+struct Markdown {
+    text: String,
+    segments: Segments,
+}
+
+impl Markdown {
+    fn new(text: &str) -> Self {
+        Self {
+            segments: Segments::of(text),
+            text: text.to_owned(),
+        }
+    }
+}
+
+/// The HTML an op is sent with: segments from index `from` on.
+struct SegmentsHtml {
+    from: usize,
+    html: Vec<String>,
 }
 
 /// A part's stored record, with the cursor it reflects: what [`LiveHtml::learn`]
@@ -75,7 +101,7 @@ impl LiveHtml {
             let entry = match found.remove(&id) {
                 Some(lookup) => Remembered {
                     message_id: lookup.message_id,
-                    text: markdown_text(&lookup.part).map(str::to_owned),
+                    text: markdown_text(&lookup.part).map(Markdown::new),
                     as_of: lookup.as_of,
                     used: 0,
                 },
@@ -90,18 +116,21 @@ impl LiveHtml {
         }
     }
 
-    /// Adds `"html"` to an op that upserts or appends to a text part: the HTML
-    /// of the part's whole text after the op.
+    /// Adds `"html"` and `"htmlFrom"` to an op that upserts or appends to a text part:
+    /// the segments of the part's text after the op that the op changed.
     pub fn apply(&mut self, op: &mut ReadOp) {
         let html = match &op.effect {
             Some(Effect::PartUpsert { id, message_id, .. }) => {
                 let entry = Remembered {
                     message_id: message_id.clone(),
-                    text: markdown_text(&op.json["payload"]).map(str::to_owned),
+                    text: markdown_text(&op.json["payload"]).map(Markdown::new),
                     as_of: op.cursor,
                     used: 0,
                 };
-                let html = entry.text.as_deref().map(markdown::render);
+                let html = entry.text.as_ref().map(|md| SegmentsHtml {
+                    from: 0,
+                    html: md.segments.html(&md.text, 0),
+                });
                 self.remember(id.clone(), entry);
                 html
             }
@@ -110,13 +139,20 @@ impl LiveHtml {
                 let clock = self.clock;
                 self.parts.get_mut(id).and_then(|entry| {
                     entry.used = clock;
-                    let text = entry.text.as_mut()?;
-                    // Already in a text read at a later cursor: don't add it twice.
-                    if op.cursor > entry.as_of {
-                        text.push_str(delta);
+                    let md = entry.text.as_mut()?;
+                    // Already in a text read at a later cursor: don't add it twice, and
+                    // send every segment (a page may have the text from before).
+                    let from = if op.cursor > entry.as_of {
+                        md.text.push_str(delta);
                         entry.as_of = op.cursor;
-                    }
-                    Some(markdown::render(text))
+                        md.segments.grow(&md.text)
+                    } else {
+                        0
+                    };
+                    Some(SegmentsHtml {
+                        from,
+                        html: md.segments.html(&md.text, from),
+                    })
                 })
             }
             Some(Effect::PartRemove { id }) => {
@@ -129,8 +165,9 @@ impl LiveHtml {
             }
             _ => None,
         };
-        if let (Some(html), Some(obj)) = (html, op.json.as_object_mut()) {
-            obj.insert("html".into(), html.into());
+        if let (Some(segments), Some(obj)) = (html, op.json.as_object_mut()) {
+            obj.insert("html".into(), segments.html.into());
+            obj.insert("htmlFrom".into(), segments.from.into());
         }
     }
 
@@ -225,14 +262,16 @@ mod tests {
     }
 
     #[test]
-    fn deltas_get_the_html_of_the_whole_text() {
+    fn deltas_get_the_html_of_the_segments_they_changed() {
         let mut live = LiveHtml::default();
         let upsert = op(
             1,
             OpKind::PartUpsert,
             json!({"id": "p", "messageID": "m", "type": "text", "text": "a"}),
         );
-        assert_eq!(applied(&mut live, upsert)["html"], "<p>a</p>\n");
+        let out = applied(&mut live, upsert);
+        assert_eq!(out["html"], json!(["<p>a</p>\n"]));
+        assert_eq!(out["htmlFrom"], 0);
         let delta = || {
             op(
                 2,
@@ -242,7 +281,8 @@ mod tests {
         };
         assert!(live.unknown_parts(&[delta()]).is_empty());
         let out = applied(&mut live, delta());
-        assert_eq!(out["html"], "<p>a <em>b</em></p>\n");
+        assert_eq!(out["html"], json!(["<p>a <em>b</em></p>\n"]));
+        assert_eq!(out["htmlFrom"], 0);
         assert_eq!(out["payload"]["delta"], " *b*");
         let other_field = op(
             3,
@@ -277,11 +317,11 @@ mod tests {
         let mut ops = read().into_iter();
         assert_eq!(
             applied(&mut live, ops.next().unwrap())["html"],
-            "<p>ab</p>\n"
+            json!(["<p>ab</p>\n"])
         );
         assert_eq!(
             applied(&mut live, ops.next().unwrap())["html"],
-            "<p>abc</p>\n"
+            json!(["<p>abc</p>\n"])
         );
         assert!(
             applied(&mut live, ops.next().unwrap())
@@ -366,6 +406,50 @@ mod tests {
             assert_eq!(serde_json::from_str::<Value>(prepared).unwrap(), expected);
         }
         let first: Value = serde_json::from_str(&out[0]).unwrap();
-        assert_eq!(first["html"], "<p>a <em>b</em></p>\n");
+        assert_eq!(first["html"], json!(["<p>a <em>b</em></p>\n"]));
+    }
+
+    #[test]
+    fn a_long_streamed_text_sends_only_its_last_segments() {
+        let mut live = LiveHtml::default();
+        let upsert = op(
+            1,
+            OpKind::PartUpsert,
+            json!({"id": "p", "messageID": "m", "type": "text", "text": ""}),
+        );
+        applied(&mut live, upsert);
+        // What a page holds: the segments it was sent, spliced in as `htmlFrom` says.
+        let mut page: Vec<String> = Vec::new();
+        let mut text = String::new();
+        let mut largest_event = 0;
+        for n in 0..2000u64 {
+            let delta = if n % 25 == 24 {
+                "\n\n".to_owned()
+            } else {
+                format!("word{n} ")
+            };
+            text.push_str(&delta);
+            let out = applied(
+                &mut live,
+                op(
+                    n + 2,
+                    OpKind::PartDelta,
+                    json!({"partID": "p", "delta": delta}),
+                ),
+            );
+            let from = out["htmlFrom"].as_u64().unwrap() as usize;
+            let html: Vec<String> = serde_json::from_value(out["html"].clone()).unwrap();
+            assert!(from <= page.len(), "{from} > {}", page.len());
+            page.truncate(from);
+            page.extend(html);
+            largest_event = largest_event.max(out.to_string().len());
+        }
+        assert_eq!(page.concat(), super::super::markdown::render(&text));
+        assert!(page.len() > 5, "{} segments", page.len());
+        assert!(
+            largest_event < text.len() / 4,
+            "{largest_event} bytes of {}",
+            text.len()
+        );
     }
 }

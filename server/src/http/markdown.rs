@@ -9,10 +9,14 @@
 
 use pulldown_cmark::{CodeBlockKind, CowStr, Event, LinkType, Options, Parser, Tag, TagEnd};
 
-/// Renders `text` (CommonMark with tables, strikethrough and task lists) to safe HTML.
+/// The markdown agents' text is read as: CommonMark with tables, strikethrough and task lists.
+pub const OPTIONS: Options = Options::ENABLE_TABLES
+    .union(Options::ENABLE_STRIKETHROUGH)
+    .union(Options::ENABLE_TASKLISTS);
+
+/// Renders `text` (markdown as [`OPTIONS`] reads it) to safe HTML.
 pub fn render(text: &str) -> String {
-    let options =
-        Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TASKLISTS;
+    let options = OPTIONS;
     // For each open link or image: whether its start was kept, so its end matches.
     let mut links_kept: Vec<bool> = Vec::new();
     let events = Parser::new_ext(text, options).filter_map(|event| match event {

@@ -28,6 +28,7 @@ mod events;
 pub(crate) mod fuzz;
 mod live_html;
 pub mod markdown;
+mod markdown_segments;
 mod opencode;
 mod page;
 mod page_data;

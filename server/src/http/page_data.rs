@@ -4,9 +4,11 @@
 //! Document shape: [`SessionDocument`]'s (the same as `capsync snapshot --json`),
 //! plus `html`: `{"cursor", "session", "models", "diffs", "messages": [{"info",
 //! "parts"}], "orphanParts" (when there are any: parts whose message has not arrived
-//! yet, not shown until it does), "html": {partId: "<p>…</p>"}}`. Records are passed
-//! through as the agent wrote them; only text parts get an `html` rendering, made here
-//! so the page never has to turn untrusted text into markup itself.
+//! yet, not shown until it does), "html": {partId: ["<p>…</p>", …]}}`. Records are
+//! passed through as the agent wrote them; only text parts get an `html` rendering, made
+//! here so the page never has to turn untrusted text into markup itself. A rendering is
+//! a list of segments to join (see `markdown_segments`): live deltas replace only its
+//! last ones.
 //!
 //! Op shape: `{"cursor", "opId", "kind", "payload", "appliedAt", "effect"}`, where
 //! `effect` is the op's [`Effect`] (`{"type": "partDelta", "id", "field", "delta"}`,
@@ -17,7 +19,7 @@ use capsync_shared::Cursor;
 use capsync_shared::model::{Effect, SessionDocument, op, record_id};
 use serde_json::{Map, Value, json};
 
-use super::markdown;
+use super::markdown_segments::Segments;
 use crate::ledger::{LoggedOp, Record};
 
 /// The text of a part whose `text` is markdown to render (text parts); `None` for others.
@@ -37,7 +39,8 @@ pub fn document(cursor: Cursor, records: &[Record]) -> Value {
         .chain(&doc.orphan_parts)
     {
         if let Some(text) = markdown_text(part) {
-            html.insert(record_id(part).to_owned(), markdown::render(text).into());
+            let segments = Segments::of(text).html(text, 0);
+            html.insert(record_id(part).to_owned(), segments.into());
         }
     }
     let mut value = doc.to_json();
@@ -140,11 +143,11 @@ mod tests {
         assert_eq!(doc["messages"][0]["parts"].as_array().unwrap().len(), 2);
         assert_eq!(
             doc["html"]["p1"],
-            "<p><strong>hi</strong> &lt;b&gt;x&lt;/b&gt;</p>\n"
+            json!(["<p><strong>hi</strong> &lt;b&gt;x&lt;/b&gt;</p>\n"])
         );
         assert!(doc["html"].get("p2").is_none());
         assert_eq!(doc["orphanParts"][0]["id"], "p3");
-        assert_eq!(doc["html"]["p3"], "<p><em>w</em></p>\n");
+        assert_eq!(doc["html"]["p3"], json!(["<p><em>w</em></p>\n"]));
     }
 
     #[test]

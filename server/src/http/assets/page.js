@@ -29,7 +29,9 @@ const doc = {
   // Parts whose message has not arrived (yet): message id -> Map(id -> part).
   // The server's snapshot holds them once the message exists, so the page does too.
   orphans: new Map(),
-  html: new Map(), // text part id -> server-rendered HTML
+  // Text part id -> its server-rendered HTML, in segments to join: a delta replaces
+  // the segments from its `htmlFrom` on, so a long answer is not sent again whole.
+  html: new Map(),
   // Sub-agents' sessions shared along with this one: session id -> share id.
   // This page's token reads them too.
   children: new Map(),
@@ -59,8 +61,13 @@ function loadDocument(snapshot) {
     const messageId = typeof p.messageID === "string" ? p.messageID : "";
     partsOf(messageId).set(idOf(p), p);
   }
-  doc.html = new Map(Object.entries(snapshot.html || {}));
+  doc.html = new Map(Object.entries(obj(snapshot.html)).filter(([, segments]) => isSegments(segments)));
   doc.children = new Map(Object.entries(obj(snapshot.children)).filter(([, id]) => typeof id === "string"));
+}
+
+// A text part's HTML as the server sends it: segments to join.
+function isSegments(html) {
+  return Array.isArray(html) && html.every((segment) => typeof segment === "string");
 }
 
 // A model's record key, as the server keys it: `providerID/id`, or `id` alone.
@@ -135,7 +142,7 @@ function applyOp(op) {
         redraw(oldMessage);
       }
       partsOf(e.messageId).set(e.id, record);
-      if (typeof op.html === "string") doc.html.set(e.id, op.html);
+      if (isSegments(op.html)) doc.html.set(e.id, op.html);
       else doc.html.delete(e.id);
       partNodes.delete(e.id);
       return e.messageId;
@@ -152,8 +159,15 @@ function applyOp(op) {
       if (!parts) return null;
       const part = parts.get(e.id);
       part[e.field] = str(part[e.field]) + e.delta;
-      if (typeof op.html === "string") doc.html.set(e.id, op.html);
-      else if (e.field === "text") doc.html.delete(e.id); // stale: show the raw text instead
+      if (e.field === "text") {
+        const kept = doc.html.get(e.id) || [];
+        const from = op.htmlFrom;
+        if (isSegments(op.html) && Number.isInteger(from) && from >= 0 && from <= kept.length) {
+          doc.html.set(e.id, kept.slice(0, from).concat(op.html));
+        } else {
+          doc.html.delete(e.id); // stale: show the raw text instead
+        }
+      }
       partNodes.delete(e.id);
       return messageId;
     }

@@ -264,11 +264,11 @@ function renderPartOfType(type, part, message) {
 }
 
 function renderText(part) {
-  const html = doc.html.get(idOf(part));
+  const segments = doc.html.get(idOf(part));
   let box;
-  if (typeof html === "string") {
+  if (segments) {
     box = el("div", "text markdown");
-    box.innerHTML = html; // rendered by the server with raw HTML escaped
+    box.innerHTML = segments.join(""); // rendered by the server with raw HTML escaped
     for (const a of box.querySelectorAll("a")) {
       a.target = "_blank";
       a.rel = "noopener noreferrer";
