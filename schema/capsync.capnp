@@ -35,6 +35,8 @@ enum ErrorCode {
                         # `cursor` is the compaction point: the lowest `after` still served.
   storageFull @10;      # the server's storage is full (disk or configured size limit): nothing of the
                         # request was stored; retry with backoff, it recovers once space is freed
+  outOfOrder @11;       # a pipelined batch (`Batch.after`) did not follow its `after` batch acked on
+                        # this capability: nothing of it was applied; send it again after that one
 }
 
 struct Failure {
@@ -149,6 +151,8 @@ struct Redeemed {
   expiresAt @5 :Int64;
   # Set for writer and viewer capabilities: the share's state at redeem time.
   state @6 :ShareState;
+  # Set for writer capabilities of a server that honours `Batch.after`.
+  ordersPipelinedBatches @7 :Bool;
 }
 
 # ---------------------------------------------------------------------------
@@ -437,6 +441,15 @@ struct Batch {
   # `expectedCursor`, the whole batch is refused with `cursorConflict`.
   expectedCursor @2 :UInt64;
   hasExpectedCursor @3 :Bool;
+  # Pipelining (several batches in flight on one ShareWriter, in order): the id of the
+  # batch sent just before this one on the same capability. This batch then starts only
+  # once that call has finished, and only if that call was this batch id and was acked
+  # (an ack whose ops were rejected counts); otherwise it is refused whole with
+  # `outOfOrder`, nothing applied, and so, in turn, is every batch naming it. So a batch
+  # that fails never has the batches sent after it applied before it. Empty: no
+  # condition, and the batch may run alongside earlier calls. A server that honours this
+  # says so at redeem (`Redeemed.ordersPipelinedBatches`).
+  after @4 :Text;
 }
 
 enum RejectReason {

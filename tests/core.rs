@@ -15,6 +15,7 @@ capsync_tests::on_each_engine!(
     a_batch_whose_connection_dropped_after_sending_applies_once_when_resent,
     depends_on_orders_ops_and_missing_dependencies_are_retryable,
     expected_cursor_mismatch_refuses_the_whole_batch,
+    pipelined_batches_apply_in_order_and_a_failed_one_is_never_overtaken,
     concurrent_writers_on_one_share_get_a_gapless_cursor_and_apply_each_op_once,
     restart_keeps_tokens_and_the_cursor_continues,
     record_semantics_delta_diffs_and_terminal_messages,
@@ -172,6 +173,62 @@ fn expected_cursor_mismatch_refuses_the_whole_batch(server: TestServer) {
         stale.expected_cursor = Some(3);
         let ack = writer.append(&stale).await.unwrap();
         assert_eq!(ack.cursor, 4);
+    });
+}
+
+/// `Batch.after`: batches in flight together on one writer capability apply in the
+/// order sent, and when one fails, those sent after it are refused with nothing applied
+/// (so resending them in order keeps the order).
+fn pipelined_batches_apply_in_order_and_a_failed_one_is_never_overtaken(server: TestServer) {
+    run_local(async {
+        let (conn, admin) = admin(&server).await;
+        let (agent, _) = agent(&conn, &admin).await;
+        let created = share(&agent, "ses_pipe").await;
+        let writer = conn
+            .redeem(&created.writer_token.token)
+            .await
+            .unwrap()
+            .into_writer()
+            .unwrap();
+        assert!(writer.orders_pipelined_batches());
+        let part = |n: u32| text_part_op("ses_pipe", "msg_1", &format!("prt_{n}"));
+        let first = batch("b1", session_ops("ses_pipe", "msg_1", 0));
+        let second = batch("b2", vec![part(1), part(2)]).after("b1");
+        let third = batch("b3", vec![part(3)]).after("b2");
+        let (a, b, c) = futures::join!(
+            writer.append(&first),
+            writer.append(&second),
+            writer.append(&third)
+        );
+        assert_eq!(
+            [a.unwrap().cursor, b.unwrap().cursor, c.unwrap().cursor],
+            [2, 4, 5]
+        );
+
+        // The first of three is refused whole: the two after it apply nothing.
+        let mut fenced = batch("b4", vec![part(4)]);
+        fenced.expected_cursor = Some(1);
+        let fourth = batch("b5", vec![part(5)]).after("b4");
+        let fifth = batch("b6", vec![part(6)]).after("b5");
+        let (a, b, c) = futures::join!(
+            writer.append(&fenced),
+            writer.append(&fourth),
+            writer.append(&fifth)
+        );
+        assert_eq!(a.unwrap_err().code(), Some(ErrorCode::CursorConflict));
+        assert_eq!(b.unwrap_err().code(), Some(ErrorCode::OutOfOrder));
+        assert_eq!(c.unwrap_err().code(), Some(ErrorCode::OutOfOrder));
+        assert_eq!(writer.state().await.unwrap().cursor, 5, "nothing applied");
+
+        // Sent again in order, they apply in order; an `after` that is not the call
+        // just before is out of order too.
+        fenced.expected_cursor = None;
+        let (a, b) = futures::join!(writer.append(&fenced), writer.append(&fourth));
+        assert_eq!([a.unwrap().cursor, b.unwrap().cursor], [6, 7]);
+        let stray = batch("b7", vec![part(7)]).after("b4");
+        let err = writer.append(&stray).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::OutOfOrder));
+        assert_eq!(writer.state().await.unwrap().cursor, 7);
     });
 }
 

@@ -102,6 +102,7 @@ impl AgentClient {
             writer_token.token_id.clone(),
             writer_token.expires_at,
             info.state.clone(),
+            false,
         );
         Ok(CreatedShare {
             writer,

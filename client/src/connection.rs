@@ -286,7 +286,14 @@ impl Connection {
                 Redeemed::Agent(AgentClient::new(cap?, token_id, expires_at))
             }
             redeemed::capability::Which::Writer(cap) => {
-                Redeemed::Writer(WriterClient::new(cap?, token_id, expires_at, state()?))
+                let pipelines = redeemed.get_orders_pipelined_batches();
+                Redeemed::Writer(WriterClient::new(
+                    cap?,
+                    token_id,
+                    expires_at,
+                    state()?,
+                    pipelines,
+                ))
             }
             redeemed::capability::Which::Viewer(cap) => Redeemed::Viewer(ViewerClient::new(
                 cap?,

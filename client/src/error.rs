@@ -228,6 +228,7 @@ fn code_words(code: ErrorCode) -> &'static str {
         ErrorCode::Overloaded => "server overloaded",
         ErrorCode::SnapshotRequired => "snapshot required",
         ErrorCode::StorageFull => "server storage full",
+        ErrorCode::OutOfOrder => "pipelined batch out of order",
     }
 }
 

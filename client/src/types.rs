@@ -349,6 +349,11 @@ pub struct Batch {
     /// When set and the share's cursor differs, the whole batch is refused with
     /// `cursorConflict` (the error carries the current cursor). Fences a stale writer.
     pub expected_cursor: Option<u64>,
+    /// Pipelining: the id of the batch sent just before this one on the same writer
+    /// capability. The server applies this batch only after that one was acked, and
+    /// otherwise refuses it with `outOfOrder` (see `Batch.after` in the schema, and
+    /// [`crate::WriterClient::orders_pipelined_batches`]).
+    pub after: Option<String>,
 }
 
 impl Batch {
@@ -357,7 +362,14 @@ impl Batch {
             batch_id: batch_id.into(),
             ops,
             expected_cursor: None,
+            after: None,
         }
+    }
+
+    /// This batch, to follow batch `previous` sent just before it on the same capability.
+    pub fn after(mut self, previous: impl Into<String>) -> Self {
+        self.after = Some(previous.into());
+        self
     }
 }
 

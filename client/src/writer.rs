@@ -22,6 +22,8 @@ pub struct WriterClient {
     expires_at: Option<i64>,
     /// The share's state when the capability was obtained (redeem or create).
     state: ShareState,
+    /// The server said at redeem that it honours [`Batch::after`].
+    orders_pipelined_batches: bool,
 }
 
 impl std::fmt::Debug for WriterClient {
@@ -39,13 +41,23 @@ impl WriterClient {
         token_id: String,
         expires_at: Option<i64>,
         state: ShareState,
+        orders_pipelined_batches: bool,
     ) -> Self {
         Self {
             cap,
             token_id,
             expires_at,
             state,
+            orders_pipelined_batches,
         }
+    }
+
+    /// Whether the server said, when this capability was redeemed, that it applies a
+    /// batch with [`Batch::after`] only after that batch was acked, so several batches
+    /// can be in flight on this capability without a failed one being overtaken. `false`
+    /// for a capability from `createShare` (which does not say) or from an older server.
+    pub fn orders_pipelined_batches(&self) -> bool {
+        self.orders_pipelined_batches
     }
 
     /// The raw capability, for calls this library does not wrap.
@@ -86,6 +98,9 @@ impl WriterClient {
             if let Some(cursor) = batch.expected_cursor {
                 wire_batch.set_expected_cursor(cursor);
                 wire_batch.set_has_expected_cursor(true);
+            }
+            if let Some(after) = &batch.after {
+                wire_batch.set_after(after.as_str());
             }
             let mut ops = wire_batch.init_ops(op_count);
             for (i, op) in batch.ops.iter().enumerate() {

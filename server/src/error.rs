@@ -78,6 +78,17 @@ impl ServerError {
         Self::new(ErrorCode::TooLarge, message)
     }
 
+    /// A pipelined batch whose `after` batch was not acked just before it.
+    pub fn out_of_order(batch_id: &str, after: &str) -> Self {
+        Self::new(
+            ErrorCode::OutOfOrder,
+            format!(
+                "batch {batch_id} follows batch {after}, which was not the last batch acked \
+                 on this capability; nothing of it was applied"
+            ),
+        )
+    }
+
     /// The one answer for every failed authentication, whatever the reason.
     pub fn denied() -> Self {
         Self::new(

@@ -17,6 +17,7 @@ pub enum ErrorCode {
     Overloaded,
     SnapshotRequired,
     StorageFull,
+    OutOfOrder,
 }
 
 impl ErrorCode {
@@ -33,6 +34,7 @@ impl ErrorCode {
             Self::Overloaded => "overloaded",
             Self::SnapshotRequired => "snapshotRequired",
             Self::StorageFull => "storageFull",
+            Self::OutOfOrder => "outOfOrder",
         }
     }
 
@@ -65,6 +67,7 @@ impl From<WireCode> for ErrorCode {
             WireCode::Overloaded => Self::Overloaded,
             WireCode::SnapshotRequired => Self::SnapshotRequired,
             WireCode::StorageFull => Self::StorageFull,
+            WireCode::OutOfOrder => Self::OutOfOrder,
         }
     }
 }
@@ -83,6 +86,7 @@ impl From<ErrorCode> for WireCode {
             ErrorCode::Overloaded => Self::Overloaded,
             ErrorCode::SnapshotRequired => Self::SnapshotRequired,
             ErrorCode::StorageFull => Self::StorageFull,
+            ErrorCode::OutOfOrder => Self::OutOfOrder,
         }
     }
 }

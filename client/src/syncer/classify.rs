@@ -106,7 +106,10 @@ pub(super) fn append_failure(error: &ClientError) -> AppendFailure {
             ErrorCode::SnapshotRequired => AppendFailure::Fatal(SyncError::Stopped(format!(
                 "unexpected answer to an append ({error})"
             ))),
-            ErrorCode::Overloaded
+            // The batch sent before it on this connection was not acked: nothing of this
+            // one was applied. Sent again, in order, after the one before it.
+            ErrorCode::OutOfOrder
+            | ErrorCode::Overloaded
             | ErrorCode::RateLimited
             | ErrorCode::Internal
             | ErrorCode::StorageFull => AppendFailure::Retry {

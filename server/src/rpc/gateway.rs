@@ -104,6 +104,8 @@ impl gateway::Server for GatewayImpl {
                 fill_capability(&self.ctx, &redeemed, ok.reborrow().init_capability());
                 ok.set_token_id(redeemed.token.id.as_str());
                 ok.set_expires_at(redeemed.token.expires_at.unwrap_or(0));
+                // A writer capability orders pipelined batches (`Batch.after`).
+                ok.set_orders_pipelined_batches(redeemed.token.kind == TokenKind::Writer);
                 if let Some(state) = &redeemed.state {
                     wire::fill_state(state, ok.init_state());
                 }

@@ -1,5 +1,6 @@
 //! `ShareWriter`: appends ops to one share, mints viewers and sturdy refs to itself.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
 use std::time::Instant;
@@ -27,6 +28,16 @@ pub struct WriterImpl {
     expires_at: Option<i64>,
     /// Shows the share's writer as connected for as long as this capability lives.
     _presence: Option<WriterPresence>,
+    /// The last `appendOps` call on this capability, for the pipelined batch that names
+    /// it in `after` (see `Batch.after` in the schema).
+    last_append: RefCell<Option<LastAppend>>,
+}
+
+/// An `appendOps` call as the call after it sees it.
+struct LastAppend {
+    batch_id: String,
+    /// Says, once the call has finished, whether it was acked (a dropped sender: no).
+    acked: oneshot::Receiver<bool>,
 }
 
 impl WriterImpl {
@@ -40,6 +51,7 @@ impl WriterImpl {
             auth,
             expires_at,
             _presence: presence,
+            last_append: RefCell::new(None),
         }
     }
 
@@ -58,18 +70,39 @@ impl WriterImpl {
     /// cancels at once (a timeout, a dropped connection) is still applied, counted and
     /// announced to followers, just like one whose answer is lost on the way back. The
     /// client's retry then finds every op a duplicate.
+    ///
+    /// A pipelined batch (one naming the call before it in `after`) waits in its task for
+    /// that call to finish and goes ahead only if it was acked, so a failed batch never
+    /// has the batches sent after it applied before it.
     fn start_append(
         &self,
         params: &share_writer::AppendOpsParams,
     ) -> Result<oneshot::Receiver<Result<Ack, ServerError>>, ServerError> {
+        // Every call is the one before the next, whether it reads or not.
+        let reader = params.get().and_then(|p| p.get_batch());
+        let batch_id = reader
+            .as_ref()
+            .ok()
+            .and_then(|r| wire::text(r.get_batch_id()).ok())
+            .unwrap_or_default();
+        let (acked, acked_rx) = oneshot::channel();
+        let previous = self.last_append.replace(Some(LastAppend {
+            batch_id,
+            acked: acked_rx,
+        }));
+        let reader = reader?;
+        let after = wire::text(reader.get_after())?;
         let limits = BatchLimits {
             max_ops: self.ctx.max_ops_per_batch,
         };
-        let batch = wire::batch(params.get()?.get_batch()?, &limits)?;
+        let batch = wire::batch(reader, &limits)?;
         let (ctx, auth) = (Rc::clone(&self.ctx), self.auth.clone());
         let (done_tx, done) = oneshot::channel();
         tokio::task::spawn_local(async move {
             let result: Result<Ack, ServerError> = async {
+                if !after.is_empty() {
+                    follows(previous, &after, &batch.batch_id).await?;
+                }
                 let _in_flight = ctx.begin_batch()?;
                 let started = Instant::now();
                 let ack = append_within_limit(&ctx.ledger, auth, batch, ctx.max_op_bytes).await?;
@@ -82,6 +115,7 @@ impl WriterImpl {
             {
                 ctx.metrics.write_overloaded();
             }
+            let _ = acked.send(result.is_ok());
             let _ = done_tx.send(result);
         });
         Ok(done)
@@ -103,6 +137,24 @@ impl WriterImpl {
             .mint_token(self.auth.clone(), kind, row)
             .await?;
         Ok((token.expose(), token.id.to_string()))
+    }
+}
+
+/// Waits for the call before a pipelined batch to finish: `Ok` if it was batch `after`
+/// and was acked, else the batch is out of order.
+async fn follows(
+    previous: Option<LastAppend>,
+    after: &str,
+    batch_id: &str,
+) -> Result<(), ServerError> {
+    let acked = match previous {
+        Some(previous) if previous.batch_id == after => previous.acked.await.unwrap_or(false),
+        _ => false,
+    };
+    if acked {
+        Ok(())
+    } else {
+        Err(ServerError::out_of_order(batch_id, after))
     }
 }
 
