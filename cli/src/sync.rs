@@ -85,6 +85,11 @@ pub struct SyncArgs {
     /// Most ops per appendOps call [default: the syncer's]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: Option<u32>,
+    /// Most appendOps calls in flight at once: with a backlog, the next full batch goes
+    /// before the last one is acked (the server keeps them in order)
+    #[arg(long, env = "CAPSYNC_MAX_IN_FLIGHT", default_value_t = capsync_client::syncer::DEFAULT_MAX_IN_FLIGHT as u32,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_in_flight: u32,
 }
 
 /// How a run ended.
@@ -156,6 +161,7 @@ pub async fn run(global: &Global, out: &Output, args: &SyncArgs) -> Result<u8, C
     if let Some(batch_size) = args.batch_size {
         options.batch_size = batch_size as usize;
     }
+    options.max_in_flight = args.max_in_flight as usize;
     let syncer = spawn_syncer(outbox.clone(), options);
     let progress = Progress::new(out, "sync", "ops");
     progress.note(

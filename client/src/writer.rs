@@ -89,6 +89,16 @@ impl WriterClient {
     /// Per-op outcomes (applied, duplicate, rejected) are in the `Ack`; a whole-batch
     /// refusal (revoked, cursor conflict, too large, ...) is `Err(Remote)`.
     pub async fn append(&self, batch: &Batch) -> Result<Ack, ClientError> {
+        self.send_append(batch)?.await
+    }
+
+    /// Sends `batch` now and returns the answer to come: the way to keep several batches
+    /// in flight on this capability, in the order of these calls (see [`Batch::after`]).
+    /// Fails at once only if the batch cannot be encoded.
+    pub fn send_append(
+        &self,
+        batch: &Batch,
+    ) -> Result<impl Future<Output = Result<Ack, ClientError>> + 'static, ClientError> {
         let op_count = u32::try_from(batch.ops.len())
             .map_err(|_| ClientError::invalid("too many ops in one batch"))?;
         let mut request = self.cap.append_ops_request();
@@ -118,36 +128,8 @@ impl WriterClient {
                 }
             }
         }
-        let response = request.send().promise.await?;
-        let ack = match response.get()?.get_result()?.which()? {
-            append_result::Which::Ack(ack) => ack?,
-            append_result::Which::Failure(f) => return Err(wire::failure(f?)),
-        };
-        let results = ack
-            .get_results()?
-            .iter()
-            .map(|r| {
-                let outcome = match r.which()? {
-                    op_result::Which::Applied(cursor) => OpOutcome::Applied(Cursor(cursor)),
-                    op_result::Which::Duplicate(cursor) => OpOutcome::Duplicate(Cursor(cursor)),
-                    op_result::Which::Rejected(rejection) => {
-                        let rejection = rejection?;
-                        OpOutcome::Rejected {
-                            reason: rejection.get_reason()?.into(),
-                            detail: wire::text(rejection.get_detail())?,
-                        }
-                    }
-                };
-                Ok(OpResult {
-                    op_id: OpId(wire::text(r.get_op_id())?),
-                    outcome,
-                })
-            })
-            .collect::<Result<Vec<_>, ClientError>>()?;
-        Ok(Ack {
-            cursor: Cursor(ack.get_cursor()),
-            results,
-        })
+        let promise = request.send().promise;
+        Ok(async move { read_ack(&promise.await?) })
     }
 
     /// Mints a read-only viewer token for this share (Unix ms expiry, `None` for never).
@@ -183,4 +165,39 @@ impl WriterClient {
         // Not redeemed from a token: no token id, no expiry of its own to report.
         ViewerClient::new(pipeline.get_viewer(), None, None, self.state.clone())
     }
+}
+
+/// The ack in an `appendOps` response, or its failure.
+fn read_ack(
+    response: &capnp::capability::Response<share_writer::append_ops_results::Owned>,
+) -> Result<Ack, ClientError> {
+    let ack = match response.get()?.get_result()?.which()? {
+        append_result::Which::Ack(ack) => ack?,
+        append_result::Which::Failure(f) => return Err(wire::failure(f?)),
+    };
+    let results = ack
+        .get_results()?
+        .iter()
+        .map(|r| {
+            let outcome = match r.which()? {
+                op_result::Which::Applied(cursor) => OpOutcome::Applied(Cursor(cursor)),
+                op_result::Which::Duplicate(cursor) => OpOutcome::Duplicate(Cursor(cursor)),
+                op_result::Which::Rejected(rejection) => {
+                    let rejection = rejection?;
+                    OpOutcome::Rejected {
+                        reason: rejection.get_reason()?.into(),
+                        detail: wire::text(rejection.get_detail())?,
+                    }
+                }
+            };
+            Ok(OpResult {
+                op_id: OpId(wire::text(r.get_op_id())?),
+                outcome,
+            })
+        })
+        .collect::<Result<Vec<_>, ClientError>>()?;
+    Ok(Ack {
+        cursor: Cursor(ack.get_cursor()),
+        results,
+    })
 }

@@ -265,6 +265,64 @@ async fn batches_are_formed_in_enqueue_order_and_deterministically() {
     );
 }
 
+/// Pipelining: alongside batches on their way, the next one goes only when full; an op
+/// waits for a dependency in a batch that is in flight but not on its way, not for one in
+/// a batch on its way (that one reaches the server first); and a batch in flight that is
+/// not on its way (after a failure) goes before any new one.
+#[tokio::test]
+async fn alongside_batches_on_their_way_only_full_batches_go_and_in_order() {
+    let scratch = Scratch::new();
+    let outbox = open(&scratch.path("o.db"));
+    outbox
+        .enqueue_all((0..5).map(|i| op(&format!("op{i}"))).collect())
+        .await
+        .unwrap();
+    let first = outbox.next_batch(3, 0).await.unwrap().unwrap();
+    assert_eq!(ids(&first), ["op0", "op1", "op2"]);
+    let on_way = vec![first.batch_id.clone()];
+    // Two pending ops do not fill a batch of 3: they wait for the answer.
+    assert_eq!(
+        outbox
+            .next_batch_alongside(3, 0, on_way.clone())
+            .await
+            .unwrap(),
+        None
+    );
+    outbox
+        .enqueue_all(vec![dep_op("op5", &["op1"]), op("op6")])
+        .await
+        .unwrap();
+    // Now full; op5's dependency is in the batch on its way, so it goes too.
+    let second = outbox
+        .next_batch_alongside(3, 0, on_way.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&second), ["op3", "op4", "op5"]);
+    outbox
+        .enqueue_all(vec![dep_op("op7", &["op4"]), op("op8"), op("op9")])
+        .await
+        .unwrap();
+    // Had `second` failed and left the pipeline, it would go again before anything new...
+    let again = outbox
+        .next_batch_alongside(3, 0, on_way.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.batch_id, second.batch_id);
+    // ...and with both on their way, op7 may follow op4.
+    let both = vec![first.batch_id.clone(), second.batch_id.clone()];
+    let third = outbox
+        .next_batch_alongside(3, 0, both)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&third), ["op6", "op7", "op8"]);
+    // Without `second` on its way, op9 alone is no full batch, and nothing is sent
+    // ahead of the batches in flight.
+    assert_eq!(outbox.next_batch(3, 0).await.unwrap().unwrap(), first);
+}
+
 #[tokio::test]
 async fn an_unacked_batch_comes_back_identical_until_acked_even_after_a_crash() {
     let scratch = Scratch::new();

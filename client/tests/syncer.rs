@@ -537,6 +537,62 @@ fn batches_over_the_server_limits_are_split_and_an_op_over_them_is_rejected() {
     });
 }
 
+/// A backlog goes out several batches at a time, and when one of them is refused whole
+/// (here: more ops than the server takes per batch), those sent after it apply nothing
+/// until it is split and sent: every op lands once, in order, with no failed attempt.
+#[test]
+fn a_backlog_is_pipelined_and_a_batch_refused_whole_keeps_its_place() {
+    let server = TestServer::start_with(|config| config.max_ops_per_batch = 30);
+    let scratch = tempfile::tempdir().unwrap();
+    run_local(async {
+        let share = share(&server, "ses_pipe").await;
+        let (ops, texts) = session_ops("ses_pipe", 0..4, 80);
+        let outbox = Outbox::open(scratch.path().join("outbox.db")).unwrap();
+        outbox.enqueue_all(ops.clone()).await.unwrap();
+        let mut opts = options(&server, &share.writer);
+        opts.batch_size = 25;
+        let syncer = spawn_syncer(outbox.clone(), opts);
+        // The most calls seen in flight at once.
+        let most = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut watch = syncer.watch();
+        let seen = std::rc::Rc::clone(&most);
+        let watcher = tokio::task::spawn_local(async move {
+            while watch.changed().await.is_ok() {
+                seen.set(seen.get().max(watch.borrow().calls_in_flight));
+            }
+        });
+        // Batches of 25 fit; then of 40, which the server refuses whole.
+        let status = idle(&syncer).await;
+        assert_eq!((status.acked, status.retries), (ops.len() as u64, 0));
+        let mut opts = options(&server, &share.writer);
+        opts.batch_size = 40;
+        syncer.stop().await;
+        let (more, more_texts) = session_ops("ses_pipe", 4..8, 80);
+        let more: Vec<OpSpec> = more.into_iter().filter(|op| !ops.contains(op)).collect();
+        outbox.enqueue_all(more.clone()).await.unwrap();
+        let syncer = spawn_syncer(outbox.clone(), opts);
+        let status = idle(&syncer).await;
+        let all: Vec<OpSpec> = ops.iter().chain(&more).cloned().collect();
+        assert_eq!((status.acked, status.rejected), (all.len() as u64, 0));
+        assert_eq!(status.retries, 0, "a refusal is not a failed attempt");
+        assert_eq!(outbox.acked().await.unwrap(), in_order_from_one(&all));
+        let mut expected = texts;
+        expected.extend(more_texts);
+        expected.sort();
+        expected.dedup();
+        let mut stored = part_texts(&server, &share.viewer).await;
+        stored.sort();
+        assert_eq!(stored, expected);
+        syncer.stop().await;
+        watcher.abort();
+        assert!(
+            most.get() >= 2,
+            "batches were pipelined: at most {}",
+            most.get()
+        );
+    });
+}
+
 #[test]
 fn an_outbox_never_feeds_a_second_share() {
     let server = TestServer::start();

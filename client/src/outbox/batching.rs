@@ -13,6 +13,13 @@
 //!    hold an op back: the server judges them (`missingDependency` then holds it).
 //! 3. If every pending op waits for another pending op (a dependency cycle), the oldest one
 //!    is sent alone so the server can settle it, instead of stalling the outbox.
+//!
+//! Pipelining ([`Outbox::next_batch_alongside`]): batches already sent on the syncer's
+//! connection and not answered yet are *outstanding*. The server applies each after the
+//! one before it and refuses it if that one failed (`Batch.after`), so they count as sent
+//! in order: rule 1 skips them, and an op whose dependency is in one of them is not held
+//! back. A new batch goes alongside them only when it is full: while ops trickle in, they
+//! gather into the next batch as the answers come back, as without pipelining.
 
 use std::collections::HashSet;
 
@@ -44,9 +51,22 @@ impl Outbox {
         max_ops: usize,
         now: i64,
     ) -> Result<Option<OutboxBatch>, OutboxError> {
+        self.next_batch_alongside(max_ops, now, Vec::new()).await
+    }
+
+    /// [`Outbox::next_batch`] while the batches `outstanding` (ids, in the order sent) are
+    /// in flight on the syncer's connection, unanswered: the oldest other in-flight batch
+    /// once its retry time has come, else a new batch if it is full (see the module docs),
+    /// else `None`.
+    pub async fn next_batch_alongside(
+        &self,
+        max_ops: usize,
+        now: i64,
+        outstanding: Vec<String>,
+    ) -> Result<Option<OutboxBatch>, OutboxError> {
         self.blocking(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let batch = next(&tx, max_ops.max(1), now)?;
+            let batch = next(&tx, max_ops.max(1), now, &outstanding)?;
             tx.commit()?;
             Ok(batch)
         })
@@ -99,31 +119,47 @@ fn next(
     tx: &Transaction<'_>,
     max_ops: usize,
     now: i64,
+    outstanding: &[String],
 ) -> Result<Option<OutboxBatch>, OutboxError> {
-    let oldest = tx
+    let in_flight = tx
         .prepare_cached(
-            "SELECT id, next_retry_at FROM batches WHERE state = 'inFlight'
-             ORDER BY first_seq, id LIMIT 1",
+            "SELECT id, batch_id, next_retry_at FROM batches WHERE state = 'inFlight'
+             ORDER BY first_seq, id",
         )?
-        .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-        .optional()?;
-    if let Some((id, next_retry_at)) = oldest {
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let oldest = in_flight
+        .into_iter()
+        .find(|(_, batch_id, _)| !outstanding.contains(batch_id));
+    if let Some((id, _, next_retry_at)) = oldest {
         return if next_retry_at <= now {
             load(tx, id).map(Some)
         } else {
             Ok(None)
         };
     }
-    let chosen = choose(tx, max_ops, MAX_BATCH_BYTES as i64)?;
-    if chosen.is_empty() {
+    let (chosen, full) = choose(tx, max_ops, MAX_BATCH_BYTES as i64, outstanding)?;
+    if chosen.is_empty() || (!outstanding.is_empty() && !full) {
         return Ok(None);
     }
     let (id, _) = create(tx, &chosen)?;
     load(tx, id).map(Some)
 }
 
-/// The seqs of the ops a new batch should carry, in order (rules 2 and 3 of the module docs).
-fn choose(tx: &Transaction<'_>, max_ops: usize, max_bytes: i64) -> Result<Vec<i64>, OutboxError> {
+/// The seqs of the ops a new batch should carry, in order (rules 2 and 3 of the module
+/// docs), and whether the batch is full (it stopped at `max_ops` or `max_bytes`).
+fn choose(
+    tx: &Transaction<'_>,
+    max_ops: usize,
+    max_bytes: i64,
+    outstanding: &[String],
+) -> Result<(Vec<i64>, bool), OutboxError> {
     let mut page_query = tx.prepare_cached(
         "SELECT seq, op_id, bytes FROM ops WHERE state = 'pending' AND seq > ?1
          ORDER BY seq LIMIT ?2",
@@ -132,6 +168,7 @@ fn choose(tx: &Transaction<'_>, max_ops: usize, max_bytes: i64) -> Result<Vec<i6
     let mut in_batch: HashSet<String> = HashSet::new();
     let mut bytes = 0i64;
     let mut after = 0i64;
+    let mut full = false;
     'scan: loop {
         let page = page_query
             .query_map(params![after, SCAN_PAGE], |r| {
@@ -147,17 +184,19 @@ fn choose(tx: &Transaction<'_>, max_ops: usize, max_bytes: i64) -> Result<Vec<i6
         }
         for (seq, op_id, op_bytes) in page {
             after = seq;
-            if held_back(tx, seq, &in_batch)? {
+            if held_back(tx, seq, &in_batch, outstanding)? {
                 continue;
             }
             // Stop rather than skip to a smaller op further on: that would reorder ops.
             if !chosen.is_empty() && bytes.saturating_add(op_bytes) > max_bytes {
+                full = true;
                 break 'scan;
             }
             bytes = bytes.saturating_add(op_bytes);
             in_batch.insert(op_id);
             chosen.push(seq);
             if chosen.len() >= max_ops {
+                full = true;
                 break 'scan;
             }
         }
@@ -170,24 +209,30 @@ fn choose(tx: &Transaction<'_>, max_ops: usize, max_bytes: i64) -> Result<Vec<i6
             .optional()?;
         chosen.extend(oldest);
     }
-    Ok(chosen)
+    Ok((chosen, full))
 }
 
-/// Whether an op it depends on is still on its way from this outbox and not already
-/// earlier in the batch being formed.
+/// Whether an op it depends on is still on its way from this outbox: pending, or in a
+/// batch in flight that is not `outstanding` (one that is reaches the server first), and
+/// not already earlier in the batch being formed.
 fn held_back(
     tx: &Transaction<'_>,
     seq: i64,
     in_batch: &HashSet<String>,
+    outstanding: &[String],
 ) -> Result<bool, OutboxError> {
     let mut query = tx.prepare_cached(
-        "SELECT d.dep_op_id FROM op_deps d JOIN ops o ON o.op_id = d.dep_op_id
+        "SELECT d.dep_op_id, b.batch_id FROM op_deps d JOIN ops o ON o.op_id = d.dep_op_id
+         LEFT JOIN batches b ON b.id = o.batch AND o.state = 'inFlight'
          WHERE d.seq = ?1 AND o.state IN ('pending', 'inFlight')",
     )?;
     let mut rows = query.query([seq])?;
     while let Some(row) = rows.next()? {
         let dep: String = row.get(0)?;
-        if !in_batch.contains(&dep) {
+        let sent_before = row
+            .get::<_, Option<String>>(1)?
+            .is_some_and(|batch| outstanding.contains(&batch));
+        if !in_batch.contains(&dep) && !sent_before {
             return Ok(true);
         }
     }

@@ -38,6 +38,7 @@
 pub mod backoff;
 mod classify;
 pub(crate) mod error;
+mod pipeline;
 mod worker;
 
 use std::time::Duration;
@@ -49,6 +50,9 @@ use crate::connection::ClientOptions;
 use crate::outbox::Outbox;
 use crate::push::DEFAULT_BATCH_SIZE;
 pub use error::SyncError;
+
+/// Batches a syncer keeps in flight by default (see [`SyncOptions::max_in_flight`]).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 
 /// How a syncer reaches its share, and how it paces itself.
 #[derive(Clone)]
@@ -77,6 +81,11 @@ pub struct SyncOptions {
     /// How often an idle syncer looks at the outbox anyway, for ops another process
     /// enqueued into the same file (enqueues in this process wake it at once). Default 2 s.
     pub poll_interval: Duration,
+    /// Most batches in flight at once on the connection (default 4). While one is on its
+    /// way, another goes only when it is full (a backlog), so ops that trickle in still
+    /// gather into one batch per round trip. With a server that does not say it keeps
+    /// pipelined batches in order, 1.
+    pub max_in_flight: usize,
 }
 
 impl SyncOptions {
@@ -91,6 +100,7 @@ impl SyncOptions {
             connection: ClientOptions::default(),
             call_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(2),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -107,6 +117,7 @@ impl std::fmt::Debug for SyncOptions {
             .field("connection", &self.connection)
             .field("call_timeout", &self.call_timeout)
             .field("poll_interval", &self.poll_interval)
+            .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
 }
@@ -152,6 +163,9 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
     /// Failed attempts (connects, redeems, appends) since this syncer started.
     pub retries: u64,
+    /// `appendOps` calls sent and not answered yet (at most
+    /// [`SyncOptions::max_in_flight`]).
+    pub calls_in_flight: usize,
 }
 
 impl SyncStatus {
@@ -167,6 +181,7 @@ impl SyncStatus {
             last_acked_cursor: None,
             last_error: None,
             retries: 0,
+            calls_in_flight: 0,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The syncer's loop: connect and redeem, send the next batch, record the answer, back off.
+//! The syncer's loop: connect and redeem, send the next batches (several in flight where
+//! the server keeps them in order), record the answers, back off.
 
 use std::convert::Infallible;
 use std::fs::{File, TryLockError};
@@ -13,11 +14,12 @@ use tracing::{debug, info, warn};
 
 use super::backoff::{Backoff, RETRY_AFTER_CAP};
 use super::classify::{AppendFailure, ConnectFailure, append_failure, connect_failure};
+use super::pipeline::{Answered, Pipeline};
 use super::{Control, SyncError, SyncOptions, SyncState, SyncStatus};
 use crate::connection::Connection;
 use crate::outbox::{Outbox, OutboxBatch, OutboxStatus, Refusal};
 use crate::server_addr::{ServerAddr, ServerList};
-use crate::writer::{Batch, WriterClient};
+use crate::writer::WriterClient;
 
 /// How long closing a dropped connection may take before it is abandoned.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,6 +79,8 @@ pub(super) struct Worker {
     server_index: usize,
     /// Whether a connection was ever made (to log a move to another server).
     live_before: bool,
+    /// The batches sent on the live connection and not answered yet.
+    pipeline: Pipeline,
 }
 
 impl Worker {
@@ -102,6 +106,7 @@ impl Worker {
             servers: None,
             server_index: 0,
             live_before: false,
+            pipeline: Pipeline::default(),
         }
     }
 
@@ -147,13 +152,46 @@ impl Worker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let generation = self.outbox.generation();
-            match self
-                .outbox
-                .next_batch(self.options.batch_size, now_millis())
-                .await?
-            {
-                Some(batch) => self.send(&writer, batch).await?,
-                None => self.wait_for_work(notified, generation).await?,
+            // Several batches in flight only where the server keeps them in order.
+            let limit = if writer.orders_pipelined_batches() {
+                self.options.max_in_flight.max(1)
+            } else {
+                1
+            };
+            if self.pipeline.len() < limit {
+                let next = self
+                    .outbox
+                    .next_batch_alongside(
+                        self.options.batch_size,
+                        now_millis(),
+                        self.pipeline.batch_ids(),
+                    )
+                    .await?;
+                if let Some(batch) = next {
+                    let counts = if self.status.borrow().state == SyncState::Syncing {
+                        Counts::IfStale
+                    } else {
+                        Counts::Read
+                    };
+                    self.pipeline
+                        .send(&writer, batch, self.options.call_timeout);
+                    self.publish(SyncState::Syncing, counts).await;
+                    continue;
+                }
+            }
+            if self.pipeline.is_empty() {
+                self.wait_for_work(notified, generation).await?;
+                continue;
+            }
+            // The oldest answer, or new ops that may fill a batch to send alongside.
+            let room = self.pipeline.len() < limit;
+            let answered = tokio::select! {
+                biased;
+                answered = self.pipeline.oldest_answer() => Some(answered),
+                _ = notified, if room => None,
+            };
+            if let Some((batch, answered)) = answered {
+                self.settle(batch, answered).await?;
             }
         }
     }
@@ -235,14 +273,12 @@ impl Worker {
         }
     }
 
-    /// Sends one batch and records what came of it.
-    async fn send(&mut self, writer: &WriterClient, batch: OutboxBatch) -> Result<(), SyncError> {
-        if self.status.borrow().state != SyncState::Syncing {
-            self.publish(SyncState::Syncing, Counts::Read).await;
-        }
-        let limit = self.options.call_timeout;
-        let error = match tokio::time::timeout(limit, writer.append(&wire_batch(&batch))).await {
-            Ok(Ok(ack)) => {
+    /// Records what came of the oldest batch on its way. Any answer but an ack drops the
+    /// batches sent after it (the server refuses them, `outOfOrder`): the outbox sends
+    /// them again after this one.
+    async fn settle(&mut self, batch: OutboxBatch, answered: Answered) -> Result<(), SyncError> {
+        let error = match answered {
+            Answered::Ack(ack) => {
                 let summary = self.outbox.record_ack(&batch, &ack).await?;
                 debug!(batch = %batch.batch_id, applied = summary.applied, duplicates = summary.duplicates,
                     rejected = summary.rejected, waiting = summary.waiting, cursor = summary.cursor, "batch acked");
@@ -251,17 +287,18 @@ impl Worker {
                 self.publish(SyncState::Syncing, Counts::IfStale).await;
                 return Ok(());
             }
-            Ok(Err(error)) => error,
-            Err(_) => {
+            Answered::Failed(error) => error,
+            Answered::TimedOut => {
                 let message = format!(
                     "timed out after {} waiting for the server at {} to answer batch {}",
-                    humantime::format_duration(limit),
+                    humantime::format_duration(self.options.call_timeout),
                     self.options.server,
                     batch.batch_id,
                 );
                 return self.back_off(message, Some(&batch), None).await;
             }
         };
+        self.pipeline.clear();
         match append_failure(&error) {
             AppendFailure::Retry { retry_after } => {
                 self.back_off(error.to_string(), Some(&batch), retry_after)
@@ -397,6 +434,7 @@ impl Worker {
         }
         let (retries, last_error) = (self.retries, self.last_error.clone());
         let share_id = self.share_id.clone();
+        let calls_in_flight = self.pipeline.len();
         self.status.send_modify(|status| {
             status.state = state;
             status.share_id = share_id;
@@ -410,10 +448,12 @@ impl Worker {
             }
             status.retries = retries;
             status.last_error = last_error;
+            status.calls_in_flight = calls_in_flight;
         });
     }
 
     fn close_connection(&mut self) {
+        self.pipeline.clear();
         if let Some(live) = self.live.take() {
             drop(live.writer);
             close(live.conn);
@@ -451,10 +491,4 @@ fn close(conn: Connection) {
     tokio::task::spawn_local(async move {
         let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, conn.disconnect()).await;
     });
-}
-
-/// The outbox's batch as [`crate::WriterClient::append`] takes it. No `expectedCursor`:
-/// the outbox relies on per-op-id dedupe, not on fencing.
-fn wire_batch(batch: &OutboxBatch) -> Batch {
-    Batch::new(batch.batch_id.clone(), batch.ops.clone())
 }
