@@ -26,13 +26,30 @@ use super::markdown;
 pub const SEGMENT_BYTES: usize = 2048;
 
 /// Where a text's segments start.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Segments {
     /// Byte offsets in the text, increasing; the first is 0.
     starts: Vec<usize>,
     /// The text defines a link reference: one segment, for good.
     whole: bool,
+    /// No cut can come before a blank line ending here or later: the lines before were
+    /// looked at already. Saves parsing the last segment again for each delta while it
+    /// gains no blank line (one long paragraph).
+    quiet_from: usize,
+    /// The last segment holds no "]:" (which every link definition has) before here, so
+    /// only what came after needs looking at.
+    no_links_before: usize,
 }
+
+/// Segments are the same where they start: `quiet_from` and `no_links_before` only save
+/// work.
+impl PartialEq for Segments {
+    fn eq(&self, other: &Self) -> bool {
+        self.starts == other.starts && self.whole == other.whole
+    }
+}
+
+impl Eq for Segments {}
 
 impl Segments {
     /// The segments of `text`.
@@ -40,6 +57,8 @@ impl Segments {
         let mut segments = Self {
             starts: vec![0],
             whole: false,
+            quiet_from: 0,
+            no_links_before: 0,
         };
         segments.grow(text);
         segments
@@ -56,12 +75,12 @@ impl Segments {
         let last = self.last();
         // Every part of the text is in the last segment while it is checked here, so a
         // definition cannot hide in a segment that ended.
-        if defines_links(&text[last..]) {
+        if self.may_define_links(text) && defines_links(&text[last..]) {
             self.starts.truncate(1);
             self.whole = true;
             return 0;
         }
-        while let Some(cut) = next_cut(text, self.last()) {
+        while let Some(cut) = self.next_cut(text) {
             self.starts.push(cut);
         }
         changed
@@ -87,39 +106,95 @@ impl Segments {
     fn last(&self) -> usize {
         *self.starts.last().expect("a text has a first segment")
     }
+
+    /// Whether the last segment has a "]:", looking only at what is new.
+    fn may_define_links(&mut self, text: &str) -> bool {
+        // From one byte back: a "]" may have ended the text last time.
+        let mut from = self.no_links_before.saturating_sub(1).max(self.last());
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        if text[from..].contains("]:") {
+            return true;
+        }
+        self.no_links_before = text.len();
+        false
+    }
 }
 
 /// Whether `text` defines a link reference (`[label]: /url`).
 fn defines_links(text: &str) -> bool {
-    // Cheap first: a definition needs "]:".
-    text.contains("]:")
-        && Parser::new_ext(text, markdown::OPTIONS)
-            .reference_definitions()
-            .iter()
-            .next()
-            .is_some()
+    Parser::new_ext(text, markdown::OPTIONS)
+        .reference_definitions()
+        .iter()
+        .next()
+        .is_some()
 }
 
-/// Where the segment starting at `from` ends, if the text already decides it.
-fn next_cut(text: &str, from: usize) -> Option<usize> {
-    let earliest = from + SEGMENT_BYTES;
-    if text.len() <= earliest {
-        return None;
-    }
-    // Parsing from `from` to the end of a line parses those lines as the whole text
-    // does (see the module's note), so a window twice the segment's size usually finds
-    // the cut without parsing the rest of a long text.
-    let mut window = SEGMENT_BYTES * 2;
-    loop {
-        let end = line_end(text, from + window);
-        if let Some(cut) = first_cut(&text[from..end], SEGMENT_BYTES) {
-            return Some(from + cut);
-        }
-        if end == text.len() {
+impl Segments {
+    /// Where the last segment ends, if the text already decides it.
+    fn next_cut(&mut self, text: &str) -> Option<usize> {
+        let from = self.last();
+        let earliest = from + SEGMENT_BYTES;
+        if text.len() <= earliest {
             return None;
         }
-        window *= 2;
+        // A cut follows a blank line, on a complete line: without a new one, none.
+        let look_at = self.quiet_from.max(earliest - 1);
+        let line = text[..look_at]
+            .rfind('\n')
+            .map_or(from, |n| n + 1)
+            .max(from);
+        if !blank_line_then_line(&text[line..]) {
+            self.quiet_from = last_complete_line(text, line);
+            return None;
+        }
+        // Parsing from `from` to the end of a line parses those lines as the whole text
+        // does (see the module's note), so a window twice the segment's size usually
+        // finds the cut without parsing the rest of a long text.
+        let mut window = SEGMENT_BYTES * 2;
+        loop {
+            let end = line_end(text, from + window);
+            if let Some(cut) = first_cut(&text[from..end], SEGMENT_BYTES) {
+                return Some(from + cut);
+            }
+            if end == text.len() {
+                // Only a line still to be completed can start a cut now.
+                self.quiet_from = last_complete_line(text, line);
+                return None;
+            }
+            window *= 2;
+        }
     }
+}
+
+/// Whether `text`, which starts at a line's start, has a blank line with a complete
+/// line after it.
+fn blank_line_then_line(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut line_start = 0;
+    for (i, _) in text.match_indices('\n') {
+        if bytes[line_start..i]
+            .iter()
+            .all(|&c| matches!(c, b' ' | b'\t' | b'\r'))
+            && bytes[i + 1..].contains(&b'\n')
+        {
+            return true;
+        }
+        line_start = i + 1;
+    }
+    false
+}
+
+/// Where the last complete line of `text` starts (not before `floor`, a line start):
+/// the one line that may still turn out to be a blank line before a cut.
+fn last_complete_line(text: &str, floor: usize) -> usize {
+    let Some(last) = text[floor..].rfind('\n') else {
+        return floor;
+    };
+    text[floor..floor + last]
+        .rfind('\n')
+        .map_or(floor, |n| floor + n + 1)
 }
 
 /// The end of the line holding byte `at` (just after its newline), or the text's end.
