@@ -17,9 +17,9 @@ use super::pool::Connection;
 use super::probe;
 use super::tail::{HeldPart, Param, Tail};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk, PartStanding,
-    PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken,
-    TokenGrant,
+    ChunkWrite, KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk,
+    PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart,
+    StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -955,35 +955,27 @@ impl LedgerTx for PgTx<'_> {
         Ok(())
     }
 
-    fn add_part_chunk(
+    fn write_part_chunk(
         &mut self,
         share: &ShareId,
         id: &str,
         field: &str,
-        seq: i64,
+        chunk: ChunkWrite,
         text: &str,
     ) -> LedgerResult<()> {
-        self.exec(
-            "INSERT INTO part_chunks (share_id, part_id, field, seq, text)
-             VALUES ($1, $2, $3, $4, $5)",
-            &[&share.as_str(), &id, &field, &seq, &text],
-        )?;
-        Ok(())
-    }
-
-    fn extend_part_chunk(
-        &mut self,
-        share: &ShareId,
-        id: &str,
-        field: &str,
-        seq: i64,
-        text: &str,
-    ) -> LedgerResult<()> {
-        self.exec(
-            "UPDATE part_chunks SET text = text || $5
-             WHERE share_id = $1 AND part_id = $2 AND field = $3 AND seq = $4",
-            &[&share.as_str(), &id, &field, &seq, &text],
-        )?;
+        let (sql, seq) = match chunk {
+            ChunkWrite::Start(seq) => (
+                "INSERT INTO part_chunks (share_id, part_id, field, seq, text)
+                 VALUES ($1, $2, $3, $4, $5)",
+                seq,
+            ),
+            ChunkWrite::Extend(seq) => (
+                "UPDATE part_chunks SET text = text || $5
+                 WHERE share_id = $1 AND part_id = $2 AND field = $3 AND seq = $4",
+                seq,
+            ),
+        };
+        self.exec(sql, &[&share.as_str(), &id, &field, &seq, &text])?;
         Ok(())
     }
 

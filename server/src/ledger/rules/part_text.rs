@@ -19,7 +19,7 @@ use capsync_shared::ShareId;
 use serde_json::{Map, Value};
 
 use super::records::{Refusal, corrupt};
-use super::store::{LedgerTx, PartTextEnd};
+use super::store::{ChunkWrite, LedgerTx, PartTextEnd};
 use crate::ledger::LedgerResult;
 
 /// How much appended text one chunk holds before the next delta starts another. Small
@@ -52,9 +52,11 @@ pub fn append(
     let bytes = i64::try_from(delta.len()).unwrap_or(i64::MAX);
     match end.last_chunk {
         Some((seq, size)) if size.saturating_add(bytes) <= CHUNK_BYTES => {
-            tx.extend_part_chunk(share, id, field, seq, delta)?;
+            tx.write_part_chunk(share, id, field, ChunkWrite::Extend(seq), delta)?;
         }
-        Some((seq, _)) => tx.add_part_chunk(share, id, field, seq + 1, delta)?,
+        Some((seq, _)) => {
+            tx.write_part_chunk(share, id, field, ChunkWrite::Start(seq + 1), delta)?
+        }
         None => {
             // The field's first delta since the snapshot: the snapshot decides whether
             // the field can take text. Later deltas find this chunk and need not ask.
@@ -68,7 +70,7 @@ pub fn append(
                     "part {id}'s field \"{field}\" is not a string"
                 ))));
             }
-            tx.add_part_chunk(share, id, field, 0, delta)?;
+            tx.write_part_chunk(share, id, field, ChunkWrite::Start(0), delta)?;
         }
     }
     Ok(Ok(()))

@@ -150,6 +150,15 @@ pub struct PartTextEnd {
     pub last_chunk: Option<(i64, i64)>,
 }
 
+/// Where a delta's text goes among a field's chunks (see [`LedgerTx::write_part_chunk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkWrite {
+    /// A new chunk with this number, holding the text.
+    Start(i64),
+    /// The end of the chunk with this number, the field's last.
+    Extend(i64),
+}
+
 /// A piece of text that deltas appended to a string field of a part, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartChunk {
@@ -459,22 +468,13 @@ pub trait LedgerTx {
         finished: bool,
         json: &str,
     ) -> LedgerResult<()>;
-    /// Adds chunk `seq` of text appended to `field` of a stored part.
-    fn add_part_chunk(
+    /// Writes `text` appended to `field` of a stored part into its chunk `chunk` names.
+    fn write_part_chunk(
         &mut self,
         share: &ShareId,
         id: &str,
         field: &str,
-        seq: i64,
-        text: &str,
-    ) -> LedgerResult<()>;
-    /// Appends `text` to chunk `seq` of `field` of a stored part.
-    fn extend_part_chunk(
-        &mut self,
-        share: &ShareId,
-        id: &str,
-        field: &str,
-        seq: i64,
+        chunk: ChunkWrite,
         text: &str,
     ) -> LedgerResult<()>;
     /// The appended text of those of `parts` that have any, ordered by part id (as

@@ -10,9 +10,9 @@ use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
 use crate::ledger::rules::store::{
-    KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk, PartStanding,
-    PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart, StoredToken,
-    TokenGrant,
+    ChunkWrite, KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk,
+    PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart,
+    StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
 
@@ -577,36 +577,28 @@ impl LedgerTx for SqliteTx<'_> {
         }))
     }
 
-    fn add_part_chunk(
+    fn write_part_chunk(
         &mut self,
         share: &ShareId,
         id: &str,
         field: &str,
-        seq: i64,
+        chunk: ChunkWrite,
         text: &str,
     ) -> LedgerResult<()> {
-        self.conn
-            .prepare_cached(
+        let (sql, seq) = match chunk {
+            ChunkWrite::Start(seq) => (
                 "INSERT INTO part_chunks (share_id, part_id, field, seq, text)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![share.as_str(), id, field, seq, text])?;
-        Ok(())
-    }
-
-    fn extend_part_chunk(
-        &mut self,
-        share: &ShareId,
-        id: &str,
-        field: &str,
-        seq: i64,
-        text: &str,
-    ) -> LedgerResult<()> {
-        self.conn
-            .prepare_cached(
+                seq,
+            ),
+            ChunkWrite::Extend(seq) => (
                 "UPDATE part_chunks SET text = text || ?5
                  WHERE share_id = ?1 AND part_id = ?2 AND field = ?3 AND seq = ?4",
-            )?
+                seq,
+            ),
+        };
+        self.conn
+            .prepare_cached(sql)?
             .execute(params![share.as_str(), id, field, seq, text])?;
         Ok(())
     }
