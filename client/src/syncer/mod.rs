@@ -330,7 +330,7 @@ mod tests {
             serde_json::json!({
                 "state": {"kind": "backoff", "retryInMs": 400}, "shareId": null,
                 "pending": 3, "inFlight": 0, "waiting": 0, "acked": 0, "rejected": 0,
-                "lastAckedCursor": 9, "lastError": null, "retries": 0
+                "lastAckedCursor": 9, "lastError": null, "retries": 0, "callsInFlight": 0
             })
         );
         let stopped = SyncState::Stopped {
