@@ -47,8 +47,9 @@ fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, ureq::http::H
 }
 
 fn get_json(addr: SocketAddr, path: &str, token: &str) -> Value {
-    let (status, _, body) = get(addr, path, Some(token));
+    let (status, headers, body) = get(addr, path, Some(token));
     assert_eq!(status, 200, "{path}: {body}");
+    assert_eq!(headers["content-type"], "application/json", "{path}");
     serde_json::from_str(&body).expect("JSON body")
 }
 

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 
-use axum::Json;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use capsync_shared::limits::{DEFAULT_OPS_PAGE, DEFAULT_SNAPSHOT_PAGE_BYTES, MAX_OPS_PAGE};
@@ -16,7 +15,7 @@ use serde_json::{Value, json};
 use super::auth::share_reader;
 use super::error::ApiError;
 use super::page_data::{self, ReadOp};
-use super::{AppState, off_the_executor};
+use super::{AppState, JsonBody, off_the_executor};
 use crate::ledger::{Authority, Ledger, Record};
 use crate::presence::{PresenceView, last_change};
 
@@ -30,7 +29,7 @@ pub async fn snapshot(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(share): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<JsonBody, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
     let (cursor, records) = read_snapshot(&app.ledger, &reader.authority).await?;
     // Rendering every text part's markdown is CPU work: off the thread that
@@ -52,7 +51,7 @@ pub async fn snapshot(
         .collect::<serde_json::Map<_, _>>()
         .into();
     doc["presence"] = presence(&app, &ShareId::from(share), last_change);
-    Ok(Json(doc))
+    JsonBody::of(move || doc).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,20 +81,19 @@ pub async fn ops(
     Path(share): Path<String>,
     Query(query): Query<OpsQuery>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<JsonBody, ApiError> {
     let reader = share_reader(&app, &headers, peer, &share).await?;
     let limit = ops_limit(query.limit);
     let page = app
         .ledger
         .ops_since(reader.authority, Cursor(query.after), limit)
         .await?;
-    // Up to 10,000 payloads parsed and rebuilt: off the executor too.
-    let ops = off_the_executor(move || {
+    // Up to 10,000 payloads parsed and rebuilt, then written out: off the executor too.
+    JsonBody::of(move || {
         let ops: Vec<Value> = page.ops.iter().map(|op| ReadOp::new(op).json).collect();
-        ops
+        json!({"cursor": page.cursor.0, "ops": ops})
     })
-    .await?;
-    Ok(Json(json!({"cursor": page.cursor.0, "ops": ops})))
+    .await
 }
 
 /// Every record of the share at one cursor: pages are read until they all
@@ -206,7 +204,7 @@ mod tests {
         let below = read(point.0 - 1).await;
         assert_eq!(below.err(), Some(ApiError::SnapshotRequired(point)));
 
-        let Json(at_point) = read(point.0).await.unwrap();
+        let at_point: Value = serde_json::from_slice(&read(point.0).await.unwrap().0).unwrap();
         let cursors: Vec<&Value> = at_point["ops"]
             .as_array()
             .unwrap()

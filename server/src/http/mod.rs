@@ -146,6 +146,37 @@ pub(crate) async fn off_the_executor<T: Send + 'static>(
     })
 }
 
+/// A JSON answer already serialized, on a blocking thread: a large snapshot or page of
+/// ops is megabytes of text to write out.
+pub(crate) struct JsonBody(pub(crate) axum::body::Bytes);
+
+impl JsonBody {
+    /// What `make` builds, serialized, both off the executor (see [`off_the_executor`]).
+    pub(crate) async fn of<T: serde::Serialize>(
+        make: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<Self, ApiError> {
+        let body = off_the_executor(move || serde_json::to_vec(&make())).await?;
+        let body = body.map_err(|err| {
+            tracing::error!(%err, "an HTTP response could not be serialized");
+            ApiError::Internal
+        })?;
+        Ok(Self(body.into()))
+    }
+}
+
+impl IntoResponse for JsonBody {
+    fn into_response(self) -> Response {
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
 /// `feeds`, preparing what event streams send (see [`live_html::PreparedOps`]).
 pub fn event_feeds(feeds: crate::follow::Feeds) -> crate::follow::Feeds {
     feeds.prepare_with(live_html::PreparedOps::preparer());

@@ -38,7 +38,7 @@ use tracing::{Level, info};
 use super::api::read_snapshot;
 use super::auth::viewer;
 use super::error::ApiError;
-use super::{AppState, off_the_executor};
+use super::{AppState, JsonBody, off_the_executor};
 use crate::error::ServerError;
 use crate::ledger::oversize::append_within_limit;
 use crate::ledger::{
@@ -413,10 +413,10 @@ async fn data(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(token): Path<String>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<JsonBody, ApiError> {
     let reader = viewer(&app, &token, peer).await?;
     let (_, records) = read_snapshot(&app.ledger, &reader.authority).await?;
-    Ok(Json(off_the_executor(move || share_items(&records)).await?))
+    JsonBody::of(move || share_items(&records)).await
 }
 
 /// Records in snapshot order as opencode's `{type, data}` items.
