@@ -309,6 +309,18 @@ fn ten_thousand_ops_through_a_hundred_faults_arrive_exactly_once_and_match_the_m
         options.backoff_max = Duration::from_millis(50);
         options.call_timeout = CALL_TIMEOUT;
         let syncer = spawn_syncer(outbox.clone(), options);
+        // The most appendOps calls seen in flight at once: the faults must meet pipelined
+        // batches, not only one at a time.
+        let most_in_flight = std::rc::Rc::new(std::cell::Cell::new(0));
+        let pipelining = {
+            let most = std::rc::Rc::clone(&most_in_flight);
+            let mut status = syncer.watch();
+            tokio::task::spawn_local(async move {
+                while status.changed().await.is_ok() {
+                    most.set(most.get().max(status.borrow().calls_in_flight));
+                }
+            })
+        };
 
         let (stop, stopped) = watch::channel(false);
         let injector = tokio::task::spawn_local(inject_faults(
@@ -356,7 +368,13 @@ fn ten_thousand_ops_through_a_hundred_faults_arrive_exactly_once_and_match_the_m
         stop.send(true).unwrap();
         let stalls = injector.await.unwrap();
         let status = syncer.stop().await;
+        pipelining.abort();
         let counts = faults.counts();
+        assert!(
+            most_in_flight.get() >= 2,
+            "batches were pipelined: at most {} in flight",
+            most_in_flight.get()
+        );
 
         // The client side: everything acked, nothing pending or refused.
         assert_eq!(
