@@ -140,9 +140,11 @@ impl Segments {
             return None;
         }
         // A cut follows a blank line, on a complete line: without a new one, none.
+        // (In bytes: `earliest` need not fall on a character's boundary.)
         let look_at = self.quiet_from.max(earliest - 1);
-        let line = text[..look_at]
-            .rfind('\n')
+        let line = text.as_bytes()[..look_at]
+            .iter()
+            .rposition(|&b| b == b'\n')
             .map_or(from, |n| n + 1)
             .max(from);
         if !blank_line_then_line(&text[line..]) {
@@ -297,6 +299,17 @@ mod tests {
         ));
         // One long paragraph: nowhere to cut.
         texts.push("word ".repeat(2000));
+        // Characters of two and three bytes, so segment bounds fall inside them.
+        texts.push(format!(
+            "{}\n\nafter\n\n{}\n",
+            "ö".repeat(1500),
+            "✓".repeat(900)
+        ));
+        texts.push(
+            (0..300)
+                .map(|n| format!("Größe {n}: ✓ {}\n\n", "wörter ".repeat(n % 7 + 3)))
+                .collect(),
+        );
         texts
     }
 
