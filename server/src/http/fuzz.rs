@@ -1,6 +1,6 @@
 //! Fuzzing harness for what the HTTP gateway reads from a request (the bearer
 //! token, the ops query, where an event stream starts) and for the markdown
-//! of agent text it renders into share pages.
+//! of agent text it renders into share pages, whole and in segments.
 
 use axum::extract::Query;
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
@@ -11,6 +11,7 @@ use super::auth::bearer;
 use super::error::ApiError;
 use super::events::{EventsQuery, start_after};
 use super::markdown;
+use super::markdown_segments::Segments;
 
 /// What a fuzz input's first byte picks.
 pub const PARTS: [&str; 3] = ["authorization", "ops-query", "events-start"];
@@ -150,6 +151,7 @@ pub fn markdown(data: &[u8]) {
         return;
     };
     let html = markdown::render(text);
+    segments_join_to(text, &html);
     let mut rest = html.as_str();
     while let Some(open) = rest.find('<') {
         let close = rest[open..]
@@ -158,6 +160,32 @@ pub fn markdown(data: &[u8]) {
         check_tag(&rest[open + 1..open + close], &html);
         rest = &rest[open + close + 1..];
     }
+}
+
+/// The text's segments, made at once and grown by deltas (of sizes the text's own bytes
+/// pick), are the same and join to `html`, its whole rendering.
+fn segments_join_to(text: &str, html: &str) {
+    let whole = Segments::of(text);
+    assert_eq!(whole.html(text, 0).concat(), html, "segments of {text:?}");
+    let mut grown = Segments::of("");
+    let mut sent: Vec<String> = Vec::new();
+    let mut end = 0;
+    while end < text.len() {
+        end = (end + usize::from(text.as_bytes()[end] % 64) + 1).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        let from = grown.grow(&text[..end]);
+        assert!(
+            from <= sent.len(),
+            "segment {from} of {} in {text:?}",
+            sent.len()
+        );
+        sent.truncate(from);
+        sent.extend(grown.html(&text[..end], from));
+    }
+    assert_eq!(grown, whole, "segments grown by deltas of {text:?}");
+    assert_eq!(sent.concat(), html, "segments sent for deltas of {text:?}");
 }
 
 /// Checks the inside of one tag (between `<` and `>`).

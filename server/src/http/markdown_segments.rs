@@ -8,6 +8,8 @@
 //! the lines that change an earlier line, a setext underline or a table's delimiter
 //! row, cannot follow a blank line), with one exception: a link reference definition
 //! changes links anywhere, so a text that defines one is one segment, rendered whole.
+//! (What a delta showed as a definition may stop being one when more text comes; the
+//! text is then cut again as if seen afresh.)
 //!
 //! Where segments start depends only on the text, not on the deltas it arrived in:
 //! [`Segments::of`] a text and [`Segments::grow`] along its deltas agree, so a page
@@ -30,7 +32,7 @@ pub const SEGMENT_BYTES: usize = 2048;
 pub struct Segments {
     /// Byte offsets in the text, increasing; the first is 0.
     starts: Vec<usize>,
-    /// The text defines a link reference: one segment, for good.
+    /// The text defines a link reference: one segment, while it does.
     whole: bool,
     /// No cut can come before a blank line ending here or later: the lines before were
     /// looked at already. Saves parsing the last segment again for each delta while it
@@ -70,6 +72,12 @@ impl Segments {
     pub fn grow(&mut self, text: &str) -> usize {
         let changed = self.starts.len() - 1;
         if self.whole {
+            // What looked like a definition may not be one any more ("[a]: b" gains a
+            // line that makes it a paragraph): then cut as a fresh look does. The text is
+            // rendered whole meanwhile anyway, so looking again costs about as much.
+            if !(text.contains("]:") && defines_links(text)) {
+                *self = Self::of(text);
+            }
             return 0;
         }
         let last = self.last();
