@@ -128,18 +128,7 @@ impl Segments {
         self.no_links_before = text.len();
         false
     }
-}
 
-/// Whether `text` defines a link reference (`[label]: /url`).
-fn defines_links(text: &str) -> bool {
-    Parser::new_ext(text, markdown::OPTIONS)
-        .reference_definitions()
-        .iter()
-        .next()
-        .is_some()
-}
-
-impl Segments {
     /// Where the last segment ends, if the text already decides it.
     fn next_cut(&mut self, text: &str) -> Option<usize> {
         let from = self.last();
@@ -176,6 +165,15 @@ impl Segments {
             window *= 2;
         }
     }
+}
+
+/// Whether `text` defines a link reference (`[label]: /url`).
+fn defines_links(text: &str) -> bool {
+    Parser::new_ext(text, markdown::OPTIONS)
+        .reference_definitions()
+        .iter()
+        .next()
+        .is_some()
 }
 
 /// Whether `text`, which starts at a line's start, has a blank line with a complete

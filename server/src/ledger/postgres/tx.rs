@@ -18,7 +18,7 @@ use super::probe;
 use super::tail::{HeldPart, Param, Tail};
 use crate::ledger::rules::store::{
     ChunkWrite, KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk,
-    PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart,
+    PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing,
     StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult, LoggedOp, NewToken, ShareFootprint};
@@ -907,17 +907,12 @@ impl LedgerTx for PgTx<'_> {
         }
     }
 
-    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
+    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<String>> {
         self.row(
-            "SELECT json, finished FROM parts WHERE share_id = $1 AND id = $2",
+            "SELECT json FROM parts WHERE share_id = $1 AND id = $2",
             &[&share.as_str(), &id],
         )?
-        .map(|r| {
-            Ok(StoredPart {
-                json: get(&r, 0)?,
-                finished: get(&r, 1)?,
-            })
-        })
+        .map(|r| get(&r, 0))
         .transpose()
     }
 

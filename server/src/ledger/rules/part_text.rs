@@ -63,8 +63,8 @@ pub fn append(
             let Some(stored) = tx.part(share, id)? else {
                 return Err(corrupt(format!("part {id} has an end but no record")));
             };
-            let part: Map<String, Value> = serde_json::from_str(&stored.json)
-                .map_err(|e| corrupt(format!("part {id}: {e}")))?;
+            let part: Map<String, Value> =
+                serde_json::from_str(&stored).map_err(|e| corrupt(format!("part {id}: {e}")))?;
             if part.get(field).is_some_and(|value| !value.is_string()) {
                 return Ok(Err(Refusal::invalid(format!(
                     "part {id}'s field \"{field}\" is not a string"

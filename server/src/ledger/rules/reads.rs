@@ -108,8 +108,8 @@ fn stored_parts(
 ) -> LedgerResult<StoredParts> {
     let mut found = Vec::new();
     for id in parts {
-        if let Some(part) = tx.part(&share.id, id)? {
-            found.push((id.clone(), part.json));
+        if let Some(json) = tx.part(&share.id, id)? {
+            found.push((id.clone(), json));
         }
     }
     let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();

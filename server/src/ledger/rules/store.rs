@@ -134,13 +134,6 @@ pub struct MessageStanding {
     pub terminal: Option<bool>,
 }
 
-/// A stored part as its last snapshot left it: without the text deltas appended since
-/// (see [`super::part_text`]).
-pub struct StoredPart {
-    pub json: String,
-    pub finished: bool,
-}
-
 /// What a `part.delta` to one string field of a part reads before it writes, in one go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PartTextEnd {
@@ -448,8 +441,9 @@ pub trait LedgerTx {
         id: &str,
         message_id: &str,
     ) -> LedgerResult<PartStanding>;
-    /// The part as its last snapshot stored it, without the text appended since.
-    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>>;
+    /// The part's JSON as its last snapshot stored it, without the text appended since
+    /// (see [`super::part_text`]).
+    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<String>>;
     /// Whether the part is stored and finished, and the last chunk of `field`'s
     /// appended text.
     fn part_text_end(

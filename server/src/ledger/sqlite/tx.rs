@@ -11,7 +11,7 @@ use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
 use crate::ledger::rules::store::{
     ChunkWrite, KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk,
-    PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing, StoredPart,
+    PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing,
     StoredToken, TokenGrant,
 };
 use crate::ledger::{AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint};
@@ -509,16 +509,11 @@ impl LedgerTx for SqliteTx<'_> {
             })?)
     }
 
-    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<StoredPart>> {
+    fn part(&mut self, share: &ShareId, id: &str) -> LedgerResult<Option<String>> {
         Ok(self
             .conn
-            .prepare_cached("SELECT json, finished FROM parts WHERE share_id = ?1 AND id = ?2")?
-            .query_row(params![share.as_str(), id], |r| {
-                Ok(StoredPart {
-                    json: r.get(0)?,
-                    finished: r.get(1)?,
-                })
-            })
+            .prepare_cached("SELECT json FROM parts WHERE share_id = ?1 AND id = ?2")?
+            .query_row(params![share.as_str(), id], |r| r.get(0))
             .optional()?)
     }
 
