@@ -35,7 +35,7 @@ enum ErrorCode {
                         # `cursor` is the compaction point: the lowest `after` still served.
   storageFull @10;      # the server's storage is full (disk or configured size limit): nothing of the
                         # request was stored; retry with backoff, it recovers once space is freed
-  outOfOrder @11;       # a pipelined batch (`Batch.after`) did not follow its `after` batch acked on
+  outOfOrder @11;       # a pipelined batch (`Batch.after`) did not follow its `after` batch applied on
                         # this capability: nothing of it was applied; send it again after that one
 }
 
@@ -442,11 +442,12 @@ struct Batch {
   expectedCursor @2 :UInt64;
   hasExpectedCursor @3 :Bool;
   # Pipelining (several batches in flight on one ShareWriter, in order): the id of the
-  # batch sent just before this one on the same capability. This batch then starts only
-  # once that call has finished, and only if that call was this batch id and was acked
-  # (an ack whose ops were rejected counts); otherwise it is refused whole with
+  # batch sent just before this one on the same capability. This batch then applies only
+  # after that one, and only if that call was this batch id and its batch applied (is
+  # acked: an ack whose ops were rejected counts); otherwise it is refused whole with
   # `outOfOrder`, nothing applied, and so, in turn, is every batch naming it. So a batch
-  # that fails never has the batches sent after it applied before it. Empty: no
+  # that fails never has the batches sent after it applied before it. The two may commit
+  # together (one group commit), and then are durable, or fail, together. Empty: no
   # condition, and the batch may run alongside earlier calls. A server that honours this
   # says so at redeem (`Redeemed.ordersPipelinedBatches`).
   after @4 :Text;

@@ -350,8 +350,8 @@ pub struct Batch {
     /// `cursorConflict` (the error carries the current cursor). Fences a stale writer.
     pub expected_cursor: Option<u64>,
     /// Pipelining: the id of the batch sent just before this one on the same writer
-    /// capability. The server applies this batch only after that one was acked, and
-    /// otherwise refuses it with `outOfOrder` (see `Batch.after` in the schema, and
+    /// capability. The server applies this batch only after that one, and only if it
+    /// applied, and otherwise refuses it with `outOfOrder` (see `Batch.after` in the schema, and
     /// [`crate::WriterClient::orders_pipelined_batches`]).
     pub after: Option<String>,
 }

@@ -78,13 +78,14 @@ impl ServerError {
         Self::new(ErrorCode::TooLarge, message)
     }
 
-    /// A pipelined batch whose `after` batch was not acked just before it.
+    /// A pipelined batch whose `after` batch was not the one sent just before it, or
+    /// was not applied.
     pub fn out_of_order(batch_id: &str, after: &str) -> Self {
         Self::new(
             ErrorCode::OutOfOrder,
             format!(
-                "batch {batch_id} follows batch {after}, which was not the last batch acked \
-                 on this capability; nothing of it was applied"
+                "batch {batch_id} follows batch {after}, which was not the batch sent just \
+                 before it on this capability or was not applied; nothing of it was applied"
             ),
         )
     }
@@ -134,6 +135,10 @@ impl From<LedgerError> for ServerError {
                 "this capability was revoked; the share's owner can mint a new token",
             ),
             LedgerError::PermissionDenied => Self::denied(),
+            LedgerError::OutOfOrder => Self::new(
+                ErrorCode::OutOfOrder,
+                "this batch follows a batch that was not applied; nothing of it was applied",
+            ),
             LedgerError::CursorConflict(cursor) => Self {
                 cursor,
                 ..Self::new(

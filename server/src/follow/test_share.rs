@@ -97,6 +97,8 @@ impl TestShare {
                 batch_id: format!("batch_{}", chunk[0]),
                 ops,
                 expected_cursor: None,
+                follows: None,
+                link: None,
             };
             cursor = self
                 .ledger

@@ -467,6 +467,8 @@ mod tests {
                 depends_on: Vec::new(),
             }],
             expected_cursor: None,
+            follows: None,
+            link: None,
         };
         share
             .ledger

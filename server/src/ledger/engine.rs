@@ -35,9 +35,10 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Runs `work` in a write transaction holding `bytes` of payload while it waits;
     /// once committed, announces what `change` says changed, whether or not the caller
-    /// still waits (`change` is asked once per commit; PostgreSQL also asks it inside
-    /// the transaction, to notify the other nodes). Writes naming the same share in `order` run in the order they were
-    /// called (a client's pipelined batches apply in the order it sent them).
+    /// still waits. Writes naming the same share in `order` run in the order they were
+    /// called (a client's pipelined batches apply in the order it sent them), and
+    /// `change` is asked once per commit, on the engine's thread, before any later
+    /// write naming the same share runs (what [`rules::batch_order`] counts on).
     fn write<T, F, C>(
         &self,
         order: Option<&ShareId>,
@@ -203,12 +204,16 @@ impl<E: Engine> Backend for RulesBackend<E> {
         let bytes = batch.ops.iter().map(|op| op.payload.len()).sum();
         let reclaim_compacted = self.reclaim_compacted;
         let order = share.clone();
+        let link = batch.link.clone();
         self.engine
             .write(
                 order.as_ref(),
                 bytes,
                 move |tx, now| rules::append::append(tx, &writer, &batch, reclaim_compacted, now),
                 move |appended: &Appended| {
+                    if let Some(link) = &link {
+                        link.committed();
+                    }
                     let share = share.clone().filter(|_| !appended.ops.is_empty())?;
                     Some(Changed::Ops {
                         share,

@@ -29,6 +29,7 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 
 use crate::clock::Clock;
+pub use rules::batch_order::BatchLink;
 
 pub use storage_stats::{PostgresStats, SqliteStats, StorageStats, TableStats};
 
@@ -53,6 +54,9 @@ pub enum LedgerError {
     /// The authority's token expired, or its kind may not do this.
     #[error("permission denied")]
     PermissionDenied,
+    /// A pipelined batch's batch before it was not applied; nothing of it was.
+    #[error("out of order: the batch before was not applied")]
+    OutOfOrder,
     /// `expected_cursor` did not match; carries the share's current cursor.
     #[error("cursor conflict: share is at {0}")]
     CursorConflict(Cursor),
@@ -215,6 +219,11 @@ pub struct BatchIn {
     pub batch_id: String,
     pub ops: Vec<OpIn>,
     pub expected_cursor: Option<Cursor>,
+    /// A pipelined batch: the link of the batch sent just before it on the same writer,
+    /// which must have applied for this one to (else [`LedgerError::OutOfOrder`]).
+    pub follows: Option<Arc<BatchLink>>,
+    /// This batch's own link, for a batch that follows it; marked as it applies and commits.
+    pub link: Option<Arc<BatchLink>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,17 +6,21 @@
 //! `rejected(tooLarge)` and the others apply as if it had not been sent
 //! (an op that depends on it is then a missing dependency).
 
+use futures::future::{BoxFuture, FutureExt};
+
 use super::{Ack, Authority, BatchIn, Ledger, LedgerResult, OpOutcome, OpResult, RejectReason};
 
 /// Appends `batch`, refusing each op whose payload is over `max_op_bytes` on its own.
-pub async fn append_within_limit(
+/// Like [`Ledger::append`], the batch is queued when this is called, not when the
+/// future is first polled: a writer's pipelined batches reach the ledger in call order.
+pub fn append_within_limit(
     ledger: &Ledger,
     writer: Authority,
     mut batch: BatchIn,
     max_op_bytes: usize,
-) -> LedgerResult<Ack> {
+) -> BoxFuture<'static, LedgerResult<Ack>> {
     if batch.ops.iter().all(|op| op.payload.len() <= max_op_bytes) {
-        return ledger.append(writer, batch).await;
+        return ledger.append(writer, batch);
     }
     // Each op's place: `None` for one that goes to the ledger, else its refusal.
     let mut refused = Vec::with_capacity(batch.ops.len());
@@ -39,20 +43,26 @@ pub async fn append_within_limit(
         }
     }
     batch.ops = fitting;
-    let ack = ledger.append(writer, batch).await?;
-    let mut applied = ack.results.into_iter();
-    let results = refused
-        .into_iter()
-        .map(|refusal| match refusal {
-            Some(refusal) => Some(refusal),
-            None => applied.next(),
+    let appended = ledger.append(writer, batch);
+    async move {
+        let ack = appended.await?;
+        let mut applied = ack.results.into_iter();
+        let results = refused
+            .into_iter()
+            .map(|refusal| match refusal {
+                Some(refusal) => Some(refusal),
+                None => applied.next(),
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                super::LedgerError::Storage("an ack lacks results for its ops".into())
+            })?;
+        Ok(Ack {
+            cursor: ack.cursor,
+            results,
         })
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| super::LedgerError::Storage("an ack lacks results for its ops".into()))?;
-    Ok(Ack {
-        cursor: ack.cursor,
-        results,
-    })
+    }
+    .boxed()
 }
 
 #[cfg(test)]
@@ -83,6 +93,8 @@ mod tests {
                 op("after-big", "small", &["big"]),
             ],
             expected_cursor: None,
+            follows: None,
+            link: None,
         };
         let ack = append_within_limit(&share.ledger, share.writer.clone(), batch, 100)
             .await

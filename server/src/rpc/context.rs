@@ -138,12 +138,12 @@ impl Context {
     }
 
     /// Registers a batch in flight; `None` while shutting down.
-    pub fn begin_batch(&self) -> Result<BatchGuard<'_>, ServerError> {
+    pub fn begin_batch(self: &Rc<Self>) -> Result<BatchGuard, ServerError> {
         if self.draining.get() {
             return Err(ServerError::shutting_down());
         }
         self.in_flight.set(self.in_flight.get() + 1);
-        Ok(BatchGuard(self))
+        Ok(BatchGuard(Rc::clone(self)))
     }
 
     /// Registers a live subscription for as long as the guard lives; refused
@@ -192,9 +192,9 @@ impl Drop for SubscriptionGuard {
 }
 
 /// Counts one batch in flight for as long as it lives.
-pub struct BatchGuard<'a>(&'a Context);
+pub struct BatchGuard(Rc<Context>);
 
-impl Drop for BatchGuard<'_> {
+impl Drop for BatchGuard {
     fn drop(&mut self) {
         let left = self.0.in_flight.get() - 1;
         self.0.in_flight.set(left);

@@ -127,6 +127,8 @@ pub fn batch(
         expected_cursor: reader
             .get_has_expected_cursor()
             .then(|| Cursor(reader.get_expected_cursor())),
+        follows: None,
+        link: None,
     })
 }
 

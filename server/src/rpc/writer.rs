@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use capsync_shared::TokenKind;
@@ -18,7 +19,7 @@ use capsync_shared::ErrorCode;
 
 use crate::error::ServerError;
 use crate::ledger::oversize::append_within_limit;
-use crate::ledger::{Ack, AuditEvent, Authority};
+use crate::ledger::{Ack, AuditEvent, Authority, BatchLink, LedgerError};
 use crate::presence::WriterPresence;
 
 pub struct WriterImpl {
@@ -36,8 +37,8 @@ pub struct WriterImpl {
 /// An `appendOps` call as the call after it sees it.
 struct LastAppend {
     batch_id: String,
-    /// Says, once the call has finished, whether it was acked (a dropped sender: no).
-    acked: oneshot::Receiver<bool>,
+    /// Marked by the ledger as the batch applies and commits.
+    link: Arc<BatchLink>,
 }
 
 impl WriterImpl {
@@ -65,57 +66,70 @@ impl WriterImpl {
         });
     }
 
-    /// Starts appending the call's batch and returns where its ack will arrive. The
-    /// append runs in a task of its own, started when the call arrives: a call the client
-    /// cancels at once (a timeout, a dropped connection) is still applied, counted and
-    /// announced to followers, just like one whose answer is lost on the way back. The
-    /// client's retry then finds every op a duplicate.
+    /// Queues the call's batch with the ledger and returns where its ack will arrive.
+    /// The batch is queued now, before the next call on this capability is read, and
+    /// the rest runs in a task of its own: a call the client cancels at once (a
+    /// timeout, a dropped connection) is still applied, counted and announced to
+    /// followers, just like one whose answer is lost on the way back. The client's
+    /// retry then finds every op a duplicate.
     ///
-    /// A pipelined batch (one naming the call before it in `after`) waits in its task for
-    /// that call to finish and goes ahead only if it was acked, so a failed batch never
-    /// has the batches sent after it applied before it.
+    /// A pipelined batch (one naming the call before it in `after`) is queued at once
+    /// too, and applies only if that batch did (see `ledger::rules::batch_order`): in the
+    /// same group commit, or after it. So a failed batch never has the batches sent
+    /// after it applied before it, and a writer's batches need not wait for each other's
+    /// acks to share a commit.
     fn start_append(
         &self,
         params: &share_writer::AppendOpsParams,
     ) -> Result<oneshot::Receiver<Result<Ack, ServerError>>, ServerError> {
-        // Every call is the one before the next, whether it reads or not.
+        // Every call is the one before the next, whether it reads or not; one that is
+        // refused before the ledger leaves its link unwritten, which refuses its followers.
         let reader = params.get().and_then(|p| p.get_batch());
         let batch_id = reader
             .as_ref()
             .ok()
             .and_then(|r| wire::text(r.get_batch_id()).ok())
             .unwrap_or_default();
-        let (acked, acked_rx) = oneshot::channel();
+        let link = BatchLink::new();
         let previous = self.last_append.replace(Some(LastAppend {
             batch_id,
-            acked: acked_rx,
+            link: Arc::clone(&link),
         }));
         let reader = reader?;
         let after = wire::text(reader.get_after())?;
         let limits = BatchLimits {
             max_ops: self.ctx.max_ops_per_batch,
         };
-        let batch = wire::batch(reader, &limits)?;
-        let (ctx, auth) = (Rc::clone(&self.ctx), self.auth.clone());
+        let mut batch = wire::batch(reader, &limits)?;
+        if !after.is_empty() {
+            batch.follows = match previous {
+                Some(previous) if previous.batch_id == after => Some(previous.link),
+                _ => return Err(ServerError::out_of_order(&batch.batch_id, &after)),
+            };
+        }
+        batch.link = Some(link);
+        let in_flight = self.ctx.begin_batch()?;
+        let started = Instant::now();
+        let batch_id = batch.batch_id.clone();
+        let appended = append_within_limit(
+            &self.ctx.ledger,
+            self.auth.clone(),
+            batch,
+            self.ctx.max_op_bytes,
+        );
+        let ctx = Rc::clone(&self.ctx);
         let (done_tx, done) = oneshot::channel();
         tokio::task::spawn_local(async move {
-            let result: Result<Ack, ServerError> = async {
-                if !after.is_empty() {
-                    follows(previous, &after, &batch.batch_id).await?;
-                }
-                let _in_flight = ctx.begin_batch()?;
-                let started = Instant::now();
-                let ack = append_within_limit(&ctx.ledger, auth, batch, ctx.max_op_bytes).await?;
-                ctx.metrics.batch_committed(started.elapsed(), &ack);
-                Ok(ack)
+            let result = appended.await.map_err(|e| match e {
+                LedgerError::OutOfOrder => ServerError::out_of_order(&batch_id, &after),
+                e => ServerError::from(e),
+            });
+            match &result {
+                Ok(ack) => ctx.metrics.batch_committed(started.elapsed(), ack),
+                Err(e) if e.code == ErrorCode::Overloaded => ctx.metrics.write_overloaded(),
+                Err(_) => {}
             }
-            .await;
-            if let Err(e) = &result
-                && e.code == ErrorCode::Overloaded
-            {
-                ctx.metrics.write_overloaded();
-            }
-            let _ = acked.send(result.is_ok());
+            drop(in_flight);
             let _ = done_tx.send(result);
         });
         Ok(done)
@@ -137,24 +151,6 @@ impl WriterImpl {
             .mint_token(self.auth.clone(), kind, row)
             .await?;
         Ok((token.expose(), token.id.to_string()))
-    }
-}
-
-/// Waits for the call before a pipelined batch to finish: `Ok` if it was batch `after`
-/// and was acked, else the batch is out of order.
-async fn follows(
-    previous: Option<LastAppend>,
-    after: &str,
-    batch_id: &str,
-) -> Result<(), ServerError> {
-    let acked = match previous {
-        Some(previous) if previous.batch_id == after => previous.acked.await.unwrap_or(false),
-        _ => false,
-    };
-    if acked {
-        Ok(())
-    } else {
-        Err(ServerError::out_of_order(batch_id, after))
     }
 }
 

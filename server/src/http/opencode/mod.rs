@@ -243,6 +243,8 @@ async fn sync(
         batch_id: format!("opencode-sync-{}", share_id.as_str()),
         ops,
         expected_cursor: None,
+        follows: None,
+        link: None,
     };
     let started = std::time::Instant::now();
     let ack = append_within_limit(&app.ledger, writer.authority(), batch, app.max_op_bytes).await?;

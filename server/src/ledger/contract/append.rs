@@ -2,6 +2,7 @@
 //! dependencies, the cursor fence, validation, announcements and concurrency.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use capsync_shared::{Cursor, OpId, OpKind};
@@ -11,7 +12,9 @@ use super::{
     Fixture, START, after, applied, batch, logged_ops, message, model_op, op, outcomes, part,
     raw_op, rejection, session,
 };
-use crate::ledger::{BatchIn, Changed, LedgerError, OpOutcome, RecordKind, RejectReason};
+use crate::ledger::{
+    BatchIn, BatchLink, Changed, LedgerError, OpOutcome, RecordKind, RejectReason,
+};
 
 /// Which token and batch applied each op is stored too; the engines' own tests
 /// check that, the seam does not show it.
@@ -227,6 +230,61 @@ pub(crate) async fn a_stale_expected_cursor_refuses_the_whole_batch(fx: Fixture)
     };
     let ack = fx.backend.append(fx.writer.clone(), current).await.unwrap();
     assert_eq!(outcomes(&ack), applied(&[3]));
+}
+
+/// `BatchIn::follows`: batches queued together, each following the one before, apply
+/// in order; when one is refused, those following it are refused with nothing applied.
+pub(crate) async fn a_pipelined_batch_applies_only_if_the_batch_before_it_did(fx: Fixture) {
+    let chained = |id: &str, ops, before: Option<&Arc<BatchLink>>| {
+        let link = BatchLink::new();
+        let batch = BatchIn {
+            batch_id: id.into(),
+            follows: before.cloned(),
+            link: Some(Arc::clone(&link)),
+            ..batch(ops)
+        };
+        (batch, link)
+    };
+    // Queued at once, none waiting for the one before: all apply, in order.
+    let (first, l1) = chained("b1", vec![model_op("o1")], None);
+    let (second, l2) = chained("b2", vec![model_op("o2"), model_op("o3")], Some(&l1));
+    let (third, _) = chained("b3", vec![model_op("o4")], Some(&l2));
+    let (a, b, c) = futures::join!(
+        fx.backend.append(fx.writer.clone(), first),
+        fx.backend.append(fx.writer.clone(), second),
+        fx.backend.append(fx.writer.clone(), third),
+    );
+    assert_eq!(outcomes(&a.unwrap()), applied(&[1]));
+    assert_eq!(outcomes(&b.unwrap()), applied(&[2, 3]));
+    assert_eq!(outcomes(&c.unwrap()), applied(&[4]));
+
+    // The first is refused whole (a stale fence): the two following it apply nothing.
+    let (mut fenced, l4) = chained("b4", vec![model_op("o5")], None);
+    fenced.expected_cursor = Some(Cursor(1));
+    let (fifth, l5) = chained("b5", vec![model_op("o6")], Some(&l4));
+    let (sixth, _) = chained("b6", vec![model_op("o7")], Some(&l5));
+    let (a, b, c) = futures::join!(
+        fx.backend.append(fx.writer.clone(), fenced),
+        fx.backend.append(fx.writer.clone(), fifth),
+        fx.backend.append(fx.writer.clone(), sixth),
+    );
+    assert!(matches!(a, Err(LedgerError::CursorConflict(_))), "{a:?}");
+    assert!(matches!(b, Err(LedgerError::OutOfOrder)), "{b:?}");
+    assert!(matches!(c, Err(LedgerError::OutOfOrder)), "{c:?}");
+    // A batch that never reached the ledger (refused before it) leaves its link
+    // unwritten: the one following it is refused too.
+    let (after_unsent, _) = chained("b7", vec![model_op("o8")], Some(&BatchLink::new()));
+    let refused = fx.backend.append(fx.writer.clone(), after_unsent).await;
+    assert!(
+        matches!(refused, Err(LedgerError::OutOfOrder)),
+        "{refused:?}"
+    );
+    assert_eq!(fx.cursor().await, Cursor(4), "nothing of them applied");
+
+    // A batch following one that committed earlier applies.
+    let (later, _) = chained("b8", vec![model_op("o5")], Some(&l2));
+    let ack = fx.backend.append(fx.writer.clone(), later).await.unwrap();
+    assert_eq!(outcomes(&ack), applied(&[5]));
 }
 
 pub(crate) async fn invalid_payloads_are_rejected_and_leave_no_trace(fx: Fixture) {

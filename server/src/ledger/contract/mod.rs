@@ -339,6 +339,8 @@ pub(crate) fn batch(ops: Vec<OpIn>) -> BatchIn {
         batch_id: "batch".into(),
         ops,
         expected_cursor: None,
+        follows: None,
+        link: None,
     }
 }
 
@@ -418,6 +420,7 @@ macro_rules! ledger_contract {
                 append::a_repeated_op_id_in_one_batch_is_a_duplicate_of_the_first,
                 append::dependencies_must_be_applied_in_this_share,
                 append::a_stale_expected_cursor_refuses_the_whole_batch,
+                append::a_pipelined_batch_applies_only_if_the_batch_before_it_did,
                 append::invalid_payloads_are_rejected_and_leave_no_trace,
                 append::an_append_whose_caller_stops_waiting_is_still_announced,
                 append::a_part_the_full_parse_refuses_is_not_stored_and_cannot_poison_its_deltas,

@@ -16,6 +16,7 @@ use super::errors::{Failure, classify, corrupt, to_ledger};
 use super::pool::Connection;
 use super::probe;
 use super::tail::{HeldPart, Param, Tail};
+use crate::ledger::rules::batch_order::TransactionId;
 use crate::ledger::rules::store::{
     ChunkWrite, KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk,
     PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing,
@@ -52,6 +53,7 @@ pub(crate) struct PgTx<'t> {
     failure: Option<Failure>,
     /// Writes held back to go out as one statement (see [`Tail`]).
     tail: Tail,
+    transaction: TransactionId,
 }
 
 /// How a commit failed.
@@ -105,6 +107,7 @@ impl<'t> PgTx<'t> {
             begin: Some(begin),
             failure: None,
             tail: Tail::default(),
+            transaction: TransactionId::next(),
         }
     }
 
@@ -320,6 +323,10 @@ fn token_grant_at(row: &Row, at: usize, kind: &str) -> LedgerResult<TokenGrant> 
 }
 
 impl LedgerTx for PgTx<'_> {
+    fn transaction(&self) -> TransactionId {
+        self.transaction
+    }
+
     fn share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>> {
         let sql = format!("SELECT {SHARE_COLUMNS} FROM shares WHERE id = $1 AND {VISIBLE}");
         self.row(&sql, &[&id.as_str()])?

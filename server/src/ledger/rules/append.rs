@@ -43,6 +43,11 @@ pub fn append(
     reclaim_compacted: bool,
     now: i64,
 ) -> LedgerResult<Appended> {
+    if let Some(before) = &batch.follows
+        && !before.allows(tx.transaction())
+    {
+        return Err(LedgerError::OutOfOrder);
+    }
     let share = authority::check_share(tx, writer, Access::Write, now)?;
     // Archived means read-only: a writer that still runs must not silently
     // revive a share an admin put away (checked in the same transaction as the
@@ -84,6 +89,9 @@ pub fn append(
     // The audit line commits with the batch: atomic with it, and no second
     // transaction (and fsync) per append.
     tx.audit(&append_audit(writer, batch, &ack), now)?;
+    if let Some(link) = &batch.link {
+        link.written(tx.transaction());
+    }
     Ok(Appended {
         ack,
         ops: logged.into(),

@@ -5,6 +5,7 @@
 //!   reads and writes, which each engine implements.
 //! - [`authority`]: who may do what, checked in the transaction that does it.
 //! - [`append`]: applying a batch exactly once, with gap-free cursors.
+//! - [`batch_order`]: a pipelined batch applies only if the batch before it did.
 //! - [`records`]: what an op's effect does to the stored records.
 //! - [`part_text`]: text appended to parts by deltas, kept in chunks apart from them.
 //! - [`reads`]: reads under authority, and the catch-up cursor rules.
@@ -17,6 +18,7 @@
 
 pub mod append;
 pub mod authority;
+pub mod batch_order;
 pub mod compact;
 pub mod compacted_output;
 pub mod part_text;

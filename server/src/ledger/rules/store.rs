@@ -7,6 +7,7 @@
 
 use capsync_shared::{Cursor, Epoch, OpId, OpKind, ShareId, TokenId, TokenKind};
 
+use super::batch_order::TransactionId;
 use crate::ledger::{
     AuditEvent, LedgerResult, LoggedOp, NewToken, ShareFootprint, ShareInfo, ShareState,
 };
@@ -225,6 +226,9 @@ pub enum KeyFrom<K> {
 /// an order is asked for (SQLite's `BINARY`; PostgreSQL needs `COLLATE "C"`),
 /// which the contract suite checks.
 pub trait LedgerTx {
+    /// This transaction, among all the process runs (see [`super::batch_order`]).
+    fn transaction(&self) -> TransactionId;
+
     /// The visible share with this id.
     fn share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>>;
 

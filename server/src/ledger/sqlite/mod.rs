@@ -308,7 +308,12 @@ impl Engine for SqliteEngine {
         self.writer
             .submit_then(
                 bytes,
-                move |conn| work(&mut SqliteTx::new(conn), clock.now_millis()),
+                move |conn, transaction| {
+                    work(
+                        &mut SqliteTx::in_transaction(conn, transaction),
+                        clock.now_millis(),
+                    )
+                },
                 announce,
             )
             .boxed()

@@ -26,7 +26,8 @@ use crate::ledger::contract::{
     raw_op, session, token,
 };
 use crate::ledger::{
-    AuditEvent, Backend, Ledger, LedgerError, LedgerResult, OpOutcome, StorageStats,
+    AuditEvent, Backend, BatchIn, BatchLink, Ledger, LedgerError, LedgerResult, OpOutcome,
+    StorageStats,
 };
 
 // ---------------------------------------------------------------------------
@@ -551,6 +552,73 @@ async fn batches_queued_during_a_commit_share_the_next_transaction() {
     assert_eq!(fx.cursor().await, Cursor(50));
     // The held command's transaction, then one for all 50 batches.
     assert_eq!(stats.transactions() - transactions_before, 2);
+}
+
+/// Pipelined batches (each following the one before) queued together commit in one
+/// transaction: a writer's batches need not wait for each other's commits.
+#[tokio::test]
+async fn pipelined_batches_queued_together_share_one_transaction() {
+    let fx = Fixture::new().await;
+    let stats = Arc::clone(fx.sqlite.writer.stats());
+    let (release, held) = hold_writer(&fx.sqlite).await;
+    let before = stats.transactions();
+    let mut before_link = None;
+    let pending: Vec<_> = (0..4)
+        .map(|i| {
+            let link = BatchLink::new();
+            let batch = BatchIn {
+                follows: before_link.replace(Arc::clone(&link)),
+                link: Some(link),
+                ..batch(vec![model_op(&format!("o{i}"))])
+            };
+            fx.backend.append(fx.writer.clone(), batch)
+        })
+        .collect();
+    drop(release);
+    held.await.unwrap();
+    let cursors: Vec<u64> = futures::future::join_all(pending)
+        .await
+        .into_iter()
+        .map(|ack| ack.unwrap().cursor.0)
+        .collect();
+    assert_eq!(cursors, [1, 2, 3, 4]);
+    assert_eq!(
+        stats.transactions() - before,
+        1 + 1,
+        "the held command's, then one"
+    );
+}
+
+/// A batch written in a group whose transaction then failed did not apply: the batch
+/// following it, in the next group, is refused.
+#[tokio::test]
+async fn a_batch_following_one_whose_group_failed_is_refused() {
+    let fx = Fixture::with_group(2).await;
+    let (release, held) = hold_writer(&fx.sqlite).await;
+    let first_link = BatchLink::new();
+    let first = BatchIn {
+        link: Some(Arc::clone(&first_link)),
+        ..batch(vec![model_op("o1")])
+    };
+    let second = BatchIn {
+        follows: Some(first_link),
+        link: Some(BatchLink::new()),
+        ..batch(vec![model_op("o2")])
+    };
+    let first = fx.backend.append(fx.writer.clone(), first);
+    // Shares the first batch's group (of two) and ends its transaction under it.
+    let breaker = fx.sqlite.writer.submit(|conn| {
+        conn.execute_batch("ROLLBACK")?;
+        Ok(())
+    });
+    let second = fx.backend.append(fx.writer.clone(), second);
+    drop(release);
+    held.await.unwrap();
+    assert!(first.await.is_err(), "its group was rolled back");
+    assert!(breaker.await.is_err());
+    let second = second.await;
+    assert!(matches!(second, Err(LedgerError::OutOfOrder)), "{second:?}");
+    assert_eq!(fx.cursor().await, Cursor(0));
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use super::convert::{cursor_column, cursor_param};
 use super::errors::corrupt;
 use super::share_rows::{self, SHARE_COLUMNS, VISIBLE, share_from_row};
 use super::{compact, prune};
+use crate::ledger::rules::batch_order::TransactionId;
 use crate::ledger::rules::store::{
     ChunkWrite, KeyFrom, LedgerEntry, LedgerTx, MessageStanding, OpFootprint, PartChunk,
     PartStanding, PartTextEnd, Probe, Removable, ShareBeingDeleted, ShareRow, Standing,
@@ -47,15 +48,27 @@ fn records_by_id(
 /// The rules' view of one SQLite transaction.
 pub(crate) struct SqliteTx<'c> {
     conn: &'c Connection,
+    /// The group transaction a write runs in, which its group's other writes share.
+    transaction: TransactionId,
 }
 
 impl<'c> SqliteTx<'c> {
+    /// A transaction of its own (a read, or work outside the writer's groups).
     pub fn new(conn: &'c Connection) -> Self {
-        Self { conn }
+        Self::in_transaction(conn, TransactionId::next())
+    }
+
+    /// Work in `transaction`, which other work may share (the writer's group).
+    pub fn in_transaction(conn: &'c Connection, transaction: TransactionId) -> Self {
+        Self { conn, transaction }
     }
 }
 
 impl LedgerTx for SqliteTx<'_> {
+    fn transaction(&self) -> TransactionId {
+        self.transaction
+    }
+
     fn share(&mut self, id: &ShareId) -> LedgerResult<Option<ShareRow>> {
         share_rows::load_share(self.conn, id)
     }

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::storage::StorageWatch;
 use super::tx::SqliteTx;
+use crate::ledger::rules::batch_order::TransactionId;
 use crate::ledger::rules::store::LedgerTx;
 use crate::ledger::{AuditEvent, LedgerError, LedgerResult};
 
@@ -133,9 +134,10 @@ enum Command {
 
 /// A queued piece of work with its reply channel, type-erased for the queue.
 trait Job: Send {
-    /// Runs the work (inside the job's savepoint, unless it is exclusive) and
-    /// keeps its result. Returns false when its changes must be rolled back.
-    fn run(&mut self, conn: &Connection) -> bool;
+    /// Runs the work (inside the job's savepoint, unless it is exclusive) as part of
+    /// `transaction` and keeps its result. Returns false when its changes must be
+    /// rolled back.
+    fn run(&mut self, conn: &Connection, transaction: TransactionId) -> bool;
 
     /// Whether the work failed because the storage is full.
     fn hit_storage_full(&self) -> bool;
@@ -169,9 +171,9 @@ struct Pending<T, F> {
 impl<T, F> Job for Pending<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> LedgerResult<T> + Send,
+    F: FnOnce(&Connection, TransactionId) -> LedgerResult<T> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, conn: &Connection, transaction: TransactionId) -> bool {
         let Some(work) = self.work.take() else {
             return false;
         };
@@ -179,11 +181,12 @@ where
         // the only writer thread (which would leave every later write `Closed`).
         // Its changes are undone with its savepoint (or the group's rollback;
         // an exclusive command's statements each commit or fail whole).
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn)))
-            .unwrap_or_else(|_| {
-                tracing::error!("a ledger command panicked; it was rolled back");
-                Err(LedgerError::Storage("a ledger command panicked".into()))
-            });
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn, transaction)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("a ledger command panicked; it was rolled back");
+                    Err(LedgerError::Storage("a ledger command panicked".into()))
+                });
         let keep = result.is_ok();
         self.result = Some(result);
         keep
@@ -270,12 +273,13 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Job, 0, None)
+        self.queue(move |conn, _| work(conn), Command::Job, 0, None)
     }
 
     /// [`submit`](Self::submit) for work that holds `bytes` of payload while it waits
-    /// (counted against the queue's byte limit), with `on_commit` run on the writer thread
-    /// with the result once the transaction has committed: also when the caller has
+    /// (counted against the queue's byte limit), is told the group transaction it runs
+    /// in, and has `on_commit` run on the writer thread with the result once the
+    /// transaction has committed (before the next group runs): also when the caller has
     /// stopped waiting (a cancelled call, a dropped connection).
     pub fn submit_then<T, F>(
         &self,
@@ -285,7 +289,7 @@ impl Writer {
     ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
+        F: FnOnce(&Connection, TransactionId) -> LedgerResult<T> + Send + 'static,
     {
         self.queue(work, Command::Job, bytes, Some(on_commit))
     }
@@ -298,7 +302,7 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
     {
-        self.queue(work, Command::Exclusive, 0, None)
+        self.queue(move |conn, _| work(conn), Command::Exclusive, 0, None)
     }
 
     /// Queues `work` as the command `kind` makes of it, and waits for its reply.
@@ -311,7 +315,7 @@ impl Writer {
     ) -> impl Future<Output = LedgerResult<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> LedgerResult<T> + Send + 'static,
+        F: FnOnce(&Connection, TransactionId) -> LedgerResult<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let queued = if self.closing.load(Ordering::Acquire) {
@@ -516,7 +520,7 @@ fn run_group(
 /// Runs one exclusive command in autocommit mode and replies at once: each of
 /// its statements committed as it ran.
 fn run_exclusive(conn: &Connection, mut job: Box<dyn Job>, storage: &mut StorageWatch) {
-    let succeeded = job.run(conn);
+    let succeeded = job.run(conn, TransactionId::next());
     if conn.is_autocommit() {
         let full = usize::from(job.hit_storage_full());
         job.finish(&Ok(()));
@@ -546,6 +550,7 @@ fn commit_group(
     audits: &[(AuditEvent, i64)],
 ) -> Result<(), LedgerError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
+    let transaction = TransactionId::next();
     let result = (|| {
         if let ([job], []) = (&mut *jobs, audits) {
             // Alone in its transaction, a command needs no savepoint (whose page
@@ -553,7 +558,7 @@ fn commit_group(
             // rolling back the transaction undoes exactly its own changes.
             // (After some errors, a full disk among them, the engine has rolled
             // it back already.)
-            if !job.run(conn) {
+            if !job.run(conn, transaction) {
                 if !conn.is_autocommit() {
                     conn.execute_batch("ROLLBACK")?;
                 }
@@ -561,14 +566,14 @@ fn commit_group(
             }
         } else {
             for job in jobs.iter_mut() {
-                let full = in_savepoint(conn, |conn| job.run(conn))?;
+                let full = in_savepoint(conn, |conn| job.run(conn, transaction))?;
                 if full {
                     return Err(engine_rollback(job.hit_storage_full()));
                 }
             }
             for (event, at) in audits {
                 let full = in_savepoint(conn, |conn| {
-                    match SqliteTx::new(conn).audit(event, *at) {
+                    match SqliteTx::in_transaction(conn, transaction).audit(event, *at) {
                         Ok(()) => true,
                         Err(e) => {
                             tracing::warn!(error = %e, action = event.action, "audit line not written");
