@@ -265,9 +265,7 @@ impl Live {
         }
         let mut text = std::mem::take(&mut self.text);
         let (text, data) = off_the_executor(move || {
-            for op in &mut ops {
-                text.apply(op);
-            }
+            text.apply_all(&mut ops);
             let ops: Vec<Value> = ops.into_iter().map(|op| op.json).collect();
             (text, json!({"ops": ops}).to_string())
         })

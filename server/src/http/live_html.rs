@@ -116,9 +116,74 @@ impl LiveHtml {
         }
     }
 
+    /// Adds `"html"` and `"htmlFrom"` to each op of `ops` (read in one go, in cursor
+    /// order) that upserts or appends to a text part: see [`LiveHtml::apply`].
+    ///
+    /// A delta that a looked-up text already holds (the lookup read the part at a later
+    /// cursor) cannot be told from the ones after it: it is sent with the whole HTML.
+    /// Of several such deltas to one part in `ops`, only the last is, since whoever gets
+    /// `ops` from any of them on gets that one too; the earlier ones leave the page's
+    /// segments as they are (`"html": []`). So a page learns a long text whole once per
+    /// read, not once per delta.
+    pub fn apply_all(&mut self, ops: &mut [ReadOp]) {
+        let superseded = self.superseded_deltas(ops);
+        for (op, superseded) in ops.iter_mut().zip(superseded) {
+            if superseded {
+                self.apply_superseded(op);
+            } else {
+                self.apply(op);
+            }
+        }
+    }
+
+    /// For each op: whether it is a delta to a text part that a later op of `ops` sends
+    /// whole (a delta the text already holds, an upsert) or removes.
+    fn superseded_deltas(&self, ops: &[ReadOp]) -> Vec<bool> {
+        let mut covered: HashSet<&str> = HashSet::new();
+        let mut superseded = vec![false; ops.len()];
+        for (i, op) in ops.iter().enumerate().rev() {
+            match &op.effect {
+                Some(Effect::PartDelta { id, field, .. }) if field == "text" => {
+                    let held = self
+                        .parts
+                        .get(id)
+                        .is_some_and(|entry| entry.text.is_some() && op.cursor <= entry.as_of);
+                    superseded[i] = held && covered.contains(id.as_str());
+                    if held {
+                        covered.insert(id);
+                    }
+                }
+                Some(Effect::PartUpsert { id, .. } | Effect::PartRemove { id }) => {
+                    covered.insert(id);
+                }
+                _ => {}
+            }
+        }
+        superseded
+    }
+
+    /// A delta the part's text already holds, sent whole by a later op: keeps the
+    /// page's segments (`"htmlFrom"` at their end, no HTML).
+    fn apply_superseded(&mut self, op: &mut ReadOp) {
+        let Some(Effect::PartDelta { id, .. }) = &op.effect else {
+            return;
+        };
+        self.clock += 1;
+        let clock = self.clock;
+        let Some(entry) = self.parts.get_mut(id) else {
+            return;
+        };
+        entry.used = clock;
+        let kept = entry.text.as_ref().map_or(0, |md| md.segments.len());
+        if let Some(obj) = op.json.as_object_mut() {
+            obj.insert("html".into(), Value::Array(Vec::new()));
+            obj.insert("htmlFrom".into(), kept.into());
+        }
+    }
+
     /// Adds `"html"` and `"htmlFrom"` to an op that upserts or appends to a text part:
     /// the segments of the part's text after the op that the op changed.
-    pub fn apply(&mut self, op: &mut ReadOp) {
+    fn apply(&mut self, op: &mut ReadOp) {
         let html = match &op.effect {
             Some(Effect::PartUpsert { id, message_id, .. }) => {
                 let entry = Remembered {
@@ -224,12 +289,10 @@ impl Prepare for PreparedOps {
         if !unknown.is_empty() {
             return Err(unknown);
         }
+        self.text.apply_all(&mut ops);
         Ok(ops
-            .iter_mut()
-            .map(|op| {
-                self.text.apply(op);
-                Arc::from(op.json.to_string())
-            })
+            .iter()
+            .map(|op| Arc::from(op.json.to_string()))
             .collect())
     }
 
@@ -332,6 +395,64 @@ mod tests {
             live.unknown_parts(&read()).is_empty(),
             "not looked up twice"
         );
+    }
+
+    #[test]
+    fn of_the_deltas_a_looked_up_text_holds_only_the_last_is_sent_whole() {
+        let mut live = LiveHtml::default();
+        let mut ops = vec![
+            op(5, OpKind::PartDelta, json!({"partID": "p", "delta": "b"})),
+            op(6, OpKind::PartDelta, json!({"partID": "p", "delta": "c"})),
+            op(7, OpKind::PartDelta, json!({"partID": "q", "delta": "z"})),
+            op(8, OpKind::PartDelta, json!({"partID": "p", "delta": "d"})),
+            op(9, OpKind::PartDelta, json!({"partID": "r", "delta": "y"})),
+            op(
+                10,
+                OpKind::PartUpsert,
+                json!({"id": "r", "messageID": "m", "type": "text", "text": "new"}),
+            ),
+        ];
+        assert_eq!(live.unknown_parts(&ops), ["p", "q", "r"]);
+        // Read at cursor 7: "a" + "b" + "c", and "x" + "y" for r.
+        let found = HashMap::from([
+            (
+                "p".to_owned(),
+                Lookup {
+                    message_id: "m".into(),
+                    part: json!({"id": "p", "type": "text", "text": "abc"}),
+                    as_of: Cursor(7),
+                },
+            ),
+            (
+                "r".to_owned(),
+                Lookup {
+                    message_id: "m".into(),
+                    part: json!({"id": "r", "type": "text", "text": "xy"}),
+                    as_of: Cursor(9),
+                },
+            ),
+        ]);
+        live.learn(vec!["p".into(), "q".into(), "r".into()], found, Cursor(9));
+        live.apply_all(&mut ops);
+        let html = |i: usize| (ops[i].json["html"].clone(), ops[i].json["htmlFrom"].clone());
+        assert_eq!(html(0), (json!([]), json!(1)), "held, and sent whole below");
+        assert_eq!(
+            html(1),
+            (json!(["<p>abc</p>\n"]), json!(0)),
+            "the last held: whole"
+        );
+        assert!(ops[2].json.get("html").is_none(), "q has no text");
+        assert_eq!(
+            html(3),
+            (json!(["<p>abcd</p>\n"]), json!(0)),
+            "appended once"
+        );
+        assert_eq!(
+            html(4),
+            (json!([]), json!(1)),
+            "held, and the upsert sends r whole"
+        );
+        assert_eq!(html(5), (json!(["<p>new</p>\n"]), json!(0)));
     }
 
     #[test]

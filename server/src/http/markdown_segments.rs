@@ -95,8 +95,7 @@ impl Segments {
     }
 
     /// How many segments there are.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.starts.len()
     }
 
