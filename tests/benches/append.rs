@@ -448,6 +448,10 @@ fn measure_server(
     // Cheap argon2: redeeming tokens is not what is measured.
     let mut config = Config::for_tests(data.path().join("data"));
     config.durability = durability;
+    // Every agent has a connection of its own, all from 127.0.0.1.
+    let needed = scenario.agents + 64;
+    config.max_connections = config.max_connections.max(needed);
+    config.max_connections_per_address = config.max_connections_per_address.max(needed);
     let server = capsync_server::spawn(TcpListener::bind("127.0.0.1:0")?, config.clone())?;
     let admin_token = std::fs::read_to_string(config.admin_token_path())?;
     let measured = run_local(drive(&[server.addr()], admin_token.trim(), scenario));
