@@ -229,6 +229,26 @@ fn pipelined_batches_apply_in_order_and_a_failed_one_is_never_overtaken(server: 
         let err = writer.append(&stray).await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::OutOfOrder));
         assert_eq!(writer.state().await.unwrap().cursor, 7);
+
+        // A batch refused before it reaches the ledger (an empty op id) takes the one
+        // sent after it down too.
+        let unreadable = batch(
+            "b8",
+            vec![OpSpec {
+                op_id: String::new(),
+                ..part(8)
+            }],
+        );
+        let next = batch("b9", vec![part(9)]).after("b8");
+        let (a, b) = futures::join!(writer.append(&unreadable), writer.append(&next));
+        let refused = a.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::InvalidArgument));
+        assert!(
+            refused.to_string().contains("opId must be"),
+            "the server's: {refused}"
+        );
+        assert_eq!(b.unwrap_err().code(), Some(ErrorCode::OutOfOrder));
+        assert_eq!(writer.state().await.unwrap().cursor, 7, "nothing applied");
     });
 }
 
