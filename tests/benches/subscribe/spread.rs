@@ -2,7 +2,10 @@
 //! connection each), in timed runs without followers and with one follower per share.
 //!
 //! The same shares and agents serve every run: only the followers come and go, so the
-//! two runs of a pair differ in nothing else, and a thousand shares are set up once.
+//! runs differ in nothing else, and a thousand shares are set up once. The store grows
+//! run by run, so after a first run not counted the runs alternate alone, with
+//! followers, alone, …, and each run with followers is compared with the mean of the two
+//! runs alone around it.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::cpu::{CpuSplit, ThreadCpu};
 use crate::follow::Via;
 use crate::follower::Follower;
-use crate::report::{Latencies, Pairs, TARGET_RATIO, Verdict, order, thousands};
+use crate::report::{Latencies, Pairs, TARGET_RATIO, Verdict, thousands};
 use crate::writer::{Ack, AckTimes, BenchWriter, create_shares};
 use crate::{Args, Bench, BenchResult, CATCH_UP_LIMIT};
 
@@ -62,43 +65,57 @@ pub async fn run(bench: &Bench, args: &Args, via: Via) -> BenchResult<Vec<Verdic
         setup.elapsed().as_secs_f64()
     );
 
+    // The store grows with every run, so every run is a little slower than the one
+    // before (and the first, on a fresh store, much faster). One run is not counted,
+    // and each run with followers is set against the mean of the runs alone just before
+    // and just after it: a steady drift cancels out.
+    let warmup = run_once(bench, args, via, &mut agents, false).await?;
+    println!(
+        "  warm-up, not counted: alone {:>8} ops/s",
+        thousands(warmup.ops_per_sec())
+    );
     let mut pairs = Pairs::default();
     let mut acks = [Latencies::default(), Latencies::default()];
     let mut deliveries = Latencies::default();
-    for rep in 1..=args.repeat {
-        let mut pair = [0.0; 2];
-        for with in order(rep) {
-            let mut run = run_once(bench, args, via, &mut agents, with).await?;
-            let label = if with {
-                format!("{n} followers")
-            } else {
-                "alone".to_owned()
-            };
-            let mut line = format!(
-                "  rep {rep}/{}  {label:<15} {:>8} ops/s  ack {}",
-                args.repeat,
-                thousands(run.ops_per_sec()),
-                run.acks.summary().short()
+    let mut report = |rep: u32, mut run: Run, with: bool| {
+        let label = if with {
+            format!("{n} followers")
+        } else {
+            "alone".to_owned()
+        };
+        let mut line = format!(
+            "  rep {rep}/{}  {label:<15} {:>8} ops/s  ack {}",
+            args.repeat,
+            thousands(run.ops_per_sec()),
+            run.acks.summary().short()
+        );
+        if let Some(delivered) = run.deliveries.as_mut() {
+            line += &format!(
+                "; commit->follower {} ({} deliveries)",
+                delivered.summary().short(),
+                thousands(delivered.len() as f64)
             );
-            if let Some(delivered) = run.deliveries.as_mut() {
-                line += &format!(
-                    "; commit->follower {} ({} deliveries)",
-                    delivered.summary().short(),
-                    thousands(delivered.len() as f64)
-                );
-                deliveries.append(delivered);
-            }
-            if let Some(took) = run.followers_setup {
-                line += &format!("; followers set up in {:.1}s", took.as_secs_f64());
-            }
-            println!("{line}");
-            if let Some(cpu) = run.cpu {
-                println!("      {}", cpu.line(run.window));
-            }
-            acks[usize::from(with)].append(&mut run.acks);
-            pair[usize::from(with)] = run.ops_per_sec();
+            deliveries.append(delivered);
         }
-        pairs.push(pair[0], pair[1]);
+        if let Some(took) = run.followers_setup {
+            line += &format!("; followers set up in {:.1}s", took.as_secs_f64());
+        }
+        println!("{line}");
+        if let Some(cpu) = run.cpu {
+            println!("      {}", cpu.line(run.window));
+        }
+        acks[usize::from(with)].append(&mut run.acks);
+        run.ops_per_sec()
+    };
+    let first = run_once(bench, args, via, &mut agents, false).await?;
+    let mut alone_before = report(0, first, false);
+    for rep in 1..=args.repeat {
+        let followed = run_once(bench, args, via, &mut agents, true).await?;
+        let with = report(rep, followed, true);
+        let alone = run_once(bench, args, via, &mut agents, false).await?;
+        let alone_after = report(rep, alone, false);
+        pairs.push((alone_before + alone_after) / 2.0, with);
+        alone_before = alone_after;
     }
     for agent in agents {
         agent.disconnect().await?;
