@@ -75,8 +75,12 @@ export const CapsyncJournal = async (input, options) => {
   // and the process's end closes it.
   let fd = -1;
   let written = 0;
+  // Segments are read in name order: a segment that follows a sealed one must start
+  // at a later ms, even when both began within the same one.
+  let started = 0;
   const openSegment = () => {
-    const name = `${Date.now()}-${process.pid}-${randomBytes(4).toString("hex")}.jsonl`;
+    started = Math.max(Date.now(), started + 1);
+    const name = `${started}-${process.pid}-${randomBytes(4).toString("hex")}.jsonl`;
     fd = openSync(join(dir, name), "ax", 0o600);
     written = 0;
   };

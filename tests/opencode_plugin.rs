@@ -731,8 +731,10 @@ fn the_plugin_seals_full_segments_starts_the_shipper_and_points_opencode_here() 
     std::fs::write(&token_file, "csagent_1_secret\n").expect("token");
     let marker = scratch.path().join("shipper-ran");
     let log = scratch.path().join("shipper.log");
+    // 1-byte segments: each event seals its segment, so several begin within one ms,
+    // and their names must still order them (the shipper reads them in name order).
     let settings = json!({
-        "journal": journal, "segmentBytes": 400, "log": log, "tokenFile": token_file,
+        "journal": journal, "segmentBytes": 1, "log": log, "tokenFile": token_file,
         "shareOrigin": "http://share.example:7421/", "share": "auto",
         "shipper": ["/bin/sh", "-c", format!("echo started > {}", marker.display())],
     });
@@ -771,7 +773,7 @@ console.log(JSON.stringify(config));"#,
     let segments = capsync_tests::client::opencode::journal::segments(&journal).expect("segments");
     assert!(
         segments.len() > 1,
-        "the 400-byte segments rolled over: {segments:?}"
+        "the 1-byte segments rolled over: {segments:?}"
     );
     let mut ids = Vec::new();
     for (i, segment) in segments.iter().enumerate() {
