@@ -128,11 +128,7 @@ impl LiveHtml {
     pub fn apply_all(&mut self, ops: &mut [ReadOp]) {
         let superseded = self.superseded_deltas(ops);
         for (op, superseded) in ops.iter_mut().zip(superseded) {
-            if superseded {
-                self.apply_superseded(op);
-            } else {
-                self.apply(op);
-            }
+            self.apply(op, superseded);
         }
     }
 
@@ -162,28 +158,11 @@ impl LiveHtml {
         superseded
     }
 
-    /// A delta the part's text already holds, sent whole by a later op: keeps the
-    /// page's segments (`"htmlFrom"` at their end, no HTML).
-    fn apply_superseded(&mut self, op: &mut ReadOp) {
-        let Some(Effect::PartDelta { id, .. }) = &op.effect else {
-            return;
-        };
-        self.clock += 1;
-        let clock = self.clock;
-        let Some(entry) = self.parts.get_mut(id) else {
-            return;
-        };
-        entry.used = clock;
-        let kept = entry.text.as_ref().map_or(0, |md| md.segments.len());
-        if let Some(obj) = op.json.as_object_mut() {
-            obj.insert("html".into(), Value::Array(Vec::new()));
-            obj.insert("htmlFrom".into(), kept.into());
-        }
-    }
-
     /// Adds `"html"` and `"htmlFrom"` to an op that upserts or appends to a text part:
-    /// the segments of the part's text after the op that the op changed.
-    fn apply(&mut self, op: &mut ReadOp) {
+    /// the segments of the part's text after the op that the op changed. A delta the
+    /// text already holds gets every segment, or none when `superseded` (a later op of
+    /// the same read sends them).
+    fn apply(&mut self, op: &mut ReadOp, superseded: bool) {
         let html = match &op.effect {
             Some(Effect::PartUpsert { id, message_id, .. }) => {
                 let entry = Remembered {
@@ -206,11 +185,14 @@ impl LiveHtml {
                     entry.used = clock;
                     let md = entry.text.as_mut()?;
                     // Already in a text read at a later cursor: don't add it twice, and
-                    // send every segment (a page may have the text from before).
+                    // send every segment (a page may have the text from before), unless
+                    // a later op sends them: then keep the page's (none from their end).
                     let from = if op.cursor > entry.as_of {
                         md.text.push_str(delta);
                         entry.as_of = op.cursor;
                         md.segments.grow(&md.text)
+                    } else if superseded {
+                        md.segments.len()
                     } else {
                         0
                     };
@@ -320,7 +302,7 @@ mod tests {
 
     /// `op` as the live stream sends it.
     fn applied(live: &mut LiveHtml, mut op: ReadOp) -> Value {
-        live.apply(&mut op);
+        live.apply(&mut op, false);
         op.json
     }
 
@@ -453,6 +435,34 @@ mod tests {
             "held, and the upsert sends r whole"
         );
         assert_eq!(html(5), (json!(["<p>new</p>\n"]), json!(0)));
+    }
+
+    /// A read after the lookup can hold a snapshot of the part older than the lookup:
+    /// the deltas after it are appended, none is passed over as held.
+    #[test]
+    fn deltas_after_an_upsert_in_the_same_read_are_appended() {
+        let mut live = LiveHtml::default();
+        let found = HashMap::from([(
+            "p".to_owned(),
+            Lookup {
+                message_id: "m".into(),
+                part: json!({"id": "p", "type": "text", "text": "abc"}),
+                as_of: Cursor(10),
+            },
+        )]);
+        live.learn(vec!["p".into()], found, Cursor(10));
+        let mut ops = vec![
+            op(
+                5,
+                OpKind::PartUpsert,
+                json!({"id": "p", "messageID": "m", "type": "text", "text": "a"}),
+            ),
+            op(6, OpKind::PartDelta, json!({"partID": "p", "delta": "b"})),
+            op(7, OpKind::PartDelta, json!({"partID": "p", "delta": "c"})),
+        ];
+        live.apply_all(&mut ops);
+        assert_eq!(ops[1].json["html"], json!(["<p>ab</p>\n"]));
+        assert_eq!(ops[2].json["html"], json!(["<p>abc</p>\n"]));
     }
 
     #[test]
